@@ -1,0 +1,365 @@
+"""Public functions: ``svd``, ``svd_lowrank`` and ``pca_lowrank``.
+
+They validate their arguments, plan the run, and hand trusted arguments to the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .centering import Centering
+from .engine import Factors, exact_svd, randomized_svd
+from .errors import InputError
+from .passes import PassContext, PassRecord
+from .plan import DEFAULT_MEMORY_LIMIT, Plan, make_plan, parse_bytes
+from .sources import DenseSource, open_dense_source
+from .store import ResultWriter, check_output_path
+
+
+@dataclass
+class SVDResult:
+    """A truncated SVD A - 1 mu^T ~= U diag(S) V^T with the diagnostics of its run.
+
+    Attributes
+    ----------
+    U : ndarray or zarr.Array of shape (m, k)
+        Left singular vectors; a zarr array inside ``store`` when ``out`` was given.
+    S : ndarray of shape (k,)
+        Singular values, descending.
+    V : ndarray of shape (n, k)
+        Right singular vectors (not transposed, as in torch). The largest-magnitude entry of
+        each column is positive.
+    mean : ndarray of shape (n,) or None
+        The subtracted mean, when centered.
+    residual : float
+        ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
+        extra pass from ||A||_F^2 - sum(S**2). Below about 1e-7 it is at float64's noise floor.
+    frobenius_norm : float
+        ||A - 1 mu^T||_F.
+    passes : int
+        Reads of A.
+    bytes_read : int
+        Decoded bytes read from A over all passes.
+    seconds_per_pass : list of float
+    numerical_rank : int
+        Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.
+    plan : Plan
+        The method, blocks and memory chosen, with the reason (``plan.describe()``).
+    store : zarr.Group or None
+        The output group when ``out`` was given.
+    """
+
+    U: Any
+    S: np.ndarray
+    V: np.ndarray
+    mean: np.ndarray | None
+    residual: float
+    frobenius_norm: float
+    passes: int
+    bytes_read: int
+    seconds_per_pass: list[float]
+    numerical_rank: int
+    plan: Plan
+    seed: int
+    store: Any = None
+    records: list[PassRecord] = field(default_factory=list, repr=False)
+
+    def __iter__(self):
+        """Unpack as ``U, S, V = result``."""
+        return iter((self.U, self.S, self.V))
+
+
+def svd(
+    A: Any,
+    k: int,
+    *,
+    oversample: int = 10,
+    niter: int = 2,
+    center: bool = False,
+    mean: Any = None,
+    method: str = "auto",
+    seed: int = 0,
+    memory_limit: int | str | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    scratch_dir: str | None = None,
+) -> SVDResult:
+    """Top-k singular value decomposition of a matrix too large for memory.
+
+    Reads A in row blocks of whole storage chunks: ``niter + 1`` reads for the randomized
+    method (Halko, Martinsson & Tropp 2011, with subspace iteration fused so each power
+    iteration costs one read, not two), two for the exact one. Memory is bounded by
+    ``memory_limit`` whatever the number of rows.
+
+    Parameters
+    ----------
+    A : {ndarray, memmap, str, os.PathLike, zarr.Array, dask.array.Array} of shape (m, n)
+        The matrix: in memory, a ``.npy`` path, a zarr array or the path/URL of a zarr array
+        (formats 2 and 3), or a dask array (its blocks are read one slice at a time, no
+        scheduler needed). It is opened read-only and never modified.
+    k : int
+        Number of singular triplets, 1 <= k < min(m, n).
+    oversample : int, default=10
+        Extra basis vectors: the basis has l = k + oversample columns.
+    niter : int, default=2
+        Power (subspace) iterations q; each costs one read of A.
+    center : bool, default=False
+        Subtract the column mean (PCA), implicitly: no m x n temporary is formed, and the
+        mean is computed in the first pass.
+    mean : array_like of shape (n,) or (1, n), optional
+        A mean to subtract instead of the computed one (torch's ``M``).
+    method : {'auto', 'randomized', 'exact'}, default='auto'
+        'exact' factors A = QR by TSQR and needs an n x n R (n <= 4096); 'auto' picks the
+        cheaper one by a cost model and says why in ``result.plan.reason``.
+    seed : int, default=0
+        Seed of the counter-based generator of the test matrix; the same seed gives the
+        same result for any chunking or block size.
+    memory_limit : int or str, default='1GB'
+        Bound on the working set (blocks in flight, n x l factors). An in-memory U (m x k)
+        comes on top: give ``out`` when U itself is too large for memory.
+    out : str or os.PathLike, optional
+        A local zarr group to write U, S, V (and the mean) into, with provenance attributes.
+        Written under a temporary name and renamed when complete.
+    overwrite : bool, default=False
+        Replace an existing ``out``.
+    progress : bool, optional
+        Show a progress bar per pass on stderr; by default only when stderr is a terminal.
+    scratch_dir : str, optional
+        Directory for the spilled Q factors (m x (l + 1) float64); the system's temporary
+        directory by default.
+
+    Returns
+    -------
+    SVDResult
+        U, S, V, the mean, the relative Frobenius residual and the run's diagnostics.
+        Unpacks as ``U, S, V``.
+
+    Raises
+    ------
+    InputError
+        Bad arguments, a non-numeric dtype, k out of range, a mean of the wrong shape.
+    NonFiniteError
+        NaN or Inf in A; the message names the first offending row.
+    StoreNotFoundError, ReadError
+        A missing or unreadable store, or a chunk that cannot be read.
+    PlanError
+        The run cannot fit ``memory_limit``; the message gives the numbers.
+
+    References
+    ----------
+    N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
+    SIAM Review 53(2), 2011.
+    """
+    source = open_dense_source(A)
+    m, n = _check_matrix(source)
+    k = _check_int("k", k, minimum=1)
+    if k >= min(m, n):
+        raise InputError(f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}")
+    return _run(source, k, oversample, niter, center, mean, method, seed, memory_limit, out,
+                overwrite, progress, scratch_dir)
+
+
+def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
+    """torch.svd_lowrank's semantics out of core: ``U, S, V`` of A - M, q triplets.
+
+    Parameters
+    ----------
+    A : as in :func:`svd`, of shape (m, n)
+    q : int, default=6
+        Size of the subspace and number of triplets returned, q <= min(m, n).
+    niter : int, default=2
+        Subspace iterations.
+    M : array_like of shape (n,) or (1, n), optional
+        Mean to subtract (a row broadcast over A, as torch's ``M``).
+
+    Returns
+    -------
+    U : ndarray of shape (m, q)
+    S : ndarray of shape (q,)
+    V : ndarray of shape (n, q)
+    """
+    source = open_dense_source(A)
+    m, n = _check_matrix(source)
+    q = 6 if q is None else _check_int("q", q, minimum=1)
+    if q > min(m, n):
+        raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
+    result = _run(source, q, 0, niter, False, M, "auto", 0, None, None, False, None, None)
+    return result.U, result.S, result.V
+
+
+def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2):
+    """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
+
+    q defaults to min(6, m, n). Centering is implicit: sparse or huge inputs are never
+    densified or copied. The principal directions are the columns of V, and the explained
+    variances are S**2 / (m - 1).
+    """
+    source = open_dense_source(A)
+    m, n = _check_matrix(source)
+    q = min(6, m, n) if q is None else _check_int("q", q, minimum=1)
+    if q > min(m, n):
+        raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
+    result = _run(source, q, 0, niter, center, None, "auto", 0, None, None, False, None, None)
+    return result.U, result.S, result.V
+
+
+def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, memory_limit,
+         out, overwrite, progress, scratch_dir) -> SVDResult:
+    m, n = source.shape
+    oversample = _check_int("oversample", oversample, minimum=0)
+    niter = _check_int("niter", niter, minimum=0)
+    seed = _check_int("seed", seed, minimum=0)
+    centering = _make_centering(n, center, mean)
+    limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
+    plan = make_plan((m, n), source.dtype.itemsize, source.chunk_rows, k, oversample, niter,
+                     method, limit)
+    out_path = None if out is None else check_output_path(out, overwrite)
+    dtype = _result_dtype(source.dtype)
+    writer = None if out_path is None else ResultWriter(out_path, m, k, n, dtype, plan.block_rows)
+    U = writer.U if writer else np.empty((m, k), dtype=dtype)
+
+    def store_u(start: int, rows: np.ndarray) -> None:
+        U[start : start + rows.shape[0]] = rows
+
+    context = PassContext(source, plan.blocks, centering, _progress_factory(progress), [])
+    began = time.perf_counter()
+    try:
+        if plan.method == "exact":
+            factors = exact_svd(context, plan, store_u)
+        else:
+            factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    result = _assemble(U, factors, centering, plan, seed, context.records)
+    if writer:
+        result.store = writer.finish(
+            {"S": result.S, "V": result.V} | ({} if result.mean is None else {"mean": result.mean}),
+            _provenance(result, source, time.perf_counter() - began),
+        )
+        result.U = result.store["U"]
+    return result
+
+
+def _assemble(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
+              records: list[PassRecord]) -> SVDResult:
+    dtype = U.dtype
+    fro2 = factors.frobenius_squared
+    residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
+    return SVDResult(
+        U=U,
+        S=factors.S.astype(dtype),
+        V=factors.V.astype(dtype),
+        mean=None if centering.mode == "none" else centering.mean.astype(dtype),
+        residual=float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0,
+        frobenius_norm=float(np.sqrt(fro2)),
+        passes=len(records),
+        bytes_read=sum(record.bytes_read for record in records),
+        seconds_per_pass=[record.seconds for record in records],
+        numerical_rank=factors.numerical_rank,
+        plan=plan,
+        seed=seed,
+        records=records,
+    )
+
+
+def _provenance(result: SVDResult, source: DenseSource, seconds: float) -> dict[str, Any]:
+    import dask
+    import numba
+    import scipy
+    import zarr
+
+    plan = result.plan
+    return {
+        "ooc_svd": {
+            "input": source.description,
+            "shape": list(plan.shape),
+            "k": plan.k,
+            "basis_size": plan.basis_size,
+            "niter": plan.niter,
+            "method": plan.method,
+            "reason": plan.reason,
+            "centered": result.mean is not None,
+            "seed": result.seed,
+            "passes": result.passes,
+            "bytes_read": result.bytes_read,
+            "seconds_per_pass": result.seconds_per_pass,
+            "seconds": seconds,
+            "residual": result.residual,
+            "frobenius_norm": result.frobenius_norm,
+            "numerical_rank": result.numerical_rank,
+            "memory_limit": plan.memory_limit,
+            "versions": {
+                "ooc_svd": __version__,
+                "numpy": np.__version__,
+                "scipy": scipy.__version__,
+                "numba": numba.__version__,
+                "zarr": zarr.__version__,
+                "dask": dask.__version__,
+                "python": sys.version.split()[0],
+            },
+        }
+    }
+
+
+def _check_matrix(source: DenseSource) -> tuple[int, int]:
+    if len(source.array.shape) != 2:
+        raise InputError(f"A must be 2-dimensional, got shape {tuple(source.array.shape)}")
+    kind = source.dtype.kind
+    if kind == "c":
+        raise InputError(f"complex dtype {source.dtype} is not supported; pass real data")
+    if kind not in "biuf":
+        raise InputError(f"A has non-numeric dtype {source.dtype}; a real numeric dtype is needed")
+    m, n = source.shape
+    if m == 0 or n == 0:
+        raise InputError(f"A is empty: shape {(m, n)}")
+    return m, n
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer, not {value!r}")
+    if value < minimum:
+        raise InputError(f"{name}={value} must be >= {minimum}")
+    return int(value)
+
+
+def _make_centering(n: int, center: bool, mean: Any) -> Centering:
+    if mean is None:
+        return Centering(n, "mean" if center else "none")
+    mean = np.asarray(mean)
+    if mean.shape not in ((n,), (1, n)):
+        raise InputError(
+            f"mean must have shape ({n},) or (1, {n}) to match A's {n} columns, not {mean.shape}"
+        )
+    if mean.dtype.kind not in "biuf" or not np.all(np.isfinite(mean)):
+        raise InputError("mean must be real and finite")
+    return Centering(n, "given", mean)
+
+
+def _result_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 results for float32 (or narrower float) data, float64 otherwise, like torch."""
+    if dtype.kind == "f" and dtype.itemsize <= 4:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _progress_factory(progress: bool | None):
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else bool(progress)
+
+    def factory(name: str, total_rows: int):
+        return tqdm(total=total_rows, desc=name, unit="row", unit_scale=True, leave=False,
+                    disable=not enabled, file=sys.stderr)
+
+    return factory

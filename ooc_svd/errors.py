@@ -1,0 +1,34 @@
+"""Exceptions raised by ooc_svd.
+
+Every error a user can cause derives from ``OOCSVDError`` and from the builtin exception a
+caller would expect (``ValueError`` for bad arguments, ``FileNotFoundError`` for a missing
+store), so ``except ValueError`` keeps working.
+"""
+
+
+class OOCSVDError(Exception):
+    """Base class of the errors ooc_svd raises on purpose."""
+
+
+class InputError(OOCSVDError, ValueError):
+    """The input matrix or an argument is unusable; the message names the problem."""
+
+
+class NonFiniteError(InputError):
+    """The matrix holds NaN or Inf; the message names the first offending row."""
+
+
+class StoreNotFoundError(OOCSVDError, FileNotFoundError):
+    """A store path or URL does not exist or cannot be opened."""
+
+
+class ReadError(OOCSVDError, OSError):
+    """Reading a block failed (a corrupt or missing chunk); the message names the rows."""
+
+
+class PlanError(InputError):
+    """The run cannot fit the memory limit; the message gives the numbers."""
+
+
+class OutputExistsError(OOCSVDError, FileExistsError):
+    """The output store exists and ``overwrite`` was not given."""

@@ -1,0 +1,160 @@
+"""CPU kernels for dense row blocks.
+
+Products go to BLAS (scipy's dgemm, which releases the GIL and accumulates in place). numba
+does what BLAS cannot do in the same sweep: widening to float64, subtracting the centering
+shift, and accumulating column sums and the squared Frobenius norm.
+
+A row block is processed in sub-blocks whose float64 copy fits in cache, so widening float32
+data costs no extra trip to main memory. Every product is accumulated in float64, also for
+float32 data: Z = A^T A X squares the spectrum, and float32 accumulation would lose the
+directions below sqrt(eps32) ~ 3e-4 of sigma_1.
+
+Accumulators are kept transposed and Fortran-ordered (n x l), so that ``dgemm`` with
+``beta=1`` adds into them without temporaries or copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from scipy.linalg.blas import dgemm
+
+from ..errors import NonFiniteError
+
+# Bytes of one float64 sub-block: small enough to stay in L2/L3 between the widening sweep
+# and the two products that reuse it.
+SUB_BLOCK_BYTES = 2 << 20
+
+
+@numba.njit(nogil=True, cache=True)
+def widen_shift_rows(src, shift, out, colsum):
+    """out = float64(src) - shift; colsum += column sums of out; return sum of squares of out.
+
+    src : (b, n) real array, any layout; shift : (n,) float64;
+    out : (b, n) float64, written; colsum : (n,) float64, accumulated.
+    A NaN or Inf in src makes the returned sum non-finite.
+    """
+    rows, cols = src.shape
+    sumsq = 0.0
+    for i in range(rows):
+        for j in range(cols):
+            value = np.float64(src[i, j]) - shift[j]
+            out[i, j] = value
+            colsum[j] += value
+            sumsq += value * value
+    return sumsq
+
+
+@dataclass
+class BlockStats:
+    """Totals a pass gathers for free while it reads A (of the shifted matrix A - 1 shift^T)."""
+
+    colsum: np.ndarray  # (n,) float64
+    sumsq: float = 0.0
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, n: int) -> BlockStats:
+        return cls(np.zeros(n))
+
+
+class SubBlocks:
+    """Iterates a row block as widened, shifted float64 sub-blocks held in one reused buffer."""
+
+    def __init__(self, n: int, width: int | None = None):
+        self.rows = max(1, SUB_BLOCK_BYTES // (8 * max(n, 1)))
+        self.buffer = np.empty((self.rows, width or n))
+
+    def sweep(self, block: np.ndarray, first_row: int, shift: np.ndarray, stats: BlockStats):
+        """Yield ``(r0, r1, sub)``: sub = float64(block[r0:r1]) - shift, shape (r1-r0, n).
+
+        Column sums and the sum of squares are added to ``stats``; a NaN or Inf raises
+        ``NonFiniteError`` naming the first offending row of the matrix.
+        """
+        n = block.shape[1]
+        for r0 in range(0, block.shape[0], self.rows):
+            r1 = min(r0 + self.rows, block.shape[0])
+            sub = self.buffer[: r1 - r0, :n]
+            sumsq = widen_shift_rows(block[r0:r1], shift, sub, stats.colsum)
+            if not np.isfinite(sumsq):
+                check_finite(block[r0:r1], first_row + r0)
+            stats.sumsq += sumsq
+            stats.rows += r1 - r0
+            yield r0, r1, sub
+
+
+def check_finite(rows: np.ndarray, first_row: int) -> None:
+    """Raise NonFiniteError naming the first row of ``rows`` holding a NaN or Inf."""
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if bad.size:
+        row = first_row + int(bad[0])
+        raise NonFiniteError(
+            f"the matrix holds NaN or Inf in rows [{first_row}, {first_row + rows.shape[0]}), "
+            f"first at row {row}"
+        )
+    raise NonFiniteError(
+        f"the squared Frobenius norm of rows [{first_row}, {first_row + rows.shape[0]}) "
+        "overflows float64; rescale the matrix"
+    )
+
+
+def sub_times(sub: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """sub @ X as a Fortran-ordered (rows, l) float64 array.  sub: (rows, n) C-order; X: (n, l) F."""
+    return dgemm(1.0, sub.T, X, trans_a=1)
+
+
+def accumulate_transposed_product(sub: np.ndarray, Y: np.ndarray, acc: np.ndarray) -> None:
+    """acc += sub^T @ Y in place.  sub: (rows, n) C-order; Y: (rows, l); acc: (n, l) F-order."""
+    result = dgemm(1.0, sub.T, Y, beta=1.0, c=acc, overwrite_c=1)
+    if result is not acc:  # dgemm copies only if acc is not Fortran-ordered float64
+        acc[...] = result
+
+
+def power_block(
+    block: np.ndarray,
+    first_row: int,
+    X: np.ndarray,
+    shift: np.ndarray,
+    Z: np.ndarray,
+    stats: BlockStats,
+    subs: SubBlocks,
+) -> None:
+    """Z += A_s^T (A_s X) for one row block, A_s = block - 1 shift^T, in one sweep.
+
+    block : (b, n) any real dtype; X : (n, l) float64 F-order; Z : (n, l) float64 F-order.
+    """
+    for _, _, sub in subs.sweep(block, first_row, shift, stats):
+        accumulate_transposed_product(sub, sub_times(sub, X), Z)
+
+
+def block_times(
+    block: np.ndarray,
+    first_row: int,
+    X: np.ndarray,
+    shift: np.ndarray,
+    stats: BlockStats,
+    subs: SubBlocks,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Y = A_s X for one row block, as a Fortran-ordered (b, l) float64 array."""
+    Y = np.empty((block.shape[0], X.shape[1]), order="F") if out is None else out
+    for r0, r1, sub in subs.sweep(block, first_row, shift, stats):
+        Y[r0:r1] = sub_times(sub, X)
+    return Y
+
+
+def transposed_block_times(
+    block: np.ndarray,
+    first_row: int,
+    Q: np.ndarray,
+    shift: np.ndarray,
+    stats: BlockStats,
+    subs: SubBlocks,
+) -> np.ndarray:
+    """C^T = A_s^T Q for one row block, an (n, l) float64 F-order array.  Q : (b, l)."""
+    CT = np.zeros((block.shape[1], Q.shape[1]), order="F")
+    for r0, r1, sub in subs.sweep(block, first_row, shift, stats):
+        accumulate_transposed_product(sub, Q[r0:r1], CT)
+    return CT

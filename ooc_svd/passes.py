@@ -1,0 +1,192 @@
+"""The passes over A. Each reads every row block once through the prefetching reader.
+
+- ``fused_power_pass``: Z = A^T (A X) in one read (Y_i = A_i X, Z += A_i^T Y_i).
+- ``tsqr_final_pass``: streaming TSQR of Y = A X with B = Q^T A, spilling the Q_i.
+- ``tsqr_r_pass``: R of A itself (exact mode).
+- ``product_pass``: U_i = A_i W for given W, written block by block (exact mode's U).
+
+All products are of the shifted matrix A - 1 shift^T (see ``centering``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .centering import Centering
+from .kernels.cpu import (
+    BlockStats,
+    SubBlocks,
+    block_times,
+    check_finite,
+    power_block,
+    transposed_block_times,
+    widen_shift_rows,
+)
+from .plan import PREFETCH_DEPTH
+from .sources import DenseSource, prefetch_blocks
+from .store import QSpill
+from .tsqr import StreamingTSQR, local_qr
+
+ProgressFactory = Callable[[str, int], "ProgressBar"]
+
+
+class ProgressBar:
+    """Interface of a progress bar: ``update(rows)`` and ``close()``."""
+
+    def update(self, rows: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class PassRecord:
+    """What one pass over A cost."""
+
+    name: str
+    seconds: float
+    bytes_read: int
+
+
+@dataclass
+class PassContext:
+    """Everything a pass needs besides its own operands."""
+
+    source: DenseSource
+    blocks: tuple[tuple[int, int], ...]
+    centering: Centering
+    progress: ProgressFactory
+    records: list[PassRecord]
+
+    def read(self, name: str):
+        """Yield (index, start, block) over all blocks, timing the pass and showing progress."""
+        bar = self.progress(name, self.source.shape[0])
+        began = time.perf_counter()
+        try:
+            stream = prefetch_blocks(self.source, self.blocks, PREFETCH_DEPTH)
+            for index, (start, stop, block) in enumerate(stream):
+                yield index, start, block
+                bar.update(stop - start)
+        finally:
+            bar.close()
+        self.records.append(
+            PassRecord(name, time.perf_counter() - began, self.source.nbytes)
+        )
+
+
+def fused_power_pass(context: PassContext, X: np.ndarray) -> tuple[np.ndarray, BlockStats]:
+    """Z = (A - 1 mu^T)^T (A - 1 mu^T) X, (n, l) float64 F-order, in one read of A."""
+    n, l = X.shape
+    Z = np.zeros((n, l), order="F")
+    stats = BlockStats.zeros(n)
+    subs = SubBlocks(n)
+    shift = None
+    for _, start, block in context.read("power pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        power_block(block, start, X, shift, Z, stats, subs)
+    context.centering.correct_gram(Z, X, shift, stats)
+    context.centering.finish_pass(shift, stats)
+    return Z, stats
+
+
+@dataclass
+class FinalPassResult:
+    tsqr: StreamingTSQR
+    BT: np.ndarray  # (n, r) B^T with B = Q^T (A - 1 mu^T)
+    stats: BlockStats
+    shift: np.ndarray
+
+
+def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> FinalPassResult:
+    """Streaming TSQR of Y = A X accumulating B = Q^T A; the Q_i go to ``spill``.
+
+    When the column mean is still unknown (no power pass ran), Y gets a column of ones:
+    Q then spans 1 as well, Q^T 1 is R's last column, and B is corrected afterwards to
+    Q^T (A - 1 mu^T) = Q^T A_s - (Q^T 1) d^T without another pass.
+    """
+    n, l = X.shape
+    append_ones = not context.centering.mean_known
+    stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
+    subs = SubBlocks(n)
+    tsqr = StreamingTSQR()
+    shift = None
+    for index, start, block in context.read("final pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        Y = np.empty((block.shape[0], l + append_ones), order="F")
+        block_times(block, start, X, shift, stats, subs, out=Y[:, :l])
+        if append_ones:
+            Y[:, l] = 1.0
+        Q_i, R_i = local_qr(Y)
+        spill.write(index, Q_i)
+        tsqr.add_block(R_i, transposed_block_times(block, start, Q_i, shift, reread_stats, subs))
+    BT = tsqr.BT
+    d = context.centering.offset(shift, stats)
+    if append_ones:
+        BT = BT - np.outer(d, tsqr.R[:, l])
+    context.centering.finish_pass(shift, stats)
+    return FinalPassResult(tsqr, BT, stats, shift)
+
+
+def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:
+    """R (n x n) of A - 1 mu^T = Q R by TSQR over row blocks, never forming Q (exact mode).
+
+    Sub-blocks are stacked under the running R and refactored; at least 4n rows at a time
+    keep the refactoring's cost within 25% of one Householder QR of A. With the mean unknown,
+    a column of ones is appended and R is corrected afterwards as in ``tsqr_final_pass``.
+    """
+    n = context.source.shape[1]
+    append_ones = not context.centering.mean_known
+    width = n + append_ones
+    rows_per_stack = max(4 * n, SubBlocks(n).rows)
+    stack = np.empty((width + rows_per_stack, width), order="C")
+    stats = BlockStats.zeros(n)
+    R = np.zeros((0, width))
+    shift = None
+    for _, start, block in context.read("exact TSQR pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        for r0 in range(0, block.shape[0], rows_per_stack):
+            r1 = min(r0 + rows_per_stack, block.shape[0])
+            R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stack, stats, append_ones)
+    d = context.centering.offset(shift, stats)
+    if append_ones:
+        R = R[:, :n] - np.outer(R[:, n], d)
+    context.centering.finish_pass(shift, stats)
+    return R, stats, shift
+
+
+def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> np.ndarray:
+    n = rows.shape[1]
+    r_acc, count = R.shape[0], rows.shape[0]
+    stack[:r_acc] = R
+    below = stack[r_acc : r_acc + count]
+    sumsq = widen_shift_rows(rows, shift, below[:, :n], stats.colsum)
+    if not np.isfinite(sumsq):
+        check_finite(rows, first_row)
+    stats.sumsq += sumsq
+    stats.rows += count
+    if append_ones:
+        below[:, n] = 1.0
+    return scipy.linalg.qr(
+        stack[: r_acc + count], mode="r", overwrite_a=True, check_finite=False
+    )[0][: min(r_acc + count, stack.shape[1])]
+
+
+def product_pass(
+    context: PassContext, W: np.ndarray, store_rows: Callable[[int, np.ndarray], None]
+) -> None:
+    """U_i = (A_i - 1 mu^T) W for every block, handed to ``store_rows(start, U_i)``."""
+    n = context.source.shape[1]
+    subs = SubBlocks(n)
+    stats = BlockStats.zeros(n)
+    shift = None
+    for _, start, block in context.read("product pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        store_rows(start, block_times(block, start, W, shift, stats, subs))

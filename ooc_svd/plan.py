@@ -1,0 +1,186 @@
+"""Planning: block size from the memory limit, method from a cost model, predicted cost.
+
+Pure functions of shapes and sizes: nothing here reads data. A plan says what a run will do
+(method, passes over A, bytes read, block size, peak memory) and why, before any long work,
+and refuses with the numbers a run that cannot fit its memory limit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError, PlanError
+from .kernels.cpu import SUB_BLOCK_BYTES
+
+# Throughputs of the cost model, per node (two cores). They rank the methods; they do not
+# promise times. Decoded bytes/s of a zstd-compressed store read with two threads, and
+# flop/s of float64 GEMM and of Householder QR on tall blocks.
+READ_BYTES_PER_S = 400e6
+GEMM_FLOPS_PER_S = 30e9
+QR_FLOPS_PER_S = 8e9
+
+# Exact mode keeps an n x n R and factors (n + rows) x n stacks: beyond this width the
+# randomized method is always cheaper.
+MAX_EXACT_COLUMNS = 4096
+# Blocks are read ahead of the one being computed; raw blocks held at once:
+# the computed one, PREFETCH_DEPTH queued or being read, and one decoding transient.
+PREFETCH_DEPTH = 2
+RAW_BLOCKS_IN_FLIGHT = PREFETCH_DEPTH + 2
+# Past this size a larger block does not read faster, it only delays the overlap.
+MAX_BLOCK_BYTES = 64 << 20
+DEFAULT_MEMORY_LIMIT = 1 << 30
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a string such as '512MB', '4GB', '2GiB', '1e9'."""
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise InputError(f"cannot read a memory size from {value!r}; use e.g. '512MB' or '4GB'")
+    number, unit, binary = match.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before reading any data."""
+
+    shape: tuple[int, int]
+    itemsize: int
+    k: int
+    basis_size: int  # l = k + oversample, capped by min(m, n)
+    niter: int
+    method: str  # "randomized" or "exact"
+    reason: str
+    blocks: tuple[tuple[int, int], ...]
+    memory_limit: int
+    predicted_peak_bytes: int
+    spill_bytes: int
+
+    @property
+    def passes(self) -> int:
+        """Reads of A: q + 1 for the randomized method, 2 for the exact one."""
+        return 2 if self.method == "exact" else self.niter + 1
+
+    @property
+    def block_rows(self) -> int:
+        return max(stop - start for start, stop in self.blocks)
+
+    @property
+    def bytes_per_pass(self) -> int:
+        return self.shape[0] * self.shape[1] * self.itemsize
+
+    def describe(self) -> str:
+        m, n = self.shape
+        return (
+            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}, basis l={self.basis_size}, "
+            f"niter={self.niter}: {self.passes} passes reading "
+            f"{self.passes * self.bytes_per_pass / 1e9:.3g} GB, {len(self.blocks)} blocks of "
+            f"up to {self.block_rows} rows, predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
+            f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
+        )
+
+
+def make_plan(
+    shape: tuple[int, int],
+    itemsize: int,
+    chunk_boundaries: np.ndarray,
+    k: int,
+    oversample: int,
+    niter: int,
+    method: str,
+    memory_limit: int,
+) -> Plan:
+    """Choose the method and the row blocks for a run; raise PlanError if it cannot fit."""
+    m, n = shape
+    l = min(k + oversample, m, n)
+    costs = {
+        "randomized": _randomized_seconds(m, n, itemsize, k, l, niter),
+        "exact": _exact_seconds(m, n, itemsize, k),
+    }
+    method, reason = _choose_method(method, n, costs)
+    fixed = _fixed_bytes(n, l, method)
+    per_row = RAW_BLOCKS_IN_FLIGHT * n * itemsize + 3 * 8 * (l + 1)
+    if fixed + per_row >= memory_limit:
+        raise PlanError(
+            f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method on "
+            f"a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
+            f"(n x l float64 arrays with l={l}) plus {per_row} bytes per block row"
+        )
+    max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // (n * itemsize), 1))
+    blocks = group_chunks(chunk_boundaries, max_rows)
+    largest = max(stop - start for start, stop in blocks)
+    peak = fixed + largest * per_row
+    if peak > memory_limit:
+        chunk = int(np.max(np.diff(chunk_boundaries)))
+        raise PlanError(
+            f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {chunk} "
+            f"rows ({chunk * n * itemsize / 1e6:.1f} MB raw) with the read-ahead and working set "
+            f"(needs {peak / 1e6:.1f} MB); raise memory_limit or rechunk the store by rows"
+        )
+    spill = m * (l + 1) * 8 if method == "randomized" else 0
+    return Plan(
+        (m, n), itemsize, k, l, niter, method, reason, blocks, memory_limit, peak, spill
+    )
+
+
+def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int], ...]:
+    """Group consecutive storage chunks into blocks of at most max_rows rows (>= one chunk)."""
+    sizes = np.diff(boundaries)
+    m = int(boundaries[-1])
+    if sizes.size > 1 and np.all(sizes[:-1] == sizes[0]):
+        # Regular chunks (zarr, numpy): whole chunks per block, computed without a loop.
+        rows = max(int(sizes[0]), int(max_rows) // int(sizes[0]) * int(sizes[0]))
+        starts = range(0, m, rows)
+        return tuple((start, min(start + rows, m)) for start in starts)
+    blocks = []
+    start = end = int(boundaries[0])
+    for stop in boundaries[1:]:
+        if stop - start > max_rows and end > start:
+            blocks.append((start, end))
+            start = end
+        end = int(stop)
+    blocks.append((start, end))
+    return tuple(blocks)
+
+
+def _fixed_bytes(n: int, l: int, method: str) -> int:
+    """Bytes of the working set that does not depend on the block size."""
+    if method == "exact":
+        stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
+        return 8 * (3 * (n + 1) ** 2 + (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
+    # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
+    return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
+
+
+def _randomized_seconds(m: int, n: int, itemsize: int, k: int, l: int, niter: int) -> float:
+    read = (niter + 1) * m * n * itemsize / READ_BYTES_PER_S
+    gemm = (niter * 4 + 4) * m * n * l / GEMM_FLOPS_PER_S
+    qr_and_sweep = 4 * m * l * l / QR_FLOPS_PER_S + 2 * m * l * 8 / READ_BYTES_PER_S
+    return read + gemm + qr_and_sweep
+
+
+def _exact_seconds(m: int, n: int, itemsize: int, k: int) -> float:
+    read = 2 * m * n * itemsize / READ_BYTES_PER_S
+    return read + 2.5 * m * n * n / QR_FLOPS_PER_S + 2 * m * n * k / GEMM_FLOPS_PER_S
+
+
+def _choose_method(method: str, n: int, costs: dict[str, float]) -> tuple[str, str]:
+    predicted = ", ".join(f"{name} ~{seconds:.3g} s" for name, seconds in costs.items())
+    if method in ("randomized", "exact"):
+        if method == "exact" and n > MAX_EXACT_COLUMNS:
+            raise InputError(
+                f"method='exact' needs an n x n factor; n={n} exceeds {MAX_EXACT_COLUMNS}"
+            )
+        return method, f"method={method!r} was requested (cost model: {predicted})"
+    if method != "auto":
+        raise InputError(f"method must be 'auto', 'randomized' or 'exact', not {method!r}")
+    if n > MAX_EXACT_COLUMNS:
+        return "randomized", f"n={n} > {MAX_EXACT_COLUMNS} rules out the exact n x n factor"
+    if costs["exact"] <= costs["randomized"]:
+        return "exact", f"exact is no dearer than randomized and has no sampling error ({predicted})"
+    return "randomized", f"randomized is cheaper ({predicted})"

@@ -1,0 +1,77 @@
+"""Streaming tall-skinny QR that accumulates B = Q^T A without forming Q.
+
+Blocks arrive top to bottom. Block i has a local Householder QR Y_i = Q_i R_i, whose Q_i is
+spilled, and C_i = Q_i^T A_i. The running R is merged with R_i by a QR of the stacked pair
+
+    [R_acc; R_i] = [T_i; S_i] R_new,    B <- T_i^T B + S_i^T C_i,
+
+which keeps B = Q^T A exactly for the Q of all blocks so far, with Householder stability.
+U = Q W is then assembled by one backward sweep over the spill:
+
+    P <- W;  for i from last to first: U_i = Q_i (S_i P);  P <- T_i P.
+
+B is kept transposed (n x l) so products accumulate in place with BLAS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+
+def local_qr(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Economic Householder QR of a (b, l) block: Q (b, r), R (r, l), r = min(b, l)."""
+    Q, R = scipy.linalg.qr(Y, mode="economic", overwrite_a=True, check_finite=False)
+    return np.asfortranarray(Q), R
+
+
+@dataclass
+class MergeFactors:
+    """The small factors of one merge: Q_stack = [T; S] (T: r_acc x r_new, S: r_i x r_new)."""
+
+    T: np.ndarray
+    S: np.ndarray
+
+
+@dataclass
+class StreamingTSQR:
+    """Accumulates R and B^T over row blocks; records the merge factors for the U sweep."""
+
+    R: np.ndarray | None = None
+    BT: np.ndarray | None = None  # (n, r) float64 F-order, B = Q^T A transposed
+    merges: list[MergeFactors | None] = field(default_factory=list)
+
+    def add_block(self, R_i: np.ndarray, CT_i: np.ndarray) -> None:
+        """Merge block i's R_i (r_i x l) and C_i^T = A_i^T Q_i (n x r_i)."""
+        if self.R is None:
+            self.R, self.BT = R_i, CT_i
+            self.merges.append(None)  # the first block's Q_i needs no S factor
+            return
+        r_acc = self.R.shape[0]
+        Q_stack, R_new = scipy.linalg.qr(
+            np.vstack([self.R, R_i]), mode="economic", check_finite=False
+        )
+        T, S = Q_stack[:r_acc], Q_stack[r_acc:]
+        self.BT = np.asfortranarray(self.BT @ T + CT_i @ S)
+        self.R = R_new
+        self.merges.append(MergeFactors(T, S))
+
+
+def assemble_left_vectors(
+    merges: list[MergeFactors | None],
+    W: np.ndarray,
+    load_q: Callable[[int], np.ndarray],
+    store_u: Callable[[int, np.ndarray], None],
+) -> None:
+    """U = Q W by one backward sweep over the spilled Q_i (``load_q(i)``, ``store_u(i, U_i)``)."""
+    P = W
+    for i in range(len(merges) - 1, -1, -1):
+        factors = merges[i]
+        if factors is None:
+            store_u(i, load_q(i) @ P)
+            continue
+        store_u(i, load_q(i) @ (factors.S @ P))
+        P = factors.T @ P
