@@ -54,7 +54,7 @@ def randomized_svd(
             final.tsqr.merges, W, spill.load, lambda i, rows: store_u(starts[i], rows)
         )
     fro2 = context.centering.frobenius_squared(final.shift, final.stats)
-    return Factors(S_all[: plan.k], V, fro2, numerical_rank(S_all, context.source.shape))
+    return Factors(S_all[: plan.k], V, fro2, numerical_rank(S_all[: plan.k], context.source.shape))
 
 
 def exact_svd(context: PassContext, plan: Plan, store_u: RowSink) -> Factors:
@@ -68,7 +68,7 @@ def exact_svd(context: PassContext, plan: Plan, store_u: RowSink) -> Factors:
     _, S_all, Vt = scipy.linalg.svd(R, full_matrices=False)
     V, _ = normalize_signs(Vt[: plan.k].T, np.zeros((0, plan.k)))
     S = S_all[: plan.k]
-    rank = numerical_rank(S_all, context.source.shape)
+    rank = numerical_rank(S, context.source.shape)
     inverse = np.zeros_like(S)
     inverse[:rank] = 1.0 / S[:rank]
     product_pass(context, np.asfortranarray(V * inverse), store_u)

@@ -1,0 +1,45 @@
+"""Slow, obviously correct references for the kernels and passes."""
+
+import numpy as np
+
+
+def widen_shift_rows(src, shift):
+    """(float64(src) - shift, column sums, sum of squares)."""
+    out = src.astype(np.float64) - shift
+    return out, out.sum(axis=0), float(np.sum(out * out))
+
+
+def fused_power_product(A, X, mean=None):
+    """(A - 1 mean^T)^T (A - 1 mean^T) X, formed densely."""
+    Ac = A.astype(np.float64) - (0 if mean is None else mean)
+    return Ac.T @ (Ac @ X)
+
+
+def orthonormal_basis_product(A, X, mean=None):
+    """Q, R of the QR of Y = A X and B = Q^T A, all densely."""
+    Ac = A.astype(np.float64) - (0 if mean is None else mean)
+    Q, R = np.linalg.qr(Ac @ X)
+    return Q, R, Q.T @ Ac
+
+
+def truncated_svd(A, k, mean=None):
+    """Exact top-k SVD of the (centered) matrix by LAPACK."""
+    Ac = A.astype(np.float64) - (0 if mean is None else mean)
+    U, S, Vt = np.linalg.svd(Ac, full_matrices=False)
+    return U[:, :k], S[:k], Vt[:k].T
+
+
+def matrix_with_spectrum(m, n, singular_values, dtype=np.float64, seed=0):
+    """A = U diag(s) V^T with random orthonormal U (m x r) and V (n x r)."""
+    rng = np.random.default_rng(seed)
+    r = len(singular_values)
+    U, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    return ((U * np.asarray(singular_values)) @ V.T).astype(dtype)
+
+
+def subspace_distance(U1, U2):
+    """sin of the largest principal angle between the column spaces of U1 and U2."""
+    Q1, _ = np.linalg.qr(U1)
+    Q2, _ = np.linalg.qr(U2)
+    return float(np.linalg.norm(Q1 - Q2 @ (Q2.T @ Q1), 2))

@@ -1,0 +1,54 @@
+"""Streaming TSQR algebra: Q^T Q = I, Q R = Y, B = Q^T A, and the backward U sweep."""
+
+import numpy as np
+import pytest
+
+from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
+
+
+def stream(Y, A, boundaries):
+    """Run the streaming TSQR over row blocks; return it and the local Q_i."""
+    tsqr, local_qs = StreamingTSQR(), []
+    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+        Q_i, R_i = local_qr(Y[start:stop].copy(order="F"))
+        local_qs.append(Q_i)
+        tsqr.add_block(R_i, A[start:stop].T @ Q_i)
+    return tsqr, local_qs
+
+
+def explicit_q(tsqr, local_qs, width):
+    """Q itself, via the backward sweep applied to the identity."""
+    pieces = {}
+    assemble_left_vectors(tsqr.merges, np.eye(width), local_qs.__getitem__,
+                          lambda i, rows: pieces.__setitem__(i, rows))
+    return np.vstack([pieces[i] for i in range(len(local_qs))])
+
+
+@pytest.mark.parametrize(
+    "boundaries",
+    [
+        [0, 200],  # one block
+        [0, 50, 100, 150, 200],  # equal blocks
+        [0, 3, 60, 61, 200],  # blocks with fewer rows than columns
+    ],
+)
+def test_tsqr_factors_and_projection(boundaries):
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((200, 30))
+    Y = A @ rng.standard_normal((30, 8))
+    tsqr, local_qs = stream(Y, A, boundaries)
+    Q = explicit_q(tsqr, local_qs, tsqr.R.shape[0])
+    np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-13)
+    np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-12)
+    np.testing.assert_allclose(tsqr.BT.T, Q.T @ A, atol=1e-12)
+    assert np.allclose(tsqr.R, np.triu(tsqr.R))
+
+
+def test_tsqr_of_rank_deficient_y_keeps_q_orthonormal():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((120, 10))
+    Y = np.repeat(A[:, :2], 4, axis=1)  # rank 2, eight columns
+    tsqr, local_qs = stream(Y, A, [0, 40, 80, 120])
+    Q = explicit_q(tsqr, local_qs, tsqr.R.shape[0])
+    np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-13)
+    np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-12)
