@@ -60,16 +60,38 @@ class DenseSource:
                 block = block.compute(scheduler="threads")
             return np.ascontiguousarray(block)
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
+            first, last, cause = self._failing_chunk(start, stop, exc)
             raise ReadError(
-                f"cannot read rows [{start}, {stop}) of {self.description}: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot read the chunk of rows [{first}, {last}) of {self.description}: "
+                f"{type(cause).__name__}: {cause}"
             ) from exc
+
+    def _failing_chunk(self, start: int, stop: int, error: Exception):
+        """Narrow a failed block read down to its first unreadable chunk, for the message."""
+        inside = self.chunk_rows[(self.chunk_rows > start) & (self.chunk_rows < stop)]
+        edges = [start, *inside.tolist(), stop]
+        if len(edges) > 2 and len(edges) <= 1025:
+            for first, last in zip(edges[:-1], edges[1:]):
+                try:
+                    block = self.array[first:last]
+                    if self.compute_slice:
+                        block.compute(scheduler="synchronous")
+                except Exception as exc:  # noqa: BLE001 - this is the one we report
+                    return first, last, exc
+        return start, stop, error
 
 
 def regular_boundaries(m: int, rows_per_chunk: int) -> np.ndarray:
     """Chunk boundaries 0, c, 2c, ..., m for a regular row chunking."""
     rows_per_chunk = max(int(rows_per_chunk), 1)
     return np.unique(np.append(np.arange(0, m, rows_per_chunk, dtype=np.int64), m))
+
+
+def in_memory_boundaries(shape: tuple[int, ...], itemsize: int) -> np.ndarray:
+    """Nominal 1 MB chunks for arrays without storage chunks, so blocks can be any size
+    without a boundary per row."""
+    row_bytes = max(int(np.prod(shape[1:])) * itemsize, 1)
+    return regular_boundaries(shape[0], max(1, (1 << 20) // row_bytes))
 
 
 def open_dense_source(A: Any) -> DenseSource:
@@ -82,7 +104,7 @@ def open_dense_source(A: Any) -> DenseSource:
         return _open_path(os.fspath(A))
     if isinstance(A, np.ndarray):
         description = "memmap" if isinstance(A, np.memmap) else "numpy array"
-        return DenseSource(A, regular_boundaries(A.shape[0], 1), description)
+        return DenseSource(A, in_memory_boundaries(A.shape, A.itemsize), description)
     module = type(A).__module__
     if module.startswith("zarr"):
         return _zarr_source(A, getattr(A, "store_path", "zarr array"))
@@ -90,7 +112,9 @@ def open_dense_source(A: Any) -> DenseSource:
         return _dask_source(A)
     if hasattr(A, "__array__") and hasattr(A, "shape"):
         array = np.asarray(A)
-        return DenseSource(array, regular_boundaries(array.shape[0], 1), type(A).__name__)
+        return DenseSource(
+            array, in_memory_boundaries(array.shape, array.itemsize), type(A).__name__
+        )
     raise InputError(
         f"unsupported input of type {type(A).__name__}; expected a numpy array, a .npy path, "
         "a zarr array or store path/URL, or a dask array"
@@ -106,7 +130,7 @@ def _open_path(path: str) -> DenseSource:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise StoreNotFoundError(f"cannot open {path!r} as a .npy file: {exc}") from exc
-        return DenseSource(array, regular_boundaries(array.shape[0], 1), path)
+        return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path)
     import zarr
 
     try:

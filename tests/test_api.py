@@ -1,0 +1,245 @@
+"""The public API: inputs, torch semantics, output stores, and errors that name the problem."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+import naive
+import ooc_svd
+from ooc_svd import InputError, NonFiniteError, OutputExistsError, ReadError, StoreNotFoundError
+
+
+@pytest.fixture
+def matrix():
+    return naive.matrix_with_spectrum(400, 30, np.logspace(0, -4, 30), seed=3)
+
+
+def tree_digest(path):
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(full.encode())
+            with open(full, "rb") as file:
+                digest.update(file.read())
+            digest.update(str(os.stat(full).st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "numpy",
+        "npy_path",  # np.load(mmap_mode="r") inside
+        "memmap",
+        "zarr_v3_path",
+        "zarr_v2_path",
+        "zarr_file_url",  # fsspec URL
+        "zarr_array",
+        "dask_row_chunks",
+        "dask_2d_chunks",  # blocks span several column chunks
+    ],
+)
+def test_every_input_kind_gives_the_same_result(tmp_path, zarr_matrix, block_rows, matrix, kind):
+    import dask.array as da
+    import zarr
+
+    block_rows(64, 30)
+    if kind == "numpy":
+        A = matrix
+    elif kind in ("npy_path", "memmap"):
+        np.save(tmp_path / "A.npy", matrix)
+        A = str(tmp_path / "A.npy")
+        if kind == "memmap":
+            A = np.load(A, mmap_mode="r")
+    elif kind.startswith("zarr"):
+        path = zarr_matrix(matrix, chunk_rows=50, zarr_format=2 if kind == "zarr_v2_path" else 3)
+        A = {"zarr_file_url": "file://" + path, "zarr_array": zarr.open_array(path, mode="r")}.get(
+            kind, path
+        )
+    else:
+        A = da.from_array(matrix, chunks=(45, 30) if kind == "dask_row_chunks" else (45, 7))
+    result = ooc_svd.svd(A, 5, method="randomized", seed=3)
+    block_rows(400, 30)
+    reference = ooc_svd.svd(matrix, 5, method="randomized", seed=3)
+    assert len(reference.plan.blocks) == 1
+    # Stores and dask arrays are read in blocks of whole chunks; arrays in memory in 1 MB
+    # nominal chunks, which this 96 KB matrix fits in.
+    in_memory = kind in ("numpy", "npy_path", "memmap")
+    assert (len(result.plan.blocks) == 1) == in_memory
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+    np.testing.assert_allclose(result.V, reference.V, atol=1e-10)
+    np.testing.assert_allclose(result.U, reference.U, atol=1e-10)
+
+
+def test_integer_input(matrix):
+    A = np.round(matrix * 1000).astype(np.int32)
+    result = ooc_svd.svd(A, 4, method="exact")
+    np.testing.assert_allclose(result.S, naive.truncated_svd(A, 4)[1], rtol=1e-12)
+    assert result.U.dtype == np.float64
+
+
+def test_input_store_is_not_modified(zarr_matrix, matrix):
+    path = zarr_matrix(matrix)
+    before = tree_digest(path)
+    ooc_svd.svd(path, 3, center=True)
+    assert tree_digest(path) == before
+
+
+# ---- torch semantics ---------------------------------------------------------------------
+
+
+def test_svd_lowrank_defaults_and_mean(matrix):
+    U, S, V = ooc_svd.svd_lowrank(matrix)
+    assert U.shape == (400, 6) and S.shape == (6,) and V.shape == (30, 6)
+    np.testing.assert_allclose(S, naive.truncated_svd(matrix, 6)[1], rtol=1e-6)
+
+    M = matrix.mean(axis=0, keepdims=True) + 0.5  # any row mean, as torch's M
+    U, S, V = ooc_svd.svd_lowrank(matrix, q=4, niter=3, M=M)
+    _, S_exact, V_exact = naive.truncated_svd(matrix - M, 4)
+    np.testing.assert_allclose(S, S_exact, rtol=1e-6)
+    assert naive.subspace_distance(V, V_exact) < 1e-4
+    np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
+
+
+def test_svd_lowrank_allows_q_equal_to_min_dimension():
+    A = naive.matrix_with_spectrum(50, 8, np.arange(8, 0, -1.0), seed=1)
+    U, S, V = ooc_svd.svd_lowrank(A, q=8)
+    np.testing.assert_allclose(S, np.arange(8, 0, -1.0), rtol=1e-10)
+    np.testing.assert_allclose((U * S) @ V.T, A, atol=1e-10)
+
+
+def test_pca_lowrank(matrix):
+    U, S, V = ooc_svd.pca_lowrank(matrix)
+    assert S.shape == (6,)
+    mean = matrix.mean(axis=0)
+    _, S_exact, V_exact = naive.truncated_svd(matrix, 6, mean=mean)
+    np.testing.assert_allclose(S, S_exact, rtol=1e-6)
+    assert naive.subspace_distance(V, V_exact) < 1e-4
+    _, S_uncentered, _ = ooc_svd.pca_lowrank(matrix, q=3, center=False)
+    np.testing.assert_allclose(S_uncentered, naive.truncated_svd(matrix, 3)[1], rtol=1e-6)
+
+
+# ---- output stores -----------------------------------------------------------------------
+
+
+def test_out_writes_a_zarr_group(tmp_path, block_rows, matrix):
+    import zarr
+
+    block_rows(64, 30)
+    out = str(tmp_path / "result.zarr")
+    result = ooc_svd.svd(matrix, 5, center=True, out=out, method="randomized")
+    in_memory = ooc_svd.svd(matrix, 5, center=True, method="randomized")
+    group = zarr.open_group(out, mode="r")
+    np.testing.assert_allclose(group["U"][:], in_memory.U, atol=1e-12)
+    np.testing.assert_allclose(group["S"][:], in_memory.S, rtol=1e-12)
+    np.testing.assert_allclose(group["V"][:], in_memory.V, atol=1e-12)
+    np.testing.assert_allclose(group["mean"][:], matrix.mean(axis=0), rtol=1e-12)
+    attrs = group.attrs["ooc_svd"]
+    assert attrs["passes"] == result.passes == 3
+    assert attrs["residual"] == pytest.approx(result.residual)
+    assert attrs["method"] == result.plan.method and attrs["seed"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_existing_output_is_refused_and_left_untouched(tmp_path, matrix):
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(matrix, 3, out=out)
+    before = tree_digest(out)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        ooc_svd.svd(matrix, 4, out=out)
+    assert tree_digest(out) == before
+    ooc_svd.svd(matrix, 4, out=out, overwrite=True)
+    assert ooc_svd.svd(matrix, 4).S.shape == (4,)
+    import zarr
+
+    assert zarr.open_group(out, mode="r")["S"].shape == (4,)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
+    A = matrix.copy()
+    A[333, 4] = np.nan
+    out = str(tmp_path / "result.zarr")
+    with pytest.raises(NonFiniteError):
+        ooc_svd.svd(zarr_matrix(A), 3, out=out)
+    assert sorted(os.listdir(tmp_path)) == ["A.zarr"]
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 30}, r"k=30 must be smaller than min\(m, n\) = 30"),
+        ({"k": 0}, "k=0 must be >= 1"),
+        ({"k": 2.5}, "k must be an integer"),
+        ({"k": 3, "niter": -1}, "niter=-1 must be >= 0"),
+        ({"k": 3, "oversample": -2}, "oversample=-2 must be >= 0"),
+        ({"k": 3, "mean": np.zeros(29)}, r"mean must have shape \(30,\) or \(1, 30\)"),
+        ({"k": 3, "mean": np.zeros((400, 30))}, "mean must have shape"),
+        ({"k": 3, "method": "lanczos"}, "method must be 'auto', 'randomized' or 'exact'"),
+        ({"k": 3, "memory_limit": "lots"}, "cannot read a memory size"),
+        ({"k": 3, "memory_limit": "1MB"}, "memory_limit 1.0 MB is too small"),
+    ],
+)
+def test_bad_arguments_are_named(matrix, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        ooc_svd.svd(matrix, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("A", "message"),
+    [
+        (np.array([["a", "b"], ["c", "d"]]), "non-numeric dtype <U1"),
+        (np.ones((5, 4), dtype=complex), "complex dtype"),
+        (np.ones(5), "2-dimensional"),
+    ],
+)
+def test_bad_matrices_are_named(A, message):
+    with pytest.raises(InputError, match=message):
+        ooc_svd.svd(A, 1)
+
+
+def test_nan_names_the_rows(zarr_matrix, block_rows, matrix):
+    block_rows(100, 30)
+    A = matrix.copy()
+    A[237, 11] = np.inf
+    with pytest.raises(NonFiniteError, match=r"rows \[200, 300\), first at row 237"):
+        ooc_svd.svd(zarr_matrix(A, chunk_rows=100), 3, memory_limit="4MB", method="randomized")
+    with pytest.raises(NonFiniteError, match="first at row 237"):
+        ooc_svd.svd(A, 3, method="exact")
+
+
+def test_missing_and_unreadable_stores(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="no such file or store"):
+        ooc_svd.svd(str(tmp_path / "absent.zarr"), 2)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreNotFoundError, match="cannot open"):
+        ooc_svd.svd(str(tmp_path / "junk"), 2)
+
+
+def test_a_group_is_not_a_matrix(tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("X", shape=(10, 4), dtype="f8")
+    with pytest.raises(InputError, match=r"zarr group, not an array \(its arrays: \['X'\]\)"):
+        ooc_svd.svd(str(tmp_path / "g.zarr"), 2)
+
+
+def test_corrupt_chunk_names_the_rows(zarr_matrix, matrix):
+    path = zarr_matrix(matrix, chunk_rows=100)
+    chunk = os.path.join(path, "c", "2", "0")
+    with open(chunk, "r+b") as file:
+        file.truncate(20)
+    with pytest.raises(ReadError, match=r"chunk of rows \[200, 300\) .*Zstd decompression"):
+        ooc_svd.svd(path, 3, memory_limit="4MB", method="randomized")
