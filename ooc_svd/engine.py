@@ -21,7 +21,7 @@ from .passes import PassContext, fused_power_pass, product_pass, tsqr_final_pass
 from .plan import Plan
 from .sketch import gaussian_test_matrix
 from .store import QSpill
-from .tsqr import assemble_left_vectors
+from .tsqr import MergeFactors, assemble_left_vectors
 
 RowSink = Callable[[int, np.ndarray], None]
 
@@ -49,9 +49,12 @@ def randomized_svd(
         final = tsqr_final_pass(context, X, spill)
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
         V, W = normalize_signs(V_all[:, : plan.k], Wt_all[: plan.k].T)
-        starts = [start for start, _ in plan.blocks]
         assemble_left_vectors(
-            final.tsqr.merges, W, spill.load, lambda i, rows: store_u(starts[i], rows)
+            final.tsqr.blocks,
+            W,
+            lambda i: spill.load("Q", i),
+            lambda i: MergeFactors(spill.load("T", i), spill.load("S", i)) if i else None,
+            lambda i, rows: store_u(plan.blocks[i][0], rows),
         )
     fro2 = context.centering.frobenius_squared(final.shift, final.stats)
     return Factors(S_all[: plan.k], V, fro2, numerical_rank(S_all[: plan.k], context.source.shape))

@@ -123,8 +123,13 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
         if append_ones:
             Y[:, l] = 1.0
         Q_i, R_i = local_qr(Y)
-        spill.write(index, Q_i)
-        tsqr.add_block(R_i, transposed_block_times(block, start, Q_i, shift, reread_stats, subs))
+        spill.write("Q", index, Q_i)
+        merge = tsqr.add_block(
+            R_i, transposed_block_times(block, start, Q_i, shift, reread_stats, subs)
+        )
+        if merge is not None:
+            spill.write("T", index, merge.T)
+            spill.write("S", index, merge.S)
     BT = tsqr.BT
     d = context.centering.offset(shift, stats)
     if append_ones:

@@ -25,10 +25,11 @@ QR_FLOPS_PER_S = 8e9
 # Exact mode keeps an n x n R and factors (n + rows) x n stacks: beyond this width the
 # randomized method is always cheaper.
 MAX_EXACT_COLUMNS = 4096
-# Blocks are read ahead of the one being computed; raw blocks held at once:
-# the computed one, PREFETCH_DEPTH queued or being read, and one decoding transient.
+# Blocks are read ahead of the one being computed. Raw blocks' worth held at once: the
+# computed one, and for each of the PREFETCH_DEPTH reads its output, the compressed chunk
+# bytes and the decoded chunks (up to a block each, measured with tracemalloc on zarr 3).
 PREFETCH_DEPTH = 2
-RAW_BLOCKS_IN_FLIGHT = PREFETCH_DEPTH + 2
+RAW_BLOCKS_IN_FLIGHT = 3 * PREFETCH_DEPTH + 1
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
 DEFAULT_MEMORY_LIMIT = 1 << 30
@@ -151,8 +152,9 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
 def _fixed_bytes(n: int, l: int, method: str) -> int:
     """Bytes of the working set that does not depend on the block size."""
     if method == "exact":
+        # R, its SVD factors, and the stacked sub-block with LAPACK's Fortran-ordered copy.
         stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
-        return 8 * (3 * (n + 1) ** 2 + (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
+        return 8 * (3 * (n + 1) ** 2 + 2 * (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
     # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
     return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
 

@@ -18,27 +18,26 @@ from .errors import InputError, OutputExistsError
 
 
 class QSpill:
-    """Per-block Q_i factors (b_i x l float64) written to scratch files and read back once.
+    """Per-block TSQR factors written to scratch files and read back once by the U sweep:
+    Q_i (b_i x l) and the merge factors T_i, S_i (l x l), so memory does not grow with m.
 
     Plain file I/O, not a memory map, so spilled pages are not counted in the process's RSS.
     """
 
     def __init__(self, scratch_dir: str | None = None):
         self.directory = tempfile.mkdtemp(prefix="ooc-svd-spill-", dir=scratch_dir)
-        self.shapes: dict[int, tuple[int, int]] = {}
 
-    def _path(self, index: int) -> str:
-        return os.path.join(self.directory, f"q{index:08d}.bin")
+    def _path(self, name: str, index: int) -> str:
+        return os.path.join(self.directory, f"{name}{index:08d}.npy")
 
-    def write(self, index: int, Q: np.ndarray) -> None:
-        self.shapes[index] = Q.shape
-        with open(self._path(index), "wb") as file:
-            file.write(np.asfortranarray(Q, dtype=np.float64).tobytes(order="F"))
+    def write(self, name: str, index: int, array: np.ndarray) -> None:
+        np.save(self._path(name, index), array, allow_pickle=False)
 
-    def load(self, index: int) -> np.ndarray:
-        rows, cols = self.shapes[index]
-        data = np.fromfile(self._path(index), dtype=np.float64, count=rows * cols)
-        return data.reshape((rows, cols), order="F")
+    def load(self, name: str, index: int) -> np.ndarray:
+        return np.load(self._path(name, index), allow_pickle=False)
+
+    def exists(self, name: str, index: int) -> bool:
+        return os.path.exists(self._path(name, index))
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -16,7 +16,7 @@ B is kept transposed (n x l) so products accumulate in place with BLAS.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -38,18 +38,22 @@ class MergeFactors:
 
 @dataclass
 class StreamingTSQR:
-    """Accumulates R and B^T over row blocks; records the merge factors for the U sweep."""
+    """Accumulates R and B^T over row blocks."""
 
     R: np.ndarray | None = None
     BT: np.ndarray | None = None  # (n, r) float64 F-order, B = Q^T A transposed
-    merges: list[MergeFactors | None] = field(default_factory=list)
+    blocks: int = 0
 
-    def add_block(self, R_i: np.ndarray, CT_i: np.ndarray) -> None:
-        """Merge block i's R_i (r_i x l) and C_i^T = A_i^T Q_i (n x r_i)."""
+    def add_block(self, R_i: np.ndarray, CT_i: np.ndarray) -> MergeFactors | None:
+        """Merge block i's R_i (r_i x l) and C_i^T = A_i^T Q_i (n x r_i).
+
+        Returns the merge factors the U sweep needs (None for the first block, whose Q_i
+        enters Q unchanged); the caller spills them, so memory does not grow with m.
+        """
+        self.blocks += 1
         if self.R is None:
             self.R, self.BT = R_i, CT_i
-            self.merges.append(None)  # the first block's Q_i needs no S factor
-            return
+            return None
         r_acc = self.R.shape[0]
         Q_stack, R_new = scipy.linalg.qr(
             np.vstack([self.R, R_i]), mode="economic", check_finite=False
@@ -57,19 +61,20 @@ class StreamingTSQR:
         T, S = Q_stack[:r_acc], Q_stack[r_acc:]
         self.BT = np.asfortranarray(self.BT @ T + CT_i @ S)
         self.R = R_new
-        self.merges.append(MergeFactors(T, S))
+        return MergeFactors(T, S)
 
 
 def assemble_left_vectors(
-    merges: list[MergeFactors | None],
+    blocks: int,
     W: np.ndarray,
     load_q: Callable[[int], np.ndarray],
+    load_merge: Callable[[int], MergeFactors | None],
     store_u: Callable[[int, np.ndarray], None],
 ) -> None:
-    """U = Q W by one backward sweep over the spilled Q_i (``load_q(i)``, ``store_u(i, U_i)``)."""
+    """U = Q W by one backward sweep over the spilled Q_i and merge factors."""
     P = W
-    for i in range(len(merges) - 1, -1, -1):
-        factors = merges[i]
+    for i in range(blocks - 1, -1, -1):
+        factors = load_merge(i)
         if factors is None:
             store_u(i, load_q(i) @ P)
             continue

@@ -8,18 +8,19 @@ from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
 
 def stream(Y, A, boundaries):
     """Run the streaming TSQR over row blocks; return it and the local Q_i."""
-    tsqr, local_qs = StreamingTSQR(), []
+    tsqr, local_qs, merges = StreamingTSQR(), [], []
     for start, stop in zip(boundaries[:-1], boundaries[1:]):
         Q_i, R_i = local_qr(Y[start:stop].copy(order="F"))
         local_qs.append(Q_i)
-        tsqr.add_block(R_i, A[start:stop].T @ Q_i)
-    return tsqr, local_qs
+        merges.append(tsqr.add_block(R_i, A[start:stop].T @ Q_i))
+    return tsqr, (local_qs, merges)
 
 
-def explicit_q(tsqr, local_qs, width):
+def explicit_q(tsqr, factors, width):
     """Q itself, via the backward sweep applied to the identity."""
+    local_qs, merges = factors
     pieces = {}
-    assemble_left_vectors(tsqr.merges, np.eye(width), local_qs.__getitem__,
+    assemble_left_vectors(tsqr.blocks, np.eye(width), local_qs.__getitem__, merges.__getitem__,
                           lambda i, rows: pieces.__setitem__(i, rows))
     return np.vstack([pieces[i] for i in range(len(local_qs))])
 
@@ -36,8 +37,8 @@ def test_tsqr_factors_and_projection(boundaries):
     rng = np.random.default_rng(0)
     A = rng.standard_normal((200, 30))
     Y = A @ rng.standard_normal((30, 8))
-    tsqr, local_qs = stream(Y, A, boundaries)
-    Q = explicit_q(tsqr, local_qs, tsqr.R.shape[0])
+    tsqr, factors = stream(Y, A, boundaries)
+    Q = explicit_q(tsqr, factors, tsqr.R.shape[0])
     np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-13)
     np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-12)
     np.testing.assert_allclose(tsqr.BT.T, Q.T @ A, atol=1e-12)
@@ -48,7 +49,7 @@ def test_tsqr_of_rank_deficient_y_keeps_q_orthonormal():
     rng = np.random.default_rng(1)
     A = rng.standard_normal((120, 10))
     Y = np.repeat(A[:, :2], 4, axis=1)  # rank 2, eight columns
-    tsqr, local_qs = stream(Y, A, [0, 40, 80, 120])
-    Q = explicit_q(tsqr, local_qs, tsqr.R.shape[0])
+    tsqr, factors = stream(Y, A, [0, 40, 80, 120])
+    Q = explicit_q(tsqr, factors, tsqr.R.shape[0])
     np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-13)
     np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-12)

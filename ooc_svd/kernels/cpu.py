@@ -25,7 +25,7 @@ from ..errors import NonFiniteError
 
 # Bytes of one float64 sub-block: small enough to stay in L2/L3 between the widening sweep
 # and the two products that reuse it.
-SUB_BLOCK_BYTES = 2 << 20
+SUB_BLOCK_BYTES = 1 << 20
 
 
 @numba.njit(nogil=True, cache=True)
