@@ -17,6 +17,7 @@ from . import __version__
 from .centering import Centering
 from .engine import Factors, exact_svd, randomized_svd
 from .errors import InputError
+from .kernels.cpu import blas_threads
 from .passes import PassContext, PassRecord
 from .plan import DEFAULT_MEMORY_LIMIT, Plan, make_plan, parse_bytes
 from .sources import DenseSource, open_dense_source
@@ -229,13 +230,17 @@ def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, 
     def store_u(start: int, rows: np.ndarray) -> None:
         U[start : start + rows.shape[0]] = rows
 
-    context = PassContext(source, plan.blocks, centering, _progress_factory(progress), [])
+    context = PassContext(
+        source, plan.blocks, plan.prefetch_depth, centering, _progress_factory(progress), []
+    )
     began = time.perf_counter()
+    reader_threads = plan.prefetch_depth if source.decodes else 0
     try:
-        if plan.method == "exact":
-            factors = exact_svd(context, plan, store_u)
-        else:
-            factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
+        with blas_threads(reader_threads):
+            if plan.method == "exact":
+                factors = exact_svd(context, plan, store_u)
+            else:
+                factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
     except BaseException:
         if writer:
             writer.abort()

@@ -27,7 +27,6 @@ from .kernels.cpu import (
     transposed_block_times,
     widen_shift_rows,
 )
-from .plan import PREFETCH_DEPTH
 from .sources import DenseSource, prefetch_blocks
 from .store import QSpill
 from .tsqr import StreamingTSQR, local_qr
@@ -58,6 +57,7 @@ class PassContext:
 
     source: DenseSource
     blocks: tuple[tuple[int, int], ...]
+    prefetch_depth: int
     centering: Centering
     progress: ProgressFactory
     records: list[PassRecord]
@@ -67,7 +67,7 @@ class PassContext:
         bar = self.progress(name, self.source.shape[0])
         began = time.perf_counter()
         try:
-            stream = prefetch_blocks(self.source, self.blocks, PREFETCH_DEPTH)
+            stream = prefetch_blocks(self.source, self.blocks, self.prefetch_depth)
             for index, (start, stop, block) in enumerate(stream):
                 yield index, start, block
                 bar.update(stop - start)

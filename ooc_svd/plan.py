@@ -25,11 +25,9 @@ QR_FLOPS_PER_S = 8e9
 # Exact mode keeps an n x n R and factors (n + rows) x n stacks: beyond this width the
 # randomized method is always cheaper.
 MAX_EXACT_COLUMNS = 4096
-# Blocks are read ahead of the one being computed. Raw blocks' worth held at once: the
-# computed one, and for each of the PREFETCH_DEPTH reads its output, the compressed chunk
-# bytes and the decoded chunks (up to a block each, measured with tracemalloc on zarr 3).
+# Blocks read ahead of the one being computed, by as many reader threads: two keep both
+# cores decoding. Plans fall back to one when two blocks in flight do not fit the limit.
 PREFETCH_DEPTH = 2
-RAW_BLOCKS_IN_FLIGHT = 3 * PREFETCH_DEPTH + 1
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
 DEFAULT_MEMORY_LIMIT = 1 << 30
@@ -58,6 +56,7 @@ class Plan:
     method: str  # "randomized" or "exact"
     reason: str
     blocks: tuple[tuple[int, int], ...]
+    prefetch_depth: int  # blocks read ahead of the one being computed
     memory_limit: int
     predicted_peak_bytes: int
     spill_bytes: int
@@ -81,7 +80,7 @@ class Plan:
             f"{self.method} SVD of a {m} x {n} matrix, k={self.k}, basis l={self.basis_size}, "
             f"niter={self.niter}: {self.passes} passes reading "
             f"{self.passes * self.bytes_per_pass / 1e9:.3g} GB, {len(self.blocks)} blocks of "
-            f"up to {self.block_rows} rows, predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
+            f"up to {self.block_rows} rows read {self.prefetch_depth} ahead, predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
             f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
         )
 
@@ -105,18 +104,17 @@ def make_plan(
     }
     method, reason = _choose_method(method, n, costs)
     fixed = _fixed_bytes(n, l, method)
-    per_row = RAW_BLOCKS_IN_FLIGHT * n * itemsize + 3 * 8 * (l + 1)
-    if fixed + per_row >= memory_limit:
-        raise PlanError(
-            f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method on "
-            f"a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
-            f"(n x l float64 arrays with l={l}) plus {per_row} bytes per block row"
-        )
-    max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // (n * itemsize), 1))
-    blocks = group_chunks(chunk_boundaries, max_rows)
-    largest = max(stop - start for start, stop in blocks)
-    peak = fixed + largest * per_row
-    if peak > memory_limit:
+    for depth in (PREFETCH_DEPTH, 1):
+        blocks, peak = _block_layout(chunk_boundaries, n, itemsize, l, fixed, memory_limit, depth)
+        if peak <= memory_limit:
+            break
+    else:
+        if len(blocks) == 0:
+            raise PlanError(
+                f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method "
+                f"on a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
+                f"(n x l float64 arrays with l={l}) before any block of rows"
+            )
         chunk = int(np.max(np.diff(chunk_boundaries)))
         raise PlanError(
             f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {chunk} "
@@ -125,8 +123,24 @@ def make_plan(
         )
     spill = m * (l + 1) * 8 if method == "randomized" else 0
     return Plan(
-        (m, n), itemsize, k, l, niter, method, reason, blocks, memory_limit, peak, spill
+        (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill
     )
+
+
+def _block_layout(boundaries, n, itemsize, l, fixed, memory_limit, depth):
+    """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
+
+    Raw blocks' worth held at once: the computed one, and for each read in flight its
+    output, the compressed chunk bytes and the decoded chunks (up to a block each, measured
+    with tracemalloc on zarr 3). Per row also: Y_i, Q_i and the U rows, float64.
+    """
+    per_row = (3 * depth + 1) * n * itemsize + 3 * 8 * (l + 1)
+    if fixed + per_row > memory_limit:
+        return (), fixed + per_row
+    max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // (n * itemsize), 1))
+    blocks = group_chunks(boundaries, max_rows)
+    largest = max(stop - start for start, stop in blocks)
+    return blocks, fixed + largest * per_row
 
 
 def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int], ...]:

@@ -15,6 +15,8 @@ Accumulators are kept transposed and Fortran-ordered (n x l), so that ``dgemm`` 
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numba
@@ -28,7 +30,12 @@ from ..errors import NonFiniteError
 SUB_BLOCK_BYTES = 1 << 20
 
 
-@numba.njit(nogil=True, cache=True)
+# Reassociation lets LLVM vectorize the sums; no 'nnan'/'ninf', so NaN and Inf still
+# propagate into the returned sum, which is how non-finite input is detected.
+SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(nogil=True, cache=True, fastmath=SUM_FASTMATH)
 def widen_shift_rows(src, shift, out, colsum):
     """out = float64(src) - shift; colsum += column sums of out; return sum of squares of out.
 
@@ -45,6 +52,22 @@ def widen_shift_rows(src, shift, out, colsum):
             colsum[j] += value
             sumsq += value * value
     return sumsq
+
+
+@contextmanager
+def blas_threads(reader_threads: int):
+    """Leave one core per reader thread that decompresses, and give BLAS the rest.
+
+    On two cores, two BLAS threads beside two decoding threads oversubscribe the CPU:
+    measured, a fused pass took 1.7x longer than with one BLAS thread.
+    """
+    if reader_threads == 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, (os.cpu_count() or 1) - reader_threads), user_api="blas"):
+        yield
 
 
 @dataclass

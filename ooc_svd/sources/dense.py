@@ -37,6 +37,7 @@ class DenseSource:
     description: str
     stored_bytes: int | None = None
     compute_slice: bool = False  # dask: a slice is lazy and must be computed
+    decodes: bool = True  # reading costs CPU (decompression), competing with the kernels
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -104,7 +105,9 @@ def open_dense_source(A: Any) -> DenseSource:
         return _open_path(os.fspath(A))
     if isinstance(A, np.ndarray):
         description = "memmap" if isinstance(A, np.memmap) else "numpy array"
-        return DenseSource(A, in_memory_boundaries(A.shape, A.itemsize), description)
+        return DenseSource(
+            A, in_memory_boundaries(A.shape, A.itemsize), description, decodes=False
+        )
     module = type(A).__module__
     if module.startswith("zarr"):
         return _zarr_source(A, getattr(A, "store_path", "zarr array"))
@@ -113,7 +116,8 @@ def open_dense_source(A: Any) -> DenseSource:
     if hasattr(A, "__array__") and hasattr(A, "shape"):
         array = np.asarray(A)
         return DenseSource(
-            array, in_memory_boundaries(array.shape, array.itemsize), type(A).__name__
+            array, in_memory_boundaries(array.shape, array.itemsize), type(A).__name__,
+            decodes=False,
         )
     raise InputError(
         f"unsupported input of type {type(A).__name__}; expected a numpy array, a .npy path, "
@@ -130,7 +134,9 @@ def _open_path(path: str) -> DenseSource:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise StoreNotFoundError(f"cannot open {path!r} as a .npy file: {exc}") from exc
-        return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path)
+        return DenseSource(
+            array, in_memory_boundaries(array.shape, array.itemsize), path, decodes=False
+        )
     import zarr
 
     try:
