@@ -66,9 +66,18 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
             pass
         result["passes"] = 1
     elif name.startswith("ooc_"):
+        import shutil
+        import tempfile
+
         method = "randomized" if name == "ooc_randomized" else "auto"
-        out = ooc_svd.svd(args.store, k, oversample=p, niter=q, method=method,
-                          memory_limit=args.memory_limit, progress=False)
+        # U (m x k) goes to a store beside the input, as a run on a too-large matrix would.
+        scratch = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.store)))
+        try:
+            out = ooc_svd.svd(args.store, k, oversample=p, niter=q, method=method,
+                              memory_limit=args.memory_limit, progress=False,
+                              out=os.path.join(scratch, "result.zarr"), scratch_dir=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         result.update(S=out.S.tolist(), passes=out.passes, method=out.plan.method,
                       seconds_per_pass=out.seconds_per_pass, residual=out.residual)
     elif name.startswith("dask_"):
@@ -132,7 +141,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--niter", type=int, default=2)
-    parser.add_argument("--memory-limit", default="300MB")
+    parser.add_argument("--memory-limit", default="250MB")
     parser.add_argument("--only", nargs="*", default=None, help="contenders to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")

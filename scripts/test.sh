@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install ooc_svd with its test extra into .venv and run the test suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv || exit 1
+.venv/bin/python -m pip install -q -e '.[test]' || exit 1
+.venv/bin/python -m pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: treating that as a failure" >&2
+    exit 1
+fi
+exit "$status"
