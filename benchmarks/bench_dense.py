@@ -31,6 +31,7 @@ CONTENDERS = [
     "read_prefetch",  # ooc_svd's prefetching reader, no compute
     "ooc_randomized",
     "ooc_auto",
+    "ooc_exact",
     "dask_compute_true",
     "dask_default",
     "sklearn_in_memory",
@@ -69,7 +70,7 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
         import shutil
         import tempfile
 
-        method = "randomized" if name == "ooc_randomized" else "auto"
+        method = name.removeprefix("ooc_")
         # U (m x k) goes to a store beside the input, as a run on a too-large matrix would.
         scratch = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.store)))
         try:
@@ -105,8 +106,18 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
         result.update(S=S[:k].tolist(), passes=2 * q + 2,
                       seconds_after_load=time.perf_counter() - loaded)
     result["seconds"] = time.perf_counter() - began
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since exec (VmHWM); getrusage's maxrss would include the
+    parent's peak from before the fork."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reference_singular_values(store: str, k: int) -> np.ndarray:
@@ -138,6 +149,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=2, default=(4_000_000, 256))
     parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--decay", type=float, default=0.05)
+    parser.add_argument("--rank", type=int, default=None, help="rank of a generated store")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--niter", type=int, default=2)
@@ -155,7 +167,7 @@ def main() -> None:
         from ooc_svd.synthetic import write_dense_matrix
 
         print(f"generating {args.store} {tuple(args.shape)} ...", file=sys.stderr)
-        write_dense_matrix(args.store, tuple(args.shape), decay=args.decay,
+        write_dense_matrix(args.store, tuple(args.shape), rank=args.rank, decay=args.decay,
                            chunk_rows=args.chunk_rows)
     import zarr
 

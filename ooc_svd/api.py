@@ -363,8 +363,9 @@ def _progress_factory(progress: bool | None):
 
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
 
-    def factory(name: str, total_rows: int):
-        return tqdm(total=total_rows, desc=name, unit="row", unit_scale=True, leave=False,
-                    disable=not enabled, file=sys.stderr)
+    def factory(name: str, total_bytes: int):
+        # Bytes of A, so the bar shows GB/s of the pass and its ETA.
+        return tqdm(total=total_bytes, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
+                    leave=False, disable=not enabled, file=sys.stderr)
 
     return factory

@@ -35,9 +35,9 @@ ProgressFactory = Callable[[str, int], "ProgressBar"]
 
 
 class ProgressBar:
-    """Interface of a progress bar: ``update(rows)`` and ``close()``."""
+    """Interface of a progress bar: ``update(nbytes)`` and ``close()``."""
 
-    def update(self, rows: int) -> None: ...
+    def update(self, nbytes: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -64,13 +64,13 @@ class PassContext:
 
     def read(self, name: str):
         """Yield (index, start, block) over all blocks, timing the pass and showing progress."""
-        bar = self.progress(name, self.source.shape[0])
+        bar = self.progress(name, self.source.nbytes)
         began = time.perf_counter()
         try:
             stream = prefetch_blocks(self.source, self.blocks, self.prefetch_depth)
-            for index, (start, stop, block) in enumerate(stream):
+            for index, (start, _, block) in enumerate(stream):
                 yield index, start, block
-                bar.update(stop - start)
+                bar.update(block.nbytes)
         finally:
             bar.close()
         self.records.append(

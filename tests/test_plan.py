@@ -1,0 +1,59 @@
+"""The planner: pure functions of shapes and sizes."""
+
+import numpy as np
+import pytest
+
+from ooc_svd.errors import InputError, PlanError
+from ooc_svd.plan import group_chunks, make_plan, parse_bytes
+from ooc_svd.sources.dense import regular_boundaries
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), ("1.5gb", 1.5e9), ("100", 100),
+     (10**9, 10**9), ("64 KiB", 65536)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_group_chunks_keeps_whole_chunks():
+    regular = regular_boundaries(1050, 100)
+    assert group_chunks(regular, 250) == ((0, 200), (200, 400), (400, 600), (600, 800),
+                                          (800, 1000), (1000, 1050))
+    assert group_chunks(regular, 10) == tuple((s, min(s + 100, 1050)) for s in range(0, 1050, 100))
+    irregular = np.array([0, 30, 100, 110, 300, 320])
+    assert group_chunks(irregular, 100) == ((0, 100), (100, 110), (110, 300), (300, 320))
+
+
+def plan(shape=(4_000_000, 256), k=20, niter=2, method="auto", limit=10**9, chunk=50_000):
+    return make_plan(shape, 4, regular_boundaries(shape[0], chunk), k, 10, niter, method, limit)
+
+
+def test_auto_explains_its_choice():
+    wide = plan(shape=(500_000, 8192), chunk=5_000)
+    assert wide.method == "randomized" and "8192 > 4096" in wide.reason
+    narrow = plan(shape=(1_000_000, 16), k=5, niter=4)
+    assert narrow.method == "exact" and "exact ~" in narrow.reason
+    assert narrow.passes == 2
+    tall = plan(k=20, niter=2)
+    assert "randomized ~" in tall.reason and "exact ~" in tall.reason  # both predictions
+    assert plan(method="randomized", niter=3).passes == 4
+    assert "3 passes" in plan(method="randomized").describe()
+
+
+def test_peak_fits_the_limit_and_read_ahead_shrinks_before_failing():
+    roomy = plan(method="randomized", limit=10**9)
+    assert roomy.prefetch_depth == 2 and roomy.predicted_peak_bytes <= 10**9
+    tight = plan(method="randomized", limit=250 * 10**6)
+    assert tight.prefetch_depth == 1 and tight.predicted_peak_bytes <= 250 * 10**6
+    assert all(stop - start == 50_000 for start, stop in tight.blocks[:-1])
+
+
+def test_refusals_give_the_numbers():
+    with pytest.raises(PlanError, match=r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"):
+        plan(method="randomized", limit=100 * 10**6)
+    with pytest.raises(PlanError, match=r"working set alone needs [0-9.]+ MB .*l=30"):
+        plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)
+    with pytest.raises(InputError, match="n=8192 exceeds 4096"):
+        plan(shape=(100_000, 8192), method="exact")
