@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .centering import Centering
-from .engine import Factors, exact_svd, randomized_svd
+from .engine import Factors, exact_svd, gram_svd, randomized_svd
 from .errors import InputError
 from .kernels.cpu import blas_threads
 from .passes import PassContext, PassRecord
@@ -51,6 +51,10 @@ class SVDResult:
     seconds_per_pass : list of float
     numerical_rank : int
         Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.
+    method : str
+        The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
+        not the planned one).
+    note : str
     plan : Plan
         The method, blocks and memory chosen, with the reason (``plan.describe()``).
     store : zarr.Group or None
@@ -67,6 +71,8 @@ class SVDResult:
     bytes_read: int
     seconds_per_pass: list[float]
     numerical_rank: int
+    method: str
+    note: str
     plan: Plan
     seed: int
     store: Any = None
@@ -117,9 +123,16 @@ def svd(
         mean is computed in the first pass.
     mean : array_like of shape (n,) or (1, n), optional
         A mean to subtract instead of the computed one (torch's ``M``).
-    method : {'auto', 'randomized', 'exact'}, default='auto'
-        'exact' factors A = QR by TSQR and needs an n x n R (n <= 4096); 'auto' picks the
-        cheaper one by a cost model and says why in ``result.plan.reason``.
+    method : {'auto', 'randomized', 'exact', 'gram'}, default='auto'
+        'randomized': niter + 1 reads, sampling error as in Halko et al.
+        'exact': TSQR of A (an n x n R, n <= 4096) and a second read for U; singular values
+        accurate to eps * sigma_1.
+        'gram': G = A^T A by dsyrk, its eigendecomposition, and a second read for U; the
+        fastest for small n, with sigma_j accurate to eps * sigma_1^2 / sigma_j (squared
+        conditioning; below float32 data's own rounding for sigma_j > 1e-8 sigma_1).
+        'auto' picks the cheapest by a cost model and says why in ``result.plan.reason``;
+        when it picks 'gram' and the spectrum is too ill-conditioned for it, it finishes with
+        'exact' (one more read) and says so in ``result.note``.
     seed : int, default=0
         Seed of the counter-based generator of the test matrix; the same seed gives the
         same result for any chunking or block size.
@@ -239,6 +252,10 @@ def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, 
         with blas_threads(reader_threads):
             if plan.method == "exact":
                 factors = exact_svd(context, plan, store_u)
+            elif plan.method == "gram":
+                # Chosen by "auto": may fall back to exact on an ill-conditioned spectrum.
+                fallback_eps = _data_eps(source.dtype) if method == "auto" else None
+                factors = gram_svd(context, plan, store_u, fallback_eps)
             else:
                 factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
     except BaseException:
@@ -271,6 +288,8 @@ def _assemble(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
         bytes_read=sum(record.bytes_read for record in records),
         seconds_per_pass=[record.seconds for record in records],
         numerical_rank=factors.numerical_rank,
+        method=factors.method,
+        note=factors.note,
         plan=plan,
         seed=seed,
         records=records,
@@ -291,8 +310,9 @@ def _provenance(result: SVDResult, source: DenseSource, seconds: float) -> dict[
             "k": plan.k,
             "basis_size": plan.basis_size,
             "niter": plan.niter,
-            "method": plan.method,
+            "method": result.method,
             "reason": plan.reason,
+            "note": result.note,
             "centered": result.mean is not None,
             "seed": result.seed,
             "passes": result.passes,
@@ -349,6 +369,11 @@ def _make_centering(n: int, center: bool, mean: Any) -> Centering:
     if mean.dtype.kind not in "biuf" or not np.all(np.isfinite(mean)):
         raise InputError("mean must be real and finite")
     return Centering(n, "given", mean)
+
+
+def _data_eps(dtype: np.dtype) -> float:
+    """The rounding unit of the data: its own precision limits any method's accuracy."""
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
 
 
 def _result_dtype(dtype: np.dtype) -> np.dtype:

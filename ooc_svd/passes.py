@@ -3,6 +3,7 @@
 - ``fused_power_pass``: Z = A^T (A X) in one read (Y_i = A_i X, Z += A_i^T Y_i).
 - ``tsqr_final_pass``: streaming TSQR of Y = A X with B = Q^T A, spilling the Q_i.
 - ``tsqr_r_pass``: R of A itself (exact mode).
+- ``gram_pass``: G = A^T A (gram mode).
 - ``product_pass``: U_i = A_i W for given W, written block by block (exact mode's U).
 
 All products are of the shifted matrix A - 1 shift^T (see ``centering``).
@@ -23,6 +24,7 @@ from .kernels.cpu import (
     SubBlocks,
     block_times,
     check_finite,
+    gram_block,
     power_block,
     transposed_block_times,
     widen_shift_rows,
@@ -181,6 +183,25 @@ def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> n
     return scipy.linalg.qr(
         stack[: r_acc + count], mode="r", overwrite_a=True, check_finite=False
     )[0][: min(r_acc + count, stack.shape[1])]
+
+
+def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:
+    """G = (A - 1 mu^T)^T (A - 1 mu^T), (n, n) float64, symmetric, in one read of A."""
+    n = context.source.shape[1]
+    G = np.zeros((n, n), order="F")
+    stats = BlockStats.zeros(n)
+    subs = SubBlocks(n)
+    shift = None
+    for _, start, block in context.read("gram pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        gram_block(block, start, shift, G, stats, subs)
+    G = np.triu(G) + np.triu(G, 1).T
+    d = context.centering.offset(shift, stats)
+    if d is not None:
+        G -= stats.rows * np.outer(d, d)
+    context.centering.finish_pass(shift, stats)
+    return G, stats, shift
 
 
 def product_pass(

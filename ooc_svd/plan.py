@@ -15,15 +15,18 @@ import numpy as np
 from .errors import InputError, PlanError
 from .kernels.cpu import SUB_BLOCK_BYTES
 
-# Throughputs of the cost model, per node (two cores). They rank the methods; they do not
-# promise times. Decoded bytes/s of a zstd-compressed store read with two threads, and
-# flop/s of float64 GEMM and of Householder QR on tall blocks.
+# Throughputs of the cost model, measured on a two-core node (benchmarks/RESULTS.md). They
+# rank the methods; they do not promise times. Decoded bytes/s of a zstd-compressed store;
+# flop/s of the skinny float64 GEMMs of the fused products (n x l, l ~ 30), of dsyrk, and
+# of Householder QR on tall blocks.
 READ_BYTES_PER_S = 400e6
-GEMM_FLOPS_PER_S = 30e9
+GEMM_FLOPS_PER_S = 12e9
+SYRK_FLOPS_PER_S = 30e9
 QR_FLOPS_PER_S = 8e9
 
-# Exact mode keeps an n x n R and factors (n + rows) x n stacks: beyond this width the
-# randomized method is always cheaper.
+METHODS = ("exact", "gram", "randomized")  # in order of preference when costs tie
+# The exact and gram methods keep n x n factors: beyond this width the randomized method
+# is always cheaper.
 MAX_EXACT_COLUMNS = 4096
 # Blocks read ahead of the one being computed, by as many reader threads: two keep both
 # cores decoding. Plans fall back to one when two blocks in flight do not fit the limit.
@@ -53,7 +56,7 @@ class Plan:
     k: int
     basis_size: int  # l = k + oversample, capped by min(m, n)
     niter: int
-    method: str  # "randomized" or "exact"
+    method: str  # one of METHODS
     reason: str
     blocks: tuple[tuple[int, int], ...]
     prefetch_depth: int  # blocks read ahead of the one being computed
@@ -63,8 +66,8 @@ class Plan:
 
     @property
     def passes(self) -> int:
-        """Reads of A: q + 1 for the randomized method, 2 for the exact one."""
-        return 2 if self.method == "exact" else self.niter + 1
+        """Reads of A: q + 1 for the randomized method, 2 for exact and gram."""
+        return self.niter + 1 if self.method == "randomized" else 2
 
     @property
     def block_rows(self) -> int:
@@ -99,8 +102,9 @@ def make_plan(
     m, n = shape
     l = min(k + oversample, m, n)
     costs = {
+        "exact": _two_pass_seconds(m, n, itemsize, k, 2.5 * m * n * n / QR_FLOPS_PER_S),
+        "gram": _two_pass_seconds(m, n, itemsize, k, m * n * n / SYRK_FLOPS_PER_S),
         "randomized": _randomized_seconds(m, n, itemsize, k, l, niter),
-        "exact": _exact_seconds(m, n, itemsize, k),
     }
     method, reason = _choose_method(method, n, costs)
     fixed = _fixed_bytes(n, l, method)
@@ -169,6 +173,9 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
         # R, its SVD factors, and the stacked sub-block with LAPACK's Fortran-ordered copy.
         stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
         return 8 * (3 * (n + 1) ** 2 + 2 * (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
+    if method == "gram":
+        # G, its symmetrized copy, the eigenvectors and eigh's workspace.
+        return 8 * 4 * n * n + SUB_BLOCK_BYTES
     # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
     return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
 
@@ -180,23 +187,24 @@ def _randomized_seconds(m: int, n: int, itemsize: int, k: int, l: int, niter: in
     return read + gemm + qr_and_sweep
 
 
-def _exact_seconds(m: int, n: int, itemsize: int, k: int) -> float:
+def _two_pass_seconds(m: int, n: int, itemsize: int, k: int, factor_seconds: float) -> float:
+    """A pass that factors A (TSQR or Gram), then a pass for U = A V S^-1."""
     read = 2 * m * n * itemsize / READ_BYTES_PER_S
-    return read + 2.5 * m * n * n / QR_FLOPS_PER_S + 2 * m * n * k / GEMM_FLOPS_PER_S
+    return read + factor_seconds + 2 * m * n * k / GEMM_FLOPS_PER_S
 
 
 def _choose_method(method: str, n: int, costs: dict[str, float]) -> tuple[str, str]:
     predicted = ", ".join(f"{name} ~{seconds:.3g} s" for name, seconds in costs.items())
-    if method in ("randomized", "exact"):
-        if method == "exact" and n > MAX_EXACT_COLUMNS:
-            raise InputError(
-                f"method='exact' needs an n x n factor; n={n} exceeds {MAX_EXACT_COLUMNS}"
-            )
-        return method, f"method={method!r} was requested (cost model: {predicted})"
+    if method not in (*METHODS, "auto"):
+        choices = ", ".join(repr(name) for name in ("auto", *METHODS))
+        raise InputError(f"method must be one of {choices}, not {method!r}")
+    if method in ("exact", "gram") and n > MAX_EXACT_COLUMNS:
+        raise InputError(
+            f"method={method!r} needs an n x n factor; n={n} exceeds {MAX_EXACT_COLUMNS}"
+        )
     if method != "auto":
-        raise InputError(f"method must be 'auto', 'randomized' or 'exact', not {method!r}")
+        return method, f"method={method!r} was requested (cost model: {predicted})"
     if n > MAX_EXACT_COLUMNS:
-        return "randomized", f"n={n} > {MAX_EXACT_COLUMNS} rules out the exact n x n factor"
-    if costs["exact"] <= costs["randomized"]:
-        return "exact", f"exact is no dearer than randomized and has no sampling error ({predicted})"
-    return "randomized", f"randomized is cheaper ({predicted})"
+        return "randomized", f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor"
+    best = min(METHODS, key=costs.__getitem__)
+    return best, f"{best} is the cheapest by the cost model ({predicted})"

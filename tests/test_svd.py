@@ -28,7 +28,27 @@ RANDOMIZED = {
 }
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact"])
+def error_bounds(method, spectrum, dtype, S_exact, rank):
+    """Per-method bounds: on |S - S_exact| (absolute, per value), on ||U^T U - I||, and on
+    the reconstruction error beyond the optimal one (as a factor, plus a floor / ||A||)."""
+    eps = np.finfo(dtype).eps
+    sigma_1 = S_exact[0]
+    if method == "randomized":
+        allowed = RANDOMIZED[spectrum]
+        values = 100 * eps * sigma_1 + allowed["values"] * S_exact
+        return values, 50 * eps, allowed["excess"], 100 * eps
+    # U = A V S^-1: orthonormal to about eps * sigma_1 / sigma_j (exact), and to
+    # eps64 * (sigma_1 / sigma_j)^2 when V comes from A^T A (gram).
+    condition = sigma_1 / S_exact[rank - 1]
+    if method == "exact":
+        return 100 * eps * sigma_1, 50 * eps * condition, 1e-10, 100 * eps
+    eps64 = np.finfo(np.float64).eps
+    squared = np.minimum(eps64 * sigma_1**2 / np.maximum(S_exact, 1e-300), np.sqrt(eps64) * sigma_1)
+    values = 100 * np.maximum(squared, eps * sigma_1)
+    return values, 50 * max(eps64 * condition**2, eps), 1e-10, 100 * np.sqrt(eps64)
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact", "gram"])
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_matches_exact_svd(zarr_matrix, block_rows, method, spectrum, dtype):
@@ -36,30 +56,26 @@ def test_matches_exact_svd(zarr_matrix, block_rows, method, spectrum, dtype):
     block_rows(128, N, np.dtype(dtype).itemsize)
     A = naive.matrix_with_spectrum(M, N, singular_values, dtype=dtype, seed=7)
     result = ooc_svd.svd(zarr_matrix(A, chunk_rows=64), k, method=method, memory_limit="16MB")
-    assert result.plan.method == method and len(result.plan.blocks) > 1
+    assert result.plan.method == result.method == method and len(result.plan.blocks) > 1
     A64 = A.astype(np.float64)
     _, S_exact, _ = naive.truncated_svd(A64, k)
-    eps = np.finfo(dtype).eps
     U, S, V = (np.asarray(x, dtype=np.float64) for x in result)
     assert U.shape == (M, k) and S.shape == (k,) and V.shape == (N, k)
     assert result.U.dtype == dtype and result.S.dtype == dtype
 
     rank = result.numerical_rank
+    values, orthogonality, excess, floor = error_bounds(method, spectrum, dtype, S_exact, rank)
+    eps = np.finfo(dtype).eps
     np.testing.assert_allclose(V.T @ V, np.eye(k), atol=50 * eps)
-    # Exact mode's U = A V S^-1 is orthonormal to eps * sigma_1 / sigma_j in column j.
-    condition = S_exact[0] / S_exact[rank - 1] if method == "exact" else 1.0
-    np.testing.assert_allclose(U[:, :rank].T @ U[:, :rank], np.eye(rank), atol=50 * eps * condition)
-    # Singular values to eps * sigma_1 absolutely, plus the sampling error if randomized.
-    allowed = {"values": 0.0, "excess": 1e-10} if method == "exact" else RANDOMIZED[spectrum]
-    np.testing.assert_allclose(S, S_exact, atol=100 * eps * S_exact[0], rtol=allowed["values"])
+    np.testing.assert_allclose(U[:, :rank].T @ U[:, :rank], np.eye(rank), atol=orthogonality)
+    assert np.all(np.abs(S - S_exact) <= values)
 
     optimal = np.sqrt(np.sum(np.linalg.svd(A64, compute_uv=False)[k:] ** 2))
     error = np.linalg.norm(A64 - (U * S) @ V.T)
-    floor = 100 * eps * np.linalg.norm(A64)
-    assert error <= optimal * (1 + allowed["excess"]) + floor
+    assert error <= optimal * (1 + excess) + floor * np.linalg.norm(A64)
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact"])
+@pytest.mark.parametrize("method", ["randomized", "exact", "gram"])
 @pytest.mark.parametrize("niter", [0, 2])
 @pytest.mark.parametrize("mean_given", [False, True])
 def test_centered_equals_svd_of_centered_matrix(
@@ -117,7 +133,7 @@ def test_seed_matters_and_power_iterations_help():
 
 def test_residual_is_the_direct_frobenius_residual():
     A = naive.matrix_with_spectrum(300, 50, 1.0 / np.arange(1, 51), seed=6)
-    for method in ("randomized", "exact"):
+    for method in ("randomized", "exact", "gram"):
         result = ooc_svd.svd(A, 5, method=method)
         direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
         assert result.residual == pytest.approx(direct, rel=1e-8)
@@ -139,3 +155,18 @@ def test_rank_deficient_exact_mode_reports_rank():
     np.testing.assert_allclose(result.S[:3], [5, 3, 1], rtol=1e-12)
     assert np.all(result.S[3:] < 1e-12)
     np.testing.assert_allclose(result.U[:, :3].T @ result.U[:, :3], np.eye(3), atol=1e-12)
+
+
+def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
+    spectrum = np.r_[np.logspace(0, -9, 8), np.zeros(32)]
+    A = naive.matrix_with_spectrum(2000, 40, spectrum, seed=10)
+    result = ooc_svd.svd(A, 8)
+    assert result.plan.method == "gram"
+    assert result.method == "exact" and "switched to the exact method" in result.note
+    assert result.passes == 3
+    np.testing.assert_allclose(result.S, spectrum[:8], rtol=1e-6)
+    # The same spectrum in float32 data is within the gram method's reach.
+    result = ooc_svd.svd(A.astype(np.float32), 8)
+    assert result.method == "gram" and result.passes == 2 and result.note == ""
+    well_conditioned = ooc_svd.svd(naive.matrix_with_spectrum(2000, 40, np.logspace(0, -2, 40)), 8)
+    assert well_conditioned.method == "gram" and well_conditioned.passes == 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from scipy.linalg.blas import dgemm
+from scipy.linalg.blas import dgemm, dsyrk
 
 from ..errors import NonFiniteError
 
@@ -150,6 +150,24 @@ def power_block(
     """
     for _, _, sub in subs.sweep(block, first_row, shift, stats):
         accumulate_transposed_product(sub, sub_times(sub, X), Z)
+
+
+def gram_block(
+    block: np.ndarray,
+    first_row: int,
+    shift: np.ndarray,
+    G: np.ndarray,
+    stats: BlockStats,
+    subs: SubBlocks,
+) -> None:
+    """Upper triangle of G += A_s^T A_s for one row block (dsyrk, in place).
+
+    G : (n, n) float64 F-order; only its upper triangle is meaningful.
+    """
+    for _, _, sub in subs.sweep(block, first_row, shift, stats):
+        result = dsyrk(1.0, sub.T, beta=1.0, c=G, overwrite_c=1)
+        if result is not G:  # dsyrk copies only if G is not Fortran-ordered float64
+            G[...] = result
 
 
 def block_times(
