@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__
 from .centering import Centering
+from .checkpoint import Checkpoint
 from .engine import Factors, exact_svd, gram_svd, randomized_svd
 from .errors import InputError
 from .kernels.cpu import blas_threads
@@ -98,6 +99,8 @@ def svd(
     overwrite: bool = False,
     progress: bool | None = None,
     scratch_dir: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
@@ -149,6 +152,12 @@ def svd(
     scratch_dir : str, optional
         Directory for the spilled Q factors (m x (l + 1) float64); the system's temporary
         directory by default.
+    checkpoint : str or os.PathLike, optional
+        Directory for the state after each complete pass (n x l or n x n arrays). By default
+        ``OUT.checkpoint`` when ``out`` is given, none otherwise. Removed on success.
+    resume : bool, default=False
+        Continue from the checkpoint of a killed run with the same input and parameters,
+        skipping its completed passes; the result equals an uninterrupted run's.
 
     Returns
     -------
@@ -178,7 +187,7 @@ def svd(
     if k >= min(m, n):
         raise InputError(f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}")
     return _run(source, k, oversample, niter, center, mean, method, seed, memory_limit, out,
-                overwrite, progress, scratch_dir)
+                overwrite, progress, scratch_dir, checkpoint, resume)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
@@ -205,7 +214,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     q = 6 if q is None else _check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-    result = _run(source, q, 0, niter, False, M, "auto", 0, None, None, False, None, None)
+    result = _run(source, q, 0, niter, False, M, "auto", 0, None, None, False, None, None, None,
+                  False)
     return result.U, result.S, result.V
 
 
@@ -221,12 +231,13 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     q = min(6, m, n) if q is None else _check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-    result = _run(source, q, 0, niter, center, None, "auto", 0, None, None, False, None, None)
+    result = _run(source, q, 0, niter, center, None, "auto", 0, None, None, False, None, None,
+                  None, False)
     return result.U, result.S, result.V
 
 
 def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, memory_limit,
-         out, overwrite, progress, scratch_dir) -> SVDResult:
+         out, overwrite, progress, scratch_dir, checkpoint, resume) -> SVDResult:
     m, n = source.shape
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
@@ -243,8 +254,17 @@ def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, 
     def store_u(start: int, rows: np.ndarray) -> None:
         U[start : start + rows.shape[0]] = rows
 
+    if checkpoint is None and out_path is not None:
+        checkpoint = f"{out_path}.checkpoint"
+    fingerprint = {
+        "input": source.description, "shape": [m, n], "dtype": str(source.dtype), "k": k,
+        "oversample": oversample, "niter": niter, "method": method, "seed": seed,
+        "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
+    }
+    saved = Checkpoint(None if checkpoint is None else os.fspath(checkpoint), fingerprint, resume)
     context = PassContext(
-        source, plan.blocks, plan.prefetch_depth, centering, _progress_factory(progress), []
+        source, plan.blocks, plan.prefetch_depth, centering, _progress_factory(progress), [],
+        saved,
     )
     began = time.perf_counter()
     reader_threads = plan.prefetch_depth if source.decodes else 0
@@ -258,11 +278,14 @@ def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, 
                 factors = gram_svd(context, plan, store_u, fallback_eps)
             else:
                 factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
-    except BaseException:
+    except BaseException as error:
         if writer:
             writer.abort()
+        if isinstance(error, InputError):
+            saved.remove()  # bad data: nothing to resume
         raise
     result = _assemble(U, factors, centering, plan, seed, context.records)
+    saved.remove()
     if writer:
         result.store = writer.finish(
             {"S": result.S, "V": result.V} | ({} if result.mean is None else {"mean": result.mean}),

@@ -26,6 +26,14 @@ class Centering:
         self.mode = mode
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float64).ravel()
 
+    def fingerprint(self) -> str | None:
+        """A digest of a given mean, so a checkpoint is not resumed with another one."""
+        if self.mode != "given":
+            return None
+        import hashlib
+
+        return hashlib.sha256(self.mean.tobytes()).hexdigest()
+
     @property
     def mean_known(self) -> bool:
         return self.mode != "mean" or self.mean is not None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .kernels.cpu import BlockStats
 from .passes import (
     PassContext,
     fused_power_pass,
@@ -59,9 +60,11 @@ def randomized_svd(
     """Top-k SVD of A - 1 mu^T by randomized subspace iteration in plan.niter + 1 passes."""
     n = context.source.shape[1]
     X = gaussian_test_matrix(n, plan.basis_size, seed)
-    for _ in range(plan.niter):
-        Z, _ = fused_power_pass(context, X)
-        X = orthonormal_columns(Z)
+    for j in range(plan.niter):
+        state = context.resumable(
+            f"power{j}", lambda X=X: {"X": orthonormal_columns(fused_power_pass(context, X)[0])}
+        )
+        X = np.asfortranarray(state["X"])
     with QSpill(scratch_dir) as spill:
         final = tsqr_final_pass(context, X, spill)
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
@@ -84,8 +87,9 @@ def exact_svd(context: PassContext, plan: Plan, store_u: RowSink) -> Factors:
     Singular values are accurate to about eps * sigma_1 (Householder stability); U is
     orthonormal to about eps * sigma_1 / sigma_j in column j.
     """
-    R, stats, shift = tsqr_r_pass(context)
-    _, S_all, Vt = scipy.linalg.svd(R, full_matrices=False)
+    state = context.resumable("tsqr", lambda: _factor_state(*tsqr_r_pass(context)))
+    stats, shift = _stats_of(state)
+    _, S_all, Vt = scipy.linalg.svd(state["factor"], full_matrices=False)
     rank = numerical_rank(S_all[: plan.k], context.source.shape)
     return _left_vectors_by_product(
         context, plan, S_all, Vt.T, rank, stats, shift, store_u, "exact"
@@ -108,8 +112,9 @@ def gram_svd(
     ill-conditioned for G (see ``gram_is_accurate``) switches to the exact method, at the
     cost of one more pass, and says so in ``Factors.note``.
     """
-    G, stats, shift = gram_pass(context)
-    eigenvalues, eigenvectors = scipy.linalg.eigh(G, overwrite_a=True, check_finite=False)
+    state = context.resumable("gram", lambda: _factor_state(*gram_pass(context)))
+    stats, shift = _stats_of(state)
+    eigenvalues, eigenvectors = scipy.linalg.eigh(state["factor"], check_finite=False)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
     if fallback_eps is not None and not gram_is_accurate(eigenvalues, plan.k, fallback_eps):
         ratio = np.sqrt(max(eigenvalues[plan.k - 1], 0.0) / eigenvalues[0])
@@ -125,6 +130,17 @@ def gram_svd(
     return _left_vectors_by_product(
         context, plan, S_all, eigenvectors, rank, stats, shift, store_u, "gram"
     )
+
+
+def _factor_state(factor: np.ndarray, stats: BlockStats, shift: np.ndarray) -> dict:
+    """What a factoring pass leaves for the rest of the run, as arrays to checkpoint."""
+    return {"factor": factor, "colsum": stats.colsum, "sumsq": stats.sumsq,
+            "rows": stats.rows, "shift": shift}
+
+
+def _stats_of(state: dict) -> tuple[BlockStats, np.ndarray]:
+    stats = BlockStats(state["colsum"], float(state["sumsq"]), int(state["rows"]))
+    return stats, state["shift"]
 
 
 def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float) -> bool:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 
 from .centering import Centering
+from .checkpoint import Checkpoint
 from .kernels.cpu import (
     BlockStats,
     SubBlocks,
@@ -63,6 +65,26 @@ class PassContext:
     centering: Centering
     progress: ProgressFactory
     records: list[PassRecord]
+    checkpoint: Checkpoint
+
+    def resumable(self, name: str, run_pass: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The state after pass ``name``: from the checkpoint if that pass completed before,
+        else by running it (``run_pass`` returns its state) and saving the state."""
+        saved = self.checkpoint.load(name)
+        if saved is not None:
+            if "mean" in saved:
+                self.centering.mean = saved["mean"]
+            self.records.append(
+                PassRecord(f"{name} (resumed)", float(saved["seconds"]), int(saved["bytes_read"]))
+            )
+            return saved
+        state = run_pass()
+        record = self.records[-1]
+        extra = {"seconds": record.seconds, "bytes_read": record.bytes_read}
+        if self.centering.mode == "mean":
+            extra["mean"] = self.centering.mean
+        self.checkpoint.save(name, state | extra)
+        return state
 
     def read(self, name: str):
         """Yield (index, start, block) over all blocks, timing the pass and showing progress."""

@@ -69,7 +69,9 @@ class ResultWriter:
         import zarr
 
         self.final_path = out
-        self.partial_path = f"{out}.partial-{uuid.uuid4().hex[:8]}"
+        # A fixed name: a run killed before its rename leaves it, and the next run replaces it.
+        self.partial_path = f"{out}.partial"
+        shutil.rmtree(self.partial_path, ignore_errors=True)
         self.group = zarr.open_group(self.partial_path, mode="w")
         self.U = self.group.create_array(
             "U", shape=(m, k), chunks=(max(min(rows_per_chunk, m), 1), k), dtype=dtype

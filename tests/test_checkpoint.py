@@ -1,0 +1,63 @@
+"""Checkpoints after each pass, and resuming a run that died."""
+
+import numpy as np
+import pytest
+
+import naive
+import ooc_svd
+import ooc_svd.engine
+from ooc_svd import InputError
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing handles it."""
+
+
+def die(*args, **kwargs):
+    raise Killed
+
+
+@pytest.mark.parametrize(
+    ("method", "dies_in", "resumed"),
+    [
+        ("randomized", "tsqr_final_pass", 2),  # both power passes are kept
+        ("gram", "product_pass", 1),  # G is kept
+        ("exact", "product_pass", 1),  # R is kept
+    ],
+)
+def test_resume_skips_completed_passes_and_gives_the_same_result(
+    tmp_path, monkeypatch, method, dies_in, resumed
+):
+    A = naive.matrix_with_spectrum(500, 30, 1.0 / np.arange(1, 31), seed=2) + 3.0
+    out = str(tmp_path / "result.zarr")
+    reference = ooc_svd.svd(A, 4, method=method, center=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, dies_in, die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 4, method=method, center=True, out=out)
+    assert not (tmp_path / "result.zarr").exists()
+    assert (tmp_path / "result.zarr.checkpoint").is_dir()
+
+    result = ooc_svd.svd(A, 4, method=method, center=True, out=out, resume=True)
+    assert [r.name.endswith("(resumed)") for r in result.records].count(True) == resumed
+    assert result.passes == reference.passes
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+    np.testing.assert_allclose(result.V, reference.V, atol=1e-12)
+    np.testing.assert_allclose(result.U[:], reference.U, atol=1e-12)
+    np.testing.assert_allclose(result.mean, reference.mean, rtol=1e-14)
+    assert not (tmp_path / "result.zarr.checkpoint").exists()
+
+
+def test_resume_with_other_parameters_is_refused(tmp_path, monkeypatch):
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 3, method="randomized", out=out)
+    with pytest.raises(InputError, match="different k, seed"):
+        ooc_svd.svd(A, 4, method="randomized", out=out, resume=True, seed=5)
+    # Without resume the stale checkpoint is replaced.
+    result = ooc_svd.svd(A, 4, method="randomized", out=out)
+    assert not any(r.name.endswith("(resumed)") for r in result.records)
