@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from .api import SVDResult, pca_lowrank, svd, svd_lowrank  # noqa: E402
+from .api import SVDResult, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
     NonFiniteError,
@@ -31,4 +31,5 @@ __all__ = [
     "pca_lowrank",
     "svd",
     "svd_lowrank",
+    "svd_plan",
 ]

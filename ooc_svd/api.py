@@ -17,7 +17,7 @@ from . import __version__
 from .centering import Centering
 from .checkpoint import Checkpoint
 from .engine import Factors, exact_svd, gram_svd, randomized_svd
-from .errors import InputError
+from .errors import InputError, OOCSVDError
 from .kernels.cpu import blas_threads
 from .passes import PassContext, PassRecord
 from .plan import DEFAULT_MEMORY_LIMIT, Plan, make_plan, parse_bytes
@@ -190,6 +190,36 @@ def svd(
                 overwrite, progress, scratch_dir, checkpoint, resume)
 
 
+def svd_plan(
+    A: Any,
+    k: int,
+    *,
+    oversample: int = 10,
+    niter: int = 2,
+    method: str = "auto",
+    memory_limit: int | str | None = None,
+) -> Plan:
+    """The plan :func:`svd` would follow, without reading any data.
+
+    Same arguments as :func:`svd`; raises the same errors for them (a memory limit too
+    small, k out of range, ...). ``plan.describe()`` says what the run would do and why.
+    """
+    source = open_dense_source(A)
+    m, n = _check_matrix(source)
+    k = _check_int("k", k, minimum=1)
+    if k >= min(m, n):
+        raise InputError(f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}")
+    return _plan(source, k, oversample, niter, method, memory_limit)
+
+
+def _plan(source: DenseSource, k, oversample, niter, method, memory_limit) -> Plan:
+    oversample = _check_int("oversample", oversample, minimum=0)
+    niter = _check_int("niter", niter, minimum=0)
+    limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
+    return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k, oversample,
+                     niter, method, limit)
+
+
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     """torch.svd_lowrank's semantics out of core: ``U, S, V`` of A - M, q triplets.
 
@@ -239,14 +269,19 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
 def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, memory_limit,
          out, overwrite, progress, scratch_dir, checkpoint, resume) -> SVDResult:
     m, n = source.shape
-    oversample = _check_int("oversample", oversample, minimum=0)
-    niter = _check_int("niter", niter, minimum=0)
     seed = _check_int("seed", seed, minimum=0)
     centering = _make_centering(n, center, mean)
-    limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
-    plan = make_plan((m, n), source.dtype.itemsize, source.chunk_rows, k, oversample, niter,
-                     method, limit)
+    plan = _plan(source, k, oversample, niter, method, memory_limit)
     out_path = None if out is None else check_output_path(out, overwrite)
+    if checkpoint is None and out_path is not None:
+        checkpoint = f"{out_path}.checkpoint"
+    fingerprint = {
+        "input": source.description, "shape": [m, n], "dtype": str(source.dtype), "k": k,
+        "basis_size": plan.basis_size, "niter": plan.niter, "method": method, "seed": seed,
+        "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
+    }
+    saved = Checkpoint(None if checkpoint is None else os.fspath(checkpoint), fingerprint, resume)
+
     dtype = _result_dtype(source.dtype)
     writer = None if out_path is None else ResultWriter(out_path, m, k, n, dtype, plan.block_rows)
     U = writer.U if writer else np.empty((m, k), dtype=dtype)
@@ -254,45 +289,43 @@ def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, 
     def store_u(start: int, rows: np.ndarray) -> None:
         U[start : start + rows.shape[0]] = rows
 
-    if checkpoint is None and out_path is not None:
-        checkpoint = f"{out_path}.checkpoint"
-    fingerprint = {
-        "input": source.description, "shape": [m, n], "dtype": str(source.dtype), "k": k,
-        "oversample": oversample, "niter": niter, "method": method, "seed": seed,
-        "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
-    }
-    saved = Checkpoint(None if checkpoint is None else os.fspath(checkpoint), fingerprint, resume)
     context = PassContext(
         source, plan.blocks, plan.prefetch_depth, centering, _progress_factory(progress), [],
         saved,
     )
     began = time.perf_counter()
-    reader_threads = plan.prefetch_depth if source.decodes else 0
     try:
-        with blas_threads(reader_threads):
-            if plan.method == "exact":
-                factors = exact_svd(context, plan, store_u)
-            elif plan.method == "gram":
-                # Chosen by "auto": may fall back to exact on an ill-conditioned spectrum.
-                fallback_eps = _data_eps(source.dtype) if method == "auto" else None
-                factors = gram_svd(context, plan, store_u, fallback_eps)
-            else:
-                factors = randomized_svd(context, plan, seed, store_u, scratch_dir)
+        factors = _compute(context, plan, method, seed, store_u, scratch_dir)
     except BaseException as error:
         if writer:
             writer.abort()
-        if isinstance(error, InputError):
-            saved.remove()  # bad data: nothing to resume
+        if isinstance(error, OOCSVDError):
+            saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
     result = _assemble(U, factors, centering, plan, seed, context.records)
-    saved.remove()
     if writer:
         result.store = writer.finish(
             {"S": result.S, "V": result.V} | ({} if result.mean is None else {"mean": result.mean}),
             _provenance(result, source, time.perf_counter() - began),
         )
         result.U = result.store["U"]
+    saved.remove()
     return result
+
+
+def _compute(context: PassContext, plan: Plan, requested: str, seed: int, store_u,
+             scratch_dir: str | None) -> Factors:
+    """Run the planned method, with BLAS leaving a core to each decompressing reader."""
+    source = context.source
+    with blas_threads(plan.prefetch_depth if source.decodes else 0):
+        if plan.method == "exact":
+            return exact_svd(context, plan, store_u)
+        if plan.method == "gram":
+            # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
+            # spectrum; a requested one does what was asked.
+            fallback_eps = _data_eps(source.dtype) if requested == "auto" else None
+            return gram_svd(context, plan, store_u, fallback_eps)
+        return randomized_svd(context, plan, seed, store_u, scratch_dir)
 
 
 def _assemble(U, factors: Factors, centering: Centering, plan: Plan, seed: int,

@@ -55,7 +55,9 @@ def check_output_path(out: str | os.PathLike, overwrite: bool) -> str:
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"output {path!r} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(
+            f"output {path!r} exists; pass overwrite=True (--overwrite) to replace it"
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"the directory of the output {path!r} does not exist")

@@ -40,6 +40,25 @@ class DenseSource:
     decodes: bool = True  # reading costs CPU (decompression), competing with the kernels
 
     @property
+    def kind(self) -> str:
+        """The input's format, for reports: 'zarr v3', 'zarr v2', 'npy', 'numpy', 'dask'."""
+        if self.compute_slice:
+            return "dask"
+        if isinstance(self.array, np.memmap) or self.description.endswith(".npy"):
+            return "npy"
+        if isinstance(self.array, np.ndarray):
+            return "numpy"
+        return f"zarr v{self.array.metadata.zarr_format}"
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """Storage chunk shape, when the input has one."""
+        chunks = getattr(self.array, "chunks", None)
+        if chunks is None or self.compute_slice:
+            return None
+        return tuple(int(c) for c in chunks)
+
+    @property
     def shape(self) -> tuple[int, int]:
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
 
@@ -129,6 +148,8 @@ def _open_path(path: str) -> DenseSource:
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
         raise StoreNotFoundError(f"no such file or store: {path!r}")
+    if path.endswith(".npz"):
+        return _open_npz(path)
     if path.endswith(".npy"):
         try:
             array = np.load(path, mmap_mode="r")
@@ -152,6 +173,27 @@ def _open_path(path: str) -> DenseSource:
             "pass the array's path, e.g. store.zarr/X"
         )
     return _zarr_source(node, path)
+
+
+def _open_npz(path: str) -> DenseSource:
+    """A .npz holding one dense array (``np.savez``), loaded into memory: npz members
+    cannot be memory-mapped. A scipy.sparse .npz is refused with the reason."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: {exc}") from exc
+    with archive:
+        names = list(archive.files)
+        if "indptr" in names and "format" in names:
+            raise InputError(
+                f"{path!r} is a scipy.sparse .npz; sparse matrices are not supported yet"
+            )
+        if len(names) != 1:
+            raise InputError(f"{path!r} holds {len(names)} arrays ({names}); one is needed")
+        array = archive[names[0]]
+    return DenseSource(
+        array, in_memory_boundaries(array.shape, array.itemsize), path, decodes=False
+    )
 
 
 def _zarr_source(array: Any, description: str) -> DenseSource:

@@ -1,0 +1,212 @@
+"""The ``ooc-svd`` command: a thin layer over the library for cluster nodes.
+
+Exit codes: 0 success; 2 bad usage or bad input (a one-line message, no traceback);
+1 an unexpected failure (with its traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import OOCSVDError
+
+
+class InputFailure(click.ClickException):
+    """A problem with the input or the arguments: exit code 2, one line on stderr."""
+
+    exit_code = 2
+
+
+def user_errors(command):
+    """Turn the library's own errors into exit code 2 with their one-line message."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OOCSVDError as error:
+            raise InputFailure(str(error)) from None
+
+    return wrapper
+
+
+def plan_options(command):
+    """Options shared by ``run`` and ``info``: what decides the plan."""
+    options = [
+        click.option("--k", "k", type=int, required=True, help="Number of singular triplets."),
+        click.option("--niter", type=int, default=2, show_default=True,
+                     help="Power iterations (one read of A each, randomized method)."),
+        click.option("--oversample", type=int, default=10, show_default=True,
+                     help="Extra basis vectors: l = k + oversample."),
+        click.option("--method", type=click.Choice(["auto", "randomized", "exact", "gram"]),
+                     default="auto", show_default=True, help="Algorithm; auto uses a cost model."),
+        click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where the kernels run."),
+        click.option("--memory-limit", default="1GB", show_default=True,
+                     help="Bound on the working set, e.g. 512MB, 4GB."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def check_backend(backend: str) -> None:
+    if backend == "cuda":
+        raise InputFailure(
+            "the cuda backend is not available in this version of ooc_svd; use --backend cpu"
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ooc-svd")
+def main() -> None:
+    """Truncated SVD and PCA of matrices too large for memory, in q + 1 reads."""
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@plan_options
+@click.option("--out", required=True, help="Output zarr group (U, S, V, mean, attributes).")
+@click.option("--center", is_flag=True, help="Subtract the column mean (PCA).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
+@click.option("--scratch-dir", default=None, help="Where Q factors are spilled.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@user_errors
+def run(input_path, k, niter, oversample, method, backend, memory_limit, out, center, seed,
+        overwrite, resume, scratch_dir, quiet, progress, as_json) -> None:
+    """Compute the top-k SVD of INPUT (a zarr array, .npy or .npz) into OUT."""
+    from .api import svd
+
+    check_backend(backend)
+    result = svd(
+        input_path, k, oversample=oversample, niter=niter, center=center, method=method,
+        seed=seed, memory_limit=memory_limit, out=out, overwrite=overwrite,
+        progress=False if quiet else (True if progress else None), scratch_dir=scratch_dir,
+        resume=resume,
+    )
+    summary = {
+        "out": out,
+        "method": result.method,
+        "note": result.note,
+        "passes": result.passes,
+        "resumed_passes": sum(r.name.endswith("(resumed)") for r in result.records),
+        "seconds_per_pass": result.seconds_per_pass,
+        "bytes_read": result.bytes_read,
+        "residual": result.residual,
+        "S": [float(s) for s in result.S],
+        "plan": result.plan.describe(),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        click.echo(result.plan.describe())
+        click.echo(f"{result.passes} passes ({summary['resumed_passes']} resumed), "
+                   f"residual {result.residual:.3e}; wrote {out}")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@plan_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@user_errors
+def info(input_path, k, niter, oversample, method, backend, memory_limit, as_json) -> None:
+    """Describe INPUT and the plan of a run on it, without reading its data."""
+    from .api import svd_plan
+    from .sources import open_dense_source
+
+    check_backend(backend)
+    source = open_dense_source(input_path)
+    plan = svd_plan(input_path, k, oversample=oversample, niter=niter, method=method,
+                    memory_limit=memory_limit)
+    report = {
+        "input": input_path,
+        "format": source.kind,
+        "shape": list(source.shape),
+        "dtype": str(source.dtype),
+        "chunks": source.chunks,
+        "bytes_raw": source.nbytes,
+        "bytes_stored": source.stored_bytes,
+        "method": plan.method,
+        "reason": plan.reason,
+        "passes": plan.passes,
+        "block_rows": plan.block_rows,
+        "blocks": len(plan.blocks),
+        "prefetch_depth": plan.prefetch_depth,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "memory_limit": plan.memory_limit,
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    stored = "unknown" if source.stored_bytes is None else f"{source.stored_bytes / 1e9:.3f} GB"
+    click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
+               f"{source.dtype}, chunks {source.chunks}, {source.nbytes / 1e9:.3f} GB raw, "
+               f"{stored} stored")
+    click.echo(plan.describe())
+
+
+@main.command()
+@click.argument("out")
+@click.option("--shape", type=int, nargs=2, required=True, metavar="M N")
+@click.option("--rank", type=int, default=None, help="Rank (default: full).")
+@click.option("--decay", type=float, default=0.1, show_default=True,
+              help="Singular values exp(-decay * j).")
+@click.option("--density", type=float, default=None, help="Sparse matrices: fraction nonzero.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--chunk", "chunk_rows", type=int, default=50_000, show_default=True,
+              help="Rows per chunk.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def generate(out, shape, rank, decay, density, dtype, chunk_rows, seed, overwrite) -> None:
+    """Write a synthetic matrix with a known spectrum to OUT, block by block."""
+    from .synthetic import write_dense_matrix
+
+    if density is not None:
+        raise InputFailure("sparse generation (--density) needs the CSR format, not available yet")
+    if os.path.exists(out) and not overwrite:
+        raise InputFailure(f"{out!r} exists; pass --overwrite to replace it")
+    if min(shape) < 1 or chunk_rows < 1:
+        raise InputFailure(f"--shape {shape[0]} {shape[1]} and --chunk {chunk_rows} must be >= 1")
+    write_dense_matrix(out, tuple(shape), rank=rank, decay=decay, dtype=dtype,
+                       chunk_rows=chunk_rows, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of {chunk_rows} rows")
+
+
+@main.command()
+@click.argument("result_path", metavar="RESULT")
+@click.argument("input_path", metavar="[INPUT]", required=False)
+@click.option("--samples", type=int, default=8, show_default=True,
+              help="Row blocks of INPUT sampled for the residual estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@user_errors
+def check(result_path, input_path, samples, as_json) -> None:
+    """Verify a result store: orthonormal U and V, and (with INPUT) a sampled residual.
+
+    Exits 1 when U or V is not orthonormal to the precision of its dtype.
+    """
+    from .verify import verify_result
+
+    report = verify_result(result_path, input_path, samples)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key}: {value}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Checks of a result store: orthonormality of U and V, and a sampled residual."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, StoreNotFoundError
+from .sources import open_dense_source
+
+
+def verify_result(result_path: str, input_path: str | None = None, samples: int = 8,
+                  seed: int = 0) -> dict[str, Any]:
+    """Measure how orthonormal U and V are; with the input, estimate the residual on
+    ``samples`` randomly chosen storage chunks of rows.
+
+    U is read chunk by chunk, so a U larger than memory is fine. ``ok`` is False when
+    ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
+    U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(result_path, mode="r")
+        U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
+    except (FileNotFoundError, KeyError) as exc:
+        raise StoreNotFoundError(f"{result_path!r} is not an ooc_svd result store: {exc}") from exc
+    attributes = dict(group.attrs.get("ooc_svd", {}))
+    m, k = U.shape
+    rank = int(attributes.get("numerical_rank", k))
+    rows = U.chunks[0]
+    gram = np.zeros((k, k))
+    for start in range(0, m, rows):
+        block = U[start : start + rows].astype(np.float64)
+        gram += block.T @ block
+    eps = float(np.finfo(U.dtype).eps)
+    tolerance = float(10 * np.sqrt(m) * eps + 100 * eps)
+    u_error = float(np.max(np.abs(gram[:rank, :rank] - np.eye(rank)), initial=0.0))
+    v_error = float(np.max(np.abs(V.T @ V - np.eye(k)), initial=0.0))
+    report: dict[str, Any] = {
+        "result": result_path,
+        "shape": [m, V.shape[0]],
+        "k": k,
+        "method": attributes.get("method"),
+        "stored_residual": attributes.get("residual"),
+        "u_orthonormality_error": u_error,
+        "v_orthonormality_error": v_error,
+        "tolerance": tolerance,
+        "ok": bool(u_error <= tolerance and v_error <= tolerance),
+    }
+    if input_path is not None:
+        mean = group["mean"][:].astype(np.float64) if "mean" in group else None
+        report |= sampled_residual(input_path, U, S, V, mean, samples, seed)
+    return report
+
+
+def sampled_residual(input_path, U, S, V, mean, samples, seed) -> dict[str, Any]:
+    """||A - 1 mu^T - U S V^T||_F / ||A - 1 mu^T||_F estimated on sampled chunks of rows."""
+    source = open_dense_source(input_path)
+    if source.shape != (U.shape[0], V.shape[0]):
+        raise InputError(
+            f"input shape {source.shape} does not match the result's {(U.shape[0], V.shape[0])}"
+        )
+    boundaries = source.chunk_rows
+    chosen = np.random.default_rng(seed).permutation(len(boundaries) - 1)[:samples]
+    residual2 = norm2 = 0.0
+    sampled_rows = 0
+    SVt = S[:, None] * V.T
+    for index in np.sort(chosen):
+        start, stop = int(boundaries[index]), int(boundaries[index + 1])
+        block = source.read(start, stop).astype(np.float64)
+        if mean is not None:
+            block -= mean
+        difference = block - U[start:stop].astype(np.float64) @ SVt
+        residual2 += float(np.sum(difference * difference))
+        norm2 += float(np.sum(block * block))
+        sampled_rows += stop - start
+    return {
+        "sampled_rows": sampled_rows,
+        "sampled_residual": float(np.sqrt(residual2 / norm2)) if norm2 > 0 else 0.0,
+    }

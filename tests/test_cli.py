@@ -1,0 +1,143 @@
+"""The ooc-svd command, run in subprocesses on generated stores."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import ooc_svd
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "ooc-svd")
+
+
+def ooc_svd_command(*args, check=True):
+    done = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}: {done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "A.zarr"
+    ooc_svd_command("generate", path, "--shape", 30000, 40, "--rank", 25, "--decay", 0.2,
+                    "--chunk", 3000, "--seed", 4)
+    return str(path)
+
+
+def test_console_script_is_installed():
+    assert os.access(SCRIPT, os.X_OK)
+    assert "generate" in ooc_svd_command("--help").stdout
+
+
+@pytest.mark.parametrize("command", ["run", "info", "generate", "check"])
+def test_every_subcommand_has_help(command):
+    assert "Usage: ooc-svd " + command in ooc_svd_command(command, "--help").stdout
+
+
+def test_generate_info_run_check_match_the_api(store, tmp_path):
+    attributes = zarr.open_array(store, mode="r").attrs["ooc_svd_synthetic"]
+    assert attributes["rank"] == 25 and len(attributes["singular_values"]) == 25
+
+    info = json.loads(ooc_svd_command("info", store, "--k", 5, "--method", "randomized",
+                                      "--json").stdout)
+    assert info["format"] == "zarr v3" and info["shape"] == [30000, 40]
+    assert info["chunks"] == [3000, 40] and info["passes"] == 3 and info["bytes_raw"] == 4800000
+
+    out = tmp_path / "result.zarr"
+    done = ooc_svd_command("run", store, "--k", 5, "--out", out, "--center", "--method",
+                           "randomized", "--seed", 3, "--json")
+    summary = json.loads(done.stdout)
+    assert summary["passes"] == 3 and summary["method"] == "randomized"
+    assert done.stderr == ""  # no bar: stderr is not a terminal
+    expected = ooc_svd.svd(store, 5, center=True, method="randomized", seed=3)
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_allclose(group["S"][:], expected.S, rtol=1e-6)
+    np.testing.assert_allclose(group["U"][:], expected.U, atol=1e-6)
+    np.testing.assert_allclose(group["V"][:], expected.V, atol=1e-6)
+    assert group.attrs["ooc_svd"]["residual"] == pytest.approx(summary["residual"])
+
+    report = json.loads(ooc_svd_command("check", out, store, "--samples", 10, "--json").stdout)
+    assert report["ok"] and report["sampled_rows"] == 30000
+    assert report["sampled_residual"] == pytest.approx(summary["residual"], rel=1e-4)
+
+
+def test_progress_bar_only_when_asked(store, tmp_path):
+    done = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "r.zarr", "--progress")
+    assert "pass" in done.stderr and "B/s" in done.stderr
+    quiet = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "q.zarr", "--quiet")
+    assert quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_sigkill_then_resume_gives_the_same_result(store, tmp_path):
+    args = ["run", store, "--k", 4, "--method", "randomized", "--niter", 8, "--center",
+            "--memory-limit", "8MB", "--quiet"]
+    reference = tmp_path / "reference.zarr"
+    ooc_svd_command(*args, "--out", reference)
+
+    out = tmp_path / "result.zarr"
+    checkpoint = tmp_path / "result.zarr.checkpoint" / "power0.npz"
+    process = subprocess.Popen([SCRIPT, *map(str, args), "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()
+
+    done = ooc_svd_command(*args, "--out", out, "--resume", "--json")
+    assert json.loads(done.stdout)["resumed_passes"] >= 1
+    got, expected = zarr.open_group(str(out), mode="r"), zarr.open_group(str(reference), mode="r")
+    for name in ("U", "S", "V", "mean"):
+        np.testing.assert_allclose(got[name][:], expected[name][:], rtol=1e-6, atol=1e-7)
+    assert sorted(os.listdir(tmp_path)) == ["reference.zarr", "result.zarr"]
+
+
+def test_existing_out_is_refused_and_untouched(store, tmp_path):
+    out = tmp_path / "result.zarr"
+    ooc_svd_command("run", store, "--k", 2, "--out", out, "--quiet")
+    before = zarr.open_group(str(out), mode="r")["S"][:]
+    done = ooc_svd_command("run", store, "--k", 3, "--out", out, check=False)
+    assert done.returncode == 2 and "exists" in done.stderr and "--overwrite" in done.stderr
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["S"][:], before)
+
+
+def bad_inputs(tmp_path, store):
+    """(name, INPUT, extra args, message) for inputs that must give exit code 2."""
+    nan_store = tmp_path / "nan.zarr"
+    array = zarr.create_array(str(nan_store), shape=(400, 6), chunks=(100, 6), dtype="f8")
+    data = np.ones((400, 6))
+    data[250, 3] = np.nan
+    array[:] = data
+    corrupt = tmp_path / "corrupt.zarr"
+    array = zarr.create_array(str(corrupt), shape=(400, 6), chunks=(100, 6), dtype="f8")
+    array[:] = np.random.default_rng(0).standard_normal((400, 6))
+    with open(corrupt / "c" / "1" / "0", "r+b") as file:
+        file.truncate(10)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a matrix")
+    return [
+        ("missing store", tmp_path / "absent.zarr", [], "no such file or store"),
+        ("k too large", store, ["--k", 40], "k=40 must be smaller than min(m, n) = 40"),
+        ("NaN", nan_store, ["--memory-limit", "3MB"], "NaN or Inf in rows"),
+        ("corrupt chunk", corrupt, ["--memory-limit", "3MB"], "chunk of rows [100, 200)"),
+        ("wrong format", text, [], "cannot open"),
+        ("cuda backend", store, ["--backend", "cuda"], "cuda backend is not available"),
+    ]
+
+
+def test_bad_inputs_exit_2_with_a_message_and_no_output(store, tmp_path):
+    for name, input_path, extra, message in bad_inputs(tmp_path, store):
+        out = tmp_path / "out.zarr"
+        done = ooc_svd_command("run", input_path, "--k", 2, *extra, "--out", out, check=False)
+        assert done.returncode == 2, (name, done.stderr)
+        assert message in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir()), name
