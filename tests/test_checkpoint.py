@@ -56,7 +56,7 @@ def test_resume_with_other_parameters_is_refused(tmp_path, monkeypatch):
         patch.setattr(ooc_svd.engine, "tsqr_final_pass", die)
         with pytest.raises(Killed):
             ooc_svd.svd(A, 3, method="randomized", out=out)
-    with pytest.raises(InputError, match="different k, seed"):
+    with pytest.raises(InputError, match="different basis_size, k, seed"):
         ooc_svd.svd(A, 4, method="randomized", out=out, resume=True, seed=5)
     # Without resume the stale checkpoint is replaced.
     result = ooc_svd.svd(A, 4, method="randomized", out=out)
