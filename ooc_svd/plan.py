@@ -79,9 +79,11 @@ class Plan:
 
     def describe(self) -> str:
         m, n = self.shape
+        basis = (
+            f", basis l={self.basis_size}, niter={self.niter}" if self.method == "randomized" else ""
+        )
         return (
-            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}, basis l={self.basis_size}, "
-            f"niter={self.niter}: {self.passes} passes reading "
+            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {self.passes} passes reading "
             f"{self.passes * self.bytes_per_pass / 1e9:.3g} GB, {len(self.blocks)} blocks of "
             f"up to {self.block_rows} rows read {self.prefetch_depth} ahead, predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
             f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
