@@ -7,7 +7,16 @@
 
 __version__ = "0.1.0"
 
-from .api import SVDResult, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
+from .api import (  # noqa: E402
+    SVDResult,
+    low_rank_factors,
+    pca_lowrank,
+    rank_for_energy,
+    svd,
+    svd_lowrank,
+    svd_plan,
+)
+from .accuracy import LowRankFactors  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
     NonFiniteError,
@@ -20,6 +29,7 @@ from .errors import (  # noqa: E402
 
 __all__ = [
     "InputError",
+    "LowRankFactors",
     "NonFiniteError",
     "OOCSVDError",
     "OutputExistsError",
@@ -28,7 +38,9 @@ __all__ = [
     "SVDResult",
     "StoreNotFoundError",
     "__version__",
+    "low_rank_factors",
     "pca_lowrank",
+    "rank_for_energy",
     "svd",
     "svd_lowrank",
     "svd_plan",

@@ -14,15 +14,26 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .accuracy import LowRankFactors, spectral_residual_estimate
 from .centering import Centering
 from .checkpoint import Checkpoint
-from .engine import Factors, exact_svd, gram_svd, randomized_svd
+from .engine import (
+    Factors,
+    RankRule,
+    adaptive_randomized_svd,
+    exact_svd,
+    fixed_rank,
+    gram_svd,
+    randomized_svd,
+    rank_above,
+    rank_for_tolerance,
+)
 from .errors import InputError, OOCSVDError
 from .kernels.cpu import blas_threads
 from .passes import PassContext, PassRecord
-from .plan import DEFAULT_MEMORY_LIMIT, Plan, make_plan, parse_bytes
+from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .sources import DenseSource, open_dense_source
-from .store import ResultWriter, check_output_path
+from .store import LeftVectors, ResultWriter, check_output_path
 
 
 @dataclass
@@ -60,6 +71,8 @@ class SVDResult:
         The method, blocks and memory chosen, with the reason (``plan.describe()``).
     store : zarr.Group or None
         The output group when ``out`` was given.
+    spectral_error : float or None
+        Estimate of ||A - 1 mu^T - U diag(S) V^T||_2, when ``spectral_iters`` was given.
     """
 
     U: Any
@@ -77,17 +90,73 @@ class SVDResult:
     plan: Plan
     seed: int
     store: Any = None
+    spectral_error: float | None = None
     records: list[PassRecord] = field(default_factory=list, repr=False)
 
     def __iter__(self):
         """Unpack as ``U, S, V = result``."""
         return iter((self.U, self.S, self.V))
 
+    @property
+    def rank(self) -> int:
+        """Number of triplets returned (k, or the rank reached in fixed-accuracy mode)."""
+        return int(self.S.size)
+
+    @property
+    def explained_variance(self) -> np.ndarray:
+        """S**2 / (m - 1): the variance along each principal direction (for PCA results)."""
+        return self.S.astype(np.float64) ** 2 / max(self.plan.shape[0] - 1, 1)
+
+    @property
+    def explained_variance_ratio(self) -> np.ndarray:
+        """Fraction of ||A - 1 mu^T||_F^2 (the total variance, for PCA) along each direction.
+
+        The total is exact, from the pass over A, not from the k values computed.
+        """
+        total = self.frobenius_norm**2
+        return self.S.astype(np.float64) ** 2 / total if total > 0 else np.zeros(self.rank)
+
+    def rank_for_energy(self, fraction: float) -> int:
+        """The smallest rank r whose triplets hold ``fraction`` of ||A - 1 mu^T||_F^2.
+
+        Raises InputError when the computed triplets hold less; compute with
+        ``tol=sqrt(1 - fraction)`` to get that rank directly.
+        """
+        return rank_for_energy(self.S, self.frobenius_norm**2, fraction)
+
+
+def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
+    """Smallest r with sum(S[:r]**2) >= fraction * total_energy.
+
+    Parameters
+    ----------
+    S : array_like of shape (k,)
+        Singular values, descending.
+    total_energy : float
+        ||A||_F^2 (the sum of all squared singular values, not only the k given).
+    fraction : float
+        Energy to keep, 0 < fraction <= 1 (e.g. 0.99).
+    """
+    if not 0 < fraction <= 1:
+        raise InputError(f"fraction must be in (0, 1], not {fraction!r}")
+    energy = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    # A relative slack of a few ulps, so fraction=1 is reached by a complete spectrum.
+    reached = np.flatnonzero(energy >= fraction * total_energy * (1 - 1e-12))
+    if reached.size == 0:
+        held = energy[-1] / total_energy if total_energy > 0 and energy.size else 0.0
+        raise InputError(
+            f"the {energy.size} singular values hold {held:.4%} of the energy, less than "
+            f"{fraction:.4%}; recompute with tol={np.sqrt(1 - fraction):.3g} to find the rank"
+        )
+    return int(reached[0]) + 1
+
 
 def svd(
     A: Any,
-    k: int,
+    k: int | None = None,
     *,
+    tol: float | None = None,
+    max_rank: int | None = None,
     oversample: int = 10,
     niter: int = 2,
     center: bool = False,
@@ -101,6 +170,8 @@ def svd(
     scratch_dir: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    spectral_iters: int = 0,
+    write_factors: bool = False,
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
@@ -115,8 +186,16 @@ def svd(
         The matrix: in memory, a ``.npy`` path, a zarr array or the path/URL of a zarr array
         (formats 2 and 3), or a dask array (its blocks are read one slice at a time, no
         scheduler needed). It is opened read-only and never modified.
-    k : int
-        Number of singular triplets, 1 <= k < min(m, n).
+    k : int, optional
+        Number of singular triplets, 1 <= k < min(m, n). Give k or ``tol``.
+    tol : float, optional
+        Fixed-accuracy mode: return the smallest rank whose relative Frobenius residual
+        ||A - U S V^T||_F / ||A||_F is at most tol (0 < tol < 1). The exact and gram methods
+        find it from the full spectrum in their two reads; the randomized method grows its
+        basis by blocks of 32 columns, each costing niter + 1 reads, until the (exact, free)
+        residual of the basis is below tol, then makes one final read.
+    max_rank : int, optional
+        Cap on the rank in fixed-accuracy mode; min(m, n) by default.
     oversample : int, default=10
         Extra basis vectors: the basis has l = k + oversample columns.
     niter : int, default=2
@@ -158,6 +237,12 @@ def svd(
     resume : bool, default=False
         Continue from the checkpoint of a killed run with the same input and parameters,
         skipping its completed passes; the result equals an uninterrupted run's.
+        (The fixed-accuracy randomized method checkpoints nothing yet.)
+    spectral_iters : int, default=0
+        Estimate ||A - U S V^T||_2 by this many power iterations on the residual, each one
+        more read of A and of U (about 5 give a few percent); ``result.spectral_error``.
+    write_factors : bool, default=False
+        With ``out``, also write the low-rank factors B = U diag(S) (m x k) and A = V^T.
 
     Returns
     -------
@@ -183,17 +268,21 @@ def svd(
     """
     source = open_dense_source(A)
     m, n = _check_matrix(source)
-    k = _check_int("k", k, minimum=1)
-    if k >= min(m, n):
-        raise InputError(f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}")
-    return _run(source, k, oversample, niter, center, mean, method, seed, memory_limit, out,
-                overwrite, progress, scratch_dir, checkpoint, resume)
+    k, rule = _rank_request(k, tol, max_rank, m, n)
+    request = _Request(
+        k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
+        overwrite, progress, scratch_dir, checkpoint, resume,
+        _check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
+    )
+    return _run(source, request)
 
 
 def svd_plan(
     A: Any,
-    k: int,
+    k: int | None = None,
     *,
+    tol: float | None = None,
+    max_rank: int | None = None,
     oversample: int = 10,
     niter: int = 2,
     method: str = "auto",
@@ -206,18 +295,18 @@ def svd_plan(
     """
     source = open_dense_source(A)
     m, n = _check_matrix(source)
-    k = _check_int("k", k, minimum=1)
-    if k >= min(m, n):
-        raise InputError(f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}")
-    return _plan(source, k, oversample, niter, method, memory_limit)
+    k, _ = _rank_request(k, tol, max_rank, m, n)
+    return _plan(source, k, oversample, niter, method, memory_limit, tol is not None)
 
 
-def _plan(source: DenseSource, k, oversample, niter, method, memory_limit) -> Plan:
+def _plan(source: DenseSource, k, oversample, niter, method, memory_limit,
+          fixed_accuracy: bool = False) -> Plan:
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
-    return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k, oversample,
-                     niter, method, limit)
+    return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k,
+                     0 if fixed_accuracy else oversample, niter, method, limit,
+                     fixed_accuracy=fixed_accuracy)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
@@ -244,8 +333,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     q = 6 if q is None else _check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-    result = _run(source, q, 0, niter, False, M, "auto", 0, None, None, False, None, None, None,
-                  False)
+    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=M))
     return result.U, result.S, result.V
 
 
@@ -261,71 +349,193 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     q = min(6, m, n) if q is None else _check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-    result = _run(source, q, 0, niter, center, None, "auto", 0, None, None, False, None, None,
-                  None, False)
+    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center))
     return result.U, result.S, result.V
 
 
-def _run(source: DenseSource, k, oversample, niter, center, mean, method, seed, memory_limit,
-         out, overwrite, progress, scratch_dir, checkpoint, resume) -> SVDResult:
+@dataclass
+class _Request:
+    """A validated-later description of a run, shared by the public entry points."""
+
+    k: int  # the rank to plan for: k, or max_rank in fixed-accuracy mode
+    rank_rule: RankRule
+    tol: float | None = None
+    oversample: int = 10
+    niter: int = 2
+    center: bool = False
+    mean: Any = None
+    method: str = "auto"
+    seed: int = 0
+    memory_limit: int | str | None = None
+    out: str | os.PathLike | None = None
+    overwrite: bool = False
+    progress: bool | None = None
+    scratch_dir: str | None = None
+    checkpoint: str | os.PathLike | None = None
+    resume: bool = False
+    spectral_iters: int = 0
+    write_factors: bool = False
+
+
+def low_rank_factors(
+    W: Any,
+    rank: int | None = None,
+    rtol: float | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    memory_limit: int | str | None = None,
+) -> LowRankFactors:
+    """Factor W (m x n) as B @ A with B = U_r diag(S_r) (m x r) and A = V_r^T (r x n).
+
+    The rank follows numpy.linalg.matrix_rank when not given: singular values above
+    rtol * S_max, with rtol = max(m, n) * eps of W's dtype by default. The SVD is exact
+    (TSQR, two reads of W), so the rank is that of the matrix to working precision: a
+    10 x 10 matrix of rank 2 becomes 10 x 2 and 2 x 10 factors, 100 parameters 40.
+
+    Parameters
+    ----------
+    W : as A in :func:`svd`, of shape (m, n); min(m, n) <= 4096 (for a store, n <= 4096)
+    rank : int, optional
+        The rank to keep, 1 <= rank <= min(m, n).
+    rtol : float, optional
+        Relative threshold on the singular values; not with ``rank``.
+    out : str or os.PathLike, optional
+        A zarr group for a W too large for memory: U, S, V and the factors B and A are
+        written there, and B is returned as the zarr array.
+    overwrite, memory_limit
+        As in :func:`svd`.
+
+    Returns
+    -------
+    LowRankFactors
+        B, A, the rank, the parameter counts before (m n) and after (r (m + n)), and the
+        relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
+    """
+    source = open_dense_source(W)
+    m, n = _check_matrix(source)
+    if n > MAX_EXACT_COLUMNS and m <= MAX_EXACT_COLUMNS and not source.decodes and out is None:
+        # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
+        factors = low_rank_factors(np.asarray(source.array).T, rank, rtol,
+                                   memory_limit=memory_limit)
+        return LowRankFactors(np.ascontiguousarray(factors.A.T), np.ascontiguousarray(factors.B.T),
+                              factors.rank, factors.parameters_before, factors.parameters_after,
+                              factors.relative_error)
+    if rank is not None and rtol is not None:
+        raise InputError("give rank or rtol, not both")
+    if rank is not None:
+        rank = _check_int("rank", rank, minimum=1)
+        if rank > min(m, n):
+            raise InputError(f"rank={rank} exceeds min(m, n) = {min(m, n)}")
+        rule = fixed_rank(rank)
+    else:
+        eps = np.finfo(source.dtype if source.dtype.kind == "f" else np.float64).eps
+        rule = rank_above(max(m, n) * eps if rtol is None else float(rtol))
+    request = _Request(min(m, n), rule, oversample=0, method="exact", memory_limit=memory_limit,
+                       out=out, overwrite=overwrite, write_factors=out is not None)
+    result = _run(source, request)
+    r = result.rank
+    B = result.store["B"] if out is not None else np.asarray(result.U) * result.S
+    return LowRankFactors(B, np.ascontiguousarray(result.V.T), r, m * n, r * (m + n),
+                          result.residual)
+
+
+def _run(source: DenseSource, request: _Request) -> SVDResult:
     m, n = source.shape
-    seed = _check_int("seed", seed, minimum=0)
-    centering = _make_centering(n, center, mean)
-    plan = _plan(source, k, oversample, niter, method, memory_limit)
-    out_path = None if out is None else check_output_path(out, overwrite)
+    seed = _check_int("seed", request.seed, minimum=0)
+    centering = _make_centering(n, request.center, request.mean)
+    plan = _plan(source, request.k, request.oversample, request.niter, request.method,
+                 request.memory_limit, request.tol is not None)
+    out_path = None if request.out is None else check_output_path(request.out, request.overwrite)
+    checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
     fingerprint = {
-        "input": source.description, "shape": [m, n], "dtype": str(source.dtype), "k": k,
-        "basis_size": plan.basis_size, "niter": plan.niter, "method": method, "seed": seed,
+        "input": source.description, "shape": [m, n], "dtype": str(source.dtype),
+        "k": request.k, "tol": request.tol, "basis_size": plan.basis_size,
+        "niter": plan.niter, "method": request.method, "seed": seed,
         "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
     }
-    saved = Checkpoint(None if checkpoint is None else os.fspath(checkpoint), fingerprint, resume)
-
-    dtype = _result_dtype(source.dtype)
-    writer = None if out_path is None else ResultWriter(out_path, m, k, n, dtype, plan.block_rows)
-    U = writer.U if writer else np.empty((m, k), dtype=dtype)
-
-    def store_u(start: int, rows: np.ndarray) -> None:
-        U[start : start + rows.shape[0]] = rows
-
+    saved = Checkpoint(
+        None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
+    )
+    writer = None if out_path is None else ResultWriter(out_path)
+    left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
-        source, plan.blocks, plan.prefetch_depth, centering, _progress_factory(progress), [],
-        saved,
+        source, plan.blocks, plan.prefetch_depth, centering,
+        _progress_factory(request.progress), [], saved,
     )
     began = time.perf_counter()
     try:
-        factors = _compute(context, plan, method, seed, store_u, scratch_dir)
+        factors = _compute(context, plan, request, seed, left.allocate)
     except BaseException as error:
         if writer:
             writer.abort()
         if isinstance(error, OOCSVDError):
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
-    result = _assemble(U, factors, centering, plan, seed, context.records)
+    if request.spectral_iters:
+        with blas_threads(plan.prefetch_depth if source.decodes else 0):
+            spectral = spectral_residual_estimate(
+                context, left.array, factors.S, factors.V, request.spectral_iters, seed
+            )
+    result = _assemble(left.array, factors, centering, plan, seed, context.records)
+    if request.spectral_iters:
+        result.spectral_error = spectral
     if writer:
+        arrays = {"S": result.S, "V": result.V}
+        if result.mean is not None:
+            arrays["mean"] = result.mean
+        if request.write_factors:
+            writer.write_scaled_rows("B", left.array, result.S)
+            arrays["A"] = np.ascontiguousarray(result.V.T)
         result.store = writer.finish(
-            {"S": result.S, "V": result.V} | ({} if result.mean is None else {"mean": result.mean}),
-            _provenance(result, source, time.perf_counter() - began),
+            arrays, _provenance(result, source, time.perf_counter() - began)
         )
         result.U = result.store["U"]
     saved.remove()
     return result
 
 
-def _compute(context: PassContext, plan: Plan, requested: str, seed: int, store_u,
-             scratch_dir: str | None) -> Factors:
+def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
+             allocate_u) -> Factors:
     """Run the planned method, with BLAS leaving a core to each decompressing reader."""
     source = context.source
+    rule = request.rank_rule
     with blas_threads(plan.prefetch_depth if source.decodes else 0):
         if plan.method == "exact":
-            return exact_svd(context, plan, store_u)
+            return exact_svd(context, plan, allocate_u, rule)
         if plan.method == "gram":
             # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
             # spectrum; a requested one does what was asked.
-            fallback_eps = _data_eps(source.dtype) if requested == "auto" else None
-            return gram_svd(context, plan, store_u, fallback_eps)
-        return randomized_svd(context, plan, seed, store_u, scratch_dir)
+            fallback_eps = _data_eps(source.dtype) if request.method == "auto" else None
+            return gram_svd(context, plan, allocate_u, rule, fallback_eps)
+        if request.tol is not None:
+            return adaptive_randomized_svd(
+                context, plan, seed, allocate_u, request.scratch_dir, request.tol, request.k
+            )
+        return randomized_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
+
+
+def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
+    """(rank to plan for, rank rule) from svd's k / tol / max_rank, validated."""
+    if (k is None) == (tol is None):
+        raise InputError("give either k (a rank) or tol (a relative Frobenius residual)")
+    if k is not None:
+        if max_rank is not None:
+            raise InputError("max_rank applies to the fixed-accuracy mode (tol), not to k")
+        k = _check_int("k", k, minimum=1)
+        if k >= min(m, n):
+            raise InputError(
+                f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}"
+            )
+        return k, fixed_rank(k)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+        raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")
+    max_rank = min(m, n) if max_rank is None else _check_int("max_rank", max_rank, minimum=1)
+    if max_rank > min(m, n):
+        raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
+    return max_rank, rank_for_tolerance(float(tol), max_rank)
 
 
 def _assemble(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
@@ -378,6 +588,8 @@ def _provenance(result: SVDResult, source: DenseSource, seconds: float) -> dict[
             "residual": result.residual,
             "frobenius_norm": result.frobenius_norm,
             "numerical_rank": result.numerical_rank,
+            "rank": result.rank,
+            "spectral_error": result.spectral_error,
             "memory_limit": plan.memory_limit,
             "versions": {
                 "ooc_svd": __version__,

@@ -39,7 +39,10 @@ def user_errors(command):
 def plan_options(command):
     """Options shared by ``run`` and ``info``: what decides the plan."""
     options = [
-        click.option("--k", "k", type=int, required=True, help="Number of singular triplets."),
+        click.option("--k", "k", type=int, default=None, help="Number of singular triplets."),
+        click.option("--tol", type=float, default=None,
+                     help="Instead of --k: the smallest rank with relative residual <= TOL."),
+        click.option("--max-rank", type=int, default=None, help="Rank cap with --tol."),
         click.option("--niter", type=int, default=2, show_default=True,
                      help="Power iterations (one read of A each, randomized method)."),
         click.option("--oversample", type=int, default=10, show_default=True,
@@ -81,18 +84,27 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--factors", is_flag=True,
+              help="Also write the low-rank factors B = U diag(S) and A = V^T into OUT.")
+@click.option("--spectral-iters", type=int, default=0, show_default=True,
+              help="Estimate ||A - U S V^T||_2 with this many extra reads of A.")
 @user_errors
-def run(input_path, k, niter, oversample, method, backend, memory_limit, out, center, seed,
-        overwrite, resume, scratch_dir, quiet, progress, as_json) -> None:
-    """Compute the top-k SVD of INPUT (a zarr array, .npy or .npz) into OUT."""
+def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit, out,
+        center, seed, overwrite, resume, scratch_dir, quiet, progress, as_json, factors,
+        spectral_iters) -> None:
+    """Compute the top-k SVD of INPUT (a zarr array, .npy or .npz) into OUT.
+
+    Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
+    """
     from .api import svd
 
     check_backend(backend)
     result = svd(
-        input_path, k, oversample=oversample, niter=niter, center=center, method=method,
-        seed=seed, memory_limit=memory_limit, out=out, overwrite=overwrite,
-        progress=False if quiet else (True if progress else None), scratch_dir=scratch_dir,
-        resume=resume,
+        input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
+        center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
+        overwrite=overwrite, progress=False if quiet else (True if progress else None),
+        scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
+        write_factors=factors,
     )
     summary = {
         "out": out,
@@ -102,7 +114,9 @@ def run(input_path, k, niter, oversample, method, backend, memory_limit, out, ce
         "resumed_passes": sum(r.name.endswith("(resumed)") for r in result.records),
         "seconds_per_pass": result.seconds_per_pass,
         "bytes_read": result.bytes_read,
+        "rank": result.rank,
         "residual": result.residual,
+        "spectral_error": result.spectral_error,
         "S": [float(s) for s in result.S],
         "plan": result.plan.describe(),
     }
@@ -110,8 +124,9 @@ def run(input_path, k, niter, oversample, method, backend, memory_limit, out, ce
         click.echo(json.dumps(summary))
     elif not quiet:
         click.echo(result.plan.describe())
-        click.echo(f"{result.passes} passes ({summary['resumed_passes']} resumed), "
-                   f"residual {result.residual:.3e}; wrote {out}")
+        click.echo(f"rank {result.rank}, {result.passes} passes "
+                   f"({summary['resumed_passes']} resumed), residual {result.residual:.3e}; "
+                   f"wrote {out}")
 
 
 @main.command()
@@ -119,15 +134,16 @@ def run(input_path, k, niter, oversample, method, backend, memory_limit, out, ce
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @user_errors
-def info(input_path, k, niter, oversample, method, backend, memory_limit, as_json) -> None:
+def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit,
+         as_json) -> None:
     """Describe INPUT and the plan of a run on it, without reading its data."""
     from .api import svd_plan
     from .sources import open_dense_source
 
     check_backend(backend)
     source = open_dense_source(input_path)
-    plan = svd_plan(input_path, k, oversample=oversample, niter=niter, method=method,
-                    memory_limit=memory_limit)
+    plan = svd_plan(input_path, k, tol=tol, max_rank=max_rank, oversample=oversample,
+                    niter=niter, method=method, memory_limit=memory_limit)
     report = {
         "input": input_path,
         "format": source.kind,

@@ -1,15 +1,23 @@
-"""The two methods as sequences of passes plus the small dense algebra between them.
+"""The methods as sequences of passes plus the small dense algebra between them.
 
 randomized (Halko, Martinsson & Tropp 2011, Alg. 5.1 with subspace iteration), q + 1 reads:
     X <- Omega;  q times: X <- orth(A^T A X)           (fused power passes)
     streaming TSQR of A X with B = Q^T A              (final pass)
     B = W Sigma V^T;  U = Q W_k                       (backward sweep over the Q spill)
 
+adaptive randomized (fixed accuracy), (q + 1) reads per block of basis, plus one:
+    grow X block by block, each block iterated against the deflated operator, until
+    ||A||_F^2 - ||A X||_F^2 <= tol^2 ||A||_F^2;  then the final pass as above
+
 exact, two reads:
     A = Q R by TSQR (R only);  R = W Sigma V^T;  U = A V_k Sigma_k^-1
 
 gram, two reads:
     G = A^T A;  G = V Sigma^2 V^T;  U = A V_k Sigma_k^-1
+
+The rank returned is decided by a rank rule once the singular values and ||A||_F are known
+(a fixed k, a tolerance, or numpy.linalg.matrix_rank's threshold), and only then is U
+allocated, so U is never larger than the rank returned.
 """
 
 from __future__ import annotations
@@ -29,13 +37,14 @@ from .passes import (
     tsqr_final_pass,
     tsqr_r_pass,
 )
-from .plan import Plan
+from .plan import GROWTH_BLOCK, Plan
 from .sketch import gaussian_test_matrix
 from .store import QSpill
 from .tsqr import MergeFactors, assemble_left_vectors
 
 RowSink = Callable[[int, np.ndarray], None]
-
+AllocateU = Callable[[int], RowSink]  # rank -> where U's rows go
+RankRule = Callable[[np.ndarray, float], int]  # (singular values, ||A||_F^2) -> rank
 
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
@@ -54,8 +63,42 @@ class Factors:
     note: str = ""
 
 
+# ---- rank rules ---------------------------------------------------------------------------
+
+
+def fixed_rank(k: int) -> RankRule:
+    return lambda S, fro2: min(k, S.size)
+
+
+def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
+    """The smallest rank r whose Frobenius residual sqrt(||A||^2 - sum_{j<=r} S_j^2) is at
+    most tol * ||A||_F, capped by max_rank."""
+
+    def rule(S: np.ndarray, fro2: float) -> int:
+        residual2 = fro2 - np.cumsum(S.astype(np.float64) ** 2)
+        reached = np.flatnonzero(residual2 <= tol**2 * fro2)
+        rank = int(reached[0]) + 1 if reached.size else S.size
+        return max(1, min(rank, max_rank, S.size))
+
+    return rule
+
+
+def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
+    """numpy.linalg.matrix_rank's rule: singular values above rtol * S_max (at least 1)."""
+
+    def rule(S: np.ndarray, fro2: float) -> int:
+        rank = int(np.count_nonzero(S > rtol * S[0])) if S.size and S[0] > 0 else 0
+        return max(1, min(rank, max_rank or S.size))
+
+    return rule
+
+
+# ---- methods ------------------------------------------------------------------------------
+
+
 def randomized_svd(
-    context: PassContext, plan: Plan, seed: int, store_u: RowSink, scratch_dir: str | None
+    context: PassContext, plan: Plan, seed: int, allocate_u: AllocateU,
+    scratch_dir: str | None, rank_rule: RankRule,
 ) -> Factors:
     """Top-k SVD of A - 1 mu^T by randomized subspace iteration in plan.niter + 1 passes."""
     n = context.source.shape[1]
@@ -65,23 +108,45 @@ def randomized_svd(
             f"power{j}", lambda X=X: {"X": orthonormal_columns(fused_power_pass(context, X)[0])}
         )
         X = np.asfortranarray(state["X"])
-    with QSpill(scratch_dir) as spill:
-        final = tsqr_final_pass(context, X, spill)
-        V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
-        V, W = normalize_signs(V_all[:, : plan.k], Wt_all[: plan.k].T)
-        assemble_left_vectors(
-            final.tsqr.blocks,
-            W,
-            lambda i: spill.load("Q", i),
-            lambda i: MergeFactors(spill.load("T", i), spill.load("S", i)) if i else None,
-            lambda i, rows: store_u(plan.blocks[i][0], rows),
-        )
-    fro2 = context.centering.frobenius_squared(final.shift, final.stats)
-    rank = numerical_rank(S_all[: plan.k], context.source.shape)
-    return Factors(S_all[: plan.k], V, fro2, rank, "randomized")
+    return _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, "randomized")
 
 
-def exact_svd(context: PassContext, plan: Plan, store_u: RowSink) -> Factors:
+def adaptive_randomized_svd(
+    context: PassContext, plan: Plan, seed: int, allocate_u: AllocateU,
+    scratch_dir: str | None, tol: float, max_rank: int,
+) -> Factors:
+    """Fixed-accuracy randomized SVD: grow the basis until the residual is below tol.
+
+    In the spirit of randQB_EI (Yu, Gu & Li 2018): each block of GROWTH_BLOCK columns starts
+    from a fresh Gaussian block, is iterated q times with A^T A deflated against the basis
+    so far, and its energy ||A X_t||_F^2 = trace(X_t^T A^T A X_t) comes from one more fused
+    pass, so the residual ||A||^2 - ||A X||^2 of the projection is known exactly after each
+    block. Blocks stop at the tolerance or at max_rank columns; then the final pass factors
+    A X and the rank is the smallest that meets the tolerance.
+    """
+    n = context.source.shape[1]
+    basis = np.zeros((n, 0), order="F")
+    captured = 0.0
+    for block in range(-(-max_rank // GROWTH_BLOCK)):
+        width = min(GROWTH_BLOCK, max_rank - basis.shape[1], n - basis.shape[1])
+        if width <= 0:
+            break
+        X = _deflated_basis(gaussian_test_matrix(n, width, seed, stream=block + 1), basis)
+        for _ in range(plan.niter):
+            X = _deflated_basis(fused_power_pass(context, X)[0], basis)
+        Z, stats, shift = fused_power_pass(context, X)
+        fro2 = context.centering.frobenius_squared(shift, stats)
+        captured += float(np.sum(X * Z))
+        basis = np.asfortranarray(np.hstack([basis, X]))
+        if fro2 - captured <= tol**2 * fro2:
+            break
+    rule = rank_for_tolerance(tol, max_rank)
+    return _final_pass(context, plan, basis, allocate_u, scratch_dir, rule, "randomized")
+
+
+def exact_svd(
+    context: PassContext, plan: Plan, allocate_u: AllocateU, rank_rule: RankRule
+) -> Factors:
     """Exact top-k SVD of A - 1 mu^T: TSQR for R, the SVD of R, then U = A V S^-1.
 
     Singular values are accurate to about eps * sigma_1 (Householder stability); U is
@@ -90,14 +155,17 @@ def exact_svd(context: PassContext, plan: Plan, store_u: RowSink) -> Factors:
     state = context.resumable("tsqr", lambda: _factor_state(*tsqr_r_pass(context)))
     stats, shift = _stats_of(state)
     _, S_all, Vt = scipy.linalg.svd(state["factor"], full_matrices=False)
-    rank = numerical_rank(S_all[: plan.k], context.source.shape)
+    fro2 = context.centering.frobenius_squared(shift, stats)
+    rank = rank_rule(S_all, fro2)
+    numerical = numerical_rank(S_all[:rank], context.source.shape)
     return _left_vectors_by_product(
-        context, plan, S_all, Vt.T, rank, stats, shift, store_u, "exact"
+        context, S_all[:rank], Vt[:rank].T, numerical, fro2, allocate_u, "exact"
     )
 
 
 def gram_svd(
-    context: PassContext, plan: Plan, store_u: RowSink, fallback_eps: float | None = None
+    context: PassContext, plan: Plan, allocate_u: AllocateU, rank_rule: RankRule,
+    fallback_eps: float | None = None,
 ) -> Factors:
     """Top-k SVD of A - 1 mu^T from the eigendecomposition of G = A^T A, then U = A V S^-1.
 
@@ -116,20 +184,65 @@ def gram_svd(
     stats, shift = _stats_of(state)
     eigenvalues, eigenvectors = scipy.linalg.eigh(state["factor"], check_finite=False)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
-    if fallback_eps is not None and not gram_is_accurate(eigenvalues, plan.k, fallback_eps):
-        ratio = np.sqrt(max(eigenvalues[plan.k - 1], 0.0) / eigenvalues[0])
-        factors = exact_svd(context, plan, store_u)
+    S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
+    fro2 = context.centering.frobenius_squared(shift, stats)
+    rank = rank_rule(S_all, fro2)
+    if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps):
+        ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / eigenvalues[0])
+        factors = exact_svd(context, plan, allocate_u, rank_rule)
         factors.note = (
             f"sigma_k / sigma_1 ~ {ratio:.1e} is too small for the gram method's accuracy; "
             "switched to the exact method after its pass"
         )
         return factors
-    S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
     # Eigenvalues below rank tolerance * lambda_1 are rounding noise of G.
-    rank = numerical_rank(eigenvalues[: plan.k], context.source.shape)
+    numerical = numerical_rank(eigenvalues[:rank], context.source.shape)
     return _left_vectors_by_product(
-        context, plan, S_all, eigenvectors, rank, stats, shift, store_u, "gram"
+        context, S_all[:rank], eigenvectors[:, :rank], numerical, fro2, allocate_u, "gram"
     )
+
+
+# ---- shared steps -------------------------------------------------------------------------
+
+
+def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) -> Factors:
+    """Streaming TSQR of A X with B = Q^T A, the SVD of B, and U = Q W by the backward sweep."""
+    with QSpill(scratch_dir) as spill:
+        final = tsqr_final_pass(context, X, spill)
+        V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
+        fro2 = context.centering.frobenius_squared(final.shift, final.stats)
+        rank = rank_rule(S_all, fro2)
+        V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
+        store_u = allocate_u(rank)
+        assemble_left_vectors(
+            final.tsqr.blocks,
+            W,
+            lambda i: spill.load("Q", i),
+            lambda i: MergeFactors(spill.load("T", i), spill.load("S", i)) if i else None,
+            lambda i, rows: store_u(plan.blocks[i][0], rows),
+        )
+    numerical = numerical_rank(S_all[:rank], context.source.shape)
+    return Factors(S_all[:rank], V, fro2, numerical, method)
+
+
+def _left_vectors_by_product(context, S, V, numerical, fro2, allocate_u, method) -> Factors:
+    """Finish a two-pass method: U = (A - 1 mu^T) V S^-1 in a second read of A.
+
+    Columns beyond the numerical rank are set to zero, since A V S^-1 is undefined there.
+    """
+    V, _ = normalize_signs(V, np.zeros((0, V.shape[1])))
+    inverse = np.zeros_like(S)
+    inverse[:numerical] = 1.0 / S[:numerical]
+    product_pass(context, np.asfortranarray(V * inverse), allocate_u(S.size))
+    return Factors(S, V, fro2, numerical, method)
+
+
+def _deflated_basis(X: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """orth(X - basis basis^T X), projecting twice so the new columns are orthogonal to the
+    basis to working precision (classical Gram-Schmidt twice is enough)."""
+    for _ in range(2):
+        X = X - basis @ (basis.T @ X)
+    return orthonormal_columns(X)
 
 
 def _factor_state(factor: np.ndarray, stats: BlockStats, shift: np.ndarray) -> dict:
@@ -154,22 +267,6 @@ def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float) -> bool:
     ratio = np.sqrt(eigenvalues[0] / eigenvalues[k - 1])
     error = np.finfo(np.float64).eps * ratio**2
     return error <= max(GRAM_TOLERANCE, data_eps * ratio)
-
-
-def _left_vectors_by_product(
-    context, plan, S_all, V_all, rank, stats, shift, store_u, method
-) -> Factors:
-    """Finish a two-pass method: U = (A - 1 mu^T) V_k S_k^-1 in a second read of A.
-
-    Columns beyond the numerical rank are set to zero, since A V S^-1 is undefined there.
-    """
-    V, _ = normalize_signs(V_all[:, : plan.k], np.zeros((0, plan.k)))
-    S = S_all[: plan.k]
-    inverse = np.zeros_like(S)
-    inverse[:rank] = 1.0 / S[:rank]
-    product_pass(context, np.asfortranarray(V * inverse), store_u)
-    fro2 = context.centering.frobenius_squared(shift, stats)
-    return Factors(S, V, fro2, rank, method)
 
 
 def orthonormal_columns(Z: np.ndarray) -> np.ndarray:

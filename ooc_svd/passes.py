@@ -5,6 +5,7 @@
 - ``tsqr_r_pass``: R of A itself (exact mode).
 - ``gram_pass``: G = A^T A (gram mode).
 - ``product_pass``: U_i = A_i W for given W, written block by block (exact mode's U).
+- ``residual_power_pass``: Z = R^T R X for the residual R = A - U S V^T (error estimates).
 
 All products are of the shifted matrix A - 1 shift^T (see ``centering``).
 """
@@ -102,8 +103,13 @@ class PassContext:
         )
 
 
-def fused_power_pass(context: PassContext, X: np.ndarray) -> tuple[np.ndarray, BlockStats]:
-    """Z = (A - 1 mu^T)^T (A - 1 mu^T) X, (n, l) float64 F-order, in one read of A."""
+def fused_power_pass(
+    context: PassContext, X: np.ndarray
+) -> tuple[np.ndarray, BlockStats, np.ndarray]:
+    """Z = (A - 1 mu^T)^T (A - 1 mu^T) X, (n, l) float64 F-order, in one read of A.
+
+    Also returns the pass's totals and shift, from which ||A - 1 mu^T||_F follows.
+    """
     n, l = X.shape
     Z = np.zeros((n, l), order="F")
     stats = BlockStats.zeros(n)
@@ -115,7 +121,7 @@ def fused_power_pass(context: PassContext, X: np.ndarray) -> tuple[np.ndarray, B
         power_block(block, start, X, shift, Z, stats, subs)
     context.centering.correct_gram(Z, X, shift, stats)
     context.centering.finish_pass(shift, stats)
-    return Z, stats
+    return Z, stats, shift
 
 
 @dataclass
@@ -238,3 +244,30 @@ def product_pass(
         if shift is None:
             shift = context.centering.shift_for(block)
         store_rows(start, block_times(block, start, W, shift, stats, subs))
+
+
+def residual_power_pass(
+    context: PassContext,
+    X: np.ndarray,
+    read_u: Callable[[int, int], np.ndarray],
+    S: np.ndarray,
+    V: np.ndarray,
+) -> np.ndarray:
+    """Z = R^T R X for R = (A - 1 mu^T) - U diag(S) V^T, in one read of A and of U.
+
+    X : (n, l) float64; ``read_u(start, stop)`` gives U's rows; S : (k,); V : (n, k).
+    """
+    n, l = X.shape
+    Z = np.zeros((n, l), order="F")
+    subs = SubBlocks(n)
+    stats = BlockStats.zeros(n)
+    SVtX = S[:, None] * (V.T @ X)
+    shift = None
+    for _, start, block in context.read("residual pass"):
+        if shift is None:
+            shift = context.centering.shift_for(block)
+        U_i = np.asarray(read_u(start, start + block.shape[0]), dtype=np.float64)
+        Y = block_times(block, start, X, shift, stats, subs) - U_i @ SVtX
+        Z += transposed_block_times(block, start, Y, shift, stats, subs)
+        Z -= V @ (S[:, None] * (U_i.T @ Y))
+    return Z

@@ -24,6 +24,9 @@ GEMM_FLOPS_PER_S = 12e9
 SYRK_FLOPS_PER_S = 30e9
 QR_FLOPS_PER_S = 8e9
 
+# Columns added per step by the fixed-accuracy randomized method.
+GROWTH_BLOCK = 32
+
 METHODS = ("exact", "gram", "randomized")  # in order of preference when costs tie
 # The exact and gram methods keep n x n factors: beyond this width the randomized method
 # is always cheaper.
@@ -63,11 +66,17 @@ class Plan:
     memory_limit: int
     predicted_peak_bytes: int
     spill_bytes: int
+    growth_blocks: int = 0  # fixed-accuracy randomized: at most this many blocks of basis
 
     @property
     def passes(self) -> int:
-        """Reads of A: q + 1 for the randomized method, 2 for exact and gram."""
-        return self.niter + 1 if self.method == "randomized" else 2
+        """Reads of A: q + 1 for the randomized method, 2 for exact and gram; for the
+        fixed-accuracy randomized method, at most q + 1 per block of basis, plus one."""
+        if self.method != "randomized":
+            return 2
+        if self.growth_blocks:
+            return (self.niter + 1) * self.growth_blocks + 1
+        return self.niter + 1
 
     @property
     def block_rows(self) -> int:
@@ -79,13 +88,14 @@ class Plan:
 
     def describe(self) -> str:
         m, n = self.shape
-        basis = (
-            f", basis l={self.basis_size}, niter={self.niter}" if self.method == "randomized" else ""
-        )
+        randomized = self.method == "randomized"
+        basis = f", basis l={self.basis_size}, niter={self.niter}" if randomized else ""
+        bound = "up to " if self.growth_blocks else ""
         return (
-            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {self.passes} passes reading "
-            f"{self.passes * self.bytes_per_pass / 1e9:.3g} GB, {len(self.blocks)} blocks of "
-            f"up to {self.block_rows} rows read {self.prefetch_depth} ahead, predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
+            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {bound}{self.passes} "
+            f"passes reading {self.passes * self.bytes_per_pass / 1e9:.3g} GB; "
+            f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
+            f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
             f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
         )
 
@@ -99,8 +109,13 @@ def make_plan(
     niter: int,
     method: str,
     memory_limit: int,
+    fixed_accuracy: bool = False,
 ) -> Plan:
-    """Choose the method and the row blocks for a run; raise PlanError if it cannot fit."""
+    """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
+
+    With ``fixed_accuracy``, k is the rank cap: the randomized method grows its basis by
+    GROWTH_BLOCK columns up to k, and the plan's passes are an upper bound.
+    """
     m, n = shape
     l = min(k + oversample, m, n)
     costs = {
@@ -108,8 +123,11 @@ def make_plan(
         "gram": _two_pass_seconds(m, n, itemsize, k, m * n * n / SYRK_FLOPS_PER_S),
         "randomized": _randomized_seconds(m, n, itemsize, k, l, niter),
     }
+    requested = method
     method, reason = _choose_method(method, n, costs)
     fixed = _fixed_bytes(n, l, method)
+    if requested == "auto" and method == "gram":
+        fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
     for depth in (PREFETCH_DEPTH, 1):
         blocks, peak = _block_layout(chunk_boundaries, n, itemsize, l, fixed, memory_limit, depth)
         if peak <= memory_limit:
@@ -128,8 +146,10 @@ def make_plan(
             f"(needs {peak / 1e6:.1f} MB); raise memory_limit or rechunk the store by rows"
         )
     spill = m * (l + 1) * 8 if method == "randomized" else 0
+    growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
     return Plan(
-        (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill
+        (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
+        growth_blocks,
     )
 
 

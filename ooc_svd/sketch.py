@@ -18,10 +18,15 @@ def philox_generator(seed: int, block_index: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=key))
 
 
-def gaussian_test_matrix(n: int, l: int, seed: int) -> np.ndarray:
-    """Standard normal Omega of shape (n, l), float64, Fortran-ordered."""
+def gaussian_test_matrix(n: int, l: int, seed: int, stream: int = 0) -> np.ndarray:
+    """Standard normal Omega of shape (n, l), float64, Fortran-ordered.
+
+    ``stream`` selects an independent family of keys (stream << 32 | block), for methods that
+    draw several test matrices from one seed.
+    """
     omega = np.empty((n, l), order="F")
     for index, start in enumerate(range(0, n, OMEGA_ROWS_PER_KEY)):
         stop = min(start + OMEGA_ROWS_PER_KEY, n)
-        omega[start:stop] = philox_generator(seed, index).standard_normal((stop - start, l))
+        generator = philox_generator(seed, (stream << 32) | index)
+        omega[start:stop] = generator.standard_normal((stop - start, l))
     return omega

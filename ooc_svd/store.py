@@ -67,7 +67,7 @@ def check_output_path(out: str | os.PathLike, overwrite: bool) -> str:
 class ResultWriter:
     """Writes U block by block, then S, V, the mean and attributes, into a zarr group."""
 
-    def __init__(self, out: str, m: int, k: int, n: int, dtype: np.dtype, rows_per_chunk: int):
+    def __init__(self, out: str):
         import zarr
 
         self.final_path = out
@@ -75,13 +75,19 @@ class ResultWriter:
         self.partial_path = f"{out}.partial"
         shutil.rmtree(self.partial_path, ignore_errors=True)
         self.group = zarr.open_group(self.partial_path, mode="w")
-        self.U = self.group.create_array(
-            "U", shape=(m, k), chunks=(max(min(rows_per_chunk, m), 1), k), dtype=dtype
-        )
-        self.n = n
 
-    def write_rows(self, start: int, rows: np.ndarray) -> None:
-        self.U[start : start + rows.shape[0]] = rows
+    def create_rows_array(self, name: str, shape: tuple[int, int], dtype: np.dtype,
+                          rows_per_chunk: int) -> Any:
+        """An (m, k) array written block by block, chunked like the input's blocks."""
+        rows = max(min(rows_per_chunk, shape[0]), 1)
+        return self.group.create_array(name, shape=shape, chunks=(rows, max(shape[1], 1)),
+                                       dtype=dtype)
+
+    def write_scaled_rows(self, name: str, U: Any, S: np.ndarray) -> None:
+        """name = U diag(S), written chunk by chunk (U may be larger than memory)."""
+        target = self.create_rows_array(name, U.shape, U.dtype, U.chunks[0])
+        for start in range(0, U.shape[0], U.chunks[0]):
+            target[start : start + U.chunks[0]] = U[start : start + U.chunks[0]] * S
 
     def finish(self, arrays: dict[str, np.ndarray], attributes: dict[str, Any]) -> Any:
         """Write the small arrays and attributes, rename into place, return the opened group."""
@@ -101,3 +107,23 @@ class ResultWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.partial_path, ignore_errors=True)
+
+
+class LeftVectors:
+    """U, in memory or as an array of the output group, allocated once its rank is known."""
+
+    def __init__(self, writer: ResultWriter | None, m: int, dtype: np.dtype, rows_per_chunk: int):
+        self.writer, self.m, self.dtype, self.rows_per_chunk = writer, m, dtype, rows_per_chunk
+        self.array: Any = None
+
+    def allocate(self, k: int):
+        """Create U (m x k) and return the function that stores its rows."""
+        shape = (self.m, k)
+        if self.writer is None:
+            self.array = np.empty(shape, dtype=self.dtype)
+        else:
+            self.array = self.writer.create_rows_array("U", shape, self.dtype, self.rows_per_chunk)
+        return self.store
+
+    def store(self, start: int, rows: np.ndarray) -> None:
+        self.array[start : start + rows.shape[0]] = rows

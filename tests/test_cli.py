@@ -126,8 +126,8 @@ def bad_inputs(tmp_path, store):
     return [
         ("missing store", tmp_path / "absent.zarr", [], "no such file or store"),
         ("k too large", store, ["--k", 40], "k=40 must be smaller than min(m, n) = 40"),
-        ("NaN", nan_store, ["--memory-limit", "3MB"], "NaN or Inf in rows"),
-        ("corrupt chunk", corrupt, ["--memory-limit", "3MB"], "chunk of rows [100, 200)"),
+        ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf in rows"),
+        ("corrupt chunk", corrupt, ["--memory-limit", "6MB"], "chunk of rows [100, 200)"),
         ("wrong format", text, [], "cannot open"),
         ("cuda backend", store, ["--backend", "cuda"], "cuda backend is not available"),
     ]
@@ -141,3 +141,20 @@ def test_bad_inputs_exit_2_with_a_message_and_no_output(store, tmp_path):
         assert message in done.stderr, (name, done.stderr)
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
         assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir()), name
+
+
+def test_run_with_tolerance_writes_factors(store, tmp_path):
+    out = tmp_path / "factors.zarr"
+    done = ooc_svd_command("run", store, "--tol", 0.05, "--out", out, "--factors",
+                           "--spectral-iters", 2, "--json")
+    summary = json.loads(done.stdout)
+    expected = ooc_svd.svd(store, tol=0.05)
+    assert summary["rank"] == expected.rank and summary["residual"] <= 0.05
+    assert summary["passes"] == expected.passes + 2 and summary["spectral_error"] > 0
+    group = zarr.open_group(str(out), mode="r")
+    B, A = group["B"][:].astype(float), group["A"][:].astype(float)
+    assert B.shape == (30000, expected.rank) and A.shape == (expected.rank, 40)
+    np.testing.assert_allclose(B, group["U"][:] * group["S"][:], rtol=1e-6)
+    data = zarr.open_array(store, mode="r")[:].astype(float)
+    error = np.linalg.norm(data - B @ A) / np.linalg.norm(data)
+    assert error == pytest.approx(summary["residual"], rel=1e-3)

@@ -76,8 +76,9 @@ class DenseSource:
         try:
             block = self.array[start:stop]
             if self.compute_slice:
-                # A local run needs no scheduler: each slice is a small graph of whole chunks.
-                block = block.compute(scheduler="threads")
+                # A local run needs no scheduler: each slice is a small graph of whole chunks,
+                # computed in the reader thread that asked for it.
+                block = block.compute(scheduler="synchronous")
             return np.ascontiguousarray(block)
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             first, last, cause = self._failing_chunk(start, stop, exc)

@@ -1,0 +1,124 @@
+"""Fixed-accuracy rank, energy helpers, low-rank factors and the spectral error estimate."""
+
+import numpy as np
+import pytest
+
+import naive
+import ooc_svd
+from ooc_svd import InputError, rank_for_energy
+
+
+def minimal_rank(A, tol, mean=None):
+    """The smallest r with ||A - A_r||_F <= tol ||A||_F, from LAPACK's full spectrum."""
+    S = np.linalg.svd(A - (0 if mean is None else mean), compute_uv=False)
+    tail = np.sqrt(np.maximum(np.sum(S**2) - np.cumsum(S**2), 0)) / np.sqrt(np.sum(S**2))
+    return int(np.flatnonzero(tail <= tol)[0]) + 1
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
+@pytest.mark.parametrize("tol", [0.3, 0.05, 1e-3])
+def test_tolerance_mode_reaches_the_residual_with_a_near_minimal_rank(method, tol):
+    A = naive.matrix_with_spectrum(1500, 90, 1.0 / np.arange(1, 91) ** 1.2, seed=3)
+    result = ooc_svd.svd(A, tol=tol, method=method, niter=2)
+    direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
+    assert direct <= tol * (1 + 1e-9)
+    assert result.residual == pytest.approx(direct, rel=1e-6)
+    best = minimal_rank(A, tol)
+    if method == "randomized":
+        # At most one growth block more than the exact minimal rank.
+        assert best <= result.rank <= best + ooc_svd.plan.GROWTH_BLOCK
+        assert result.passes <= result.plan.passes
+    else:
+        assert result.rank == best and result.passes == 2
+
+
+def test_tolerance_mode_with_centering_and_cap():
+    A = naive.matrix_with_spectrum(800, 60, np.logspace(0, -4, 60), seed=4) + 7.0
+    result = ooc_svd.svd(A, tol=1e-2, center=True)
+    assert result.rank == minimal_rank(A, 1e-2, mean=A.mean(axis=0))
+    capped = ooc_svd.svd(A, tol=1e-6, max_rank=5, center=True)
+    assert capped.rank == 5 and capped.residual > 1e-6
+
+
+def test_tolerance_arguments_are_checked():
+    A = np.random.default_rng(0).standard_normal((50, 10))
+    for kwargs, message in [
+        ({}, "give either k"),
+        ({"k": 3, "tol": 0.1}, "give either k"),
+        ({"tol": 1.5}, "tol must be a number between 0 and 1"),
+        ({"tol": 0.1, "max_rank": 11}, "max_rank=11 exceeds min"),
+        ({"k": 3, "max_rank": 4}, "max_rank applies to the fixed-accuracy mode"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            ooc_svd.svd(A, **kwargs)
+
+
+def test_explained_variance_and_rank_for_energy():
+    A = naive.matrix_with_spectrum(400, 30, np.linspace(3, 0.1, 30), seed=5) + 2.0
+    result = ooc_svd.svd(A, 29, center=True, method="exact")
+    centered = A - A.mean(axis=0)
+    pca_variance = np.linalg.svd(centered, compute_uv=False) ** 2 / (400 - 1)
+    np.testing.assert_allclose(result.explained_variance, pca_variance[:29], rtol=1e-10)
+    total = np.sum(pca_variance)
+    np.testing.assert_allclose(result.explained_variance_ratio, pca_variance[:29] / total,
+                               rtol=1e-10)
+    energy = np.cumsum(pca_variance) / total
+    for fraction in (0.5, 0.9, 0.99):
+        assert result.rank_for_energy(fraction) == np.flatnonzero(energy >= fraction)[0] + 1
+    few = ooc_svd.svd(A, 3, center=True)
+    with pytest.raises(InputError, match="recompute with tol="):
+        few.rank_for_energy(0.999)
+    assert rank_for_energy([2.0, 1.0], 5.0, 1.0) == 2
+
+
+def test_low_rank_factors_of_the_ten_by_ten_rank_two_example():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((10, 2)) @ rng.standard_normal((2, 10))
+    factors = ooc_svd.low_rank_factors(W)
+    B, A = factors
+    assert factors.rank == 2 == np.linalg.matrix_rank(W)
+    assert B.shape == (10, 2) and A.shape == (2, 10)
+    assert (factors.parameters_before, factors.parameters_after) == (100, 40)
+    np.testing.assert_allclose(B @ A, W, atol=20 * np.finfo(float).eps * np.abs(W).max())
+    assert factors.relative_error < 1e-14
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank", "dtype"),
+    [((60, 40), 7, np.float64), ((40, 60), 5, np.float64), ((300, 5000), 3, np.float64),
+     ((80, 30), 4, np.float32)],
+)
+def test_low_rank_factors_follow_matrix_rank(shape, rank, dtype):
+    rng = np.random.default_rng(1)
+    W = (rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1])))
+    W = W.astype(dtype)
+    factors = ooc_svd.low_rank_factors(W)
+    assert factors.rank == np.linalg.matrix_rank(W) == rank
+    scale = np.abs(W).max()
+    np.testing.assert_allclose(factors.B @ factors.A, W, atol=1e3 * np.finfo(dtype).eps * scale)
+    assert ooc_svd.low_rank_factors(W, rank=2).rank == 2
+    loose = ooc_svd.low_rank_factors(W, rtol=0.5)
+    S = np.linalg.svd(W.astype(float), compute_uv=False)
+    assert loose.rank == np.count_nonzero(S > 0.5 * S[0])
+
+
+def test_low_rank_factors_out_of_core(tmp_path, zarr_matrix):
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 50))
+    out = str(tmp_path / "factors.zarr")
+    factors = ooc_svd.low_rank_factors(zarr_matrix(W, chunk_rows=250), out=out,
+                                       memory_limit="8MB")
+    assert factors.rank == 6 and factors.B.shape == (3000, 6)
+    np.testing.assert_allclose(factors.B[:] @ factors.A, W, atol=1e-10 * np.abs(W).max())
+
+
+def test_spectral_error_estimate():
+    A = naive.matrix_with_spectrum(600, 50, 1.0 / np.arange(1, 51), seed=6)
+    result = ooc_svd.svd(A, 5, method="randomized", spectral_iters=8)
+    true = np.linalg.norm(A - (result.U * result.S) @ result.V.T, 2)
+    assert result.passes == 3 + 8
+    assert 0.9 * true <= result.spectral_error <= true * (1 + 1e-10)
+    centered = ooc_svd.svd(A + 3.0, 5, center=True, method="gram", spectral_iters=8)
+    Ac = A + 3.0 - centered.mean
+    true = np.linalg.norm(Ac - (centered.U * centered.S) @ centered.V.T, 2)
+    assert 0.9 * true <= centered.spectral_error <= true * (1 + 1e-10)
