@@ -88,13 +88,17 @@ class PassContext:
         return state
 
     def read(self, name: str):
-        """Yield (index, start, block) over all blocks, timing the pass and showing progress."""
+        """Yield (index, start, block, shift) over all blocks, timing the pass and showing
+        progress. The shift is the pass's centering shift, fixed by its first block."""
         bar = self.progress(name, self.source.nbytes)
         began = time.perf_counter()
+        shift = None
         try:
             stream = prefetch_blocks(self.source, self.blocks, self.prefetch_depth)
             for index, (start, _, block) in enumerate(stream):
-                yield index, start, block
+                if shift is None:
+                    shift = self.centering.shift_for(block)
+                yield index, start, block, shift
                 bar.update(block.nbytes)
         finally:
             bar.close()
@@ -114,10 +118,7 @@ def fused_power_pass(
     Z = np.zeros((n, l), order="F")
     stats = BlockStats.zeros(n)
     subs = SubBlocks(n)
-    shift = None
-    for _, start, block in context.read("power pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for _, start, block, shift in context.read("power pass"):
         power_block(block, start, X, shift, Z, stats, subs)
     context.centering.correct_gram(Z, X, shift, stats)
     context.centering.finish_pass(shift, stats)
@@ -144,10 +145,7 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
     subs = SubBlocks(n)
     tsqr = StreamingTSQR()
-    shift = None
-    for index, start, block in context.read("final pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for index, start, block, shift in context.read("final pass"):
         Y = np.empty((block.shape[0], l + append_ones), order="F")
         block_times(block, start, X, shift, stats, subs, out=Y[:, :l])
         if append_ones:
@@ -182,10 +180,7 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
     stack = np.empty((width + rows_per_stack, width), order="C")
     stats = BlockStats.zeros(n)
     R = np.zeros((0, width))
-    shift = None
-    for _, start, block in context.read("exact TSQR pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for _, start, block, shift in context.read("exact TSQR pass"):
         for r0 in range(0, block.shape[0], rows_per_stack):
             r1 = min(r0 + rows_per_stack, block.shape[0])
             R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stack, stats, append_ones)
@@ -219,10 +214,7 @@ def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]
     G = np.zeros((n, n), order="F")
     stats = BlockStats.zeros(n)
     subs = SubBlocks(n)
-    shift = None
-    for _, start, block in context.read("gram pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for _, start, block, shift in context.read("gram pass"):
         gram_block(block, start, shift, G, stats, subs)
     G = np.triu(G) + np.triu(G, 1).T
     d = context.centering.offset(shift, stats)
@@ -239,10 +231,7 @@ def product_pass(
     n = context.source.shape[1]
     subs = SubBlocks(n)
     stats = BlockStats.zeros(n)
-    shift = None
-    for _, start, block in context.read("product pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for _, start, block, shift in context.read("product pass"):
         store_rows(start, block_times(block, start, W, shift, stats, subs))
 
 
@@ -262,10 +251,7 @@ def residual_power_pass(
     subs = SubBlocks(n)
     stats = BlockStats.zeros(n)
     SVtX = S[:, None] * (V.T @ X)
-    shift = None
-    for _, start, block in context.read("residual pass"):
-        if shift is None:
-            shift = context.centering.shift_for(block)
+    for _, start, block, shift in context.read("residual pass"):
         U_i = np.asarray(read_u(start, start + block.shape[0]), dtype=np.float64)
         Y = block_times(block, start, X, shift, stats, subs) - U_i @ SVtX
         Z += transposed_block_times(block, start, Y, shift, stats, subs)
