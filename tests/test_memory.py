@@ -8,7 +8,9 @@ import pytest
 import ooc_svd
 
 
-@pytest.mark.parametrize(("method", "limit"), [("randomized", 5_000_000), ("exact", 7_000_000)])
+@pytest.mark.parametrize(
+    ("method", "limit"), [("randomized", 5_000_000), ("exact", 7_000_000), ("gram", 5_000_000)]
+)
 def test_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix, method, limit):
     rng = np.random.default_rng(0)
     A = rng.standard_normal((100_000, 64)).astype(np.float32)  # 25.6 MB

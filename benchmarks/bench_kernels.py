@@ -1,0 +1,86 @@
+"""Kernel throughputs on one in-memory row block: what the planner's cost model assumes.
+
+    python benchmarks/bench_kernels.py [--rows 50000] [--cols 256] [--basis 30] [--threads 1]
+
+Measures, with BLAS limited to --threads threads (1 is what a pass gives BLAS on two cores
+beside a decompressing reader): the float32 -> float64 widening kernel, the fused power
+products (Y = A X, Z += A^T Y), dsyrk (G += A^T A) and Householder QR of the block, as
+seconds per block and flop/s, next to the constants in ooc_svd/plan.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.linalg
+from threadpoolctl import threadpool_limits
+
+from ooc_svd import plan
+from ooc_svd.kernels import cpu
+
+
+def best_of(function, repeats: int = 5) -> float:
+    function()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--cols", type=int, default=256)
+    parser.add_argument("--basis", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    b, n, l = args.rows, args.cols, args.basis
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((b, n)).astype(np.float32)
+    X = np.asfortranarray(rng.standard_normal((n, l)))
+    shift = np.zeros(n)
+    subs = cpu.SubBlocks(n)
+
+    def widen():
+        stats = cpu.BlockStats.zeros(n)
+        for _ in subs.sweep(block, 0, shift, stats):
+            pass
+
+    def fused():
+        cpu.power_block(block, 0, X, shift, np.zeros((n, l), order="F"),
+                        cpu.BlockStats.zeros(n), subs)
+
+    def gram():
+        cpu.gram_block(block, 0, shift, np.zeros((n, n), order="F"), cpu.BlockStats.zeros(n),
+                       subs)
+
+    wide = block[: max(4 * n, 1)].astype(np.float64)
+
+    def householder():
+        scipy.linalg.qr(wide, mode="r", check_finite=False)
+
+    with threadpool_limits(args.threads, user_api="blas"):
+        rows = [
+            ("widen f32 -> f64 (+ column sums)", best_of(widen), b * n * 4, 0.0, None),
+            ("fused products, incl. widening", best_of(fused), b * n * 4, 4.0 * b * n * l,
+             plan.GEMM_FLOPS_PER_S),
+            ("dsyrk G += A^T A, incl. widening", best_of(gram), b * n * 4, 1.0 * b * n * n,
+             plan.SYRK_FLOPS_PER_S),
+            (f"Householder QR of {wide.shape[0]} x {n}", best_of(householder),
+             wide.nbytes, 2.0 * wide.shape[0] * n * n - 2 / 3 * n**3, plan.QR_FLOPS_PER_S),
+        ]
+    print(f"block {b} x {n} float32, basis l={l}, BLAS threads={args.threads}\n")
+    print("| kernel | seconds | GB/s of input | GFLOP/s | cost model GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for name, seconds, nbytes, flops, assumed in rows:
+        rate = f"{flops / seconds / 1e9:.1f}" if flops else "-"
+        model = f"{assumed / 1e9:.0f}" if assumed else "-"
+        print(f"| {name} | {seconds:.4f} | {nbytes / seconds / 1e9:.2f} | {rate} | {model} |")
+
+
+if __name__ == "__main__":
+    main()
