@@ -96,7 +96,8 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
         A = zarr.open_array(args.store, mode="r")[:]
         loaded = time.perf_counter()
         _, S, _ = randomized_svd(A, k, n_oversamples=p, n_iter=q, random_state=0)
-        result.update(S=S.tolist(), passes=2 * q + 2, seconds_after_load=time.perf_counter() - loaded)
+        result.update(S=S.tolist(), passes=2 * q + 2,
+                      seconds_after_load=time.perf_counter() - loaded)
     elif name == "torch_in_memory":
         import torch
 

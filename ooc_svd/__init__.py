@@ -7,16 +7,8 @@
 
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
-    SVDResult,
-    low_rank_factors,
-    pca_lowrank,
-    rank_for_energy,
-    svd,
-    svd_lowrank,
-    svd_plan,
-)
 from .accuracy import LowRankFactors  # noqa: E402
+from .api import low_rank_factors, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
     NonFiniteError,
@@ -26,6 +18,7 @@ from .errors import (  # noqa: E402
     ReadError,
     StoreNotFoundError,
 )
+from .result import SVDResult, rank_for_energy  # noqa: E402
 
 __all__ = [
     "InputError",

@@ -19,7 +19,8 @@ from .kernels.cpu import BlockStats
 
 
 class Centering:
-    """No centering (``mode='none'``), a given mean (``'given'``) or the column mean (``'mean'``)."""
+    """No centering (``mode='none'``), a given mean (``'given'``), or the column mean
+    computed in the first pass (``'mean'``)."""
 
     def __init__(self, n: int, mode: str, mean: np.ndarray | None = None):
         self.n = n

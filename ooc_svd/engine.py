@@ -87,7 +87,7 @@ def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
     """numpy.linalg.matrix_rank's rule: singular values above rtol * S_max (at least 1)."""
 
     def rule(S: np.ndarray, fro2: float) -> int:
-        rank = int(np.count_nonzero(S > rtol * S[0])) if S.size and S[0] > 0 else 0
+        rank = int(np.count_nonzero(rtol * S[0] < S)) if S.size and S[0] > 0 else 0
         return max(1, min(rank, max_rank or S.size))
 
     return rule
@@ -292,4 +292,4 @@ def numerical_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     if S.size == 0 or S[0] == 0:
         return 0
     tolerance = S[0] * max(shape) * np.finfo(np.float64).eps
-    return int(np.count_nonzero(S > tolerance))
+    return int(np.count_nonzero(tolerance < S))

@@ -27,7 +27,8 @@ def main() -> None:
         write_dense_matrix(store, (args.rows, args.cols), decay=0.1, chunk_rows=20_000)
     import zarr
 
-    designed = np.array(zarr.open_array(store, mode="r").attrs["ooc_svd_synthetic"]["singular_values"])
+    attributes = zarr.open_array(store, mode="r").attrs["ooc_svd_synthetic"]
+    designed = np.array(attributes["singular_values"])
 
     began = time.perf_counter()
     result = ooc_svd.svd(
@@ -42,7 +43,8 @@ def main() -> None:
     print("designed values:", np.array2string(designed[:10], precision=4),
           "(A = G diag(s) V^T with Gaussian G: equal to within ~sqrt(k / m))")
     print(f"relative Frobenius residual ||A - U S V^T|| / ||A|| = {result.residual:.4f}")
-    print(f"U ({result.U.shape[0]} x {result.U.shape[1]}), S and V written to {args.dir}/result.zarr")
+    m, k = result.U.shape
+    print(f"U ({m} x {k}), S and V written to {args.dir}/result.zarr")
 
 
 if __name__ == "__main__":

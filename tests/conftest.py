@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from naive import matrix_with_spectrum
 
 

@@ -3,10 +3,10 @@
 import hashlib
 import os
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 import ooc_svd
 from ooc_svd import InputError, NonFiniteError, OutputExistsError, ReadError, StoreNotFoundError
 
@@ -185,7 +185,8 @@ def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
         ({"k": 3, "oversample": -2}, "oversample=-2 must be >= 0"),
         ({"k": 3, "mean": np.zeros(29)}, r"mean must have shape \(30,\) or \(1, 30\)"),
         ({"k": 3, "mean": np.zeros((400, 30))}, "mean must have shape"),
-        ({"k": 3, "method": "lanczos"}, "method must be one of 'auto', 'exact', 'gram', 'randomized'"),
+        ({"k": 3, "method": "lanczos"},
+         "method must be one of 'auto', 'exact', 'gram', 'randomized'"),
         ({"k": 3, "memory_limit": "lots"}, "cannot read a memory size"),
         ({"k": 3, "memory_limit": "1MB"}, "memory_limit 1.0 MB is too small"),
     ],

@@ -1,9 +1,9 @@
 """Checkpoints after each pass, and resuming a run that died."""
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 import ooc_svd
 import ooc_svd.engine
 from ooc_svd import InputError

@@ -1,9 +1,9 @@
 """CPU kernels against the slow references in naive.py."""
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 from ooc_svd.errors import NonFiniteError
 from ooc_svd.kernels import cpu
 

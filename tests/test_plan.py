@@ -51,7 +51,8 @@ def test_peak_fits_the_limit_and_read_ahead_shrinks_before_failing():
 
 
 def test_refusals_give_the_numbers():
-    with pytest.raises(PlanError, match=r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"):
+    chunk = r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"
+    with pytest.raises(PlanError, match=chunk):
         plan(method="randomized", limit=100 * 10**6)
     with pytest.raises(PlanError, match=r"working set alone needs [0-9.]+ MB .*l=30"):
         plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)

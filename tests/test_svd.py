@@ -1,9 +1,9 @@
 """End-to-end accuracy against LAPACK's SVD on matrices with known spectra."""
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 import ooc_svd
 
 M, N = 700, 120

@@ -9,7 +9,7 @@ from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
 def stream(Y, A, boundaries):
     """Run the streaming TSQR over row blocks; return it and the local Q_i."""
     tsqr, local_qs, merges = StreamingTSQR(), [], []
-    for start, stop in zip(boundaries[:-1], boundaries[1:]):
+    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
         Q_i, R_i = local_qr(Y[start:stop].copy(order="F"))
         local_qs.append(Q_i)
         merges.append(tsqr.add_block(R_i, A[start:stop].T @ Q_i))

@@ -124,7 +124,10 @@ def check_finite(rows: np.ndarray, first_row: int) -> None:
 
 
 def sub_times(sub: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """sub @ X as a Fortran-ordered (rows, l) float64 array.  sub: (rows, n) C-order; X: (n, l) F."""
+    """sub @ X as a Fortran-ordered (rows, l) float64 array.
+
+    sub : (rows, n) C-order; X : (n, l) F-order.
+    """
     return dgemm(1.0, sub.T, X, trans_a=1)
 
 

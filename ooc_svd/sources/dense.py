@@ -92,12 +92,12 @@ class DenseSource:
         inside = self.chunk_rows[(self.chunk_rows > start) & (self.chunk_rows < stop)]
         edges = [start, *inside.tolist(), stop]
         if len(edges) > 2 and len(edges) <= 1025:
-            for first, last in zip(edges[:-1], edges[1:]):
+            for first, last in zip(edges[:-1], edges[1:], strict=True):
                 try:
                     block = self.array[first:last]
                     if self.compute_slice:
                         block.compute(scheduler="synchronous")
-                except Exception as exc:  # noqa: BLE001 - this is the one we report
+                except Exception as exc:  # noqa: BLE001, PERF203 - error path: the one we report
                     return first, last, exc
         return start, stop, error
 

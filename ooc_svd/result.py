@@ -1,0 +1,198 @@
+"""The result of a run: the factors, their diagnostics, and the provenance written with them."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .centering import Centering
+from .engine import Factors
+from .errors import InputError
+from .passes import PassRecord
+from .plan import Plan
+from .sources import DenseSource
+
+
+@dataclass
+class SVDResult:
+    """A truncated SVD A - 1 mu^T ~= U diag(S) V^T with the diagnostics of its run.
+
+    Attributes
+    ----------
+    U : ndarray or zarr.Array of shape (m, k)
+        Left singular vectors; a zarr array inside ``store`` when ``out`` was given.
+    S : ndarray of shape (k,)
+        Singular values, descending.
+    V : ndarray of shape (n, k)
+        Right singular vectors (not transposed, as in torch). The largest-magnitude entry of
+        each column is positive.
+    mean : ndarray of shape (n,) or None
+        The subtracted mean, when centered.
+    residual : float
+        ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
+        extra pass from ||A||_F^2 - sum(S**2). Below about 1e-7 it is at float64's noise floor.
+    frobenius_norm : float
+        ||A - 1 mu^T||_F.
+    passes : int
+        Reads of A.
+    bytes_read : int
+        Decoded bytes read from A over all passes.
+    seconds_per_pass : list of float
+    numerical_rank : int
+        Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.
+    method : str
+        The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
+        not the planned one).
+    note : str
+    plan : Plan
+        The method, blocks and memory chosen, with the reason (``plan.describe()``).
+    store : zarr.Group or None
+        The output group when ``out`` was given.
+    spectral_error : float or None
+        Estimate of ||A - 1 mu^T - U diag(S) V^T||_2, when ``spectral_iters`` was given.
+    """
+
+    U: Any
+    S: np.ndarray
+    V: np.ndarray
+    mean: np.ndarray | None
+    residual: float
+    frobenius_norm: float
+    passes: int
+    bytes_read: int
+    seconds_per_pass: list[float]
+    numerical_rank: int
+    method: str
+    note: str
+    plan: Plan
+    seed: int
+    store: Any = None
+    spectral_error: float | None = None
+    records: list[PassRecord] = field(default_factory=list, repr=False)
+
+    def __iter__(self):
+        """Unpack as ``U, S, V = result``."""
+        return iter((self.U, self.S, self.V))
+
+    @property
+    def rank(self) -> int:
+        """Number of triplets returned (k, or the rank reached in fixed-accuracy mode)."""
+        return int(self.S.size)
+
+    @property
+    def explained_variance(self) -> np.ndarray:
+        """S**2 / (m - 1): the variance along each principal direction (for PCA results)."""
+        return self.S.astype(np.float64) ** 2 / max(self.plan.shape[0] - 1, 1)
+
+    @property
+    def explained_variance_ratio(self) -> np.ndarray:
+        """Fraction of ||A - 1 mu^T||_F^2 (the total variance, for PCA) along each direction.
+
+        The total is exact, from the pass over A, not from the k values computed.
+        """
+        total = self.frobenius_norm**2
+        return self.S.astype(np.float64) ** 2 / total if total > 0 else np.zeros(self.rank)
+
+    def rank_for_energy(self, fraction: float) -> int:
+        """The smallest rank r whose triplets hold ``fraction`` of ||A - 1 mu^T||_F^2.
+
+        Raises InputError when the computed triplets hold less; compute with
+        ``tol=sqrt(1 - fraction)`` to get that rank directly.
+        """
+        return rank_for_energy(self.S, self.frobenius_norm**2, fraction)
+
+
+def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
+    """Smallest r with sum(S[:r]**2) >= fraction * total_energy.
+
+    Parameters
+    ----------
+    S : array_like of shape (k,)
+        Singular values, descending.
+    total_energy : float
+        ||A||_F^2 (the sum of all squared singular values, not only the k given).
+    fraction : float
+        Energy to keep, 0 < fraction <= 1 (e.g. 0.99).
+    """
+    if not 0 < fraction <= 1:
+        raise InputError(f"fraction must be in (0, 1], not {fraction!r}")
+    energy = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    # A relative slack of a few ulps, so fraction=1 is reached by a complete spectrum.
+    reached = np.flatnonzero(energy >= fraction * total_energy * (1 - 1e-12))
+    if reached.size == 0:
+        held = energy[-1] / total_energy if total_energy > 0 and energy.size else 0.0
+        raise InputError(
+            f"the {energy.size} singular values hold {held:.4%} of the energy, less than "
+            f"{fraction:.4%}; recompute with tol={np.sqrt(1 - fraction):.3g} to find the rank"
+        )
+    return int(reached[0]) + 1
+
+
+def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
+              records: list[PassRecord]) -> SVDResult:
+    dtype = U.dtype
+    fro2 = factors.frobenius_squared
+    residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
+    return SVDResult(
+        U=U,
+        S=factors.S.astype(dtype),
+        V=factors.V.astype(dtype),
+        mean=None if centering.mode == "none" else centering.mean.astype(dtype),
+        residual=float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0,
+        frobenius_norm=float(np.sqrt(fro2)),
+        passes=len(records),
+        bytes_read=sum(record.bytes_read for record in records),
+        seconds_per_pass=[record.seconds for record in records],
+        numerical_rank=factors.numerical_rank,
+        method=factors.method,
+        note=factors.note,
+        plan=plan,
+        seed=seed,
+        records=records,
+    )
+
+
+def provenance(result: SVDResult, source: DenseSource, seconds: float) -> dict[str, Any]:
+    import dask
+    import numba
+    import scipy
+    import zarr
+
+    plan = result.plan
+    return {
+        "ooc_svd": {
+            "input": source.description,
+            "shape": list(plan.shape),
+            "k": plan.k,
+            "basis_size": plan.basis_size,
+            "niter": plan.niter,
+            "method": result.method,
+            "reason": plan.reason,
+            "note": result.note,
+            "centered": result.mean is not None,
+            "seed": result.seed,
+            "passes": result.passes,
+            "bytes_read": result.bytes_read,
+            "seconds_per_pass": result.seconds_per_pass,
+            "seconds": seconds,
+            "residual": result.residual,
+            "frobenius_norm": result.frobenius_norm,
+            "numerical_rank": result.numerical_rank,
+            "rank": result.rank,
+            "spectral_error": result.spectral_error,
+            "memory_limit": plan.memory_limit,
+            "versions": {
+                "ooc_svd": __version__,
+                "numpy": np.__version__,
+                "scipy": scipy.__version__,
+                "numba": numba.__version__,
+                "zarr": zarr.__version__,
+                "dask": dask.__version__,
+                "python": sys.version.split()[0],
+            },
+        }
+    }
