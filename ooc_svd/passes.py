@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.linalg
@@ -36,15 +36,16 @@ from .sources import DenseSource, prefetch_blocks
 from .store import QSpill
 from .tsqr import StreamingTSQR, local_qr
 
-ProgressFactory = Callable[[str, int], "ProgressBar"]
 
+class ProgressBar(Protocol):
+    """What a pass needs of a progress bar (tqdm's interface)."""
 
-class ProgressBar:
-    """Interface of a progress bar: ``update(nbytes)`` and ``close()``."""
-
-    def update(self, nbytes: int) -> None: ...
+    def update(self, nbytes: int) -> object: ...
 
     def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[str, int], ProgressBar]  # (pass name, bytes of A) -> bar
 
 
 @dataclass

@@ -36,9 +36,6 @@ class QSpill:
     def load(self, name: str, index: int) -> np.ndarray:
         return np.load(self._path(name, index), allow_pickle=False)
 
-    def exists(self, name: str, index: int) -> bool:
-        return os.path.exists(self._path(name, index))
-
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
