@@ -24,6 +24,7 @@ from .engine import (
     exact_svd,
     fixed_rank,
     gram_svd,
+    krylov_svd,
     randomized_svd,
     rank_above,
     rank_for_tolerance,
@@ -91,8 +92,10 @@ def svd(
         mean is computed in the first pass.
     mean : array_like of shape (n,) or (1, n), optional
         A mean to subtract instead of the computed one (torch's ``M``).
-    method : {'auto', 'randomized', 'exact', 'gram'}, default='auto'
+    method : {'auto', 'randomized', 'krylov', 'exact', 'gram'}, default='auto'
         'randomized': niter + 1 reads, sampling error as in Halko et al.
+        'krylov': block Krylov, the same niter + 1 reads keeping every iterate; a final
+        basis (niter + 1) l wide; far more accurate on flat spectra (Musco & Musco 2015).
         'exact': TSQR of A (an n x n R, n <= 4096) and a second read for U; singular values
         accurate to eps * sigma_1.
         'gram': G = A^T A by dsyrk, its eigendecomposition, and a second read for U; the
@@ -396,6 +399,8 @@ def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
             # spectrum; a requested one does what was asked.
             fallback_eps = _data_eps(source.dtype) if request.method == "auto" else None
             return gram_svd(context, plan, allocate_u, rule, fallback_eps)
+        if plan.method == "krylov":
+            return krylov_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
         if request.tol is not None:
             return adaptive_randomized_svd(
                 context, plan, seed, allocate_u, request.scratch_dir, request.tol, request.k

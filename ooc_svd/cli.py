@@ -47,7 +47,7 @@ def plan_options(command):
                      help="Power iterations (one read of A each, randomized method)."),
         click.option("--oversample", type=int, default=10, show_default=True,
                      help="Extra basis vectors: l = k + oversample."),
-        click.option("--method", type=click.Choice(["auto", "randomized", "exact", "gram"]),
+        click.option("--method", type=click.Choice(["auto", "randomized", "krylov", "exact", "gram"]),
                      default="auto", show_default=True, help="Algorithm; auto uses a cost model."),
         click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the kernels run."),

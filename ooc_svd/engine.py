@@ -1,6 +1,7 @@
 """The methods as sequences of passes plus the small dense algebra between them.
 
-randomized (Halko, Martinsson & Tropp 2011, Alg. 5.1 with subspace iteration), q + 1 reads:
+randomized (Halko, Martinsson & Tropp 2011, Alg. 5.1 with subspace iteration), q + 1 reads
+(krylov: the same passes, keeping every iterate; the final pass factors A [X_0 ... X_q]):
     X <- Omega;  q times: X <- orth(A^T A X)           (fused power passes)
     streaming TSQR of A X with B = Q^T A              (final pass)
     B = W Sigma V^T;  U = Q W_k                       (backward sweep over the Q spill)
@@ -49,6 +50,9 @@ RankRule = Callable[[np.ndarray, float], int]  # (singular values, ||A||_F^2) ->
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
 GRAM_TOLERANCE = 1e-8
+# A Krylov block's column whose norm falls below this once projected off the basis (of unit
+# columns) adds no direction the basis lacks, beyond rounding: sqrt(eps64) ~ 1.5e-8.
+DEPENDENT_NORM = 1e-7
 
 
 @dataclass
@@ -109,6 +113,44 @@ def randomized_svd(
         )
         X = np.asfortranarray(state["X"])
     return _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, "randomized")
+
+
+def krylov_svd(
+    context: PassContext, plan: Plan, seed: int, allocate_u: AllocateU,
+    scratch_dir: str | None, rank_rule: RankRule,
+) -> Factors:
+    """Top-k SVD by block Krylov iteration (Musco & Musco 2015) in plan.niter + 1 passes.
+
+    The fused power passes are those of subspace iteration, X_j = orth(A^T A X_{j-1}), but
+    every iterate is kept: the final pass factors A K with K an orthonormal basis of
+    [X_0, X_1, ..., X_q] (up to (q + 1) l columns). K spans the block Krylov space of
+    A^T A, which captures flat spectra far better than the last iterate alone.
+    """
+    n = context.source.shape[1]
+    X = gaussian_test_matrix(n, plan.basis_size, seed)
+    basis = X
+    for j in range(plan.niter):
+        state = context.resumable(
+            f"power{j}", lambda X=X: {"X": orthonormal_columns(fused_power_pass(context, X)[0])}
+        )
+        X = np.asfortranarray(state["X"])
+        basis = extend_basis(basis, X)
+    return _final_pass(context, plan, basis, allocate_u, scratch_dir, rank_rule, "krylov")
+
+
+def extend_basis(basis: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Append to an orthonormal basis the directions of ``block`` it does not span yet.
+
+    Block Gram-Schmidt twice (enough for orthogonality to working precision), then a
+    pivoted QR of the remainder: columns whose remaining norm is below DEPENDENT_NORM of
+    the block's (orthonormal, so unit) columns are numerically in the span already and are
+    dropped rather than normalized into noise.
+    """
+    for _ in range(2):
+        block = block - basis @ (basis.T @ block)
+    Q, R, _ = scipy.linalg.qr(block, mode="economic", pivoting=True, check_finite=False)
+    keep = int(np.count_nonzero(np.abs(np.diag(R)) > DEPENDENT_NORM))
+    return np.asfortranarray(np.hstack([basis, Q[:, :keep]]))
 
 
 def adaptive_randomized_svd(

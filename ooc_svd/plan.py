@@ -27,7 +27,10 @@ QR_FLOPS_PER_S = 8e9
 # Columns added per step by the fixed-accuracy randomized method.
 GROWTH_BLOCK = 32
 
-METHODS = ("exact", "gram", "randomized")  # in order of preference when costs tie
+METHODS = ("exact", "gram", "randomized", "krylov")  # in order of preference when costs tie
+# "auto" prefers block Krylov to subspace iteration when it costs at most this much more:
+# the same reads, a wider final basis, and far better accuracy on flat spectra.
+KRYLOV_PREMIUM = 1.25
 # The exact and gram methods keep n x n factors: beyond this width the randomized method
 # is always cheaper.
 MAX_EXACT_COLUMNS = 4096
@@ -67,12 +70,14 @@ class Plan:
     predicted_peak_bytes: int
     spill_bytes: int
     growth_blocks: int = 0  # fixed-accuracy randomized: at most this many blocks of basis
+    krylov_width: int = 0  # block Krylov: columns of the final basis, (q + 1) l at most
 
     @property
     def passes(self) -> int:
-        """Reads of A: q + 1 for the randomized method, 2 for exact and gram; for the
-        fixed-accuracy randomized method, at most q + 1 per block of basis, plus one."""
-        if self.method != "randomized":
+        """Reads of A: q + 1 for the randomized and block Krylov methods, 2 for exact and
+        gram; for the fixed-accuracy randomized method, at most q + 1 per block of basis,
+        plus one."""
+        if self.method not in ("randomized", "krylov"):
             return 2
         if self.growth_blocks:
             return (self.niter + 1) * self.growth_blocks + 1
@@ -88,8 +93,12 @@ class Plan:
 
     def describe(self) -> str:
         m, n = self.shape
-        randomized = self.method == "randomized"
-        basis = f", basis l={self.basis_size}, niter={self.niter}" if randomized else ""
+        basis = ""
+        if self.method == "randomized":
+            basis = f", basis l={self.basis_size}, niter={self.niter}"
+        elif self.method == "krylov":
+            basis = f", blocks of l={self.basis_size}, niter={self.niter}, Krylov basis of " \
+                    f"{self.krylov_width}"
         bound = "up to " if self.growth_blocks else ""
         return (
             f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {bound}{self.passes} "
@@ -118,18 +127,24 @@ def make_plan(
     """
     m, n = shape
     l = min(k + oversample, m, n)
+    krylov_width = min((niter + 1) * l, m, n)
     costs = {
         "exact": _two_pass_seconds(m, n, itemsize, k, 2.5 * m * n * n / QR_FLOPS_PER_S),
         "gram": _two_pass_seconds(m, n, itemsize, k, m * n * n / SYRK_FLOPS_PER_S),
-        "randomized": _randomized_seconds(m, n, itemsize, k, l, niter),
+        "randomized": _randomized_seconds(m, n, itemsize, l, l, niter),
+        "krylov": _randomized_seconds(m, n, itemsize, l, krylov_width, niter),
     }
     requested = method
-    method, reason = _choose_method(method, n, costs)
-    fixed = _fixed_bytes(n, l, method)
+    method, reason = _choose_method(method, n, costs, fixed_accuracy)
+    # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
+    width = krylov_width if method == "krylov" else l
+    fixed = _fixed_bytes(n, width, method)
     if requested == "auto" and method == "gram":
         fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
     for depth in (PREFETCH_DEPTH, 1):
-        blocks, peak = _block_layout(chunk_boundaries, n, itemsize, l, fixed, memory_limit, depth)
+        blocks, peak = _block_layout(
+            chunk_boundaries, n, itemsize, width, fixed, memory_limit, depth
+        )
         if peak <= memory_limit:
             break
     else:
@@ -145,11 +160,11 @@ def make_plan(
             f"rows ({chunk * n * itemsize / 1e6:.1f} MB raw) with the read-ahead and working set "
             f"(needs {peak / 1e6:.1f} MB); raise memory_limit or rechunk the store by rows"
         )
-    spill = m * (l + 1) * 8 if method == "randomized" else 0
+    spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
     growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
     return Plan(
         (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
-        growth_blocks,
+        growth_blocks, krylov_width if method == "krylov" else 0,
     )
 
 
@@ -202,10 +217,11 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
 
 
-def _randomized_seconds(m: int, n: int, itemsize: int, k: int, l: int, niter: int) -> float:
+def _randomized_seconds(m: int, n: int, itemsize: int, l: int, final: int, niter: int) -> float:
+    """q fused power passes with l columns, then the final pass with ``final`` columns."""
     read = (niter + 1) * m * n * itemsize / READ_BYTES_PER_S
-    gemm = (niter * 4 + 4) * m * n * l / GEMM_FLOPS_PER_S
-    qr_and_sweep = 4 * m * l * l / QR_FLOPS_PER_S + 2 * m * l * 8 / READ_BYTES_PER_S
+    gemm = (niter * 4 * l + 4 * final) * m * n / GEMM_FLOPS_PER_S
+    qr_and_sweep = 4 * m * final**2 / QR_FLOPS_PER_S + 2 * m * final * 8 / READ_BYTES_PER_S
     return read + gemm + qr_and_sweep
 
 
@@ -215,7 +231,9 @@ def _two_pass_seconds(m: int, n: int, itemsize: int, k: int, factor_seconds: flo
     return read + factor_seconds + 2 * m * n * k / GEMM_FLOPS_PER_S
 
 
-def _choose_method(method: str, n: int, costs: dict[str, float]) -> tuple[str, str]:
+def _choose_method(
+    method: str, n: int, costs: dict[str, float], fixed_accuracy: bool = False
+) -> tuple[str, str]:
     predicted = ", ".join(f"{name} ~{seconds:.3g} s" for name, seconds in costs.items())
     if method not in (*METHODS, "auto"):
         choices = ", ".join(repr(name) for name in ("auto", *METHODS))
@@ -224,9 +242,21 @@ def _choose_method(method: str, n: int, costs: dict[str, float]) -> tuple[str, s
         raise InputError(
             f"method={method!r} needs an n x n factor; n={n} exceeds {MAX_EXACT_COLUMNS}"
         )
+    if method == "krylov" and fixed_accuracy:
+        raise InputError("tol (fixed accuracy) works with 'exact', 'gram' and 'randomized'")
     if method != "auto":
         return method, f"method={method!r} was requested (cost model: {predicted})"
+    candidates = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
+    best = min(candidates, key=costs.__getitem__)
+    why = f"{best} is the cheapest by the cost model ({predicted})"
     if n > MAX_EXACT_COLUMNS:
-        return "randomized", f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor"
-    best = min(METHODS, key=costs.__getitem__)
-    return best, f"{best} is the cheapest by the cost model ({predicted})"
+        why = f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor ({predicted})"
+    if best == "randomized" and not fixed_accuracy:
+        if costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]:
+            best = "krylov"
+            why = (
+                "block Krylov reads A as often as subspace iteration, costs at most "
+                f"{KRYLOV_PREMIUM - 1:.0%} more here, and is far more accurate on flat "
+                f"spectra ({predicted})"
+            )
+    return best, why

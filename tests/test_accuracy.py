@@ -48,6 +48,7 @@ def test_tolerance_arguments_are_checked():
         ({"tol": 1.5}, "tol must be a number between 0 and 1"),
         ({"tol": 0.1, "max_rank": 11}, "max_rank=11 exceeds min"),
         ({"k": 3, "max_rank": 4}, "max_rank applies to the fixed-accuracy mode"),
+        ({"tol": 0.1, "method": "krylov"}, "tol .* works with 'exact', 'gram' and 'randomized'"),
     ]:
         with pytest.raises(InputError, match=message):
             ooc_svd.svd(A, **kwargs)

@@ -186,7 +186,7 @@ def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
         ({"k": 3, "mean": np.zeros(29)}, r"mean must have shape \(30,\) or \(1, 30\)"),
         ({"k": 3, "mean": np.zeros((400, 30))}, "mean must have shape"),
         ({"k": 3, "method": "lanczos"},
-         "method must be one of 'auto', 'exact', 'gram', 'randomized'"),
+         "method must be one of 'auto', 'exact', 'gram', 'randomized', 'krylov'"),
         ({"k": 3, "memory_limit": "lots"}, "cannot read a memory size"),
         ({"k": 3, "memory_limit": "1MB"}, "memory_limit 1.0 MB is too small"),
     ],

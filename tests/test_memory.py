@@ -9,7 +9,9 @@ import ooc_svd
 
 
 @pytest.mark.parametrize(
-    ("method", "limit"), [("randomized", 5_000_000), ("exact", 7_000_000), ("gram", 5_000_000)]
+    ("method", "limit"),
+    [("randomized", 5_000_000), ("krylov", 5_000_000), ("exact", 7_000_000),
+     ("gram", 5_000_000)],
 )
 def test_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix, method, limit):
     rng = np.random.default_rng(0)

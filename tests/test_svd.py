@@ -33,7 +33,7 @@ def error_bounds(method, spectrum, dtype, S_exact, rank):
     the reconstruction error beyond the optimal one (as a factor, plus a floor / ||A||)."""
     eps = np.finfo(dtype).eps
     sigma_1 = S_exact[0]
-    if method == "randomized":
+    if method in ("randomized", "krylov"):
         allowed = RANDOMIZED[spectrum]
         values = 100 * eps * sigma_1 + allowed["values"] * S_exact
         return values, 50 * eps, allowed["excess"], 100 * eps
@@ -48,7 +48,7 @@ def error_bounds(method, spectrum, dtype, S_exact, rank):
     return values, 50 * max(eps64 * condition**2, eps), 1e-10, 100 * np.sqrt(eps64)
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact", "gram"])
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_matches_exact_svd(zarr_matrix, block_rows, method, spectrum, dtype):
@@ -75,7 +75,7 @@ def test_matches_exact_svd(zarr_matrix, block_rows, method, spectrum, dtype):
     assert error <= optimal * (1 + excess) + floor * np.linalg.norm(A64)
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact", "gram"])
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
 @pytest.mark.parametrize("niter", [0, 2])
 @pytest.mark.parametrize("mean_given", [False, True])
 def test_centered_equals_svd_of_centered_matrix(
@@ -133,7 +133,7 @@ def test_seed_matters_and_power_iterations_help():
 
 def test_residual_is_the_direct_frobenius_residual():
     A = naive.matrix_with_spectrum(300, 50, 1.0 / np.arange(1, 51), seed=6)
-    for method in ("randomized", "exact", "gram"):
+    for method in ("randomized", "krylov", "exact", "gram"):
         result = ooc_svd.svd(A, 5, method=method)
         direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
         assert result.residual == pytest.approx(direct, rel=1e-8)
@@ -170,3 +170,42 @@ def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
     assert result.method == "gram" and result.passes == 2 and result.note == ""
     well_conditioned = ooc_svd.svd(naive.matrix_with_spectrum(2000, 40, np.logspace(0, -2, 40)), 8)
     assert well_conditioned.method == "gram" and well_conditioned.passes == 2
+
+
+@pytest.mark.parametrize("niter", [4, 6])
+def test_block_krylov_is_far_more_accurate_on_a_flat_spectrum(zarr_matrix, niter):
+    flat = 1.0 / (1.0 + np.arange(300) / 100.0)
+    A = naive.matrix_with_spectrum(3000, 300, flat, seed=1)
+    _, S_exact, _ = naive.truncated_svd(A, 20)
+    path = zarr_matrix(A, chunk_rows=500)
+
+    def error(method):
+        result = ooc_svd.svd(path, 20, method=method, niter=niter, memory_limit="64MB")
+        assert result.passes == niter + 1
+        return np.max(np.abs(result.S - S_exact) / S_exact), result
+
+    subspace, _ = error("randomized")
+    krylov, result = error("krylov")
+    assert krylov * 100 <= subspace
+    assert result.plan.krylov_width == (niter + 1) * 30
+    np.testing.assert_allclose(result.U.T @ result.U, np.eye(20), atol=1e-12)
+
+
+def test_block_krylov_drops_dependent_blocks_of_a_rank_deficient_matrix():
+    A = naive.matrix_with_spectrum(2000, 200, [3.0, 2.0, 1.5, 1.0, 0.5], seed=2)
+    result = ooc_svd.svd(A, 4, method="krylov", niter=5)
+    np.testing.assert_allclose(result.S, [3.0, 2.0, 1.5, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(result.U.T @ result.U, np.eye(4), atol=1e-12)
+    assert result.residual == pytest.approx(0.5 / np.sqrt(9 + 4 + 2.25 + 1 + 0.25), rel=1e-9)
+
+
+def test_extend_basis_keeps_only_new_directions():
+    from ooc_svd.engine import extend_basis
+
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((50, 4)))
+    inside = basis @ rng.standard_normal((4, 3))  # in the span: all dropped
+    new = rng.standard_normal((50, 2))
+    extended = extend_basis(basis, np.hstack([inside, new]))
+    assert extended.shape == (50, 6)
+    np.testing.assert_allclose(extended.T @ extended, np.eye(6), atol=1e-14)
