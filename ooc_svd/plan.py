@@ -251,12 +251,12 @@ def _choose_method(
     why = f"{best} is the cheapest by the cost model ({predicted})"
     if n > MAX_EXACT_COLUMNS:
         why = f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor ({predicted})"
-    if best == "randomized" and not fixed_accuracy:
-        if costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]:
-            best = "krylov"
-            why = (
-                "block Krylov reads A as often as subspace iteration, costs at most "
-                f"{KRYLOV_PREMIUM - 1:.0%} more here, and is far more accurate on flat "
-                f"spectra ({predicted})"
-            )
+    affordable = costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]
+    if best == "randomized" and not fixed_accuracy and affordable:
+        best = "krylov"
+        why = (
+            "block Krylov reads A as often as subspace iteration, costs at most "
+            f"{KRYLOV_PREMIUM - 1:.0%} more here, and is far more accurate on flat "
+            f"spectra ({predicted})"
+        )
     return best, why

@@ -1,0 +1,128 @@
+"""Accuracy against passes over A: subspace iteration, block Krylov, svds, randomized_svd.
+
+    python benchmarks/bench_krylov.py --store /data/flat.zarr [--shape 100000 1000]
+        [--decay 0.005] [--k 20] [--oversample 10] [--plot benchmarks/krylov_accuracy.png]
+
+On a dense store with a flat spectrum (singular values exp(-decay j)), generated when absent.
+For ooc_svd a pass is a read of the store; for scipy's svds (ARPACK) each product with A or
+A^T counts as one pass, since out of core each would be a read; scikit-learn's
+randomized_svd makes 2 n_iter + 2 products. Error: max relative error of the top-k singular
+values against the eigenvalues of A^T A accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+
+def reference(A: np.ndarray, k: int) -> np.ndarray:
+    gram = np.zeros((A.shape[1], A.shape[1]))
+    for start in range(0, A.shape[0], 20_000):
+        block = A[start : start + 20_000].astype(np.float64)
+        gram += block.T @ block
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[::-1][:k], 0))
+
+
+def error(S, S_exact) -> float:
+    return float(np.max(np.abs(np.asarray(S)[: S_exact.size] - S_exact) / S_exact))
+
+
+def svds_points(A: np.ndarray, k: int, S_exact: np.ndarray) -> list[tuple[int, float]]:
+    """(products, error) for ARPACK at a few tolerances, counting every product."""
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    points = []
+    for tol in (1e-2, 1e-4, 1e-6, 0):
+        calls = [0]
+
+        def matvec(x, calls=calls):
+            calls[0] += 1
+            return A @ x
+
+        def rmatvec(y, calls=calls):
+            calls[0] += 1
+            return A.T @ y
+
+        operator = LinearOperator(A.shape, matvec=matvec, rmatvec=rmatvec, dtype=A.dtype)
+        S = np.sort(svds(operator, k=k, tol=tol, solver="arpack", random_state=0,
+                         return_singular_vectors=False))[::-1]
+        points.append((calls[0], error(S, S_exact)))
+    return points
+
+
+def main() -> None:
+    import zarr
+
+    import ooc_svd
+    from ooc_svd.synthetic import write_dense_matrix
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--shape", type=int, nargs=2, default=(100_000, 1000))
+    parser.add_argument("--decay", type=float, default=0.005)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--oversample", type=int, default=10)
+    parser.add_argument("--max-niter", type=int, default=6)
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
+                                                       "krylov_accuracy.png"))
+    args = parser.parse_args()
+    if not os.path.exists(args.store):
+        write_dense_matrix(args.store, tuple(args.shape), decay=args.decay, chunk_rows=10_000)
+    A = zarr.open_array(args.store, mode="r")[:]
+    k, p = args.k, args.oversample
+    S_exact = reference(A, k)
+
+    curves: dict[str, list[tuple[int, float]]] = {"subspace iteration (ooc_svd randomized)": [],
+                                                   "block Krylov (ooc_svd krylov)": [],
+                                                   "scikit-learn randomized_svd": []}
+    for q in range(args.max_niter + 1):
+        for name, method in (("subspace iteration (ooc_svd randomized)", "randomized"),
+                             ("block Krylov (ooc_svd krylov)", "krylov")):
+            result = ooc_svd.svd(args.store, k, oversample=p, niter=q, method=method,
+                                 memory_limit="1GB")
+            curves[name].append((result.passes, error(result.S, S_exact)))
+        try:
+            from sklearn.utils.extmath import randomized_svd
+
+            _, S, _ = randomized_svd(A, k, n_oversamples=p, n_iter=q, random_state=0)
+            curves["scikit-learn randomized_svd"].append((2 * q + 2, error(S, S_exact)))
+        except ImportError:
+            pass
+    curves["scipy svds (ARPACK), tol 1e-2 .. 0"] = svds_points(A, k, S_exact)
+
+    m, n = A.shape
+    print(f"{m} x {n} float32, singular values exp(-{args.decay} j), k={k}, oversample={p}\n")
+    print("| method | passes | max rel err top-k |")
+    print("|---|---|---|")
+    for name, points in curves.items():
+        for passes, err in points:
+            print(f"| {name} | {passes} | {err:.1e} |")
+    plot(curves, args.plot, f"{m} x {n}, flat spectrum exp(-{args.decay} j), k={k}")
+
+
+def plot(curves, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        passes, errors = zip(*sorted(points), strict=True)
+        axes.semilogy(passes, np.maximum(errors, 1e-16), marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("passes over A (products with A or A^T)")
+    axes.set_ylabel("max relative error, top-k singular values")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
