@@ -195,7 +195,7 @@ def _plan(source: DenseSource, k, oversample, niter, method, memory_limit,
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k,
                      0 if fixed_accuracy else oversample, niter, method, limit,
-                     fixed_accuracy=fixed_accuracy)
+                     fixed_accuracy=fixed_accuracy, cacheable=source.decodes)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
@@ -352,7 +352,7 @@ def _run(source: DenseSource, request: _Request) -> SVDResult:
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, plan.blocks, plan.prefetch_depth, centering,
-        _progress_factory(request.progress), [], saved,
+        _progress_factory(request.progress), [], saved, plan.cached_blocks,
     )
     began = time.perf_counter()
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,6 +68,8 @@ class PassContext:
     progress: ProgressFactory
     records: list[PassRecord]
     checkpoint: Checkpoint
+    cached_blocks: int = 0  # leading blocks kept in memory after their first read
+    cache: dict[int, np.ndarray] = field(default_factory=dict)
 
     def resumable(self, name: str, run_pass: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The state after pass ``name``: from the checkpoint if that pass completed before,
@@ -89,23 +91,34 @@ class PassContext:
         return state
 
     def read(self, name: str):
-        """Yield (index, start, block, shift) over all blocks, timing the pass and showing
-        progress. The shift is the pass's centering shift, fixed by its first block."""
+        """Yield (index, start, block, shift) over all blocks in order, timing the pass and
+        showing progress. The shift is the pass's centering shift, fixed by its first block.
+
+        The first ``cached_blocks`` blocks are kept after their first read (DESIGN.md section
+        6, block cache), so later passes read only the rest.
+        """
         bar = self.progress(name, self.source.nbytes)
         began = time.perf_counter()
         shift = None
+        bytes_read = 0
+        uncached = [block for i, block in enumerate(self.blocks) if i not in self.cache]
+        stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
         try:
-            stream = prefetch_blocks(self.source, self.blocks, self.prefetch_depth)
-            for index, (start, _, block) in enumerate(stream):
+            for index, (start, _) in enumerate(self.blocks):
+                block = self.cache.get(index)
+                if block is None:
+                    _, _, block = next(stream)
+                    bytes_read += block.nbytes
+                    if index < self.cached_blocks:
+                        self.cache[index] = block
                 if shift is None:
                     shift = self.centering.shift_for(block)
                 yield index, start, block, shift
                 bar.update(block.nbytes)
         finally:
+            stream.close()
             bar.close()
-        self.records.append(
-            PassRecord(name, time.perf_counter() - began, self.source.nbytes)
-        )
+        self.records.append(PassRecord(name, time.perf_counter() - began, bytes_read))
 
 
 def fused_power_pass(

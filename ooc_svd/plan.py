@@ -8,7 +8,7 @@ and refuses with the numbers a run that cannot fit its memory limit.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -71,6 +71,17 @@ class Plan:
     spill_bytes: int
     growth_blocks: int = 0  # fixed-accuracy randomized: at most this many blocks of basis
     krylov_width: int = 0  # block Krylov: columns of the final basis, (q + 1) l at most
+    cached_blocks: int = 0  # leading blocks kept in memory after the first pass
+
+    @property
+    def cached_bytes(self) -> int:
+        rows = sum(stop - start for start, stop in self.blocks[: self.cached_blocks])
+        return rows * self.shape[1] * self.itemsize
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Bytes of A read over the run: every pass, less what the cache serves."""
+        return self.passes * self.bytes_per_pass - (self.passes - 1) * self.cached_bytes
 
     @property
     def passes(self) -> int:
@@ -91,6 +102,13 @@ class Plan:
     def bytes_per_pass(self) -> int:
         return self.shape[0] * self.shape[1] * self.itemsize
 
+    def _cache_note(self) -> str:
+        if not self.cached_blocks:
+            return ""
+        fraction = self.cached_bytes / self.bytes_per_pass
+        return (f" (the first read keeps {self.cached_blocks} of {len(self.blocks)} blocks, "
+                f"{fraction:.0%} of A, for the later passes)")
+
     def describe(self) -> str:
         m, n = self.shape
         basis = ""
@@ -102,7 +120,7 @@ class Plan:
         bound = "up to " if self.growth_blocks else ""
         return (
             f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {bound}{self.passes} "
-            f"passes reading {self.passes * self.bytes_per_pass / 1e9:.3g} GB; "
+            f"passes reading {self.bytes_to_read / 1e9:.3g} GB{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
             f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
@@ -119,11 +137,14 @@ def make_plan(
     method: str,
     memory_limit: int,
     fixed_accuracy: bool = False,
+    cacheable: bool = False,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
     With ``fixed_accuracy``, k is the rank cap: the randomized method grows its basis by
-    GROWTH_BLOCK columns up to k, and the plan's passes are an upper bound.
+    GROWTH_BLOCK columns up to k, and the plan's passes are an upper bound. With
+    ``cacheable`` (reading costs I/O or decoding), the memory the working set leaves under
+    the limit keeps leading blocks after their first read, for the later passes.
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -162,10 +183,19 @@ def make_plan(
         )
     spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
     growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
-    return Plan(
+    plan = Plan(
         (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
         growth_blocks, krylov_width if method == "krylov" else 0,
     )
+    if not cacheable or plan.passes < 2:
+        return plan
+    return replace(plan, cached_blocks=_blocks_that_fit(blocks, n * itemsize, memory_limit - peak))
+
+
+def _blocks_that_fit(blocks, row_bytes: int, budget: int) -> int:
+    """How many leading blocks fit in ``budget`` bytes."""
+    sizes = np.cumsum([(stop - start) * row_bytes for start, stop in blocks])
+    return int(np.searchsorted(sizes, budget, side="right"))
 
 
 def _block_layout(boundaries, n, itemsize, l, fixed, memory_limit, depth):

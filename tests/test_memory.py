@@ -31,3 +31,30 @@ def test_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix, method, li
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
     assert A.nbytes > 3 * limit
+
+
+def test_block_cache_serves_later_passes_and_changes_nothing(zarr_matrix, monkeypatch):
+    from ooc_svd.sources.dense import DenseSource
+
+    A = np.random.default_rng(1).standard_normal((20_000, 50))  # 8 MB, 20 chunks
+    path = zarr_matrix(A, chunk_rows=1000)
+    reads = []
+    original = DenseSource.read
+
+    def counting_read(self, start, stop):
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(DenseSource, "read", counting_read)
+    small = ooc_svd.svd(path, 5, method="randomized", niter=3, memory_limit="9MB")
+    assert 0 < small.plan.cached_blocks < len(small.plan.blocks)
+    uncached = len(small.plan.blocks) - small.plan.cached_blocks
+    assert len(reads) == len(small.plan.blocks) + 3 * uncached
+    assert small.bytes_read == small.plan.bytes_to_read
+
+    reads.clear()
+    roomy = ooc_svd.svd(path, 5, method="randomized", niter=3, memory_limit="1GB")
+    assert roomy.plan.cached_blocks == len(roomy.plan.blocks)
+    assert len(reads) == len(roomy.plan.blocks)  # A is read once for four passes
+    np.testing.assert_allclose(roomy.S, small.S, rtol=1e-12)
+    np.testing.assert_allclose(roomy.U, small.U, atol=1e-12)
