@@ -30,7 +30,6 @@ from .engine import (
     rank_for_tolerance,
 )
 from .errors import InputError, OOCSVDError
-from .kernels.cpu import blas_threads
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
@@ -364,10 +363,9 @@ def _run(source: DenseSource, request: _Request) -> SVDResult:
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
     if request.spectral_iters:
-        with blas_threads(plan.prefetch_depth if source.decodes else 0):
-            spectral = spectral_residual_estimate(
-                context, left.array, factors.S, factors.V, request.spectral_iters, seed
-            )
+        spectral = spectral_residual_estimate(
+            context, left.array, factors.S, factors.V, request.spectral_iters, seed
+        )
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
     if request.spectral_iters:
         result.spectral_error = spectral
@@ -388,24 +386,22 @@ def _run(source: DenseSource, request: _Request) -> SVDResult:
 
 def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
              allocate_u) -> Factors:
-    """Run the planned method, with BLAS leaving a core to each decompressing reader."""
-    source = context.source
+    """Run the planned method."""
     rule = request.rank_rule
-    with blas_threads(plan.prefetch_depth if source.decodes else 0):
-        if plan.method == "exact":
-            return exact_svd(context, plan, allocate_u, rule)
-        if plan.method == "gram":
-            # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
-            # spectrum; a requested one does what was asked.
-            fallback_eps = _data_eps(source.dtype) if request.method == "auto" else None
-            return gram_svd(context, plan, allocate_u, rule, fallback_eps)
-        if plan.method == "krylov":
-            return krylov_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
-        if request.tol is not None:
-            return adaptive_randomized_svd(
-                context, plan, seed, allocate_u, request.scratch_dir, request.tol, request.k
-            )
-        return randomized_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
+    if plan.method == "exact":
+        return exact_svd(context, plan, allocate_u, rule)
+    if plan.method == "gram":
+        # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
+        # spectrum; a requested one does what was asked.
+        fallback_eps = _data_eps(context.source.dtype) if request.method == "auto" else None
+        return gram_svd(context, plan, allocate_u, rule, fallback_eps)
+    if plan.method == "krylov":
+        return krylov_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
+    if request.tol is not None:
+        return adaptive_randomized_svd(
+            context, plan, seed, allocate_u, request.scratch_dir, request.tol, request.k
+        )
+    return randomized_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
 
 
 def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:

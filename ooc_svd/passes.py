@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint
 from .kernels.cpu import (
     BlockStats,
     SubBlocks,
+    blas_threads,
     block_times,
     check_finite,
     gram_block,
@@ -102,6 +103,11 @@ class PassContext:
         shift = None
         bytes_read = 0
         uncached = [block for i, block in enumerate(self.blocks) if i not in self.cache]
+        # BLAS leaves a core to each decompressing reader; a pass served from the cache
+        # (or from memory) gives BLAS every core.
+        readers = self.prefetch_depth if uncached and self.source.decodes else 0
+        threads = blas_threads(readers)
+        threads.__enter__()
         stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
         try:
             for index, (start, _) in enumerate(self.blocks):
@@ -118,6 +124,7 @@ class PassContext:
         finally:
             stream.close()
             bar.close()
+            threads.__exit__(None, None, None)
         self.records.append(PassRecord(name, time.perf_counter() - began, bytes_read))
 
 

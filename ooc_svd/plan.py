@@ -72,6 +72,7 @@ class Plan:
     growth_blocks: int = 0  # fixed-accuracy randomized: at most this many blocks of basis
     krylov_width: int = 0  # block Krylov: columns of the final basis, (q + 1) l at most
     cached_blocks: int = 0  # leading blocks kept in memory after the first pass
+    spill_in_memory: bool = False  # the final pass's Q factors fit under the limit
 
     @property
     def cached_bytes(self) -> int:
@@ -188,8 +189,15 @@ def make_plan(
         growth_blocks, krylov_width if method == "krylov" else 0,
     )
     if not cacheable or plan.passes < 2:
-        return plan
-    return replace(plan, cached_blocks=_blocks_that_fit(blocks, n * itemsize, memory_limit - peak))
+        return _with_spill_in_memory(plan)
+    cached = _blocks_that_fit(blocks, n * itemsize, memory_limit - peak)
+    return _with_spill_in_memory(replace(plan, cached_blocks=cached))
+
+
+def _with_spill_in_memory(plan: Plan) -> Plan:
+    """Keep the TSQR spill in memory when it fits beside the working set and the cache."""
+    room = plan.memory_limit - plan.predicted_peak_bytes - plan.cached_bytes
+    return replace(plan, spill_in_memory=0 < plan.spill_bytes <= room)
 
 
 def _blocks_that_fit(blocks, row_bytes: int, budget: int) -> int:

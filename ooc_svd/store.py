@@ -22,22 +22,34 @@ class QSpill:
     Q_i (b_i x l) and the merge factors T_i, S_i (l x l), so memory does not grow with m.
 
     Plain file I/O, not a memory map, so spilled pages are not counted in the process's RSS.
+    With ``in_memory`` (the plan found room for all of it under the memory limit) the factors
+    stay in memory instead, sparing a write and a read of m x l float64.
     """
 
-    def __init__(self, scratch_dir: str | None = None):
-        self.directory = tempfile.mkdtemp(prefix="ooc-svd-spill-", dir=scratch_dir)
+    def __init__(self, scratch_dir: str | None = None, in_memory: bool = False):
+        self.kept: dict[tuple[str, int], np.ndarray] | None = {} if in_memory else None
+        self.directory = None if in_memory else tempfile.mkdtemp(
+            prefix="ooc-svd-spill-", dir=scratch_dir
+        )
 
     def _path(self, name: str, index: int) -> str:
         return os.path.join(self.directory, f"{name}{index:08d}.npy")
 
     def write(self, name: str, index: int, array: np.ndarray) -> None:
-        np.save(self._path(name, index), array, allow_pickle=False)
+        if self.kept is not None:
+            self.kept[name, index] = array
+        else:
+            np.save(self._path(name, index), array, allow_pickle=False)
 
     def load(self, name: str, index: int) -> np.ndarray:
+        if self.kept is not None:
+            return self.kept.pop((name, index))
         return np.load(self._path(name, index), allow_pickle=False)
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.kept = None
 
     def __enter__(self) -> QSpill:
         return self
