@@ -133,7 +133,8 @@ def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
 
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
-              records: list[PassRecord]) -> SVDResult:
+                    records: list[PassRecord]) -> SVDResult:
+    """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2."""
     dtype = U.dtype
     fro2 = factors.frobenius_squared
     residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
