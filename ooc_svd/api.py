@@ -225,19 +225,22 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     return result.U, result.S, result.V
 
 
-def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2):
+def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2, *,
+                method: str = "auto"):
     """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
 
-    q defaults to min(6, m, n). Centering is implicit: sparse or huge inputs are never
-    densified or copied. The principal directions are the columns of V, and the explained
-    variances are S**2 / (m - 1).
+    q defaults to min(6, m, n). Centering is implicit: huge inputs are never densified or
+    copied. The principal directions are the columns of V, and the explained variances are
+    S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
+    :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
     """
     source = open_dense_source(A)
     m, n = _check_matrix(source)
     q = min(6, m, n) if q is None else _check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center))
+    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center,
+                                   method=method))
     return result.U, result.S, result.V
 
 

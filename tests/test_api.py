@@ -124,6 +124,8 @@ def test_pca_lowrank(matrix):
     assert naive.subspace_distance(V, V_exact) < 1e-4
     _, S_uncentered, _ = ooc_svd.pca_lowrank(matrix, q=3, center=False)
     np.testing.assert_allclose(S_uncentered, naive.truncated_svd(matrix, 3)[1], rtol=1e-6)
+    _, S_krylov, _ = ooc_svd.pca_lowrank(matrix, q=4, niter=3, method="krylov")
+    np.testing.assert_allclose(S_krylov, S_exact[:4], rtol=1e-8)
 
 
 # ---- output stores -----------------------------------------------------------------------
