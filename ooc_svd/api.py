@@ -154,8 +154,7 @@ def svd(
     N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
     SIAM Review 53(2), 2011.
     """
-    source = open_dense_source(A)
-    m, n = _check_matrix(source)
+    source, m, n = _open_matrix(A)
     k, rule = _rank_request(k, tol, max_rank, m, n)
     request = _Request(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
@@ -181,8 +180,7 @@ def svd_plan(
     Same arguments as :func:`svd`; raises the same errors for them (a memory limit too
     small, k out of range, ...). ``plan.describe()`` says what the run would do and why.
     """
-    source = open_dense_source(A)
-    m, n = _check_matrix(source)
+    source, m, n = _open_matrix(A)
     k, _ = _rank_request(k, tol, max_rank, m, n)
     return _plan(source, k, oversample, niter, method, memory_limit, tol is not None)
 
@@ -216,11 +214,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     S : ndarray of shape (q,)
     V : ndarray of shape (n, q)
     """
-    source = open_dense_source(A)
-    m, n = _check_matrix(source)
-    q = 6 if q is None else _check_int("q", q, minimum=1)
-    if q > min(m, n):
-        raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
+    source, m, n = _open_matrix(A)
+    q = _check_q(6 if q is None else q, m, n)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=M))
     return result.U, result.S, result.V
 
@@ -234,11 +229,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
     :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
     """
-    source = open_dense_source(A)
-    m, n = _check_matrix(source)
-    q = min(6, m, n) if q is None else _check_int("q", q, minimum=1)
-    if q > min(m, n):
-        raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
+    source, m, n = _open_matrix(A)
+    q = _check_q(min(6, m, n) if q is None else q, m, n)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center,
                                    method=method))
     return result.U, result.S, result.V
@@ -303,8 +295,7 @@ def low_rank_factors(
         B, A, the rank, the parameter counts before (m n) and after (r (m + n)), and the
         relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
     """
-    source = open_dense_source(W)
-    m, n = _check_matrix(source)
+    source, m, n = _open_matrix(W)
     if n > MAX_EXACT_COLUMNS and m <= MAX_EXACT_COLUMNS and not source.decodes and out is None:
         # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
         factors = low_rank_factors(np.asarray(source.array).T, rank, rtol,
@@ -426,6 +417,21 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
     return max_rank, rank_for_tolerance(float(tol), max_rank)
+
+
+def _open_matrix(A: Any) -> tuple[DenseSource, int, int]:
+    """The source of A and its shape, after checking that it is a usable matrix."""
+    source = open_dense_source(A)
+    m, n = _check_matrix(source)
+    return source, m, n
+
+
+def _check_q(q: Any, m: int, n: int) -> int:
+    """torch's q: the subspace size, 1 <= q <= min(m, n)."""
+    q = _check_int("q", q, minimum=1)
+    if q > min(m, n):
+        raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
+    return q
 
 
 def _check_matrix(source: DenseSource) -> tuple[int, int]:

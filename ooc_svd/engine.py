@@ -105,14 +105,23 @@ def randomized_svd(
     scratch_dir: str | None, rank_rule: RankRule,
 ) -> Factors:
     """Top-k SVD of A - 1 mu^T by randomized subspace iteration in plan.niter + 1 passes."""
-    n = context.source.shape[1]
-    X = gaussian_test_matrix(n, plan.basis_size, seed)
+    *_, X = power_iterates(context, plan, seed)
+    return _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, "randomized")
+
+
+def power_iterates(context: PassContext, plan: Plan, seed: int):
+    """Yield Omega, then X_j = orth(A^T A X_{j-1}) for j = 1..niter, one fused pass each.
+
+    Each pass is checkpointed, so a resumed run takes its completed iterates from disk.
+    """
+    X = gaussian_test_matrix(context.source.shape[1], plan.basis_size, seed)
+    yield X
     for j in range(plan.niter):
         state = context.resumable(
             f"power{j}", lambda X=X: {"X": orthonormal_columns(fused_power_pass(context, X)[0])}
         )
         X = np.asfortranarray(state["X"])
-    return _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, "randomized")
+        yield X
 
 
 def krylov_svd(
@@ -126,14 +135,9 @@ def krylov_svd(
     [X_0, X_1, ..., X_q] (up to (q + 1) l columns). K spans the block Krylov space of
     A^T A, which captures flat spectra far better than the last iterate alone.
     """
-    n = context.source.shape[1]
-    X = gaussian_test_matrix(n, plan.basis_size, seed)
-    basis = X
-    for j in range(plan.niter):
-        state = context.resumable(
-            f"power{j}", lambda X=X: {"X": orthonormal_columns(fused_power_pass(context, X)[0])}
-        )
-        X = np.asfortranarray(state["X"])
+    iterates = power_iterates(context, plan, seed)
+    basis = next(iterates)
+    for X in iterates:
         basis = extend_basis(basis, X)
     return _final_pass(context, plan, basis, allocate_u, scratch_dir, rank_rule, "krylov")
 
