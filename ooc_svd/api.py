@@ -125,7 +125,6 @@ def svd(
     resume : bool, default=False
         Continue from the checkpoint of a killed run with the same input and parameters,
         skipping its completed passes; the result equals an uninterrupted run's.
-        (The fixed-accuracy randomized method checkpoints nothing yet.)
     spectral_iters : int, default=0
         Estimate ||A - U S V^T||_2 by this many power iterations on the residual, each one
         more read of A and of U (about 5 give a few percent); ``result.spectral_error``.

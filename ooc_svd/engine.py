@@ -171,23 +171,37 @@ def adaptive_randomized_svd(
     A X and the rank is the smallest that meets the tolerance.
     """
     n = context.source.shape[1]
-    basis = np.zeros((n, 0), order="F")
-    captured = 0.0
+    state = {"basis": np.zeros((n, 0), order="F"), "captured": 0.0}
     for block in range(-(-max_rank // GROWTH_BLOCK)):
-        width = min(GROWTH_BLOCK, max_rank - basis.shape[1], n - basis.shape[1])
+        width = min(GROWTH_BLOCK, max_rank - state["basis"].shape[1], n - state["basis"].shape[1])
         if width <= 0:
             break
-        X = _deflated_basis(gaussian_test_matrix(n, width, seed, stream=block + 1), basis)
-        for _ in range(plan.niter):
-            X = _deflated_basis(fused_power_pass(context, X)[0], basis)
-        Z, stats, shift = fused_power_pass(context, X)
-        fro2 = context.centering.frobenius_squared(shift, stats)
-        captured += float(np.sum(X * Z))
-        basis = np.asfortranarray(np.hstack([basis, X]))
+        state = context.resumable(
+            f"grow{block}",
+            lambda state=state, block=block, width=width: _grow_basis(
+                context, plan, seed, state["basis"], float(state["captured"]), block, width
+            ),
+        )
+        fro2, captured = float(state["fro2"]), float(state["captured"])
         if fro2 - captured <= tol**2 * fro2:
             break
+    basis = np.asfortranarray(state["basis"])
     rule = rank_for_tolerance(tol, max_rank)
     return _final_pass(context, plan, basis, allocate_u, scratch_dir, rule, "randomized")
+
+
+def _grow_basis(context, plan, seed, basis, captured, block, width) -> dict:
+    """One block of the fixed-accuracy method: niter + 1 passes, the block's energy exact."""
+    n = basis.shape[0]
+    X = _deflated_basis(gaussian_test_matrix(n, width, seed, stream=block + 1), basis)
+    for _ in range(plan.niter):
+        X = _deflated_basis(fused_power_pass(context, X)[0], basis)
+    Z, stats, shift = fused_power_pass(context, X)
+    return {
+        "basis": np.asfortranarray(np.hstack([basis, X])),
+        "captured": captured + float(np.sum(X * Z)),
+        "fro2": context.centering.frobenius_squared(shift, stats),
+    }
 
 
 def exact_svd(

@@ -72,20 +72,24 @@ class PassContext:
     cached_blocks: int = 0  # leading blocks kept in memory after their first read
     cache: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def resumable(self, name: str, run_pass: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The state after pass ``name``: from the checkpoint if that pass completed before,
-        else by running it (``run_pass`` returns its state) and saving the state."""
+    def resumable(self, name: str, run_passes: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The state after step ``name`` (one or more passes): from the checkpoint if that step
+        completed before, else by running it (``run_passes`` returns its state) and saving
+        the state with the step's pass records."""
         saved = self.checkpoint.load(name)
         if saved is not None:
             if "mean" in saved:
                 self.centering.mean = saved["mean"]
-            self.records.append(
-                PassRecord(f"{name} (resumed)", float(saved["seconds"]), int(saved["bytes_read"]))
-            )
+            for seconds, nbytes in zip(saved["seconds"], saved["bytes_read"], strict=True):
+                self.records.append(PassRecord(f"{name} (resumed)", float(seconds), int(nbytes)))
             return saved
-        state = run_pass()
-        record = self.records[-1]
-        extra = {"seconds": record.seconds, "bytes_read": record.bytes_read}
+        first = len(self.records)
+        state = run_passes()
+        done = self.records[first:]
+        extra = {
+            "seconds": np.array([record.seconds for record in done]),
+            "bytes_read": np.array([record.bytes_read for record in done], dtype=np.int64),
+        }
         if self.centering.mode == "mean":
             extra["mean"] = self.centering.mean
         self.checkpoint.save(name, state | extra)

@@ -18,28 +18,31 @@ def die(*args, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("method", "dies_in", "resumed"),
+    ("method", "rank", "dies_in", "resumed"),
     [
-        ("randomized", "tsqr_final_pass", 2),  # both power passes are kept
-        ("gram", "product_pass", 1),  # G is kept
-        ("exact", "product_pass", 1),  # R is kept
+        ("randomized", {"k": 4}, "tsqr_final_pass", 2),  # both power passes are kept
+        ("krylov", {"k": 4}, "tsqr_final_pass", 2),
+        ("gram", {"k": 4}, "product_pass", 1),  # G is kept
+        ("exact", {"k": 4}, "product_pass", 1),  # R is kept
+        # Fixed accuracy: two blocks of basis, niter + 1 = 3 passes each, are kept.
+        ("randomized", {"tol": 0.02}, "_final_pass", 6),
     ],
 )
 def test_resume_skips_completed_passes_and_gives_the_same_result(
-    tmp_path, monkeypatch, method, dies_in, resumed
+    tmp_path, monkeypatch, method, rank, dies_in, resumed
 ):
-    A = naive.matrix_with_spectrum(500, 30, 1.0 / np.arange(1, 31), seed=2) + 3.0
+    A = naive.matrix_with_spectrum(500, 60, 1.0 / np.arange(1, 61), seed=2) + 3.0
     out = str(tmp_path / "result.zarr")
-    reference = ooc_svd.svd(A, 4, method=method, center=True)
+    reference = ooc_svd.svd(A, method=method, center=True, **rank)
 
     with monkeypatch.context() as patch:
         patch.setattr(ooc_svd.engine, dies_in, die)
         with pytest.raises(Killed):
-            ooc_svd.svd(A, 4, method=method, center=True, out=out)
+            ooc_svd.svd(A, method=method, center=True, out=out, **rank)
     assert not (tmp_path / "result.zarr").exists()
     assert (tmp_path / "result.zarr.checkpoint").is_dir()
 
-    result = ooc_svd.svd(A, 4, method=method, center=True, out=out, resume=True)
+    result = ooc_svd.svd(A, method=method, center=True, out=out, resume=True, **rank)
     assert [r.name.endswith("(resumed)") for r in result.records].count(True) == resumed
     assert result.passes == reference.passes
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
