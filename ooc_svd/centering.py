@@ -58,11 +58,14 @@ class Centering:
         if self.mode == "mean" and self.mean is None:
             self.mean = shift + stats.colsum / stats.rows
 
-    def correct_gram(self, Z: np.ndarray, X: np.ndarray, shift: np.ndarray, stats: BlockStats):
-        """Turn Z = A_s^T A_s X into (A - 1 mu^T)^T (A - 1 mu^T) X in place."""
+    def correct_gram(
+        self, Z: np.ndarray, X: np.ndarray | None, shift: np.ndarray, stats: BlockStats
+    ):
+        """Turn Z = A_s^T A_s X into (A - 1 mu^T)^T (A - 1 mu^T) X in place; X=None stands
+        for the identity (Z is the Gram matrix itself)."""
         d = self.offset(shift, stats)
         if d is not None:
-            Z -= stats.rows * np.outer(d, d @ X)
+            Z -= stats.rows * np.outer(d, d if X is None else d @ X)
 
     def frobenius_squared(self, shift: np.ndarray, stats: BlockStats) -> float:
         """||A - 1 mu^T||_F^2 (or ||A||_F^2, or ||A - 1 M^T||_F^2) from a pass's totals."""

@@ -27,11 +27,10 @@ from .kernels.cpu import (
     SubBlocks,
     blas_threads,
     block_times,
-    check_finite,
     gram_block,
     power_block,
     transposed_block_times,
-    widen_shift_rows,
+    widen_into,
 )
 from .sources import DenseSource, prefetch_blocks
 from .store import QSpill
@@ -221,11 +220,7 @@ def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> n
     r_acc, count = R.shape[0], rows.shape[0]
     stack[:r_acc] = R
     below = stack[r_acc : r_acc + count]
-    sumsq = widen_shift_rows(rows, shift, below[:, :n], stats.colsum)
-    if not np.isfinite(sumsq):
-        check_finite(rows, first_row)
-    stats.sumsq += sumsq
-    stats.rows += count
+    widen_into(rows, first_row, shift, below[:, :n], stats)
     if append_ones:
         below[:, n] = 1.0
     return scipy.linalg.qr(
@@ -242,9 +237,7 @@ def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]
     for _, start, block, shift in context.read("gram pass"):
         gram_block(block, start, shift, G, stats, subs)
     G = np.triu(G) + np.triu(G, 1).T
-    d = context.centering.offset(shift, stats)
-    if d is not None:
-        G -= stats.rows * np.outer(d, d)
+    context.centering.correct_gram(G, None, shift, stats)
     context.centering.finish_pass(shift, stats)
     return G, stats, shift
 

@@ -100,12 +100,20 @@ class SubBlocks:
         for r0 in range(0, block.shape[0], self.rows):
             r1 = min(r0 + self.rows, block.shape[0])
             sub = self.buffer[: r1 - r0, :n]
-            sumsq = widen_shift_rows(block[r0:r1], shift, sub, stats.colsum)
-            if not np.isfinite(sumsq):
-                check_finite(block[r0:r1], first_row + r0)
-            stats.sumsq += sumsq
-            stats.rows += r1 - r0
+            widen_into(block[r0:r1], first_row + r0, shift, sub, stats)
             yield r0, r1, sub
+
+
+def widen_into(
+    rows: np.ndarray, first_row: int, shift: np.ndarray, out: np.ndarray, stats: BlockStats
+) -> None:
+    """out = float64(rows) - shift, adding the column sums and sum of squares to ``stats``;
+    a NaN or Inf raises NonFiniteError naming the first offending row of the matrix."""
+    sumsq = widen_shift_rows(rows, shift, out, stats.colsum)
+    if not np.isfinite(sumsq):
+        check_finite(rows, first_row)
+    stats.sumsq += sumsq
+    stats.rows += rows.shape[0]
 
 
 def check_finite(rows: np.ndarray, first_row: int) -> None:
