@@ -349,19 +349,19 @@ def _run(source: DenseSource, request: _Request) -> SVDResult:
     began = time.perf_counter()
     try:
         factors = _compute(context, plan, request, seed, left.allocate)
+        spectral = None
+        if request.spectral_iters:
+            spectral = spectral_residual_estimate(
+                context, left.array, factors.S, factors.V, request.spectral_iters, seed
+            )
     except BaseException as error:
         if writer:
             writer.abort()
         if isinstance(error, OOCSVDError):
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
-    if request.spectral_iters:
-        spectral = spectral_residual_estimate(
-            context, left.array, factors.S, factors.V, request.spectral_iters, seed
-        )
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
-    if request.spectral_iters:
-        result.spectral_error = spectral
+    result.spectral_error = spectral
     if writer:
         arrays = {"S": result.S, "V": result.V}
         if result.mean is not None:

@@ -145,14 +145,14 @@ def krylov_svd(
 def extend_basis(basis: np.ndarray, block: np.ndarray) -> np.ndarray:
     """Append to an orthonormal basis the directions of ``block`` it does not span yet.
 
-    Block Gram-Schmidt twice (enough for orthogonality to working precision), then a
-    pivoted QR of the remainder: columns whose remaining norm is below DEPENDENT_NORM of
-    the block's (orthonormal, so unit) columns are numerically in the span already and are
-    dropped rather than normalized into noise.
+    Block Gram-Schmidt twice (``_project_out``), then a pivoted QR of the remainder:
+    columns whose remaining norm is below DEPENDENT_NORM of the block's (orthonormal, so
+    unit) columns are numerically in the span already and are dropped rather than
+    normalized into noise.
     """
-    for _ in range(2):
-        block = block - basis @ (basis.T @ block)
-    Q, R, _ = scipy.linalg.qr(block, mode="economic", pivoting=True, check_finite=False)
+    Q, R, _ = scipy.linalg.qr(
+        _project_out(block, basis), mode="economic", pivoting=True, check_finite=False
+    )
     keep = int(np.count_nonzero(np.abs(np.diag(R)) > DEPENDENT_NORM))
     return np.asfortranarray(np.hstack([basis, Q[:, :keep]]))
 
@@ -298,11 +298,16 @@ def _left_vectors_by_product(context, S, V, numerical, fro2, allocate_u, method)
 
 
 def _deflated_basis(X: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """orth(X - basis basis^T X), projecting twice so the new columns are orthogonal to the
-    basis to working precision (classical Gram-Schmidt twice is enough)."""
+    """orth(X - basis basis^T X): new orthonormal columns orthogonal to the basis."""
+    return orthonormal_columns(_project_out(X, basis))
+
+
+def _project_out(X: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """X - basis basis^T X, projected twice so the result is orthogonal to the basis to
+    working precision (classical Gram-Schmidt twice is enough)."""
     for _ in range(2):
         X = X - basis @ (basis.T @ X)
-    return orthonormal_columns(X)
+    return X
 
 
 def _factor_state(factor: np.ndarray, stats: BlockStats, shift: np.ndarray) -> dict:
