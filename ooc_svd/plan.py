@@ -174,7 +174,7 @@ def make_plan(
             raise PlanError(
                 f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method "
                 f"on a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
-                f"(n x l float64 arrays with l={l}) before any block of rows"
+                f"(n x l float64 arrays with l={width}) before any block of rows"
             )
         chunk = int(np.max(np.diff(chunk_boundaries)))
         raise PlanError(
