@@ -74,18 +74,21 @@ class DenseSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a C-contiguous ndarray."""
         try:
-            block = self.array[start:stop]
-            if self.compute_slice:
-                # A local run needs no scheduler: each slice is a small graph of whole chunks,
-                # computed in the reader thread that asked for it.
-                block = block.compute(scheduler="synchronous")
-            return np.ascontiguousarray(block)
+            return np.ascontiguousarray(self._slice(start, stop))
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             first, last, cause = self._failing_chunk(start, stop, exc)
             raise ReadError(
                 f"cannot read the chunk of rows [{first}, {last}) of {self.description}: "
                 f"{type(cause).__name__}: {cause}"
             ) from exc
+
+    def _slice(self, start: int, stop: int) -> Any:
+        block = self.array[start:stop]
+        if self.compute_slice:
+            # A local run needs no scheduler: each slice is a small graph of whole chunks,
+            # computed in the reader thread that asked for it.
+            block = block.compute(scheduler="synchronous")
+        return block
 
     def _failing_chunk(self, start: int, stop: int, error: Exception):
         """Narrow a failed block read down to its first unreadable chunk, for the message."""
@@ -94,9 +97,7 @@ class DenseSource:
         if len(edges) > 2 and len(edges) <= 1025:
             for first, last in zip(edges[:-1], edges[1:], strict=True):
                 try:
-                    block = self.array[first:last]
-                    if self.compute_slice:
-                        block.compute(scheduler="synchronous")
+                    self._slice(first, last)
                 except Exception as exc:  # noqa: BLE001, PERF203 - error path: the one we report
                     return first, last, exc
         return start, stop, error
