@@ -30,10 +30,12 @@ from .engine import (
     rank_for_tolerance,
 )
 from .errors import InputError, OOCSVDError
+from .kernels.backend import CPUKernels
+from .kernels.csr import scatter_threads
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
-from .sources import DenseSource, open_dense_source
+from .sources import CSRSource, DenseSource, open_source
 from .store import LeftVectors, ResultWriter, check_output_path
 
 
@@ -184,14 +186,17 @@ def svd_plan(
     return _plan(source, k, oversample, niter, method, memory_limit, tol is not None)
 
 
-def _plan(source: DenseSource, k, oversample, niter, method, memory_limit,
+def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
           fixed_accuracy: bool = False) -> Plan:
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
+    sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k,
                      0 if fixed_accuracy else oversample, niter, method, limit,
-                     fixed_accuracy=fixed_accuracy, cacheable=source.decodes)
+                     fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
+                     chunk_bytes=source.chunk_bytes if sparse else None,
+                     nnz=source.nnz if sparse else None, scatter_copies=scatter_threads())
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
@@ -295,7 +300,8 @@ def low_rank_factors(
         relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
     """
     source, m, n = _open_matrix(W)
-    if n > MAX_EXACT_COLUMNS and m <= MAX_EXACT_COLUMNS and not source.decodes and out is None:
+    in_memory = isinstance(source, DenseSource) and not source.decodes
+    if n > MAX_EXACT_COLUMNS and m <= MAX_EXACT_COLUMNS and in_memory and out is None:
         # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
         factors = low_rank_factors(np.asarray(source.array).T, rank, rtol,
                                    memory_limit=memory_limit)
@@ -321,7 +327,7 @@ def low_rank_factors(
                           result.residual)
 
 
-def _run(source: DenseSource, request: _Request) -> SVDResult:
+def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
     seed = _check_int("seed", request.seed, minimum=0)
     centering = _make_centering(n, request.center, request.mean)
@@ -343,7 +349,7 @@ def _run(source: DenseSource, request: _Request) -> SVDResult:
     writer = None if out_path is None else ResultWriter(out_path)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
-        source, plan.blocks, plan.prefetch_depth, centering,
+        source, CPUKernels(n), plan.blocks, plan.prefetch_depth, centering,
         _progress_factory(request.progress), [], saved, plan.cached_blocks,
     )
     began = time.perf_counter()
@@ -418,9 +424,9 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
     return max_rank, rank_for_tolerance(float(tol), max_rank)
 
 
-def _open_matrix(A: Any) -> tuple[DenseSource, int, int]:
+def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:
     """The source of A and its shape, after checking that it is a usable matrix."""
-    source = open_dense_source(A)
+    source = open_source(A)
     m, n = _check_matrix(source)
     return source, m, n
 
@@ -433,8 +439,8 @@ def _check_q(q: Any, m: int, n: int) -> int:
     return q
 
 
-def _check_matrix(source: DenseSource) -> tuple[int, int]:
-    if len(source.array.shape) != 2:
+def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
+    if isinstance(source, DenseSource) and len(source.array.shape) != 2:
         raise InputError(f"A must be 2-dimensional, got shape {tuple(source.array.shape)}")
     kind = source.dtype.kind
     if kind == "c":

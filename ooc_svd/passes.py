@@ -22,17 +22,9 @@ import scipy.linalg
 
 from .centering import Centering
 from .checkpoint import Checkpoint
-from .kernels.cpu import (
-    BlockStats,
-    SubBlocks,
-    blas_threads,
-    block_times,
-    gram_block,
-    power_block,
-    transposed_block_times,
-    widen_into,
-)
-from .sources import DenseSource, prefetch_blocks
+from .kernels.backend import Kernels
+from .kernels.cpu import BlockStats, SubBlocks, blas_threads, gram_block, widen_into
+from .sources import CSRSource, DenseSource, prefetch_blocks
 from .store import QSpill
 from .tsqr import StreamingTSQR, local_qr
 
@@ -61,7 +53,8 @@ class PassRecord:
 class PassContext:
     """Everything a pass needs besides its own operands."""
 
-    source: DenseSource
+    source: DenseSource | CSRSource
+    kernels: Kernels
     blocks: tuple[tuple[int, int], ...]
     prefetch_depth: int
     centering: Centering
@@ -138,12 +131,12 @@ def fused_power_pass(
 
     Also returns the pass's totals and shift, from which ||A - 1 mu^T||_F follows.
     """
-    n, l = X.shape
-    Z = np.zeros((n, l), order="F")
-    stats = BlockStats.zeros(n)
-    subs = SubBlocks(n)
+    stats = BlockStats.zeros(X.shape[0])
+    sweep = context.kernels.power_sweep(X, stats)
+    shift = None
     for _, start, block, shift in context.read("power pass"):
-        power_block(block, start, X, shift, Z, stats, subs)
+        sweep.add(block, start, shift)
+    Z = sweep.result()
     context.centering.correct_gram(Z, X, shift, stats)
     context.centering.finish_pass(shift, stats)
     return Z, stats, shift
@@ -167,17 +160,17 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     n, l = X.shape
     append_ones = not context.centering.mean_known
     stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
-    subs = SubBlocks(n)
+    kernels = context.kernels
     tsqr = StreamingTSQR()
     for index, start, block, shift in context.read("final pass"):
         Y = np.empty((block.shape[0], l + append_ones), order="F")
-        block_times(block, start, X, shift, stats, subs, out=Y[:, :l])
+        kernels.times(block, start, X, shift, stats, out=Y[:, :l])
         if append_ones:
             Y[:, l] = 1.0
         Q_i, R_i = local_qr(Y)
         spill.write("Q", index, Q_i)
         merge = tsqr.add_block(
-            R_i, transposed_block_times(block, start, Q_i, shift, reread_stats, subs)
+            R_i, kernels.transposed_times(block, start, Q_i, shift, reread_stats)
         )
         if merge is not None:
             spill.write("T", index, merge.T)
@@ -246,11 +239,9 @@ def product_pass(
     context: PassContext, W: np.ndarray, store_rows: Callable[[int, np.ndarray], None]
 ) -> None:
     """U_i = (A_i - 1 mu^T) W for every block, handed to ``store_rows(start, U_i)``."""
-    n = context.source.shape[1]
-    subs = SubBlocks(n)
-    stats = BlockStats.zeros(n)
+    stats = BlockStats.zeros(context.source.shape[1])
     for _, start, block, shift in context.read("product pass"):
-        store_rows(start, block_times(block, start, W, shift, stats, subs))
+        store_rows(start, context.kernels.times(block, start, W, shift, stats))
 
 
 def residual_power_pass(
@@ -266,12 +257,12 @@ def residual_power_pass(
     """
     n, l = X.shape
     Z = np.zeros((n, l), order="F")
-    subs = SubBlocks(n)
+    kernels = context.kernels
     stats = BlockStats.zeros(n)
     SVtX = S[:, None] * (V.T @ X)
     for _, start, block, shift in context.read("residual pass"):
         U_i = np.asarray(read_u(start, start + block.shape[0]), dtype=np.float64)
-        Y = block_times(block, start, X, shift, stats, subs) - U_i @ SVtX
-        Z += transposed_block_times(block, start, Y, shift, stats, subs)
+        Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
+        Z += kernels.transposed_times(block, start, Y, shift, stats)
         Z -= V @ (S[:, None] * (U_i.T @ Y))
     return Z

@@ -21,6 +21,9 @@ from .kernels.cpu import SUB_BLOCK_BYTES
 # of Householder QR on tall blocks.
 READ_BYTES_PER_S = 400e6
 GEMM_FLOPS_PER_S = 12e9
+# Multiply-adds per second of the CSR kernels per column of X (a gather or scatter per
+# non-zero, memory-bound), and of densifying CSR rows for the exact and gram methods.
+CSR_FLOPS_PER_S = 1.5e9
 SYRK_FLOPS_PER_S = 30e9
 QR_FLOPS_PER_S = 8e9
 
@@ -73,11 +76,12 @@ class Plan:
     krylov_width: int = 0  # block Krylov: columns of the final basis, (q + 1) l at most
     cached_blocks: int = 0  # leading blocks kept in memory after the first pass
     spill_in_memory: bool = False  # the final pass's Q factors fit under the limit
+    block_bytes: tuple[int, ...] = ()  # raw bytes of each block (values, indices, indptr)
+    sparse: bool = False
 
     @property
     def cached_bytes(self) -> int:
-        rows = sum(stop - start for start, stop in self.blocks[: self.cached_blocks])
-        return rows * self.shape[1] * self.itemsize
+        return sum(self.block_bytes[: self.cached_blocks])
 
     @property
     def bytes_to_read(self) -> int:
@@ -101,7 +105,7 @@ class Plan:
 
     @property
     def bytes_per_pass(self) -> int:
-        return self.shape[0] * self.shape[1] * self.itemsize
+        return sum(self.block_bytes)
 
     def _cache_note(self) -> str:
         if not self.cached_blocks:
@@ -119,9 +123,11 @@ class Plan:
             basis = f", blocks of l={self.basis_size}, niter={self.niter}, Krylov basis of " \
                     f"{self.krylov_width}"
         bound = "up to " if self.growth_blocks else ""
+        kind = "sparse " if self.sparse else ""
         return (
-            f"{self.method} SVD of a {m} x {n} matrix, k={self.k}{basis}: {bound}{self.passes} "
-            f"passes reading {self.bytes_to_read / 1e9:.3g} GB{self._cache_note()}; "
+            f"{self.method} SVD of a {m} x {n} {kind}matrix, k={self.k}{basis}: "
+            f"{bound}{self.passes} passes reading {self.bytes_to_read / 1e9:.3g} GB"
+            f"{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
             f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
@@ -139,6 +145,9 @@ def make_plan(
     memory_limit: int,
     fixed_accuracy: bool = False,
     cacheable: bool = False,
+    chunk_bytes: np.ndarray | None = None,
+    nnz: int | None = None,
+    scatter_copies: int = 1,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -146,26 +155,33 @@ def make_plan(
     GROWTH_BLOCK columns up to k, and the plan's passes are an upper bound. With
     ``cacheable`` (reading costs I/O or decoding), the memory the working set leaves under
     the limit keeps leading blocks after their first read, for the later passes.
+
+    A sparse matrix gives ``nnz`` and the raw bytes of each unit between ``chunk_boundaries``
+    (``chunk_bytes``); its CSR kernels hold ``scatter_copies`` private n x l accumulators.
     """
     m, n = shape
     l = min(k + oversample, m, n)
     krylov_width = min((niter + 1) * l, m, n)
+    if chunk_bytes is None:
+        chunk_bytes = np.diff(chunk_boundaries) * n * itemsize
+    work = _Work(m, n, int(np.sum(chunk_bytes)), nnz)
     costs = {
-        "exact": _two_pass_seconds(m, n, itemsize, k, 2.5 * m * n * n / QR_FLOPS_PER_S),
-        "gram": _two_pass_seconds(m, n, itemsize, k, m * n * n / SYRK_FLOPS_PER_S),
-        "randomized": _randomized_seconds(m, n, itemsize, l, l, niter),
-        "krylov": _randomized_seconds(m, n, itemsize, l, krylov_width, niter),
+        "exact": work.two_pass_seconds(k, 2.5 * m * n * n / QR_FLOPS_PER_S),
+        "gram": work.two_pass_seconds(k, m * n * n / SYRK_FLOPS_PER_S),
+        "randomized": work.randomized_seconds(l, l, niter),
+        "krylov": work.randomized_seconds(l, krylov_width, niter),
     }
     requested = method
     method, reason = _choose_method(method, n, costs, fixed_accuracy)
     # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
     width = krylov_width if method == "krylov" else l
-    fixed = _fixed_bytes(n, width, method)
+    fixed = _fixed_bytes(n, width, method, scatter_copies if nnz is not None else 0)
     if requested == "auto" and method == "gram":
         fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
     for depth in (PREFETCH_DEPTH, 1):
         blocks, peak = _block_layout(
-            chunk_boundaries, n, itemsize, width, fixed, memory_limit, depth
+            chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
+            fixed, memory_limit, depth,
         )
         if peak <= memory_limit:
             break
@@ -176,10 +192,11 @@ def make_plan(
                 f"on a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
                 f"(n x l float64 arrays with l={width}) before any block of rows"
             )
-        chunk = int(np.max(np.diff(chunk_boundaries)))
+        largest = int(np.argmax(chunk_bytes))
+        rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
         raise PlanError(
-            f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {chunk} "
-            f"rows ({chunk * n * itemsize / 1e6:.1f} MB raw) with the read-ahead and working set "
+            f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {rows} "
+            f"rows ({chunk_bytes[largest] / 1e6:.1f} MB raw) with the read-ahead and working set "
             f"(needs {peak / 1e6:.1f} MB); raise memory_limit or rechunk the store by rows"
         )
     spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
@@ -187,6 +204,8 @@ def make_plan(
     plan = Plan(
         (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
         growth_blocks, krylov_width if method == "krylov" else 0,
+        block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
+        sparse=nnz is not None,
     )
     if not cacheable or plan.passes < 2:
         return _with_spill_in_memory(plan)
@@ -206,20 +225,58 @@ def _blocks_that_fit(blocks, row_bytes: int, budget: int) -> int:
     return int(np.searchsorted(sizes, budget, side="right"))
 
 
-def _block_layout(boundaries, n, itemsize, l, fixed, memory_limit, depth):
+def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth):
     """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
 
     Raw blocks' worth held at once: the computed one, and for each read in flight its
     output, the compressed chunk bytes and the decoded chunks (up to a block each, measured
     with tracemalloc on zarr 3). Per row also: Y_i, Q_i and the U rows, float64.
+    ``row_bytes`` is given for dense matrices (every row costs the same); sparse units are
+    grouped by their bytes.
     """
-    per_row = (3 * depth + 1) * n * itemsize + 3 * 8 * (l + 1)
-    if fixed + per_row > memory_limit:
+    per_byte, per_row = 3 * depth + 1, 3 * 8 * (l + 1)
+    if row_bytes is not None:
+        per_row += per_byte * row_bytes
+        if fixed + per_row > memory_limit:
+            return (), fixed + per_row
+        max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // row_bytes, 1))
+        blocks = group_chunks(boundaries, max_rows)
+        largest = max(stop - start for start, stop in blocks)
+        return blocks, fixed + largest * per_row
+    costs = per_byte * np.asarray(chunk_bytes) + per_row * np.diff(boundaries)
+    if fixed + per_row + per_byte * 8 > memory_limit:
         return (), fixed + per_row
-    max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // (n * itemsize), 1))
-    blocks = group_chunks(boundaries, max_rows)
-    largest = max(stop - start for start, stop in blocks)
-    return blocks, fixed + largest * per_row
+    blocks, largest = group_units(boundaries, costs, chunk_bytes, memory_limit - fixed)
+    return blocks, fixed + largest
+
+
+def group_units(boundaries, costs, raw_bytes, budget) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Group consecutive units (at least one per block) while their cost fits ``budget`` and
+    their raw bytes MAX_BLOCK_BYTES; return the blocks and the largest block's cost."""
+    blocks, largest = [], 0
+    first, cost, raw = 0, 0, 0
+    for i, (unit_cost, unit_raw) in enumerate(zip(costs, raw_bytes, strict=True)):
+        if i > first and (cost + unit_cost > budget or raw + unit_raw > MAX_BLOCK_BYTES):
+            blocks.append((int(boundaries[first]), int(boundaries[i])))
+            largest = max(largest, cost)
+            first, cost, raw = i, 0, 0
+        cost, raw = cost + int(unit_cost), raw + int(unit_raw)
+    blocks.append((int(boundaries[first]), int(boundaries[-1])))
+    return tuple(blocks), max(largest, cost)
+
+
+def _bytes_of_blocks(blocks, boundaries, chunk_bytes) -> tuple[int, ...]:
+    """Raw bytes of each block, from the bytes of the units it is made of."""
+    if not blocks:
+        return ()
+    total = np.concatenate([[0], np.cumsum(chunk_bytes)])
+    starts = np.searchsorted(boundaries, [start for start, _ in blocks])
+    stops = np.searchsorted(boundaries, [stop for _, stop in blocks])
+    if np.all(boundaries[starts] == [b[0] for b in blocks]) and np.all(
+        boundaries[stops] == [b[1] for b in blocks]
+    ):
+        return tuple(int(b) for b in total[stops] - total[starts])
+    raise AssertionError("blocks must start and end on chunk boundaries")
 
 
 def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int], ...]:
@@ -242,8 +299,11 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
     return tuple(blocks)
 
 
-def _fixed_bytes(n: int, l: int, method: str) -> int:
-    """Bytes of the working set that does not depend on the block size."""
+def _fixed_bytes(n: int, l: int, method: str, scatter_copies: int = 0) -> int:
+    """Bytes of the working set that does not depend on the block size; the CSR kernels add
+    their private per-thread accumulators (n x l, plus column sums)."""
+    if scatter_copies and method in ("randomized", "krylov"):
+        return _fixed_bytes(n, l, method) + 8 * scatter_copies * n * (l + 1)
     if method == "exact":
         # R, its SVD factors, and the stacked sub-block with LAPACK's Fortran-ordered copy.
         stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
@@ -255,18 +315,34 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
 
 
-def _randomized_seconds(m: int, n: int, itemsize: int, l: int, final: int, niter: int) -> float:
-    """q fused power passes with l columns, then the final pass with ``final`` columns."""
-    read = (niter + 1) * m * n * itemsize / READ_BYTES_PER_S
-    gemm = (niter * 4 * l + 4 * final) * m * n / GEMM_FLOPS_PER_S
-    qr_and_sweep = 4 * m * final**2 / QR_FLOPS_PER_S + 2 * m * final * 8 / READ_BYTES_PER_S
-    return read + gemm + qr_and_sweep
+@dataclass(frozen=True)
+class _Work:
+    """What a pass over A costs to read and to multiply by one column."""
 
+    m: int
+    n: int
+    pass_bytes: int
+    nnz: int | None  # None for dense
 
-def _two_pass_seconds(m: int, n: int, itemsize: int, k: int, factor_seconds: float) -> float:
-    """A pass that factors A (TSQR or Gram), then a pass for U = A V S^-1."""
-    read = 2 * m * n * itemsize / READ_BYTES_PER_S
-    return read + factor_seconds + 2 * m * n * k / GEMM_FLOPS_PER_S
+    def product_seconds(self, columns: float) -> float:
+        """Seconds for products of A (or A^T) with ``columns`` columns."""
+        if self.nnz is None:
+            return 2 * self.m * self.n * columns / GEMM_FLOPS_PER_S
+        return self.nnz * columns / CSR_FLOPS_PER_S
+
+    def randomized_seconds(self, l: int, final: int, niter: int) -> float:
+        """q fused power passes with l columns, then the final pass with ``final`` columns."""
+        read = (niter + 1) * self.pass_bytes / READ_BYTES_PER_S
+        products = self.product_seconds(niter * 2 * l + 2 * final)
+        qr_and_sweep = 4 * self.m * final**2 / QR_FLOPS_PER_S
+        return read + products + qr_and_sweep + 2 * self.m * final * 8 / READ_BYTES_PER_S
+
+    def two_pass_seconds(self, k: int, factor_seconds: float) -> float:
+        """A pass that factors A (TSQR or Gram), then a pass for U = A V S^-1; sparse rows
+        are densified in cache-sized pieces for both."""
+        densify = 0 if self.nnz is None else 2 * self.m * self.n / CSR_FLOPS_PER_S
+        read = 2 * self.pass_bytes / READ_BYTES_PER_S
+        return read + densify + factor_seconds + 2 * self.m * self.n * k / GEMM_FLOPS_PER_S
 
 
 def _choose_method(

@@ -14,7 +14,7 @@ from .engine import Factors
 from .errors import InputError
 from .passes import PassRecord
 from .plan import Plan
-from .sources import DenseSource
+from .sources import CSRSource, DenseSource
 
 
 @dataclass
@@ -157,7 +157,9 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
     )
 
 
-def provenance(result: SVDResult, source: DenseSource, seconds: float) -> dict[str, Any]:
+def provenance(
+    result: SVDResult, source: DenseSource | CSRSource, seconds: float
+) -> dict[str, Any]:
     import dask
     import numba
     import scipy

@@ -108,7 +108,15 @@ def widen_into(
     rows: np.ndarray, first_row: int, shift: np.ndarray, out: np.ndarray, stats: BlockStats
 ) -> None:
     """out = float64(rows) - shift, adding the column sums and sum of squares to ``stats``;
-    a NaN or Inf raises NonFiniteError naming the first offending row of the matrix."""
+    a NaN or Inf raises NonFiniteError naming the first offending row of the matrix.
+
+    ``rows`` may be a CSR block: its few rows are densified into ``out`` (the exact and gram
+    methods on sparse data of small n)."""
+    if not isinstance(rows, np.ndarray):
+        from .csr import densify_into
+
+        densify_into(rows, first_row, shift, out, stats)
+        return
     sumsq = widen_shift_rows(rows, shift, out, stats.colsum)
     if not np.isfinite(sumsq):
         check_finite(rows, first_row)

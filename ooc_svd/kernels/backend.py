@@ -1,0 +1,101 @@
+"""The products a pass needs from one row block, behind one interface per backend.
+
+A block is a dense ndarray (b, n) of any real dtype, or a ``CSRBlock``. Every product is of
+the shifted block A_s = block - 1 shift^T, accumulated in float64, and gathers the block's
+totals into a ``BlockStats`` (column sums and sum of squares of A_s, rows) on the way; a NaN
+or Inf raises ``NonFiniteError`` naming rows of the matrix.
+
+- ``power_sweep(X, stats)``: a pass's Z = sum_i A_s,i^T (A_s,i X). ``add`` takes the blocks
+  in order (a backend may still be computing when it returns), ``result`` gives Z.
+- ``times``: Y = A_s X for one block, (b, l).
+- ``transposed_times``: C^T = A_s^T Q for one block, (n, l).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import cpu
+from .cpu import BlockStats, SubBlocks
+
+
+class PowerSweep(Protocol):
+    def add(self, block: Any, first_row: int, shift: np.ndarray) -> None: ...
+
+    def result(self) -> np.ndarray:
+        """Z (n, l) float64 F-order; the sweep's stats are complete once this returns."""
+
+
+class Kernels(Protocol):
+    name: str
+
+    def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep: ...
+
+    def times(self, block: Any, first_row: int, X: np.ndarray, shift: np.ndarray,
+              stats: BlockStats, out: np.ndarray | None = None) -> np.ndarray: ...
+
+    def transposed_times(self, block: Any, first_row: int, Q: np.ndarray, shift: np.ndarray,
+                         stats: BlockStats) -> np.ndarray: ...
+
+
+class CPUKernels:
+    """numba and BLAS on the host: dense blocks by cache-sized float64 sub-blocks and dgemm,
+    CSR blocks by numba kernels parallel over rows."""
+
+    name = "cpu"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @cached_property
+    def subs(self) -> SubBlocks:
+        """The sub-block buffer, allocated on first use: passes that bring their own
+        (exact's TSQR, gram) do not hold it."""
+        return SubBlocks(self.n)
+
+    def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep:
+        return _CPUPowerSweep(self, X, stats)
+
+    def times(self, block, first_row, X, shift, stats, out=None):
+        if _is_csr(block):
+            from . import csr
+
+            return csr.csr_times(block, first_row, X, shift, stats, out)
+        return cpu.block_times(block, first_row, X, shift, stats, self.subs, out)
+
+    def transposed_times(self, block, first_row, Q, shift, stats):
+        if _is_csr(block):
+            from . import csr
+
+            return csr.csr_transposed_times(block, first_row, Q, shift, stats)
+        return cpu.transposed_block_times(block, first_row, Q, shift, stats, self.subs)
+
+
+class _CPUPowerSweep:
+    def __init__(self, kernels: CPUKernels, X: np.ndarray, stats: BlockStats):
+        self.kernels, self.X, self.stats = kernels, X, stats
+        self.Z = np.zeros(X.shape, order="F")
+        self.sparse_sweep = None
+
+    def add(self, block, first_row, shift):
+        if _is_csr(block):
+            if self.sparse_sweep is None:
+                from . import csr
+
+                self.sparse_sweep = csr.CSRPowerSweep(self.X, self.stats)
+            self.sparse_sweep.add(block, first_row, shift)
+        else:
+            cpu.power_block(block, first_row, self.X, shift, self.Z, self.stats,
+                            self.kernels.subs)
+
+    def result(self) -> np.ndarray:
+        if self.sparse_sweep is not None:
+            self.Z += self.sparse_sweep.result()
+        return self.Z
+
+
+def _is_csr(block: Any) -> bool:
+    return not isinstance(block, np.ndarray)

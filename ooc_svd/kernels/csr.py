@@ -1,0 +1,227 @@
+"""CPU kernels for CSR row blocks (numba, parallel over rows, float64 accumulation).
+
+The fused power kernel makes one sweep over a row's non-zeros to form y = A_i X (a gather
+of X's rows) and a second over the same, cache-hot non-zeros to scatter Z += A_i^T y.
+Rows are split between threads by non-zeros, and each thread scatters into a private copy of
+Z, kept for the whole pass and summed once at its end, so there are no races and no atomics;
+the plan counts those copies in the memory limit.
+
+The centering shift s is applied algebraically, never by densifying:
+A_s X = A X - 1 (s^T X), A_s^T Y = A^T Y - s (1^T Y), the column sums of A_s are those of A
+less b s, and ||A_s||_F^2 = ||A||_F^2 - 2 s . colsum(A) + b ||s||^2.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ..errors import NonFiniteError
+from .cpu import SUM_FASTMATH, BlockStats
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
+def csr_power_kernel(data, indices, indptr, bounds, X, sTX, Z_parts, colsum_parts, ysum_parts):
+    """Z_parts[t] += A^T (A X - 1 sTX) over thread t's rows [bounds[t], bounds[t + 1]).
+
+    Also adds column sums of A to colsum_parts[t] and the column sums of Y = A X - 1 sTX to
+    ysum_parts[t]. Returns the sum of squares of the block's values (NaN/Inf propagate).
+    X : (n, l) float64 C-order; Z_parts : (T, n, l); colsum_parts : (T, n); ysum_parts : (T, l).
+    """
+    threads = Z_parts.shape[0]
+    l = X.shape[1]
+    sumsq = np.zeros(threads)
+    for t in numba.prange(threads):
+        y = np.empty(l)
+        Z, colsum, ysum = Z_parts[t], colsum_parts[t], ysum_parts[t]
+        total = 0.0
+        for i in range(bounds[t], bounds[t + 1]):
+            for c in range(l):
+                y[c] = -sTX[c]
+            for p in range(indptr[i], indptr[i + 1]):
+                value = np.float64(data[p])
+                j = indices[p]
+                colsum[j] += value
+                total += value * value
+                for c in range(l):
+                    y[c] += value * X[j, c]
+            for c in range(l):
+                ysum[c] += y[c]
+            for p in range(indptr[i], indptr[i + 1]):
+                value = np.float64(data[p])
+                j = indices[p]
+                for c in range(l):
+                    Z[j, c] += value * y[c]
+        sumsq[t] = total
+    return sumsq.sum()
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def csr_times_kernel(data, indices, indptr, X, sTX, Y):
+    """Y = A X - 1 sTX.  X : (n, l) float64 C-order; Y : (b, l) float64, written."""
+    l = X.shape[1]
+    for i in numba.prange(indptr.size - 1):
+        for c in range(l):
+            Y[i, c] = -sTX[c]
+        for p in range(indptr[i], indptr[i + 1]):
+            value = np.float64(data[p])
+            j = indices[p]
+            for c in range(l):
+                Y[i, c] += value * X[j, c]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def csr_transposed_kernel(data, indices, indptr, bounds, Q, parts):
+    """parts[t] += A^T Q over thread t's rows.  Q : (b, l) float64; parts : (T, n, l)."""
+    l = Q.shape[1]
+    for t in numba.prange(parts.shape[0]):
+        part = parts[t]
+        for i in range(bounds[t], bounds[t + 1]):
+            for p in range(indptr[i], indptr[i + 1]):
+                value = np.float64(data[p])
+                j = indices[p]
+                for c in range(l):
+                    part[j, c] += value * Q[i, c]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
+def csr_totals_kernel(data, indices, indptr, bounds, colsum_parts):
+    """Column sums of A into colsum_parts[t] per thread; returns the sum of squares."""
+    threads = colsum_parts.shape[0]
+    sumsq = np.zeros(threads)
+    for t in numba.prange(threads):
+        colsum = colsum_parts[t]
+        total = 0.0
+        for p in range(indptr[bounds[t]], indptr[bounds[t + 1]]):
+            value = np.float64(data[p])
+            colsum[indices[p]] += value
+            total += value * value
+        sumsq[t] = total
+    return sumsq.sum()
+
+
+@numba.njit(nogil=True, cache=True)
+def csr_densify_kernel(data, indices, indptr, shift, out):
+    """out = dense(A) - 1 shift^T for a few rows (cache-sized sub-blocks of small n)."""
+    for i in range(indptr.size - 1):
+        for j in range(out.shape[1]):
+            out[i, j] = -shift[j]
+        for p in range(indptr[i], indptr[i + 1]):
+            out[i, indices[p]] += np.float64(data[p])
+
+
+def scatter_threads() -> int:
+    """Threads (and private copies of the n x l accumulator) the CSR kernels use."""
+    return numba.get_num_threads()
+
+
+def thread_bounds(indptr: np.ndarray, threads: int) -> np.ndarray:
+    """Row boundaries that give each thread about the same number of non-zeros."""
+    targets = np.linspace(0, indptr[-1], threads + 1)
+    bounds = np.searchsorted(indptr, targets, side="left").astype(np.int64)
+    bounds[0], bounds[-1] = 0, indptr.size - 1
+    return np.maximum.accumulate(bounds)
+
+
+class CSRPowerSweep:
+    """A pass's Z = A_s^T A_s X over CSR blocks, with private per-thread accumulators."""
+
+    def __init__(self, X: np.ndarray, stats: BlockStats):
+        n, l = X.shape
+        threads = scatter_threads()
+        self.X = np.ascontiguousarray(X)
+        self.stats = stats
+        self.Z_parts = np.zeros((threads, n, l))
+        self.colsum_parts = np.zeros((threads, n))
+        self.ysum_parts = np.zeros((threads, l))
+        self.sumsq = 0.0
+        self.rows = 0
+        self.shift: np.ndarray | None = None
+
+    def add(self, block, first_row: int, shift: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift, self.sTX = shift, shift @ self.X
+        elif shift is not self.shift and not np.array_equal(shift, self.shift):
+            raise ValueError("a pass keeps one centering shift for all its blocks")
+        bounds = thread_bounds(block.indptr, self.Z_parts.shape[0])
+        sumsq = csr_power_kernel(block.data, block.indices, block.indptr, bounds, self.X,
+                                 self.sTX, self.Z_parts, self.colsum_parts, self.ysum_parts)
+        if not np.isfinite(sumsq):
+            check_finite(block, first_row)
+        self.sumsq += sumsq
+        self.rows += block.shape[0]
+
+    def result(self) -> np.ndarray:
+        Z = np.asfortranarray(self.Z_parts.sum(axis=0))
+        if self.shift is None:
+            return Z
+        Z -= np.outer(self.shift, self.ysum_parts.sum(axis=0))
+        _add_shifted_totals(self.stats, self.colsum_parts.sum(axis=0), self.sumsq, self.rows,
+                            self.shift)
+        return Z
+
+
+def csr_times(block, first_row: int, X: np.ndarray, shift: np.ndarray, stats: BlockStats,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Y = A_s X for a CSR block, (b, l) float64 F-order, gathering the block's totals."""
+    Y = np.empty((block.shape[0], X.shape[1]), order="F") if out is None else out
+    Yc = np.empty(Y.shape)  # row-major for the kernel's row sweeps
+    csr_times_kernel(block.data, block.indices, block.indptr, np.ascontiguousarray(X),
+                     shift @ X, Yc)
+    Y[...] = Yc
+    add_block_totals(block, first_row, shift, stats)
+    return Y
+
+
+def csr_transposed_times(block, first_row: int, Q: np.ndarray, shift: np.ndarray,
+                         stats: BlockStats) -> np.ndarray:
+    """C^T = A_s^T Q for a CSR block, (n, l) float64 F-order, gathering the block's totals."""
+    n, l = block.shape[1], Q.shape[1]
+    parts = np.zeros((scatter_threads(), n, l))
+    bounds = thread_bounds(block.indptr, parts.shape[0])
+    csr_transposed_kernel(block.data, block.indices, block.indptr, bounds,
+                          np.ascontiguousarray(Q, dtype=np.float64), parts)
+    CT = np.asfortranarray(parts.sum(axis=0))
+    CT -= np.outer(shift, Q.sum(axis=0))
+    add_block_totals(block, first_row, shift, stats)
+    return CT
+
+
+def add_block_totals(block, first_row: int, shift: np.ndarray, stats: BlockStats) -> None:
+    """Add the column sums and sum of squares of A_s for one block to ``stats``."""
+    colsum_parts = np.zeros((scatter_threads(), block.shape[1]))
+    bounds = thread_bounds(block.indptr, colsum_parts.shape[0])
+    sumsq = csr_totals_kernel(block.data, block.indices, block.indptr, bounds, colsum_parts)
+    if not np.isfinite(sumsq):
+        check_finite(block, first_row)
+    _add_shifted_totals(stats, colsum_parts.sum(axis=0), sumsq, block.shape[0], shift)
+
+
+def _add_shifted_totals(stats: BlockStats, colsum: np.ndarray, sumsq: float, rows: int,
+                        shift: np.ndarray) -> None:
+    """Totals of A_s = A - 1 s^T from those of A (see the module docstring)."""
+    stats.colsum += colsum - rows * shift
+    stats.sumsq += sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift)
+    stats.rows += rows
+
+
+def densify_into(block, first_row: int, shift: np.ndarray, out: np.ndarray,
+                 stats: BlockStats) -> None:
+    """out = dense(block) - shift for a few rows, gathering their totals (small n only)."""
+    csr_densify_kernel(block.data, block.indices, block.indptr, shift, out)
+    add_block_totals(block, first_row, shift, stats)
+
+
+def check_finite(block, first_row: int) -> None:
+    """Raise NonFiniteError naming the first row of a CSR block holding a NaN or Inf."""
+    bad = np.flatnonzero(~np.isfinite(block.data))
+    first, last = first_row, first_row + block.shape[0]
+    if bad.size:
+        row = first_row + int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
+        raise NonFiniteError(
+            f"the matrix holds NaN or Inf in rows [{first}, {last}), first at row {row}"
+        )
+    raise NonFiniteError(
+        f"the squared Frobenius norm of rows [{first}, {last}) overflows float64; "
+        "rescale the matrix"
+    )

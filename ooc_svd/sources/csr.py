@@ -1,0 +1,349 @@
+"""Sparse row-block sources: the CSR layout on zarr, and scipy.sparse matrices in memory.
+
+The CSR layout on zarr is a group holding three 1-D arrays and three attributes:
+
+- ``indptr``: int64, m + 1 entries, row i's non-zeros are ``indptr[i]:indptr[i + 1]``;
+- ``indices``: int32 (int64 when n > 2**31 - 1), the column of each non-zero;
+- ``data``: float32 or float64, the value of each non-zero;
+- attributes ``encoding-type = "csr_matrix"``, ``encoding-version = "0.1.0"`` and
+  ``shape = [m, n]``.
+
+These are AnnData's names, so the ``X`` group of an AnnData zarr store is read as is and the
+stores written here open in anndata. A row block [r0, r1) is the ``indptr`` slice and the
+matching ranges of ``indices`` and ``data``; nothing ever builds a dense m x n array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, ReadError
+
+ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+# Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
+DEFAULT_CHUNK_NNZ = 1 << 20
+# Blocks are built from units of about this many raw bytes (the planner's "chunks").
+UNIT_BYTES = 4 << 20
+
+
+@dataclass
+class CSRBlock:
+    """Rows of a CSR matrix: ``indptr`` starts at 0 (int64), so the block stands alone."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.indptr.size - 1, self.n_cols)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+    def __getitem__(self, rows: slice) -> CSRBlock:
+        """The rows ``rows`` (a step-1 slice) as a block of their own."""
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("CSR blocks are sliced by contiguous row ranges only")
+        first, last = int(self.indptr[start]), int(self.indptr[stop])
+        return CSRBlock(self.data[first:last], self.indices[first:last],
+                        self.indptr[start : stop + 1] - first, self.n_cols)
+
+    @classmethod
+    def from_scipy(cls, matrix: Any) -> CSRBlock:
+        matrix = matrix.tocsr()
+        return cls(matrix.data, matrix.indices, matrix.indptr.astype(np.int64, copy=False),
+                   matrix.shape[1])
+
+    def to_scipy(self):
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)
+
+
+def is_sparse_block(block: Any) -> bool:
+    return isinstance(block, CSRBlock)
+
+
+@dataclass
+class CSRSource:
+    """A sparse m x n matrix readable in row ranges, from zarr arrays or numpy arrays.
+
+    ``chunk_rows`` are row boundaries that cut the non-zeros into units of about
+    ``UNIT_BYTES``, and ``chunk_bytes`` the raw bytes of each unit, so the planner builds
+    blocks of bounded bytes however skewed the rows are.
+    """
+
+    indptr: Any
+    indices: Any
+    data: Any
+    shape: tuple[int, int]
+    description: str
+    chunk_rows: np.ndarray
+    chunk_bytes: np.ndarray
+    nnz: int
+    stored_bytes: int | None = None
+    decodes: bool = True
+    format_kind: str = "csr"
+
+    @property
+    def kind(self) -> str:
+        return self.format_kind
+
+    @property
+    def chunks(self) -> None:
+        return None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    @property
+    def sparse(self) -> bool:
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes one pass reads: data, indices and indptr."""
+        return int(self.nnz * (self.dtype.itemsize + np.dtype(self.indices.dtype).itemsize)
+                   + (self.shape[0] + 1) * 8)
+
+    def read(self, start: int, stop: int) -> CSRBlock:
+        """Rows [start, stop) as a CSRBlock."""
+        try:
+            pointers = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
+            first, last = int(pointers[0]), int(pointers[-1])
+            indices = np.asarray(self.indices[first:last])
+            data = np.asarray(self.data[first:last])
+        except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
+            raise ReadError(
+                f"cannot read rows [{start}, {stop}) of {self.description}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return CSRBlock(data, indices, pointers - first, self.shape[1])
+
+
+def is_csr_group(node: Any) -> bool:
+    """Whether a zarr node is a group in the CSR layout."""
+    import zarr
+
+    return isinstance(node, zarr.Group) and node.attrs.get("encoding-type") == "csr_matrix"
+
+
+def open_csr_group(group: Any, description: str) -> CSRSource:
+    """A ``CSRSource`` over a zarr group in the CSR layout (see the module docstring)."""
+    missing = [name for name in ("indptr", "indices", "data") if name not in group]
+    if missing or "shape" not in group.attrs:
+        raise InputError(
+            f"{description} is not a complete CSR group: it lacks "
+            f"{missing + ([] if 'shape' in group.attrs else ['the shape attribute'])}"
+        )
+    m, n = (int(s) for s in group.attrs["shape"])
+    indptr, indices, data = group["indptr"], group["indices"], group["data"]
+    if indptr.shape != (m + 1,) or indices.shape != data.shape:
+        raise InputError(
+            f"{description}: inconsistent CSR arrays (indptr {indptr.shape} for {m} rows, "
+            f"indices {indices.shape}, data {data.shape})"
+        )
+    boundaries, pointers = _stream_unit_boundaries(
+        indptr, data.dtype.itemsize + indices.dtype.itemsize
+    )
+    stored = None
+    with contextlib.suppress(Exception):  # optional information, not every store can tell
+        stored = sum(int(a.nbytes_stored()) for a in (indptr, indices, data))
+    nnz = int(pointers[-1])
+    if nnz != data.shape[0]:
+        raise InputError(f"{description}: indptr ends at {nnz} but data holds {data.shape[0]}")
+    return CSRSource(
+        indptr, indices, data, (m, n), description, boundaries,
+        _unit_bytes(boundaries, pointers, data.dtype.itemsize + indices.dtype.itemsize),
+        nnz, stored, format_kind=f"csr (zarr v{group.metadata.zarr_format})",
+    )
+
+
+def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSource:
+    """A ``CSRSource`` over a scipy.sparse matrix (csr used as is; csc, coo, ... converted
+    to CSR, which holds the non-zeros once more but never densifies)."""
+    kind = type(matrix).__name__
+    csr = matrix.tocsr() if matrix.format != "csr" else matrix
+    if not csr.has_sorted_indices:
+        csr = csr.sorted_indices()  # a copy: the caller's matrix is not modified
+    indptr = csr.indptr.astype(np.int64, copy=False)
+    entry = csr.data.dtype.itemsize + csr.indices.dtype.itemsize
+    boundaries = _unit_cuts(indptr, 0, entry).astype(np.int64)
+    return CSRSource(
+        indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",
+        boundaries, _unit_bytes(boundaries, indptr[boundaries], entry), int(csr.nnz),
+        decodes=False, format_kind="scipy.sparse",
+    )
+
+
+def _unit_bytes(boundaries: np.ndarray, pointers: np.ndarray, entry_bytes: int) -> np.ndarray:
+    """Raw bytes of each unit: its non-zeros and its indptr entries."""
+    return np.diff(pointers) * entry_bytes + np.diff(boundaries) * 8
+
+
+def _unit_cuts(pointers: np.ndarray, first_row: int, entry_bytes: int) -> np.ndarray:
+    """Positions in ``pointers`` (indptr values of rows first_row, first_row + 1, ...) that
+    cut the rows into units of about UNIT_BYTES, including the first and the last position.
+    A row longer than a unit is a unit of its own."""
+    rows = first_row + np.arange(pointers.size, dtype=np.int64)
+    cost = pointers * entry_bytes + rows * 8
+    targets = np.arange(
+        (int(cost[0]) // UNIT_BYTES + 1) * UNIT_BYTES, int(cost[-1]) + 1, UNIT_BYTES
+    )
+    cuts = np.searchsorted(cost, targets, side="left")
+    return np.unique(np.concatenate([[0], cuts[cuts < pointers.size], [pointers.size - 1]]))
+
+
+def _stream_unit_boundaries(indptr: Any, entry_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit boundaries and indptr at them, reading indptr one storage chunk at a time, so
+    planning holds O(number of units) values, not m."""
+    m = indptr.shape[0] - 1
+    step = max(int(indptr.chunks[0]), 1 << 16)
+    boundaries, pointers = [], []
+    for start in range(0, m + 1, step):
+        piece = np.asarray(indptr[start : min(start + step, m + 1)], dtype=np.int64)
+        cuts = _unit_cuts(piece, start, entry_bytes)
+        boundaries.append(start + cuts)
+        pointers.append(piece[cuts])
+    boundaries, first = np.unique(np.concatenate(boundaries), return_index=True)
+    pointers = np.concatenate(pointers)[first]
+    if boundaries[-1] != m or pointers[0] != 0 or np.any(np.diff(pointers) < 0):
+        raise InputError("indptr must start at 0 and never decrease")
+    return boundaries, pointers
+
+
+class CSRWriter:
+    """Writes a CSR matrix to the zarr layout row block by row block, with bounded memory.
+
+    Appended rows are buffered and written in whole storage chunks. The group is written
+    under ``PATH.partial`` and renamed to ``PATH`` by ``close()``, so a failed conversion
+    never leaves a half matrix under the requested name.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
+                 chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
+                 compression_level: int = 3):
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        from ..store import check_output_path
+
+        self.path = check_output_path(path, overwrite)
+        self.partial_path = f"{self.path}.partial"
+        self.n_cols = int(n_cols)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise InputError(f"CSR stores hold float32 or float64 values, not {self.dtype}")
+        index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
+        import shutil
+
+        shutil.rmtree(self.partial_path, ignore_errors=True)
+        group = zarr.open_group(self.partial_path, mode="w")
+        compressor = ZstdCodec(level=compression_level)
+
+        def create(name, array_dtype, chunk):
+            return group.create_array(name, shape=(0,), chunks=(chunk,), dtype=array_dtype,
+                                      compressors=compressor)
+
+        self.group = group
+        self.columns = {
+            "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 18)),
+            "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
+            "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
+        }
+        self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
+        self.rows = 0
+        self.nnz = 0
+
+    def append(self, block: Any) -> None:
+        """Append rows: a ``CSRBlock`` or a scipy.sparse matrix with n_cols columns."""
+        if not isinstance(block, CSRBlock):
+            block = CSRBlock.from_scipy(block)
+        if block.shape[1] != self.n_cols:
+            raise InputError(f"rows have {block.shape[1]} columns; the matrix has {self.n_cols}")
+        self.append_arrays(block.indptr, block.indices, block.data)
+
+    def append_arrays(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Append rows given as a local indptr (starting at 0) and their indices and data."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        count = int(indptr[-1] - indptr[0])
+        if indices.size != count or data.size != count:
+            raise InputError("indptr does not match the number of indices and values")
+        if count and (indices.min() < 0 or indices.max() >= self.n_cols):
+            raise InputError(f"a column index lies outside [0, {self.n_cols})")
+        self.columns["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
+        self.columns["indices"].append(indices)
+        self.columns["data"].append(np.asarray(data, dtype=self.dtype))
+        self.rows += indptr.size - 1
+        self.nnz += count
+
+    def close(self) -> Any:
+        """Flush, write the attributes, rename into place; return the group opened read-only."""
+        import shutil
+
+        import zarr
+
+        for column in self.columns.values():
+            column.flush()
+        self.group.attrs.update({**ENCODING, "shape": [self.rows, self.n_cols]})
+        if os.path.exists(self.path):
+            shutil.rmtree(self.path)
+        os.rename(self.partial_path, self.path)
+        return zarr.open_group(self.path, mode="r")
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.partial_path, ignore_errors=True)
+
+    def __enter__(self) -> CSRWriter:
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        if kind is not None:
+            self.abort()
+
+
+class _ChunkedColumn:
+    """A growing 1-D zarr array written in whole chunks from an in-memory tail."""
+
+    def __init__(self, array: Any):
+        self.array = array
+        self.chunk = int(array.chunks[0])
+        self.size = 0  # elements written to the array
+        self.tail: list[np.ndarray] = []
+        self.tail_size = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.tail.append(np.asarray(values, dtype=self.array.dtype))
+        self.tail_size += values.size
+        if self.tail_size >= self.chunk:
+            self._write(self.tail_size // self.chunk * self.chunk)
+
+    def flush(self) -> None:
+        self._write(self.tail_size)
+
+    def _write(self, count: int) -> None:
+        if count == 0:
+            return
+        pending = np.concatenate(self.tail)
+        self.array.resize((self.size + count,))
+        self.array[self.size : self.size + count] = pending[:count]
+        self.size += count
+        rest = pending[count:]
+        self.tail = [rest] if rest.size else []
+        self.tail_size = rest.size

@@ -1,0 +1,74 @@
+"""Open any supported input as a row-block source: dense or sparse, on disk or in memory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import InputError, StoreNotFoundError
+from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
+from .dense import DenseSource, open_dense_source
+
+
+def open_source(A: Any) -> DenseSource | CSRSource:
+    """A source for A: scipy.sparse matrices and CSR zarr groups (paths, URLs or opened
+    groups) and scipy.sparse .npz files give a ``CSRSource``; everything else is dense."""
+    import scipy.sparse
+
+    if scipy.sparse.issparse(A):
+        if A.ndim != 2:
+            raise InputError(f"A must be 2-dimensional, got shape {A.shape}")
+        return csr_source_from_scipy(A)
+    if type(A).__module__.startswith("zarr") and hasattr(A, "array_keys"):
+        return _open_group(A, getattr(A, "store_path", "zarr group"))
+    if isinstance(A, (str, os.PathLike)):
+        path = os.fspath(A)
+        if path.endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
+            # An .npz member cannot be read in row ranges: the matrix is loaded once.
+            # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
+            return csr_source_from_scipy(scipy.sparse.load_npz(path), path)
+        group = _zarr_group_at(path)
+        if group is not None:
+            return _open_group(group, path)
+    return open_dense_source(A)
+
+
+def _open_group(group: Any, description: str) -> CSRSource:
+    if is_csr_group(group):
+        return open_csr_group(group, description)
+    encoding = group.attrs.get("encoding-type")
+    if encoding == "csc_matrix":
+        raise InputError(
+            f"{description} is a CSC matrix; ooc_svd streams rows: write it as CSR "
+            "(ooc-svd convert), or pass its transpose stored as CSR and swap U and V"
+        )
+    names = sorted(group.array_keys())
+    raise InputError(
+        f"{description} is a zarr group, not an array or a CSR matrix (its arrays: {names}); "
+        "pass the array's path, e.g. store.zarr/X"
+    )
+
+
+def _zarr_group_at(path: str) -> Any:
+    """The zarr group at ``path``, or None when it holds an array or is not zarr."""
+    import zarr
+
+    if "://" not in path and not os.path.isdir(path):
+        return None
+    try:
+        node = zarr.open(store=path, mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for unreadable stores
+        raise StoreNotFoundError(
+            f"cannot open {path!r} as a zarr store: {type(exc).__name__}: {exc}"
+        ) from exc
+    return node if isinstance(node, zarr.Group) else None
+
+
+def _is_sparse_npz(path: str) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {"indptr", "format", "shape"} <= set(archive.files)
+    except (OSError, ValueError) as exc:
+        raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: {exc}") from exc
