@@ -60,6 +60,7 @@ def svd(
     resume: bool = False,
     spectral_iters: int = 0,
     write_factors: bool = False,
+    client: Any = None,
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
@@ -132,6 +133,16 @@ def svd(
         more read of A and of U (about 5 give a few percent); ``result.spectral_error``.
     write_factors : bool, default=False
         With ``out``, also write the low-rank factors B = U diag(S) (m x k) and A = V^T.
+    client : {distributed.Client, str}, optional
+        Run every pass on a dask.distributed cluster: a Client, a scheduler address
+        (``'tcp://HOST:PORT'``), or ``'local:N'`` for a LocalCluster of N worker processes
+        made for this run and closed at its end. Each pass maps a task over groups of row
+        blocks and reduces their results in a tree; the workers read their own blocks (A
+        never passes through the client or the scheduler: stores are opened by the workers,
+        in-memory arrays are scattered to them once), a lost worker's tasks are recomputed
+        with the same result. ``scratch_dir`` must then be a directory every worker reaches
+        (a shared filesystem on several nodes); U (m x k) is written by the workers into
+        ``out`` when they reach it, else returned here. See ``ooc_svd.distributed``.
 
     Returns
     -------
@@ -161,6 +172,7 @@ def svd(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
         overwrite, progress, scratch_dir, checkpoint, resume,
         _check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
+        client=client,
     )
     return _run(source, request)
 
@@ -196,10 +208,12 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      0 if fixed_accuracy else oversample, niter, method, limit,
                      fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
-                     nnz=source.nnz if sparse else None, scatter_copies=scatter_threads())
+                     nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
+                     read_overhead_bytes=source.read_overhead_bytes if sparse else 0)
 
 
-def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
+def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
+                client: Any = None):
     """torch.svd_lowrank's semantics out of core: ``U, S, V`` of A - M, q triplets.
 
     Parameters
@@ -211,6 +225,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
         Subspace iterations.
     M : array_like of shape (n,) or (1, n), optional
         Mean to subtract (a row broadcast over A, as torch's ``M``).
+    client : {distributed.Client, str}, optional
+        Run on a dask.distributed cluster, as in :func:`svd`.
 
     Returns
     -------
@@ -220,23 +236,25 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None):
     """
     source, m, n = _open_matrix(A)
     q = _check_q(6 if q is None else q, m, n)
-    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=M))
+    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=M,
+                                   client=client))
     return result.U, result.S, result.V
 
 
 def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2, *,
-                method: str = "auto"):
+                method: str = "auto", client: Any = None):
     """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
 
     q defaults to min(6, m, n). Centering is implicit: huge inputs are never densified or
     copied. The principal directions are the columns of V, and the explained variances are
     S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
     :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
+    ``client`` runs it on a dask.distributed cluster, as in :func:`svd`.
     """
     source, m, n = _open_matrix(A)
     q = _check_q(min(6, m, n) if q is None else q, m, n)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center,
-                                   method=method))
+                                   method=method, client=client))
     return result.U, result.S, result.V
 
 
@@ -262,6 +280,7 @@ class _Request:
     resume: bool = False
     spectral_iters: int = 0
     write_factors: bool = False
+    client: Any = None  # a distributed.Client or scheduler address: run on a cluster
 
 
 def low_rank_factors(
@@ -346,12 +365,14 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
+    cluster = _connect_cluster(request, source, plan)
     writer = None if out_path is None else ResultWriter(out_path)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, CPUKernels(n), plan.blocks, plan.prefetch_depth, centering,
         _progress_factory(request.progress), [], saved, plan.cached_blocks,
     )
+    context.cluster = cluster
     began = time.perf_counter()
     try:
         factors = _compute(context, plan, request, seed, left.allocate)
@@ -366,6 +387,9 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         if isinstance(error, OOCSVDError):
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
+    finally:
+        if cluster is not None:
+            cluster.close()
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
     result.spectral_error = spectral
     if writer:
@@ -381,6 +405,15 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         result.U = result.store["U"]
     saved.remove()
     return result
+
+
+def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan):
+    """The cluster the passes run on (``distributed.ClusterPasses``), or None to run here."""
+    if request.client is None:
+        return None
+    from .distributed import connect
+
+    return connect(request.client, source, plan, request.scratch_dir)
 
 
 def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,

@@ -148,6 +148,7 @@ def make_plan(
     chunk_bytes: np.ndarray | None = None,
     nnz: int | None = None,
     scatter_copies: int = 1,
+    read_overhead_bytes: int = 0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -158,6 +159,8 @@ def make_plan(
 
     A sparse matrix gives ``nnz`` and the raw bytes of each unit between ``chunk_boundaries``
     (``chunk_bytes``); its CSR kernels hold ``scatter_copies`` private n x l accumulators.
+    Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
+    partial storage chunks at a sparse block's ends).
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -181,7 +184,7 @@ def make_plan(
     for depth in (PREFETCH_DEPTH, 1):
         blocks, peak = _block_layout(
             chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
-            fixed, memory_limit, depth,
+            fixed + depth * read_overhead_bytes, memory_limit, depth,
         )
         if peak <= memory_limit:
             break

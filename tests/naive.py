@@ -43,3 +43,26 @@ def subspace_distance(U1, U2):
     Q1, _ = np.linalg.qr(U1)
     Q2, _ = np.linalg.qr(U2)
     return float(np.linalg.norm(Q1 - Q2 @ (Q2.T @ Q1), 2))
+
+
+def csr_block_products(A, X, Q, shift):
+    """Dense references for a CSR block A (scipy.sparse): (A_s^T A_s X, A_s X, A_s^T Q,
+    column sums of A_s, sum of squares of A_s) with A_s = dense(A) - 1 shift^T."""
+    As = A.toarray().astype(np.float64) - shift
+    return As.T @ (As @ X), As @ X, As.T @ Q, As.sum(axis=0), float(np.sum(As * As))
+
+
+def sparse_with_decay(m, n, density, decay, dtype=np.float64, seed=0):
+    """A random sparse m x n CSR matrix whose columns are scaled by exp(-decay * j), so its
+    spectrum decays; a few empty rows are left in."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(seed)
+    A = scipy.sparse.random(m, n, density=density, format="csr", random_state=seed,
+                            data_rvs=rng.standard_normal)
+    keep = np.ones(m)
+    keep[rng.choice(m, size=max(m // 50, 1), replace=False)] = 0
+    A = (scipy.sparse.diags(keep) @ A @ scipy.sparse.diags(np.exp(-decay * np.arange(n))))
+    A = A.tocsr()
+    A.eliminate_zeros()
+    return A.astype(dtype)

@@ -58,3 +58,35 @@ def test_block_cache_serves_later_passes_and_changes_nothing(zarr_matrix, monkey
     assert len(reads) == len(roomy.plan.blocks)  # A is read once for four passes
     np.testing.assert_allclose(roomy.S, small.S, rtol=1e-12)
     np.testing.assert_allclose(roomy.U, small.U, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "limit"), [("randomized", 6_000_000), ("krylov", 8_000_000)])
+def test_sparse_store_peak_allocation_stays_under_the_limit(tmp_path, monkeypatch, method, limit):
+    import scipy.sparse
+
+    import ooc_svd.sources.csr
+    from ooc_svd.sources.csr import CSRWriter
+
+    monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 1 << 18)
+    A = scipy.sparse.random(200_000, 500, density=0.02, format="csr", random_state=0)
+    path = str(tmp_path / "A.zarr")
+    with CSRWriter(path, 500, np.float64, chunk_nnz=50_000) as writer:
+        for start in range(0, A.shape[0], 20_000):
+            writer.append(A[start : start + 20_000])
+        writer.close()
+    raw = A.nnz * 12 + A.shape[0] * 8  # 24.8 MB
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(path, 4, niter=1, method=method, memory_limit=limit, out=out)  # compile first
+    tracemalloc.start()
+    try:
+        result = ooc_svd.svd(
+            path, 4, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(result.plan.blocks) > 10
+    assert result.plan.bytes_per_pass == raw
+    assert result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
+    assert raw > 3 * limit

@@ -116,9 +116,20 @@ class CSRSource:
 
     @property
     def nbytes(self) -> int:
-        """Raw bytes one pass reads: data, indices and indptr."""
+        """Raw bytes one pass reads: data, indices and an indptr entry per row."""
         return int(self.nnz * (self.dtype.itemsize + np.dtype(self.indices.dtype).itemsize)
-                   + (self.shape[0] + 1) * 8)
+                   + self.shape[0] * 8)
+
+    @property
+    def read_overhead_bytes(self) -> int:
+        """Bytes a read may decode beyond its block: a block's ends rarely fall on chunk
+        boundaries, so up to two chunks of each array are decoded in part for nothing."""
+        arrays = (self.indptr, self.indices, self.data)
+        chunks = [getattr(array, "chunks", None) for array in arrays]
+        if None in chunks:
+            return 0
+        itemsizes = [np.dtype(array.dtype).itemsize for array in arrays]
+        return 2 * sum(int(c[0]) * size for c, size in zip(chunks, itemsizes, strict=True))
 
     def read(self, start: int, stop: int) -> CSRBlock:
         """Rows [start, stop) as a CSRBlock."""
@@ -261,7 +272,7 @@ class CSRWriter:
 
         self.group = group
         self.columns = {
-            "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 18)),
+            "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
             "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
             "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
         }

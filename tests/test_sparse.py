@@ -1,0 +1,211 @@
+"""Sparse CSR matrices: kernels against dense references, end to end against LAPACK."""
+
+import numpy as np
+import pytest
+import scipy.sparse
+from naive import csr_block_products, sparse_with_decay, subspace_distance, truncated_svd
+
+import ooc_svd
+from ooc_svd.errors import NonFiniteError, PlanError
+from ooc_svd.kernels.backend import CPUKernels
+from ooc_svd.kernels.cpu import BlockStats
+from ooc_svd.sources.csr import CSRBlock, CSRWriter, open_csr_group
+
+
+def write_csr_store(path, A, rows_per_append=97, chunk_nnz=500):
+    """A CSR zarr store of A, appended in row blocks of an awkward size."""
+    with CSRWriter(path, A.shape[1], A.dtype, chunk_nnz=chunk_nnz) as writer:
+        for start in range(0, A.shape[0], rows_per_append):
+            writer.append(A[start : start + rows_per_append])
+        return writer.close()
+
+
+def awkward_block(dtype, index_dtype, seed=0):
+    """12 x 9 with empty rows at the start, middle and end, and one row holding one value."""
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((12, 9)) * (rng.random((12, 9)) < 0.3)
+    dense[[0, 5, 11]] = 0
+    dense[7] = 0
+    dense[7, 3] = 2.5
+    A = scipy.sparse.csr_matrix(dense.astype(dtype))
+    return CSRBlock(A.data, A.indices.astype(index_dtype), A.indptr.astype(np.int64), 9), A
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_csr_kernels_match_dense_references(dtype, index_dtype, shifted):
+    block, A = awkward_block(dtype, index_dtype)
+    rng = np.random.default_rng(1)
+    X = np.asfortranarray(rng.standard_normal((9, 4)))
+    Q = rng.standard_normal((12, 4))
+    shift = rng.standard_normal(9) if shifted else np.zeros(9)
+    Z_ref, Y_ref, CT_ref, colsum_ref, sumsq_ref = csr_block_products(A, X, Q, shift)
+    kernels = CPUKernels(9)
+
+    stats = BlockStats.zeros(9)
+    sweep = kernels.power_sweep(X, stats)
+    sweep.add(block[:5], 0, shift)  # two blocks, the first of them starting empty
+    sweep.add(block[5:], 5, shift)
+    np.testing.assert_allclose(sweep.result(), Z_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.colsum, colsum_ref, rtol=1e-12, atol=1e-12)
+    assert stats.sumsq == pytest.approx(sumsq_ref, rel=1e-12)
+    assert stats.rows == 12
+
+    stats = BlockStats.zeros(9)
+    np.testing.assert_allclose(kernels.times(block, 0, X, shift, stats), Y_ref, atol=1e-12)
+    np.testing.assert_allclose(kernels.transposed_times(block, 0, Q, shift, stats), CT_ref,
+                               atol=1e-12)
+    np.testing.assert_allclose(stats.colsum, 2 * colsum_ref, atol=1e-12)
+
+
+def test_csr_kernels_on_an_empty_block_and_a_single_value():
+    X = np.ones((5, 2))
+    empty = CSRBlock(np.zeros(0), np.zeros(0, np.int32), np.zeros(4, np.int64), 5)
+    stats = BlockStats.zeros(5)
+    kernels = CPUKernels(5)
+    sweep = kernels.power_sweep(X, stats)
+    sweep.add(empty, 0, np.zeros(5))
+    single = CSRBlock(np.array([3.0]), np.array([2], np.int32), np.array([0, 0, 1]), 5)
+    sweep.add(single, 3, np.zeros(5))
+    expected = np.zeros((5, 2))
+    expected[2] = 9.0
+    np.testing.assert_array_equal(sweep.result(), expected)
+    assert (stats.rows, stats.sumsq) == (5, 9.0)
+    np.testing.assert_array_equal(kernels.times(empty, 0, X, np.zeros(5), stats), 0)
+
+
+def test_densified_sub_blocks_feed_the_gram_and_exact_methods():
+    from ooc_svd.kernels.cpu import widen_into
+
+    block, A = awkward_block(np.float32, np.int32)
+    shift = np.linspace(-1, 1, 9)
+    out = np.empty((12, 9))
+    stats = BlockStats.zeros(9)
+    widen_into(block, 0, shift, out, stats)
+    np.testing.assert_allclose(out, A.toarray() - shift, rtol=1e-7)
+    np.testing.assert_allclose(stats.colsum, (A.toarray() - shift).sum(axis=0), atol=1e-12)
+
+
+def test_non_finite_values_name_their_row():
+    A = sparse_with_decay(300, 20, 0.2, 0.1)
+    A.data[A.indptr[123]] = np.nan
+    for method in ("randomized", "gram"):
+        with pytest.raises(NonFiniteError, match="first at row 123"):
+            ooc_svd.svd(A, 3, method=method)
+
+
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_svd_matches_lapack(method, dtype):
+    A = sparse_with_decay(2000, 120, 0.05, 0.4, dtype=dtype)
+    U_ref, S_ref, V_ref = truncated_svd(A.toarray(), 8)
+    result = ooc_svd.svd(A, 8, method=method, niter=3, memory_limit="20MB")
+    rtol = 1e-5 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(result.S, S_ref, rtol=rtol)
+    assert subspace_distance(result.V, V_ref) < 100 * rtol
+    assert subspace_distance(np.asarray(result.U, np.float64), U_ref) < 100 * rtol
+
+
+@pytest.mark.parametrize("niter", [4, 6])
+def test_krylov_on_a_flat_sparse_spectrum_beats_subspace_iteration(niter):
+    # Power-law column scales j^-1/2: singular values 5.5, 5.4, ... 2.7 at j = 10.
+    A = sparse_with_decay(4000, 400, 0.02, 0.0, seed=3)
+    A = (A @ scipy.sparse.diags(1 / np.sqrt(np.arange(1, 401)))).tocsr()
+    S_ref = np.linalg.svd(A.toarray(), compute_uv=False)[:10]
+    errors = {}
+    for method in ("randomized", "krylov"):
+        result = ooc_svd.svd(A, 10, method=method, niter=niter, oversample=10)
+        errors[method] = np.max(np.abs(result.S - S_ref) / S_ref)
+    assert errors["krylov"] < errors["randomized"] / 100, errors
+
+
+@pytest.mark.parametrize("method", ["randomized", "krylov", "gram", "exact"])
+def test_sparse_pca_equals_dense_pca_of_the_centered_matrix(method):
+    A = sparse_with_decay(1500, 60, 0.1, 0.0, seed=4)
+    A.data += 3.0  # a large mean, so centering matters
+    A = (A @ scipy.sparse.diags(np.exp(-0.3 * np.arange(60)))).tocsr()
+    dense = A.toarray()
+    _, S_ref, V_ref = truncated_svd(dense, 6, mean=dense.mean(axis=0))
+    result = ooc_svd.svd(A, 6, center=True, method=method, niter=4)
+    np.testing.assert_allclose(result.mean, dense.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(result.S, S_ref, rtol=1e-8)
+    assert subspace_distance(result.V, V_ref) < 1e-6
+    centered = dense - dense.mean(axis=0)
+    truncation = np.sqrt(max(np.sum(centered**2) - np.sum(S_ref**2), 0.0))
+    assert result.residual == pytest.approx(truncation / np.linalg.norm(centered), rel=1e-6)
+
+
+def test_torch_style_entry_points_take_sparse_input():
+    A = sparse_with_decay(800, 50, 0.1, 0.2, seed=5)
+    dense = A.toarray()
+    U, S, V = ooc_svd.svd_lowrank(A, q=6, niter=3)
+    _, S_ref, _ = truncated_svd(dense, 6)
+    np.testing.assert_allclose(S, S_ref, rtol=1e-6)
+    U, S, V = ooc_svd.pca_lowrank(A, q=4, niter=3)
+    _, S_ref, _ = truncated_svd(dense, 4, mean=dense.mean(axis=0))
+    np.testing.assert_allclose(S, S_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_scipy_formats_give_the_same_result(fmt):
+    A = sparse_with_decay(700, 40, 0.1, 0.2, seed=6)
+    reference = ooc_svd.svd(A, 5, seed=3)
+    result = ooc_svd.svd(A.asformat(fmt), 5, seed=3)
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+    np.testing.assert_allclose(result.V, reference.V, atol=1e-10)
+
+
+def test_csr_store_and_npz_give_the_in_memory_result(tmp_path):
+    A = sparse_with_decay(3000, 70, 0.05, 0.1, dtype=np.float32, seed=7)
+    group = write_csr_store(str(tmp_path / "A.zarr"), A)
+    assert dict(group.attrs)["encoding-type"] == "csr_matrix"
+    scipy.sparse.save_npz(tmp_path / "A.npz", A)
+    reference = ooc_svd.svd(A, 6, seed=1, method="randomized")
+    for source in (str(tmp_path / "A.zarr"), group, str(tmp_path / "A.npz")):
+        result = ooc_svd.svd(source, 6, seed=1, method="randomized")
+        np.testing.assert_allclose(result.S, reference.S, rtol=1e-6)
+        assert subspace_distance(result.V, reference.V) < 1e-5
+
+
+def test_results_do_not_depend_on_the_blocking(tmp_path, monkeypatch):
+    import ooc_svd.plan
+    import ooc_svd.sources.csr
+
+    A = sparse_with_decay(5000, 90, 0.05, 0.05, seed=8)
+    path = str(tmp_path / "A.zarr")
+    write_csr_store(path, A)
+    one = ooc_svd.svd(path, 6, seed=2, method="randomized", center=True)
+    monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
+    many = ooc_svd.svd(path, 6, seed=2, method="randomized", center=True)
+    assert len(many.plan.blocks) > 10 and len(one.plan.blocks) == 1
+    np.testing.assert_allclose(many.S, one.S, rtol=1e-10)
+    np.testing.assert_allclose(many.V, one.V, atol=1e-8)
+
+
+def test_wide_sparse_matrices_work():
+    A = sparse_with_decay(60, 900, 0.2, 0.01, seed=9)
+    _, S_ref, V_ref = truncated_svd(A.toarray(), 5)
+    result = ooc_svd.svd(A, 5, method="krylov", niter=4)
+    np.testing.assert_allclose(result.S, S_ref, rtol=1e-8)
+
+
+def test_plan_counts_the_n_by_l_arrays_and_refuses_with_numbers():
+    A = scipy.sparse.random(100, 2_000_000, density=1e-5, format="csr", random_state=0)
+    with pytest.raises(PlanError, match=r"working set alone needs [0-9.]+ MB"):
+        ooc_svd.svd_plan(A, k=50, memory_limit="100MB")
+    A = A[:, :20_000].tocsr()
+    plan = ooc_svd.svd_plan(A, k=5, memory_limit="1GB")
+    assert plan.sparse and "sparse matrix" in plan.describe()
+    assert plan.bytes_per_pass == A.nnz * (A.data.itemsize + A.indices.itemsize) + 100 * 8
+
+
+def test_open_csr_group_validates_the_layout(tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "bad.zarr"), mode="w")
+    group.attrs.update({"encoding-type": "csr_matrix", "shape": [3, 3]})
+    group.create_array("indptr", data=np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="lacks"):
+        open_csr_group(group, "bad.zarr")
