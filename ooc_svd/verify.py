@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, StoreNotFoundError
-from .sources import open_dense_source
+from .sources import open_source
 
 
 def verify_result(result_path: str, input_path: str | None = None, samples: int = 8,
@@ -57,7 +57,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 
 def sampled_residual(input_path, U, S, V, mean, samples, seed) -> dict[str, Any]:
     """||A - 1 mu^T - U S V^T||_F / ||A - 1 mu^T||_F estimated on sampled chunks of rows."""
-    source = open_dense_source(input_path)
+    source = open_source(input_path)
     if source.shape != (U.shape[0], V.shape[0]):
         raise InputError(
             f"input shape {source.shape} does not match the result's {(U.shape[0], V.shape[0])}"
@@ -69,14 +69,34 @@ def sampled_residual(input_path, U, S, V, mean, samples, seed) -> dict[str, Any]
     SVt = S[:, None] * V.T
     for index in np.sort(chosen):
         start, stop = int(boundaries[index]), int(boundaries[index + 1])
-        block = source.read(start, stop).astype(np.float64)
-        if mean is not None:
-            block -= mean
-        difference = block - U[start:stop].astype(np.float64) @ SVt
-        residual2 += float(np.sum(difference * difference))
-        norm2 += float(np.sum(block * block))
+        block = source.read(start, stop)
+        U_i = U[start:stop].astype(np.float64)
+        if isinstance(block, np.ndarray):
+            block = block.astype(np.float64)
+            if mean is not None:
+                block -= mean
+            difference = block - U_i @ SVt
+            residual2 += float(np.sum(difference * difference))
+            norm2 += float(np.sum(block * block))
+        else:
+            block_residual2, block_norm2 = _sparse_residual(block.to_scipy(), U_i * S, V, mean)
+            residual2 += block_residual2
+            norm2 += block_norm2
         sampled_rows += stop - start
     return {
         "sampled_rows": sampled_rows,
         "sampled_residual": float(np.sqrt(residual2 / norm2)) if norm2 > 0 else 0.0,
     }
+
+
+def _sparse_residual(A, US, V, mean) -> tuple[float, float]:
+    """(||A_c - US V^T||_F^2, ||A_c||_F^2) for A_c = A - 1 mean^T, without densifying A:
+    ||A_c||^2 - 2 <A_c, US V^T> + ||US||^2, as V has orthonormal columns."""
+    data = A.data.astype(np.float64)
+    colsum = np.asarray(A.sum(axis=0), dtype=np.float64).ravel()
+    norm2 = float(data @ data)
+    cross = float(np.sum((A @ V) * US))
+    if mean is not None:
+        norm2 += -2.0 * float(mean @ colsum) + A.shape[0] * float(mean @ mean)
+        cross -= float(US.sum(axis=0) @ (V.T @ mean))
+    return max(norm2 - 2.0 * cross + float(np.sum(US * US)), 0.0), norm2

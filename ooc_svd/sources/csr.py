@@ -128,8 +128,10 @@ class CSRSource:
         chunks = [getattr(array, "chunks", None) for array in arrays]
         if None in chunks:
             return 0
-        itemsizes = [np.dtype(array.dtype).itemsize for array in arrays]
-        return 2 * sum(int(c[0]) * size for c, size in zip(chunks, itemsizes, strict=True))
+        return 2 * sum(
+            min(int(chunk[0]), array.shape[0]) * np.dtype(array.dtype).itemsize
+            for chunk, array in zip(chunks, arrays, strict=True)
+        )
 
     def read(self, start: int, stop: int) -> CSRBlock:
         """Rows [start, stop) as a CSRBlock."""
