@@ -32,3 +32,7 @@ class PlanError(InputError):
 
 class OutputExistsError(OOCSVDError, FileExistsError):
     """The output store exists and ``overwrite`` was not given."""
+
+
+class MissingDependencyError(OOCSVDError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""

@@ -1,18 +1,25 @@
-"""Synthetic dense test matrices with a known spectrum, written block by block.
+"""Synthetic test matrices written block by block, reproducible from a seed.
 
-A = G diag(s) V^T with V (n x r) orthonormal and G (m x r) standard normal scaled by
+Dense: A = G diag(s) V^T with V (n x r) orthonormal and G (m x r) standard normal scaled by
 1/sqrt(m), so G^T G ~ I and the singular values of A are s to within about sqrt(r / m)
 relative. Each chunk of rows comes from its own Philox stream keyed by (seed, chunk), so a
 store of any size is written with memory for one chunk and is reproducible.
+
+Sparse (``write_sparse_matrix``): count-like CSR matrices, with rows of varied lengths and
+Zipf-like column frequencies, like the cell x gene matrices of single-cell sequencing.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import numba
 import numpy as np
 
+from .errors import InputError
 from .sketch import philox_generator
+from .threaded import map_in_order
 
 
 def spectrum(n: int, rank: int | None = None, decay: float = 0.1) -> np.ndarray:
@@ -66,3 +73,237 @@ def write_dense_matrix(
         "seed": seed,
     }
     return zarr.open_array(os.fspath(path), mode="r")
+
+
+# Rows drawn from one Philox stream, keyed by (seed, group): the matrix does not depend on how
+# many rows are generated at a time.
+SPARSE_GROUP_ROWS = 4096
+# Key of the stream that shares the non-zeros out among the groups.
+_TOTALS_STREAM = 2**63 + 1
+# Success probability of the geometric values: counts 1, 2, 3, ... with mean 2.5.
+VALUE_P = 0.4
+# Standard deviation of the log of the rows' relative lengths ("library sizes").
+ROW_LENGTH_SIGMA = 0.5
+
+
+def write_sparse_matrix(
+    path: str | os.PathLike,
+    shape: tuple[int, int],
+    *,
+    nnz: int | None = None,
+    density: float | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    column_exponent: float = 1.0,
+    chunk_rows: int = 65536,
+    chunk_nnz: int | None = None,
+    overwrite: bool = False,
+    threads: int = 2,
+) -> Any:
+    """Write a random sparse count matrix in the CSR layout on zarr, block by block.
+
+    Parameters
+    ----------
+    path : where the zarr group is written (under ``PATH.partial``, then renamed).
+    shape : (m, n)
+    nnz, density : exactly one of them: the number of non-zeros, or nnz = round(density m n).
+        The matrix has exactly that many.
+    dtype : {'float32', 'float64'}, default='float32'
+    seed : int, default=0
+    column_exponent : float, default=1.0
+        Column j is drawn with probability proportional to (j + 1) ** -column_exponent
+        (Zipf-like; 0 gives uniform columns), without repeats within a row.
+    chunk_rows : int, default=65536
+        Rows generated per step (memory: about 40 bytes per non-zero of ``threads + 1``
+        steps). The matrix does not depend on it: rows come in groups of 4096, each group
+        from its own Philox stream keyed by (seed, group).
+    chunk_nnz : int, optional
+        Non-zeros per storage chunk (default ``CSRWriter``'s).
+    overwrite : bool, default=False
+    threads : int, default=2
+        Steps generated at once (the sampling kernel releases the GIL).
+
+    Returns
+    -------
+    zarr.Group, opened read-only, with attribute ``ooc_svd_synthetic`` describing the draw.
+
+    Notes
+    -----
+    Row lengths are multinomial with lognormal weights (sigma 0.5), capped at n; values are
+    geometric counts 1, 2, 3, ... (p = 0.4). A row's columns are drawn from an alias table
+    (Walker, 1977) with repeats rejected, which samples without replacement proportionally
+    to the weights; rows where rejection would be slow (long rows under a steep power law)
+    use the equivalent exponential-keys method (Efraimidis and Spirakis, 2006) in O(n).
+    """
+    from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter
+
+    m, n = (int(s) for s in shape)
+    total = _sparse_nnz(m, n, nnz, density)
+    if chunk_rows < 1 or column_exponent < 0 or threads < 1:
+        raise InputError(f"chunk_rows ({chunk_rows}) and threads ({threads}) must be >= 1 and "
+                         f"column_exponent ({column_exponent}) >= 0")
+    table, weights = _column_distribution(n, column_exponent)
+    group_totals = _group_totals(m, n, total, seed)
+    groups_per_step = -(-chunk_rows // SPARSE_GROUP_ROWS)
+    steps = [range(g, min(g + groups_per_step, group_totals.size))
+             for g in range(0, group_totals.size, groups_per_step)]
+
+    def generate(step: range) -> list:
+        return [_sparse_group(seed, g, m, n, int(group_totals[g]), table, weights) for g in step]
+
+    writer = CSRWriter(path, n, dtype, chunk_nnz=chunk_nnz or DEFAULT_CHUNK_NNZ,
+                       overwrite=overwrite)
+    with writer:
+        for rows in map_in_order(generate, steps, threads):
+            for indptr, cols, values in rows:
+                writer.append_arrays(indptr, cols, values)
+        writer.group.attrs["ooc_svd_synthetic"] = {
+            "kind": "sparse", "nnz": total, "density": total / max(m * n, 1),
+            "column_exponent": column_exponent, "seed": seed,
+            "values": f"geometric counts, p={VALUE_P}",
+            "row_length_sigma": ROW_LENGTH_SIGMA,
+        }
+        return writer.close()
+
+
+def _sparse_nnz(m: int, n: int, nnz: int | None, density: float | None) -> int:
+    if min(m, n) < 1:
+        raise InputError(f"shape ({m}, {n}) must be at least 1 x 1")
+    if (nnz is None) == (density is None):
+        raise InputError("give exactly one of nnz and density")
+    if density is not None:
+        if not 0 <= density <= 1:
+            raise InputError(f"density must lie in [0, 1], not {density}")
+        nnz = round(density * m * n)
+    if not 0 <= nnz <= m * n:
+        raise InputError(f"nnz must lie in [0, m n = {m * n}], not {nnz}")
+    return int(nnz)
+
+
+def _column_distribution(n: int, exponent: float) -> tuple[tuple, np.ndarray]:
+    """Walker's alias table of the column weights (j + 1) ** -exponent, and the weights."""
+    weights = np.arange(1, n + 1, dtype=np.float64) ** -exponent
+    return _alias_table(weights), weights
+
+
+@numba.njit(cache=True)
+def _alias_table(weights):
+    """(threshold, alias): column j = floor(u n) is kept if frac(u n) < threshold[j], else
+    alias[j] is taken, so one uniform draws a column in O(1) (Vose's construction)."""
+    n = weights.size
+    scaled = weights * (n / weights.sum())
+    threshold = np.ones(n)
+    alias = np.arange(n)
+    small, large = np.empty(n, np.int64), np.empty(n, np.int64)
+    n_small, n_large = 0, 0
+    for j in range(n):
+        if scaled[j] < 1.0:
+            small[n_small] = j
+            n_small += 1
+        else:
+            large[n_large] = j
+            n_large += 1
+    while n_small and n_large:
+        n_small -= 1
+        n_large -= 1
+        low, high = small[n_small], large[n_large]
+        threshold[low], alias[low] = scaled[low], high
+        scaled[high] += scaled[low] - 1.0
+        if scaled[high] < 1.0:
+            small[n_small] = high
+            n_small += 1
+        else:
+            large[n_large] = high
+            n_large += 1
+    return threshold, alias
+
+
+def _group_totals(m: int, n: int, nnz: int, seed: int) -> np.ndarray:
+    """Non-zeros of each group of rows: multinomial in the rows, none above rows * n."""
+    sizes = np.full(-(-m // SPARSE_GROUP_ROWS), SPARSE_GROUP_ROWS, dtype=np.int64)
+    sizes[-1] = m - SPARSE_GROUP_ROWS * (sizes.size - 1)
+    totals = philox_generator(seed, _TOTALS_STREAM).multinomial(nnz, sizes / m)
+    return _cap_and_refill(totals, sizes * n)
+
+
+def _cap_and_refill(counts: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """counts capped at caps, the excess handed in order to entries with room (the total is
+    kept when it fits under the caps)."""
+    excess = int(np.maximum(counts - caps, 0).sum())
+    counts = np.minimum(counts, caps)
+    if excess:
+        room = caps - counts
+        counts = counts + np.minimum(room, np.maximum(excess - (np.cumsum(room) - room), 0))
+    return counts
+
+
+def _sparse_group(seed: int, group: int, m: int, n: int, total: int, table: tuple,
+                  weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, sorted columns, values) of the rows of one group, from its own stream."""
+    rng = philox_generator(seed, group)
+    rows = min(SPARSE_GROUP_ROWS, m - group * SPARSE_GROUP_ROWS)
+    row_weights = rng.lognormal(0.0, ROW_LENGTH_SIGMA, rows)
+    lengths = _cap_and_refill(rng.multinomial(total, row_weights / row_weights.sum()),
+                              np.full(rows, n))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    cols = np.empty(total, dtype=np.int64)
+    slow = _draw_columns(rng, lengths, indptr, table, cols)
+    for row in np.flatnonzero(slow).tolist():
+        keys = rng.standard_exponential(n) / weights
+        chosen = np.argpartition(keys, lengths[row] - 1)[: lengths[row]]
+        cols[indptr[row] : indptr[row + 1]] = np.sort(chosen)
+    values = rng.geometric(VALUE_P, size=total).astype(np.float64)
+    return indptr, cols, values
+
+
+def _draw_columns(rng: np.random.Generator, lengths: np.ndarray, indptr: np.ndarray,
+                  table: tuple, cols: np.ndarray) -> np.ndarray:
+    """Fill each row's columns by rejection; returns the rows left to the slow method.
+
+    Uniforms come in pools whose sizes depend only on the rows left, so the draw is
+    reproducible."""
+    seen = np.zeros(table[0].size, dtype=np.bool_)
+    slow = np.zeros(lengths.size, dtype=np.bool_)
+    row = 0
+    while row < lengths.size:
+        need = 2 * int(lengths[row:].sum()) + 64 * (lengths.size - row)
+        pool = rng.random(int(min(max(need, 4 * lengths[row] + 64), 1 << 22)))
+        row = _reject_repeats(lengths, indptr, *table, pool, row, cols, seen, slow)
+    return slow
+
+
+@numba.njit(nogil=True, cache=True)
+def _reject_repeats(lengths, indptr, threshold, alias, pool, row, cols, seen, slow):
+    """Draw distinct columns for rows ``row``, ``row + 1``, ... from the uniforms of ``pool``
+    with the alias table, rejecting repeats; a row that needs more than 4 k + 64 draws for k
+    columns is flagged in ``slow``. Stops at the first row the rest of the pool may not cover;
+    returns that row. ``seen`` (n bools, all False) is restored before returning.
+    """
+    position = 0
+    n = threshold.size
+    while row < lengths.size:
+        k = lengths[row]
+        budget = 4 * k + 64
+        if pool.size - position < budget:
+            return row
+        first = indptr[row]
+        got, draws = 0, 0
+        while got < k and draws < budget:
+            scaled = pool[position] * n
+            j = min(int(scaled), n - 1)
+            if scaled - j >= threshold[j]:
+                j = alias[j]
+            position += 1
+            draws += 1
+            if not seen[j]:
+                seen[j] = True
+                cols[first + got] = j
+                got += 1
+        for t in range(got):
+            seen[cols[first + t]] = False
+        if got < k:
+            slow[row] = True
+        else:
+            cols[first : first + k].sort()
+        row += 1
+    return row

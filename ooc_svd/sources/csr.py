@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,9 +314,15 @@ class CSRWriter:
         for column in self.columns.values():
             column.flush()
         self.group.attrs.update({**ENCODING, "shape": [self.rows, self.n_cols]})
+        # An existing store (overwrite) is moved aside, not deleted first, so that a crash
+        # here leaves either the old matrix or the new one under the requested name.
+        old = None
         if os.path.exists(self.path):
-            shutil.rmtree(self.path)
+            old = f"{self.path}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
         os.rename(self.partial_path, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:

@@ -1,0 +1,427 @@
+"""Converters from common sparse formats to the CSR layout on zarr, with bounded memory.
+
+Every converter writes through ``ooc_svd.sources.csr.CSRWriter`` (under ``OUT.partial``,
+renamed when complete), refuses an existing ``out`` unless ``overwrite``, and returns the
+written group opened read-only. The group's attribute ``ooc_svd_source`` records the input,
+its format, and how it was converted (``row_sorted``: in one pass; ``buckets``: the number
+of row ranges sorted one at a time).
+
+Memory, for an input of m rows and nnz non-zeros:
+
+- ``from_scipy``: CSR in blocks of rows, nothing copied but a block (a block with unsorted
+  or repeated columns is copied to be sorted); other formats are first converted to CSR in
+  memory by scipy (the non-zeros once more);
+- ``from_npz``: CSR members are streamed from the zip archive, decompressed as read; COO and
+  CSC go through ``ooc_svd.coordinates``; BSR and DIA are loaded by scipy;
+- ``from_mtx``: text read and parsed a block at a time; entries in row order are written in
+  one pass, others are bucketed by rows into scratch files, and each bucket sorted alone;
+- ``from_h5ad``: an HDF5 CSR group is read a block of rows at a time; a CSC group goes
+  through buckets like an unsorted Matrix Market file.
+
+``memory_limit`` bounds the working set, about: the writer's few storage chunks of
+``chunk_nnz`` values, then blocks of text or arrays and the entries sorted at once share the
+rest. A single row must fit in it.
+
+Value dtype: float64 input stays float64; float32 (and float16), integer, boolean and
+pattern input becomes float32, exact for integers up to 2**24 (counts); pass
+``dtype="float64"`` to keep larger integers exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .coordinates import (
+    SORT_BYTES_PER_ENTRY,
+    EntryChunk,
+    NotRowSorted,
+    write_bucketed,
+    write_row_sorted,
+)
+from .errors import InputError, MissingDependencyError, StoreNotFoundError
+from .matrix_market import open_binary, read_entry_chunks, read_header
+from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter
+from .sparse_streams import (
+    NpyMemberReader,
+    SlicedReader,
+    coo_entry_chunks,
+    csc_entry_chunks,
+    write_csr_stream,
+)
+from .store import check_output_path
+
+DEFAULT_MEMORY_LIMIT = "1GB"
+# The writer holds about this many storage chunks of indices and data at once: the tail being
+# filled, its concatenation, and the chunk being compressed.
+WRITER_CHUNKS = 5
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where and how the CSR store is written, and the memory the conversion may use."""
+
+    out: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    chunk_nnz: int
+    overwrite: bool
+    memory_limit: int  # what the conversion may use besides the writer's chunks
+    scratch_dir: str | None = None
+
+    def writer(self) -> CSRWriter:
+        return CSRWriter(self.out, self.shape[1], self.dtype, chunk_nnz=self.chunk_nnz,
+                         overwrite=self.overwrite)
+
+    @property
+    def text_bytes(self) -> int:
+        """Matrix Market text per block: up to five blocks are held (read ahead, parsed,
+        consumed), each with arrays of up to four times its size (short lines), eight with
+        mirrored entries; the consumer's copies come on top."""
+        return int(np.clip(self.memory_limit // 96, 64 << 10, 16 << 20))
+
+    @property
+    def chunk_entries(self) -> int:
+        """Entries per block read from binary arrays (indices, values and copies of them)."""
+        return int(np.clip(self.memory_limit // 256, 4096, 1 << 22))
+
+    @property
+    def sort_entries(self) -> int:
+        """Entries of a bucket sorted at once, in half the limit."""
+        return max(self.memory_limit // 2 // SORT_BYTES_PER_ENTRY, 1024)
+
+
+def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *, dtype: Any,
+            chunk_nnz: int, overwrite: bool, memory_limit: int | str,
+            scratch_dir: str | os.PathLike | None = None) -> _Target:
+    """Validate the options before any long work."""
+    from .plan import parse_bytes
+
+    path = check_output_path(out, overwrite)
+    if chunk_nnz < 1:
+        raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
+    m, n = (int(s) for s in shape)
+    value_dtype = output_dtype(source_dtype, dtype)
+    index_bytes = 4 if n <= np.iinfo(np.int32).max else 8
+    writer_bytes = WRITER_CHUNKS * chunk_nnz * (value_dtype.itemsize + index_bytes)
+    limit = parse_bytes(memory_limit)
+    if limit - writer_bytes < 1_000_000:
+        raise InputError(
+            f"memory_limit {memory_limit!r} leaves less than 1 MB besides the writer's "
+            f"{writer_bytes / 1e6:.0f} MB ({WRITER_CHUNKS} storage chunks of chunk_nnz="
+            f"{chunk_nnz}): raise the limit or lower chunk_nnz"
+        )
+    return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,
+                   None if scratch_dir is None else os.fspath(scratch_dir))
+
+
+def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:
+    """The stored value dtype: ``requested`` if given (float32 or float64), else float64 for
+    float64 input and float32 for everything else (``source`` None: a pattern matrix)."""
+    if requested is not None:
+        try:
+            chosen = np.dtype(requested)
+        except TypeError:
+            raise InputError(f"dtype must be float32 or float64, not {requested!r}") from None
+        if chosen not in (np.float32, np.float64):
+            raise InputError(f"dtype must be float32 or float64, not {chosen}")
+        return chosen
+    if source is None:
+        return np.dtype(np.float32)
+    source = np.dtype(source)
+    if source.kind == "c":
+        raise InputError(f"complex values ({source}) are not supported: ooc_svd computes real "
+                         "SVDs")
+    if source.kind not in "fiub":
+        raise InputError(f"values of dtype {source} are not numbers")
+    return np.dtype(np.float64 if source.kind == "f" and source.itemsize >= 8 else np.float32)
+
+
+def _finish(writer: CSRWriter, target: _Target, provenance: dict[str, Any]) -> Any:
+    if writer.rows != target.shape[0]:
+        raise InputError(f"wrote {writer.rows} rows of the {target.shape[0]} announced")
+    writer.group.attrs["ooc_svd_source"] = provenance
+    return writer.close()
+
+
+def _write_csr(target: _Target, readers: tuple, provenance: dict[str, Any]) -> Any:
+    with target.writer() as writer:
+        write_csr_stream(*readers, target.shape, writer, target.chunk_entries)
+        return _finish(writer, target, {**provenance, "row_sorted": True})
+
+
+def _write_coordinates(target: _Target, entries: Callable[[], Iterator[EntryChunk]],
+                       expected: int, has_values: bool, provenance: dict[str, Any],
+                       try_row_sorted: bool = True) -> Any:
+    """Write coordinate entries: in one pass if they turn out to be in row order, else
+    (reading them again from the start) through buckets of rows.
+
+    ``entries`` opens a fresh iterator over all entries; ``expected`` estimates their count.
+    """
+    if try_row_sorted:
+        with target.writer() as writer:
+            try:
+                with closing(entries()) as chunks:
+                    write_row_sorted(chunks, writer, target.shape[0])
+            except NotRowSorted:
+                writer.abort()
+            else:
+                return _finish(writer, target, {**provenance, "row_sorted": True})
+    with target.writer() as writer, closing(entries()) as chunks:
+        buckets = write_bucketed(chunks, writer, target.shape[0], expected,
+                                 target.sort_entries, has_values, target.scratch_dir)
+        return _finish(writer, target, {**provenance, "row_sorted": False, "buckets": buckets})
+
+
+def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
+               chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
+               overwrite: bool = False) -> Any:
+    """Write a scipy.sparse matrix or array to the CSR layout at ``out``.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix or array of shape (m, n)
+        CSR is written in blocks of rows as it is; other formats are converted to CSR first
+        (scipy holds the non-zeros once more). Never densified, never modified.
+    out : path of the zarr group to write.
+    dtype : {None, 'float32', 'float64'}, default=None
+        None: float64 for float64 input, float32 otherwise.
+    chunk_nnz : int, default=2**20
+        Non-zeros per storage chunk of ``indices`` and ``data``.
+    memory_limit : int or str, default='1GB'
+        Bounds the rows copied per block.
+    overwrite : bool, default=False
+        Replace an existing ``out`` (else ``OutputExistsError``).
+
+    Returns
+    -------
+    zarr.Group, opened read-only.
+    """
+    import scipy.sparse
+
+    if not scipy.sparse.issparse(matrix) or matrix.ndim != 2:
+        raise InputError(f"expected a 2-D scipy.sparse matrix, not {type(matrix).__name__}")
+    kind = type(matrix).__name__
+    target = _target(out, matrix.shape, matrix.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
+                     overwrite=overwrite, memory_limit=memory_limit)
+    csr = matrix if matrix.format == "csr" else matrix.tocsr()
+    readers = (SlicedReader(csr.indptr, "indptr"), SlicedReader(csr.indices, "indices"),
+               SlicedReader(csr.data, "data"))
+    return _write_csr(target, readers, {"input": f"scipy.sparse {kind}", "format": kind})
+
+
+def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+             chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
+             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+    """Write a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) to the CSR layout at ``out``.
+
+    CSR arrays are read from the archive front to back, decompressed as they are read; COO
+    and CSC entries go through buckets of rows (``scratch_dir``, default the system's temp
+    directory) unless they are in row order; BSR and DIA are loaded whole by scipy. Other
+    parameters as ``from_mtx``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StoreNotFoundError(f"no such file: {path!r}")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise InputError(f"{path!r} is not an .npz archive") from None
+    with archive:
+        names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+        if not {"format", "shape", "data"} <= names:
+            raise InputError(f"{path!r} is not a scipy.sparse .npz (it holds {sorted(names)}, "
+                             "not format, shape and data)")
+        layout = _small_array(archive, "format").item()
+        layout = layout.decode("ascii") if isinstance(layout, bytes) else str(layout)
+        shape = tuple(int(s) for s in _small_array(archive, "shape"))
+        options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
+                       memory_limit=memory_limit)
+        if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
+            import scipy.sparse
+
+            return from_scipy(scipy.sparse.load_npz(path), out, **options)
+        data = NpyMemberReader(archive, "data", path)
+        target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, **options)
+        provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
+        if layout == "csr":
+            readers = (NpyMemberReader(archive, "indptr", path),
+                       NpyMemberReader(archive, "indices", path), data)
+            return _write_csr(target, readers, provenance)
+        return _write_coordinates(target, _npz_entries(path, layout, shape, target),
+                                  data.size, True, provenance)
+
+
+def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    with archive.open(f"{name}.npy") as file:
+        return np.lib.format.read_array(file, allow_pickle=False)
+
+
+def _npz_entries(path: str, layout: str, shape: tuple[int, int],
+                 target: _Target) -> Callable[[], Iterator[EntryChunk]]:
+    """Opens the archive afresh on each call, so the entries can be read a second time."""
+
+    def entries() -> Iterator[EntryChunk]:
+        with zipfile.ZipFile(path) as archive:
+            first = "indptr" if layout == "csc" else "row"
+            second = "indices" if layout == "csc" else "col"
+            readers = [NpyMemberReader(archive, name, path) for name in (first, second, "data")]
+            chunks = csc_entry_chunks if layout == "csc" else coo_entry_chunks
+            yield from chunks(*readers, shape, target.chunk_entries)
+
+    return entries
+
+
+def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+             chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
+             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+    """Write a Matrix Market coordinate file (``.mtx``, or gzipped ``.mtx.gz``) to the CSR
+    layout at ``out``.
+
+    Parameters
+    ----------
+    path : a coordinate file with real, integer or pattern values, and general, symmetric or
+        skew-symmetric symmetry (the mirrored entries are written out). Complex values and
+        the dense ``array`` format are refused.
+    out : path of the zarr group to write.
+    dtype : {None, 'float32', 'float64'}, default=None
+        None: float64 for real files, float32 for integer and pattern files.
+    chunk_nnz : int, default=2**20
+        Non-zeros per storage chunk of ``indices`` and ``data``.
+    memory_limit : int or str, default='1GB'
+        Bounds the text parsed at once and the entries sorted at once.
+    scratch_dir : str, optional
+        Where entries not in row order are bucketed (about 24 bytes per entry); default the
+        system's temp directory.
+    overwrite : bool, default=False
+        Replace an existing ``out`` (else ``OutputExistsError``).
+
+    Returns
+    -------
+    zarr.Group, opened read-only.
+
+    Notes
+    -----
+    Entries in row order (any column order within a row) are written in one pass; the order
+    is checked while reading, and the first entry out of order starts a second pass that
+    buckets the entries by rows. Symmetric files always take the second way (the mirrored
+    entries are out of order). Repeated entries are summed, as ``scipy.io.mmread(path)
+    .tocsr()`` does; values are parsed to the nearest float64 as Python's ``float`` does.
+    """
+    path = os.fspath(path)
+    with open_binary(path) as file:
+        header = read_header(file, path)
+    source = {"real": np.float64, "integer": np.int64}.get(header.field)
+    target = _target(out, header.shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
+                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+    return _write_coordinates(
+        target, lambda: read_entry_chunks(path, target.text_bytes), header.expanded_entries,
+        header.has_values, {"input": path, "format": header.describe()},
+        try_row_sorted=header.symmetry == "general",
+    )
+
+
+def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "X",
+              dtype: Any = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
+              memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
+              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+    """Write a sparse matrix stored in an HDF5 file (AnnData ``.h5ad``) to the CSR layout.
+
+    ``group`` names an HDF5 group in AnnData's sparse layout: datasets ``data``, ``indices``,
+    ``indptr`` and attributes ``encoding-type`` (``csr_matrix`` or ``csc_matrix``) and
+    ``shape``, or the older ``h5sparse_format`` and ``h5sparse_shape``. CSR is read a block
+    of rows at a time; CSC goes through buckets of rows (``scratch_dir``). Needs h5py (the
+    ``hdf5`` extra). Other parameters as ``from_mtx``.
+    """
+    h5py = _import_h5py()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StoreNotFoundError(f"no such file: {path!r}")
+    with h5py.File(path, "r") as file:
+        layout, shape, data = _h5_sparse_group(file, group, path, h5py)
+        target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
+                         overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+        node = file[group]
+        readers = tuple(SlicedReader(node[name], f"{group}/{name}")
+                        for name in ("indptr", "indices", "data"))
+        provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
+        if layout == "csr":
+            return _write_csr(target, readers, provenance)
+
+        def entries() -> Iterator[EntryChunk]:
+            fresh = [SlicedReader(r.array, r.name) for r in readers]
+            return csc_entry_chunks(*fresh, shape, target.chunk_entries)
+
+        return _write_coordinates(target, entries, data.shape[0], True, provenance,
+                                  try_row_sorted=shape[1] <= 1)
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise MissingDependencyError(
+            "reading HDF5 files needs h5py: pip install 'ooc_svd[hdf5]'"
+        ) from None
+    return h5py
+
+
+def _h5_sparse_group(file: Any, group: str, path: str, h5py: Any) -> tuple[str, tuple, Any]:
+    """(layout 'csr' or 'csc', shape, data dataset) of an AnnData-style sparse group."""
+    if group not in file:
+        raise InputError(f"{path!r} has no {group!r}; its top level holds {sorted(file.keys())}")
+    node = file[group]
+    if isinstance(node, h5py.Dataset):
+        raise InputError(f"{path!r}: {group!r} is a dense dataset {node.shape}; convert reads "
+                         "sparse groups (store a dense matrix as zarr or .npy)")
+    attributes = node.attrs
+    encoding = _text(attributes.get("encoding-type", attributes.get("h5sparse_format", "")))
+    layout = {"csr_matrix": "csr", "csc_matrix": "csc", "csr": "csr", "csc": "csc"}.get(encoding)
+    shape = attributes.get("shape", attributes.get("h5sparse_shape"))
+    if layout is None or shape is None:
+        raise InputError(f"{path!r}: {group!r} is not a sparse matrix group (encoding-type "
+                         f"{encoding!r}, shape {shape}); expected csr_matrix or csc_matrix")
+    missing = [name for name in ("data", "indices", "indptr") if name not in node]
+    if missing:
+        raise InputError(f"{path!r}: the sparse group {group!r} lacks {missing}")
+    return layout, tuple(int(s) for s in shape), node["data"]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_BY_SUFFIX: tuple[tuple[str, Callable[..., Any]], ...] = (
+    (".npz", from_npz), (".mtx", from_mtx), (".mtx.gz", from_mtx),
+    (".h5ad", from_h5ad), (".h5", from_h5ad), (".hdf5", from_h5ad),
+)
+
+
+def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
+    """Write ``input`` to the CSR layout at ``out``: a scipy.sparse matrix, or a file whose
+    name ends in .npz, .mtx, .mtx.gz, .h5ad, .h5 or .hdf5. ``options`` go to the converter
+    (``from_scipy``, ``from_npz``, ``from_mtx``, ``from_h5ad``); one it does not take is an
+    error. Returns the written group, opened read-only."""
+    import scipy.sparse
+
+    if scipy.sparse.issparse(input):
+        converter = from_scipy
+    else:
+        name = os.fspath(input).lower()
+        converter = next((f for suffix, f in _BY_SUFFIX if name.endswith(suffix)), None)
+        if converter is None:
+            raise InputError(f"cannot tell the format of {os.fspath(input)!r} from its name: "
+                             f"use {', '.join(suffix for suffix, _ in _BY_SUFFIX)}")
+    taken = inspect.signature(converter).parameters
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise InputError(f"option {', '.join(unknown)} does not apply to this input "
+                         f"({converter.__name__} reads it)")
+    return converter(input, out, **options)

@@ -1,0 +1,176 @@
+"""Sequential reads of the arrays of a stored sparse matrix (CSR, CSC or COO), a piece at a time.
+
+The arrays may be numpy arrays, HDF5 datasets (anything sliceable) or ``.npy`` members of a
+zip archive (a scipy ``.npz``), which can only be read front to back, so every reader here
+only moves forward. CSR rows go to a ``CSRWriter`` block by block; CSC and COO entries come
+out as coordinate chunks for ``ooc_svd.coordinates``.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .coordinates import EntryChunk
+from .errors import InputError
+from .sources.csr import CSRWriter
+
+# indptr values read at a time: 512 KiB of int64.
+POINTER_PIECE = 1 << 16
+
+
+class SlicedReader:
+    """Reads a 1-D array (numpy, h5py, zarr: anything sliceable) front to back."""
+
+    def __init__(self, array: Any, name: str):
+        self.array, self.name = array, name
+        self.size = int(array.shape[0])
+        self.dtype = np.dtype(array.dtype)
+        self.position = 0
+
+    def take(self, count: int) -> np.ndarray:
+        stop = self.position + count
+        if stop > self.size:
+            raise InputError(f"{self.name} holds {self.size} values; the matrix needs {stop}")
+        values = np.asarray(self.array[self.position : stop])
+        self.position = stop
+        return values
+
+
+class NpyMemberReader:
+    """Reads a 1-D array stored as a ``.npy`` member of a zip archive, decompressing as it
+    goes, so a compressed ``.npz`` is never held whole."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str, description: str):
+        self.file = archive.open(f"{name}.npy")
+        version = np.lib.format.read_magic(self.file)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise InputError(f"{description}: {name}.npy has .npy version {version}, not 1 or 2")
+        shape, _, dtype = read_header(self.file)
+        if len(shape) != 1 or dtype.hasobject:
+            raise InputError(f"{description}: {name} is not a 1-D numeric array "
+                             f"(shape {shape}, dtype {dtype})")
+        self.name, self.size, self.dtype, self.position = name, int(shape[0]), dtype, 0
+
+    def take(self, count: int) -> np.ndarray:
+        raw = self.file.read(count * self.dtype.itemsize)
+        if len(raw) != count * self.dtype.itemsize:
+            raise InputError(f"{self.name} ends before its {self.size} values (truncated file?)")
+        self.position += count
+        return np.frombuffer(raw, dtype=self.dtype)
+
+
+Reader = SlicedReader | NpyMemberReader
+
+
+def _pointer_pieces(indptr: Reader, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first index, pointers) covering ``count`` rows (or columns), each piece starting with
+    the last pointer of the previous one; checks that pointers start at 0 and never fall."""
+    if indptr.size != count + 1:
+        raise InputError(f"{indptr.name} holds {indptr.size} values, not {count + 1}")
+    previous = indptr.take(1).astype(np.int64)
+    if previous[0] != 0:
+        raise InputError(f"{indptr.name} starts at {previous[0]}, not 0")
+    for first in range(0, count, POINTER_PIECE):
+        piece = indptr.take(min(POINTER_PIECE, count - first)).astype(np.int64)
+        pointers = np.concatenate([previous, piece])
+        if np.any(pointers[1:] < pointers[:-1]):
+            raise InputError(f"{indptr.name} decreases between positions {first} and "
+                             f"{first + piece.size}")
+        yield first, pointers
+        previous = pointers[-1:]
+
+
+def row_windows(pointers: np.ndarray, entries: int) -> Iterator[tuple[int, int]]:
+    """Windows [a, b) of rows, each holding at most ``entries`` non-zeros or a single row."""
+    a, last = 0, pointers.size - 1
+    while a < last:
+        b = int(np.searchsorted(pointers, pointers[a] + entries, side="right")) - 1
+        b = min(max(b, a + 1), last)
+        yield a, b
+        a = b
+
+
+def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
+                     shape: tuple[int, int], writer: CSRWriter, block_entries: int) -> None:
+    """Append CSR rows read front to back, about ``block_entries`` non-zeros at a time.
+
+    Blocks whose columns are unsorted or repeated within a row are made canonical (a copy:
+    the input is never modified); canonical ones are appended as read.
+    """
+    _check_lengths(indices, data)
+    for _, pointers in _pointer_pieces(indptr, shape[0]):
+        for a, b in row_windows(pointers, block_entries):
+            count = int(pointers[b] - pointers[a])
+            local = pointers[a : b + 1] - pointers[a]
+            writer.append_arrays(*_canonical_csr(local, indices.take(count), data.take(count),
+                                                 shape[1]))
+    _check_all_read(indices)
+
+
+def _canonical_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
+    import scipy.sparse
+
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise InputError(f"a column index lies outside [0, {n_cols})")
+    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=(indptr.size - 1, n_cols))
+    if block.has_canonical_format:
+        return indptr, indices, data
+    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=block.shape, copy=True)
+    block.sum_duplicates()
+    return block.indptr, block.indices, block.data
+
+
+def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader,
+                     shape: tuple[int, int], chunk_entries: int) -> Iterator[EntryChunk]:
+    """COO entries in chunks, values as float64 (duplicates are summed in float64)."""
+    if not rows.size == cols.size == data.size:
+        raise InputError(f"COO arrays of different lengths: {rows.name} {rows.size}, "
+                         f"{cols.name} {cols.size}, {data.name} {data.size}")
+    for start in range(0, rows.size, chunk_entries):
+        count = min(chunk_entries, rows.size - start)
+        chunk = EntryChunk(rows.take(count).astype(np.int64), cols.take(count).astype(np.int64),
+                           data.take(count).astype(np.float64))
+        check_entries(chunk, shape)
+        yield chunk
+
+
+def csc_entry_chunks(indptr: Reader, indices: Reader, data: Reader,
+                     shape: tuple[int, int], chunk_entries: int) -> Iterator[EntryChunk]:
+    """The entries of a CSC matrix column after column, in chunks of ``chunk_entries``
+    (a long column spans several chunks)."""
+    _check_lengths(indices, data)
+    for first, pointers in _pointer_pieces(indptr, shape[1]):
+        for start in range(int(pointers[0]), int(pointers[-1]), chunk_entries):
+            stop = min(start + chunk_entries, int(pointers[-1]))
+            positions = np.arange(start, stop, dtype=np.int64)
+            cols = first + np.searchsorted(pointers, positions, side="right") - 1
+            chunk = EntryChunk(indices.take(stop - start).astype(np.int64), cols,
+                               data.take(stop - start).astype(np.float64))
+            check_entries(chunk, shape)
+            yield chunk
+    _check_all_read(indices)
+
+
+def _check_lengths(indices: Reader, data: Reader) -> None:
+    if indices.size != data.size:
+        raise InputError(f"{indices.name} holds {indices.size} values but {data.name} "
+                         f"{data.size}")
+
+
+def _check_all_read(indices: Reader) -> None:
+    if indices.position != indices.size:
+        raise InputError(f"indptr ends at {indices.position}, but {indices.name} holds "
+                         f"{indices.size} values")
+
+
+def check_entries(chunk: EntryChunk, shape: tuple[int, int]) -> None:
+    for name, index, bound in (("row", chunk.rows, shape[0]), ("column", chunk.cols, shape[1])):
+        if index.size and (index.min() < 0 or index.max() >= bound):
+            raise InputError(f"a {name} index lies outside [0, {bound}) "
+                             f"(shape {shape[0]} x {shape[1]})")

@@ -1,0 +1,402 @@
+"""Converters to the CSR layout on zarr: exact round trips against scipy, bounded-memory paths,
+refusals, the ``convert`` and ``generate --density`` commands, and the sparse generator."""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+import zarr
+
+from ooc_svd.convert import convert, from_h5ad, from_mtx, from_npz, from_scipy
+from ooc_svd.errors import InputError, OutputExistsError, StoreNotFoundError
+from ooc_svd.float_parse import parse_float
+from ooc_svd.sources.csr import open_csr_group
+from ooc_svd.synthetic import write_sparse_matrix
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "ooc-svd")
+# Small budgets so that every path runs over many blocks, chunks and buckets.
+SMALL = {"memory_limit": "2MB", "chunk_nnz": 1000}
+
+
+def read_back(group):
+    """The stored matrix as scipy CSR, through the reader the SVD uses."""
+    source = open_csr_group(group, "converted")
+    return source.read(0, source.shape[0]).to_scipy()
+
+
+def assert_same_csr(got, expected, dtype=None):
+    """Same shape, structure (sorted columns, summed duplicates) and values, exactly."""
+    expected = sp.csr_matrix(expected)
+    expected.sum_duplicates()
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_array_equal(got.data, expected.data.astype(got.dtype))
+    if dtype is not None:
+        assert got.dtype == dtype
+
+
+def with_gaps(m=600, n=90, density=0.05, seed=0, dtype=np.float64):
+    """Random sparse rows with an all-empty range of rows and trailing empty rows."""
+    rng = np.random.default_rng(seed)
+    A = sp.random(m, n, density=density, format="lil", random_state=rng, dtype=np.float64)
+    A[200:320] = 0
+    A[-15:] = 0
+    A = A.tocsr()
+    A.data = (A.data * 100).astype(dtype) if np.dtype(dtype).kind in "iu" else A.data.astype(dtype)
+    return A
+
+
+# ---------------------------------------------------------------- scipy objects and .npz
+
+
+@pytest.mark.parametrize(
+    "build, dtype",
+    [
+        (lambda: with_gaps(), np.float64),                       # csr, float64 kept
+        (lambda: with_gaps(dtype=np.float32).tocsc(), np.float32),  # csc: converted to csr
+        (lambda: with_gaps(dtype=np.int64).tocoo(), np.float32),  # integers become float32
+        (lambda: sp.csr_array(with_gaps(seed=1)), np.float64),   # sparse arrays too
+        (lambda: sp.csr_matrix(([2.5], ([3], [7])), shape=(5, 9)), np.float64),  # one non-zero
+        (lambda: sp.csr_matrix((7, 4)), np.float64),             # no non-zeros at all
+    ],
+)
+def test_from_scipy_round_trips_exactly(tmp_path, build, dtype):
+    A = build()
+    group = from_scipy(A, tmp_path / "A.zarr", **SMALL)
+    assert_same_csr(read_back(group), A, dtype)
+
+
+def test_from_scipy_sorts_and_sums_without_touching_the_input(tmp_path):
+    indptr = np.array([0, 3, 3, 5], dtype=np.int64)  # int64 indices as well
+    indices = np.array([4, 1, 4, 2, 0], dtype=np.int64)
+    data = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    A = sp.csr_matrix((data, indices, indptr), shape=(3, 6))
+    group = from_scipy(A, tmp_path / "A.zarr")
+    got = read_back(group)
+    np.testing.assert_array_equal(got.indices, [1, 4, 0, 2])
+    np.testing.assert_array_equal(got.data, [2.0, 4.0, 5.0, 4.0])
+    np.testing.assert_array_equal(A.indices, [4, 1, 4, 2, 0])  # unchanged
+    assert group["indices"].dtype == np.int32 and group["indptr"].dtype == np.int64
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "coo", "bsr"])
+@pytest.mark.parametrize("compressed", [True, False])
+def test_from_npz_matches_load_npz(tmp_path, layout, compressed):
+    A = with_gaps(m=3000, n=400, density=0.02, seed=2, dtype=np.float32).asformat(layout)
+    if layout == "coo":  # out of row order, as a COO may be
+        order = np.random.default_rng(2).permutation(A.nnz)
+        A = sp.coo_matrix((A.data[order], (A.row[order], A.col[order])), shape=A.shape)
+    path = tmp_path / "A.npz"
+    sp.save_npz(path, A, compressed=compressed)
+    group = from_npz(path, tmp_path / "A.zarr", **SMALL)
+    assert_same_csr(read_back(group), sp.load_npz(path), np.float32)
+    source = group.attrs["ooc_svd_source"]
+    assert source["row_sorted"] is (layout in ("csr", "bsr"))
+    if layout in ("csc", "coo"):
+        assert source["buckets"] > 1
+
+
+def test_store_opens_as_a_csr_source_with_anndata_attributes(tmp_path):
+    A = with_gaps(seed=3)
+    group = convert(A, tmp_path / "A.zarr")
+    assert group.attrs["encoding-type"] == "csr_matrix"
+    assert group.attrs["encoding-version"] == "0.1.0"
+    assert list(group.attrs["shape"]) == [600, 90]
+    reopened = zarr.open_group(str(tmp_path / "A.zarr"), mode="r")
+    source = open_csr_group(reopened, "A.zarr")
+    assert source.shape == (600, 90) and source.nnz == A.nnz
+    assert not os.path.exists(tmp_path / "A.zarr.partial")
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    A, B = with_gaps(seed=4), with_gaps(seed=5)
+    out = tmp_path / "A.zarr"
+    from_scipy(A, out)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        from_scipy(B, out)
+    assert_same_csr(read_back(zarr.open_group(str(out), mode="r")), A)
+    assert_same_csr(read_back(from_scipy(B, out, overwrite=True)), B)
+
+
+# ---------------------------------------------------------------- Matrix Market
+
+
+def write_mtx(path, lines, header="real general", shape=None):
+    m, n = shape
+    text = [f"%%MatrixMarket matrix coordinate {header}", "% a comment", f"{m} {n} {len(lines)}"]
+    path.write_text("\n".join(text + lines) + "\n")
+    return path
+
+
+def test_mtx_row_sorted_file_streams_in_one_pass(tmp_path):
+    A = with_gaps(m=3000, n=400, density=0.02, seed=6)
+    path = tmp_path / "A.mtx"
+    scipy.io.mmwrite(path, A.tocoo())  # rows in order: csr -> coo keeps them
+    group = from_mtx(path, tmp_path / "A.zarr", **SMALL)
+    assert group.attrs["ooc_svd_source"]["row_sorted"] is True
+    assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
+
+
+def test_mtx_unsorted_file_is_bucketed(tmp_path):
+    A = sp.random(3000, 400, density=0.02, format="coo", random_state=7)
+    order = np.random.default_rng(7).permutation(A.nnz)
+    A = sp.coo_matrix((A.data[order], (A.row[order], A.col[order])), shape=A.shape)
+    path = tmp_path / "A.mtx"
+    scipy.io.mmwrite(path, A)
+    group = from_mtx(path, tmp_path / "A.zarr", **SMALL)
+    source = group.attrs["ooc_svd_source"]
+    assert source["row_sorted"] is False and source["buckets"] > 2
+    assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "skewed",  # 90% of the entries in 100 rows: buckets over the budget are split again
+        "late",  # in row order but for the last entries: the one-pass attempt is abandoned
+    ],
+)
+def test_mtx_bucketing_edge_cases_stay_exact(tmp_path, case):
+    rng = np.random.default_rng(15)
+    m, n, k = 20000, 300, 40000
+    rows = np.where(rng.random(k) < 0.9, rng.integers(0, 100, k), rng.integers(0, m, k))
+    if case == "late":
+        rows = np.sort(rows)
+        rows[-3:] = [5, 0, 17]
+    A = sp.coo_matrix((rng.standard_normal(k), (rows, rng.integers(0, n, k))), shape=(m, n))
+    path = tmp_path / "A.mtx"
+    scipy.io.mmwrite(path, A)
+    group = from_mtx(path, tmp_path / "A.zarr", **SMALL)
+    source = group.attrs["ooc_svd_source"]
+    assert source["row_sorted"] is False and source["buckets"] > (10 if case == "skewed" else 1)
+    assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
+
+
+def test_mtx_duplicates_long_rows_and_unsorted_columns(tmp_path):
+    rng = np.random.default_rng(8)
+    long_row = [f"2 {j} {j % 7 + 1}" for j in rng.permutation(np.arange(1, 3001))]
+    lines = ["1 5 1.5", "1 2 1", "1 5 2.25", *long_row, "2 17 4", "5 1 -3"]
+    path = write_mtx(tmp_path / "A.mtx", lines, "real general", (9, 3000))
+    group = from_mtx(path, tmp_path / "A.zarr", memory_limit="1.2MB", chunk_nnz=100)
+    assert group.attrs["ooc_svd_source"]["row_sorted"] is True
+    assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
+    assert read_back(group)[0, 4] == 3.75 and read_back(group)[1, 16] == 8
+
+
+@pytest.mark.parametrize("header", ["real symmetric", "real skew-symmetric", "pattern general",
+                                    "pattern symmetric", "integer symmetric"])
+def test_mtx_symmetry_and_pattern_match_mmread(tmp_path, header):
+    lines = ["1 1 2.5", "3 1 -1", "4 2 7", "4 4 1e-3", "5 3 0.25", "3 1 1"]
+    if "skew" in header:
+        lines = [line for line in lines if line.split()[0] != line.split()[1]]
+    if "pattern" in header:
+        lines = [" ".join(line.split()[:2]) for line in lines]
+    if "integer" in header:
+        lines = [f"{line.rsplit(' ', 1)[0]} {i - 3}" for i, line in enumerate(lines)]
+    path = write_mtx(tmp_path / "A.mtx", lines, header, (5, 5))
+    expected_dtype = np.float64 if header.startswith("real") else np.float32
+    assert_same_csr(read_back(from_mtx(path, tmp_path / "A.zarr")), scipy.io.mmread(path),
+                    expected_dtype)
+
+
+def test_mtx_values_parse_like_python(tmp_path):
+    values = ["1", "-0", "0.1", "-2.5e-3", "1E+10", "6.02214076e23", "4.9e-324",
+              "1.7976931348623157e308", "2.2250738585072011e-308", ".5", "7.",
+              "0.30000000000000004441", "123456789012345678901234567890",  # > 19 digits
+              "  3.25\t"]
+    lines = [f"{i + 1} 1 {value}" for i, value in enumerate(values)]
+    path = write_mtx(tmp_path / "A.mtx", lines, "real general", (len(values), 1))
+    got = read_back(from_mtx(path, tmp_path / "A.zarr")).toarray().ravel()
+    np.testing.assert_array_equal(got, [float(v) for v in values])
+
+
+def test_float_parser_rounds_like_python():
+    rng = np.random.default_rng(9)
+    bits = rng.integers(0, 2**63, 20000, dtype=np.int64).view(np.float64)
+    tokens = [repr(float(x)) for x in bits[np.isfinite(bits)]]
+    tokens += [f"{rng.integers(1, 10**18)}e{rng.integers(-340, 310)}" for _ in range(5000)]
+    for token in tokens:
+        value, end, ok = parse_float(np.frombuffer(token.encode(), np.uint8), 0)
+        assert ok and end == len(token) and value == float(token), token
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops_when_closed():
+    from ooc_svd.threaded import read_ahead
+
+    produced = []
+
+    def items(fail_at=None):
+        for i in range(1000):
+            if i == fail_at:
+                raise OSError("broken read")
+            produced.append(i)
+            yield i
+
+    assert list(read_ahead(items())) == list(range(1000))
+    produced.clear()
+    stream = read_ahead(items())
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert len(produced) <= 6  # the producer stopped a few items ahead
+    got = []
+    with pytest.raises(OSError, match="broken read"):
+        got.extend(read_ahead(items(fail_at=5)))
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_mtx_gzip_and_header_variations(tmp_path):
+    A = with_gaps(m=300, n=40, seed=10)
+    plain = tmp_path / "A.mtx"
+    scipy.io.mmwrite(plain, A.tocoo())
+    zipped = tmp_path / "A.mtx.gz"
+    with open(plain, "rb") as source, gzip.open(zipped, "wb") as target:
+        target.write(source.read().replace(b"\n", b"\r\n", 40))  # CRLF on some lines
+    assert_same_csr(read_back(convert(zipped, tmp_path / "A.zarr")), A)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("%%MatrixMarket matrix array real general\n2 2\n1\n2\n3\n4\n", "dense"),
+        ("%%MatrixMarket matrix coordinate complex general\n1 1 1\n1 1 1 0\n", "complex"),
+        ("%%MatrixMarket matrix coordinate real hermitian\n1 1 1\n1 1 1\n", "hermitian"),
+        ("1 1 1\n", "not a Matrix Market file"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 2\n1 1 1\n2 x 1\n", "line 4"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 4 1\n", r"column index \(4\)"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 1\n0 1 1\n", r"row index \(0\)"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 3\n1 1 1\n", "announces 3"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 1\n2 2 2\n", "more entries"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 abc\n", "line 3"),
+    ],
+)
+def test_mtx_refusals_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.mtx"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        from_mtx(path, tmp_path / "out.zarr")
+    assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+
+
+def test_missing_input_and_unknown_format(tmp_path):
+    with pytest.raises(StoreNotFoundError):
+        from_mtx(tmp_path / "absent.mtx", tmp_path / "out.zarr")
+    with pytest.raises(StoreNotFoundError):
+        from_npz(tmp_path / "absent.npz", tmp_path / "out.zarr")
+    with pytest.raises(InputError, match="cannot tell the format"):
+        convert(tmp_path / "A.txt", tmp_path / "out.zarr")
+    with pytest.raises(InputError, match="group does not apply"):
+        convert(tmp_path / "A.npz", tmp_path / "out.zarr", group="X")
+
+
+# ---------------------------------------------------------------- HDF5 / AnnData
+
+
+def write_h5_sparse(path, A, layout="csr", old_attributes=False):
+    h5py = pytest.importorskip("h5py")
+    A = A.asformat(layout)
+    with h5py.File(path, "w") as file:
+        group = file.create_group("X")
+        if old_attributes:
+            group.attrs["h5sparse_format"] = layout
+            group.attrs["h5sparse_shape"] = A.shape
+        else:
+            group.attrs["encoding-type"] = f"{layout}_matrix"
+            group.attrs["encoding-version"] = "0.1.0"
+            group.attrs["shape"] = A.shape
+        group.create_dataset("data", data=A.data, chunks=True, compression="gzip")
+        group.create_dataset("indices", data=A.indices.astype(np.int32), chunks=True)
+        group.create_dataset("indptr", data=A.indptr.astype(np.int64))
+        file.create_dataset("dense", data=np.zeros((3, 3)))
+    return path
+
+
+@pytest.mark.parametrize("old_attributes", [False, True])
+def test_h5ad_csr_group_round_trips(tmp_path, old_attributes):
+    A = with_gaps(m=2000, n=300, seed=11, dtype=np.float32)
+    path = write_h5_sparse(tmp_path / "A.h5ad", A, old_attributes=old_attributes)
+    group = from_h5ad(path, tmp_path / "A.zarr", **SMALL)
+    assert_same_csr(read_back(group), A, np.float32)
+    assert group.attrs["ooc_svd_source"]["row_sorted"] is True
+
+
+def test_h5ad_csc_group_goes_through_buckets(tmp_path):
+    A = with_gaps(m=2000, n=300, seed=12)
+    path = write_h5_sparse(tmp_path / "A.h5", A, layout="csc")
+    group = convert(path, tmp_path / "A.zarr", **SMALL)
+    assert group.attrs["ooc_svd_source"]["buckets"] > 1
+    assert_same_csr(read_back(group), A, np.float64)
+
+
+def test_h5ad_refusals(tmp_path):
+    path = write_h5_sparse(tmp_path / "A.h5ad", with_gaps(seed=13))
+    with pytest.raises(InputError, match="dense dataset"):
+        from_h5ad(path, tmp_path / "out.zarr", group="dense")
+    with pytest.raises(InputError, match="has no 'layers'"):
+        from_h5ad(path, tmp_path / "out.zarr", group="layers")
+    with pytest.raises(StoreNotFoundError):
+        from_h5ad(tmp_path / "absent.h5ad", tmp_path / "out.zarr")
+
+
+# ---------------------------------------------------------------- the sparse generator
+
+
+def test_sparse_generator_is_exact_canonical_and_chunking_free(tmp_path):
+    a = write_sparse_matrix(tmp_path / "a.zarr", (9000, 700), density=0.01, seed=5)
+    b = write_sparse_matrix(tmp_path / "b.zarr", (9000, 700), density=0.01, seed=5,
+                            chunk_rows=1000, threads=1, chunk_nnz=5000)
+    A, B = read_back(a), read_back(b)
+    assert A.nnz == 63000 and A.has_canonical_format
+    assert_same_csr(A, B)
+    assert np.all(A.data >= 1) and np.all(A.data == np.round(A.data))
+    counts = np.bincount(A.indices, minlength=700)
+    assert counts[:10].sum() > 5 * counts[-10:].sum()  # power-law columns
+    assert a.attrs["ooc_svd_synthetic"]["nnz"] == 63000
+
+
+def test_sparse_generator_dense_rows_under_a_steep_power_law(tmp_path):
+    group = write_sparse_matrix(tmp_path / "a.zarr", (50, 400), density=0.8, seed=2,
+                                column_exponent=2.5)
+    A = read_back(group)
+    assert A.nnz == 16000 and A.has_canonical_format and np.diff(A.indptr).max() <= 400
+    with pytest.raises(InputError, match="exactly one"):
+        write_sparse_matrix(tmp_path / "b.zarr", (5, 5), density=0.1, nnz=3)
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def ooc_svd_command(*args):
+    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_convert_command_writes_and_refuses_existing_output(tmp_path):
+    A = with_gaps(m=500, n=60, seed=14)
+    path = tmp_path / "A.mtx"
+    scipy.io.mmwrite(path, A.tocoo())
+    out = tmp_path / "A.zarr"
+    done = ooc_svd_command("convert", path, out, "--dtype", "float32", "--chunk-nnz", 500)
+    assert done.returncode == 0, done.stderr
+    assert f"500 x 60 float32 CSR, {A.nnz} non-zeros" in done.stdout and "one pass" in done.stdout
+    assert_same_csr(read_back(zarr.open_group(str(out), mode="r")), A, np.float32)
+    again = ooc_svd_command("convert", path, out, "--quiet")
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_generate_density_writes_a_csr_store(tmp_path):
+    out = tmp_path / "S.zarr"
+    done = ooc_svd_command("generate", out, "--shape", 5000, 300, "--density", 0.02,
+                           "--seed", 3, "--chunk", 2000)
+    assert done.returncode == 0, done.stderr
+    assert "5000 x 300 float32 CSR, 30000 non-zeros" in done.stdout
+    group = zarr.open_group(str(out), mode="r")
+    reference = write_sparse_matrix(tmp_path / "R.zarr", (5000, 300), density=0.02, seed=3)
+    assert_same_csr(read_back(group), read_back(reference))
+    refused = ooc_svd_command("generate", tmp_path / "T.zarr", "--shape", 50, 30, "--density",
+                              0.1, "--rank", 3)
+    assert refused.returncode == 2 and "--rank" in refused.stderr
