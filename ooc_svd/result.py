@@ -47,6 +47,8 @@ class SVDResult:
     method : str
         The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
         not the planned one).
+    backend : str
+        Where the block products ran: 'cpu' or 'cuda'.
     note : str
     plan : Plan
         The method, blocks and memory chosen, with the reason (``plan.describe()``).
@@ -72,6 +74,7 @@ class SVDResult:
     seed: int
     store: Any = None
     spectral_error: float | None = None
+    backend: str = "cpu"
     records: list[PassRecord] = field(default_factory=list, repr=False)
 
     def __iter__(self):
@@ -174,6 +177,7 @@ def provenance(
             "basis_size": plan.basis_size,
             "niter": plan.niter,
             "method": result.method,
+            "backend": result.backend,
             "reason": plan.reason,
             "note": result.note,
             "centered": result.mean is not None,

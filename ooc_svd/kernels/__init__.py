@@ -1,1 +1,2 @@
-"""Block kernels. ``cpu`` holds numba + BLAS kernels; a CUDA module will mirror its names."""
+"""Block kernels behind one interface (``backend.Kernels``): ``cpu`` (numba + BLAS, dense),
+``csr`` (numba, sparse), and ``cuda`` / ``cuda_backend`` (numba-cuda, dense and sparse)."""

@@ -40,6 +40,9 @@ class Kernels(Protocol):
     def transposed_times(self, block: Any, first_row: int, Q: np.ndarray, shift: np.ndarray,
                          stats: BlockStats) -> np.ndarray: ...
 
+    def close(self) -> None:
+        """Release what the kernels hold between passes (a GPU's buffers and streams)."""
+
 
 class CPUKernels:
     """numba and BLAS on the host: dense blocks by cache-sized float64 sub-blocks and dgemm,
@@ -47,8 +50,9 @@ class CPUKernels:
 
     name = "cpu"
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, scatter_copies: int | None = None):
         self.n = n
+        self.scatter_copies = scatter_copies  # the CSR power kernel's threads; all if None
 
     @cached_property
     def subs(self) -> SubBlocks:
@@ -58,6 +62,9 @@ class CPUKernels:
 
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep:
         return _CPUPowerSweep(self, X, stats)
+
+    def close(self) -> None:
+        """Nothing to release: buffers are ordinary memory."""
 
     def times(self, block, first_row, X, shift, stats, out=None):
         if _is_csr(block):
@@ -85,7 +92,8 @@ class _CPUPowerSweep:
             if self.sparse_sweep is None:
                 from . import csr
 
-                self.sparse_sweep = csr.CSRPowerSweep(self.X, self.stats)
+                self.sparse_sweep = csr.CSRPowerSweep(self.X, self.stats,
+                                                      self.kernels.scatter_copies)
             self.sparse_sweep.add(block, first_row, shift)
         else:
             cpu.power_block(block, first_row, self.X, shift, self.Z, self.stats,

@@ -1,0 +1,268 @@
+"""CUDA backend: power-sweep throughput against the pinned host-to-device bandwidth.
+
+    python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
+                                    [--block-mb 256] [--csr-cols 100000] [--csr-row-nnz 64]
+
+A power pass is bound by the copy of A to the device (about 4l flops per element), so its
+target is the pinned host-to-device bandwidth for data already in host memory. Measured, in
+one run on one GPU:
+
+- the pinned and pageable host-to-device bandwidth, and the host copy into pinned memory;
+- a full ``CUDAKernels.power_sweep`` over --gb of float32 blocks (distinct arrays in host
+  memory) for each n, and over CSR blocks (float32 values, int32 indices): GB/s of A and
+  the ratio to the pinned bandwidth, for blocks in ordinary (pageable) memory, which go
+  through the staging copy, and for the same blocks in page-locked memory, which do not;
+- the kernels alone on a block already on the device (GB/s of the block), and, where CuPy
+  is installed, cuBLAS (float64 and float32 GEMMs, Y = A X then Z = A^T Y) and cuSPARSE
+  (SpMM) on the same block, for scale.
+
+Kernels are compiled in a warm-up sweep before anything is timed. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=4.0, help="data per sweep, in GB")
+    parser.add_argument("--cols", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--basis", type=int, default=30, help="l = k + p")
+    parser.add_argument("--block-mb", type=float, default=256)
+    parser.add_argument("--csr-cols", type=int, default=100_000)
+    parser.add_argument("--csr-row-nnz", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=2)
+    parser.add_argument("--copy-threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="kernel timings: best of")
+    return parser.parse_args()
+
+
+def seconds_on_device(cuda, function, repeats: int) -> float:
+    """Best time of ``function()`` (which enqueues work on the default stream), by events."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start, stop = cuda.event(), cuda.event()
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3)
+    return best
+
+
+def copy_bandwidths(cuda, nbytes: int, repeats: int, copy_threads: int) -> dict[str, float]:
+    """GB/s of pinned and pageable host-to-device copies and of host copies into pinned
+    memory (the sweep's staging step) on 1 and ``copy_threads`` threads."""
+    from ooc_svd.kernels.cuda_backend import _HostCopier
+
+    pinned = cuda.pinned_array(nbytes, dtype=np.uint8)
+    pageable = np.ones(nbytes, dtype=np.uint8)
+    pinned[:] = 1
+    device = cuda.device_array(nbytes, dtype=np.uint8)
+    rates = {
+        "pinned H2D": nbytes / seconds_on_device(cuda, lambda: device.copy_to_device(pinned),
+                                                 repeats),
+        "pageable H2D": nbytes / seconds_on_device(
+            cuda, lambda: device.copy_to_device(pageable), repeats),
+    }
+    began = time.perf_counter()
+    with cuda.pinned(pageable):  # cuMemHostRegister, then cuMemHostUnregister
+        pass
+    rates["page-locking pageable memory in place"] = nbytes / (time.perf_counter() - began)
+    for threads in (1, copy_threads):
+        copier = _HostCopier(threads)
+        began = time.perf_counter()
+        copier.copy(pageable, pinned)
+        rates[f"host copy into pinned, {threads} threads"] = nbytes / (time.perf_counter() - began)
+        copier.close()
+    return {name: rate / 1e9 for name, rate in rates.items()}
+
+
+def dense_blocks(total_bytes: int, block_bytes: int, n: int) -> list[np.ndarray]:
+    """Distinct float32 blocks of about block_bytes filling total_bytes."""
+    rows = max(1, block_bytes // (4 * n))
+    template = np.random.default_rng(0).standard_normal((rows, n), dtype=np.float32)
+    return [template + np.float32(i) for i in range(max(1, total_bytes // template.nbytes))]
+
+
+def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int) -> list:
+    """Distinct CSR blocks (float32 values, int32 indices, row_nnz per row)."""
+    from ooc_svd.sources.csr import CSRBlock
+
+    rng = np.random.default_rng(0)
+    rows = max(1, block_bytes // (row_nnz * 8 + 8))
+    indptr = np.arange(rows + 1, dtype=np.int64) * row_nnz
+    indices = rng.integers(0, n, rows * row_nnz, dtype=np.int32)
+    data = rng.standard_normal(rows * row_nnz, dtype=np.float32)
+    return [CSRBlock(data + np.float32(i), indices.copy(), indptr.copy(), n)
+            for i in range(max(1, total_bytes // block_bytes))]
+
+
+def page_locked(backend, block):
+    """A copy of a dense or CSR block in page-locked memory."""
+    from ooc_svd.sources.csr import CSRBlock
+
+    def pin(array):
+        pinned = backend.pinned_empty(array.shape, array.dtype)
+        pinned[...] = array
+        return pinned
+
+    if isinstance(block, CSRBlock):
+        return CSRBlock(pin(block.data), pin(block.indices), pin(block.indptr), block.n_cols)
+    return pin(block)
+
+
+def sweep_rates(backend, blocks, X) -> tuple[float, float]:
+    """Sweep GB/s for the blocks as given (pageable) and as page-locked copies."""
+    pageable = sweep_rate(backend, blocks, X)
+    pinned = [page_locked(backend, block) for block in blocks]
+    return pageable, sweep_rate(backend, pinned, X)
+
+
+def sweep_rate(backend, blocks, X) -> float:
+    """GB/s of A through a full power sweep (staging, copies, kernels, result)."""
+    from ooc_svd.kernels.cpu import BlockStats
+
+    n = X.shape[0]
+    warm = backend.power_sweep(X, BlockStats.zeros(n))
+    for block in blocks[:2]:
+        warm.add(block, 0, np.zeros(n))
+    warm.result()
+    began = time.perf_counter()
+    sweep = backend.power_sweep(X, BlockStats.zeros(n))
+    for block in blocks:
+        sweep.add(block, 0, np.zeros(n))
+    sweep.result()
+    return sum(block.nbytes for block in blocks) / (time.perf_counter() - began) / 1e9
+
+
+def dense_kernel_rates(cuda, backend, block, X, repeats) -> dict[str, float]:
+    """GB/s of the block for our kernels and, with CuPy, for cuBLAS, all on the device."""
+    n, l = X.shape
+    kernels, stream = backend.kernels, cuda.default_stream()
+    A = cuda.to_device(block)
+    shift, colsum, record = (cuda.to_device(np.zeros(n)), cuda.to_device(np.zeros(n)),
+                             cuda.to_device(np.zeros(2)))
+    device_X = cuda.to_device(np.ascontiguousarray(X))
+    Y = cuda.device_array((block.shape[0], l))
+    Z = cuda.to_device(np.zeros((n, l)))
+
+    def ours():
+        kernels.dense_totals(stream, A, shift, colsum, record)
+        kernels.dense_times(stream, A, shift, device_X, Y)
+        kernels.dense_transposed(stream, A, shift, Y, Z)
+
+    rates = {"ooc_svd kernels": block.nbytes / seconds_on_device(cuda, ours, repeats) / 1e9}
+    rates.update(cupy_dense_rates(block, X, repeats))
+    return rates
+
+
+def cupy_dense_rates(block, X, repeats) -> dict[str, float]:
+    try:
+        import cupy
+    except ImportError:
+        return {}
+    rates = {}
+    for name, dtype in [("cuBLAS float64", np.float64), ("cuBLAS float32", np.float32)]:
+        A, Xd = cupy.asarray(block, dtype=dtype), cupy.asarray(X, dtype=dtype)
+        rates[name] = block.nbytes / cupy_seconds(cupy, lambda A=A, Xd=Xd: A.T @ (A @ Xd),
+                                                  repeats) / 1e9
+    return rates
+
+
+def csr_kernel_rates(cuda, backend, block, X, repeats) -> dict[str, float]:
+    n, l = X.shape
+    kernels, stream = backend.kernels, cuda.default_stream()
+    arrays = [cuda.to_device(a) for a in (block.data, block.indices, block.indptr)]
+    device_X, sX = cuda.to_device(np.ascontiguousarray(X)), cuda.to_device(np.zeros(l))
+    Z, colsum = cuda.to_device(np.zeros((n, l))), cuda.to_device(np.zeros(n))
+    record = cuda.to_device(np.zeros(2))
+
+    def ours():
+        kernels.csr_power(stream, *arrays, device_X, sX, Z, colsum, record)
+
+    rates = {"ooc_svd kernels": block.nbytes / seconds_on_device(cuda, ours, repeats) / 1e9}
+    try:
+        import cupy
+        import cupyx.scipy.sparse
+    except ImportError:
+        return rates
+    A = cupyx.scipy.sparse.csr_matrix(
+        (cupy.asarray(block.data, dtype=np.float64), cupy.asarray(block.indices),
+         cupy.asarray(block.indptr)), shape=block.shape)
+    AT = A.T.tocsr()
+    Xd = cupy.asarray(X)
+    rates["cuSPARSE float64 (A^T precomputed)"] = block.nbytes / cupy_seconds(
+        cupy, lambda: AT @ (A @ Xd), repeats) / 1e9
+    return rates
+
+
+def cupy_seconds(cupy, function, repeats) -> float:
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return best
+
+
+def main() -> None:
+    args = parse_args()
+    from numba import cuda
+
+    from ooc_svd.kernels.cuda_backend import CUDAKernels
+
+    block_bytes, total = int(args.block_mb * 2**20), int(args.gb * 1e9)
+    device = cuda.get_current_device()
+    name = getattr(device, "name", "the CUDA simulator")
+    print(f"device: {name.decode() if isinstance(name, bytes) else name}")
+    copy_threads = args.copy_threads or min(8, os.cpu_count() or 1)
+    copies = copy_bandwidths(cuda, block_bytes, args.repeats, copy_threads)
+    pinned = copies["pinned H2D"]
+    print("\n| copy | GB/s |\n| --- | --- |")
+    for name, rate in copies.items():
+        print(f"| {name} | {rate:.1f} |")
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for n in args.cols:
+        backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
+        X = np.asfortranarray(rng.standard_normal((n, args.basis)))
+        blocks = dense_blocks(total, block_bytes, n)
+        rates = sweep_rates(backend, blocks, X)
+        kernels = dense_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
+        rows.append((f"dense float32, n={n}", sum(b.nbytes for b in blocks), rates, kernels))
+        backend.close()
+        del blocks
+    n = args.csr_cols
+    backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
+    X = np.asfortranarray(rng.standard_normal((n, args.basis)))
+    blocks = csr_blocks(total, block_bytes, n, args.csr_row_nnz)
+    rates = sweep_rates(backend, blocks, X)
+    kernels = csr_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
+    rows.append((f"CSR f32/i32, n={n}, {args.csr_row_nnz}/row", sum(b.nbytes for b in blocks),
+                 rates, kernels))
+
+    print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
+          f"pinned H2D {pinned:.1f} GB/s\n")
+    print("| blocks | GB | sweep GB/s, pageable | % of pinned H2D | sweep GB/s, page-locked "
+          "| % of pinned H2D | on-device GB/s of A |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, nbytes, (pageable, locked), kernels in rows:
+        on_device = ", ".join(f"{label} {value:.0f}" for label, value in kernels.items())
+        print(f"| {name} | {nbytes / 1e9:.1f} | {pageable:.1f} | {100 * pageable / pinned:.0f}% "
+              f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {on_device} |")
+
+
+if __name__ == "__main__":
+    main()

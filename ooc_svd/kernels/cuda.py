@@ -1,0 +1,402 @@
+"""CUDA kernels for row blocks (numba-cuda), the device side of ``cuda_backend``.
+
+A power pass does about 4l flops per element of A, so on a GPU it is bound by the
+host-to-device copy, not by arithmetic: at 50 GB/s of float32 data and l = 30 the products
+need about 1.5 TFLOP/s, a few percent of an H100's float64 rate. The kernels therefore aim
+to be simple and to never be the bottleneck, not to reach peak flops:
+
+- Dense blocks: shared-memory tiled products, each thread holding a small register tile.
+  Y = A_s X runs one thread block per tile of rows; Z += A_s^T Y one per tile of columns and
+  chunk of rows (split-K), adding its partial tile to Z with one atomic per entry. The block
+  stays resident on the device between the two products, so a second read of it costs
+  device bandwidth (~3 TB/s), about 1/50 of the copy that brought it. A single kernel that
+  reuses one shared-memory tile for both products would need whole rows resident (Y needs
+  all n columns of a row before Z can use it): 64 rows x n x 8 bytes outgrows the 228 KB
+  of shared memory of an H100 multiprocessor beyond n ~ 400.
+- CSR blocks: a group of ``lanes`` threads per row, one output column per thread, so the
+  gathers of X's rows and the atomic scatters into Z's rows are coalesced across the group.
+  The power kernel is fused: a row's non-zeros are read from device memory once for
+  y = A_row X and again, from cache, to scatter Z += A_row^T y.
+- Totals (column sums, sum of squares, a non-finite flag) come from separate kernels for
+  dense blocks (one more read of the resident block) and from the spare thread of each row
+  group in the CSR power kernel: column l of the group scatters the values themselves,
+  which is the column sum A^T 1.
+
+The centering shift is applied while staging dense tiles (A_s = A - 1 shift^T is never
+stored) and algebraically for CSR blocks (the host corrects with shift^T X and the column
+sums; see ``cuda_backend``).
+
+Measured on an H100 (float32 blocks, n = 1024, l = 30, GB/s of A on the device): Y = A_s X
+220, Z += A_s^T Y 135, totals 1270, a whole dense block about 80, 1.5 times the 52-54 GB/s
+of its PCIe 5 host-to-device copy; the CSR power kernel 22-40 (n = 1e5, 64 non-zeros a
+row, float32 values and int32 indices: 8 bytes and l = 30 atomic adds per non-zero), below
+that copy, so CSR passes are bound by the atomics.
+
+Products are accumulated in float64 by default. ``accumulate='float32'`` does the in-tile
+arithmetic in float32 (Z is still summed in float64 across tiles): it loses directions
+below about sqrt(eps32) ~ 3e-4 of sigma_1 (Z = A^T A X squares the spectrum) and is meant
+for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most non-datacenter parts).
+
+Kernels are built per (accumulation type, ``Geometry``) by ``BlockKernels``; a small
+geometry keeps the simulator (``NUMBA_ENABLE_CUDASIM=1``) fast in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+ACCUMULATE = {"float64": np.float64, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Thread-block shapes of the kernels (all powers of two).
+
+    Dense products: ``threads_x * threads_y`` threads compute an output tile of ``tile``
+    rows (of Y, or of Z's rows = A's columns) by ``out_cols`` columns, staging ``depth``
+    entries of the summed dimension at a time; each thread holds
+    (tile / threads_y) x (out_cols / threads_x) outputs in registers.
+    CSR: ``lanes`` threads share a row, ``groups`` rows per thread block.
+    Totals: ``stats_threads`` threads per block, one column (or non-zero) each.
+    """
+
+    threads_x: int = 16
+    threads_y: int = 16
+    out_cols: int = 32
+    tile: int = 64
+    depth: int = 32
+    lanes: int = 32
+    groups: int = 8
+    stats_threads: int = 256
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Geometry.{name} must be a power of two, not {value}")
+        if self.tile % self.threads_y or self.out_cols % self.threads_x:
+            raise ValueError("tile must be a multiple of threads_y, out_cols of threads_x")
+
+
+DEFAULT_GEOMETRY = Geometry()
+# Four threads per dense block, eight per CSR block: the simulator runs one Python thread
+# per CUDA thread, and tiles this small still exercise every edge and every loop.
+SIMULATOR_GEOMETRY = Geometry(threads_x=2, threads_y=2, out_cols=4, tile=4, depth=4,
+                              lanes=4, groups=2, stats_threads=4)
+
+
+def device_capacity() -> tuple[int, int]:
+    """(multiprocessors, resident threads per multiprocessor) of the current device; the
+    simulator reports neither and gets one block at a time."""
+    device = cuda.get_current_device()
+    return (int(getattr(device, "MULTIPROCESSOR_COUNT", 1)),
+            int(getattr(device, "MAX_THREADS_PER_MULTI_PROCESSOR", 0)))
+
+
+class BlockKernels:
+    """Launchers for the kernels of one accumulation type and geometry.
+
+    Every array argument is a device array; every launch is asynchronous on ``stream``.
+    Shapes: dense A (b, n) float32/float64 C-order; X (n, l), Y (b, l), Z (n, l) float64
+    C-order; shift (n,), sX = shift^T X (l,), colsum (n,) float64; CSR data (nnz,)
+    float32/float64, indices (nnz,) int32/int64, indptr (b + 1,) int64 starting at 0;
+    ``record`` (2,) float64 receives [sum of squares, 1.0 if a value was NaN or Inf].
+    """
+
+    def __init__(self, accumulate: str = "float64", geometry: Geometry = DEFAULT_GEOMETRY):
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {sorted(ACCUMULATE)}, not "
+                             f"{accumulate!r}")
+        self.geometry = geometry
+        self.kernels = _compile(ACCUMULATE[accumulate], geometry)
+        self.multiprocessors, self.threads_per_multiprocessor = device_capacity()
+
+    def dense_times(self, stream, A, shift, X, Y):
+        """Y = (A - 1 shift^T) X."""
+        g = self.geometry
+        grid = (_blocks(A.shape[0], g.tile), _blocks(X.shape[1], g.out_cols), 1)
+        self._launch("dense_times", grid, (g.threads_x, g.threads_y), stream,
+                     A, shift, X, A.shape[1], Y)
+
+    def dense_transposed(self, stream, A, shift, Y, Z):
+        """Z += (A - 1 shift^T)^T Y, the rows split into chunks that fill the device."""
+        g = self.geometry
+        rows, n = A.shape
+        tiles = (_blocks(n, g.tile), _blocks(Y.shape[1], g.out_cols))
+        resident = self._resident(g.threads_x * g.threads_y)
+        chunk = _chunk_rows(rows, resident // (tiles[0] * tiles[1]), g.depth)
+        grid = (*tiles, _blocks(rows, chunk))
+        self._launch("dense_transposed", grid, (g.threads_x, g.threads_y), stream,
+                     A, shift, Y, chunk, Z)
+
+    def dense_totals(self, stream, A, shift, colsum, record):
+        """colsum += column sums of A - 1 shift^T; record += [its sum of squares, flag]."""
+        g = self.geometry
+        rows, n = A.shape
+        column_blocks = _blocks(n, g.stats_threads)
+        chunk = _chunk_rows(rows, self._resident(g.stats_threads) // column_blocks, 1)
+        grid = (column_blocks, _blocks(rows, chunk))
+        self._launch("dense_totals", grid, g.stats_threads, stream,
+                     A, shift, chunk, colsum, record)
+
+    def csr_power(self, stream, data, indices, indptr, X, sX, Z, colsum, record):
+        """Z += A^T (A X - 1 sX^T); colsum += column sums of A; record += [sumsq(A), flag]."""
+        self._launch_rows("csr_power", stream, data, indices, indptr, X, sX, Z, colsum,
+                          record)
+
+    def csr_times(self, stream, data, indices, indptr, X, sX, Y):
+        """Y = A X - 1 sX^T."""
+        self._launch_rows("csr_times", stream, data, indices, indptr, X, sX, Y)
+
+    def csr_transposed(self, stream, data, indices, indptr, Y, Z):
+        """Z += A^T Y."""
+        self._launch_rows("csr_transposed", stream, data, indices, indptr, Y, Z)
+
+    def csr_totals(self, stream, data, indices, colsum, record):
+        """colsum += column sums of A; record += [sum of squares of A, flag]."""
+        g = self.geometry
+        grid = min(_blocks(data.size, g.stats_threads), self._resident(g.stats_threads))
+        self._launch("csr_totals", grid, g.stats_threads, stream, data, indices, colsum,
+                     record)
+
+    def _launch_rows(self, name, stream, data, indices, indptr, *rest):
+        """Launch a CSR row kernel: a grid-stride loop of ``groups`` rows per thread block."""
+        g = self.geometry
+        grid = min(_blocks(indptr.size - 1, g.groups), self._resident(g.lanes * g.groups))
+        self._launch(name, grid, (g.lanes, g.groups), stream, data, indices, indptr, *rest)
+
+    def _resident(self, threads_per_block: int) -> int:
+        """Blocks that grid-stride and split-K kernels launch: as many as fill every
+        multiprocessor. Measured on an H100 with blocks of 256 threads: the CSR power kernel
+        ran at 34, 36 and 39 GB/s of A with 2, 4 and 8 blocks per multiprocessor (its loads
+        and atomics need many warps in flight); the dense products did not change."""
+        per_multiprocessor = self.threads_per_multiprocessor // threads_per_block
+        return self.multiprocessors * max(1, per_multiprocessor)
+
+    def _launch(self, name, grid, block, stream, *args):
+        # numba warns about grids under 128 blocks; here a small grid means a small input,
+        # not a mistake, and the warning would repeat for every small block of a pass.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*under-utilization")
+            launch = getattr(self.kernels, name)[grid, block, stream]
+        launch(*args)
+
+
+def _blocks(count: int, size: int) -> int:
+    return max(1, -(-count // size))
+
+
+def _chunk_rows(rows: int, chunks: int, multiple: int) -> int:
+    """Rows per chunk when splitting ``rows`` into about ``chunks`` chunks, a multiple of
+    ``multiple`` so that staged tiles never straddle two chunks."""
+    chunk = -(-rows // max(chunks, 1))
+    return max(multiple, -(-chunk // multiple) * multiple)
+
+
+def example_signatures(data: str = "float32", index: str = "int32") -> dict[str, str]:
+    """One launch signature per kernel, for compiling them ahead of time (tests, PTX)."""
+    block = f"{data}[:, ::1]"
+    vector, matrix = "float64[::1]", "float64[:, ::1]"
+    csr = f"{data}[::1], {index}[::1], int64[::1]"
+    return {
+        "dense_times": f"void({block}, {vector}, {matrix}, int64, {matrix})",
+        "dense_transposed": f"void({block}, {vector}, {matrix}, int64, {matrix})",
+        "dense_totals": f"void({block}, {vector}, int64, {vector}, {vector})",
+        "csr_power": f"void({csr}, {matrix}, {vector}, {matrix}, {vector}, {vector})",
+        "csr_times": f"void({csr}, {matrix}, {vector}, {matrix})",
+        "csr_transposed": f"void({csr}, {matrix}, {matrix})",
+        "csr_totals": f"void({data}[::1], {index}[::1], {vector}, {vector})",
+    }
+
+
+@cache
+def _compile(acc, g: Geometry) -> SimpleNamespace:
+    """The kernels for accumulation type ``acc`` and geometry ``g`` (closures over both, so
+    tile shapes are compile-time constants)."""
+    # numba freezes closure variables as constants: plain ints, not the dataclass.
+    threads_x, threads_y, out_cols, tile, depth = (g.threads_x, g.threads_y, g.out_cols,
+                                                   g.tile, g.depth)
+    lanes, groups, stats_threads = g.lanes, g.groups, g.stats_threads
+    threads = threads_x * threads_y
+    rows_per_thread, cols_per_thread = tile // threads_y, out_cols // threads_x
+    # Shared and local array shapes must be plain constants, not expressions.
+    padded_depth, row_threads = depth + 1, lanes * groups
+
+    @cuda.jit(device=True)
+    def block_sum(value, scratch, record):
+        """record[0] += the sum of ``value`` over the thread block (a tree in shared memory;
+        one slot of ``scratch`` per thread)."""
+        tid = cuda.threadIdx.x + cuda.threadIdx.y * cuda.blockDim.x
+        scratch[tid] = value
+        cuda.syncthreads()
+        half = scratch.size // 2
+        while half > 0:
+            if tid < half:
+                scratch[tid] += scratch[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            cuda.atomic.add(record, 0, scratch[0])
+
+    def tiled_product(transposed):
+        """The dense product kernel: Y = A_s X (transposed=False) or Z += A_s^T Y (True)."""
+
+        def kernel(A, shift, B, chunk, C):
+            """C[tile, out_cols] (+)= op(A_s) B, summing ``depth`` entries at a time over
+            one chunk of the summed dimension (A's columns for Y, A's rows for Z).
+
+            The A tile is stored as a[output row, summed index] in both cases, padded by
+            one column so that the transposed staging writes hit distinct banks. Z is
+            summed over chunks with one atomic per entry per chunk.
+            """
+            a = cuda.shared.array((tile, padded_depth), acc)
+            b = cuda.shared.array((depth, out_cols), acc)
+            out = cuda.local.array((rows_per_thread, cols_per_thread), acc)
+            row = cuda.local.array(cols_per_thread, acc)
+            tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+            tid = tx + ty * threads_x
+            t0, j0 = cuda.blockIdx.x * tile, cuda.blockIdx.y * out_cols
+            first = cuda.blockIdx.z * chunk
+            rows, cols = A.shape
+            for i in range(rows_per_thread):
+                for j in range(cols_per_thread):
+                    out[i, j] = 0
+            for k0 in range(first, min(first + chunk, B.shape[0]), depth):
+                for e in range(tid, tile * depth, threads):
+                    if transposed:  # consecutive threads read consecutive columns of A
+                        r, c, i, k = k0 + e // tile, t0 + e % tile, e % tile, e // tile
+                    else:
+                        r, c, i, k = t0 + e // depth, k0 + e % depth, e // depth, e % depth
+                    a[i, k] = acc(A[r, c]) - acc(shift[c]) if r < rows and c < cols else 0
+                for e in range(tid, depth * out_cols, threads):
+                    k, j = e // out_cols, e % out_cols
+                    inside = k0 + k < B.shape[0] and j0 + j < B.shape[1]
+                    b[k, j] = acc(B[k0 + k, j0 + j]) if inside else 0
+                cuda.syncthreads()
+                for k in range(depth):
+                    for j in range(cols_per_thread):
+                        row[j] = b[k, tx + j * threads_x]
+                    for i in range(rows_per_thread):
+                        value = a[ty + i * threads_y, k]
+                        for j in range(cols_per_thread):
+                            out[i, j] += value * row[j]
+                cuda.syncthreads()
+            for i in range(rows_per_thread):
+                for j in range(cols_per_thread):
+                    r, c = t0 + ty + i * threads_y, j0 + tx + j * threads_x
+                    if r < C.shape[0] and c < C.shape[1]:
+                        if transposed:
+                            cuda.atomic.add(C, (r, c), np.float64(out[i, j]))
+                        else:
+                            C[r, c] = out[i, j]
+
+        kernel.__name__ = "dense_transposed" if transposed else "dense_times"
+        return kernel
+
+    dense_times, dense_transposed = tiled_product(False), tiled_product(True)
+
+    def dense_totals(A, shift, chunk_rows, colsum, record):
+        """One thread per column over one chunk of rows (consecutive threads read
+        consecutive addresses): column sums, sum of squares and NaN/Inf of A - 1 shift^T."""
+        scratch = cuda.shared.array(stats_threads, np.float64)
+        c = cuda.blockIdx.x * stats_threads + cuda.threadIdx.x
+        first = cuda.blockIdx.y * chunk_rows
+        squares = 0.0
+        if c < A.shape[1]:
+            column, bad = 0.0, False
+            for r in range(first, min(first + chunk_rows, A.shape[0])):
+                value = np.float64(A[r, c]) - shift[c]
+                column += value
+                squares += value * value
+                if not math.isfinite(value):
+                    bad = True
+            cuda.atomic.add(colsum, c, column)
+            if bad:
+                record[1] = 1.0
+        block_sum(squares, scratch, record)
+
+    @cuda.jit(device=True)
+    def row_dot(data, indices, start, end, X, j):
+        """sum over a row's non-zeros p of data[p] * X[indices[p], j]."""
+        total = acc(0)
+        for p in range(start, end):
+            total += acc(data[p]) * acc(X[indices[p], j])
+        return np.float64(total)
+
+    @cuda.jit(device=True)
+    def row_scatter(data, indices, start, end, y, Z, j):
+        """Z[indices[p], j] += data[p] * y over a row's non-zeros."""
+        for p in range(start, end):
+            cuda.atomic.add(Z, (np.int64(indices[p]), j), np.float64(data[p]) * y)
+
+    @cuda.jit(device=True)
+    def row_lane():
+        """(lane, first row, row step) of this thread in a grid-stride loop over rows."""
+        group = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        return cuda.threadIdx.x, group, cuda.gridDim.x * cuda.blockDim.y
+
+    def csr_power(data, indices, indptr, X, sX, Z, colsum, record):
+        """Fused Z += A^T (A X - 1 sX^T) for CSR rows. Thread j of a row's group computes
+        y_j and scatters column j of Z; thread l (column l of [Z, colsum]) scatters the
+        values themselves into colsum and sums their squares."""
+        scratch = cuda.shared.array(row_threads, np.float64)
+        lane, row, step = row_lane()
+        l = X.shape[1]
+        squares, bad = 0.0, False
+        while row < indptr.size - 1:
+            start, end = indptr[row], indptr[row + 1]
+            for j in range(lane, l + 1, lanes):
+                if j < l:
+                    y = row_dot(data, indices, start, end, X, j) - sX[j]
+                    row_scatter(data, indices, start, end, y, Z, j)
+                else:
+                    for p in range(start, end):
+                        value = np.float64(data[p])
+                        cuda.atomic.add(colsum, indices[p], value)
+                        squares += value * value
+                        if not math.isfinite(value):
+                            bad = True
+            row += step
+        if bad:
+            record[1] = 1.0
+        block_sum(squares, scratch, record)
+
+    def csr_times(data, indices, indptr, X, sX, Y):
+        """Y = A X - 1 sX^T, thread j of a row's group computing Y[row, j]."""
+        lane, row, step = row_lane()
+        while row < indptr.size - 1:
+            for j in range(lane, X.shape[1], lanes):
+                Y[row, j] = row_dot(data, indices, indptr[row], indptr[row + 1], X, j) - sX[j]
+            row += step
+
+    def csr_transposed(data, indices, indptr, Y, Z):
+        """Z += A^T Y, thread j of a row's group scattering column j."""
+        lane, row, step = row_lane()
+        while row < indptr.size - 1:
+            for j in range(lane, Y.shape[1], lanes):
+                row_scatter(data, indices, indptr[row], indptr[row + 1], Y[row, j], Z, j)
+            row += step
+
+    def csr_totals(data, indices, colsum, record):
+        """Column sums (an atomic per non-zero), sum of squares and NaN/Inf of the values."""
+        scratch = cuda.shared.array(stats_threads, np.float64)
+        squares, bad = 0.0, False
+        for p in range(cuda.grid(1), data.size, cuda.gridsize(1)):
+            value = np.float64(data[p])
+            cuda.atomic.add(colsum, indices[p], value)
+            squares += value * value
+            if not math.isfinite(value):
+                bad = True
+        if bad:
+            record[1] = 1.0
+        block_sum(squares, scratch, record)
+
+    kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
+               csr_transposed, csr_totals)
+    return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})

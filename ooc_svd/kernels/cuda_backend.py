@@ -1,0 +1,475 @@
+"""The CUDA backend: a pass's products on an NVIDIA GPU, with the copies of A overlapped.
+
+A power pass does about 4l flops per element of A, far below what a GPU computes in the time
+it takes to copy that element over PCIe, so the pass runs at the host-to-device bandwidth at
+best. ``CUDAPowerSweep`` aims for it:
+
+- each of ``streams`` CUDA streams (two by default) owns a pinned host buffer and a device
+  buffer for one block; ``add`` waits until its stream's previous copy out of the pinned
+  buffer is done (an event), copies the block into it, enqueues the asynchronous
+  host-to-device copy and the kernels, and returns. Block i+1 is staged and copied while
+  block i's kernels run on the other stream;
+- the staging copy runs on several host threads (numpy releases the GIL): one thread copies
+  about 10 GB/s, slower than a PCIe 4 or 5 link, and would otherwise cap the pass. It still
+  costs two bytes of host memory traffic per byte of A besides the device's own read, so
+  where host memory bandwidth is short, blocks that already lie in page-locked memory
+  (``pinned_empty``: a block cache, or a reader decoding into it) skip it and are copied by
+  the device directly, at the full host-to-device bandwidth;
+- X, Z and the column sums stay on the device, and ``result()`` synchronizes and copies Z
+  back once. The streams share one Z: every update of Z is an atomic add, which is safe
+  between kernels running at once, and a copy per stream would double the L2 footprint of
+  the CSR scatter targets (X and two Z's are 72 MB at n = 1e5, l = 30; an H100 has 50 MB).
+
+Device memory: per stream one block and Y (b x l, dense blocks); once, X, Z (n x l) and
+the column sums. ``device_bytes`` gives the total for the planner.
+
+A NaN or Inf is found by the kernels, which record a flag and the sum of squares of every
+block in its own slot on the device; ``result()`` reads the slots once and raises
+``NonFiniteError`` naming the rows of the first offending block (a sweep never waits for a
+block, so it cannot name the row inside it). ``times`` and ``transposed_times`` are
+synchronous (the final pass factors Y on the host between them) and raise at once.
+
+The CSR centering shift is applied algebraically, as on the CPU: the kernels compute
+Z += A^T (A X - 1 s^T X) and the column sums and sum of squares of A, and the host turns
+them into those of A_s = A - 1 s^T with the totals of the whole sweep:
+sum_i 1^T (A_s,i X) = colsum(A_s)^T X, so Z_s = Z - s (colsum(A_s)^T X).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, NonFiniteError
+from .cpu import BlockStats
+
+STREAMS = 2
+# Device slots for per-block totals: room for this many blocks, doubled when full.
+RECORD_CAPACITY = 1024
+# The staging copy is split between threads in pieces of at least this many bytes.
+COPY_PIECE_BYTES = 4 << 20
+# Arrays packed into one staging buffer start at multiples of this (the device's own
+# allocation alignment), so every array is aligned for coalesced loads.
+ALIGNMENT = 256
+
+
+class CUDAUnavailableError(InputError):
+    """backend='cuda' was requested without a usable GPU; the message says what is missing."""
+
+
+def cuda_available(allow_simulator: bool = True) -> tuple[bool, str]:
+    """(whether the CUDA backend can run here, and why not when it cannot).
+
+    Under numba's simulator (NUMBA_ENABLE_CUDASIM=1) the backend runs, very slowly, for
+    tests; ``allow_simulator=False`` (for backend='auto') does not count it as a GPU.
+    """
+    try:
+        import numba_cuda  # noqa: F401 - the CUDA target that numba.cuda needs
+        from numba import config, cuda
+    except ImportError:
+        return False, "numba-cuda is not installed (pip install 'ooc_svd[cuda]')"
+    if config.ENABLE_CUDASIM:
+        return (True, "") if allow_simulator else (False, "only numba's CUDA simulator is on")
+    error = cuda.cuda_error()
+    if error is not None:
+        return False, f"no usable NVIDIA driver ({' '.join(str(error).split())})"
+    if not cuda.is_available():
+        return False, "the CUDA compiler library (NVVM) was not found; reinstall ooc_svd[cuda]"
+    if len(cuda.gpus) == 0:
+        return False, "the NVIDIA driver sees no CUDA device"
+    return True, ""
+
+
+def require_cuda() -> None:
+    """Raise ``CUDAUnavailableError`` unless the CUDA backend can run here."""
+    usable, reason = cuda_available()
+    if not usable:
+        raise CUDAUnavailableError(
+            f"backend='cuda' needs a usable NVIDIA GPU: {reason}; use backend='cpu'"
+        )
+
+
+def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
+                 streams: int = STREAMS) -> int:
+    """Device memory a pass holds for blocks of at most ``block_bytes`` bytes.
+
+    ``rows`` bounds the rows of a block (Y is rows x l); by default, that of a float32
+    block, the most rows per byte of dense data. For CSR blocks pass it (the power sweep
+    itself needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
+    is (q + 1) l).
+    """
+    if rows is None:
+        rows = block_bytes // (4 * max(n, 1))
+    per_stream = block_bytes + 8 * rows * l
+    return streams * per_stream + 8 * (2 * n * l + n) + 16 * RECORD_CAPACITY
+
+
+def device_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current device's memory."""
+    from numba import cuda
+
+    free, total = cuda.current_context().get_memory_info()
+    # The simulator reports unlimited (infinite) memory.
+    return int(min(free, 2**62)), int(min(total, 2**62))
+
+
+class CUDAKernels:
+    """numba-cuda kernels on the current GPU.
+
+    Parameters
+    ----------
+    n : int
+        Columns of the matrix.
+    accumulate : {'float64', 'float32'}, default='float64'
+        Type of the in-tile sums (see ``kernels.cuda``); float32 loses the directions below
+        about 3e-4 sigma_1 and is for GPUs with a small float64 rate.
+    streams : int, default=2
+        CUDA streams, each with one pinned and one device buffer of a block.
+    copy_threads : int, optional
+        Host threads for the staging copy; by default up to 8, one per core.
+    geometry : kernels.cuda.Geometry, optional
+        Thread-block shapes; by default the full-size ones on a GPU and tiny ones under the
+        simulator.
+
+    The staging buffers persist between passes (pinned allocations are slow) until
+    ``close()``; one sweep at a time.
+    """
+
+    name = "cuda"
+
+    def __init__(self, n: int, *, accumulate: str = "float64", streams: int = STREAMS,
+                 copy_threads: int | None = None, geometry: Any = None):
+        require_cuda()
+        from numba import config, cuda
+
+        from . import cuda as device_kernels
+
+        if geometry is None:
+            geometry = (device_kernels.SIMULATOR_GEOMETRY if config.ENABLE_CUDASIM
+                        else device_kernels.DEFAULT_GEOMETRY)
+        self.cuda = cuda
+        self.n = n
+        self.kernels = device_kernels.BlockKernels(accumulate, geometry)
+        self.streams = [_StagingStream(cuda) for _ in range(max(1, streams))]
+        self.copier = _HostCopier(copy_threads or min(8, os.cpu_count() or 1))
+        self.pinned_ranges: set[tuple[int, int]] = set()  # (start, end) host addresses
+
+    def power_sweep(self, X: np.ndarray, stats: BlockStats) -> CUDAPowerSweep:
+        return CUDAPowerSweep(self, X, stats)
+
+    def times(self, block, first_row, X, shift, stats, out=None):
+        """Y = A_s X for one block, a (b, l) float64 F-order array (``out`` if given)."""
+        rows, l = block.shape[0], X.shape[1]
+        Y = np.empty((rows, l), order="F") if out is None else out
+        if rows == 0:
+            return Y
+        lane, cuda = self.streams[0], self.cuda
+        arrays = self.upload(lane, block)
+        lane.holds = weakref.ref(block)  # for a transposed_times call with the same block
+        device_X = cuda.to_device(np.ascontiguousarray(X, dtype=np.float64), lane.stream)
+        device_Y = cuda.device_array((rows, l), stream=lane.stream)
+        device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
+        if _is_csr(block):
+            sX = cuda.to_device(shift @ X, lane.stream)
+            self.kernels.csr_times(lane.stream, *arrays, device_X, sX, device_Y)
+        else:
+            self.kernels.dense_times(lane.stream, *arrays, device_shift, device_X, device_Y)
+        self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
+        Y[...] = device_Y.copy_to_host(stream=lane.stream)
+        return Y
+
+    def transposed_times(self, block, first_row, Q, shift, stats):
+        """C^T = A_s^T Q for one block, an (n, l) float64 F-order array.  Q : (b, l).
+
+        A block given to the ``times`` call just before (the same object; the final and
+        residual passes never change a block in between) is not copied again.
+        """
+        n, l = block.shape[1], Q.shape[1]
+        lane, cuda = self.streams[0], self.cuda
+        if block.shape[0] == 0:
+            return np.zeros((n, l), order="F")
+        resident = lane.holds is not None and lane.holds() is block
+        arrays = lane.arrays if resident else self.upload(lane, block)
+        lane.holds = None
+        device_Q = cuda.to_device(np.ascontiguousarray(Q, dtype=np.float64), lane.stream)
+        device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
+        CT = cuda.to_device(np.zeros((n, l)), lane.stream)
+        if _is_csr(block):
+            self.kernels.csr_transposed(lane.stream, *arrays, device_Q, CT)
+        else:
+            self.kernels.dense_transposed(lane.stream, *arrays, device_shift, device_Q, CT)
+        self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
+        result = np.asfortranarray(CT.copy_to_host(stream=lane.stream))
+        if _is_csr(block):
+            result -= np.outer(shift, Q.sum(axis=0))
+        return result
+
+    def pinned_empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """An uninitialized page-locked host array. A block in such memory (a dense block,
+        or all three arrays of a CSR block) is copied to the device directly, without the
+        staging copy; it must not change until the sweep's ``result()``."""
+        if np.prod(shape) == 0:
+            return np.empty(shape, dtype)  # nothing to copy; page-locking zero bytes fails
+        array = self.cuda.pinned_array(shape, dtype=dtype)
+        span = (array.ctypes.data, array.ctypes.data + array.nbytes)
+        self.pinned_ranges.add(span)
+        weakref.finalize(array, self.pinned_ranges.discard, span)
+        return array
+
+    def close(self) -> None:
+        """Release the staging buffers and the copy threads."""
+        self.streams = []
+        self.copier.close()
+
+    def upload(self, lane: _StagingStream, block) -> list:
+        """Start copying a block to ``lane``'s device buffer; its device arrays (A, or data,
+        indices and indptr)."""
+        if _is_csr(block):
+            parts = [block.data, block.indices, np.asarray(block.indptr, dtype=np.int64)]
+        else:
+            parts = [block]
+        direct = all(self._page_locked(part) for part in parts)
+        return lane.upload(parts, self.copier, direct)
+
+    def _page_locked(self, array: np.ndarray) -> bool:
+        start = array.ctypes.data
+        return array.flags.c_contiguous and any(
+            low <= start and start + array.nbytes <= high for low, high in self.pinned_ranges)
+
+    def _add_totals(self, lane, block, arrays, device_shift, first_row, shift, stats) -> None:
+        """Add the block's totals of A_s to ``stats``, raising NonFiniteError on NaN/Inf."""
+        cuda, rows = self.cuda, block.shape[0]
+        colsum = cuda.to_device(np.zeros(block.shape[1]), lane.stream)
+        record = cuda.to_device(np.zeros(2), lane.stream)
+        if _is_csr(block):
+            self.kernels.csr_totals(lane.stream, arrays[0], arrays[1], colsum, record)
+        else:
+            self.kernels.dense_totals(lane.stream, arrays[0], device_shift, colsum, record)
+        record = record.copy_to_host(stream=lane.stream)
+        colsum = colsum.copy_to_host(stream=lane.stream)
+        lane.stream.synchronize()
+        raise_if_not_finite(record[None], [(first_row, rows)])
+        sumsq = float(record[0])
+        if _is_csr(block):
+            colsum, sumsq = shifted_totals(colsum, sumsq, rows, shift)
+        stats.colsum += colsum
+        stats.sumsq += sumsq
+        stats.rows += rows
+
+
+class CUDAPowerSweep:
+    """Z = sum_i A_s,i^T (A_s,i X) over the blocks given to ``add``, on the GPU.
+
+    ``add`` returns once the block is staged and its copy and kernels are enqueued; the
+    caller may then drop or reuse the block, except a block in page-locked memory
+    (``CUDAKernels.pinned_empty``), which the device reads where it lies and which must not
+    change until ``result()``. All blocks are dense, or all CSR, with one shift (a pass
+    reads one source with one centering shift).
+    """
+
+    def __init__(self, backend: CUDAKernels, X: np.ndarray, stats: BlockStats):
+        cuda = backend.cuda
+        n, l = X.shape
+        self.backend, self.stats = backend, stats
+        self.X = np.ascontiguousarray(X, dtype=np.float64)
+        self.device_X = cuda.to_device(self.X)
+        self.Z = cuda.to_device(np.zeros((n, l)))
+        self.colsum = cuda.to_device(np.zeros(n))
+        self.records = _BlockRecords(cuda)
+        self.shift: np.ndarray | None = None
+        self.sparse: bool | None = None
+        self.rows = 0
+        self.turn = 0
+
+    def add(self, block, first_row: int, shift: np.ndarray) -> None:
+        self._check(block, shift)
+        if block.shape[0] == 0:
+            return
+        lane = self.backend.streams[self.turn % len(self.backend.streams)]
+        self.turn += 1
+        record = self.records.slot(first_row, block.shape[0])
+        arrays = self.backend.upload(lane, block)
+        kernels, stream = self.backend.kernels, lane.stream
+        if self.sparse:
+            kernels.csr_power(stream, *arrays, self.device_X, self.device_sX, self.Z,
+                              self.colsum, record)
+        else:
+            (A,) = arrays
+            Y = lane.scratch(A.shape[0], self.X.shape[1])
+            kernels.dense_totals(stream, A, self.device_shift, self.colsum, record)
+            kernels.dense_times(stream, A, self.device_shift, self.device_X, Y)
+            kernels.dense_transposed(stream, A, self.device_shift, Y, self.Z)
+        self.rows += block.shape[0]
+
+    def result(self) -> np.ndarray:
+        """Z (n, l) float64 F-order; adds the sweep's totals to ``stats``."""
+        self.backend.cuda.synchronize()
+        records = self.records.read()
+        raise_if_not_finite(records, self.records.rows)
+        Z, colsum = self.Z.copy_to_host(), self.colsum.copy_to_host()
+        sumsq = float(records[:, 0].sum())
+        if self.sparse:
+            colsum, sumsq = shifted_totals(colsum, sumsq, self.rows, self.shift)
+            Z -= np.outer(self.shift, colsum @ self.X)
+        self.stats.colsum += colsum
+        self.stats.sumsq += sumsq
+        self.stats.rows += self.rows
+        return np.asfortranarray(Z)
+
+    def _check(self, block, shift: np.ndarray) -> None:
+        """The first block fixes the kind of blocks and the shift of the sweep."""
+        cuda = self.backend.cuda
+        if self.sparse is None:
+            self.sparse = _is_csr(block)
+            self.shift = np.asarray(shift, dtype=np.float64)
+            self.device_shift = cuda.to_device(self.shift)
+            self.device_sX = cuda.to_device(self.shift @ self.X)
+        elif _is_csr(block) != self.sparse:
+            raise TypeError("a sweep takes dense blocks or CSR blocks, not both")
+        elif shift is not self.shift and not np.array_equal(shift, self.shift):
+            raise ValueError("a pass keeps one centering shift for all its blocks")
+
+
+def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
+                   ) -> tuple[np.ndarray, float]:
+    """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows)."""
+    return (colsum - rows * shift,
+            sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift))
+
+
+def raise_if_not_finite(records: np.ndarray, rows: list[tuple[int, int]]) -> None:
+    """Raise NonFiniteError for the first block whose record [sum of squares, NaN/Inf flag]
+    shows a NaN or Inf, or a sum of squares that overflows; ``rows`` = (first row, count)."""
+    bad = np.flatnonzero((records[:, 1] != 0) | ~np.isfinite(records[:, 0]))
+    if bad.size == 0:
+        return
+    index = min(bad, key=lambda i: rows[i][0])
+    first, count = rows[index]
+    if records[index, 1] != 0:
+        raise NonFiniteError(f"the matrix holds NaN or Inf in rows [{first}, {first + count})")
+    raise NonFiniteError(
+        f"the squared Frobenius norm of rows [{first}, {first + count}) overflows float64; "
+        "rescale the matrix"
+    )
+
+
+class _StagingStream:
+    """A CUDA stream with the pinned host buffer and the device buffer its blocks pass
+    through, and a device scratch matrix (Y) for the dense products."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.stream = cuda.stream()
+        self.staged = cuda.event()  # recorded after each copy out of `host`
+        self.host: np.ndarray | None = None
+        self.device = None
+        self.Y = None
+        self.holds: weakref.ref | None = None  # the block `times` left in `device`
+        self.arrays: list = []
+        self.in_flight: list = []  # page-locked parts the device may still be reading
+
+    def upload(self, parts: list[np.ndarray], copier: _HostCopier, direct: bool) -> list:
+        """Enqueue the copy of ``parts`` to the device: through the pinned buffer, or
+        straight from the parts when they are page-locked (``direct``). Their device
+        arrays, valid for this stream's later work."""
+        offsets, total = _packing(parts)
+        self.staged.synchronize()
+        if self.device is None or total > self.device.size:
+            self.stream.synchronize()  # queued kernels may still read the old buffer
+            self.host = None if direct else self.cuda.pinned_array(total, dtype=np.uint8)
+            self.device = self.cuda.device_array(total, dtype=np.uint8)
+        if direct:
+            for part, offset in zip(parts, offsets, strict=True):
+                self.device[offset : offset + part.nbytes].copy_to_device(
+                    part.reshape(-1).view(np.uint8), stream=self.stream)
+            self.in_flight = parts
+        else:
+            if self.host is None or total > self.host.size:
+                self.host = self.cuda.pinned_array(self.device.size, dtype=np.uint8)
+            for part, offset in zip(parts, offsets, strict=True):
+                copier.copy(part, self.host[offset : offset + part.nbytes])
+            self.device[:total].copy_to_device(self.host[:total], stream=self.stream)
+            self.in_flight = []
+        self.staged.record(self.stream)
+        self.holds = None
+        self.arrays = [_view(self.device, offset, part)
+                       for part, offset in zip(parts, offsets, strict=True)]
+        return self.arrays
+
+    def scratch(self, rows: int, cols: int):
+        """A (rows, cols) float64 device matrix for this stream's work."""
+        if self.Y is None or rows * cols > self.Y.size:
+            self.stream.synchronize()
+            self.Y = self.cuda.device_array(rows * cols)
+        return self.Y[: rows * cols].reshape(rows, cols)
+
+
+class _BlockRecords:
+    """One device slot [sum of squares, NaN/Inf flag] per block of a sweep, with the rows
+    each belongs to; read back once, at the end."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.device = cuda.to_device(np.zeros((RECORD_CAPACITY, 2)))
+        self.rows: list[tuple[int, int]] = []
+
+    def slot(self, first_row: int, count: int):
+        if len(self.rows) == self.device.shape[0]:
+            self.cuda.synchronize()  # kernels on every stream may still write the old slots
+            grown = self.cuda.to_device(np.zeros((2 * len(self.rows), 2)))
+            grown[: len(self.rows)].copy_to_device(self.device)
+            self.device = grown
+        self.rows.append((first_row, count))
+        return self.device[len(self.rows) - 1]
+
+    def read(self) -> np.ndarray:
+        return self.device[: len(self.rows)].copy_to_host().reshape(-1, 2)
+
+
+class _HostCopier:
+    """Copies arrays into pinned memory, split between threads (numpy releases the GIL)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def copy(self, array: np.ndarray, destination: np.ndarray) -> None:
+        """destination (uint8, array.nbytes) <- the bytes of ``array`` in C order."""
+        target = destination.view(array.dtype).reshape(array.shape)
+        pieces = min(self.threads, array.nbytes // COPY_PIECE_BYTES)
+        if self.pool is None or pieces < 2 or not array.flags.c_contiguous:
+            np.copyto(target, array)
+            return
+        source, target = array.reshape(-1), target.reshape(-1)
+        bounds = np.linspace(0, source.size, pieces + 1).astype(np.int64)
+        list(self.pool.map(
+            lambda i: np.copyto(target[bounds[i] : bounds[i + 1]],
+                                source[bounds[i] : bounds[i + 1]]),
+            range(pieces),
+        ))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _packing(parts: list[np.ndarray]) -> tuple[list[int], int]:
+    """Aligned offsets of ``parts`` packed into one buffer, and its size."""
+    offsets, end = [], 0
+    for part in parts:
+        offsets.append(end)
+        end += -(-part.nbytes // ALIGNMENT) * ALIGNMENT
+    return offsets, max(end, ALIGNMENT)
+
+
+def _view(buffer, offset: int, part: np.ndarray):
+    """The bytes of ``buffer`` at ``offset`` as a C-ordered array shaped like ``part``."""
+    return buffer[offset : offset + part.nbytes].view(part.dtype).reshape(part.shape)
+
+
+def _is_csr(block: Any) -> bool:
+    return not isinstance(block, np.ndarray)

@@ -1,0 +1,337 @@
+"""CUDA kernels and backend against the references in naive.py and the CPU backend.
+
+The tests marked ``gpu`` run natively on a machine with a CUDA GPU (``pytest -m gpu``).
+Elsewhere ``test_gpu_tests_under_the_simulator`` runs the same tests in a subprocess with
+NUMBA_ENABLE_CUDASIM=1 (the variable is read when numba is imported, which this process has
+done already), where the backend picks tiny thread blocks so that every tile edge and loop is
+exercised on tiny inputs. The simulator does not prove that a kernel compiles, so
+``test_kernels_compile_to_ptx`` compiles every kernel for sm_80 and sm_90, which needs
+numba-cuda but no GPU.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import naive
+import numpy as np
+import pytest
+
+pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda extra)")
+
+from numba import config  # noqa: E402
+
+from ooc_svd.errors import InputError, NonFiniteError  # noqa: E402
+from ooc_svd.kernels.backend import CPUKernels  # noqa: E402
+from ooc_svd.kernels.cpu import BlockStats  # noqa: E402
+from ooc_svd.kernels.cuda_backend import (  # noqa: E402
+    CUDAKernels,
+    CUDAUnavailableError,
+    cuda_available,
+    device_bytes,
+    require_cuda,
+)
+from ooc_svd.sources.csr import CSRBlock  # noqa: E402
+
+SIMULATED = bool(config.ENABLE_CUDASIM)
+USABLE, WHY_NOT = cuda_available()
+
+
+def on_device(test):
+    """Mark a test ``gpu`` and skip it where neither a GPU nor the simulator is usable."""
+    return pytest.mark.gpu(pytest.mark.skipif(not USABLE, reason=f"no CUDA: {WHY_NOT}")(test))
+
+
+# (rows, n, l): several tiles of the simulator's 4 x 4 blocks in every dimension, with
+# ragged edges; natively also more than one 32-column tile of l and many thread blocks.
+SHAPES = [(11, 9, 5), (1, 1, 1)] + ([] if SIMULATED else [(700, 300, 40)])
+
+
+def tolerance(dtype) -> float:
+    return 1e-5 if dtype == np.float32 else 1e-11
+
+
+def dense_block(rows, n, dtype, seed=0):
+    return (np.random.default_rng(seed).standard_normal((rows, n)) + 3.0).astype(dtype)
+
+
+def csr_block(rows, n, dtype, index_dtype, seed=0) -> CSRBlock:
+    """A random CSR block whose first, a middle and last rows are empty."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(seed)
+    dense = scipy.sparse.random(rows, n, density=0.4, random_state=rng).toarray()
+    dense[[0, rows // 2, rows - 1]] = 0.0
+    matrix = scipy.sparse.csr_matrix(dense.astype(dtype))
+    return CSRBlock(matrix.data, matrix.indices.astype(index_dtype),
+                    matrix.indptr.astype(np.int64), n)
+
+
+def shifted(block, shift) -> np.ndarray:
+    """The block minus 1 shift^T, dense float64."""
+    dense = block.to_scipy().toarray() if isinstance(block, CSRBlock) else block
+    return naive.widen_shift_rows(dense, shift)[0]
+
+
+def assert_stats(stats: BlockStats, As: np.ndarray, rtol: float) -> None:
+    scale = np.abs(As).sum()
+    np.testing.assert_allclose(stats.colsum, As.sum(axis=0), rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(stats.sumsq, np.sum(As * As), rtol=rtol)
+    assert stats.rows == As.shape[0]
+
+
+def operands(n, l, rows, seed=1):
+    rng = np.random.default_rng(seed)
+    return (np.asfortranarray(rng.standard_normal((n, l))), rng.standard_normal(n),
+            rng.standard_normal((rows, l)))
+
+
+@on_device
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_kernels_match_reference(shape, dtype):
+    rows, n, l = shape
+    block = dense_block(rows, n, dtype)
+    X, shift, Q = operands(n, l, rows)
+    As = shifted(block, shift)
+    kernels, stats = CUDAKernels(n), BlockStats.zeros(n)
+    out = np.empty((rows, l + 1), order="F")
+    Y = kernels.times(block, 0, X, shift, stats, out=out[:, :l])
+    np.testing.assert_allclose(out[:, :l], As @ X, rtol=1e-12, atol=1e-12 * np.abs(As).sum())
+    assert Y.flags.f_contiguous
+    CT = kernels.transposed_times(block, 0, Q, shift, BlockStats.zeros(n))
+    np.testing.assert_allclose(CT, As.T @ Q, rtol=1e-12, atol=1e-12 * np.abs(As).sum())
+    assert CT.shape == (n, l) and CT.flags.f_contiguous
+    assert_stats(stats, As, 1e-12)
+
+
+@on_device
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_csr_kernels_match_reference(shape, index_dtype, dtype):
+    rows, n, l = shape
+    block = csr_block(rows, n, dtype, index_dtype)
+    X, shift, Q = operands(n, l, rows)
+    As = shifted(block, shift)
+    kernels, stats = CUDAKernels(n), BlockStats.zeros(n)
+    np.testing.assert_allclose(kernels.times(block, 0, X, shift, stats), As @ X, rtol=1e-12,
+                               atol=1e-12 * np.abs(As).sum())
+    np.testing.assert_allclose(kernels.transposed_times(block, 0, Q, shift, BlockStats.zeros(n)),
+                               As.T @ Q, rtol=1e-12, atol=1e-12 * np.abs(As).sum())
+    assert_stats(stats, As, 1e-12)
+
+
+@on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_transposed_times_copies_a_block_other_than_the_last(kind):
+    """The block of the last ``times`` call stays on the device for ``transposed_times``;
+    another block must be copied, not mistaken for it."""
+    make = dense_block if kind == "dense" else (
+        lambda rows, n, dtype, seed: csr_block(rows, n, dtype, np.int32, seed))
+    first, second = make(6, 5, np.float64, seed=3), make(6, 5, np.float64, seed=4)
+    X, shift, Q = operands(5, 2, 6)
+    kernels = CUDAKernels(5)
+    kernels.times(first, 0, X, shift, BlockStats.zeros(5))
+    CT = kernels.transposed_times(second, 0, Q, shift, BlockStats.zeros(5))
+    np.testing.assert_allclose(CT, shifted(second, shift).T @ Q, rtol=1e-12, atol=1e-12)
+
+
+SWEEPS = [  # (kind, data dtype, index dtype, centered, page-locked blocks)
+    ("dense", np.float32, None, True, False),
+    ("dense", np.float64, None, False, True),  # copied to the device without staging
+    ("csr", np.float32, np.int32, True, False),  # a shift makes the CSR correction non-trivial
+    ("csr", np.float64, np.int64, False, True),
+]
+
+
+def split_blocks(kind, dtype, index_dtype, rows, n, sizes):
+    """The matrix and its row blocks of the given sizes (one of them empty)."""
+    whole = (dense_block(rows, n, dtype, seed=2) if kind == "dense"
+             else csr_block(rows, n, dtype, index_dtype, seed=2))
+    starts = np.cumsum([0, *sizes])
+    return whole, [(int(a), whole[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def page_locked(kernels: CUDAKernels, block):
+    """A copy of the block in page-locked memory."""
+    def pin(array):
+        pinned = kernels.pinned_empty(array.shape, array.dtype)
+        pinned[...] = array
+        return pinned
+
+    if isinstance(block, CSRBlock):
+        return CSRBlock(pin(block.data), pin(block.indices), pin(block.indptr), block.n_cols)
+    return pin(block)
+
+
+@on_device
+@pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
+def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned):
+    rows, n, l = (26, 9, 5) if SIMULATED else (3000, 257, 30)
+    sizes = [7, 0, 9, 3, rows - 19] if SIMULATED else [1000, 0, 999, 1, rows - 2000]
+    whole, blocks = split_blocks(kind, dtype, index_dtype, rows, n, sizes)
+    X, shift, _ = operands(n, l, rows)
+    shift = shift if centered else np.zeros(n)
+    results = []
+    for kernels in (CPUKernels(n), CUDAKernels(n)):
+        stats = BlockStats.zeros(n)
+        sweep = kernels.power_sweep(X, stats)
+        for start, block in blocks:
+            if pinned and kernels.name == "cuda":
+                block = page_locked(kernels, block)
+            sweep.add(block, start, shift)
+        results.append((sweep.result(), stats))
+    (Z_cpu, stats_cpu), (Z_gpu, stats_gpu) = results
+    assert Z_gpu.flags.f_contiguous
+    np.testing.assert_allclose(Z_gpu, Z_cpu, rtol=1e-10, atol=1e-10 * np.abs(Z_cpu).max())
+    As = shifted(whole, shift)
+    np.testing.assert_allclose(Z_gpu, naive.fused_power_product(As, X), rtol=1e-10,
+                               atol=1e-10 * np.abs(Z_cpu).max())
+    np.testing.assert_allclose(stats_gpu.colsum, stats_cpu.colsum, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(stats_gpu.sumsq, stats_cpu.sumsq, rtol=1e-10)
+    assert stats_gpu.rows == stats_cpu.rows == rows
+
+
+@on_device
+def test_float32_accumulation_is_close_to_float64():
+    rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
+    block = dense_block(rows, n, np.float32)
+    X, shift, _ = operands(n, l, rows)
+    expected = naive.fused_power_product(block, X, shift)
+    stats = BlockStats.zeros(n)
+    sweep = CUDAKernels(n, accumulate="float32").power_sweep(X, stats)
+    sweep.add(block, 0, shift)
+    np.testing.assert_allclose(sweep.result(), expected, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected).max())
+
+
+# The simulator runs the kernels in numpy scalars, which warn where the GPU just computes
+# with Inf and NaN.
+OVERFLOW_WARNING = pytest.mark.filterwarnings(
+    "ignore:.*(overflow|invalid value) encountered:RuntimeWarning")
+
+
+@on_device
+@OVERFLOW_WARNING
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_sweep_names_the_rows_of_a_non_finite_block(kind, bad):
+    whole, blocks = split_blocks(kind, np.float64, np.int32, 30, 6, [10, 10, 10])
+    if kind == "dense":
+        whole[13, 2] = bad
+    else:
+        assert whole.indptr[10] < whole.indptr[20]
+        whole.data[whole.indptr[10]] = bad  # the blocks are views: rows [10, 20) hold it
+    sweep = CUDAKernels(6).power_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6))
+    for start, block in blocks:
+        sweep.add(block, 1000 + start, np.zeros(6))
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf in rows \[1010, 1020\)"):
+        sweep.result()
+
+
+@on_device
+@OVERFLOW_WARNING
+def test_times_reports_an_overflowing_sum_of_squares():
+    block = np.full((4, 3), 1e200)
+    with pytest.raises(NonFiniteError, match=r"rows \[8, 12\) overflows"):
+        CUDAKernels(3).times(block, 8, np.ones((3, 2), order="F"), np.zeros(3),
+                             BlockStats.zeros(3))
+
+
+@on_device
+def test_sweep_rejects_a_second_shift_or_kind():
+    block, X = dense_block(4, 3, np.float64), np.ones((3, 2), order="F")
+    sweep = CUDAKernels(3).power_sweep(X, BlockStats.zeros(3))
+    sweep.add(block, 0, np.zeros(3))
+    with pytest.raises(ValueError, match="one centering shift"):
+        sweep.add(block, 4, np.ones(3))
+    with pytest.raises(TypeError, match="not both"):
+        sweep.add(csr_block(4, 3, np.float64, np.int32), 4, np.zeros(3))
+
+
+# Not on the device: these run in every test session.
+
+@pytest.mark.skipif(SIMULATED, reason="already under the simulator")
+def test_gpu_tests_under_the_simulator():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+        env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(SIMULATED, reason="the simulator does not compile kernels")
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
+def test_kernels_compile_to_ptx(cc, monkeypatch):
+    import types
+
+    import numba.cuda.dispatcher
+    from numba import cuda
+
+    from ooc_svd.kernels import cuda as device_kernels
+
+    # numba-cuda compiles the device functions a kernel calls for the current device, even
+    # in compile_ptx; stand in a device of the target compute capability.
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=cc))
+    for accumulate, data, index in [("float64", "float32", "int32"),
+                                    ("float32", "float64", "int64")]:
+        # Fresh dispatchers: none compiled for another device or capability.
+        compiled = device_kernels._compile.__wrapped__(device_kernels.ACCUMULATE[accumulate],
+                                                       device_kernels.DEFAULT_GEOMETRY)
+        for name, signature in device_kernels.example_signatures(data, index).items():
+            ptx, _ = cuda.compile_ptx(getattr(compiled, name).py_func, signature, cc=cc)
+            assert f".target sm_{cc[0]}{cc[1]}" in ptx, name
+            assert ".local" not in ptx, f"{name} keeps its register tiles in local memory"
+
+
+@pytest.mark.skipif(USABLE, reason="a CUDA device is usable here")
+def test_unusable_gpu_gets_a_clear_error():
+    assert WHY_NOT
+    with pytest.raises(CUDAUnavailableError, match="backend='cuda' needs a usable NVIDIA GPU"):
+        require_cuda()
+    assert issubclass(CUDAUnavailableError, InputError)
+
+
+def test_device_bytes_counts_every_stream_buffer():
+    n, l, block = 1000, 30, 64 << 20
+    rows = block // (4 * n)
+    per_stream = block + 8 * rows * l  # a block and Y per stream; X, Z, colsum once
+    assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (2 * n * l + n)
+    assert device_bytes(n, l, block, streams=3) - device_bytes(n, l, block) == per_stream
+    assert device_bytes(n, l, block, rows=10) < device_bytes(n, l, block)
+
+
+@on_device
+def test_auto_does_not_take_the_simulator_for_a_gpu():
+    usable, reason = cuda_available(allow_simulator=False)
+    assert usable is not SIMULATED
+    assert bool(reason) is SIMULATED
+
+
+@on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("method", ["randomized", "krylov"])
+def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method):
+    import scipy.sparse
+
+    import ooc_svd
+
+    rows, n = (40, 7) if SIMULATED else (3000, 200)
+    A = naive.matrix_with_spectrum(rows, n, np.logspace(0, -3, n), seed=2)
+    if kind == "csr":
+        A = scipy.sparse.random(rows, n, density=0.3, format="csr", random_state=2) * 5.0
+    options = dict(method=method, niter=1, oversample=2, center=True, seed=4)
+    cpu = ooc_svd.svd(A, 3, backend="cpu", **options)
+    gpu = ooc_svd.svd(A, 3, backend="cuda", **options)
+    assert (gpu.backend, cpu.backend) == ("cuda", "cpu")
+    np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-10)
+    np.testing.assert_allclose(gpu.V, cpu.V, atol=1e-8)
+    np.testing.assert_allclose(gpu.U, cpu.U, atol=1e-8)
+    np.testing.assert_allclose(gpu.mean, cpu.mean, rtol=1e-12)
+    assert gpu.residual == pytest.approx(cpu.residual, rel=1e-9)
