@@ -2,8 +2,13 @@
 
     python benchmarks/bench_krylov.py --store /data/flat.zarr [--shape 100000 1000]
         [--decay 0.005] [--k 20] [--oversample 10] [--plot benchmarks/krylov_accuracy.png]
+    python benchmarks/bench_krylov.py --sparse --store /data/sparse.zarr \
+        --shape 1000000 100000 --nnz 38000000 --plot benchmarks/krylov_accuracy_sparse.png
 
-On a dense store with a flat spectrum (singular values exp(-decay j)), generated when absent.
+On a dense store with a flat spectrum (singular values exp(-decay j)), or a sparse CSR store
+with power-law column frequencies (``--sparse``), generated when absent. The dense reference
+is the eigenvalues of A^T A accumulated in float64; the sparse one is scipy's svds (ARPACK)
+at tol=0, i.e. to machine precision.
 For ooc_svd a pass is a read of the store; for scipy's svds (ARPACK) each product with A or
 A^T counts as one pass, since out of core each would be a read; scikit-learn's
 randomized_svd makes 2 n_iter + 2 products. Error: max relative error of the top-k singular
@@ -53,11 +58,35 @@ def svds_points(A: np.ndarray, k: int, S_exact: np.ndarray) -> list[tuple[int, f
     return points
 
 
-def main() -> None:
+def load_matrix(args: argparse.Namespace):
+    """The matrix in memory (numpy or scipy.sparse CSR) and its top-k singular values."""
     import zarr
 
+    if not args.sparse:
+        if not os.path.exists(args.store):
+            from ooc_svd.synthetic import write_dense_matrix
+
+            write_dense_matrix(args.store, tuple(args.shape), decay=args.decay,
+                               chunk_rows=10_000)
+        A = zarr.open_array(args.store, mode="r")[:]
+        return A, reference(A, args.k)
+    import scipy.sparse
+    from scipy.sparse.linalg import svds
+
+    if not os.path.exists(args.store):
+        from ooc_svd.synthetic import write_sparse_matrix
+
+        write_sparse_matrix(args.store, tuple(args.shape), nnz=args.nnz)
+    group = zarr.open_group(args.store, mode="r")
+    A = scipy.sparse.csr_matrix((group["data"][:], group["indices"][:], group["indptr"][:]),
+                                shape=tuple(group.attrs["shape"]))
+    S = svds(A, k=args.k, tol=0, solver="arpack", random_state=0,
+             return_singular_vectors=False)
+    return A, np.sort(S)[::-1]
+
+
+def main() -> None:
     import ooc_svd
-    from ooc_svd.synthetic import write_dense_matrix
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
@@ -66,14 +95,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--max-niter", type=int, default=6)
+    parser.add_argument("--sparse", action="store_true", help="a sparse CSR store")
+    parser.add_argument("--nnz", type=int, default=38_000_000, help="non-zeros (sparse)")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
                                                        "krylov_accuracy.png"))
     args = parser.parse_args()
-    if not os.path.exists(args.store):
-        write_dense_matrix(args.store, tuple(args.shape), decay=args.decay, chunk_rows=10_000)
-    A = zarr.open_array(args.store, mode="r")[:]
+    A, S_exact = load_matrix(args)
     k, p = args.k, args.oversample
-    S_exact = reference(A, k)
 
     curves: dict[str, list[tuple[int, float]]] = {"subspace iteration (ooc_svd randomized)": [],
                                                    "block Krylov (ooc_svd krylov)": [],
@@ -94,13 +122,17 @@ def main() -> None:
     curves["scipy svds (ARPACK), tol 1e-2 .. 0"] = svds_points(A, k, S_exact)
 
     m, n = A.shape
-    print(f"{m} x {n} float32, singular values exp(-{args.decay} j), k={k}, oversample={p}\n")
+    if args.sparse:
+        title = f"{m} x {n} sparse, {A.nnz} non-zeros, power-law columns, k={k}"
+    else:
+        title = f"{m} x {n}, flat spectrum exp(-{args.decay} j), k={k}"
+    print(f"{title} (float32), oversample={p}\n")
     print("| method | passes | max rel err top-k |")
     print("|---|---|---|")
     for name, points in curves.items():
         for passes, err in points:
             print(f"| {name} | {passes} | {err:.1e} |")
-    plot(curves, args.plot, f"{m} x {n}, flat spectrum exp(-{args.decay} j), k={k}")
+    plot(curves, args.plot, title)
 
 
 def plot(curves, path: str, title: str) -> None:

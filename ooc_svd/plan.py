@@ -78,6 +78,7 @@ class Plan:
     spill_in_memory: bool = False  # the final pass's Q factors fit under the limit
     block_bytes: tuple[int, ...] = ()  # raw bytes of each block (values, indices, indptr)
     sparse: bool = False
+    scatter_copies: int = 0  # private n x l accumulators of the sparse power kernel
 
     @property
     def cached_bytes(self) -> int:
@@ -158,7 +159,8 @@ def make_plan(
     the limit keeps leading blocks after their first read, for the later passes.
 
     A sparse matrix gives ``nnz`` and the raw bytes of each unit between ``chunk_boundaries``
-    (``chunk_bytes``); its CSR kernels hold ``scatter_copies`` private n x l accumulators.
+    (``chunk_bytes``); its power kernel holds up to ``scatter_copies`` (one per thread)
+    private n x l accumulators, fewer when they would take over a quarter of the limit.
     Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
     partial storage chunks at a sparse block's ends).
     """
@@ -178,7 +180,11 @@ def make_plan(
     method, reason = _choose_method(method, n, costs, fixed_accuracy)
     # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
     width = krylov_width if method == "krylov" else l
-    fixed = _fixed_bytes(n, width, method, scatter_copies if nnz is not None else 0)
+    copies = 0
+    if nnz is not None and method in ("randomized", "krylov"):
+        # The power kernel's private accumulators may take a quarter of the limit at most.
+        copies = min(scatter_copies, max(1, memory_limit // 4 // (8 * n * (l + 1))))
+    fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
     if requested == "auto" and method == "gram":
         fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
     for depth in (PREFETCH_DEPTH, 1):
@@ -208,7 +214,7 @@ def make_plan(
         (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
         growth_blocks, krylov_width if method == "krylov" else 0,
         block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
-        sparse=nnz is not None,
+        sparse=nnz is not None, scatter_copies=copies,
     )
     if not cacheable or plan.passes < 2:
         return _with_spill_in_memory(plan)
@@ -302,11 +308,8 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
     return tuple(blocks)
 
 
-def _fixed_bytes(n: int, l: int, method: str, scatter_copies: int = 0) -> int:
-    """Bytes of the working set that does not depend on the block size; the CSR kernels add
-    their private per-thread accumulators (n x l, plus column sums)."""
-    if scatter_copies and method in ("randomized", "krylov"):
-        return _fixed_bytes(n, l, method) + 8 * scatter_copies * n * (l + 1)
+def _fixed_bytes(n: int, l: int, method: str) -> int:
+    """Bytes of the working set that does not depend on the block size."""
     if method == "exact":
         # R, its SVD factors, and the stacked sub-block with LAPACK's Fortran-ordered copy.
         stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))

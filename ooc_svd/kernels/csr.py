@@ -70,32 +70,30 @@ def csr_times_kernel(data, indices, indptr, X, sTX, Y):
                 Y[i, c] += value * X[j, c]
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def csr_transposed_kernel(data, indices, indptr, bounds, Q, parts):
-    """parts[t] += A^T Q over thread t's rows.  Q : (b, l) float64; parts : (T, n, l)."""
-    l = Q.shape[1]
-    for t in numba.prange(parts.shape[0]):
-        part = parts[t]
-        for i in range(bounds[t], bounds[t + 1]):
-            for p in range(indptr[i], indptr[i + 1]):
-                value = np.float64(data[p])
-                j = indices[p]
-                for c in range(l):
-                    part[j, c] += value * Q[i, c]
-
-
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
-def csr_totals_kernel(data, indices, indptr, bounds, colsum_parts):
-    """Column sums of A into colsum_parts[t] per thread; returns the sum of squares."""
-    threads = colsum_parts.shape[0]
+def csr_column_range_kernel(data, indices, indptr, column_bounds, Q, CT, colsum):
+    """CT += A^T Q and colsum += column sums of A; returns the sum of squares of A.
+
+    Thread t owns the columns [column_bounds[t], column_bounds[t + 1]) of A, i.e. those rows
+    of CT, and sweeps every non-zero, skipping the columns of other threads: no two threads
+    write the same row, so there are no private copies to allocate, zero and sum. Q : (b, l)
+    float64 (l may be 0: totals only); CT : (n, l); colsum : (n,).
+    """
+    threads = column_bounds.size - 1
+    l = Q.shape[1]
     sumsq = np.zeros(threads)
     for t in numba.prange(threads):
-        colsum = colsum_parts[t]
+        first, last = column_bounds[t], column_bounds[t + 1]
         total = 0.0
-        for p in range(indptr[bounds[t]], indptr[bounds[t + 1]]):
-            value = np.float64(data[p])
-            colsum[indices[p]] += value
-            total += value * value
+        for i in range(indptr.size - 1):
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                if first <= j < last:
+                    value = np.float64(data[p])
+                    colsum[j] += value
+                    total += value * value
+                    for c in range(l):
+                        CT[j, c] += value * Q[i, c]
         sumsq[t] = total
     return sumsq.sum()
 
@@ -115,6 +113,14 @@ def scatter_threads() -> int:
     return numba.get_num_threads()
 
 
+def column_bounds(indices: np.ndarray, n: int, threads: int) -> np.ndarray:
+    """Column boundaries that give each thread about the same number of non-zeros."""
+    counts = np.cumsum(np.bincount(indices, minlength=n))
+    targets = np.linspace(0, counts[-1] if n else 0, threads + 1)[1:-1]
+    inner = np.searchsorted(counts, targets, side="left") + 1
+    return np.concatenate([[0], np.minimum(inner, n), [n]]).astype(np.int64)
+
+
 def thread_bounds(indptr: np.ndarray, threads: int) -> np.ndarray:
     """Row boundaries that give each thread about the same number of non-zeros."""
     targets = np.linspace(0, indptr[-1], threads + 1)
@@ -126,9 +132,9 @@ def thread_bounds(indptr: np.ndarray, threads: int) -> np.ndarray:
 class CSRPowerSweep:
     """A pass's Z = A_s^T A_s X over CSR blocks, with private per-thread accumulators."""
 
-    def __init__(self, X: np.ndarray, stats: BlockStats):
+    def __init__(self, X: np.ndarray, stats: BlockStats, copies: int | None = None):
         n, l = X.shape
-        threads = scatter_threads()
+        threads = min(copies or scatter_threads(), scatter_threads())
         self.X = np.ascontiguousarray(X)
         self.stats = stats
         self.Z_parts = np.zeros((threads, n, l))
@@ -177,24 +183,32 @@ def csr_transposed_times(block, first_row: int, Q: np.ndarray, shift: np.ndarray
                          stats: BlockStats) -> np.ndarray:
     """C^T = A_s^T Q for a CSR block, (n, l) float64 F-order, gathering the block's totals."""
     n, l = block.shape[1], Q.shape[1]
-    parts = np.zeros((scatter_threads(), n, l))
-    bounds = thread_bounds(block.indptr, parts.shape[0])
-    csr_transposed_kernel(block.data, block.indices, block.indptr, bounds,
-                          np.ascontiguousarray(Q, dtype=np.float64), parts)
-    CT = np.asfortranarray(parts.sum(axis=0))
+    CT = np.zeros((n, l))
+    sumsq, colsum = _column_range_sweep(block, first_row, np.ascontiguousarray(Q, np.float64),
+                                        CT)
+    CT = np.asfortranarray(CT)
     CT -= np.outer(shift, Q.sum(axis=0))
-    add_block_totals(block, first_row, shift, stats)
+    _add_shifted_totals(stats, colsum, sumsq, block.shape[0], shift)
     return CT
 
 
 def add_block_totals(block, first_row: int, shift: np.ndarray, stats: BlockStats) -> None:
     """Add the column sums and sum of squares of A_s for one block to ``stats``."""
-    colsum_parts = np.zeros((scatter_threads(), block.shape[1]))
-    bounds = thread_bounds(block.indptr, colsum_parts.shape[0])
-    sumsq = csr_totals_kernel(block.data, block.indices, block.indptr, bounds, colsum_parts)
+    n = block.shape[1]
+    sumsq, colsum = _column_range_sweep(block, first_row, np.zeros((block.shape[0], 0)),
+                                        np.zeros((n, 0)))
+    _add_shifted_totals(stats, colsum, sumsq, block.shape[0], shift)
+
+
+def _column_range_sweep(block, first_row, Q, CT) -> tuple[float, np.ndarray]:
+    n = block.shape[1]
+    colsum = np.zeros(n)
+    bounds = column_bounds(block.indices, n, scatter_threads())
+    sumsq = csr_column_range_kernel(block.data, block.indices, block.indptr, bounds, Q, CT,
+                                    colsum)
     if not np.isfinite(sumsq):
         check_finite(block, first_row)
-    _add_shifted_totals(stats, colsum_parts.sum(axis=0), sumsq, block.shape[0], shift)
+    return sumsq, colsum
 
 
 def _add_shifted_totals(stats: BlockStats, colsum: np.ndarray, sumsq: float, rows: int,
