@@ -29,7 +29,7 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError
+from .errors import InputError, OOCSVDError, PlanError
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .passes import PassContext
@@ -61,6 +61,7 @@ def svd(
     spectral_iters: int = 0,
     write_factors: bool = False,
     client: Any = None,
+    backend: str = "auto",
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
@@ -143,6 +144,11 @@ def svd(
         with the same result. ``scratch_dir`` must then be a directory every worker reaches
         (a shared filesystem on several nodes); U (m x k) is written by the workers into
         ``out`` when they reach it, else returned here. See ``ooc_svd.distributed``.
+    backend : {'auto', 'cpu', 'cuda'}, default='auto'
+        Where the products of the randomized and Krylov passes (and U = A V S^-1) run: 'cuda'
+        streams the blocks through an NVIDIA GPU (numba-cuda, the ``cuda`` extra), copying
+        block i + 1 while block i computes; 'auto' uses it when a usable GPU is present and
+        says so in ``result.backend``. The gram and exact methods factor on the CPU.
 
     Returns
     -------
@@ -172,7 +178,7 @@ def svd(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
         overwrite, progress, scratch_dir, checkpoint, resume,
         _check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
-        client=client,
+        client=client, backend=backend,
     )
     return _run(source, request)
 
@@ -281,6 +287,7 @@ class _Request:
     spectral_iters: int = 0
     write_factors: bool = False
     client: Any = None  # a distributed.Client or scheduler address: run on a cluster
+    backend: str = "auto"  # 'auto', 'cpu' or 'cuda': where the block products run
 
 
 def low_rank_factors(
@@ -365,11 +372,12 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
-    cluster = _connect_cluster(request, source, plan)
     writer = None if out_path is None else ResultWriter(out_path)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
+    kernels = _make_kernels(request.backend, n, plan)
+    cluster = _connect_cluster(request, source, plan)
     context = PassContext(
-        source, CPUKernels(n), plan.blocks, plan.prefetch_depth, centering,
+        source, kernels, plan.blocks, plan.prefetch_depth, centering,
         _progress_factory(request.progress), [], saved, plan.cached_blocks,
     )
     context.cluster = cluster
@@ -390,7 +398,9 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     finally:
         if cluster is not None:
             cluster.close()
+        kernels.close()
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
+    result.backend = kernels.name
     result.spectral_error = spectral
     if writer:
         arrays = {"S": result.S, "V": result.V}
@@ -405,6 +415,39 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         result.U = result.store["U"]
     saved.remove()
     return result
+
+
+def _make_kernels(backend: str, n: int, plan: Plan):
+    """The block kernels of a run: the CPU's, or a GPU's when 'cuda' is asked for (an error
+    naming what is missing when it cannot run) or when 'auto' finds a usable one."""
+    if backend not in ("auto", "cpu", "cuda"):
+        raise InputError(f"backend must be 'auto', 'cpu' or 'cuda', not {backend!r}")
+    if backend == "cpu" or plan.method not in ("randomized", "krylov") and backend == "auto":
+        return CPUKernels(n, plan.scatter_copies)
+    from .kernels.cuda_backend import (
+        CUDAKernels,
+        cuda_available,
+        device_bytes,
+        device_memory,
+        require_cuda,
+    )
+
+    if backend == "auto" and not cuda_available(allow_simulator=False)[0]:
+        return CPUKernels(n, plan.scatter_copies)
+    require_cuda()
+    kernels = CUDAKernels(n)
+    width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
+    rows = plan.block_rows if plan.sparse else None
+    needed = device_bytes(n, width, max(plan.block_bytes), rows=rows)
+    free = device_memory()[0]
+    if needed > free:
+        kernels.close()
+        raise PlanError(
+            f"the GPU has {free / 1e6:.1f} MB free; blocks of {max(plan.block_bytes) / 1e6:.1f}"
+            f" MB with n x l arrays of l={width} need {needed / 1e6:.1f} MB there: lower "
+            "memory_limit (smaller blocks) or use backend='cpu'"
+        )
+    return kernels
 
 
 def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan):

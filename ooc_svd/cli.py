@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -61,10 +62,11 @@ def plan_options(command):
 
 
 def check_backend(backend: str) -> None:
+    """Refuse --backend cuda before any work when no usable GPU is present, with the reason."""
     if backend == "cuda":
-        raise InputFailure(
-            "the cuda backend is not available in this version of ooc_svd; use --backend cpu"
-        )
+        from .kernels.cuda_backend import require_cuda
+
+        require_cuda()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,10 +91,13 @@ def main() -> None:
               help="Also write the low-rank factors B = U diag(S) and A = V^T into OUT.")
 @click.option("--spectral-iters", type=int, default=0, show_default=True,
               help="Estimate ||A - U S V^T||_2 with this many extra reads of A.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the passes on a dask cluster: tcp://HOST:PORT, or local:N for N local "
+                   "worker processes. --scratch-dir must then be reachable by every worker.")
 @user_errors
 def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit, out,
         center, seed, overwrite, resume, scratch_dir, quiet, progress, as_json, factors,
-        spectral_iters) -> None:
+        spectral_iters, scheduler) -> None:
     """Compute the top-k SVD of INPUT (a zarr array, .npy or .npz) into OUT.
 
     Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
@@ -105,11 +110,12 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
         overwrite=overwrite, progress=False if quiet else (True if progress else None),
         scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
-        write_factors=factors,
+        write_factors=factors, client=scheduler, backend=backend,
     )
     summary = {
         "out": out,
         "method": result.method,
+        "backend": result.backend,
         "note": result.note,
         "passes": result.passes,
         "resumed_passes": sum(r.name.endswith("(resumed)") for r in result.records),
@@ -125,7 +131,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         click.echo(json.dumps(summary))
     elif not quiet:
         click.echo(result.plan.describe())
-        click.echo(f"rank {result.rank}, {result.passes} passes "
+        click.echo(f"rank {result.rank}, {result.passes} passes on the {result.backend} backend "
                    f"({summary['resumed_passes']} resumed), residual {result.residual:.3e}; "
                    f"wrote {out}")
 
@@ -139,10 +145,10 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
          as_json) -> None:
     """Describe INPUT and the plan of a run on it, without reading its data."""
     from .api import svd_plan
-    from .sources import open_dense_source
+    from .sources import open_source
 
     check_backend(backend)
-    source = open_dense_source(input_path)
+    source = open_source(input_path)
     plan = svd_plan(input_path, k, tol=tol, max_rank=max_rank, oversample=oversample,
                     niter=niter, method=method, memory_limit=memory_limit)
     report = {
@@ -151,6 +157,7 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "shape": list(source.shape),
         "dtype": str(source.dtype),
         "chunks": source.chunks,
+        "nnz": getattr(source, "nnz", None),
         "bytes_raw": source.nbytes,
         "bytes_stored": source.stored_bytes,
         "method": plan.method,
@@ -166,39 +173,99 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         click.echo(json.dumps(report))
         return
     stored = "unknown" if source.stored_bytes is None else f"{source.stored_bytes / 1e9:.3f} GB"
+    layout = f"chunks {source.chunks}" if report["nnz"] is None else f"{report['nnz']} non-zeros"
     click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
-               f"{source.dtype}, chunks {source.chunks}, {source.nbytes / 1e9:.3f} GB raw, "
-               f"{stored} stored")
+               f"{source.dtype}, {layout}, {source.nbytes / 1e9:.3f} GB raw, {stored} stored")
     click.echo(plan.describe())
 
 
 @main.command()
 @click.argument("out")
 @click.option("--shape", type=int, nargs=2, required=True, metavar="M N")
-@click.option("--rank", type=int, default=None, help="Rank (default: full).")
+@click.option("--rank", type=int, default=None, help="Rank (default: full). Dense only.")
 @click.option("--decay", type=float, default=0.1, show_default=True,
-              help="Singular values exp(-decay * j).")
-@click.option("--density", type=float, default=None, help="Sparse matrices: fraction nonzero.")
+              help="Singular values exp(-decay * j). Dense only.")
+@click.option("--density", type=float, default=None,
+              help="Write a sparse CSR store with this fraction of non-zeros instead.")
+@click.option("--column-exponent", type=float, default=1.0, show_default=True,
+              help="Sparse only: column j is drawn with weight (j + 1) ** -EXPONENT.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--chunk", "chunk_rows", type=int, default=50_000, show_default=True,
-              help="Rows per chunk.")
+              help="Rows per chunk (sparse: rows generated per step).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def generate(out, shape, rank, decay, density, dtype, chunk_rows, seed, overwrite) -> None:
-    """Write a synthetic matrix with a known spectrum to OUT, block by block."""
-    from .synthetic import write_dense_matrix
+def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_rows, seed,
+             overwrite) -> None:
+    """Write a synthetic matrix to OUT, block by block: dense with a known spectrum, or
+    (with --density) a sparse count matrix in the CSR layout."""
+    from .synthetic import write_dense_matrix, write_sparse_matrix
 
-    if density is not None:
-        raise InputFailure("sparse generation (--density) needs the CSR format, not available yet")
     if os.path.exists(out) and not overwrite:
         raise InputFailure(f"{out!r} exists; pass --overwrite to replace it")
     if min(shape) < 1 or chunk_rows < 1:
         raise InputFailure(f"--shape {shape[0]} {shape[1]} and --chunk {chunk_rows} must be >= 1")
-    write_dense_matrix(out, tuple(shape), rank=rank, decay=decay, dtype=dtype,
-                       chunk_rows=chunk_rows, seed=seed, overwrite=overwrite)
-    click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of {chunk_rows} rows")
+    if density is None:
+        write_dense_matrix(out, tuple(shape), rank=rank, decay=decay, dtype=dtype,
+                           chunk_rows=chunk_rows, seed=seed, overwrite=overwrite)
+        click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of {chunk_rows} rows")
+        return
+    given = click.get_current_context().get_parameter_source
+    if rank is not None or given("decay") != click.core.ParameterSource.DEFAULT:
+        raise InputFailure("--rank and --decay shape dense matrices; not with --density")
+    started = time.perf_counter()
+    group = write_sparse_matrix(out, tuple(shape), density=density, dtype=dtype, seed=seed,
+                                column_exponent=column_exponent, chunk_rows=chunk_rows,
+                                overwrite=overwrite)
+    click.echo(describe_csr_store(out, group, time.perf_counter() - started))
+
+
+def describe_csr_store(out: str, group, seconds: float) -> str:
+    """One line: the shape, dtype, non-zeros and stored bytes of a CSR store just written."""
+    m, n = group.attrs["shape"]
+    arrays = [group[name] for name in ("indptr", "indices", "data")]
+    stored = sum(int(array.nbytes_stored()) for array in arrays)
+    nnz = arrays[2].shape[0]
+    return (f"wrote {out}: {m} x {n} {arrays[2].dtype} CSR, {nnz} non-zeros "
+            f"({nnz / max(m * n, 1):.3g} dense), {stored / 1e6:.1f} MB stored, {seconds:.1f} s")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.argument("out")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Stored values [default: float64 for float64 input, else float32].")
+@click.option("--chunk-nnz", type=int, default=None,
+              help="Non-zeros per storage chunk of indices and data [default: 1048576].")
+@click.option("--memory-limit", default="1GB", show_default=True,
+              help="Bound on the working set, e.g. 512MB, 4GB.")
+@click.option("--group", default=None,
+              help="HDF5 input: the sparse group to read [default: X].")
+@click.option("--scratch-dir", default=None,
+              help="Where entries out of row order are bucketed [default: system temp].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@user_errors
+def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir, overwrite,
+            quiet) -> None:
+    """Convert a sparse matrix to the CSR layout on zarr at OUT, with bounded memory.
+
+    INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz) or an HDF5
+    file (.h5ad, .h5, .hdf5) holding an AnnData-style CSR or CSC group.
+    """
+    from .convert import convert as convert_matrix
+
+    given = {"chunk_nnz": chunk_nnz, "group": group, "scratch_dir": scratch_dir}
+    options = {name: value for name, value in given.items() if value is not None}
+    started = time.perf_counter()
+    written = convert_matrix(input_path, out, dtype=dtype, memory_limit=memory_limit,
+                             overwrite=overwrite, **options)
+    if not quiet:
+        source = written.attrs.get("ooc_svd_source", {})
+        how = "one pass" if source.get("row_sorted") else f"{source.get('buckets')} buckets"
+        click.echo(f"{describe_csr_store(out, written, time.perf_counter() - started)} "
+                   f"({source.get('format')}, {how})")
 
 
 @main.command()

@@ -34,6 +34,7 @@ from .passes import (
     PassContext,
     fused_power_pass,
     gram_pass,
+    left_vectors_sweep,
     product_pass,
     tsqr_final_pass,
     tsqr_r_pass,
@@ -41,7 +42,6 @@ from .passes import (
 from .plan import GROWTH_BLOCK, Plan
 from .sketch import gaussian_test_matrix
 from .store import QSpill
-from .tsqr import MergeFactors, assemble_left_vectors
 
 RowSink = Callable[[int, np.ndarray], None]
 AllocateU = Callable[[int], RowSink]  # rank -> where U's rows go
@@ -273,14 +273,7 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         fro2 = context.centering.frobenius_squared(final.shift, final.stats)
         rank = rank_rule(S_all, fro2)
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
-        store_u = allocate_u(rank)
-        assemble_left_vectors(
-            final.tsqr.blocks,
-            W,
-            lambda i: spill.load("Q", i),
-            lambda i: MergeFactors(spill.load("T", i), spill.load("S", i)) if i else None,
-            lambda i, rows: store_u(plan.blocks[i][0], rows),
-        )
+        left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)
     return Factors(S_all[:rank], V, fro2, numerical, method)
 

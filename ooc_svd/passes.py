@@ -6,8 +6,11 @@
 - ``gram_pass``: G = A^T A (gram mode).
 - ``product_pass``: U_i = A_i W for given W, written block by block (exact mode's U).
 - ``residual_power_pass``: Z = R^T R X for the residual R = A - U S V^T (error estimates).
+- ``left_vectors_sweep``: U = Q W by the backward sweep over the final pass's spill.
 
-All products are of the shifted matrix A - 1 shift^T (see ``centering``).
+All products are of the shifted matrix A - 1 shift^T (see ``centering``). With
+``PassContext.cluster`` set, each function hands its work to the cluster (``distributed``),
+which returns the same values.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .kernels.backend import Kernels
 from .kernels.cpu import BlockStats, SubBlocks, blas_threads, gram_block, widen_into
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .store import QSpill
-from .tsqr import StreamingTSQR, local_qr
+from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, local_qr
 
 
 class ProgressBar(Protocol):
@@ -63,6 +66,8 @@ class PassContext:
     checkpoint: Checkpoint
     cached_blocks: int = 0  # leading blocks kept in memory after their first read
     cache: dict[int, np.ndarray] = field(default_factory=dict)
+    # A ``distributed.ClusterPasses``: when set, every pass runs on its dask cluster.
+    cluster: Any = None
 
     def resumable(self, name: str, run_passes: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The state after step ``name`` (one or more passes): from the checkpoint if that step
@@ -112,7 +117,7 @@ class PassContext:
                     _, _, block = next(stream)
                     bytes_read += block.nbytes
                     if index < self.cached_blocks:
-                        self.cache[index] = block
+                        block = self.cache[index] = self.kernels.keep(block)
                 if shift is None:
                     shift = self.centering.shift_for(block)
                 yield index, start, block, shift
@@ -131,6 +136,8 @@ def fused_power_pass(
 
     Also returns the pass's totals and shift, from which ||A - 1 mu^T||_F follows.
     """
+    if context.cluster is not None:
+        return context.cluster.fused_power_pass(context, X)
     stats = BlockStats.zeros(X.shape[0])
     sweep = context.kernels.power_sweep(X, stats)
     shift = None
@@ -148,6 +155,7 @@ class FinalPassResult:
     BT: np.ndarray  # (n, r) B^T with B = Q^T (A - 1 mu^T)
     stats: BlockStats
     shift: np.ndarray
+    cluster_spill: Any = None  # on a cluster: where its groups spilled their factors
 
 
 def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> FinalPassResult:
@@ -157,21 +165,17 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     Q then spans 1 as well, Q^T 1 is R's last column, and B is corrected afterwards to
     Q^T (A - 1 mu^T) = Q^T A_s - (Q^T 1) d^T without another pass.
     """
+    if context.cluster is not None:
+        return context.cluster.tsqr_final_pass(context, X)
     n, l = X.shape
     append_ones = not context.centering.mean_known
     stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
-    kernels = context.kernels
     tsqr = StreamingTSQR()
     for index, start, block, shift in context.read("final pass"):
-        Y = np.empty((block.shape[0], l + append_ones), order="F")
-        kernels.times(block, start, X, shift, stats, out=Y[:, :l])
-        if append_ones:
-            Y[:, l] = 1.0
-        Q_i, R_i = local_qr(Y)
-        spill.write("Q", index, Q_i)
-        merge = tsqr.add_block(
-            R_i, kernels.transposed_times(block, start, Q_i, shift, reread_stats)
+        Q_i, merge = tsqr_block_step(
+            context.kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
         )
+        spill.write("Q", index, Q_i)
         if merge is not None:
             spill.write("T", index, merge.T)
             spill.write("S", index, merge.S)
@@ -183,6 +187,41 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     return FinalPassResult(tsqr, BT, stats, shift)
 
 
+def tsqr_block_step(
+    kernels: Kernels, tsqr: StreamingTSQR, block: Any, start: int, X: np.ndarray,
+    shift: np.ndarray, stats: BlockStats, reread_stats: BlockStats, append_ones: bool,
+) -> tuple[np.ndarray, MergeFactors | None]:
+    """One block of the final pass: Y_i = A_i X (and a column of ones), Y_i = Q_i R_i, and
+    the merge of (R_i, A_i^T Q_i) into ``tsqr``. Returns Q_i and the merge factors to spill.
+    """
+    l = X.shape[1]
+    Y = np.empty((block.shape[0], l + append_ones), order="F")
+    kernels.times(block, start, X, shift, stats, out=Y[:, :l])
+    if append_ones:
+        Y[:, l] = 1.0
+    Q_i, R_i = local_qr(Y)
+    merge = tsqr.add_block(R_i, kernels.transposed_times(block, start, Q_i, shift, reread_stats))
+    return Q_i, merge
+
+
+def left_vectors_sweep(
+    context: PassContext, final: FinalPassResult, spill: QSpill, W: np.ndarray,
+    store_rows: Callable[[int, np.ndarray], None],
+) -> None:
+    """U = Q W (Q of the final pass, W (r, k)) by one backward sweep over the spilled Q_i
+    and merge factors; each U_i goes to ``store_rows(start, U_i)``."""
+    if context.cluster is not None:
+        context.cluster.left_vectors_sweep(context, final, W, store_rows)
+        return
+    assemble_left_vectors(
+        final.tsqr.blocks,
+        W,
+        lambda i: spill.load("Q", i),
+        lambda i: MergeFactors(spill.load("T", i), spill.load("S", i)) if i else None,
+        lambda i, rows: store_rows(context.blocks[i][0], rows),
+    )
+
+
 def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:
     """R (n x n) of A - 1 mu^T = Q R by TSQR over row blocks, never forming Q (exact mode).
 
@@ -190,22 +229,36 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
     keep the refactoring's cost within 25% of one Householder QR of A. With the mean unknown,
     a column of ones is appended and R is corrected afterwards as in ``tsqr_final_pass``.
     """
+    if context.cluster is not None:
+        return context.cluster.tsqr_r_pass(context)
     n = context.source.shape[1]
     append_ones = not context.centering.mean_known
-    width = n + append_ones
-    rows_per_stack = max(4 * n, SubBlocks(n).rows)
-    stack = np.empty((width + rows_per_stack, width), order="C")
+    stack = r_factor_stack(n, append_ones)
     stats = BlockStats.zeros(n)
-    R = np.zeros((0, width))
+    R = np.zeros((0, stack.shape[1]))
     for _, start, block, shift in context.read("exact TSQR pass"):
-        for r0 in range(0, block.shape[0], rows_per_stack):
-            r1 = min(r0 + rows_per_stack, block.shape[0])
-            R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stack, stats, append_ones)
+        R = add_rows_to_r(R, block, start, shift, stack, stats, append_ones)
     d = context.centering.offset(shift, stats)
     if append_ones:
         R = R[:, :n] - np.outer(R[:, n], d)
     context.centering.finish_pass(shift, stats)
     return R, stats, shift
+
+
+def r_factor_stack(n: int, append_ones: bool) -> np.ndarray:
+    """The buffer in which rows are stacked under the running R: at least 4n rows at a time
+    keep the refactoring's cost within 25% of one Householder QR of A."""
+    width = n + append_ones
+    return np.empty((width + max(4 * n, SubBlocks(n).rows), width), order="C")
+
+
+def add_rows_to_r(R, block, start, shift, stack, stats, append_ones) -> np.ndarray:
+    """R of [R; A_s,i] (and a column of ones), stacking ``block``'s rows in ``stack``."""
+    rows_per_stack = stack.shape[0] - stack.shape[1]
+    for r0 in range(0, block.shape[0], rows_per_stack):
+        r1 = min(r0 + rows_per_stack, block.shape[0])
+        R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stack, stats, append_ones)
+    return R
 
 
 def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> np.ndarray:
@@ -223,6 +276,8 @@ def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> n
 
 def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:
     """G = (A - 1 mu^T)^T (A - 1 mu^T), (n, n) float64, symmetric, in one read of A."""
+    if context.cluster is not None:
+        return context.cluster.gram_pass(context)
     n = context.source.shape[1]
     G = np.zeros((n, n), order="F")
     stats = BlockStats.zeros(n)
@@ -239,6 +294,9 @@ def product_pass(
     context: PassContext, W: np.ndarray, store_rows: Callable[[int, np.ndarray], None]
 ) -> None:
     """U_i = (A_i - 1 mu^T) W for every block, handed to ``store_rows(start, U_i)``."""
+    if context.cluster is not None:
+        context.cluster.product_pass(context, W, store_rows)
+        return
     stats = BlockStats.zeros(context.source.shape[1])
     for _, start, block, shift in context.read("product pass"):
         store_rows(start, context.kernels.times(block, start, W, shift, stats))
@@ -255,6 +313,8 @@ def residual_power_pass(
 
     X : (n, l) float64; ``read_u(start, stop)`` gives U's rows; S : (k,); V : (n, k).
     """
+    if context.cluster is not None:
+        return context.cluster.residual_power_pass(context, X, read_u, S, V)
     n, l = X.shape
     Z = np.zeros((n, l), order="F")
     kernels = context.kernels

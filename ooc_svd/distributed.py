@@ -1,0 +1,798 @@
+"""The passes on a dask.distributed cluster: a map over groups of row blocks, a tree reduction.
+
+Each pass of ``passes`` has its counterpart here, with the same return values, so the engine
+runs unchanged (``PassContext.cluster`` selects them). A pass
+
+1. puts its small operands on the cluster once (X, the centering shift: O(n l) through the
+   scheduler, as tasks, so a lost copy is recomputed);
+2. maps one task over each group of consecutive row blocks: the worker opens the store and
+   reads the group's blocks one at a time (with the plan's read-ahead), so per-task memory is
+   a single node's working set and A never travels through the client or the scheduler;
+3. reduces the groups' partial results pairwise, a tree of depth ceil(log2(groups)): Z and
+   the pass's totals (power pass), G (gram), R factors (exact), (R, B^T) pairs (final pass).
+
+The final pass is the streaming TSQR of ``tsqr`` within each group, whose Q_i and merge
+factors T_i, S_i go to a scratch directory every worker reaches; the groups' (R, B^T) pairs
+are merged up the tree exactly as the streaming merge does, keeping each merge's small
+factors. U = Q W is then assembled by the workers: the client walks the tree down
+(P_left = T P, P_right = S P from P_root = W) to one P_g (r x k) per group, and each group's
+task runs the backward sweep over its own spill. U's rows are written by the workers into the
+output zarr array when there is one and the workers reach it (each task writes the chunks
+that lie wholly inside its rows; the few rows of chunks shared by two groups come back to the
+client, which writes them, so no chunk is written by two tasks at once); otherwise they come
+back to the client, which holds U (m x k) anyway.
+
+A task holds what one node's pass holds (its blocks in flight, n x l operands), so a worker
+running t tasks at once needs t times the plan's working set, whatever the number of rows.
+
+Every task is a pure function of (source, block range, operands), so when a worker is lost,
+dask recomputes what it held and the result is unchanged. Results equal the local run's to
+rounding for any number of workers: Omega depends only on the seed, and each pass's centering
+shift is fixed by the first block before the map.
+
+In-memory inputs (numpy arrays, scipy.sparse matrices) are scattered to the workers once per
+run, one piece of rows per group; such pieces cannot be recomputed, so a lost worker fails
+a run on in-memory data (write the matrix to a store for that). Stores (zarr, CSR zarr, .npy
+files, dask arrays read from stores) are opened by the workers themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from .centering import Centering
+from .errors import InputError
+from .kernels.backend import CPUKernels, Kernels
+from .kernels.cpu import BlockStats, SubBlocks, gram_block
+from .passes import (
+    FinalPassResult,
+    PassContext,
+    PassRecord,
+    add_rows_to_r,
+    r_factor_stack,
+    tsqr_block_step,
+)
+from .plan import Plan
+from .sources import CSRSource, DenseSource, prefetch_blocks
+from .store import LeftVectors
+from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
+
+# Groups per worker thread: more groups than threads balance the load and make a retried
+# task cheap; each group adds one n x l partial to the reduction.
+GROUPS_PER_THREAD = 4
+# A source is shipped to the workers pickled; past this size it holds data, not a reference
+# to a store (e.g. a dask array built from an in-memory numpy array).
+MAX_SOURCE_BYTES = 8 << 20
+# Seconds to wait for the first worker of a cluster.
+WORKER_TIMEOUT_S = 120
+LOCAL_PREFIX = "local:"
+
+
+def worker_kernels(n: int) -> Kernels:
+    """The kernels a task uses on its worker.
+
+    CPUKernels everywhere for now; this is where a worker with a GPU will pick the CUDA
+    backend (same ``Kernels`` interface), so that mixed clusters use what each node has.
+    """
+    return CPUKernels(n)
+
+
+@contextlib.contextmanager
+def _task_kernels(n: int) -> Iterator[Kernels]:
+    """``worker_kernels`` for one task, released when it ends (a GPU's buffers)."""
+    kernels = worker_kernels(n)
+    try:
+        yield kernels
+    finally:
+        kernels.close()
+
+
+# ---- the client side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Consecutive row blocks that one task reads; ``first`` is its first block's index."""
+
+    index: int
+    first: int
+    blocks: tuple[tuple[int, int], ...]
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return self.blocks[0][0], self.blocks[-1][1]
+
+
+def row_groups(blocks: tuple[tuple[int, int], ...], count: int) -> list[RowGroup]:
+    """Split the blocks into ``count`` groups of consecutive blocks, as even as possible."""
+    count = max(1, min(count, len(blocks)))
+    edges = np.linspace(0, len(blocks), count + 1).round().astype(int)
+    return [RowGroup(g, int(a), tuple(blocks[a:b]))
+            for g, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True))]
+
+
+@dataclass
+class ClusterSpill:
+    """Where a final pass left its factors: the groups' spill directory and the tree's merges
+    (``steps``: (node, left, right) ids, leaves are the groups 0..G-1) with their factors."""
+
+    directory: str
+    steps: list[tuple[int, int, int]]
+    factors: list[MergeFactors]
+
+
+class ClusterPasses:
+    """Runs the passes of ``passes`` on a dask.distributed cluster (see the module docstring).
+
+    Made by ``connect``; ``close()`` removes the scratch directory and, when the client was
+    made here from an address, closes it (and the LocalCluster of ``local:N``).
+    """
+
+    def __init__(self, client: Any, source: DenseSource | CSRSource, plan: Plan,
+                 scratch: str, owned: list[Any]):
+        self.client = client
+        self.n = source.shape[1]
+        self.sparse = isinstance(source, CSRSource)
+        self.scratch = scratch
+        self.owned = owned  # closed last to first
+        self.token = uuid.uuid4().hex[:12]
+        self.count = 0  # maps so far: each map's keys carry its number
+        self.operands = itertools.count()
+        self.depth = plan.prefetch_depth
+        threads = sum(client.nthreads().values())
+        self.groups = row_groups(plan.blocks, GROUPS_PER_THREAD * max(threads, 1))
+        sizes = np.asarray(plan.block_bytes or [0] * len(plan.blocks), dtype=np.int64)
+        self.group_bytes = [int(sizes[g.first : g.first + len(g.blocks)].sum())
+                            for g in self.groups]
+        self.total_bytes = source.nbytes
+        self.sources = self._place_source(source)
+        self._reachable: dict[str, bool] = {}
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _place_source(self, source: DenseSource | CSRSource) -> list[Any]:
+        """One future per group of what its task reads from: the source itself, shipped
+        once as a task (recomputable), or the group's rows scattered from memory."""
+        shipped = shippable_source(source)
+        if shipped is None:
+            return [self.client.scatter(_RowPiece(g.rows[0], source.read(*g.rows)), hash=False)
+                    for g in self.groups]
+        import cloudpickle
+
+        blob = cloudpickle.dumps(shipped)
+        if len(blob) > MAX_SOURCE_BYTES:
+            raise InputError(
+                f"the {source.kind} input pickles to {len(blob) / 1e6:.1f} MB, so it carries "
+                "its data rather than a reference to a store; write it to a store (e.g. "
+                "dask.array.to_zarr) and pass that, so that the workers read their own blocks"
+            )
+        future = self.client.submit(_unpickle, blob, key=self._key("source"))
+        return [future] * len(self.groups)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _key(self, *parts: object) -> str:
+        return "-".join(["ooc-svd", *map(str, parts), self.token])
+
+    def _put(self, value: Any, name: str) -> Any:
+        """``value`` (an O(n l) operand) as a task on the cluster: one copy through the
+        scheduler, fetched by the workers from each other, recomputed if lost."""
+        import dask
+
+        threshold = max(2 * _nbytes(value), 10 << 20)
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
+            return self.client.submit(_identity, value,
+                                      key=self._key(name, next(self.operands)))
+
+    def _map(self, name: str, function: Callable, *args: Any) -> list[Any]:
+        """One task per group: ``function(source, blocks, first_block, *args)``."""
+        self.count += 1
+        return [
+            self.client.submit(function, self.sources[g.index], g.blocks, g.first, *args,
+                               key=self._key(name, "group", self.count, g.index))
+            for g in self.groups
+        ]
+
+    def _reduce(self, name: str, leaves: list[Any], combine: Callable,
+                steps: list[tuple[int, int, int]] | None = None,
+                on_merge: Callable[[Any], None] | None = None) -> Any:
+        """Pairwise tree reduction of ``leaves`` in order (left rows before right rows), depth
+        ceil(log2(len)). Records each merge in ``steps`` and passes its future to
+        ``on_merge``; returns the root's future. Only the root is kept, so intermediate
+        results are released as soon as their parent has them."""
+        nodes = list(enumerate(leaves))
+        next_id, depth = len(leaves), 0
+        while len(nodes) > 1:
+            merged = []
+            for pair, ((left, a), (right, b)) in enumerate(
+                zip(nodes[0::2], nodes[1::2], strict=False)
+            ):
+                future = self.client.submit(
+                    combine, a, b, key=self._key(name, "merge", self.count, depth, pair)
+                )
+                if steps is not None:
+                    steps.append((next_id, left, right))
+                if on_merge is not None:
+                    on_merge(future)
+                merged.append((next_id, future))
+                next_id += 1
+            if len(nodes) % 2:
+                merged.append(nodes[-1])
+            nodes, depth = merged, depth + 1
+        return nodes[0][1]
+
+    def _wait(self, context: PassContext, name: str, leaves: list[Any]) -> None:
+        """Show the pass's progress as groups finish, then let go of the leaves."""
+        from distributed import as_completed
+
+        bar = context.progress(name, self.total_bytes)
+        group_of = {leaf.key: g for g, leaf in enumerate(leaves)}
+        completed = as_completed(leaves, loop=self.client.loop)
+        leaves.clear()  # each result is released once its parent in the tree holds it
+        try:
+            for leaf in completed:
+                bar.update(self.group_bytes[group_of[leaf.key]])
+        finally:
+            bar.close()
+
+    def _pass_shift(self, centering: Centering, name: str) -> np.ndarray:
+        """The pass's centering shift, which the local pass takes from its first block.
+
+        Only an unknown mean makes the first block matter; a tiny task reads it then."""
+        if centering.mean_known or self.sparse:
+            return centering.shift_for(np.zeros((1, self.n)))  # no block needed
+        first = self.groups[0]
+        future = self.client.submit(
+            _first_block_shift, self.sources[0], first.blocks[0], centering,
+            key=self._key(name, "shift", self.count),
+        )
+        return future.result()
+
+    def _record(self, context: PassContext, name: str, began: float, nbytes: int) -> None:
+        context.records.append(PassRecord(name, time.perf_counter() - began, nbytes))
+
+    def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
+                       *args: Any, **reduce_options: Any) -> _Partial:
+        """Map ``task`` over the groups, reduce with ``combine``, return the root's result."""
+        leaves = self._map(name, task, *args)
+        root = self._reduce(name, leaves, combine, **reduce_options)
+        self._wait(context, f"{name} pass", leaves)
+        return root.result()
+
+    # -- the passes -----------------------------------------------------------------------
+
+    def fused_power_pass(self, context: PassContext, X: np.ndarray):
+        began, centering = time.perf_counter(), context.centering
+        shift = self._pass_shift(centering, "power")
+        operands = self._put(X, "X"), self._put(shift, "shift")
+        total = self._run_reduction(context, "power", _power_group, _add_partials,
+                                    *operands, self.depth)
+        Z, stats = total.value, total.stats
+        centering.correct_gram(Z, X, shift, stats)
+        centering.finish_pass(shift, stats)
+        self._record(context, "power pass", began, total.nbytes)
+        return Z, stats, shift
+
+    def gram_pass(self, context: PassContext):
+        began, centering = time.perf_counter(), context.centering
+        shift = self._pass_shift(centering, "gram")
+        total = self._run_reduction(context, "gram", _gram_group, _add_partials,
+                                    self._put(shift, "shift"), self.depth)
+        G, stats = total.value, total.stats
+        G = np.triu(G) + np.triu(G, 1).T
+        centering.correct_gram(G, None, shift, stats)
+        centering.finish_pass(shift, stats)
+        self._record(context, "gram pass", began, total.nbytes)
+        return G, stats, shift
+
+    def tsqr_r_pass(self, context: PassContext):
+        began, centering = time.perf_counter(), context.centering
+        append_ones = not centering.mean_known
+        shift = self._pass_shift(centering, "exact")
+        total = self._run_reduction(context, "exact", _r_group, _merge_r,
+                                    self._put(shift, "shift"), append_ones, self.depth)
+        R, stats = total.value, total.stats
+        d = centering.offset(shift, stats)
+        if append_ones:
+            R = R[:, : self.n] - np.outer(R[:, self.n], d)
+        centering.finish_pass(shift, stats)
+        self._record(context, "exact TSQR pass", began, total.nbytes)
+        return R, stats, shift
+
+    def tsqr_final_pass(self, context: PassContext, X: np.ndarray) -> FinalPassResult:
+        began, centering = time.perf_counter(), context.centering
+        l = X.shape[1]
+        append_ones = not centering.mean_known
+        shift = self._pass_shift(centering, "final")
+        directory = os.path.join(self.scratch, f"final-{uuid.uuid4().hex[:8]}")
+        steps: list[tuple[int, int, int]] = []
+        factor_futures: list[Any] = []
+
+        def keep_factors(merge: Any) -> None:
+            factor_futures.append(self.client.submit(
+                _factors_of, merge, key=self._key("final", "factors", self.count, len(steps))
+            ))
+
+        total = self._run_reduction(
+            context, "final", _final_group, _merge_pairs, self._put(X, "X"),
+            self._put(shift, "shift"), append_ones, directory, self.depth,
+            steps=steps, on_merge=keep_factors,
+        )
+        factors = self.client.gather(factor_futures)
+        R, BT, stats = total.value, total.BT, total.stats
+        if append_ones:
+            BT = BT - np.outer(centering.offset(shift, stats), R[:, l])
+        centering.finish_pass(shift, stats)
+        self._record(context, "final pass", began, total.nbytes)
+        tsqr = StreamingTSQR(R, total.BT, sum(len(g.blocks) for g in self.groups))
+        return FinalPassResult(tsqr, BT, stats, shift, ClusterSpill(directory, steps, factors))
+
+    def left_vectors_sweep(self, context: PassContext, final: FinalPassResult, W: np.ndarray,
+                           store_rows: Callable[[int, np.ndarray], None]) -> None:
+        spill: ClusterSpill = final.cluster_spill
+        P = group_products(spill.steps, spill.factors, W, len(self.groups))
+        sink = self._row_sink(store_rows)
+        self.count += 1
+        futures = [
+            self.client.submit(_left_vectors_group, spill.directory, g.blocks, g.first,
+                               P[g.index], sink, key=self._key("U", "group", self.count, g.index))
+            for g in self.groups
+        ]
+        self._store_returned_rows(futures, store_rows)
+        self.client.submit(_remove_tree, spill.directory,
+                           key=self._key("U", "cleanup", self.count)).result()
+
+    def product_pass(self, context: PassContext, W: np.ndarray,
+                     store_rows: Callable[[int, np.ndarray], None]) -> None:
+        began = time.perf_counter()
+        shift = self._pass_shift(context.centering, "product")
+        leaves = self._map("product", _product_group, self._put(W, "W"),
+                           self._put(shift, "shift"), self._row_sink(store_rows), self.depth)
+        nbytes = self._store_returned_rows(leaves, store_rows)
+        self._record(context, "product pass", began, nbytes)
+
+    def residual_power_pass(self, context: PassContext, X: np.ndarray,
+                            read_u: Callable[[int, int], np.ndarray], S: np.ndarray,
+                            V: np.ndarray) -> np.ndarray:
+        """U's rows are read by the client and scattered with their group (U is m x k,
+        small next to A); the rest is a power pass."""
+        began = time.perf_counter()
+        shift = self._pass_shift(context.centering, "residual")
+        pieces = [self.client.scatter(np.asarray(read_u(*g.rows), dtype=np.float64), hash=False)
+                  for g in self.groups]
+        operands = [self._put(value, name) for name, value in
+                    (("X", X), ("shift", shift), ("S", S), ("V", V))]
+        self.count += 1
+        leaves = [
+            self.client.submit(_residual_group, self.sources[g.index], g.blocks, g.first,
+                               pieces[g.index], *operands, self.depth,
+                               key=self._key("residual", "group", self.count, g.index))
+            for g in self.groups
+        ]
+        root = self._reduce("residual", leaves, _add_partials)
+        self._wait(context, "residual pass", leaves)
+        total = root.result()
+        self._record(context, "residual pass", began, total.nbytes)
+        return total.value
+
+    # -- U's rows ---------------------------------------------------------------------------
+
+    def _row_sink(self, store_rows: Callable[[int, np.ndarray], None]) -> RowSink:
+        """Where the workers put U's rows: into the output zarr array when ``store_rows``
+        stores into one (``LeftVectors``) that every worker reaches, else back to the client."""
+        owner = getattr(store_rows, "__self__", None)
+        if not isinstance(owner, LeftVectors):
+            return RowSink(None, np.dtype(np.float64), 0)
+        array = owner.array
+        root = getattr(getattr(array, "store", None), "root", None)
+        if isinstance(array, np.ndarray) or root is None or not self._workers_reach(str(root)):
+            return RowSink(None, owner.dtype, owner.m)
+        return RowSink(array, owner.dtype, owner.m)
+
+    def _workers_reach(self, path: str) -> bool:
+        if path not in self._reachable:
+            self._reachable[path] = all(self.client.run(os.path.isdir, path).values())
+        return self._reachable[path]
+
+    def _store_returned_rows(self, futures: list[Any],
+                             store_rows: Callable[[int, np.ndarray], None]) -> int:
+        """Write the rows the tasks send back, as they finish; return the bytes they read."""
+        from distributed import as_completed
+
+        nbytes = 0
+        completed = as_completed(futures, loop=self.client.loop, with_results=True)
+        futures.clear()
+        for _, (read, pieces) in completed:
+            for start, rows in pieces:
+                store_rows(start, rows)
+            nbytes += read
+        return nbytes
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the input's pieces, remove the scratch directory, close what ``connect``
+        opened."""
+        self.sources.clear()
+        with contextlib.suppress(Exception):
+            self.client.submit(_remove_tree, self.scratch,
+                               key=self._key("cleanup")).result(timeout=60)
+        for resource in reversed(self.owned):
+            with contextlib.suppress(Exception):
+                resource.close()
+
+
+def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
+            scratch_dir: str | None) -> ClusterPasses:
+    """A ``ClusterPasses`` on ``client``: a ``distributed.Client``, a scheduler address
+    (``tcp://HOST:PORT``), or ``local:N`` for a LocalCluster of N worker processes made (and
+    closed by ``ClusterPasses.close``) here.
+
+    The scratch directory, ``scratch_dir`` or the system's temporary directory, must be one
+    that every worker reaches (a shared filesystem on a multi-node cluster): checked here.
+    """
+    client, owned = _client_from(client)
+    scratch = None
+    try:
+        client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        scratch = _shared_scratch(client, scratch_dir)
+        return ClusterPasses(client, source, plan, scratch, owned)
+    except BaseException:
+        if scratch is not None:
+            with contextlib.suppress(Exception):
+                client.submit(_remove_tree, scratch, pure=False).result(timeout=60)
+        for resource in reversed(owned):
+            with contextlib.suppress(Exception):
+                resource.close()
+        raise
+
+
+def _client_from(client: Any) -> tuple[Any, list[Any]]:
+    from distributed import Client, LocalCluster
+
+    if isinstance(client, Client):
+        return client, []
+    if not isinstance(client, str):
+        raise InputError(
+            f"client must be a distributed.Client or a scheduler address (tcp://HOST:PORT, "
+            f"or local:N for N local worker processes), not {type(client).__name__}"
+        )
+    if client.startswith(LOCAL_PREFIX):
+        workers = client[len(LOCAL_PREFIX):]
+        if not workers.isdigit() or int(workers) < 1:
+            raise InputError(f"local:N needs a number of workers N >= 1, not {client!r}")
+        # Any free port for the scheduler's HTTP server: its default, 8787, may be taken by
+        # another cluster on the node.
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+        try:
+            made = Client(cluster, set_as_default=False)
+        except BaseException:
+            cluster.close()
+            raise
+        return made, [cluster, made]
+    try:
+        made = Client(client, timeout=30, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as error:
+        raise InputError(f"cannot connect to the scheduler at {client!r}: {error}") from error
+    return made, [made]
+
+
+def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
+    """A fresh directory under ``scratch_dir`` that one worker creates and all can see."""
+    base = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+    directory = os.path.join(base, f"ooc-svd-cluster-{uuid.uuid4().hex[:12]}")
+    marker = client.submit(_make_scratch, directory, pure=False).result()
+    seen = client.run(os.path.exists, marker)
+    if not all(seen.values()):
+        client.submit(_remove_tree, directory, pure=False).result()
+        missing = sorted(address for address, ok in seen.items() if not ok)
+        raise InputError(
+            f"the scratch directory {base!r} is not shared by all workers ({missing} do not "
+            "see it); pass scratch_dir on a filesystem every worker mounts"
+        )
+    return directory
+
+
+def shippable_source(source: DenseSource | CSRSource) -> Any:
+    """What the workers open the input from, or None for data held in memory, which is
+    scattered instead: zarr arrays and CSR groups, dask arrays, .npy files (by path)."""
+    if isinstance(source, CSRSource):
+        return None if isinstance(source.data, np.ndarray) else source
+    if isinstance(source.array, np.memmap) and os.path.exists(source.description):
+        return _NpyFile(source.description)
+    if isinstance(source.array, np.ndarray):
+        return None
+    return source
+
+
+def group_products(steps: list[tuple[int, int, int]], factors: list[MergeFactors],
+                   W: np.ndarray, groups: int) -> list[np.ndarray]:
+    """P_g for each group, such that U's rows of group g are Q_g P_g, with Q_g the Q of the
+    group's own streaming TSQR: from P_root = W down the tree, P_left = T P, P_right = S P
+    (the merge [R_left; R_right] = [T; S] R)."""
+    root = steps[-1][0] if steps else 0
+    P = {root: W}
+    for (node, left, right), merge in zip(reversed(steps), reversed(factors), strict=True):
+        above = P.pop(node)
+        P[left], P[right] = merge.T @ above, merge.S @ above
+    return [P[g] for g in range(groups)]
+
+
+# ---- the worker side ------------------------------------------------------------------------
+# Module-level functions of their arguments only: what dask retries after a lost worker.
+
+
+@dataclass
+class _Partial:
+    """A group's (or a subtree's) share of a pass: its product, totals and bytes read."""
+
+    value: np.ndarray
+    stats: BlockStats
+    nbytes: int
+    BT: np.ndarray | None = None  # final pass: B^T of the rows so far, with R as ``value``
+    factors: MergeFactors | None = None  # final pass: of the merge that made this node
+
+
+@dataclass(frozen=True)
+class _RowPiece:
+    """Rows [first, first + rows) of an in-memory matrix, scattered to a worker."""
+
+    first: int
+    rows: Any  # ndarray or CSRBlock
+
+    def read(self, start: int, stop: int) -> Any:
+        return self.rows[start - self.first : stop - self.first]
+
+
+@dataclass
+class _NpyFile:
+    """A .npy file, memory-mapped read-only by each worker on first use."""
+
+    path: str
+    _source: DenseSource | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_source": None}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._source is None:
+            from .sources import open_dense_source
+
+            self._source = open_dense_source(self.path)
+        return self._source.read(start, stop)
+
+
+@dataclass(frozen=True)
+class RowSink:
+    """Where a task puts U's rows: ``array`` (a zarr array the workers write into) or None
+    (back to the client), as ``dtype``; ``m`` is U's number of rows."""
+
+    array: Any
+    dtype: np.dtype
+    m: int
+
+    def owned_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The rows of [start, stop) that lie in chunks of ``array`` wholly inside it: the
+        task writes those; the rows of chunks shared with a neighbour go to the client."""
+        if self.array is None:
+            return start, start
+        chunk = int(self.array.chunks[0])
+        first = -(-start // chunk) * chunk
+        last = stop if stop == self.m else stop // chunk * chunk
+        return (first, last) if first < last else (start, start)
+
+
+class _GroupRows:
+    """Collects a task's rows of U: writes the owned ones, keeps the others to return."""
+
+    def __init__(self, sink: RowSink, start: int, stop: int):
+        self.sink = sink
+        self.first, self.last = sink.owned_rows(start, stop)
+        self.returned: list[tuple[int, np.ndarray]] = []
+
+    def add(self, start: int, rows: np.ndarray) -> None:
+        rows = rows.astype(self.sink.dtype, copy=False)
+        stop = start + rows.shape[0]
+        a, b = max(start, self.first), min(stop, self.last)
+        if a < b:
+            self.sink.array[a:b] = rows[a - start : b - start]
+        for lo, hi in ((start, min(stop, self.first)), (max(start, self.last), stop)):
+            if lo < hi:
+                self.returned.append((lo, rows[lo - start : hi - start]))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _unpickle(blob: bytes) -> Any:
+    import cloudpickle
+
+    return cloudpickle.loads(blob)
+
+
+def _nbytes(value: Any) -> int:
+    return int(getattr(value, "nbytes", 0))
+
+
+def _blocks(source: Any, blocks: tuple[tuple[int, int], ...], depth: int) -> Iterator:
+    """The group's blocks one at a time, read ``depth`` ahead as on one node."""
+    return prefetch_blocks(source, blocks, depth)
+
+
+def _first_block_shift(source: Any, block: tuple[int, int], centering: Centering) -> np.ndarray:
+    return centering.shift_for(source.read(*block))
+
+
+def _power_group(source, blocks, first, X, shift, depth) -> _Partial:
+    n = X.shape[0]
+    stats = BlockStats.zeros(n)
+    nbytes = 0
+    with _task_kernels(n) as kernels:
+        sweep = kernels.power_sweep(X, stats)
+        for start, _, block in _blocks(source, blocks, depth):
+            sweep.add(block, start, shift)
+            nbytes += block.nbytes
+        Z = sweep.result()
+    return _Partial(Z, stats, nbytes)
+
+
+def _gram_group(source, blocks, first, shift, depth) -> _Partial:
+    n = shift.size
+    G = np.zeros((n, n), order="F")
+    stats = BlockStats.zeros(n)
+    subs = SubBlocks(n)
+    nbytes = 0
+    for start, _, block in _blocks(source, blocks, depth):
+        gram_block(block, start, shift, G, stats, subs)
+        nbytes += block.nbytes
+    return _Partial(G, stats, nbytes)
+
+
+def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
+    n = shift.size
+    stack = r_factor_stack(n, append_ones)
+    stats = BlockStats.zeros(n)
+    R = np.zeros((0, stack.shape[1]))
+    nbytes = 0
+    for start, _, block in _blocks(source, blocks, depth):
+        R = add_rows_to_r(R, block, start, shift, stack, stats, append_ones)
+        nbytes += block.nbytes
+    return _Partial(R, stats, nbytes)
+
+
+def _final_group(source, blocks, first, X, shift, append_ones, directory, depth) -> _Partial:
+    """The streaming TSQR of the group's rows; Q_i, T_i, S_i spilled under global indices."""
+    n = X.shape[0]
+    os.makedirs(directory, exist_ok=True)
+    stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
+    tsqr = StreamingTSQR()
+    nbytes = 0
+    with _task_kernels(n) as kernels:
+        for index, (start, _, block) in enumerate(_blocks(source, blocks, depth), start=first):
+            Q_i, merge = tsqr_block_step(
+                kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
+            )
+            _save(directory, "Q", index, Q_i)
+            if merge is not None:
+                _save(directory, "T", index, merge.T)
+                _save(directory, "S", index, merge.S)
+            nbytes += block.nbytes
+    return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT)
+
+
+def _product_group(source, blocks, first, W, shift, sink, depth):
+    stats = BlockStats.zeros(W.shape[0])
+    rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
+    nbytes = 0
+    with _task_kernels(W.shape[0]) as kernels:
+        for start, _, block in _blocks(source, blocks, depth):
+            rows.add(start, kernels.times(block, start, W, shift, stats))
+            nbytes += block.nbytes
+    return nbytes, rows.returned
+
+
+def _residual_group(source, blocks, first, U, X, shift, S, V, depth) -> _Partial:
+    n = X.shape[0]
+    stats = BlockStats.zeros(n)
+    Z = np.zeros(X.shape, order="F")
+    SVtX = S[:, None] * (V.T @ X)
+    offset, nbytes = blocks[0][0], 0
+    with _task_kernels(n) as kernels:
+        for start, _, block in _blocks(source, blocks, depth):
+            U_i = U[start - offset : start - offset + block.shape[0]]
+            Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
+            Z += kernels.transposed_times(block, start, Y, shift, stats)
+            Z -= V @ (S[:, None] * (U_i.T @ Y))
+            nbytes += block.nbytes
+    return _Partial(Z, stats, nbytes)
+
+
+def _left_vectors_group(directory, blocks, first, P, sink):
+    """U's rows of one group: the backward sweep over its spill, from its P_g."""
+    rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
+    assemble_left_vectors(
+        len(blocks),
+        P,
+        lambda i: _load(directory, "Q", first + i),
+        lambda i: MergeFactors(_load(directory, "T", first + i),
+                               _load(directory, "S", first + i)) if i else None,
+        lambda i, U_i: rows.add(blocks[i][0], U_i),
+    )
+    return 0, rows.returned
+
+
+def _merged_stats(a: BlockStats, b: BlockStats) -> BlockStats:
+    return BlockStats(a.colsum + b.colsum, a.sumsq + b.sumsq, a.rows + b.rows)
+
+
+def _add_partials(a: _Partial, b: _Partial) -> _Partial:
+    return _Partial(a.value + b.value, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes)
+
+
+def _merge_r(a: _Partial, b: _Partial) -> _Partial:
+    """R of [R_a; R_b]: the R factor of both groups' rows."""
+    R = scipy.linalg.qr(np.vstack([a.value, b.value]), mode="r", check_finite=False)[0]
+    R = R[: min(R.shape)]
+    return _Partial(R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes)
+
+
+def _merge_pairs(a: _Partial, b: _Partial) -> _Partial:
+    """The streaming TSQR merge of two (R, B^T) pairs, a's rows above b's."""
+    tsqr = StreamingTSQR(a.value, a.BT, 1)
+    factors = tsqr.add_block(b.value, b.BT)
+    return _Partial(tsqr.R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes,
+                    BT=tsqr.BT, factors=factors)
+
+
+def _factors_of(node: _Partial) -> MergeFactors:
+    return node.factors
+
+
+def _spill_path(directory: str, name: str, index: int) -> str:
+    return os.path.join(directory, f"{name}{index:08d}.npy")
+
+
+def _save(directory: str, name: str, index: int, array: np.ndarray) -> None:
+    """Write under a temporary name and rename, so a retried task (or a reader) never sees
+    half a file."""
+    path = _spill_path(directory, name, index)
+    partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+    with open(partial, "wb") as file:
+        np.save(file, array, allow_pickle=False)
+    os.replace(partial, path)
+
+
+def _load(directory: str, name: str, index: int) -> np.ndarray:
+    return np.load(_spill_path(directory, name, index), allow_pickle=False)
+
+
+def _make_scratch(directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    marker = os.path.join(directory, "shared")
+    with open(marker, "w") as file:
+        file.write("ooc-svd scratch\n")
+    return marker
+
+
+def _remove_tree(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def tree_depth(groups: int) -> int:
+    """Levels of the pairwise reduction of ``groups`` partial results."""
+    return math.ceil(math.log2(groups)) if groups > 1 else 0

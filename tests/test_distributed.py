@@ -1,0 +1,383 @@
+"""The passes on a dask.distributed LocalCluster: the same results as the local run, workers
+that die mid-pass, and no block of A through the scheduler or the client."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import naive
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import ooc_svd
+import ooc_svd.distributed
+import ooc_svd.engine
+import ooc_svd.plan
+import ooc_svd.sources.csr
+import ooc_svd.sources.dense
+from ooc_svd import InputError
+from ooc_svd.distributed import RowSink, group_products, row_groups, tree_depth
+from ooc_svd.sources.csr import CSRWriter
+from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
+
+pytestmark = pytest.mark.distributed
+
+M, N = 2400, 48
+CHUNK_ROWS, BLOCK_ROWS = 100, 200  # 12 blocks, in 8 groups on 2 one-thread workers
+
+
+def local_cluster():
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                        dashboard_address=":0")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as cluster, Client(cluster) as client:
+        yield cluster, client
+
+
+@pytest.fixture(scope="module")
+def dense_store(tmp_path_factory):
+    A = naive.matrix_with_spectrum(M, N, 1.0 / np.arange(1, N + 1), seed=3) + 2.0
+    path = str(tmp_path_factory.mktemp("dense") / "A.zarr")
+    array = zarr.create_array(path, shape=A.shape, chunks=(CHUNK_ROWS, N), dtype=A.dtype)
+    array[:] = A
+    return path
+
+
+@pytest.fixture(scope="module")
+def sparse_matrix():
+    return naive.sparse_with_decay(3000, 200, 0.03, 0.02, seed=5)
+
+
+@pytest.fixture(scope="module")
+def csr_store(tmp_path_factory, sparse_matrix):
+    path = str(tmp_path_factory.mktemp("csr") / "S.zarr")
+    with CSRWriter(path, sparse_matrix.shape[1], "float64", chunk_nnz=4096) as writer:
+        for start in range(0, sparse_matrix.shape[0], 700):
+            writer.append(sparse_matrix[start : start + 700])
+        writer.close()
+    return path
+
+
+@pytest.fixture
+def small_units(monkeypatch):
+    """CSR blocks of about 20 kB, so a small matrix makes many blocks."""
+    monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 6000)
+    monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
+
+
+def assert_same_result(result, reference, atol=1e-10):
+    """Signs are normalized the same way everywhere, so the factors compare directly.
+
+    Singular values agree to rounding relative to sigma_1 (the gram method's own error on
+    sigma_j is eps sigma_1^2 / sigma_j, so a sum in another order moves small ones most)."""
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-11, atol=1e-12 * reference.S[0])
+    np.testing.assert_allclose(result.V, reference.V, atol=atol)
+    np.testing.assert_allclose(np.asarray(result.U), np.asarray(reference.U), atol=atol)
+    if reference.mean is not None:
+        np.testing.assert_allclose(result.mean, reference.mean, rtol=1e-13)
+    assert result.passes == reference.passes
+
+
+# ---- the tree algebra, without a cluster ----------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 8])
+def test_tree_of_tsqr_merges_gives_q_w_of_the_stacked_rows(groups):
+    """Groups' streaming TSQRs merged pairwise give B = Q^T A and, walking the tree down
+    from W, U = Q W for the whole matrix: checked against numpy on the stacked rows."""
+    rng = np.random.default_rng(groups)
+    blocks = [rng.standard_normal((rows, 6)) for rows in rng.integers(3, 20, size=2 * groups)]
+    Y = np.vstack(blocks)
+    parts = row_groups(tuple((i, i + 1) for i in range(len(blocks))), groups)
+    nodes, sweeps = [], []
+    for part in parts:
+        tsqr, spilled = StreamingTSQR(), []
+        for i in range(part.first, part.first + len(part.blocks)):
+            Q_i, R_i = local_qr(blocks[i].copy())
+            spilled.append((Q_i, tsqr.add_block(R_i, blocks[i].T @ Q_i)))
+        nodes.append((tsqr.R, tsqr.BT))
+        sweeps.append(spilled)
+    steps, factors, ids = [], [], list(range(len(nodes)))
+    while len(nodes) > 1:  # the same pairing as ClusterPasses._reduce
+        merged, merged_ids = [], []
+        pairs = zip(nodes[0::2], nodes[1::2], ids[0::2], ids[1::2], strict=False)
+        for a, b, ia, ib in pairs:
+            tsqr = StreamingTSQR(a[0], a[1], 1)
+            factors.append(tsqr.add_block(b[0], b[1]))
+            steps.append((len(parts) + len(steps), ia, ib))
+            merged.append((tsqr.R, tsqr.BT))
+            merged_ids.append(steps[-1][0])
+        if len(nodes) % 2:
+            merged.append(nodes[-1])
+            merged_ids.append(ids[-1])
+        nodes, ids = merged, merged_ids
+    assert len(steps) == groups - 1 and tree_depth(groups) == int(np.ceil(np.log2(groups)))
+    R, BT = nodes[0]
+    np.testing.assert_allclose(BT.T, R, atol=1e-12)  # B = Q^T Y = R when A = Y
+    W = rng.standard_normal((R.shape[0], 3))
+    U = np.empty((Y.shape[0], 3))
+    offsets = np.cumsum([0] + [b.shape[0] for b in blocks])
+    products = group_products(steps, factors, W, groups)
+    for part, P, spilled in zip(parts, products, sweeps, strict=True):
+        def store(i, rows, part=part):
+            index = part.first + i
+            U[offsets[index] : offsets[index + 1]] = rows
+
+        assemble_left_vectors(len(spilled), P, lambda i, s=spilled: s[i][0],
+                              lambda i, s=spilled: s[i][1], store)
+    np.testing.assert_allclose(U, Y @ np.linalg.solve(R, W), atol=1e-10)  # Q = Y R^-1
+
+
+def test_groups_split_blocks_evenly_and_in_order():
+    blocks = tuple((10 * i, 10 * i + 10) for i in range(11))
+    groups = row_groups(blocks, 4)
+    assert [len(g.blocks) for g in groups] == [3, 3, 2, 3]
+    assert sum((g.blocks for g in groups), ()) == blocks
+    assert [g.first for g in groups] == [0, 3, 6, 8]
+    assert len(row_groups(blocks[:2], 8)) == 2
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "owned"),
+    [
+        (0, 250, (0, 200)),  # chunk [200, 300) is shared with the next group
+        (250, 600, (300, 600)),
+        (600, 1000, (600, 1000)),  # the last rows, in a partial chunk, are the group's
+        (120, 180, (120, 120)),  # inside one chunk: every row goes to the client
+    ],
+)
+def test_workers_write_only_chunks_wholly_inside_their_rows(start, stop, owned):
+    chunked = type("Chunked", (), {"chunks": (100, 2)})()
+    sink = RowSink(chunked, np.dtype(np.float64), 1000)
+    assert sink.owned_rows(start, stop) == owned
+
+
+# ---- on a LocalCluster ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
+@pytest.mark.parametrize("center", [False, True])
+def test_dense_store_matches_the_local_run(cluster, dense_store, block_rows, method, center):
+    block_rows(BLOCK_ROWS, N)
+    reference = ooc_svd.svd(dense_store, 6, method=method, center=center)
+    result = ooc_svd.svd(dense_store, 6, method=method, center=center, client=cluster[1])
+    assert len(result.plan.blocks) == M // BLOCK_ROWS
+    # The block Krylov basis amplifies rounding in its last columns: on this matrix the
+    # local run's U moves by up to 1e-6 between block sizes of 200 and 2400 rows, as much
+    # as between the local and the cluster's summation orders. The other methods agree to
+    # rounding.
+    assert_same_result(result, reference, atol=1e-5 if method == "krylov" else 1e-10)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"k": 5},
+        {"k": 5, "center": True},
+        {"k": 5, "center": True, "niter": 0},  # the mean is found by the final pass itself
+        {"k": 5, "method": "exact", "center": True},
+    ],
+)
+def test_csr_store_matches_the_local_run(cluster, csr_store, small_units, options):
+    reference = ooc_svd.svd(csr_store, **options)
+    result = ooc_svd.svd(csr_store, **options, client=cluster[1])
+    assert len(result.plan.blocks) >= 8
+    assert_same_result(result, reference)
+
+
+def test_u_written_by_the_workers_into_out(cluster, csr_store, small_units, tmp_path):
+    """CSR blocks do not line up with U's chunks: the shared chunks' rows go through the
+    client, the rest is written by the workers; the stored U equals the local one."""
+    reference = ooc_svd.svd(csr_store, 5, center=True)
+    out = str(tmp_path / "result.zarr")
+    scratch = tmp_path / "scratch"
+    result = ooc_svd.svd(csr_store, 5, center=True, out=out, client=cluster[1],
+                         scratch_dir=str(scratch))
+    assert isinstance(result.U, zarr.Array)
+    assert not list(scratch.iterdir())  # the spilled factors are removed
+    assert_same_result(result, reference)
+    np.testing.assert_allclose(zarr.open_group(out, mode="r")["U"][:], reference.U, atol=1e-10)
+
+
+def test_in_memory_inputs_are_scattered(cluster, sparse_matrix, small_units, block_rows,
+                                        monkeypatch):
+    monkeypatch.setattr(ooc_svd.sources.dense, "in_memory_boundaries",
+                        lambda shape, itemsize: np.arange(0, shape[0] + 1, 100))
+    A = naive.matrix_with_spectrum(1200, 30, np.logspace(0, -3, 30), seed=4).astype(np.float32)
+    block_rows(100, 30, 4)
+    assert_same_result(ooc_svd.svd(A, 4, center=True, client=cluster[1]),
+                       ooc_svd.svd(A, 4, center=True), atol=1e-5)
+    assert_same_result(ooc_svd.svd(sparse_matrix, 4, client=cluster[1]),
+                       ooc_svd.svd(sparse_matrix, 4))
+
+
+def test_npy_file_is_opened_by_the_workers(cluster, tmp_path, block_rows, monkeypatch):
+    monkeypatch.setattr(ooc_svd.sources.dense, "in_memory_boundaries",
+                        lambda shape, itemsize: np.arange(0, shape[0] + 1, 100))
+    path = str(tmp_path / "A.npy")
+    np.save(path, naive.matrix_with_spectrum(1200, 30, np.logspace(0, -3, 30), seed=8))
+    block_rows(100, 30)
+    source = ooc_svd.sources.open_source(path)
+    assert isinstance(ooc_svd.distributed.shippable_source(source), ooc_svd.distributed._NpyFile)
+    assert_same_result(ooc_svd.svd(path, 4, client=cluster[1]), ooc_svd.svd(path, 4))
+
+
+def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows):
+    import dask.array as da
+
+    block_rows(BLOCK_ROWS, N)
+    A = da.from_zarr(dense_store)
+    reference = ooc_svd.svd(A, 4, spectral_iters=2)
+    result = ooc_svd.svd(A, 4, spectral_iters=2, client=cluster[1])
+    assert_same_result(result, reference)
+    assert result.spectral_error == pytest.approx(reference.spectral_error, rel=1e-10)
+    for function in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):
+        local, remote = function(dense_store, 4), function(dense_store, 4, client=cluster[1])
+        np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
+
+
+def test_scheduler_address_and_bad_clients(cluster, dense_store, block_rows):
+    block_rows(BLOCK_ROWS, N)
+    result = ooc_svd.svd(dense_store, 3, client=cluster[0].scheduler_address)
+    assert_same_result(result, ooc_svd.svd(dense_store, 3))
+    with pytest.raises(InputError, match="local:N"):
+        ooc_svd.svd(dense_store, 3, client="local:two")
+    with pytest.raises(InputError, match="distributed.Client"):
+        ooc_svd.svd(dense_store, 3, client=2)
+
+
+def test_in_memory_dask_graph_is_refused(cluster, monkeypatch, tmp_path):
+    import dask.array as da
+
+    monkeypatch.setattr(ooc_svd.distributed, "MAX_SOURCE_BYTES", 100_000)
+    A = da.from_array(np.ones((2000, 20)), chunks=(500, 20))
+    with pytest.raises(InputError, match="to_zarr"):
+        ooc_svd.svd(A, 3, client=cluster[1], scratch_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []  # the run's scratch directory is gone
+
+
+def test_checkpoint_of_a_local_run_resumes_on_the_cluster(cluster, dense_store, block_rows,
+                                                         monkeypatch, tmp_path):
+    class Killed(BaseException):
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    block_rows(BLOCK_ROWS, N)
+    options = {"k": 5, "center": True, "method": "randomized"}
+    reference = ooc_svd.svd(dense_store, **options)
+    out = str(tmp_path / "result.zarr")
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(dense_store, **options, out=out)
+    result = ooc_svd.svd(dense_store, **options, out=out, resume=True, client=cluster[1])
+    assert [r.name for r in result.records] == ["power0 (resumed)", "power1 (resumed)",
+                                                "final pass"]
+    assert_same_result(result, reference)
+
+
+class TaskSizes(SchedulerPlugin):
+    """A scheduler plugin: the largest result and task (its pickled arguments) of the run."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.largest_result = self.largest_task = 0
+        self.keys = set()
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if not str(key).startswith("ooc-svd-"):
+            return
+        task = self.scheduler.tasks.get(key)
+        if task is None:
+            return
+        self.keys.add(key)
+        if finish == "memory":
+            self.largest_result = max(self.largest_result, task.nbytes)
+        elif finish == "processing" and task.run_spec is not None:
+            self.largest_task = max(self.largest_task, len(pickle.dumps(task.run_spec)))
+
+
+@pytest.mark.parametrize("method", ["randomized", "gram"])
+def test_no_block_of_a_reaches_the_scheduler(cluster, tmp_path, block_rows, method):
+    """Results and task arguments stay O(n l) (O(n^2) for gram): far below one block."""
+    m, n, rows = 9600, 48, 600
+    A = naive.matrix_with_spectrum(m, n, np.logspace(0, -4, n), seed=6)
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(300, n), dtype=A.dtype)[:] = A
+    block_rows(rows, n)
+    scheduler = cluster[0].scheduler
+    sizes = TaskSizes(scheduler)
+    scheduler.add_plugin(sizes, name="task-sizes")
+    try:
+        ooc_svd.svd(path, 5, method=method, out=str(tmp_path / "out.zarr"), client=cluster[1])
+    finally:
+        scheduler.remove_plugin(name="task-sizes")
+    block_bytes = rows * n * 8
+    assert any("-group-" in key for key in sizes.keys)
+    assert 0 < sizes.largest_result < block_bytes / 8
+    assert 0 < sizes.largest_task < block_bytes / 8
+
+
+@pytest.mark.parametrize("pass_name", ["power", "final"])
+def test_a_worker_killed_mid_pass_is_replaced_and_the_result_is_unchanged(
+    dense_store, block_rows, monkeypatch, pass_name
+):
+    """After the first group of a pass finishes, a worker busy with another group is killed
+    (SIGKILL): its nanny restarts it, and dask recomputes what it held (in the final pass,
+    rewriting the same Q spill files)."""
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "GROUPS_PER_THREAD", 6)  # 12 groups, 2 workers
+    options = {"k": 5, "center": True, "method": "randomized"}
+    reference = ooc_svd.svd(dense_store, **options)
+
+    class KillAfterFirstGroup(SchedulerPlugin):
+        def __init__(self, scheduler, pids):
+            self.scheduler, self.pids = scheduler, pids
+            self.killed, self.removed = None, 0
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if self.killed or finish != "memory" or f"-{pass_name}-group-" not in str(key):
+                return
+            done = [w.address for w in self.scheduler.tasks[key].who_has]
+            busy = [w.address for w in self.scheduler.workers.values() if w.processing]
+            # Prefer a worker in the middle of another group; else the one holding a result.
+            victim = ([w for w in busy if w not in done] or busy or done)[0]
+            self.killed = victim
+            os.kill(self.pids[victim], signal.SIGKILL)
+
+        def remove_worker(self, scheduler, worker, **kwargs):
+            self.removed += 1
+
+    with local_cluster() as cluster, Client(cluster) as client:
+        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid))
+        cluster.scheduler.add_plugin(plugin)
+        result = ooc_svd.svd(dense_store, **options, client=client)
+        assert plugin.killed is not None and plugin.removed >= 1
+        client.wait_for_workers(2, timeout=60)  # the nanny brought it back
+    assert_same_result(result, reference)
+
+
+def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "ooc-svd")
+    out = str(tmp_path / "result.zarr")
+    done = subprocess.run(
+        [script, "run", dense_store, "--k", "4", "--out", out, "--scheduler", "local:2",
+         "--json", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    reference = ooc_svd.svd(dense_store, 4)
+    np.testing.assert_allclose(summary["S"], reference.S, rtol=1e-11)
+    np.testing.assert_allclose(zarr.open_group(out, mode="r")["U"][:], reference.U, atol=1e-10)
