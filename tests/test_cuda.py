@@ -335,3 +335,31 @@ def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method):
     np.testing.assert_allclose(gpu.U, cpu.U, atol=1e-8)
     np.testing.assert_allclose(gpu.mean, cpu.mean, rtol=1e-12)
     assert gpu.residual == pytest.approx(cpu.residual, rel=1e-9)
+
+
+@on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_path):
+    import scipy.sparse
+    import zarr
+
+    import ooc_svd
+    from ooc_svd.sources.csr import CSRWriter
+
+    rows, n = (60, 6) if SIMULATED else (20_000, 100)
+    path = str(tmp_path / "A.zarr")
+    if kind == "dense":
+        array = zarr.create_array(path, shape=(rows, n), chunks=(rows // 6, n), dtype="f4")
+        array[:] = naive.matrix_with_spectrum(rows, n, np.logspace(0, -2, n), seed=3)
+    else:
+        A = scipy.sparse.random(rows, n, density=0.3, format="csr", random_state=3, dtype="f4")
+        with CSRWriter(path, n, np.float32, chunk_nnz=20) as writer:
+            for start in range(0, rows, rows // 6):
+                writer.append(A[start : start + rows // 6])
+            writer.close()
+    options = dict(method="randomized", niter=2, oversample=2, seed=1, memory_limit="1GB")
+    cpu = ooc_svd.svd(path, 3, backend="cpu", **options)
+    gpu = ooc_svd.svd(path, 3, backend="cuda", **options)
+    assert gpu.plan.cached_blocks > 0 and gpu.records[1].bytes_read < gpu.records[0].bytes_read
+    np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(gpu.V.T @ cpu.V), np.eye(3), atol=1e-4)

@@ -40,6 +40,10 @@ class Kernels(Protocol):
     def transposed_times(self, block: Any, first_row: int, Q: np.ndarray, shift: np.ndarray,
                          stats: BlockStats) -> np.ndarray: ...
 
+    def keep(self, block: Any) -> Any:
+        """The block as the block cache should hold it: in the host memory this backend
+        reads fastest (page-locked for a GPU)."""
+
     def close(self) -> None:
         """Release what the kernels hold between passes (a GPU's buffers and streams)."""
 
@@ -62,6 +66,9 @@ class CPUKernels:
 
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep:
         return _CPUPowerSweep(self, X, stats)
+
+    def keep(self, block: Any) -> Any:
+        return block
 
     def close(self) -> None:
         """Nothing to release: buffers are ordinary memory."""
