@@ -374,7 +374,9 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     )
     writer = None if out_path is None else ResultWriter(out_path)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
-    kernels = _make_kernels(request.backend, n, plan)
+    # On a cluster the workers choose their own kernels (distributed.worker_kernels).
+    on_cluster = request.client is not None
+    kernels = _make_kernels("cpu" if on_cluster else request.backend, n, plan)
     cluster = _connect_cluster(request, source, plan)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,
@@ -400,7 +402,7 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
             cluster.close()
         kernels.close()
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
-    result.backend = kernels.name
+    result.backend = f"{request.backend} on the workers" if on_cluster else kernels.name
     result.spectral_error = spectral
     if writer:
         arrays = {"S": result.S, "V": result.V}
@@ -456,7 +458,7 @@ def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: P
         return None
     from .distributed import connect
 
-    return connect(request.client, source, plan, request.scratch_dir)
+    return connect(request.client, source, plan, request.scratch_dir, request.backend)
 
 
 def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,

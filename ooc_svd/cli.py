@@ -104,7 +104,8 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     """
     from .api import svd
 
-    check_backend(backend)
+    if scheduler is None:  # on a cluster, the workers' GPUs count, not this machine's
+        check_backend(backend)
     result = svd(
         input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
         center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,

@@ -81,19 +81,24 @@ WORKER_TIMEOUT_S = 120
 LOCAL_PREFIX = "local:"
 
 
-def worker_kernels(n: int) -> Kernels:
-    """The kernels a task uses on its worker.
+def worker_kernels(n: int, backend: str = "auto") -> Kernels:
+    """The kernels a task uses on its worker: with backend 'auto', the CUDA ones where the
+    worker has a usable GPU and the CPU ones elsewhere, so a mixed cluster uses what each
+    node has; 'cuda' fails on a worker without a GPU, naming what is missing."""
+    if backend != "cpu":
+        from .kernels.cuda_backend import CUDAKernels, cuda_available, require_cuda
 
-    CPUKernels everywhere for now; this is where a worker with a GPU will pick the CUDA
-    backend (same ``Kernels`` interface), so that mixed clusters use what each node has.
-    """
+        if backend == "cuda":
+            require_cuda()
+        if backend == "cuda" or cuda_available(allow_simulator=False)[0]:
+            return CUDAKernels(n)
     return CPUKernels(n)
 
 
 @contextlib.contextmanager
-def _task_kernels(n: int) -> Iterator[Kernels]:
+def _task_kernels(n: int, backend: str) -> Iterator[Kernels]:
     """``worker_kernels`` for one task, released when it ends (a GPU's buffers)."""
-    kernels = worker_kernels(n)
+    kernels = worker_kernels(n, backend)
     try:
         yield kernels
     finally:
@@ -142,8 +147,9 @@ class ClusterPasses:
     """
 
     def __init__(self, client: Any, source: DenseSource | CSRSource, plan: Plan,
-                 scratch: str, owned: list[Any]):
+                 scratch: str, owned: list[Any], backend: str = "auto"):
         self.client = client
+        self.backend = backend  # the workers' kernels: see ``worker_kernels``
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch
@@ -198,11 +204,13 @@ class ClusterPasses:
                                       key=self._key(name, next(self.operands)))
 
     def _map(self, name: str, function: Callable, *args: Any) -> list[Any]:
-        """One task per group: ``function(source, blocks, first_block, *args)``."""
+        """One task per group: ``function(source, blocks, first_block, *args)``, and the
+        ``backend`` keyword for the tasks that run block kernels."""
         self.count += 1
+        options = {"backend": self.backend} if function in _KERNEL_TASKS else {}
         return [
             self.client.submit(function, self.sources[g.index], g.blocks, g.first, *args,
-                               key=self._key(name, "group", self.count, g.index))
+                               key=self._key(name, "group", self.count, g.index), **options)
             for g in self.groups
         ]
 
@@ -379,7 +387,8 @@ class ClusterPasses:
         leaves = [
             self.client.submit(_residual_group, self.sources[g.index], g.blocks, g.first,
                                pieces[g.index], *operands, self.depth,
-                               key=self._key("residual", "group", self.count, g.index))
+                               key=self._key("residual", "group", self.count, g.index),
+                               backend=self.backend)
             for g in self.groups
         ]
         root = self._reduce("residual", leaves, _add_partials)
@@ -436,7 +445,7 @@ class ClusterPasses:
 
 
 def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
-            scratch_dir: str | None) -> ClusterPasses:
+            scratch_dir: str | None, backend: str = "auto") -> ClusterPasses:
     """A ``ClusterPasses`` on ``client``: a ``distributed.Client``, a scheduler address
     (``tcp://HOST:PORT``), or ``local:N`` for a LocalCluster of N worker processes made (and
     closed by ``ClusterPasses.close``) here.
@@ -449,7 +458,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     try:
         client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
         scratch = _shared_scratch(client, scratch_dir)
-        return ClusterPasses(client, source, plan, scratch, owned)
+        return ClusterPasses(client, source, plan, scratch, owned, backend)
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(Exception):
@@ -638,11 +647,11 @@ def _first_block_shift(source: Any, block: tuple[int, int], centering: Centering
     return centering.shift_for(source.read(*block))
 
 
-def _power_group(source, blocks, first, X, shift, depth) -> _Partial:
+def _power_group(source, blocks, first, X, shift, depth, backend="auto") -> _Partial:
     n = X.shape[0]
     stats = BlockStats.zeros(n)
     nbytes = 0
-    with _task_kernels(n) as kernels:
+    with _task_kernels(n, backend) as kernels:
         sweep = kernels.power_sweep(X, stats)
         for start, _, block in _blocks(source, blocks, depth):
             sweep.add(block, start, shift)
@@ -675,14 +684,15 @@ def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
     return _Partial(R, stats, nbytes)
 
 
-def _final_group(source, blocks, first, X, shift, append_ones, directory, depth) -> _Partial:
+def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
+                 backend="auto") -> _Partial:
     """The streaming TSQR of the group's rows; Q_i, T_i, S_i spilled under global indices."""
     n = X.shape[0]
     os.makedirs(directory, exist_ok=True)
     stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
     tsqr = StreamingTSQR()
     nbytes = 0
-    with _task_kernels(n) as kernels:
+    with _task_kernels(n, backend) as kernels:
         for index, (start, _, block) in enumerate(_blocks(source, blocks, depth), start=first):
             Q_i, merge = tsqr_block_step(
                 kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
@@ -695,24 +705,25 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth)
     return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT)
 
 
-def _product_group(source, blocks, first, W, shift, sink, depth):
+def _product_group(source, blocks, first, W, shift, sink, depth, backend="auto"):
     stats = BlockStats.zeros(W.shape[0])
     rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
     nbytes = 0
-    with _task_kernels(W.shape[0]) as kernels:
+    with _task_kernels(W.shape[0], backend) as kernels:
         for start, _, block in _blocks(source, blocks, depth):
             rows.add(start, kernels.times(block, start, W, shift, stats))
             nbytes += block.nbytes
     return nbytes, rows.returned
 
 
-def _residual_group(source, blocks, first, U, X, shift, S, V, depth) -> _Partial:
+def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
+                    backend="auto") -> _Partial:
     n = X.shape[0]
     stats = BlockStats.zeros(n)
     Z = np.zeros(X.shape, order="F")
     SVtX = S[:, None] * (V.T @ X)
     offset, nbytes = blocks[0][0], 0
-    with _task_kernels(n) as kernels:
+    with _task_kernels(n, backend) as kernels:
         for start, _, block in _blocks(source, blocks, depth):
             U_i = U[start - offset : start - offset + block.shape[0]]
             Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
@@ -796,3 +807,7 @@ def _remove_tree(directory: str) -> None:
 def tree_depth(groups: int) -> int:
     """Levels of the pairwise reduction of ``groups`` partial results."""
     return math.ceil(math.log2(groups)) if groups > 1 else 0
+
+
+# The group tasks that run block kernels, and so take the ``backend`` keyword.
+_KERNEL_TASKS = (_power_group, _final_group, _product_group)

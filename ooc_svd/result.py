@@ -48,7 +48,8 @@ class SVDResult:
         The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
         not the planned one).
     backend : str
-        Where the block products ran: 'cpu' or 'cuda'.
+        Where the block products ran: 'cpu' or 'cuda'; on a cluster, the backend asked of
+        the workers (with 'auto', each worker uses its GPU when it has one).
     note : str
     plan : Plan
         The method, blocks and memory chosen, with the reason (``plan.describe()``).

@@ -194,6 +194,18 @@ def test_csr_store_matches_the_local_run(cluster, csr_store, small_units, option
     assert_same_result(result, reference)
 
 
+def test_the_backend_reaches_the_workers(cluster, csr_store):
+    from ooc_svd.kernels.cuda_backend import cuda_available
+
+    result = ooc_svd.svd(csr_store, 3, client=cluster[1], backend="cpu")
+    assert result.backend == "cpu on the workers"
+    assert_same_result(result, ooc_svd.svd(csr_store, 3, backend="cpu"))
+    if not cuda_available(allow_simulator=False)[0]:
+        # The workers have no GPU either: the error they raise names what is missing.
+        with pytest.raises(ValueError, match="backend='cuda' needs a usable NVIDIA GPU"):
+            ooc_svd.svd(csr_store, 3, client=cluster[1], backend="cuda")
+
+
 def test_u_written_by_the_workers_into_out(cluster, csr_store, small_units, tmp_path):
     """CSR blocks do not line up with U's chunks: the shared chunks' rows go through the
     client, the rest is written by the workers; the stored U equals the local one."""
