@@ -73,6 +73,18 @@ def check_output_path(out: str | os.PathLike, overwrite: bool) -> str:
     return path
 
 
+def move_into_place(partial_path: str, final_path: str) -> None:
+    """Rename a complete store to its final name. An existing one (overwrite) is moved aside
+    first and removed last, so a crash leaves the old store or the new one under the name."""
+    old = None
+    if os.path.exists(final_path):
+        old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final_path, old)
+    os.rename(partial_path, final_path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class ResultWriter:
     """Writes U block by block, then S, V, the mean and attributes, into a zarr group."""
 
@@ -105,13 +117,7 @@ class ResultWriter:
         for name, values in arrays.items():
             self.group.create_array(name, data=np.asarray(values))
         self.group.attrs.update(attributes)
-        old = None
-        if os.path.exists(self.final_path):
-            old = f"{self.final_path}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.final_path, old)
-        os.rename(self.partial_path, self.final_path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(self.partial_path, self.final_path)
         return zarr.open_group(self.final_path, mode="r")
 
     def abort(self) -> None:

@@ -8,6 +8,20 @@ import pytest
 import ooc_svd
 
 
+def traced_run(path, method, limit, out):
+    """(result, peak traced bytes) of a run writing U to ``out``, after a first run that
+    compiles the kernels."""
+    ooc_svd.svd(path, 4, niter=1, method=method, memory_limit=limit, out=out)
+    tracemalloc.start()
+    try:
+        result = ooc_svd.svd(
+            path, 4, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
+        )
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize(
     ("method", "limit"),
     [("randomized", 5_000_000), ("krylov", 5_000_000), ("exact", 7_000_000),
@@ -18,15 +32,7 @@ def test_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix, method, li
     A = rng.standard_normal((100_000, 64)).astype(np.float32)  # 25.6 MB
     path = zarr_matrix(A, chunk_rows=1000)
     out = str(tmp_path / "result.zarr")  # U goes to the store, not to memory
-    ooc_svd.svd(path, 4, niter=1, method=method, memory_limit=limit, out=out)  # compile first
-    tracemalloc.start()
-    try:
-        result = ooc_svd.svd(
-            path, 4, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
-        )
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = traced_run(path, method, limit, out)
     assert len(result.plan.blocks) > 10
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
@@ -76,15 +82,7 @@ def test_sparse_store_peak_allocation_stays_under_the_limit(tmp_path, monkeypatc
         writer.close()
     raw = A.nnz * 12 + A.shape[0] * 8  # 24.8 MB
     out = str(tmp_path / "result.zarr")
-    ooc_svd.svd(path, 4, niter=1, method=method, memory_limit=limit, out=out)  # compile first
-    tracemalloc.start()
-    try:
-        result = ooc_svd.svd(
-            path, 4, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
-        )
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = traced_run(path, method, limit, out)
     assert len(result.plan.blocks) > 10
     assert result.plan.bytes_per_pass == raw
     assert result.plan.predicted_peak_bytes <= limit

@@ -121,6 +121,31 @@ def test_krylov_on_a_flat_sparse_spectrum_beats_subspace_iteration(niter):
     assert errors["krylov"] < errors["randomized"] / 100, errors
 
 
+def test_krylov_matches_arpack_to_1e_6_within_5_passes():
+    from scipy.sparse.linalg import svds
+
+    A = sparse_with_decay(4000, 400, 0.02, 0.0, seed=3)
+    A = (A @ scipy.sparse.diags(1 / np.sqrt(np.arange(1, 401)))).tocsr()
+    S_arpack = np.sort(svds(A, k=10, tol=0, random_state=0, return_singular_vectors=False))
+    result = ooc_svd.svd(A, 10, method="krylov", niter=4)
+    assert result.passes == 5
+    np.testing.assert_allclose(result.S, S_arpack[::-1], rtol=1e-6)
+
+
+def test_krylov_drops_the_dependent_blocks_of_a_rank_deficient_sparse_matrix():
+    # Six distinct sparse rows, each repeated: rank 6, so the Krylov blocks run out of new
+    # directions after the first.
+    rows = sparse_with_decay(6, 300, 0.05, 0.0, seed=11)
+    A = scipy.sparse.vstack([rows] * 500).tocsr()
+    S_exact = np.linalg.svd(A.toarray(), compute_uv=False)
+    result = ooc_svd.svd(A, 4, method="krylov", niter=5)
+    np.testing.assert_allclose(result.S, S_exact[:4], rtol=1e-10)
+    np.testing.assert_allclose(result.U.T @ result.U, np.eye(4), atol=1e-10)
+    assert result.residual == pytest.approx(
+        np.sqrt(np.sum(S_exact[4:] ** 2) / np.sum(S_exact**2)), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("method", ["randomized", "krylov", "gram", "exact"])
 def test_sparse_pca_equals_dense_pca_of_the_centered_matrix(method):
     A = sparse_with_decay(1500, 60, 0.1, 0.0, seed=4)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,22 +306,14 @@ class CSRWriter:
 
     def close(self) -> Any:
         """Flush, write the attributes, rename into place; return the group opened read-only."""
-        import shutil
-
         import zarr
+
+        from ..store import move_into_place
 
         for column in self.columns.values():
             column.flush()
         self.group.attrs.update({**ENCODING, "shape": [self.rows, self.n_cols]})
-        # An existing store (overwrite) is moved aside, not deleted first, so that a crash
-        # here leaves either the old matrix or the new one under the requested name.
-        old = None
-        if os.path.exists(self.path):
-            old = f"{self.path}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        os.rename(self.partial_path, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(self.partial_path, self.path)
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:

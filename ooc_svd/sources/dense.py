@@ -162,12 +162,7 @@ def _open_path(path: str) -> DenseSource:
         )
     import zarr
 
-    try:
-        node = zarr.open(store=path, mode="r")
-    except Exception as exc:  # noqa: BLE001 - zarr raises several types for unreadable stores
-        raise StoreNotFoundError(
-            f"cannot open {path!r} as a zarr store: {type(exc).__name__}: {exc}"
-        ) from exc
+    node = open_zarr_node(path)
     if not isinstance(node, zarr.Array):
         names = sorted(node.array_keys())
         raise InputError(
@@ -175,6 +170,18 @@ def _open_path(path: str) -> DenseSource:
             "pass the array's path, e.g. store.zarr/X"
         )
     return _zarr_source(node, path)
+
+
+def open_zarr_node(path: str) -> Any:
+    """The zarr array or group at a path or URL, read-only; StoreNotFoundError otherwise."""
+    import zarr
+
+    try:
+        return zarr.open(store=path, mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for unreadable stores
+        raise StoreNotFoundError(
+            f"cannot open {path!r} as a zarr store: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _open_npz(path: str) -> DenseSource:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError, StoreNotFoundError
 from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
-from .dense import DenseSource, open_dense_source
+from .dense import DenseSource, open_dense_source, open_zarr_node
 
 
 def open_source(A: Any) -> DenseSource | CSRSource:
@@ -55,12 +55,7 @@ def _zarr_group_at(path: str) -> Any:
 
     if "://" not in path and not os.path.isdir(path):
         return None
-    try:
-        node = zarr.open(store=path, mode="r")
-    except Exception as exc:  # noqa: BLE001 - zarr raises several types for unreadable stores
-        raise StoreNotFoundError(
-            f"cannot open {path!r} as a zarr store: {type(exc).__name__}: {exc}"
-        ) from exc
+    node = open_zarr_node(path)
     return node if isinstance(node, zarr.Group) else None
 
 
