@@ -7,10 +7,12 @@
 
 __version__ = "0.1.0"
 
+from . import convert  # noqa: E402 - the module: ooc_svd.convert.convert(...), from_mtx, ...
 from .accuracy import LowRankFactors  # noqa: E402
 from .api import low_rank_factors, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
+    MissingDependencyError,
     NonFiniteError,
     OOCSVDError,
     OutputExistsError,
@@ -23,6 +25,7 @@ from .result import SVDResult, rank_for_energy  # noqa: E402
 __all__ = [
     "InputError",
     "LowRankFactors",
+    "MissingDependencyError",
     "NonFiniteError",
     "OOCSVDError",
     "OutputExistsError",
@@ -31,6 +34,7 @@ __all__ = [
     "SVDResult",
     "StoreNotFoundError",
     "__version__",
+    "convert",
     "low_rank_factors",
     "pca_lowrank",
     "rank_for_energy",

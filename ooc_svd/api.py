@@ -65,17 +65,22 @@ def svd(
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
-    Reads A in row blocks of whole storage chunks: ``niter + 1`` reads for the randomized
-    method (Halko, Martinsson & Tropp 2011, with subspace iteration fused so each power
-    iteration costs one read, not two), two for the exact one. Memory is bounded by
+    Reads A in row blocks (of whole storage chunks for dense stores, of about equal bytes
+    for sparse ones): ``niter + 1`` reads for the randomized and block Krylov methods
+    (Halko, Martinsson & Tropp 2011, with subspace iteration fused so each power iteration
+    costs one read, not two), two for the exact one. Memory is bounded by
     ``memory_limit`` whatever the number of rows.
 
     Parameters
     ----------
-    A : {ndarray, memmap, str, os.PathLike, zarr.Array, dask.array.Array} of shape (m, n)
+    A : {ndarray, memmap, scipy.sparse matrix, str, os.PathLike, zarr.Array, zarr.Group, \
+dask.array.Array} of shape (m, n)
         The matrix: in memory, a ``.npy`` path, a zarr array or the path/URL of a zarr array
         (formats 2 and 3), or a dask array (its blocks are read one slice at a time, no
-        scheduler needed). It is opened read-only and never modified.
+        scheduler needed). Sparse: a zarr group in the CSR layout (path, URL or group; see
+        ``ooc_svd.sources.csr``), any scipy.sparse matrix or array, or a scipy.sparse
+        ``.npz`` path; never densified, PCA centering included. It is opened read-only and
+        never modified.
     k : int, optional
         Number of singular triplets, 1 <= k < min(m, n). Give k or ``tol``.
     tol : float, optional
@@ -205,7 +210,7 @@ def svd_plan(
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
-          fixed_accuracy: bool = False) -> Plan:
+          fixed_accuracy: bool = False, gpu: bool = False) -> Plan:
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
@@ -215,7 +220,8 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
-                     read_overhead_bytes=source.read_overhead_bytes if sparse else 0)
+                     read_overhead_bytes=source.read_overhead_bytes if sparse else 0,
+                     staging_blocks=GPU_STAGING_BLOCKS if gpu else 0)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
@@ -357,9 +363,21 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
     seed = _check_int("seed", request.seed, minimum=0)
     centering = _make_centering(n, request.center, request.mean)
+    _check_backend(request.backend)
+    # On a cluster the workers choose their own kernels (distributed.worker_kernels).
+    on_cluster = request.client is not None
+    gpu = not on_cluster and _wants_gpu(request.backend)
     plan = _plan(source, request.k, request.oversample, request.niter, request.method,
-                 request.memory_limit, request.tol is not None)
+                 request.memory_limit, request.tol is not None, gpu)
     out_path = None if request.out is None else check_output_path(request.out, request.overwrite)
+    # Kernels and cluster before anything is written, so a missing GPU or an unreachable
+    # scheduler leaves no partial output or checkpoint behind.
+    kernels = _make_kernels(request.backend, gpu, n, plan)
+    try:
+        cluster = _connect_cluster(request, source, plan)
+    except BaseException:
+        kernels.close()
+        raise
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
@@ -374,10 +392,6 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     )
     writer = None if out_path is None else ResultWriter(out_path)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
-    # On a cluster the workers choose their own kernels (distributed.worker_kernels).
-    on_cluster = request.client is not None
-    kernels = _make_kernels("cpu" if on_cluster else request.backend, n, plan)
-    cluster = _connect_cluster(request, source, plan)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,
         _progress_factory(request.progress), [], saved, plan.cached_blocks,
@@ -419,31 +433,43 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     return result
 
 
-def _make_kernels(backend: str, n: int, plan: Plan):
-    """The block kernels of a run: the CPU's, or a GPU's when 'cuda' is asked for (an error
-    naming what is missing when it cannot run) or when 'auto' finds a usable one."""
+# Host copies of a block the cuda backend holds beside the plan's: one pinned staging
+# buffer per stream (two streams), and a block being moved into the page-locked cache.
+GPU_STAGING_BLOCKS = 3
+
+
+def _check_backend(backend: Any) -> str:
     if backend not in ("auto", "cpu", "cuda"):
         raise InputError(f"backend must be 'auto', 'cpu' or 'cuda', not {backend!r}")
-    if backend == "cpu" or plan.method not in ("randomized", "krylov") and backend == "auto":
-        return CPUKernels(n, plan.scatter_copies)
-    from .kernels.cuda_backend import (
-        CUDAKernels,
-        cuda_available,
-        device_bytes,
-        device_memory,
-        require_cuda,
-    )
+    return backend
 
-    if backend == "auto" and not cuda_available(allow_simulator=False)[0]:
+
+def _wants_gpu(backend: str) -> bool:
+    """Whether the run's kernels go to a GPU: 'cuda' (an error later names what is missing
+    when none is usable), or 'auto' when numba-cuda finds a usable one."""
+    if _check_backend(backend) != "auto":
+        return backend == "cuda"
+    from .kernels.cuda_backend import cuda_available
+
+    return cuda_available(allow_simulator=False)[0]
+
+
+def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan):
+    """The block kernels of a run: the GPU's when ``gpu``, except that 'auto' leaves the
+    exact and gram methods (which factor on the CPU) wholly on the CPU; else the CPU's."""
+    if not gpu or (backend == "auto" and plan.method not in ("randomized", "krylov")):
         return CPUKernels(n, plan.scatter_copies)
+    from .kernels.cuda_backend import CUDAKernels, device_bytes, device_memory, require_cuda
+
     require_cuda()
     kernels = CUDAKernels(n)
+    # Each stream stages a block in pinned host memory: counted by the plan (staging_blocks).
     width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
     rows = plan.block_rows if plan.sparse else None
     needed = device_bytes(n, width, max(plan.block_bytes), rows=rows)
     free = device_memory()[0]
     if needed > free:
-        kernels.close()
+        kernels.close()  # before raising: its pinned buffers and streams
         raise PlanError(
             f"the GPU has {free / 1e6:.1f} MB free; blocks of {max(plan.block_bytes) / 1e6:.1f}"
             f" MB with n x l arrays of l={width} need {needed / 1e6:.1f} MB there: lower "

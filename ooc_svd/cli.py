@@ -98,7 +98,7 @@ def main() -> None:
 def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit, out,
         center, seed, overwrite, resume, scratch_dir, quiet, progress, as_json, factors,
         spectral_iters, scheduler) -> None:
-    """Compute the top-k SVD of INPUT (a zarr array, .npy or .npz) into OUT.
+    """Compute the top-k SVD of INPUT (a zarr array or CSR group, .npy or .npz) into OUT.
 
     Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
     """

@@ -150,6 +150,7 @@ def make_plan(
     nnz: int | None = None,
     scatter_copies: int = 1,
     read_overhead_bytes: int = 0,
+    staging_blocks: int = 0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -162,7 +163,8 @@ def make_plan(
     (``chunk_bytes``); its power kernel holds up to ``scatter_copies`` (one per thread)
     private n x l accumulators, fewer when they would take over a quarter of the limit.
     Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
-    partial storage chunks at a sparse block's ends).
+    partial storage chunks at a sparse block's ends). A GPU backend holds
+    ``staging_blocks`` more host copies of a block (pinned staging buffers).
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -190,7 +192,7 @@ def make_plan(
     for depth in (PREFETCH_DEPTH, 1):
         blocks, peak = _block_layout(
             chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
-            fixed + depth * read_overhead_bytes, memory_limit, depth,
+            fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
         )
         if peak <= memory_limit:
             break
@@ -203,6 +205,14 @@ def make_plan(
             )
         largest = int(np.argmax(chunk_bytes))
         rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
+        if nnz is not None:
+            raise PlanError(
+                f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold a block of {rows} sparse "
+                f"rows ({chunk_bytes[largest] / 1e6:.1f} MB raw) with the read-ahead, the "
+                f"partly decoded storage chunks ({read_overhead_bytes / 1e6:.1f} MB per read) "
+                f"and the working set (needs {peak / 1e6:.1f} MB); raise memory_limit or "
+                "write the store with fewer non-zeros per chunk (ooc-svd convert --chunk-nnz)"
+            )
         raise PlanError(
             f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {rows} "
             f"rows ({chunk_bytes[largest] / 1e6:.1f} MB raw) with the read-ahead and working set "
@@ -218,7 +228,7 @@ def make_plan(
     )
     if not cacheable or plan.passes < 2:
         return _with_spill_in_memory(plan)
-    cached = _blocks_that_fit(blocks, n * itemsize, memory_limit - peak)
+    cached = _blocks_that_fit(plan.block_bytes, memory_limit - peak)
     return _with_spill_in_memory(replace(plan, cached_blocks=cached))
 
 
@@ -228,13 +238,13 @@ def _with_spill_in_memory(plan: Plan) -> Plan:
     return replace(plan, spill_in_memory=0 < plan.spill_bytes <= room)
 
 
-def _blocks_that_fit(blocks, row_bytes: int, budget: int) -> int:
+def _blocks_that_fit(block_bytes: tuple[int, ...], budget: int) -> int:
     """How many leading blocks fit in ``budget`` bytes."""
-    sizes = np.cumsum([(stop - start) * row_bytes for start, stop in blocks])
-    return int(np.searchsorted(sizes, budget, side="right"))
+    return int(np.searchsorted(np.cumsum(block_bytes), budget, side="right"))
 
 
-def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth):
+def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth,
+                  staging_blocks=0):
     """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
 
     Raw blocks' worth held at once: the computed one, and for each read in flight its
@@ -243,7 +253,7 @@ def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, de
     ``row_bytes`` is given for dense matrices (every row costs the same); sparse units are
     grouped by their bytes.
     """
-    per_byte, per_row = 3 * depth + 1, 3 * 8 * (l + 1)
+    per_byte, per_row = 3 * depth + 1 + staging_blocks, 3 * 8 * (l + 1)
     if row_bytes is not None:
         per_row += per_byte * row_bytes
         if fixed + per_row > memory_limit:

@@ -124,6 +124,9 @@ class ResultWriter:
         shutil.rmtree(self.partial_path, ignore_errors=True)
 
 
+U_CHUNK_BYTES = 16 << 20
+
+
 class LeftVectors:
     """U, in memory or as an array of the output group, allocated once its rank is known."""
 
@@ -137,7 +140,10 @@ class LeftVectors:
         if self.writer is None:
             self.array = np.empty(shape, dtype=self.dtype)
         else:
-            self.array = self.writer.create_rows_array("U", shape, self.dtype, self.rows_per_chunk)
+            # Chunks of the blocks' rows, but at most U_CHUNK_BYTES: a sparse block can hold
+            # millions of rows, and a block's rows are written with whole chunks.
+            rows = min(self.rows_per_chunk, max(1, U_CHUNK_BYTES // (self.dtype.itemsize * k)))
+            self.array = self.writer.create_rows_array("U", shape, self.dtype, rows)
         return self.store
 
     def store(self, start: int, rows: np.ndarray) -> None:

@@ -284,6 +284,11 @@ def _reject_repeats(lengths, indptr, threshold, alias, pool, row, cols, seen, sl
     while row < lengths.size:
         k = lengths[row]
         budget = 4 * k + 64
+        if budget > pool.size and position == 0:
+            # Longer than any pool: a fresh pool would not cover it either.
+            slow[row] = True
+            row += 1
+            continue
         if pool.size - position < budget:
             return row
         first = indptr[row]

@@ -246,3 +246,11 @@ def test_corrupt_chunk_names_the_rows(zarr_matrix, matrix):
         file.truncate(20)
     with pytest.raises(ReadError, match=r"chunk of rows \[200, 300\) .*Zstd decompression"):
         ooc_svd.svd(path, 3, memory_limit="4MB", method="randomized")
+
+
+def test_a_bad_backend_leaves_no_output_or_checkpoint(tmp_path):
+    A = np.random.default_rng(0).standard_normal((200, 10))
+    out = tmp_path / "r.zarr"
+    with pytest.raises(InputError, match="backend must be 'auto', 'cpu' or 'cuda'"):
+        ooc_svd.svd(A, 3, out=str(out), backend="gpu")
+    assert list(tmp_path.iterdir()) == []

@@ -171,10 +171,8 @@ def csr_times(block, first_row: int, X: np.ndarray, shift: np.ndarray, stats: Bl
               out: np.ndarray | None = None) -> np.ndarray:
     """Y = A_s X for a CSR block, (b, l) float64 F-order, gathering the block's totals."""
     Y = np.empty((block.shape[0], X.shape[1]), order="F") if out is None else out
-    Yc = np.empty(Y.shape)  # row-major for the kernel's row sweeps
     csr_times_kernel(block.data, block.indices, block.indptr, np.ascontiguousarray(X),
-                     shift @ X, Yc)
-    Y[...] = Yc
+                     shift @ X, Y)
     add_block_totals(block, first_row, shift, stats)
     return Y
 

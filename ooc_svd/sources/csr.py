@@ -145,7 +145,18 @@ class CSRSource:
                 f"cannot read rows [{start}, {stop}) of {self.description}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        _check_block(pointers, indices, self.shape[1], start, stop, self.description)
         return CSRBlock(data, indices, pointers - first, self.shape[1])
+
+
+def _check_block(pointers, indices, n: int, start: int, stop: int, description: str) -> None:
+    """Refuse a block whose indptr decreases or whose column indices fall outside [0, n):
+    the kernels index with them unchecked, so a corrupt store must stop here."""
+    bad_pointers = pointers.size > 1 and bool(np.any(pointers[1:] < pointers[:-1]))
+    bad_indices = indices.size > 0 and (int(indices.min()) < 0 or int(indices.max()) >= n)
+    if bad_pointers or bad_indices:
+        what = "indptr decreases" if bad_pointers else f"a column index lies outside [0, {n})"
+        raise ReadError(f"rows [{start}, {stop}) of {description} are corrupt: {what}")
 
 
 def is_csr_group(node: Any) -> bool:
@@ -165,6 +176,11 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
         )
     m, n = (int(s) for s in group.attrs["shape"])
     indptr, indices, data = group["indptr"], group["indices"], group["data"]
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise InputError(f"{description}: indptr and indices must be integers, not "
+                         f"{indptr.dtype} and {indices.dtype}")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{description}: data has dtype {data.dtype}; a real dtype is needed")
     if indptr.shape != (m + 1,) or indices.shape != data.shape:
         raise InputError(
             f"{description}: inconsistent CSR arrays (indptr {indptr.shape} for {m} rows, "
@@ -211,7 +227,7 @@ def _unit_bytes(boundaries: np.ndarray, pointers: np.ndarray, entry_bytes: int) 
 def _unit_cuts(pointers: np.ndarray, first_row: int, entry_bytes: int) -> np.ndarray:
     """Positions in ``pointers`` (indptr values of rows first_row, first_row + 1, ...) that
     cut the rows into units of about UNIT_BYTES, including the first and the last position.
-    A row longer than a unit is a unit of its own."""
+    A unit exceeds UNIT_BYTES by less than its last row."""
     rows = first_row + np.arange(pointers.size, dtype=np.int64)
     cost = pointers * entry_bytes + rows * 8
     targets = np.arange(
@@ -225,10 +241,11 @@ def _stream_unit_boundaries(indptr: Any, entry_bytes: int) -> tuple[np.ndarray, 
     """Unit boundaries and indptr at them, reading indptr one storage chunk at a time, so
     planning holds O(number of units) values, not m."""
     m = indptr.shape[0] - 1
-    step = max(int(indptr.chunks[0]), 1 << 16)
+    step = min(max(int(indptr.chunks[0]), 1 << 16), 1 << 20)
     boundaries, pointers = [], []
-    for start in range(0, m + 1, step):
-        piece = np.asarray(indptr[start : min(start + step, m + 1)], dtype=np.int64)
+    # Pieces overlap by one entry, so a piece's last row boundary is the next one's first.
+    for start in range(0, max(m, 1), step):
+        piece = np.asarray(indptr[start : min(start + step, m) + 1], dtype=np.int64)
         cuts = _unit_cuts(piece, start, entry_bytes)
         boundaries.append(start + cuts)
         pointers.append(piece[cuts])

@@ -186,17 +186,13 @@ def open_zarr_node(path: str) -> Any:
 
 def _open_npz(path: str) -> DenseSource:
     """A .npz holding one dense array (``np.savez``), loaded into memory: npz members
-    cannot be memory-mapped. A scipy.sparse .npz is refused with the reason."""
+    cannot be memory-mapped. (scipy.sparse .npz files are opened by ``open_source``.)"""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: {exc}") from exc
     with archive:
         names = list(archive.files)
-        if "indptr" in names and "format" in names:
-            raise InputError(
-                f"{path!r} is a scipy.sparse .npz; sparse matrices are not supported yet"
-            )
         if len(names) != 1:
             raise InputError(f"{path!r} holds {len(names)} arrays ({names}); one is needed")
         array = archive[names[0]]

@@ -64,6 +64,6 @@ def _is_sparse_npz(path: str) -> bool:
 
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {"indptr", "format", "shape"} <= set(archive.files)
+            return {"format", "shape", "data"} <= set(archive.files)
     except (OSError, ValueError) as exc:
         raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: {exc}") from exc
