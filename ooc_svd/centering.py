@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels.cpu import BlockStats
+from .sources.csr import is_sparse_block
 
 
 class Centering:
@@ -49,7 +50,7 @@ class Centering:
             return np.zeros(self.n)
         if self.mean is not None:
             return self.mean
-        if not isinstance(first_block, np.ndarray):
+        if is_sparse_block(first_block):
             # Sparse: the shift is applied algebraically, so a guess buys no accuracy;
             # shifting by zero keeps every product exactly sparse.
             return np.zeros(self.n)

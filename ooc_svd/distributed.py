@@ -81,10 +81,11 @@ WORKER_TIMEOUT_S = 120
 LOCAL_PREFIX = "local:"
 
 
-def worker_kernels(n: int, backend: str = "auto") -> Kernels:
+def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = None) -> Kernels:
     """The kernels a task uses on its worker: with backend 'auto', the CUDA ones where the
     worker has a usable GPU and the CPU ones elsewhere, so a mixed cluster uses what each
-    node has; 'cuda' fails on a worker without a GPU, naming what is missing."""
+    node has; 'cuda' fails on a worker without a GPU, naming what is missing. The CPU's
+    sparse power kernel keeps the plan's cap on private accumulators."""
     if backend != "cpu":
         from .kernels.cuda_backend import CUDAKernels, cuda_available, require_cuda
 
@@ -92,13 +93,19 @@ def worker_kernels(n: int, backend: str = "auto") -> Kernels:
             require_cuda()
         if backend == "cuda" or cuda_available(allow_simulator=False)[0]:
             return CUDAKernels(n)
-    return CPUKernels(n)
+    return CPUKernels(n, scatter_copies)
 
 
 @contextlib.contextmanager
-def _task_kernels(n: int, backend: str) -> Iterator[Kernels]:
-    """``worker_kernels`` for one task, released when it ends (a GPU's buffers)."""
-    kernels = worker_kernels(n, backend)
+def _task_kernels(n: int, spec: tuple[str, int]) -> Iterator[Kernels]:
+    """``worker_kernels`` for one task, released when it ends (a GPU's buffers). numba's
+    parallel kernels get the worker's threads, not every core of the node."""
+    import numba
+    from distributed import get_worker
+
+    with contextlib.suppress(ValueError):  # not on a worker: keep numba's threads
+        numba.set_num_threads(min(get_worker().state.nthreads, numba.config.NUMBA_NUM_THREADS))
+    kernels = worker_kernels(n, *spec)
     try:
         yield kernels
     finally:
@@ -149,7 +156,9 @@ class ClusterPasses:
     def __init__(self, client: Any, source: DenseSource | CSRSource, plan: Plan,
                  scratch: str, owned: list[Any], backend: str = "auto"):
         self.client = client
-        self.backend = backend  # the workers' kernels: see ``worker_kernels``
+        # The workers' kernels (see ``worker_kernels``): the backend and the plan's cap on
+        # the sparse power kernel's private accumulators.
+        self.kernel_spec = (backend, plan.scatter_copies or None)
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch
@@ -205,9 +214,9 @@ class ClusterPasses:
 
     def _map(self, name: str, function: Callable, *args: Any) -> list[Any]:
         """One task per group: ``function(source, blocks, first_block, *args)``, and the
-        ``backend`` keyword for the tasks that run block kernels."""
+        ``kernel_spec`` keyword for the tasks that run block kernels."""
         self.count += 1
-        options = {"backend": self.backend} if function in _KERNEL_TASKS else {}
+        options = {"kernel_spec": self.kernel_spec} if function in _KERNEL_TASKS else {}
         return [
             self.client.submit(function, self.sources[g.index], g.blocks, g.first, *args,
                                key=self._key(name, "group", self.count, g.index), **options)
@@ -388,7 +397,7 @@ class ClusterPasses:
             self.client.submit(_residual_group, self.sources[g.index], g.blocks, g.first,
                                pieces[g.index], *operands, self.depth,
                                key=self._key("residual", "group", self.count, g.index),
-                               backend=self.backend)
+                               kernel_spec=self.kernel_spec)
             for g in self.groups
         ]
         root = self._reduce("residual", leaves, _add_partials)
@@ -647,11 +656,12 @@ def _first_block_shift(source: Any, block: tuple[int, int], centering: Centering
     return centering.shift_for(source.read(*block))
 
 
-def _power_group(source, blocks, first, X, shift, depth, backend="auto") -> _Partial:
+def _power_group(source, blocks, first, X, shift, depth,
+                 kernel_spec=("auto", None)) -> _Partial:
     n = X.shape[0]
     stats = BlockStats.zeros(n)
     nbytes = 0
-    with _task_kernels(n, backend) as kernels:
+    with _task_kernels(n, kernel_spec) as kernels:
         sweep = kernels.power_sweep(X, stats)
         for start, _, block in _blocks(source, blocks, depth):
             sweep.add(block, start, shift)
@@ -685,14 +695,14 @@ def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
 
 
 def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
-                 backend="auto") -> _Partial:
+                 kernel_spec=("auto", None)) -> _Partial:
     """The streaming TSQR of the group's rows; Q_i, T_i, S_i spilled under global indices."""
     n = X.shape[0]
     os.makedirs(directory, exist_ok=True)
     stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
     tsqr = StreamingTSQR()
     nbytes = 0
-    with _task_kernels(n, backend) as kernels:
+    with _task_kernels(n, kernel_spec) as kernels:
         for index, (start, _, block) in enumerate(_blocks(source, blocks, depth), start=first):
             Q_i, merge = tsqr_block_step(
                 kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
@@ -705,11 +715,11 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
     return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT)
 
 
-def _product_group(source, blocks, first, W, shift, sink, depth, backend="auto"):
+def _product_group(source, blocks, first, W, shift, sink, depth, kernel_spec=("auto", None)):
     stats = BlockStats.zeros(W.shape[0])
     rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
     nbytes = 0
-    with _task_kernels(W.shape[0], backend) as kernels:
+    with _task_kernels(W.shape[0], kernel_spec) as kernels:
         for start, _, block in _blocks(source, blocks, depth):
             rows.add(start, kernels.times(block, start, W, shift, stats))
             nbytes += block.nbytes
@@ -717,13 +727,13 @@ def _product_group(source, blocks, first, W, shift, sink, depth, backend="auto")
 
 
 def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
-                    backend="auto") -> _Partial:
+                    kernel_spec=("auto", None)) -> _Partial:
     n = X.shape[0]
     stats = BlockStats.zeros(n)
     Z = np.zeros(X.shape, order="F")
     SVtX = S[:, None] * (V.T @ X)
     offset, nbytes = blocks[0][0], 0
-    with _task_kernels(n, backend) as kernels:
+    with _task_kernels(n, kernel_spec) as kernels:
         for start, _, block in _blocks(source, blocks, depth):
             U_i = U[start - offset : start - offset + block.shape[0]]
             Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
@@ -809,5 +819,5 @@ def tree_depth(groups: int) -> int:
     return math.ceil(math.log2(groups)) if groups > 1 else 0
 
 
-# The group tasks that run block kernels, and so take the ``backend`` keyword.
+# The group tasks that run block kernels, and so take the ``kernel_spec`` keyword.
 _KERNEL_TASKS = (_power_group, _final_group, _product_group)

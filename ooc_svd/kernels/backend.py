@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..sources.csr import is_sparse_block
 from . import cpu
 from .cpu import BlockStats, SubBlocks
 
@@ -74,14 +75,14 @@ class CPUKernels:
         """Nothing to release: buffers are ordinary memory."""
 
     def times(self, block, first_row, X, shift, stats, out=None):
-        if _is_csr(block):
+        if is_sparse_block(block):
             from . import csr
 
             return csr.csr_times(block, first_row, X, shift, stats, out)
         return cpu.block_times(block, first_row, X, shift, stats, self.subs, out)
 
     def transposed_times(self, block, first_row, Q, shift, stats):
-        if _is_csr(block):
+        if is_sparse_block(block):
             from . import csr
 
             return csr.csr_transposed_times(block, first_row, Q, shift, stats)
@@ -95,7 +96,7 @@ class _CPUPowerSweep:
         self.sparse_sweep = None
 
     def add(self, block, first_row, shift):
-        if _is_csr(block):
+        if is_sparse_block(block):
             if self.sparse_sweep is None:
                 from . import csr
 
@@ -111,6 +112,3 @@ class _CPUPowerSweep:
             self.Z += self.sparse_sweep.result()
         return self.Z
 
-
-def _is_csr(block: Any) -> bool:
-    return not isinstance(block, np.ndarray)

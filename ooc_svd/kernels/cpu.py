@@ -24,6 +24,7 @@ import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
 from ..errors import NonFiniteError
+from ..sources.csr import is_sparse_block
 
 # Bytes of one float64 sub-block: small enough to stay in L2/L3 between the widening sweep
 # and the two products that reuse it.
@@ -112,7 +113,7 @@ def widen_into(
 
     ``rows`` may be a CSR block: its few rows are densified into ``out`` (the exact and gram
     methods on sparse data of small n)."""
-    if not isinstance(rows, np.ndarray):
+    if is_sparse_block(rows):
         from .csr import densify_into
 
         densify_into(rows, first_row, shift, out, stats)

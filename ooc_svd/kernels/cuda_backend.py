@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
+from ..sources.csr import is_sparse_block
 from .cpu import BlockStats
 
 STREAMS = 2
@@ -173,7 +174,7 @@ class CUDAKernels:
         device_X = cuda.to_device(np.ascontiguousarray(X, dtype=np.float64), lane.stream)
         device_Y = cuda.device_array((rows, l), stream=lane.stream)
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
-        if _is_csr(block):
+        if is_sparse_block(block):
             sX = cuda.to_device(shift @ X, lane.stream)
             self.kernels.csr_times(lane.stream, *arrays, device_X, sX, device_Y)
         else:
@@ -198,13 +199,13 @@ class CUDAKernels:
         device_Q = cuda.to_device(np.ascontiguousarray(Q, dtype=np.float64), lane.stream)
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
         CT = cuda.to_device(np.zeros((n, l)), lane.stream)
-        if _is_csr(block):
+        if is_sparse_block(block):
             self.kernels.csr_transposed(lane.stream, *arrays, device_Q, CT)
         else:
             self.kernels.dense_transposed(lane.stream, *arrays, device_shift, device_Q, CT)
         self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
         result = np.asfortranarray(CT.copy_to_host(stream=lane.stream))
-        if _is_csr(block):
+        if is_sparse_block(block):
             result -= np.outer(shift, Q.sum(axis=0))
         return result
 
@@ -223,7 +224,7 @@ class CUDAKernels:
     def keep(self, block):
         """A page-locked copy of a block for the block cache: later passes send it to the
         device directly, at the pinned bandwidth, instead of through a staging copy."""
-        if _is_csr(block):
+        if is_sparse_block(block):
             parts = [block.data, block.indices, np.asarray(block.indptr, dtype=np.int64)]
         else:
             parts = [block]
@@ -232,7 +233,7 @@ class CUDAKernels:
             copy = self.pinned_empty(part.shape, part.dtype)
             self.copier.copy(np.ascontiguousarray(part), copy)
             copies.append(copy)
-        if not _is_csr(block):
+        if not is_sparse_block(block):
             return copies[0]
         return type(block)(copies[0], copies[1], copies[2], block.n_cols)
 
@@ -244,7 +245,7 @@ class CUDAKernels:
     def upload(self, lane: _StagingStream, block) -> list:
         """Start copying a block to ``lane``'s device buffer; its device arrays (A, or data,
         indices and indptr)."""
-        if _is_csr(block):
+        if is_sparse_block(block):
             parts = [block.data, block.indices, np.asarray(block.indptr, dtype=np.int64)]
         else:
             parts = [block]
@@ -261,7 +262,7 @@ class CUDAKernels:
         cuda, rows = self.cuda, block.shape[0]
         colsum = cuda.to_device(np.zeros(block.shape[1]), lane.stream)
         record = cuda.to_device(np.zeros(2), lane.stream)
-        if _is_csr(block):
+        if is_sparse_block(block):
             self.kernels.csr_totals(lane.stream, arrays[0], arrays[1], colsum, record)
         else:
             self.kernels.dense_totals(lane.stream, arrays[0], device_shift, colsum, record)
@@ -270,7 +271,7 @@ class CUDAKernels:
         lane.stream.synchronize()
         raise_if_not_finite(record[None], [(first_row, rows)])
         sumsq = float(record[0])
-        if _is_csr(block):
+        if is_sparse_block(block):
             colsum, sumsq = shifted_totals(colsum, sumsq, rows, shift)
         stats.colsum += colsum
         stats.sumsq += sumsq
@@ -340,11 +341,11 @@ class CUDAPowerSweep:
         """The first block fixes the kind of blocks and the shift of the sweep."""
         cuda = self.backend.cuda
         if self.sparse is None:
-            self.sparse = _is_csr(block)
+            self.sparse = is_sparse_block(block)
             self.shift = np.asarray(shift, dtype=np.float64)
             self.device_shift = cuda.to_device(self.shift)
             self.device_sX = cuda.to_device(self.shift @ self.X)
-        elif _is_csr(block) != self.sparse:
+        elif is_sparse_block(block) != self.sparse:
             raise TypeError("a sweep takes dense blocks or CSR blocks, not both")
         elif shift is not self.shift and not np.array_equal(shift, self.shift):
             raise ValueError("a pass keeps one centering shift for all its blocks")
@@ -486,6 +487,3 @@ def _view(buffer, offset: int, part: np.ndarray):
     """The bytes of ``buffer`` at ``offset`` as a C-ordered array shaped like ``part``."""
     return buffer[offset : offset + part.nbytes].view(part.dtype).reshape(part.shape)
 
-
-def _is_csr(block: Any) -> bool:
-    return not isinstance(block, np.ndarray)
