@@ -373,11 +373,21 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     # Kernels and cluster before anything is written, so a missing GPU or an unreachable
     # scheduler leaves no partial output or checkpoint behind.
     kernels = _make_kernels(request.backend, gpu, n, plan)
+    cluster = None
     try:
         cluster = _connect_cluster(request, source, plan)
-    except BaseException:
+        result = _run_passes(source, request, plan, centering, seed, out_path, kernels, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
         kernels.close()
-        raise
+    return result
+
+
+def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
+                out_path: str | None, kernels, cluster) -> SVDResult:
+    """The passes of a planned run, with its checkpoint and output store."""
+    m, n = source.shape
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
@@ -411,11 +421,8 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         if isinstance(error, OOCSVDError):
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
-    finally:
-        if cluster is not None:
-            cluster.close()
-        kernels.close()
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
+    on_cluster = cluster is not None
     result.backend = f"{request.backend} on the workers" if on_cluster else kernels.name
     result.spectral_error = spectral
     if writer:
