@@ -264,7 +264,9 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
                              overwrite=overwrite, **options)
     if not quiet:
         source = written.attrs.get("ooc_svd_source", {})
-        how = "one pass" if source.get("row_sorted") else f"{source.get('buckets')} buckets"
+        buckets = source.get("buckets")
+        how = "one pass" if source.get("row_sorted") else \
+            f"{buckets} bucket{'' if buckets == 1 else 's'} of rows"
         click.echo(f"{describe_csr_store(out, written, time.perf_counter() - started)} "
                    f"({source.get('format')}, {how})")
 
