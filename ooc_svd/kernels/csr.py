@@ -4,7 +4,9 @@ The fused power kernel makes one sweep over a row's non-zeros to form y = A_i X 
 of X's rows) and a second over the same, cache-hot non-zeros to scatter Z += A_i^T y.
 Rows are split between threads by non-zeros, and each thread scatters into a private copy of
 Z, kept for the whole pass and summed once at its end, so there are no races and no atomics;
-the plan counts those copies in the memory limit.
+the plan counts those copies in the memory limit (and caps them). The final pass's
+C^T = A_i^T Q_i, needed per block, would have to zero and sum such copies for every block;
+instead each thread owns a range of columns (rows of C^T) and skips the others' non-zeros.
 
 The centering shift s is applied algebraically, never by densifying:
 A_s X = A X - 1 (s^T X), A_s^T Y = A^T Y - s (1^T Y), the column sums of A_s are those of A
