@@ -104,24 +104,10 @@ def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int) -> list
             for i in range(max(1, total_bytes // block_bytes))]
 
 
-def page_locked(backend, block):
-    """A copy of a dense or CSR block in page-locked memory."""
-    from ooc_svd.sources.csr import CSRBlock
-
-    def pin(array):
-        pinned = backend.pinned_empty(array.shape, array.dtype)
-        pinned[...] = array
-        return pinned
-
-    if isinstance(block, CSRBlock):
-        return CSRBlock(pin(block.data), pin(block.indices), pin(block.indptr), block.n_cols)
-    return pin(block)
-
-
 def sweep_rates(backend, blocks, X) -> tuple[float, float]:
     """Sweep GB/s for the blocks as given (pageable) and as page-locked copies."""
     pageable = sweep_rate(backend, blocks, X)
-    pinned = [page_locked(backend, block) for block in blocks]
+    pinned = [backend.keep(block) for block in blocks]  # page-locked copies
     return pageable, sweep_rate(backend, pinned, X)
 
 

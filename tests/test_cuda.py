@@ -154,18 +154,6 @@ def split_blocks(kind, dtype, index_dtype, rows, n, sizes):
     return whole, [(int(a), whole[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def page_locked(kernels: CUDAKernels, block):
-    """A copy of the block in page-locked memory."""
-    def pin(array):
-        pinned = kernels.pinned_empty(array.shape, array.dtype)
-        pinned[...] = array
-        return pinned
-
-    if isinstance(block, CSRBlock):
-        return CSRBlock(pin(block.data), pin(block.indices), pin(block.indptr), block.n_cols)
-    return pin(block)
-
-
 @on_device
 @pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
 def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned):
@@ -180,7 +168,7 @@ def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pin
         sweep = kernels.power_sweep(X, stats)
         for start, block in blocks:
             if pinned and kernels.name == "cuda":
-                block = page_locked(kernels, block)
+                block = kernels.keep(block)  # a page-locked copy
             sweep.add(block, start, shift)
         results.append((sweep.result(), stats))
     (Z_cpu, stats_cpu), (Z_gpu, stats_gpu) = results
