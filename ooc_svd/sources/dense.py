@@ -131,7 +131,7 @@ def open_dense_source(A: Any) -> DenseSource:
         )
     module = type(A).__module__
     if module.startswith("zarr"):
-        return _zarr_source(A, getattr(A, "store_path", "zarr array"))
+        return zarr_array_source(A, getattr(A, "store_path", "zarr array"))
     if module.startswith("dask"):
         return _dask_source(A)
     if hasattr(A, "__array__") and hasattr(A, "shape"):
@@ -169,7 +169,7 @@ def _open_path(path: str) -> DenseSource:
             f"{path!r} is a zarr group, not an array (its arrays: {names}); "
             "pass the array's path, e.g. store.zarr/X"
         )
-    return _zarr_source(node, path)
+    return zarr_array_source(node, path)
 
 
 def open_zarr_node(path: str) -> Any:
@@ -201,7 +201,7 @@ def _open_npz(path: str) -> DenseSource:
     )
 
 
-def _zarr_source(array: Any, description: str) -> DenseSource:
+def zarr_array_source(array: Any, description: str) -> DenseSource:
     if array.ndim != 2:
         raise InputError(f"{description} has {array.ndim} dimensions; a matrix needs 2")
     try:

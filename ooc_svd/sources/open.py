@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError, StoreNotFoundError
 from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
-from .dense import DenseSource, open_dense_source, open_zarr_node
+from .dense import DenseSource, open_dense_source, open_zarr_node, zarr_array_source
 
 
 def open_source(A: Any) -> DenseSource | CSRSource:
@@ -27,9 +27,10 @@ def open_source(A: Any) -> DenseSource | CSRSource:
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
             return csr_source_from_scipy(scipy.sparse.load_npz(path), path)
-        group = _zarr_group_at(path)
-        if group is not None:
-            return _open_group(group, path)
+        node = _zarr_node_at(path)
+        if node is not None:
+            return _open_group(node, path) if hasattr(node, "array_keys") else \
+                zarr_array_source(node, path)
     return open_dense_source(A)
 
 
@@ -49,14 +50,12 @@ def _open_group(group: Any, description: str) -> CSRSource:
     )
 
 
-def _zarr_group_at(path: str) -> Any:
-    """The zarr group at ``path``, or None when it holds an array or is not zarr."""
-    import zarr
-
+def _zarr_node_at(path: str) -> Any:
+    """The zarr array or group at a directory or URL (opened once), or None for other paths
+    (files such as .npy, which the dense opener handles)."""
     if "://" not in path and not os.path.isdir(path):
         return None
-    node = open_zarr_node(path)
-    return node if isinstance(node, zarr.Group) else None
+    return open_zarr_node(path)
 
 
 def _is_sparse_npz(path: str) -> bool:
