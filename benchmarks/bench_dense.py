@@ -18,12 +18,11 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
+from harness import peak_rss_bytes, run_contenders
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -111,16 +110,6 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since exec (VmHWM); getrusage's maxrss would include the
-    parent's peak from before the fork."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def reference_singular_values(store: str, k: int) -> np.ndarray:
     """Top-k singular values from the eigenvalues of A^T A, accumulated blockwise in float64."""
     import zarr
@@ -177,23 +166,11 @@ def main() -> None:
     stored = array.nbytes_stored()
     reference = reference_singular_values(args.store, args.k)
 
-    results = {}
-    for name in args.only or CONTENDERS:
-        if not available(name):
-            print(f"{name}: not installed, skipped", file=sys.stderr)
-            continue
-        command = [sys.executable, __file__, "--child", name, "--store", args.store,
-                   "--k", str(args.k), "--oversample", str(args.oversample),
-                   "--niter", str(args.niter), "--memory-limit", str(args.memory_limit)]
-        print(f"running {name} ...", file=sys.stderr)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        if "S" in results[name]:
-            S = np.asarray(results[name]["S"])[: args.k]
-            results[name]["max_rel_error"] = float(np.max(np.abs(S - reference) / reference))
+    results = run_contenders(__file__, args.only or CONTENDERS, args, available)
+    for r in results.values():
+        if "S" in r:
+            S = np.asarray(r["S"])[: args.k]
+            r["max_rel_error"] = float(np.max(np.abs(S - reference) / reference))
 
     print(report(args, results, matrix_bytes, stored))
     if args.json:

@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
+from harness import peak_rss_bytes, run_contenders
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -147,15 +147,6 @@ def memory_bandwidth() -> float:
     return 2 * source.nbytes / best
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since exec (VmHWM)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def available(name: str) -> bool:
     import importlib.util
 
@@ -189,20 +180,7 @@ def main() -> None:
         write_sparse_matrix(args.store, tuple(args.shape), nnz=args.nnz,
                             column_exponent=args.column_exponent)
         print(f"generated in {time.perf_counter() - began:.0f} s", file=sys.stderr)
-    results = {}
-    for name in args.only or CONTENDERS:
-        if not available(name):
-            print(f"{name}: not installed, skipped", file=sys.stderr)
-            continue
-        command = [sys.executable, __file__, "--child", name, "--store", args.store,
-                   "--k", str(args.k), "--oversample", str(args.oversample),
-                   "--niter", str(args.niter), "--memory-limit", str(args.memory_limit)]
-        print(f"running {name} ...", file=sys.stderr)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_contenders(__file__, args.only or CONTENDERS, args, available)
     reference = results.get("reference", {}).get("S")
     for r in results.values():
         if reference is not None and "S" in r:

@@ -1,0 +1,39 @@
+"""What the benchmarks share: each contender runs in a child process of the benchmark's own
+script (``--child NAME``), so that its peak RSS is its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_contenders(script: str, names, args, available) -> dict[str, dict]:
+    """Run every contender of ``names`` that is ``available`` as ``script --child NAME`` with
+    the run's store and parameters; its results are the last line of its stdout (JSON). A
+    contender that fails is reported on stderr and left out."""
+    results = {}
+    for name in names:
+        if not available(name):
+            print(f"{name}: not installed, skipped", file=sys.stderr)
+            continue
+        command = [sys.executable, script, "--child", name, "--store", args.store,
+                   "--k", str(args.k), "--oversample", str(args.oversample),
+                   "--niter", str(args.niter), "--memory-limit", str(args.memory_limit)]
+        print(f"running {name} ...", file=sys.stderr)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since exec (VmHWM); getrusage's maxrss would include the
+    parent's peak from before the fork."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
