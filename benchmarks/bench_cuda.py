@@ -1,4 +1,4 @@
-"""CUDA backend: power-sweep throughput against the pinned host-to-device bandwidth.
+"""CUDA backend: power and final sweep throughput against the pinned host-to-device bandwidth.
 
     python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
                                     [--block-mb 256] [--csr-cols 100000] [--csr-row-nnz 64]
@@ -12,6 +12,8 @@ one run on one GPU:
   memory) for each n, and over CSR blocks (float32 values, int32 indices): GB/s of A and
   the ratio to the pinned bandwidth, for blocks in ordinary (pageable) memory, which go
   through the staging copy, and for the same blocks in page-locked memory, which do not;
+- a full ``CUDAKernels.final_sweep`` (the final pass: Y_i on the device, its QR on the
+  host, B^T on the device) over the page-locked blocks, the Q_i kept in memory;
 - the kernels alone on a block already on the device (GB/s of the block), and, where CuPy
   is installed, cuBLAS (float64 and float32 GEMMs, Y = A X then Z = A^T Y) and cuSPARSE
   (SpMM) on the same block, for scale.
@@ -104,11 +106,33 @@ def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int) -> list
             for i in range(max(1, total_bytes // block_bytes))]
 
 
-def sweep_rates(backend, blocks, X) -> tuple[float, float]:
-    """Sweep GB/s for the blocks as given (pageable) and as page-locked copies."""
+def sweep_rates(backend, blocks, X) -> tuple[float, float, float]:
+    """Power sweep GB/s for the blocks as given (pageable) and as page-locked copies, and
+    final sweep GB/s for the page-locked copies."""
     pageable = sweep_rate(backend, blocks, X)
     pinned = [backend.keep(block) for block in blocks]  # page-locked copies
-    return pageable, sweep_rate(backend, pinned, X)
+    return pageable, sweep_rate(backend, pinned, X), final_sweep_rate(backend, pinned, X)
+
+
+def final_sweep_rate(backend, blocks, X) -> float:
+    """GB/s of A through the final pass's sweep: Y_i on the device, its QR on the host while
+    the next block travels, B^T updated on the device; the Q_i are kept in memory."""
+    from ooc_svd.kernels.cpu import BlockStats
+
+    n = X.shape[0]
+
+    def run(blocks) -> None:
+        spilled = []
+        sweep = backend.final_sweep(X, BlockStats.zeros(n), True,
+                                    lambda i, Q_i, merge: spilled.append(Q_i))
+        for block in blocks:
+            sweep.add(block, 0, np.zeros(n))
+        sweep.result()
+
+    run(blocks[:2])
+    began = time.perf_counter()
+    run(blocks)
+    return sum(block.nbytes for block in blocks) / (time.perf_counter() - began) / 1e9
 
 
 def sweep_rate(backend, blocks, X) -> float:
@@ -242,12 +266,14 @@ def main() -> None:
     print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
           f"pinned H2D {pinned:.1f} GB/s\n")
     print("| blocks | GB | sweep GB/s, pageable | % of pinned H2D | sweep GB/s, page-locked "
-          "| % of pinned H2D | on-device GB/s of A |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, nbytes, (pageable, locked), kernels in rows:
+          "| % of pinned H2D | final sweep GB/s, page-locked | % of pinned H2D "
+          "| on-device GB/s of A |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, nbytes, (pageable, locked, final), kernels in rows:
         on_device = ", ".join(f"{label} {value:.0f}" for label, value in kernels.items())
         print(f"| {name} | {nbytes / 1e9:.1f} | {pageable:.1f} | {100 * pageable / pinned:.0f}% "
-              f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {on_device} |")
+              f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {final:.1f} "
+              f"| {100 * final / pinned:.0f}% | {on_device} |")
 
 
 if __name__ == "__main__":

@@ -221,7 +221,8 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes if sparse else 0,
-                     staging_blocks=GPU_STAGING_BLOCKS if gpu else 0)
+                     staging_blocks=GPU_STAGING_BLOCKS if gpu else 0,
+                     staging_matrices=GPU_STAGING_MATRICES if gpu else 0)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
@@ -443,6 +444,8 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
 # Host copies of a block the cuda backend holds beside the plan's: one pinned staging
 # buffer per stream (two streams), and a block being moved into the page-locked cache.
 GPU_STAGING_BLOCKS = 3
+# And per stream, pinned copies of the final pass's Y_i and Q_i (b x l float64 each).
+GPU_STAGING_MATRICES = 4
 
 
 def _check_backend(backend: Any) -> str:

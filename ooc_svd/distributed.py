@@ -63,7 +63,6 @@ from .passes import (
     PassRecord,
     add_rows_to_r,
     r_factor_stack,
-    tsqr_block_step,
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
@@ -699,19 +698,21 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
     """The streaming TSQR of the group's rows; Q_i, T_i, S_i spilled under global indices."""
     n = X.shape[0]
     os.makedirs(directory, exist_ok=True)
-    stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
-    tsqr = StreamingTSQR()
+    stats = BlockStats.zeros(n)
     nbytes = 0
+
+    def spill(i: int, Q_i: np.ndarray, merge: MergeFactors | None) -> None:
+        _save(directory, "Q", first + i, Q_i)
+        if merge is not None:
+            _save(directory, "T", first + i, merge.T)
+            _save(directory, "S", first + i, merge.S)
+
     with _task_kernels(n, kernel_spec) as kernels:
-        for index, (start, _, block) in enumerate(_blocks(source, blocks, depth), start=first):
-            Q_i, merge = tsqr_block_step(
-                kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
-            )
-            _save(directory, "Q", index, Q_i)
-            if merge is not None:
-                _save(directory, "T", index, merge.T)
-                _save(directory, "S", index, merge.S)
+        sweep = kernels.final_sweep(X, stats, append_ones, spill)
+        for start, _, block in _blocks(source, blocks, depth):
+            sweep.add(block, start, shift)
             nbytes += block.nbytes
+        tsqr = sweep.result()
     return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT)
 
 

@@ -29,7 +29,7 @@ from .kernels.backend import Kernels
 from .kernels.cpu import BlockStats, SubBlocks, blas_threads, gram_block, widen_into
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .store import QSpill
-from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, local_qr
+from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
 
 
 class ProgressBar(Protocol):
@@ -167,41 +167,20 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     """
     if context.cluster is not None:
         return context.cluster.tsqr_final_pass(context, X)
-    n, l = X.shape
+    l = X.shape[1]
     append_ones = not context.centering.mean_known
-    stats, reread_stats = BlockStats.zeros(n), BlockStats.zeros(n)
-    tsqr = StreamingTSQR()
-    for index, start, block, shift in context.read("final pass"):
-        Q_i, merge = tsqr_block_step(
-            context.kernels, tsqr, block, start, X, shift, stats, reread_stats, append_ones
-        )
-        spill.write("Q", index, Q_i)
-        if merge is not None:
-            spill.write("T", index, merge.T)
-            spill.write("S", index, merge.S)
+    stats = BlockStats.zeros(X.shape[0])
+    sweep = context.kernels.final_sweep(X, stats, append_ones, spill.write_block)
+    shift = None
+    for _, start, block, shift in context.read("final pass"):
+        sweep.add(block, start, shift)
+    tsqr = sweep.result()
     BT = tsqr.BT
     d = context.centering.offset(shift, stats)
     if append_ones:
         BT = BT - np.outer(d, tsqr.R[:, l])
     context.centering.finish_pass(shift, stats)
     return FinalPassResult(tsqr, BT, stats, shift)
-
-
-def tsqr_block_step(
-    kernels: Kernels, tsqr: StreamingTSQR, block: Any, start: int, X: np.ndarray,
-    shift: np.ndarray, stats: BlockStats, reread_stats: BlockStats, append_ones: bool,
-) -> tuple[np.ndarray, MergeFactors | None]:
-    """One block of the final pass: Y_i = A_i X (and a column of ones), Y_i = Q_i R_i, and
-    the merge of (R_i, A_i^T Q_i) into ``tsqr``. Returns Q_i and the merge factors to spill.
-    """
-    l = X.shape[1]
-    Y = np.empty((block.shape[0], l + append_ones), order="F")
-    kernels.times(block, start, X, shift, stats, out=Y[:, :l])
-    if append_ones:
-        Y[:, l] = 1.0
-    Q_i, R_i = local_qr(Y)
-    merge = tsqr.add_block(R_i, kernels.transposed_times(block, start, Q_i, shift, reread_stats))
-    return Q_i, merge
 
 
 def left_vectors_sweep(

@@ -151,6 +151,7 @@ def make_plan(
     scatter_copies: int = 1,
     read_overhead_bytes: int = 0,
     staging_blocks: int = 0,
+    staging_matrices: int = 0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -164,7 +165,9 @@ def make_plan(
     private n x l accumulators, fewer when they would take over a quarter of the limit.
     Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
     partial storage chunks at a sparse block's ends). A GPU backend holds
-    ``staging_blocks`` more host copies of a block (pinned staging buffers).
+    ``staging_blocks`` more host copies of a block (pinned staging buffers) and
+    ``staging_matrices`` more float64 matrices of a block's rows by the basis width (the
+    pinned copies of Y_i and Q_i in the final pass).
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -193,6 +196,7 @@ def make_plan(
         blocks, peak = _block_layout(
             chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
             fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
+            staging_matrices,
         )
         if peak <= memory_limit:
             break
@@ -244,16 +248,17 @@ def _blocks_that_fit(block_bytes: tuple[int, ...], budget: int) -> int:
 
 
 def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth,
-                  staging_blocks=0):
+                  staging_blocks=0, staging_matrices=0):
     """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
 
     Raw blocks' worth held at once: the computed one, and for each read in flight its
     output, the compressed chunk bytes and the decoded chunks (up to a block each, measured
-    with tracemalloc on zarr 3). Per row also: Y_i, Q_i and the U rows, float64.
+    with tracemalloc on zarr 3). Per row also: Y_i, Q_i and the U rows, float64, and
+    ``staging_matrices`` more of that width.
     ``row_bytes`` is given for dense matrices (every row costs the same); sparse units are
     grouped by their bytes.
     """
-    per_byte, per_row = 3 * depth + 1 + staging_blocks, 3 * 8 * (l + 1)
+    per_byte, per_row = 3 * depth + 1 + staging_blocks, (3 + staging_matrices) * 8 * (l + 1)
     if row_bytes is not None:
         per_row += per_byte * row_bytes
         if fixed + per_row > memory_limit:

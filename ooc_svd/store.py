@@ -41,6 +41,14 @@ class QSpill:
         else:
             np.save(self._path(name, index), array, allow_pickle=False)
 
+    def write_block(self, index: int, Q_i: np.ndarray, merge: Any) -> None:
+        """Block ``index`` of the final pass: Q_i and its merge factors (a
+        ``tsqr.MergeFactors``; None for the first block, which has none)."""
+        self.write("Q", index, Q_i)
+        if merge is not None:
+            self.write("T", index, merge.T)
+            self.write("S", index, merge.S)
+
     def load(self, name: str, index: int) -> np.ndarray:
         if self.kept is not None:
             return self.kept.pop((name, index))

@@ -50,18 +50,30 @@ class StreamingTSQR:
         Returns the merge factors the U sweep needs (None for the first block, whose Q_i
         enters Q unchanged); the caller spills them, so memory does not grow with m.
         """
+        factors = self.add_r(R_i)
+        self.BT = merged_bt(self.BT, CT_i, factors)
+        return factors
+
+    def add_r(self, R_i: np.ndarray) -> MergeFactors | None:
+        """Merge R_i into R only, for a caller that keeps B^T elsewhere (on a GPU) and
+        updates it with the returned factors as ``merged_bt`` does."""
         self.blocks += 1
         if self.R is None:
-            self.R, self.BT = R_i, CT_i
+            self.R = R_i
             return None
         r_acc = self.R.shape[0]
-        Q_stack, R_new = scipy.linalg.qr(
+        Q_stack, self.R = scipy.linalg.qr(
             np.vstack([self.R, R_i]), mode="economic", check_finite=False
         )
-        T, S = Q_stack[:r_acc], Q_stack[r_acc:]
-        self.BT = np.asfortranarray(self.BT @ T + CT_i @ S)
-        self.R = R_new
-        return MergeFactors(T, S)
+        return MergeFactors(Q_stack[:r_acc], Q_stack[r_acc:])
+
+
+def merged_bt(BT: np.ndarray | None, CT_i: np.ndarray, factors: MergeFactors | None
+              ) -> np.ndarray:
+    """B^T after a merge: T^T B + S^T C_i, transposed (C_i^T itself for the first block)."""
+    if factors is None:
+        return CT_i
+    return np.asfortranarray(BT @ factors.T + CT_i @ factors.S)
 
 
 def assemble_left_vectors(

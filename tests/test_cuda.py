@@ -30,9 +30,11 @@ from ooc_svd.kernels.cuda_backend import (  # noqa: E402
     CUDAUnavailableError,
     cuda_available,
     device_bytes,
+    driver_library_loads,
     require_cuda,
 )
 from ooc_svd.sources.csr import CSRBlock  # noqa: E402
+from ooc_svd.tsqr import assemble_left_vectors  # noqa: E402
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 USABLE, WHY_NOT = cuda_available()
@@ -182,6 +184,93 @@ def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pin
     assert stats_gpu.rows == stats_cpu.rows == rows
 
 
+# The simulator runs the kernels in numpy scalars, which warn where the GPU just computes
+# with Inf and NaN.
+OVERFLOW_WARNING = pytest.mark.filterwarnings(
+    "ignore:.*(overflow|invalid value) encountered:RuntimeWarning")
+
+
+def run_final_sweep(kernels, X, blocks, shift, append_ones):
+    """The final sweep over ``blocks``: its StreamingTSQR, stats, and Q assembled from the
+    spill, which must arrive once per block and in order."""
+    n = X.shape[0]
+    stats, spilled = BlockStats.zeros(n), []
+    sweep = kernels.final_sweep(X, stats, append_ones,
+                                lambda i, Q_i, merge: spilled.append((i, Q_i, merge)))
+    for start, block in blocks:
+        sweep.add(block, start, shift)
+    tsqr = sweep.result()
+    assert [i for i, _, _ in spilled] == list(range(len(blocks)))
+    pieces = [None] * len(blocks)
+    assemble_left_vectors(len(blocks), np.eye(tsqr.R.shape[0]),
+                          lambda i: spilled[i][1], lambda i: spilled[i][2],
+                          lambda i, rows: pieces.__setitem__(i, rows))
+    return tsqr, stats, np.vstack(pieces)
+
+
+@on_device
+@pytest.mark.parametrize("append_ones", [False, True])
+@pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
+def test_final_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned,
+                                         append_ones):
+    check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, streams=2)
+
+
+@on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_final_sweep_on_one_stream(kind):
+    """With one stream a block's B^T update must be enqueued before the next block
+    overwrites the stream's device buffer."""
+    check_final_sweep(kind, np.float64, np.int32, True, False, True, streams=1)
+
+
+def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, streams):
+    """B^T stays on the device: Q R = [A_s X, 1], Q orthonormal, B^T = A_s^T Q, with
+    blocks shorter than l (R grows) and an empty block."""
+    rows, n, l = (26, 9, 5) if SIMULATED else (3000, 257, 30)
+    sizes = [2, 7, 0, 9, rows - 18] if SIMULATED else [20, 1000, 0, 979, rows - 1999]
+    whole, blocks = split_blocks(kind, dtype, index_dtype, rows, n, sizes)
+    X, shift, _ = operands(n, l, rows)
+    shift = shift if centered else np.zeros(n)
+    As = shifted(whole, shift)
+    Y = np.hstack([As @ X, np.ones((rows, int(append_ones)))])
+    scale = np.abs(As).sum()
+    results = []
+    for kernels in (CPUKernels(n), CUDAKernels(n, streams=streams)):
+        blocks_here = [(start, kernels.keep(block) if pinned else block)
+                       for start, block in blocks]
+        tsqr, stats, Q = run_final_sweep(kernels, X, blocks_here, shift, append_ones)
+        np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-10 * np.abs(Y).max())
+        np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-10)
+        assert tsqr.BT.flags.f_contiguous
+        np.testing.assert_allclose(tsqr.BT, As.T @ Q, atol=1e-10 * scale)
+        assert_stats(stats, As, 1e-10)
+        results.append(tsqr)
+    cpu, gpu = results
+    # B^T R = A_s^T Y whatever the signs of Q's columns.
+    np.testing.assert_allclose(gpu.BT @ gpu.R, cpu.BT @ cpu.R, atol=1e-9 * scale * l)
+    assert gpu.blocks == cpu.blocks == len(blocks)
+
+
+@on_device
+@OVERFLOW_WARNING
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
+    whole, blocks = split_blocks(kind, np.float64, np.int32, 30, 6, [10, 10, 10])
+    if kind == "dense":
+        whole[13, 2] = np.nan
+    else:
+        whole.data[whole.indptr[10]] = np.nan
+    spilled = []
+    sweep = CUDAKernels(6).final_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6),
+                                       False, lambda *block: spilled.append(block))
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf in rows \[1010, 1020\)"):
+        for start, block in blocks:
+            sweep.add(block, 1000 + start, np.zeros(6))
+        sweep.result()
+    assert len(spilled) == 1  # nothing of the bad block reached the spill
+
+
 @on_device
 def test_float32_accumulation_is_close_to_float64():
     rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
@@ -193,12 +282,6 @@ def test_float32_accumulation_is_close_to_float64():
     sweep.add(block, 0, shift)
     np.testing.assert_allclose(sweep.result(), expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
-
-
-# The simulator runs the kernels in numpy scalars, which warn where the GPU just computes
-# with Inf and NaN.
-OVERFLOW_WARNING = pytest.mark.filterwarnings(
-    "ignore:.*(overflow|invalid value) encountered:RuntimeWarning")
 
 
 @on_device
@@ -286,11 +369,24 @@ def test_unusable_gpu_gets_a_clear_error():
     assert issubclass(CUDAUnavailableError, InputError)
 
 
+@pytest.mark.skipif(driver_library_loads(), reason="an NVIDIA driver library loads here")
+def test_auto_backend_does_not_import_numba_cuda_without_a_driver():
+    """Looking for a GPU costs microseconds, not the second of importing numba.cuda."""
+    code = ("import sys, numpy as np, ooc_svd; "
+            "r = ooc_svd.svd(np.arange(600.0).reshape(30, 20) ** 0.5, 2); "
+            "print(r.backend, 'numba.cuda' in sys.modules)")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    assert done.stdout.split() == ["cpu", "False"]
+
+
 def test_device_bytes_counts_every_stream_buffer():
     n, l, block = 1000, 30, 64 << 20
     rows = block // (4 * n)
-    per_stream = block + 8 * rows * l  # a block and Y per stream; X, Z, colsum once
-    assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (2 * n * l + n)
+    # A block, Y_i, Q_i and Q_i S per stream; X, the two buffers of B^T and colsum once.
+    per_stream = block + 3 * 8 * rows * l
+    assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (3 * n * l + n)
     assert device_bytes(n, l, block, streams=3) - device_bytes(n, l, block) == per_stream
     assert device_bytes(n, l, block, rows=10) < device_bytes(n, l, block)
 

@@ -8,19 +8,30 @@ or Inf raises ``NonFiniteError`` naming rows of the matrix.
 - ``power_sweep(X, stats)``: a pass's Z = sum_i A_s,i^T (A_s,i X). ``add`` takes the blocks
   in order (a backend may still be computing when it returns), ``result`` gives Z.
 - ``times``: Y = A_s X for one block, (b, l).
+- ``final_sweep(X, stats, append_ones, spill)``: the final pass's streaming TSQR of
+  Y = A_s X (with a column of ones if ``append_ones``) and B^T = A_s^T Q. ``add`` takes the
+  blocks in order; each block's Q_i and merge factors go to ``spill(index, Q_i, merge)``
+  as soon as they are known (in block order, possibly a block later); ``result`` gives the
+  ``StreamingTSQR`` with R and B^T. A backend may keep B^T in its own memory until then.
+- ``times``: Y = A_s X for one block, (b, l). ``stats=None`` skips the block's totals where
+  that saves a sweep (the final pass gathers them in ``transposed_times``).
 - ``transposed_times``: C^T = A_s^T Q for one block, (n, l).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..sources.csr import is_sparse_block
+from ..tsqr import MergeFactors, StreamingTSQR, local_qr
 from . import cpu
 from .cpu import BlockStats, SubBlocks
+
+SpillBlock = Callable[[int, np.ndarray, MergeFactors | None], None]  # (index, Q_i, merge)
 
 
 class PowerSweep(Protocol):
@@ -30,13 +41,24 @@ class PowerSweep(Protocol):
         """Z (n, l) float64 F-order; the sweep's stats are complete once this returns."""
 
 
+class FinalSweep(Protocol):
+    def add(self, block: Any, first_row: int, shift: np.ndarray) -> None: ...
+
+    def result(self) -> StreamingTSQR:
+        """R and B^T (n, r) float64 F-order of all blocks, every block spilled, the
+        sweep's stats complete."""
+
+
 class Kernels(Protocol):
     name: str
 
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep: ...
 
+    def final_sweep(self, X: np.ndarray, stats: BlockStats, append_ones: bool,
+                    spill: SpillBlock) -> FinalSweep: ...
+
     def times(self, block: Any, first_row: int, X: np.ndarray, shift: np.ndarray,
-              stats: BlockStats, out: np.ndarray | None = None) -> np.ndarray: ...
+              stats: BlockStats | None, out: np.ndarray | None = None) -> np.ndarray: ...
 
     def transposed_times(self, block: Any, first_row: int, Q: np.ndarray, shift: np.ndarray,
                          stats: BlockStats) -> np.ndarray: ...
@@ -68,6 +90,9 @@ class CPUKernels:
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> PowerSweep:
         return _CPUPowerSweep(self, X, stats)
 
+    def final_sweep(self, X, stats, append_ones, spill) -> FinalSweep:
+        return HostFinalSweep(self, X, stats, append_ones, spill)
+
     def keep(self, block: Any) -> Any:
         return block
 
@@ -79,6 +104,8 @@ class CPUKernels:
             from . import csr
 
             return csr.csr_times(block, first_row, X, shift, stats, out)
+        # Dense totals come with the widening sweep at no extra cost; None discards them.
+        stats = BlockStats.zeros(self.n) if stats is None else stats
         return cpu.block_times(block, first_row, X, shift, stats, self.subs, out)
 
     def transposed_times(self, block, first_row, Q, shift, stats):
@@ -112,3 +139,33 @@ class _CPUPowerSweep:
             self.Z += self.sparse_sweep.result()
         return self.Z
 
+
+
+class HostFinalSweep:
+    """The final pass's streaming TSQR from a backend's ``times`` and ``transposed_times``,
+    one block at a time: Y_i = A_s,i X, Y_i = Q_i R_i (LAPACK), C_i^T = A_s,i^T Q_i, and
+    the merge of (R_i, C_i^T) into R and B^T on the host.
+
+    The block's totals come from ``transposed_times``, which runs after the QR: a block
+    holding NaN or Inf is reported there, before its factors reach R or the spill.
+    """
+
+    def __init__(self, kernels: Kernels, X: np.ndarray, stats: BlockStats,
+                 append_ones: bool, spill: SpillBlock):
+        self.kernels, self.X, self.stats = kernels, X, stats
+        self.append_ones, self.spill = append_ones, spill
+        self.tsqr = StreamingTSQR()
+
+    def add(self, block, first_row: int, shift: np.ndarray) -> None:
+        l = self.X.shape[1]
+        Y = np.empty((block.shape[0], l + self.append_ones), order="F")
+        self.kernels.times(block, first_row, self.X, shift, None, out=Y[:, :l])
+        if self.append_ones:
+            Y[:, l] = 1.0
+        Q_i, R_i = local_qr(Y)
+        CT_i = self.kernels.transposed_times(block, first_row, Q_i, shift, self.stats)
+        merge = self.tsqr.add_block(R_i, CT_i)
+        self.spill(self.tsqr.blocks - 1, Q_i, merge)
+
+    def result(self) -> StreamingTSQR:
+        return self.tsqr

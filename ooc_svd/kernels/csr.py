@@ -169,13 +169,15 @@ class CSRPowerSweep:
         return Z
 
 
-def csr_times(block, first_row: int, X: np.ndarray, shift: np.ndarray, stats: BlockStats,
+def csr_times(block, first_row: int, X: np.ndarray, shift: np.ndarray, stats: BlockStats | None,
               out: np.ndarray | None = None) -> np.ndarray:
-    """Y = A_s X for a CSR block, (b, l) float64 F-order, gathering the block's totals."""
+    """Y = A_s X for a CSR block, (b, l) float64 F-order, gathering the block's totals
+    unless ``stats`` is None (they cost a sweep of their own)."""
     Y = np.empty((block.shape[0], X.shape[1]), order="F") if out is None else out
     csr_times_kernel(block.data, block.indices, block.indptr, np.ascontiguousarray(X),
                      shift @ X, Y)
-    add_block_totals(block, first_row, shift, stats)
+    if stats is not None:
+        add_block_totals(block, first_row, shift, stats)
     return Y
 
 

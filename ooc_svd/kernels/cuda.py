@@ -165,6 +165,16 @@ class BlockKernels:
         self._launch("csr_totals", grid, g.stats_threads, stream, data, indices, colsum,
                      record)
 
+    def small_product(self, stream, A, B, C):
+        """C = A B for small float64 factors (B has at most a few hundred rows): the
+        final pass's B^T T and Q_i S. Always in float64, whatever ``accumulate`` is:
+        these products carry the basis, not a sum over A."""
+        if C.size == 0:
+            return
+        g = self.geometry
+        grid = min(_blocks(C.size, g.stats_threads), self._resident(g.stats_threads))
+        self._launch("small_product", grid, g.stats_threads, stream, A, B, C)
+
     def _launch_rows(self, name, stream, data, indices, indptr, *rest):
         """Launch a CSR row kernel: a grid-stride loop of ``groups`` rows per thread block."""
         g = self.geometry
@@ -212,6 +222,7 @@ def example_signatures(data: str = "float32", index: str = "int32") -> dict[str,
         "csr_times": f"void({csr}, {matrix}, {vector}, {matrix})",
         "csr_transposed": f"void({csr}, {matrix}, {matrix})",
         "csr_totals": f"void({data}[::1], {index}[::1], {vector}, {vector})",
+        "small_product": f"void({matrix}, {matrix}, {matrix})",
     }
 
 
@@ -397,6 +408,16 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             record[1] = 1.0
         block_sum(squares, scratch, record)
 
+    def small_product(A, B, C):
+        """C = A B, a thread per entry of C (grid-stride). A row of A and all of B are
+        read from cache after the first thread of a row has touched them."""
+        for e in range(cuda.grid(1), C.size, cuda.gridsize(1)):
+            i, j = e // C.shape[1], e % C.shape[1]
+            total = 0.0
+            for k in range(B.shape[0]):
+                total += A[i, k] * B[k, j]
+            C[i, j] = total
+
     kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
-               csr_transposed, csr_totals)
+               csr_transposed, csr_totals, small_product)
     return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})

@@ -20,14 +20,18 @@ best. ``CUDAPowerSweep`` aims for it:
   between kernels running at once, and a copy per stream would double the L2 footprint of
   the CSR scatter targets (X and two Z's are 72 MB at n = 1e5, l = 30; an H100 has 50 MB).
 
-Device memory: per stream one block and Y (b x l, dense blocks); once, X, Z (n x l) and
-the column sums. ``device_bytes`` gives the total for the planner.
+The final pass (``CUDAFinalSweep``) keeps B^T on the device the same way and factors each
+Y_i on the host while the next block is copied (see its docstring).
+
+Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S); once,
+X and Z or the two buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the
+total for the planner.
 
 A NaN or Inf is found by the kernels, which record a flag and the sum of squares of every
 block in its own slot on the device; ``result()`` reads the slots once and raises
 ``NonFiniteError`` naming the rows of the first offending block (a sweep never waits for a
 block, so it cannot name the row inside it). ``times`` and ``transposed_times`` are
-synchronous (the final pass factors Y on the host between them) and raise at once.
+synchronous and raise at once.
 
 The CSR centering shift is applied algebraically, as on the CPU: the kernels compute
 Z += A^T (A X - 1 s^T X) and the column sums and sum of squares of A, and the host turns
@@ -37,15 +41,20 @@ sum_i 1^T (A_s,i X) = colsum(A_s)^T X, so Z_s = Z - s (colsum(A_s)^T X).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
 from ..sources.csr import is_sparse_block
+from ..tsqr import MergeFactors, StreamingTSQR, local_qr
+from .backend import SpillBlock
 from .cpu import BlockStats
 
 STREAMS = 2
@@ -66,8 +75,12 @@ def cuda_available(allow_simulator: bool = True) -> tuple[bool, str]:
     """(whether the CUDA backend can run here, and why not when it cannot).
 
     Under numba's simulator (NUMBA_ENABLE_CUDASIM=1) the backend runs, very slowly, for
-    tests; ``allow_simulator=False`` (for backend='auto') does not count it as a GPU.
+    tests; ``allow_simulator=False`` (for backend='auto') does not count it as a GPU, and
+    first looks for the driver library itself: microseconds, where importing numba.cuda
+    to find out costs about a second.
     """
+    if not allow_simulator and not driver_library_loads():
+        return False, "no NVIDIA driver library could be loaded"
     try:
         import numba_cuda  # noqa: F401 - the CUDA target that numba.cuda needs
         from numba import config, cuda
@@ -83,6 +96,18 @@ def cuda_available(allow_simulator: bool = True) -> tuple[bool, str]:
     if len(cuda.gpus) == 0:
         return False, "the NVIDIA driver sees no CUDA device"
     return True, ""
+
+
+def driver_library_loads() -> bool:
+    """Whether the NVIDIA driver library loads (or numba is told where it is)."""
+    if os.environ.get("NUMBA_CUDA_DRIVER"):
+        return True  # numba's own setting for a driver in an unusual place: let it look
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
 
 
 def require_cuda() -> None:
@@ -105,8 +130,10 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     """
     if rows is None:
         rows = block_bytes // (4 * max(n, 1))
-    per_stream = block_bytes + 8 * rows * l
-    return streams * per_stream + 8 * (2 * n * l + n) + 16 * RECORD_CAPACITY
+    # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i);
+    # once, X and the two buffers of B^T (or X and Z), and the column sums.
+    per_stream = block_bytes + 3 * 8 * rows * l
+    return streams * per_stream + 8 * (3 * n * l + n) + 16 * RECORD_CAPACITY
 
 
 def device_memory() -> tuple[int, int]:
@@ -162,6 +189,10 @@ class CUDAKernels:
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> CUDAPowerSweep:
         return CUDAPowerSweep(self, X, stats)
 
+    def final_sweep(self, X: np.ndarray, stats: BlockStats, append_ones: bool,
+                    spill: SpillBlock) -> CUDAFinalSweep:
+        return CUDAFinalSweep(self, X, stats, append_ones, spill)
+
     def times(self, block, first_row, X, shift, stats, out=None):
         """Y = A_s X for one block, a (b, l) float64 F-order array (``out`` if given)."""
         rows, l = block.shape[0], X.shape[1]
@@ -179,7 +210,8 @@ class CUDAKernels:
             self.kernels.csr_times(lane.stream, *arrays, device_X, sX, device_Y)
         else:
             self.kernels.dense_times(lane.stream, *arrays, device_shift, device_X, device_Y)
-        self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
+        if stats is not None:
+            self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
         Y[...] = device_Y.copy_to_host(stream=lane.stream)
         return Y
 
@@ -278,64 +310,30 @@ class CUDAKernels:
         stats.rows += rows
 
 
-class CUDAPowerSweep:
-    """Z = sum_i A_s,i^T (A_s,i X) over the blocks given to ``add``, on the GPU.
+class _DeviceSweep:
+    """What the power and final sweeps share: X on the device, the sweep's column sums and
+    per-block records there, and the first block fixing the kind of blocks and the shift.
 
-    ``add`` returns once the block is staged and its copy and kernels are enqueued; the
-    caller may then drop or reuse the block, except a block in page-locked memory
-    (``CUDAKernels.pinned_empty``), which the device reads where it lies and which must not
-    change until ``result()``. All blocks are dense, or all CSR, with one shift (a pass
-    reads one source with one centering shift).
+    All blocks are dense, or all CSR, with one shift (a pass reads one source with one
+    centering shift).
     """
 
     def __init__(self, backend: CUDAKernels, X: np.ndarray, stats: BlockStats):
         cuda = backend.cuda
-        n, l = X.shape
         self.backend, self.stats = backend, stats
         self.X = np.ascontiguousarray(X, dtype=np.float64)
         self.device_X = cuda.to_device(self.X)
-        self.Z = cuda.to_device(np.zeros((n, l)))
-        self.colsum = cuda.to_device(np.zeros(n))
+        self.colsum = cuda.to_device(np.zeros(X.shape[0]))
         self.records = _BlockRecords(cuda)
         self.shift: np.ndarray | None = None
         self.sparse: bool | None = None
         self.rows = 0
         self.turn = 0
 
-    def add(self, block, first_row: int, shift: np.ndarray) -> None:
-        self._check(block, shift)
-        if block.shape[0] == 0:
-            return
-        lane = self.backend.streams[self.turn % len(self.backend.streams)]
+    def _next_lane(self) -> _StagingStream:
+        lanes = self.backend.streams
         self.turn += 1
-        record = self.records.slot(first_row, block.shape[0])
-        arrays = self.backend.upload(lane, block)
-        kernels, stream = self.backend.kernels, lane.stream
-        if self.sparse:
-            kernels.csr_power(stream, *arrays, self.device_X, self.device_sX, self.Z,
-                              self.colsum, record)
-        else:
-            (A,) = arrays
-            Y = lane.scratch(A.shape[0], self.X.shape[1])
-            kernels.dense_totals(stream, A, self.device_shift, self.colsum, record)
-            kernels.dense_times(stream, A, self.device_shift, self.device_X, Y)
-            kernels.dense_transposed(stream, A, self.device_shift, Y, self.Z)
-        self.rows += block.shape[0]
-
-    def result(self) -> np.ndarray:
-        """Z (n, l) float64 F-order; adds the sweep's totals to ``stats``."""
-        self.backend.cuda.synchronize()
-        records = self.records.read()
-        raise_if_not_finite(records, self.records.rows)
-        Z, colsum = self.Z.copy_to_host(), self.colsum.copy_to_host()
-        sumsq = float(records[:, 0].sum())
-        if self.sparse:
-            colsum, sumsq = shifted_totals(colsum, sumsq, self.rows, self.shift)
-            Z -= np.outer(self.shift, colsum @ self.X)
-        self.stats.colsum += colsum
-        self.stats.sumsq += sumsq
-        self.stats.rows += self.rows
-        return np.asfortranarray(Z)
+        return lanes[(self.turn - 1) % len(lanes)]
 
     def _check(self, block, shift: np.ndarray) -> None:
         """The first block fixes the kind of blocks and the shift of the sweep."""
@@ -349,6 +347,211 @@ class CUDAPowerSweep:
             raise TypeError("a sweep takes dense blocks or CSR blocks, not both")
         elif shift is not self.shift and not np.array_equal(shift, self.shift):
             raise ValueError("a pass keeps one centering shift for all its blocks")
+
+    def _add_sweep_totals(self) -> np.ndarray:
+        """Wait for the device, raise NonFiniteError for a block with NaN or Inf, and add
+        the sweep's totals of A_s to ``stats``; returns the column sums of A_s."""
+        self.backend.cuda.synchronize()
+        records = self.records.read()
+        raise_if_not_finite(records, self.records.rows)
+        colsum = self.colsum.copy_to_host()
+        sumsq = float(records[:, 0].sum())
+        if self.sparse:
+            colsum, sumsq = shifted_totals(colsum, sumsq, self.rows, self.shift)
+        self.stats.colsum += colsum
+        self.stats.sumsq += sumsq
+        self.stats.rows += self.rows
+        return colsum
+
+
+class CUDAPowerSweep(_DeviceSweep):
+    """Z = sum_i A_s,i^T (A_s,i X) over the blocks given to ``add``, on the GPU.
+
+    ``add`` returns once the block is staged and its copy and kernels are enqueued; the
+    caller may then drop or reuse the block, except a block in page-locked memory
+    (``CUDAKernels.pinned_empty``), which the device reads where it lies and which must not
+    change until ``result()``.
+    """
+
+    def __init__(self, backend: CUDAKernels, X: np.ndarray, stats: BlockStats):
+        super().__init__(backend, X, stats)
+        self.Z = backend.cuda.to_device(np.zeros(X.shape))
+
+    def add(self, block, first_row: int, shift: np.ndarray) -> None:
+        self._check(block, shift)
+        if block.shape[0] == 0:
+            return
+        lane = self._next_lane()
+        record = self.records.slot(first_row, block.shape[0])
+        arrays = self.backend.upload(lane, block)
+        kernels, stream = self.backend.kernels, lane.stream
+        if self.sparse:
+            kernels.csr_power(stream, *arrays, self.device_X, self.device_sX, self.Z,
+                              self.colsum, record)
+        else:
+            (A,) = arrays
+            Y = lane.scratch("Y", A.shape[0], self.X.shape[1])
+            kernels.dense_totals(stream, A, self.device_shift, self.colsum, record)
+            kernels.dense_times(stream, A, self.device_shift, self.device_X, Y)
+            kernels.dense_transposed(stream, A, self.device_shift, Y, self.Z)
+        self.rows += block.shape[0]
+
+    def result(self) -> np.ndarray:
+        """Z (n, l) float64 F-order; adds the sweep's totals to ``stats``."""
+        colsum = self._add_sweep_totals()
+        Z = self.Z.copy_to_host()
+        if self.sparse:
+            Z -= np.outer(self.shift, colsum @ self.X)
+        return np.asfortranarray(Z)
+
+
+@dataclass
+class _PendingBlock:
+    """A block of the final sweep whose Y_i is on its way to the host."""
+
+    lane: _StagingStream
+    arrays: list  # the block's device arrays, resident until the lane's next upload
+    first_row: int
+    rows: int
+    Y: np.ndarray  # (rows, l) pinned host view that receives Y_i
+
+
+class CUDAFinalSweep(_DeviceSweep):
+    """The final pass's streaming TSQR with B^T on the device.
+
+    Per block, on its lane's stream: the copy of the block, Y_i = A_s,i X and the block's
+    totals, then the copy of Y_i into a pinned host buffer. The host factors
+    Y_i = Q_i R_i (LAPACK) and merges R_i into R, which gives the merge factors T and S;
+    Q_i and S go back, and the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block
+    still resident, without a C_i^T. The host works on block i only once block i + 1 is
+    enqueued (``add`` finishes the block before it), so block i + 1's copy runs while the
+    host factors Y_i and spills Q_i. Updates of B^T, on alternating streams, are ordered by
+    an event. Only Y_i and Q_i (b x l each) cross the bus besides the block.
+
+    Every lane's buffers are reused two blocks later; each reuse is ordered after the work
+    that read them by the lane's stream (a block's upload after its B^T update, which the
+    host enqueues first) or by the host (Y_i is copied out before the next ``add``).
+
+    CSR blocks get the shift algebraically, as in the power sweep: the device accumulates
+    A^T (Q_i S), and the host keeps w = (1^T Q)-part with the same merges,
+    w <- T^T w + S^T Q_i^T 1, and subtracts shift w^T at the end.
+    """
+
+    def __init__(self, backend: CUDAKernels, X: np.ndarray, stats: BlockStats,
+                 append_ones: bool, spill: SpillBlock):
+        super().__init__(backend, X, stats)
+        cuda = backend.cuda
+        n, l = X.shape
+        self.append_ones, self.spill = append_ones, spill
+        self.tsqr = StreamingTSQR()
+        # B^T (n x r, r growing to l + append_ones while blocks are short) lives in one of
+        # two flat buffers; each update reads one and writes the other.
+        self.buffers = [cuda.device_array(n * (l + append_ones)) for _ in range(2)]
+        self.BT = self.buffers[0][:0].reshape(n, 0)
+        self.ones_part = np.zeros(0)  # w, for the CSR shift
+        self.updated = cuda.event()  # recorded after each update of B^T
+        self.pending: _PendingBlock | None = None
+
+    def add(self, block, first_row: int, shift: np.ndarray) -> None:
+        self._check(block, shift)
+        lane = self._next_lane()
+        if self.pending is not None and self.pending.lane is lane:  # a single stream
+            self._finish(self.pending)
+            self.pending = None
+        started = self._start(block, first_row, lane)
+        if self.pending is not None:
+            self._finish(self.pending)
+        self.pending = started
+
+    def result(self) -> StreamingTSQR:
+        if self.pending is not None:
+            self._finish(self.pending)
+            self.pending = None
+        self._add_sweep_totals()
+        BT = np.asfortranarray(self.BT.copy_to_host())
+        if self.sparse and BT.size:
+            BT -= np.outer(self.shift, self.ones_part)
+        self.tsqr.BT = BT
+        return self.tsqr
+
+    def _start(self, block, first_row: int, lane: _StagingStream) -> _PendingBlock:
+        """Enqueue the block's copy, Y_i = A_s,i X, its totals and the copy of Y_i home."""
+        rows, l = block.shape[0], self.X.shape[1]
+        host_Y = lane.pinned("Y", rows, l)
+        if rows == 0:
+            return _PendingBlock(lane, [], first_row, 0, host_Y)
+        record = self.records.slot(first_row, rows)
+        arrays = self.backend.upload(lane, block)
+        kernels, stream = self.backend.kernels, lane.stream
+        Y = lane.scratch("Y", rows, l)
+        if self.sparse:
+            kernels.csr_times(stream, *arrays, self.device_X, self.device_sX, Y)
+            kernels.csr_totals(stream, arrays[0], arrays[1], self.colsum, record)
+        else:
+            kernels.dense_times(stream, arrays[0], self.device_shift, self.device_X, Y)
+            kernels.dense_totals(stream, arrays[0], self.device_shift, self.colsum, record)
+        Y.copy_to_host(host_Y, stream=stream)
+        lane.ready.record(stream)
+        self.rows += rows
+        return _PendingBlock(lane, arrays, first_row, rows, host_Y)
+
+    def _finish(self, block: _PendingBlock) -> None:
+        """Factor Y_i on the host, spill Q_i, and enqueue the update of B^T."""
+        block.lane.ready.synchronize()
+        l = self.X.shape[1]
+        Y = np.empty((block.rows, l + self.append_ones), order="F")
+        Y[:, :l] = block.Y
+        if self.append_ones:
+            Y[:, l] = 1.0
+        Q_i, R_i = local_qr(Y)
+        if not np.isfinite(R_i).all():
+            self._raise_not_finite(block)
+        merge = self.tsqr.add_r(R_i)
+        self.spill(self.tsqr.blocks - 1, Q_i, merge)
+        self._update_bt(block, Q_i, merge)
+
+    def _update_bt(self, block: _PendingBlock, Q_i: np.ndarray,
+                   merge: MergeFactors | None) -> None:
+        """Enqueue B^T <- B^T T + A_s,i^T (Q_i S) on the block's stream (for the first
+        block, T has no rows and S = I)."""
+        cuda, kernels = self.backend.cuda, self.backend.kernels
+        lane, stream = block.lane, block.lane.stream
+        rows, r_i = Q_i.shape
+        T = np.zeros((0, r_i)) if merge is None else merge.T
+        r_new = T.shape[1]
+        P = None
+        if rows:
+            host_Q = lane.pinned("Q", rows, r_i)
+            np.copyto(host_Q, Q_i)
+            P = lane.scratch("Q", rows, r_i)
+            P.copy_to_device(host_Q, stream=stream)
+        # The lane holds the small factors' device copies until its next block.
+        lane.factors = [cuda.to_device(np.ascontiguousarray(T), stream)]
+        if rows and merge is not None:
+            lane.factors.append(cuda.to_device(np.ascontiguousarray(merge.S), stream))
+            Q_dev, P = P, lane.scratch("P", rows, r_new)
+            kernels.small_product(stream, Q_dev, lane.factors[1], P)
+        self.updated.wait(stream)  # the previous update, on the other stream
+        n = self.X.shape[0]
+        target = self.buffers[self.tsqr.blocks % 2][: n * r_new].reshape(n, r_new)
+        kernels.small_product(stream, self.BT, lane.factors[0], target)
+        if P is not None and self.sparse:
+            kernels.csr_transposed(stream, *block.arrays, P, target)
+        elif P is not None:
+            kernels.dense_transposed(stream, block.arrays[0], self.device_shift, P, target)
+        self.updated.record(stream)
+        self.BT = target
+        if self.sparse:
+            S = np.eye(r_i) if merge is None else merge.S
+            self.ones_part = self.ones_part @ T + Q_i.sum(axis=0) @ S
+
+    def _raise_not_finite(self, block: _PendingBlock) -> None:
+        """Y_i is not finite: name the rows, as NaN or Inf in A, or as an overflow."""
+        self.backend.cuda.synchronize()
+        raise_if_not_finite(self.records.read(), self.records.rows)
+        first, last = block.first_row, block.first_row + block.rows
+        raise NonFiniteError(
+            f"the products of rows [{first}, {last}) overflow float64; rescale the matrix")
 
 
 def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
@@ -376,15 +579,18 @@ def raise_if_not_finite(records: np.ndarray, rows: list[tuple[int, int]]) -> Non
 
 class _StagingStream:
     """A CUDA stream with the pinned host buffer and the device buffer its blocks pass
-    through, and a device scratch matrix (Y) for the dense products."""
+    through, and scratch matrices (Y, Q_i) on the device and in pinned host memory."""
 
     def __init__(self, cuda):
         self.cuda = cuda
         self.stream = cuda.stream()
         self.staged = cuda.event()  # recorded after each copy out of `host`
+        self.ready = cuda.event()  # recorded when a result for the host has arrived
         self.host: np.ndarray | None = None
         self.device = None
-        self.Y = None
+        self.device_scratch: dict[str, Any] = {}
+        self.host_scratch: dict[str, np.ndarray] = {}
+        self.factors: list = []  # small device arrays the queued work still reads
         self.holds: weakref.ref | None = None  # the block `times` left in `device`
         self.arrays: list = []
         self.in_flight: list = []  # page-locked parts the device may still be reading
@@ -417,12 +623,23 @@ class _StagingStream:
                        for part, offset in zip(parts, offsets, strict=True)]
         return self.arrays
 
-    def scratch(self, rows: int, cols: int):
-        """A (rows, cols) float64 device matrix for this stream's work."""
-        if self.Y is None or rows * cols > self.Y.size:
+    def scratch(self, name: str, rows: int, cols: int):
+        """A (rows, cols) float64 device matrix for this stream's work, one per ``name``,
+        grown when too small (after the stream's queued work, which may still use it)."""
+        buffer = self.device_scratch.get(name)
+        if buffer is None or rows * cols > buffer.size:
             self.stream.synchronize()
-            self.Y = self.cuda.device_array(rows * cols)
-        return self.Y[: rows * cols].reshape(rows, cols)
+            buffer = self.device_scratch[name] = self.cuda.device_array(max(1, rows * cols))
+        return buffer[: rows * cols].reshape(rows, cols)
+
+    def pinned(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """A (rows, cols) float64 page-locked host matrix, one per ``name``, for copies
+        between the host and this stream's work; grown as ``scratch``."""
+        buffer = self.host_scratch.get(name)
+        if buffer is None or rows * cols > buffer.size:
+            self.stream.synchronize()
+            buffer = self.host_scratch[name] = self.cuda.pinned_array(max(1, rows * cols))
+        return buffer[: rows * cols].reshape(rows, cols)
 
 
 class _BlockRecords:
