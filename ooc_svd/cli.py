@@ -149,8 +149,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     from .sources import open_source
 
     check_backend(backend)
-    source = open_source(input_path)
-    plan = svd_plan(input_path, k, tol=tol, max_rank=max_rank, oversample=oversample,
+    source = open_source(input_path)  # opened once: a sparse .npz is loaded whole
+    plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
                     niter=niter, method=method, memory_limit=memory_limit)
     report = {
         "input": input_path,

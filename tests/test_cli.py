@@ -162,3 +162,21 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     data = zarr.open_array(store, mode="r")[:].astype(float)
     error = np.linalg.norm(data - B @ A) / np.linalg.norm(data)
     assert error == pytest.approx(summary["residual"], rel=1e-3)
+
+
+def test_info_opens_its_input_once(tmp_path, monkeypatch):
+    """A sparse .npz is loaded whole when opened: info must not load it twice."""
+    import scipy.sparse
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    A = scipy.sparse.random(200, 30, density=0.1, format="csr", random_state=1)
+    path = str(tmp_path / "A.npz")
+    scipy.sparse.save_npz(path, A)
+    loads, load_npz = [], scipy.sparse.load_npz
+    monkeypatch.setattr(scipy.sparse, "load_npz", lambda p: loads.append(p) or load_npz(p))
+    result = CliRunner().invoke(main, ["info", path, "--k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["nnz"] == A.nnz
+    assert loads == [path]

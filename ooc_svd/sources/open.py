@@ -15,6 +15,8 @@ def open_source(A: Any) -> DenseSource | CSRSource:
     groups) and scipy.sparse .npz files give a ``CSRSource``; everything else is dense."""
     import scipy.sparse
 
+    if isinstance(A, (DenseSource, CSRSource)):  # opened already
+        return A
     if scipy.sparse.issparse(A):
         if A.ndim != 2:
             raise InputError(f"A must be 2-dimensional, got shape {A.shape}")
