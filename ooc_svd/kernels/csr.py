@@ -59,17 +59,27 @@ def csr_power_kernel(data, indices, indptr, bounds, X, sTX, Z_parts, colsum_part
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def csr_times_kernel(data, indices, indptr, X, sTX, Y):
-    """Y = A X - 1 sTX.  X : (n, l) float64 C-order; Y : (b, l) float64, written."""
+def csr_times_kernel(data, indices, indptr, bounds, X, sTX, Y):
+    """Y = A X - 1 sTX over thread t's rows [bounds[t], bounds[t + 1]).
+
+    X : (n, l) float64 C-order; Y : (b, l) float64, written. A row is summed in a
+    contiguous buffer and stored once: Y is Fortran-ordered for the QR that follows, and
+    summing in place strides by b on every non-zero (measured on two cores: 1.7x slower
+    at l = 30, 3.9x at l = 150).
+    """
     l = X.shape[1]
-    for i in numba.prange(indptr.size - 1):
-        for c in range(l):
-            Y[i, c] = -sTX[c]
-        for p in range(indptr[i], indptr[i + 1]):
-            value = np.float64(data[p])
-            j = indices[p]
+    for t in numba.prange(bounds.size - 1):
+        y = np.empty(l)
+        for i in range(bounds[t], bounds[t + 1]):
             for c in range(l):
-                Y[i, c] += value * X[j, c]
+                y[c] = -sTX[c]
+            for p in range(indptr[i], indptr[i + 1]):
+                value = np.float64(data[p])
+                j = indices[p]
+                for c in range(l):
+                    y[c] += value * X[j, c]
+            for c in range(l):
+                Y[i, c] = y[c]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
@@ -174,7 +184,8 @@ def csr_times(block, first_row: int, X: np.ndarray, shift: np.ndarray, stats: Bl
     """Y = A_s X for a CSR block, (b, l) float64 F-order, gathering the block's totals
     unless ``stats`` is None (they cost a sweep of their own)."""
     Y = np.empty((block.shape[0], X.shape[1]), order="F") if out is None else out
-    csr_times_kernel(block.data, block.indices, block.indptr, np.ascontiguousarray(X),
+    bounds = thread_bounds(block.indptr, scatter_threads())
+    csr_times_kernel(block.data, block.indices, block.indptr, bounds, np.ascontiguousarray(X),
                      shift @ X, Y)
     if stats is not None:
         add_block_totals(block, first_row, shift, stats)
