@@ -15,7 +15,7 @@ or Inf raises ``NonFiniteError`` naming rows of the matrix.
   ``StreamingTSQR`` with R and B^T. A backend may keep B^T in its own memory until then.
 - ``times``: Y = A_s X for one block, (b, l). ``stats=None`` skips the block's totals where
   that saves a sweep (the final pass gathers them in ``transposed_times``).
-- ``transposed_times``: C^T = A_s^T Q for one block, (n, l).
+- ``transposed_times``: C^T = A_s^T Q for one block, (n, l), in either memory order.
 """
 
 from __future__ import annotations
@@ -168,4 +168,6 @@ class HostFinalSweep:
         self.spill(self.tsqr.blocks - 1, Q_i, merge)
 
     def result(self) -> StreamingTSQR:
+        if self.tsqr.BT is not None:  # C^T of a single block may be C-ordered
+            self.tsqr.BT = np.asfortranarray(self.tsqr.BT)
         return self.tsqr
