@@ -140,7 +140,6 @@ class _CPUPowerSweep:
         return self.Z
 
 
-
 class HostFinalSweep:
     """The final pass's streaming TSQR from a backend's ``times`` and ``transposed_times``,
     one block at a time: Y_i = A_s,i X, Y_i = Q_i R_i (LAPACK), C_i^T = A_s,i^T Q_i, and

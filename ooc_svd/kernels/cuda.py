@@ -21,6 +21,8 @@ to be simple and to never be the bottleneck, not to reach peak flops:
   dense blocks (one more read of the resident block) and from the spare thread of each row
   group in the CSR power kernel: column l of the group scatters the values themselves,
   which is the column sum A^T 1.
+- The final pass's small products (B^T T and Q_i S, float64): one thread per output entry;
+  they are n x l x l flops against the block's b x n x l, and their factors stay in cache.
 
 The centering shift is applied while staging dense tiles (A_s = A - 1 shift^T is never
 stored) and algebraically for CSR blocks (the host corrects with shift^T X and the column
