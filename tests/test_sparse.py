@@ -73,6 +73,10 @@ def test_csr_kernels_on_an_empty_block_and_a_single_value():
     np.testing.assert_array_equal(sweep.result(), expected)
     assert (stats.rows, stats.sumsq) == (5, 9.0)
     np.testing.assert_array_equal(kernels.times(empty, 0, X, np.zeros(5), stats), 0)
+    # An empty block's Q_i in the final pass has no columns, with or without a shift.
+    for shift in (np.zeros(5), np.arange(5.0)):
+        CT = kernels.transposed_times(empty, 0, np.zeros((0, 0)), shift, BlockStats.zeros(5))
+        assert CT.shape == (5, 0)
 
 
 def test_densified_sub_blocks_feed_the_gram_and_exact_methods():

@@ -204,7 +204,7 @@ def csr_transposed_times(block, first_row: int, Q: np.ndarray, shift: np.ndarray
     CT = np.zeros((n, l))
     sumsq, colsum = _column_range_sweep(block, first_row, np.ascontiguousarray(Q, np.float64),
                                         CT)
-    if shift.any():  # CT -= shift (1^T Q), in place (CT.T is F-ordered)
+    if shift.any() and CT.size:  # CT -= shift (1^T Q), in place (CT.T is F-ordered)
         dger(-1.0, Q.sum(axis=0), shift, a=CT.T, overwrite_a=1)
     _add_shifted_totals(stats, colsum, sumsq, block.shape[0], shift)
     return CT
