@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
                                     [--block-mb 256] [--csr-cols 100000] [--csr-row-nnz 64]
+                                    [--csr-column-exponents 0 1]
 
 A power pass is bound by the copy of A to the device (about 4l flops per element), so its
 target is the pinned host-to-device bandwidth for data already in host memory. Measured, in
@@ -9,9 +10,13 @@ one run on one GPU:
 
 - the pinned and pageable host-to-device bandwidth, and the host copy into pinned memory;
 - a full ``CUDAKernels.power_sweep`` over --gb of float32 blocks (distinct arrays in host
-  memory) for each n, and over CSR blocks (float32 values, int32 indices): GB/s of A and
-  the ratio to the pinned bandwidth, for blocks in ordinary (pageable) memory, which go
-  through the staging copy, and for the same blocks in page-locked memory, which do not;
+  memory) for each n, and over CSR blocks (float32 values, int32 indices) with uniform
+  columns (exponent 0) and Zipf-like ones (column j drawn with probability proportional
+  to (j + 1) ** -exponent, as in text or ratings data), each with A^T Y formed both ways
+  (``csr_transposed``: atomic scatters from the rows, or the block reordered by columns):
+  GB/s of A and the ratio to the pinned bandwidth, for blocks in ordinary (pageable)
+  memory, which go through the staging copy, and for the same blocks in page-locked
+  memory, which do not;
 - a full ``CUDAKernels.final_sweep`` (the final pass: Y_i on the device, its QR on the
   host, B^T on the device) over the page-locked blocks, the Q_i kept in memory;
 - the kernels alone on a block already on the device (GB/s of the block), and, where CuPy
@@ -38,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-mb", type=float, default=256)
     parser.add_argument("--csr-cols", type=int, default=100_000)
     parser.add_argument("--csr-row-nnz", type=int, default=64)
+    parser.add_argument("--csr-column-exponents", type=float, nargs="+", default=[0.0, 1.0],
+                        help="0: uniform columns; s > 0: column j ~ (j + 1) ** -s")
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--copy-threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="kernel timings: best of")
@@ -93,14 +100,17 @@ def dense_blocks(total_bytes: int, block_bytes: int, n: int) -> list[np.ndarray]
     return [template + np.float32(i) for i in range(max(1, total_bytes // template.nbytes))]
 
 
-def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int) -> list:
-    """Distinct CSR blocks (float32 values, int32 indices, row_nnz per row)."""
+def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int,
+               exponent: float) -> list:
+    """Distinct CSR blocks (float32 values, int32 indices, row_nnz per row), column j drawn
+    with probability proportional to (j + 1) ** -exponent."""
     from ooc_svd.sources.csr import CSRBlock
 
     rng = np.random.default_rng(0)
     rows = max(1, block_bytes // (row_nnz * 8 + 8))
     indptr = np.arange(rows + 1, dtype=np.int64) * row_nnz
-    indices = rng.integers(0, n, rows * row_nnz, dtype=np.int32)
+    cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -exponent)
+    indices = np.searchsorted(cdf / cdf[-1], rng.random(rows * row_nnz)).astype(np.int32)
     data = rng.standard_normal(rows * row_nnz, dtype=np.float32)
     return [CSRBlock(data + np.float32(i), indices.copy(), indptr.copy(), n)
             for i in range(max(1, total_bytes // block_bytes))]
@@ -187,17 +197,34 @@ def cupy_dense_rates(block, X, repeats) -> dict[str, float]:
 
 
 def csr_kernel_rates(cuda, backend, block, X, repeats) -> dict[str, float]:
+    """GB/s of the block for the power kernels of ``backend.csr_transposed`` (for
+    'columns', also the reorder alone) and, with CuPy, for cuSPARSE."""
     n, l = X.shape
     kernels, stream = backend.kernels, cuda.default_stream()
     arrays = [cuda.to_device(a) for a in (block.data, block.indices, block.indptr)]
     device_X, sX = cuda.to_device(np.ascontiguousarray(X)), cuda.to_device(np.zeros(l))
     Z, colsum = cuda.to_device(np.zeros((n, l))), cuda.to_device(np.zeros(n))
     record = cuda.to_device(np.zeros(2))
+    Y = cuda.device_array((block.shape[0], l))
+    counts = cuda.to_device(np.zeros(n + 1, dtype=np.int64))
+    starts, cursor = cuda.device_array(n + 1, np.int64), cuda.device_array(n, np.int64)
+    values, rows = cuda.device_array(block.nnz, block.data.dtype), cuda.device_array(
+        block.nnz, np.int32)
+
+    def reorder():
+        kernels.csr_to_columns(stream, *arrays, counts, starts, cursor, values, rows)
 
     def ours():
-        kernels.csr_power(stream, *arrays, device_X, sX, Z, colsum, record)
+        if backend.csr_transposed == "scatter":
+            kernels.csr_power(stream, *arrays, device_X, sX, Z, colsum, record)
+            return
+        kernels.csr_times(stream, *arrays, device_X, sX, Y)
+        reorder()
+        kernels.columns_times(stream, values, rows, starts, Y, Z, colsum, record)
 
     rates = {"ooc_svd kernels": block.nbytes / seconds_on_device(cuda, ours, repeats) / 1e9}
+    if backend.csr_transposed == "columns":
+        rates["reorder alone"] = block.nbytes / seconds_on_device(cuda, reorder, repeats) / 1e9
     try:
         import cupy
         import cupyx.scipy.sparse
@@ -255,13 +282,19 @@ def main() -> None:
         backend.close()
         del blocks
     n = args.csr_cols
-    backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
     X = np.asfortranarray(rng.standard_normal((n, args.basis)))
-    blocks = csr_blocks(total, block_bytes, n, args.csr_row_nnz)
-    rates = sweep_rates(backend, blocks, X)
-    kernels = csr_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
-    rows.append((f"CSR f32/i32, n={n}, {args.csr_row_nnz}/row", sum(b.nbytes for b in blocks),
-                 rates, kernels))
+    for exponent in args.csr_column_exponents:
+        blocks = csr_blocks(total, block_bytes, n, args.csr_row_nnz, exponent)
+        columns = "uniform columns" if exponent == 0 else f"columns ~ (j+1)^-{exponent:g}"
+        for way in ("scatter", "columns"):
+            backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads,
+                                  csr_transposed=way)
+            rates = sweep_rates(backend, blocks, X)
+            kernels = csr_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
+            rows.append((f"CSR f32/i32, n={n}, {args.csr_row_nnz}/row, {columns}, A^T Y by "
+                         f"{way}", sum(b.nbytes for b in blocks), rates, kernels))
+            backend.close()
+        del blocks
 
     print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
           f"pinned H2D {pinned:.1f} GB/s\n")

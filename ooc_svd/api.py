@@ -476,7 +476,8 @@ def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan):
     # Each stream stages a block in pinned host memory: counted by the plan (staging_blocks).
     width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
     rows = plan.block_rows if plan.sparse else None
-    needed = device_bytes(n, width, max(plan.block_bytes), rows=rows)
+    needed = device_bytes(n, width, max(plan.block_bytes), rows=rows,
+                          columns=plan.sparse and kernels.csr_transposed == "columns")
     free = device_memory()[0]
     if needed > free:
         kernels.close()  # before raising: its pinned buffers and streams

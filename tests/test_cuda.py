@@ -112,17 +112,90 @@ def test_dense_kernels_match_reference(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_csr_kernels_match_reference(shape, index_dtype, dtype):
+@pytest.mark.parametrize("transposed", ["scatter", "columns"])
+def test_csr_kernels_match_reference(shape, index_dtype, dtype, transposed):
     rows, n, l = shape
     block = csr_block(rows, n, dtype, index_dtype)
     X, shift, Q = operands(n, l, rows)
     As = shifted(block, shift)
-    kernels, stats = CUDAKernels(n), BlockStats.zeros(n)
+    kernels, stats = CUDAKernels(n, csr_transposed=transposed), BlockStats.zeros(n)
     np.testing.assert_allclose(kernels.times(block, 0, X, shift, stats), As @ X, rtol=1e-12,
                                atol=1e-12 * np.abs(As).sum())
     np.testing.assert_allclose(kernels.transposed_times(block, 0, Q, shift, BlockStats.zeros(n)),
                                As.T @ Q, rtol=1e-12, atol=1e-12 * np.abs(As).sum())
     assert_stats(stats, As, 1e-12)
+
+
+def skewed_csr(rows, n, dtype, index_dtype, seed=0):
+    """A CSR block (scipy) whose column 1 holds a non-zero in most rows (a run longer than
+    several chunks of the column-ordered product), with empty columns (0 and the last
+    two) and empty rows."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(seed)
+    dense = scipy.sparse.random(rows, n, density=0.2, random_state=rng).toarray()
+    dense[rng.random(rows) < 0.8, 1] = rng.standard_normal()
+    dense[:, [0, n - 2, n - 1]] = 0.0
+    dense[[2, rows - 1]] = 0.0
+    matrix = scipy.sparse.csr_matrix(dense.astype(dtype))
+    matrix.indices = matrix.indices.astype(index_dtype)
+    return matrix
+
+
+@on_device
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_csr_to_columns_matches_scipy_csc(index_dtype, dtype):
+    """The device reorder of a CSR block by columns: the column pointers of the CSC form,
+    and in each column the same (row, value) pairs, in whatever order. Two blocks in a
+    row: the first must leave the counts zero for the second."""
+    from numba import cuda
+
+    rows, n = (23, 8) if SIMULATED else (5000, 3000)
+    kernels = CUDAKernels(n).kernels
+    counts = cuda.to_device(np.zeros(n + 1, dtype=np.int64))
+    starts, cursor = cuda.device_array(n + 1, np.int64), cuda.device_array(n, np.int64)
+    for seed in (0, 1):
+        A = skewed_csr(rows, n, dtype, index_dtype, seed)
+        values = cuda.device_array(A.nnz, dtype)
+        row_of = cuda.device_array(A.nnz, np.int32)
+        arrays = [cuda.to_device(a) for a in (A.data, A.indices, A.indptr.astype(np.int64))]
+        kernels.csr_to_columns(0, *arrays, counts, starts, cursor, values, row_of)
+        reference = A.tocsc()
+        np.testing.assert_array_equal(starts.copy_to_host(), reference.indptr)
+        np.testing.assert_array_equal(counts.copy_to_host(), 0)
+        values, row_of = values.copy_to_host(), row_of.copy_to_host()
+        for c in range(n):
+            run = slice(reference.indptr[c], reference.indptr[c + 1])
+            order = np.argsort(row_of[run])
+            np.testing.assert_array_equal(row_of[run][order], reference.indices[run])
+            np.testing.assert_array_equal(values[run][order], reference.data[run])
+
+
+@on_device
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_columns_times_splits_long_columns_between_chunks(dtype):
+    """Z += A^T Y and the column totals from the column order, on a block whose long column
+    spans several chunks and whose chunks span several columns, some empty."""
+    from numba import cuda
+
+    rows, n, l = (23, 8, 5) if SIMULATED else (5000, 3000, 40)
+    A = skewed_csr(rows, n, dtype, np.int32)
+    CSC = A.tocsc()
+    Y = np.random.default_rng(2).standard_normal((rows, l))
+    Z0 = np.random.default_rng(3).standard_normal((n, l))
+    kernels = CUDAKernels(n).kernels
+    Z, colsum, record = (cuda.to_device(Z0), cuda.to_device(np.zeros(n)),
+                         cuda.to_device(np.zeros(2)))
+    kernels.columns_times(0, cuda.to_device(CSC.data), cuda.to_device(CSC.indices),
+                          cuda.to_device(CSC.indptr.astype(np.int64)), cuda.to_device(Y), Z,
+                          colsum, record)
+    dense = A.toarray().astype(np.float64)
+    np.testing.assert_allclose(Z.copy_to_host(), Z0 + dense.T @ Y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(colsum.copy_to_host(), dense.sum(axis=0), rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(record.copy_to_host(), [np.sum(dense * dense), 0.0],
+                               rtol=1e-12)
 
 
 @on_device
@@ -140,18 +213,28 @@ def test_transposed_times_copies_a_block_other_than_the_last(kind):
     np.testing.assert_allclose(CT, shifted(second, shift).T @ Q, rtol=1e-12, atol=1e-12)
 
 
-SWEEPS = [  # (kind, data dtype, index dtype, centered, page-locked blocks)
+SWEEPS = [  # (kind, data dtype, index dtype, centered, page-locked blocks); kind "columns"
+    # is CSR with csr_transposed='columns'
     ("dense", np.float32, None, True, False),
     ("dense", np.float64, None, False, True),  # copied to the device without staging
     ("csr", np.float32, np.int32, True, False),  # a shift makes the CSR correction non-trivial
     ("csr", np.float64, np.int64, False, True),
+    ("columns", np.float32, np.int32, True, False),
+    ("columns", np.float64, np.int64, False, True),
 ]
+
+
+def cuda_kernels(kind, n, **options) -> CUDAKernels:
+    """The cuda backend for blocks of ``kind`` ('dense', 'csr' or 'columns': CSR blocks
+    with their A^T Y formed in column order)."""
+    transposed = "columns" if kind == "columns" else "scatter"
+    return CUDAKernels(n, csr_transposed=transposed, **options)
 
 
 def split_blocks(kind, dtype, index_dtype, rows, n, sizes):
     """The matrix and its row blocks of the given sizes (one of them empty)."""
     whole = (dense_block(rows, n, dtype, seed=2) if kind == "dense"
-             else csr_block(rows, n, dtype, index_dtype, seed=2))
+             else csr_block(rows, n, dtype, index_dtype, seed=2))  # csr, columns
     starts = np.cumsum([0, *sizes])
     return whole, [(int(a), whole[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
@@ -165,7 +248,7 @@ def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pin
     X, shift, _ = operands(n, l, rows)
     shift = shift if centered else np.zeros(n)
     results = []
-    for kernels in (CPUKernels(n), CUDAKernels(n)):
+    for kernels in (CPUKernels(n), cuda_kernels(kind, n)):
         stats = BlockStats.zeros(n)
         sweep = kernels.power_sweep(X, stats)
         for start, block in blocks:
@@ -217,7 +300,7 @@ def test_final_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pin
 
 
 @on_device
-@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("kind", ["dense", "csr", "columns"])
 def test_final_sweep_on_one_stream(kind):
     """With one stream a block's B^T update must be enqueued before the next block
     overwrites the stream's device buffer."""
@@ -236,7 +319,7 @@ def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, s
     Y = np.hstack([As @ X, np.ones((rows, int(append_ones)))])
     scale = np.abs(As).sum()
     results = []
-    for kernels in (CPUKernels(n), CUDAKernels(n, streams=streams)):
+    for kernels in (CPUKernels(n), cuda_kernels(kind, n, streams=streams)):
         blocks_here = [(start, kernels.keep(block) if pinned else block)
                        for start, block in blocks]
         tsqr, stats, Q = run_final_sweep(kernels, X, blocks_here, shift, append_ones)
@@ -254,7 +337,7 @@ def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, s
 
 @on_device
 @OVERFLOW_WARNING
-@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("kind", ["dense", "csr", "columns"])
 def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
     whole, blocks = split_blocks(kind, np.float64, np.int32, 30, 6, [10, 10, 10])
     if kind == "dense":
@@ -262,8 +345,9 @@ def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
     else:
         whole.data[whole.indptr[10]] = np.nan
     spilled = []
-    sweep = CUDAKernels(6).final_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6),
-                                       False, lambda *block: spilled.append(block))
+    sweep = cuda_kernels(kind, 6).final_sweep(np.ones((6, 2), order="F"),
+                                              BlockStats.zeros(6), False,
+                                              lambda *block: spilled.append(block))
     with pytest.raises(NonFiniteError, match=r"NaN or Inf in rows \[1010, 1020\)"):
         for start, block in blocks:
             sweep.add(block, 1000 + start, np.zeros(6))
@@ -286,7 +370,7 @@ def test_float32_accumulation_is_close_to_float64():
 
 @on_device
 @OVERFLOW_WARNING
-@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("kind", ["dense", "csr", "columns"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_sweep_names_the_rows_of_a_non_finite_block(kind, bad):
     whole, blocks = split_blocks(kind, np.float64, np.int32, 30, 6, [10, 10, 10])
@@ -295,7 +379,7 @@ def test_sweep_names_the_rows_of_a_non_finite_block(kind, bad):
     else:
         assert whole.indptr[10] < whole.indptr[20]
         whole.data[whole.indptr[10]] = bad  # the blocks are views: rows [10, 20) hold it
-    sweep = CUDAKernels(6).power_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6))
+    sweep = cuda_kernels(kind, 6).power_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6))
     for start, block in blocks:
         sweep.add(block, 1000 + start, np.zeros(6))
     with pytest.raises(NonFiniteError, match=r"NaN or Inf in rows \[1010, 1020\)"):
@@ -389,6 +473,14 @@ def test_device_bytes_counts_every_stream_buffer():
     assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (3 * n * l + n)
     assert device_bytes(n, l, block, streams=3) - device_bytes(n, l, block) == per_stream
     assert device_bytes(n, l, block, rows=10) < device_bytes(n, l, block)
+    # The column order: a second copy of the block, and counts, starts and cursor.
+    assert (device_bytes(n, l, block, columns=True) - device_bytes(n, l, block)
+            == 2 * (block + 3 * 8 * (n + 1)))
+
+
+def test_csr_transposed_must_be_a_known_way():
+    with pytest.raises(ValueError, match="csr_transposed must be one of"):
+        CUDAKernels(5, csr_transposed="atomic")
 
 
 @on_device

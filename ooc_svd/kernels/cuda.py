@@ -16,7 +16,13 @@ to be simple and to never be the bottleneck, not to reach peak flops:
 - CSR blocks: a group of ``lanes`` threads per row, one output column per thread, so the
   gathers of X's rows and the atomic scatters into Z's rows are coalesced across the group.
   The power kernel is fused: a row's non-zeros are read from device memory once for
-  y = A_row X and again, from cache, to scatter Z += A_row^T y.
+  y = A_row X and again, from cache, to scatter Z += A_row^T y. That scatter costs l
+  float64 atomics per non-zero, which bound it (below), and rows sharing a popular column
+  all add into the same row of Z. The alternative (``csr_to_columns``, ``columns_times``)
+  reorders the block by columns on the device (a histogram of the column indices, a scan,
+  and a scatter of each non-zero with an integer atomic) and then sums A^T Y column by
+  column in registers, from chunks of equal numbers of non-zeros, with an atomic per run
+  of a column in a chunk; it costs a second copy of the block on the device.
 - Totals (column sums, sum of squares, a non-finite flag) come from separate kernels for
   dense blocks (one more read of the resident block) and from the spare thread of each row
   group in the CSR power kernel: column l of the group scatters the values themselves,
@@ -65,8 +71,10 @@ class Geometry:
     rows (of Y, or of Z's rows = A's columns) by ``out_cols`` columns, staging ``depth``
     entries of the summed dimension at a time; each thread holds
     (tile / threads_y) x (out_cols / threads_x) outputs in registers.
-    CSR: ``lanes`` threads share a row, ``groups`` rows per thread block.
+    CSR: ``lanes`` threads share a row, ``groups`` rows per thread block; in the
+    column-ordered product they share a chunk of ``column_chunk`` non-zeros instead.
     Totals: ``stats_threads`` threads per block, one column (or non-zero) each.
+    Column pointers: one block of ``scan_threads`` threads scans the column counts.
     """
 
     threads_x: int = 16
@@ -77,6 +85,8 @@ class Geometry:
     lanes: int = 32
     groups: int = 8
     stats_threads: int = 256
+    column_chunk: int = 256
+    scan_threads: int = 1024
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -90,7 +100,8 @@ DEFAULT_GEOMETRY = Geometry()
 # Four threads per dense block, eight per CSR block: the simulator runs one Python thread
 # per CUDA thread, and tiles this small still exercise every edge and every loop.
 SIMULATOR_GEOMETRY = Geometry(threads_x=2, threads_y=2, out_cols=4, tile=4, depth=4,
-                              lanes=4, groups=2, stats_threads=4)
+                              lanes=4, groups=2, stats_threads=4, column_chunk=4,
+                              scan_threads=4)
 
 
 def device_capacity() -> tuple[int, int]:
@@ -118,6 +129,9 @@ class BlockKernels:
         self.geometry = geometry
         self.kernels = _compile(ACCUMULATE[accumulate], geometry)
         self.multiprocessors, self.threads_per_multiprocessor = device_capacity()
+        # What columns_times writes to when no totals are wanted: no column sums, and a
+        # record that only ever receives zeros.
+        self.no_totals = (cuda.device_array(0), cuda.to_device(np.zeros(2)))
 
     def dense_times(self, stream, A, shift, X, Y):
         """Y = (A - 1 shift^T) X."""
@@ -166,6 +180,30 @@ class BlockKernels:
         grid = min(_blocks(data.size, g.stats_threads), self._resident(g.stats_threads))
         self._launch("csr_totals", grid, g.stats_threads, stream, data, indices, colsum,
                      record)
+
+    def csr_to_columns(self, stream, data, indices, indptr, counts, starts, cursor,
+                       column_data, column_rows):
+        """Reorder a CSR block by columns: ``starts`` (n + 1,) int64 receives the column
+        pointers, ``column_data`` and ``column_rows`` (nnz,) int32 the values and their
+        rows. ``counts`` (n + 1,) int64 must be zero and is left zero; ``cursor`` (n,)
+        int64 is scratch."""
+        g = self.geometry
+        grid = min(_blocks(indices.size, g.stats_threads), self._resident(g.stats_threads))
+        self._launch("column_counts", grid, g.stats_threads, stream, indices, counts)
+        self._launch("column_starts", 1, g.scan_threads, stream, counts, starts, cursor)
+        self._launch_rows("csr_to_columns", stream, data, indices, indptr, cursor,
+                          column_data, column_rows)
+
+    def columns_times(self, stream, data, rows, starts, Y, Z, colsum=None, record=None):
+        """Z += A^T Y for a block in column order (``csr_to_columns``); given colsum and
+        record, also colsum += column sums of A, record += [sum of squares of A, flag]."""
+        g = self.geometry
+        if colsum is None:
+            colsum, record = self.no_totals
+        grid = min(_blocks(data.size, g.column_chunk * g.groups),
+                   self._resident(g.lanes * g.groups))
+        self._launch("columns_times", grid, (g.lanes, g.groups), stream, data, rows, starts,
+                     Y, Z, colsum, record)
 
     def small_product(self, stream, A, B, C):
         """C = A B for small float64 factors (B has at most a few hundred rows): the
@@ -224,6 +262,11 @@ def example_signatures(data: str = "float32", index: str = "int32") -> dict[str,
         "csr_times": f"void({csr}, {matrix}, {vector}, {matrix})",
         "csr_transposed": f"void({csr}, {matrix}, {matrix})",
         "csr_totals": f"void({data}[::1], {index}[::1], {vector}, {vector})",
+        "column_counts": f"void({index}[::1], int64[::1])",
+        "column_starts": "void(int64[::1], int64[::1], int64[::1])",
+        "csr_to_columns": f"void({csr}, int64[::1], {data}[::1], int32[::1])",
+        "columns_times": f"void({data}[::1], int32[::1], int64[::1], {matrix}, {matrix}, "
+                         f"{vector}, {vector})",
         "small_product": f"void({matrix}, {matrix}, {matrix})",
     }
 
@@ -236,6 +279,7 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
     threads_x, threads_y, out_cols, tile, depth = (g.threads_x, g.threads_y, g.out_cols,
                                                    g.tile, g.depth)
     lanes, groups, stats_threads = g.lanes, g.groups, g.stats_threads
+    column_chunk, scan_threads = g.column_chunk, g.scan_threads
     threads = threads_x * threads_y
     rows_per_thread, cols_per_thread = tile // threads_y, out_cols // threads_x
     # Shared and local array shapes must be plain constants, not expressions.
@@ -410,6 +454,112 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             record[1] = 1.0
         block_sum(squares, scratch, record)
 
+    def column_counts(indices, counts):
+        """counts[c + 1] += the non-zeros of column c; counts[0] stays 0, so the prefix
+        sums of counts are the column pointers."""
+        for p in range(cuda.grid(1), indices.size, cuda.gridsize(1)):
+            cuda.atomic.add(counts, indices[p] + 1, 1)
+
+    def column_starts(counts, starts, cursor):
+        """starts = the prefix sums of counts (starts[c] is where column c begins,
+        starts[n] the number of non-zeros), cursor = starts[:n], and counts zeroed for the
+        next block. One thread block: each thread sums a contiguous range of counts, the
+        thread totals are scanned in shared memory, and each thread writes its range."""
+        totals = cuda.shared.array(scan_threads, np.int64)
+        t = cuda.threadIdx.x
+        per_thread = (counts.size + scan_threads - 1) // scan_threads
+        first = min(t * per_thread, counts.size)
+        last = min(first + per_thread, counts.size)
+        own = 0
+        for i in range(first, last):
+            own += counts[i]
+        totals[t] = own
+        cuda.syncthreads()
+        step = 1
+        while step < scan_threads:  # inclusive scan of the thread totals (Hillis-Steele)
+            before = totals[t - step] if t >= step else 0
+            cuda.syncthreads()
+            totals[t] += before
+            cuda.syncthreads()
+            step *= 2
+        running = totals[t] - own
+        for i in range(first, last):
+            running += counts[i]
+            counts[i] = 0
+            starts[i] = running
+            if i < cursor.size:
+                cursor[i] = running
+
+    def csr_to_columns(data, indices, indptr, cursor, column_data, column_rows):
+        """The block's non-zeros in column order: the one at (row, c) goes to the next free
+        slot of column c, taken with an atomic on cursor[c]. Which rows of a column come
+        first varies between runs; the products' sums vary in their last bits, as they
+        do with atomic scatters."""
+        lane, row, step = row_lane()
+        while row < indptr.size - 1:
+            for p in range(indptr[row] + lane, indptr[row + 1], lanes):
+                slot = cuda.atomic.add(cursor, indices[p], 1)
+                column_rows[slot] = row
+                column_data[slot] = data[p]
+            row += step
+
+    @cuda.jit(device=True)
+    def column_of(starts, p):
+        """The column holding non-zero p: the last c < n with starts[c] <= p."""
+        low, high = 0, starts.size - 2
+        while low < high:
+            middle = (low + high + 1) // 2
+            if starts[middle] <= p:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def columns_times(data, rows, starts, Y, Z, colsum, record):
+        """Z += A^T Y from the block in column order (data, rows, starts); when colsum is
+        not empty also its column sums, sum of squares and NaN/Inf.
+
+        A group of threads takes ``column_chunk`` consecutive non-zeros, whichever columns
+        they fall in: long columns are shared between groups and short ones batched, so
+        the work is even however skewed the column counts are. Thread j of the group sums
+        each column's run of non-zeros in the chunk against column j of Y (the rows of Y
+        gathered, coalesced across the group) and adds it to Z with one atomic; thread l
+        sums the values themselves into colsum. That is an atomic per run and column of
+        Y, not per non-zero as in the row-wise scatter."""
+        scratch = cuda.shared.array(row_threads, np.float64)
+        lane, group, step = row_lane()
+        l = Y.shape[1]
+        width = l + 1 if colsum.size > 0 else l
+        squares, bad = 0.0, False
+        first = group * column_chunk
+        while first < data.size:
+            last = min(first + column_chunk, data.size)
+            for j in range(lane, width, lanes):
+                c, p = column_of(starts, first), first
+                while p < last:
+                    while starts[c + 1] <= p:  # past the column just finished, and empty ones
+                        c += 1
+                    end = min(starts[c + 1], last)
+                    if j < l:
+                        total = acc(0)
+                        for q in range(p, end):
+                            total += acc(data[q]) * acc(Y[rows[q], j])
+                        cuda.atomic.add(Z, (c, j), np.float64(total))
+                    else:
+                        column = 0.0
+                        for q in range(p, end):
+                            value = np.float64(data[q])
+                            column += value
+                            squares += value * value
+                            if not math.isfinite(value):
+                                bad = True
+                        cuda.atomic.add(colsum, c, column)
+                    p = end
+            first += step * column_chunk
+        if bad:
+            record[1] = 1.0
+        block_sum(squares, scratch, record)
+
     def small_product(A, B, C):
         """C = A B, a thread per entry of C (grid-stride). A row of A and all of B are
         read from cache after the first thread of a row has touched them."""
@@ -421,5 +571,6 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             C[i, j] = total
 
     kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
-               csr_transposed, csr_totals, small_product)
+               csr_transposed, csr_totals, column_counts, column_starts, csr_to_columns,
+               columns_times, small_product)
     return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})

@@ -19,12 +19,16 @@ best. ``CUDAPowerSweep`` aims for it:
   back once. The streams share one Z: every update of Z is an atomic add, which is safe
   between kernels running at once, and a copy per stream would double the L2 footprint of
   the CSR scatter targets (X and two Z's are 72 MB at n = 1e5, l = 30; an H100 has 50 MB).
+  CSR blocks form Z += A^T Y by atomic scatters from their rows, or, with
+  ``csr_transposed='columns'``, from a copy reordered by columns on the device (see
+  ``kernels.cuda``), which its stream keeps beside the block.
 
 The final pass (``CUDAFinalSweep``) keeps B^T on the device the same way and factors each
 Y_i on the host while the next block is copied (see its docstring).
 
-Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S); once,
-X and Z or the two buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the
+Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S), and
+with ``csr_transposed='columns'`` the block's column order; once, X and Z or the two
+buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the
 total for the planner.
 
 A NaN or Inf is found by the kernels, which record a flag and the sum of squares of every
@@ -58,6 +62,8 @@ from .backend import SpillBlock
 from .cpu import BlockStats
 
 STREAMS = 2
+# The ways of forming A^T Y for CSR blocks (CUDAKernels' csr_transposed).
+CSR_TRANSPOSED = ("scatter", "columns")
 # Device slots for per-block totals: room for this many blocks, doubled when full.
 RECORD_CAPACITY = 1024
 # The staging copy is split between threads in pieces of at least this many bytes.
@@ -120,19 +126,24 @@ def require_cuda() -> None:
 
 
 def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
-                 streams: int = STREAMS) -> int:
+                 streams: int = STREAMS, columns: bool = False) -> int:
     """Device memory a pass holds for blocks of at most ``block_bytes`` bytes.
 
     ``rows`` bounds the rows of a block (Y is rows x l); by default, that of a float32
-    block, the most rows per byte of dense data. For CSR blocks pass it (the power sweep
-    itself needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
-    is (q + 1) l).
+    block, the most rows per byte of dense data. For CSR blocks pass it (the scatter power
+    sweep needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
+    is (q + 1) l). ``columns``: CSR blocks are also reordered by columns on the device
+    (``csr_transposed='columns'``).
     """
     if rows is None:
         rows = block_bytes // (4 * max(n, 1))
     # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i);
     # once, X and the two buffers of B^T (or X and Z), and the column sums.
     per_stream = block_bytes + 3 * 8 * rows * l
+    if columns:
+        # The values and their int32 rows (no more than the block's values and indices)
+        # and three int64 arrays of n + 1: counts, starts and cursor.
+        per_stream += block_bytes + 3 * 8 * (n + 1)
     return streams * per_stream + 8 * (3 * n * l + n) + 16 * RECORD_CAPACITY
 
 
@@ -162,6 +173,12 @@ class CUDAKernels:
     geometry : kernels.cuda.Geometry, optional
         Thread-block shapes; by default the full-size ones on a GPU and tiny ones under the
         simulator.
+    csr_transposed : {'scatter', 'columns'}, default='scatter'
+        How CSR blocks' A^T Y is formed: 'scatter' adds each non-zero's row of products
+        into Z with float64 atomics, from the rows as stored; 'columns' first reorders the
+        block by columns on the device (``kernels.cuda.BlockKernels.csr_to_columns``), then
+        sums each column's products in registers, with an atomic per column run instead of
+        per non-zero, at the cost of a second copy of the block in device memory.
 
     The staging buffers persist between passes (pinned allocations are slow) until
     ``close()``; one sweep at a time.
@@ -170,7 +187,11 @@ class CUDAKernels:
     name = "cuda"
 
     def __init__(self, n: int, *, accumulate: str = "float64", streams: int = STREAMS,
-                 copy_threads: int | None = None, geometry: Any = None):
+                 copy_threads: int | None = None, geometry: Any = None,
+                 csr_transposed: str = "scatter"):
+        if csr_transposed not in CSR_TRANSPOSED:
+            raise ValueError(f"csr_transposed must be one of {CSR_TRANSPOSED}, not "
+                             f"{csr_transposed!r}")
         require_cuda()
         from numba import config, cuda
 
@@ -181,6 +202,7 @@ class CUDAKernels:
                         else device_kernels.DEFAULT_GEOMETRY)
         self.cuda = cuda
         self.n = n
+        self.csr_transposed = csr_transposed
         self.kernels = device_kernels.BlockKernels(accumulate, geometry)
         self.streams = [_StagingStream(cuda) for _ in range(max(1, streams))]
         self.copier = _HostCopier(copy_threads or min(8, os.cpu_count() or 1))
@@ -232,7 +254,7 @@ class CUDAKernels:
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
         CT = cuda.to_device(np.zeros((n, l)), lane.stream)
         if is_sparse_block(block):
-            self.kernels.csr_transposed(lane.stream, *arrays, device_Q, CT)
+            self.csr_transposed_times(lane, arrays, device_Q, CT)
         else:
             self.kernels.dense_transposed(lane.stream, *arrays, device_shift, device_Q, CT)
         self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
@@ -240,6 +262,35 @@ class CUDAKernels:
         if is_sparse_block(block):
             result -= np.outer(shift, Q.sum(axis=0))
         return result
+
+    def csr_transposed_times(self, lane: _StagingStream, arrays: list, Y, Z,
+                             columns: tuple | None = None) -> None:
+        """Enqueue Z += A^T Y for the CSR block on ``lane`` (its device ``arrays``), by
+        ``csr_transposed``; ``columns``: the block already in column order (``to_columns``)."""
+        if self.csr_transposed == "scatter":
+            self.kernels.csr_transposed(lane.stream, *arrays, Y, Z)
+            return
+        if columns is None:
+            columns = self.to_columns(lane, arrays)
+        self.kernels.columns_times(lane.stream, *columns, Y, Z)
+
+    def to_columns(self, lane: _StagingStream, arrays: list) -> tuple:
+        """Enqueue the reordering of the CSR block on ``lane`` by columns, into the lane's
+        buffers: its (values, rows, column starts), valid until the lane's next block."""
+        data, indices, indptr = arrays
+        if indptr.size - 1 >= 2**31:
+            raise ValueError("the column order keeps rows as int32: at most 2**31 - 1 rows "
+                             "per block")
+        n, nnz = self.n, data.size
+        # counts must be zero before the first block; column_starts leaves it zero.
+        counts = lane.scratch("column counts", n + 1, 1, np.int64, zeroed=True).reshape(-1)
+        starts = lane.scratch("column starts", n + 1, 1, np.int64).reshape(-1)
+        cursor = lane.scratch("column cursor", n, 1, np.int64).reshape(-1)
+        column_data = lane.scratch("column data", nnz, 1, data.dtype).reshape(-1)
+        column_rows = lane.scratch("column rows", nnz, 1, np.int32).reshape(-1)
+        self.kernels.csr_to_columns(lane.stream, data, indices, indptr, counts, starts,
+                                    cursor, column_data, column_rows)
+        return column_data, column_rows, starts
 
     def pinned_empty(self, shape, dtype=np.float32) -> np.ndarray:
         """An uninitialized page-locked host array. A block in such memory (a dense block,
@@ -385,7 +436,12 @@ class CUDAPowerSweep(_DeviceSweep):
         record = self.records.slot(first_row, block.shape[0])
         arrays = self.backend.upload(lane, block)
         kernels, stream = self.backend.kernels, lane.stream
-        if self.sparse:
+        if self.sparse and self.backend.csr_transposed == "columns":
+            Y = lane.scratch("Y", block.shape[0], self.X.shape[1])
+            kernels.csr_times(stream, *arrays, self.device_X, self.device_sX, Y)
+            columns = self.backend.to_columns(lane, arrays)
+            kernels.columns_times(stream, *columns, Y, self.Z, self.colsum, record)
+        elif self.sparse:
             kernels.csr_power(stream, *arrays, self.device_X, self.device_sX, self.Z,
                               self.colsum, record)
         else:
@@ -414,6 +470,7 @@ class _PendingBlock:
     first_row: int
     rows: int
     Y: np.ndarray  # (rows, l) pinned host view that receives Y_i
+    columns: tuple | None = None  # a CSR block in column order, when the backend uses it
 
 
 class CUDAFinalSweep(_DeviceSweep):
@@ -484,6 +541,7 @@ class CUDAFinalSweep(_DeviceSweep):
         arrays = self.backend.upload(lane, block)
         kernels, stream = self.backend.kernels, lane.stream
         Y = lane.scratch("Y", rows, l)
+        columns = None
         if self.sparse:
             kernels.csr_times(stream, *arrays, self.device_X, self.device_sX, Y)
             kernels.csr_totals(stream, arrays[0], arrays[1], self.colsum, record)
@@ -492,8 +550,11 @@ class CUDAFinalSweep(_DeviceSweep):
             kernels.dense_totals(stream, arrays[0], self.device_shift, self.colsum, record)
         Y.copy_to_host(host_Y, stream=stream)
         lane.ready.record(stream)
+        if self.sparse and self.backend.csr_transposed == "columns":
+            # While the host factors Y_i; B^T's update needs it only after that.
+            columns = self.backend.to_columns(lane, arrays)
         self.rows += rows
-        return _PendingBlock(lane, arrays, first_row, rows, host_Y)
+        return _PendingBlock(lane, arrays, first_row, rows, host_Y, columns)
 
     def _finish(self, block: _PendingBlock) -> None:
         """Factor Y_i on the host, spill Q_i, and enqueue the update of B^T."""
@@ -536,7 +597,7 @@ class CUDAFinalSweep(_DeviceSweep):
         target = self.buffers[self.tsqr.blocks % 2][: n * r_new].reshape(n, r_new)
         kernels.small_product(stream, self.BT, lane.factors[0], target)
         if P is not None and self.sparse:
-            kernels.csr_transposed(stream, *block.arrays, P, target)
+            self.backend.csr_transposed_times(lane, block.arrays, P, target, block.columns)
         elif P is not None:
             kernels.dense_transposed(stream, block.arrays[0], self.device_shift, P, target)
         self.updated.record(stream)
@@ -623,14 +684,20 @@ class _StagingStream:
                        for part, offset in zip(parts, offsets, strict=True)]
         return self.arrays
 
-    def scratch(self, name: str, rows: int, cols: int):
-        """A (rows, cols) float64 device matrix for this stream's work, one per ``name``,
-        grown when too small (after the stream's queued work, which may still use it)."""
-        buffer = self.device_scratch.get(name)
-        if buffer is None or rows * cols > buffer.size:
+    def scratch(self, name: str, rows: int, cols: int, dtype=np.float64,
+                zeroed: bool = False):
+        """A (rows, cols) device matrix for this stream's work, one per ``name``, grown
+        when too small (after the stream's queued work, which may still use it); a new one
+        is all zeros if ``zeroed``."""
+        buffer, size = self.device_scratch.get(name), rows * cols
+        if buffer is None or size > buffer.size or buffer.dtype != dtype:
             self.stream.synchronize()
-            buffer = self.device_scratch[name] = self.cuda.device_array(max(1, rows * cols))
-        return buffer[: rows * cols].reshape(rows, cols)
+            if zeroed:
+                buffer = self.cuda.to_device(np.zeros(max(1, size), dtype))
+            else:
+                buffer = self.cuda.device_array(max(1, size), dtype=dtype)
+            self.device_scratch[name] = buffer
+        return buffer[:size].reshape(rows, cols)
 
     def pinned(self, name: str, rows: int, cols: int) -> np.ndarray:
         """A (rows, cols) float64 page-locked host matrix, one per ``name``, for copies
