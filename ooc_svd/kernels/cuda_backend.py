@@ -28,8 +28,8 @@ Y_i on the host while the next block is copied (see its docstring).
 
 Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S), and
 with ``csr_transposed='columns'`` the block's column order; once, X and Z or the two
-buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the
-total for the planner.
+buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the total for the
+planner.
 
 A NaN or Inf is found by the kernels, which record a flag and the sum of squares of every
 block in its own slot on the device; ``result()`` reads the slots once and raises
