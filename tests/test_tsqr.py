@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
+from ooc_svd.tsqr import (
+    MergeFactors,
+    StreamingTSQR,
+    assemble_left_vectors,
+    local_qr,
+    merged_bt,
+)
 
 
 def stream(Y, A, boundaries):
@@ -53,3 +59,20 @@ def test_tsqr_of_rank_deficient_y_keeps_q_orthonormal():
     Q = explicit_q(tsqr, factors, tsqr.R.shape[0])
     np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-13)
     np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(("rows_acc", "rows_i"), [(5, 4), (5, 0), (0, 3)])
+def test_merged_bt_is_the_merge_whatever_the_order_of_its_operands(order, rows_acc, rows_i):
+    """B^T T + C_i^T S, F-ordered, from operands in either order and with an empty side
+    (an empty block's C_i^T, or a first R without rows)."""
+    rng = np.random.default_rng(0)
+    n, r_new = 40, 5
+    BT = np.asarray(rng.standard_normal((n, rows_acc)), order=order)
+    CT = np.asarray(rng.standard_normal((n, rows_i)), order=order)
+    factors = MergeFactors(rng.standard_normal((rows_acc, r_new)),
+                           rng.standard_normal((rows_i, r_new)))
+    merged = merged_bt(BT, CT, factors)
+    assert merged.flags.f_contiguous and merged.shape == (n, r_new)
+    np.testing.assert_allclose(merged, BT @ factors.T + CT @ factors.S, rtol=1e-13,
+                               atol=1e-13)
