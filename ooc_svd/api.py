@@ -32,6 +32,7 @@ from .engine import (
 from .errors import InputError, OOCSVDError, PlanError
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
+from .kernels.cuda_backend import STREAMS, check_cuda_options
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
@@ -62,6 +63,7 @@ def svd(
     write_factors: bool = False,
     client: Any = None,
     backend: str = "auto",
+    cuda_options: dict | None = None,
 ) -> SVDResult:
     """Top-k singular value decomposition of a matrix too large for memory.
 
@@ -154,6 +156,14 @@ dask.array.Array} of shape (m, n)
         streams the blocks through an NVIDIA GPU (numba-cuda, the ``cuda`` extra), copying
         block i + 1 while block i computes; 'auto' uses it when a usable GPU is present and
         says so in ``result.backend``. The gram and exact methods factor on the CPU.
+    cuda_options : dict, optional
+        Settings of the cuda backend, used wherever it runs (here or on the workers):
+        ``accumulate`` ('float64', the default, or 'float32': in-tile sums in float32, for
+        GPUs with a small float64 rate; it loses the directions below about 3e-4 sigma_1),
+        ``csr_transposed`` ('scatter', the default, or 'columns': CSR blocks' A^T Y formed
+        from a copy reordered by columns on the device, without a float64 atomic per
+        non-zero, at the cost of that copy) and ``streams`` (2 by default). An error with
+        backend='cpu'.
 
     Returns
     -------
@@ -183,7 +193,7 @@ dask.array.Array} of shape (m, n)
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
         overwrite, progress, scratch_dir, checkpoint, resume,
         _check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
-        client=client, backend=backend,
+        client=client, backend=backend, cuda_options=cuda_options,
     )
     return _run(source, request)
 
@@ -210,7 +220,9 @@ def svd_plan(
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
-          fixed_accuracy: bool = False, gpu: bool = False) -> Plan:
+          fixed_accuracy: bool = False, gpu_streams: int = 0) -> Plan:
+    """The run's plan; ``gpu_streams``: the CUDA streams whose pinned host buffers the
+    memory limit must hold too (0 without a GPU)."""
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
@@ -221,8 +233,11 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes if sparse else 0,
-                     staging_blocks=GPU_STAGING_BLOCKS if gpu else 0,
-                     staging_matrices=GPU_STAGING_MATRICES if gpu else 0)
+                     # Host copies of a block beside the plan's: a pinned staging buffer
+                     # per stream, and a block being moved into the page-locked cache;
+                     # per stream, pinned copies of the final pass's Y_i and Q_i.
+                     staging_blocks=gpu_streams + 1 if gpu_streams else 0,
+                     staging_matrices=2 * gpu_streams)
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
@@ -295,6 +310,7 @@ class _Request:
     write_factors: bool = False
     client: Any = None  # a distributed.Client or scheduler address: run on a cluster
     backend: str = "auto"  # 'auto', 'cpu' or 'cuda': where the block products run
+    cuda_options: dict | None = None  # CUDAKernels keywords (checked by _run)
 
 
 def low_rank_factors(
@@ -365,18 +381,20 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     seed = _check_int("seed", request.seed, minimum=0)
     centering = _make_centering(n, request.center, request.mean)
     _check_backend(request.backend)
+    cuda_options = _check_cuda_options(request.backend, request.cuda_options)
     # On a cluster the workers choose their own kernels (distributed.worker_kernels).
     on_cluster = request.client is not None
     gpu = not on_cluster and _wants_gpu(request.backend)
     plan = _plan(source, request.k, request.oversample, request.niter, request.method,
-                 request.memory_limit, request.tol is not None, gpu)
+                 request.memory_limit, request.tol is not None,
+                 cuda_options.get("streams", STREAMS) if gpu else 0)
     out_path = None if request.out is None else check_output_path(request.out, request.overwrite)
     # Kernels and cluster before anything is written, so a missing GPU or an unreachable
     # scheduler leaves no partial output or checkpoint behind.
-    kernels = _make_kernels(request.backend, gpu, n, plan)
+    kernels = _make_kernels(request.backend, gpu, n, plan, cuda_options)
     cluster = None
     try:
-        cluster = _connect_cluster(request, source, plan)
+        cluster = _connect_cluster(request, source, plan, cuda_options)
         result = _run_passes(source, request, plan, centering, seed, out_path, kernels, cluster)
     finally:
         if cluster is not None:
@@ -441,13 +459,6 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
     return result
 
 
-# Host copies of a block the cuda backend holds beside the plan's: one pinned staging
-# buffer per stream (two streams), and a block being moved into the page-locked cache.
-GPU_STAGING_BLOCKS = 3
-# And per stream, pinned copies of the final pass's Y_i and Q_i (b x l float64 each).
-GPU_STAGING_MATRICES = 4
-
-
 def _check_backend(backend: Any) -> str:
     if backend not in ("auto", "cpu", "cuda"):
         raise InputError(f"backend must be 'auto', 'cpu' or 'cuda', not {backend!r}")
@@ -464,7 +475,16 @@ def _wants_gpu(backend: str) -> bool:
     return cuda_available(allow_simulator=False)[0]
 
 
-def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan):
+def _check_cuda_options(backend: str, options: Any) -> dict:
+    """The cuda backend's keywords (``cuda_options``); refused with backend='cpu', where
+    they could only be a mistake."""
+    checked = check_cuda_options(options)
+    if checked and backend == "cpu":
+        raise InputError("cuda_options apply to the cuda backend, not backend='cpu'")
+    return checked
+
+
+def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan, cuda_options: dict):
     """The block kernels of a run: the GPU's when ``gpu``, except that 'auto' leaves the
     exact and gram methods (which factor on the CPU) wholly on the CPU; else the CPU's."""
     if not gpu or (backend == "auto" and plan.method not in ("randomized", "krylov")):
@@ -472,11 +492,12 @@ def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan):
     from .kernels.cuda_backend import CUDAKernels, device_bytes, device_memory, require_cuda
 
     require_cuda()
-    kernels = CUDAKernels(n)
+    kernels = CUDAKernels(n, **cuda_options)
     # Each stream stages a block in pinned host memory: counted by the plan (staging_blocks).
     width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
     rows = plan.block_rows if plan.sparse else None
     needed = device_bytes(n, width, max(plan.block_bytes), rows=rows,
+                          streams=len(kernels.streams),
                           columns=plan.sparse and kernels.csr_transposed == "columns")
     free = device_memory()[0]
     if needed > free:
@@ -489,13 +510,15 @@ def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan):
     return kernels
 
 
-def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan):
+def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan,
+                     cuda_options: dict):
     """The cluster the passes run on (``distributed.ClusterPasses``), or None to run here."""
     if request.client is None:
         return None
     from .distributed import connect
 
-    return connect(request.client, source, plan, request.scratch_dir, request.backend)
+    return connect(request.client, source, plan, request.scratch_dir, request.backend,
+                   cuda_options)
 
 
 def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,

@@ -61,6 +61,24 @@ def plan_options(command):
     return command
 
 
+def parse_cuda_options(pairs: tuple[str, ...]) -> dict | None:
+    """``--cuda-option KEY=VALUE`` pairs as svd's ``cuda_options`` (streams as an int); the
+    library checks the keys and values."""
+    options: dict = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise InputFailure(f"--cuda-option takes KEY=VALUE, not {pair!r}")
+        options[key] = value
+    if "streams" in options:
+        try:
+            options["streams"] = int(options["streams"])
+        except ValueError:
+            raise InputFailure(f"--cuda-option streams takes an int, not "
+                               f"{options['streams']!r}") from None
+    return options or None
+
+
 def check_backend(backend: str) -> None:
     """Refuse --backend cuda before any work when no usable GPU is present, with the reason."""
     if backend == "cuda":
@@ -94,16 +112,22 @@ def main() -> None:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run the passes on a dask cluster: tcp://HOST:PORT, or local:N for N local "
                    "worker processes. --scratch-dir must then be reachable by every worker.")
+@click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the cuda backend, repeatable: accumulate=float32, "
+                   "csr_transposed=columns, streams=N (see svd's cuda_options).")
 @user_errors
 def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit, out,
         center, seed, overwrite, resume, scratch_dir, quiet, progress, as_json, factors,
-        spectral_iters, scheduler) -> None:
+        spectral_iters, scheduler, cuda_options) -> None:
     """Compute the top-k SVD of INPUT (a zarr array or CSR group, .npy or .npz) into OUT.
 
     Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
     """
     from .api import svd
+    from .kernels.cuda_backend import check_cuda_options
 
+    options = parse_cuda_options(cuda_options)
+    check_cuda_options(options)  # a mistyped option before the search for a GPU
     if scheduler is None:  # on a cluster, the workers' GPUs count, not this machine's
         check_backend(backend)
     result = svd(
@@ -111,7 +135,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
         overwrite=overwrite, progress=False if quiet else (True if progress else None),
         scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
-        write_factors=factors, client=scheduler, backend=backend,
+        write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
     )
     summary = {
         "out": out,

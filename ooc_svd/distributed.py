@@ -80,25 +80,28 @@ WORKER_TIMEOUT_S = 120
 LOCAL_PREFIX = "local:"
 
 
-def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = None) -> Kernels:
+def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = None,
+                   cuda_options: dict | None = None) -> Kernels:
     """The kernels a task uses on its worker: with backend 'auto', the CUDA ones where the
     worker has a usable GPU and the CPU ones elsewhere, so a mixed cluster uses what each
     node has; 'cuda' fails on a worker without a GPU, naming what is missing. The CPU's
-    sparse power kernel keeps the plan's cap on private accumulators."""
+    sparse power kernel keeps the plan's cap on private accumulators; the CUDA kernels take
+    ``cuda_options``."""
     if backend != "cpu":
         from .kernels.cuda_backend import CUDAKernels, cuda_available, require_cuda
 
         if backend == "cuda":
             require_cuda()
         if backend == "cuda" or cuda_available(allow_simulator=False)[0]:
-            return CUDAKernels(n)
+            return CUDAKernels(n, **(cuda_options or {}))
     return CPUKernels(n, scatter_copies)
 
 
 @contextlib.contextmanager
-def _task_kernels(n: int, spec: tuple[str, int]) -> Iterator[Kernels]:
-    """``worker_kernels`` for one task, released when it ends (a GPU's buffers). numba's
-    parallel kernels get the worker's threads, not every core of the node."""
+def _task_kernels(n: int, spec: tuple) -> Iterator[Kernels]:
+    """``worker_kernels(n, *spec)`` for one task (``ClusterPasses.kernel_spec``), released
+    when it ends (a GPU's buffers). numba's parallel kernels get the worker's threads, not
+    every core of the node."""
     import numba
     from distributed import get_worker
 
@@ -153,11 +156,12 @@ class ClusterPasses:
     """
 
     def __init__(self, client: Any, source: DenseSource | CSRSource, plan: Plan,
-                 scratch: str, owned: list[Any], backend: str = "auto"):
+                 scratch: str, owned: list[Any], backend: str = "auto",
+                 cuda_options: dict | None = None):
         self.client = client
-        # The workers' kernels (see ``worker_kernels``): the backend and the plan's cap on
-        # the sparse power kernel's private accumulators.
-        self.kernel_spec = (backend, plan.scatter_copies or None)
+        # The workers' kernels (see ``worker_kernels``): the backend, the plan's cap on
+        # the sparse power kernel's private accumulators, and the cuda backend's options.
+        self.kernel_spec = (backend, plan.scatter_copies or None, cuda_options or None)
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch
@@ -453,7 +457,8 @@ class ClusterPasses:
 
 
 def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
-            scratch_dir: str | None, backend: str = "auto") -> ClusterPasses:
+            scratch_dir: str | None, backend: str = "auto",
+            cuda_options: dict | None = None) -> ClusterPasses:
     """A ``ClusterPasses`` on ``client``: a ``distributed.Client``, a scheduler address
     (``tcp://HOST:PORT``), or ``local:N`` for a LocalCluster of N worker processes made (and
     closed by ``ClusterPasses.close``) here.
@@ -466,7 +471,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     try:
         client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
         scratch = _shared_scratch(client, scratch_dir)
-        return ClusterPasses(client, source, plan, scratch, owned, backend)
+        return ClusterPasses(client, source, plan, scratch, owned, backend, cuda_options)
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(Exception):

@@ -254,3 +254,29 @@ def test_a_bad_backend_leaves_no_output_or_checkpoint(tmp_path):
     with pytest.raises(InputError, match="backend must be 'auto', 'cpu' or 'cuda'"):
         ooc_svd.svd(A, 3, out=str(out), backend="gpu")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"accumulate": "float16"}, r"cuda_options\['accumulate'\] must be one of"),
+    ({"csr_transposed": "atomic"}, r"cuda_options\['csr_transposed'\] must be one of"),
+    ({"streams": 0}, r"cuda_options\['streams'\] must be a positive int"),
+    ({"streams": True}, r"cuda_options\['streams'\] must be a positive int"),
+    ({"tile": 4}, "unknown cuda option 'tile'"),
+    (["accumulate"], "cuda_options must be a dict"),
+])
+def test_bad_cuda_options_are_refused_before_any_work(tmp_path, options, message):
+    """Checked without a GPU, whatever the backend, and before the output is made."""
+    A = np.random.default_rng(0).standard_normal((200, 10))
+    out = tmp_path / "r.zarr"
+    with pytest.raises(InputError, match=message):
+        ooc_svd.svd(A, 3, out=str(out), cuda_options=options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_options_with_the_cpu_backend_are_a_mistake():
+    A = np.random.default_rng(0).standard_normal((200, 10))
+    with pytest.raises(InputError, match="cuda_options apply to the cuda backend"):
+        ooc_svd.svd(A, 3, backend="cpu", cuda_options={"accumulate": "float32"})
+    # On 'auto' they wait for a GPU; without one the run is the CPU's.
+    result = ooc_svd.svd(A, 3, backend="auto", cuda_options={"streams": 3})
+    assert result.backend in ("cpu", "cuda")

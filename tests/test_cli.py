@@ -134,6 +134,15 @@ def bad_inputs(tmp_path, store):
         ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf in rows"),
         ("corrupt chunk", corrupt, ["--memory-limit", "6MB"], "chunk of rows [100, 200)"),
         ("wrong format", text, [], "cannot open"),
+        ("unknown cuda option", store, ["--cuda-option", "tiles=4"],
+         "unknown cuda option 'tiles'"),
+        ("cuda option without a value", store, ["--cuda-option", "accumulate"],
+         "--cuda-option takes KEY=VALUE"),
+        ("cuda streams not an int", store, ["--cuda-option", "streams=two"],
+         "streams takes an int"),
+        ("cuda option on the cpu", store,
+         ["--backend", "cpu", "--cuda-option", "accumulate=float32"],
+         "cuda_options apply to the cuda backend"),
     ]
 
 

@@ -491,9 +491,15 @@ def test_auto_does_not_take_the_simulator_for_a_gpu():
 
 
 @on_device
-@pytest.mark.parametrize("kind", ["dense", "csr"])
-@pytest.mark.parametrize("method", ["randomized", "krylov"])
-def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method):
+@pytest.mark.parametrize(("kind", "method", "cuda_options"), [
+    ("dense", "randomized", None),
+    ("dense", "krylov", None),
+    ("csr", "randomized", None),
+    ("csr", "krylov", None),
+    ("csr", "randomized", {"csr_transposed": "columns", "streams": 3}),
+    ("csr", "krylov", {"csr_transposed": "columns", "streams": 1}),
+])
+def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method, cuda_options):
     import scipy.sparse
 
     import ooc_svd
@@ -504,7 +510,7 @@ def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method):
         A = scipy.sparse.random(rows, n, density=0.3, format="csr", random_state=2) * 5.0
     options = dict(method=method, niter=1, oversample=2, center=True, seed=4)
     cpu = ooc_svd.svd(A, 3, backend="cpu", **options)
-    gpu = ooc_svd.svd(A, 3, backend="cuda", **options)
+    gpu = ooc_svd.svd(A, 3, backend="cuda", cuda_options=cuda_options, **options)
     assert (gpu.backend, cpu.backend) == ("cuda", "cpu")
     np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-10)
     np.testing.assert_allclose(gpu.V, cpu.V, atol=1e-8)
@@ -539,3 +545,30 @@ def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_pat
     assert gpu.plan.cached_blocks > 0 and gpu.records[1].bytes_read < gpu.records[0].bytes_read
     np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-6)
     np.testing.assert_allclose(np.abs(gpu.V.T @ cpu.V), np.eye(3), atol=1e-4)
+
+
+@on_device
+def test_cuda_options_reach_the_kernels_here_and_on_workers(monkeypatch):
+    """svd's cuda_options become CUDAKernels keywords (float32 accumulation stays close to
+    the CPU's float64); a worker's kernels take the same options."""
+    import ooc_svd
+    from ooc_svd.distributed import worker_kernels
+    from ooc_svd.kernels import cuda_backend
+
+    made = []
+    original = cuda_backend.CUDAKernels.__init__
+
+    def recording(self, n, **options):
+        made.append(options)
+        original(self, n, **options)
+
+    monkeypatch.setattr(cuda_backend.CUDAKernels, "__init__", recording)
+    A = naive.matrix_with_spectrum(40, 7, np.logspace(0, -3, 7), seed=2)
+    options = {"accumulate": "float32", "streams": 3}
+    result = ooc_svd.svd(A, 3, backend="cuda", niter=1, oversample=2, cuda_options=options)
+    assert made == [options]
+    reference = ooc_svd.svd(A, 3, backend="cpu", niter=1, oversample=2)
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-4)
+    kernels = worker_kernels(7, "cuda", None, {"csr_transposed": "columns", "streams": 1})
+    assert kernels.csr_transposed == "columns" and len(kernels.streams) == 1
+    kernels.close()

@@ -58,3 +58,15 @@ def test_refusals_give_the_numbers():
         plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)
     with pytest.raises(InputError, match="n=8192 exceeds 4096"):
         plan(shape=(100_000, 8192), method="exact")
+
+
+def test_more_cuda_streams_leave_less_room_for_each_block():
+    """Each stream pins a staging copy of a block and two of its b x l matrices, which the
+    memory limit must hold beside the working set."""
+    from ooc_svd.api import _plan
+    from ooc_svd.sources import open_source
+
+    source = open_source(np.zeros((200_000, 64), dtype=np.float32))
+    largest = [max(_plan(source, 5, 5, 2, "randomized", "64MB", gpu_streams=streams).block_bytes)
+               for streams in (0, 1, 2, 4)]
+    assert largest == sorted(largest, reverse=True) and len(set(largest)) == 4

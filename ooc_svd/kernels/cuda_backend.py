@@ -46,9 +46,11 @@ sum_i 1^T (A_s,i X) = colsum(A_s)^T X, so Z_s = Z - s (colsum(A_s)^T X).
 from __future__ import annotations
 
 import ctypes
+import numbers
 import os
 import sys
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +64,13 @@ from .backend import SpillBlock
 from .cpu import BlockStats
 
 STREAMS = 2
+# The accumulation types of the kernels (``kernels.cuda.ACCUMULATE``), named here to check
+# options without importing numba.cuda.
+ACCUMULATIONS = ("float64", "float32")
 # The ways of forming A^T Y for CSR blocks (CUDAKernels' csr_transposed).
 CSR_TRANSPOSED = ("scatter", "columns")
+# What svd's ``cuda_options`` may set: CUDAKernels keywords and their allowed values.
+CUDA_OPTION_CHOICES = {"accumulate": ACCUMULATIONS, "csr_transposed": CSR_TRANSPOSED}
 # Device slots for per-block totals: room for this many blocks, doubled when full.
 RECORD_CAPACITY = 1024
 # The staging copy is split between threads in pieces of at least this many bytes.
@@ -123,6 +130,30 @@ def require_cuda() -> None:
         raise CUDAUnavailableError(
             f"backend='cuda' needs a usable NVIDIA GPU: {reason}; use backend='cpu'"
         )
+
+
+def check_cuda_options(options: Any) -> dict[str, Any]:
+    """``svd``'s ``cuda_options`` as CUDAKernels keywords, checked without a GPU:
+    'accumulate' ('float64' or 'float32'), 'csr_transposed' ('scatter' or 'columns') and
+    'streams' (a positive int). None gives no options."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InputError(f"cuda_options must be a dict, not {type(options).__name__}")
+    for key, value in options.items():
+        if key in CUDA_OPTION_CHOICES:
+            if value not in CUDA_OPTION_CHOICES[key]:
+                raise InputError(f"cuda_options[{key!r}] must be one of "
+                                 f"{CUDA_OPTION_CHOICES[key]}, not {value!r}")
+        elif key == "streams":
+            if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                    or value < 1):
+                raise InputError(f"cuda_options['streams'] must be a positive int, not "
+                                 f"{value!r}")
+        else:
+            known = ", ".join([*CUDA_OPTION_CHOICES, "streams"])
+            raise InputError(f"unknown cuda option {key!r}; the options are {known}")
+    return dict(options)
 
 
 def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
