@@ -2,14 +2,15 @@
 
     python benchmarks/bench_backends.py --store /data/tall.zarr --shape 2000000 256
     python benchmarks/bench_backends.py --sparse --store /data/sparse.zarr \\
-        --shape 2000000 200000 --nnz 100000000
+        --shape 2000000 200000 --nnz 100000000 [--cuda-option csr_transposed=columns]
 
 Generates the store when it is absent (dense: ooc_svd.synthetic.write_dense_matrix, float32
 zstd; sparse: write_sparse_matrix, power-law columns). Reports a plain read of the store
 (the prefetching reader, no compute), then ``ooc_svd.svd`` with backend='cpu' and
 backend='cuda' at the same k, oversampling, power iterations, method and seed: seconds,
 seconds per pass over the read's, and the largest relative difference of the singular
-values between the backends.
+values between the backends. With ``--cuda-option KEY=VALUE`` (repeatable, as in
+``ooc-svd run``) the cuda backend runs a second time with those ``cuda_options``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--niter", type=int, default=2)
     parser.add_argument("--method", default="randomized", choices=["randomized", "krylov"])
     parser.add_argument("--memory-limit", default="4GB")
+    parser.add_argument("--cuda-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run the cuda backend with these cuda_options")
     return parser.parse_args()
 
 
@@ -61,35 +64,42 @@ def plain_read(args: argparse.Namespace) -> float:
     return time.perf_counter() - began
 
 
-def warm_up(source, args: argparse.Namespace) -> None:
-    """Compile both backends' kernels for this input's types on its first rows, so that no
+def warm_up(source, args: argparse.Namespace, runs: dict) -> None:
+    """Compile every run's kernels for this input's types on its first rows, so that no
     timed pass includes compilation."""
     import ooc_svd
 
     rows = source.read(0, min(source.shape[0], 4000))
     small = rows if isinstance(rows, np.ndarray) else rows.to_scipy()
-    for backend in ("cpu", "cuda"):
+    for backend, cuda_options in runs.values():
         ooc_svd.svd(small, min(args.k, 5), oversample=2, niter=1, method=args.method,
-                    backend=backend, progress=False)
+                    backend=backend, cuda_options=cuda_options, progress=False)
 
 
 def main() -> None:
     import ooc_svd
+    from ooc_svd.cli import parse_cuda_options
     from ooc_svd.sources import open_source
 
     args = parse_args()
+    runs = {"cpu": ("cpu", None), "cuda": ("cuda", None)}
+    cuda_options = parse_cuda_options(tuple(args.cuda_option))
+    if cuda_options:
+        label = " ".join(f"{key}={value}" for key, value in cuda_options.items())
+        runs[f"cuda {label}"] = ("cuda", cuda_options)
     if not os.path.exists(args.store):
         generate(args)
     source = open_source(args.store)
     read = plain_read(args)
     options = dict(oversample=args.oversample, niter=args.niter, method=args.method, seed=0,
                    memory_limit=args.memory_limit, progress=False)
-    warm_up(source, args)
+    warm_up(source, args, runs)
     results = {}
-    for backend in ("cpu", "cuda"):
+    for name, (backend, run_options) in runs.items():
         began = time.perf_counter()
-        result = ooc_svd.svd(args.store, args.k, backend=backend, **options)
-        results[backend] = (time.perf_counter() - began, result)
+        result = ooc_svd.svd(args.store, args.k, backend=backend, cuda_options=run_options,
+                             **options)
+        results[name] = (time.perf_counter() - began, result)
     m, n = source.shape
     print(f"{m} x {n} {'sparse ' if args.sparse else ''}{source.dtype}, "
           f"{source.nbytes / 1e9:.2f} GB raw; k={args.k}, oversample={args.oversample}, "
@@ -103,10 +113,13 @@ def main() -> None:
         rates = " ".join(f"{source.nbytes / s / 1e9:.1f}" for s in result.seconds_per_pass)
         print(f"| ooc_svd backend={backend} | {seconds:.1f} | {result.passes} | {per_pass} | "
               f"{rates} |")
-    cpu, cuda = results["cpu"][1], results["cuda"][1]
-    difference = float(np.max(np.abs(cuda.S - cpu.S) / cpu.S))
-    print(f"\ncpu / cuda time: {results['cpu'][0] / results['cuda'][0]:.2f}; "
-          f"max relative difference of S between the backends: {difference:.1e}")
+    cpu_seconds, cpu = results["cpu"]
+    print()
+    for name, (seconds, result) in results.items():
+        if name != "cpu":
+            difference = float(np.max(np.abs(result.S - cpu.S) / cpu.S))
+            print(f"cpu / {name} time: {cpu_seconds / seconds:.2f}; max relative difference "
+                  f"of S from the cpu backend's: {difference:.1e}")
 
 
 if __name__ == "__main__":
