@@ -206,7 +206,7 @@ def csr_kernel_rates(cuda, backend, block, X, repeats) -> dict[str, float]:
     Z, colsum = cuda.to_device(np.zeros((n, l))), cuda.to_device(np.zeros(n))
     record = cuda.to_device(np.zeros(2))
     Y = cuda.device_array((block.shape[0], l))
-    counts = cuda.to_device(np.zeros(n + 1, dtype=np.int64))
+    counts = cuda.device_array(n + 1, np.int64)
     starts, cursor = cuda.device_array(n + 1, np.int64), cuda.device_array(n, np.int64)
     values, rows = cuda.device_array(block.nnz, block.data.dtype), cuda.device_array(
         block.nnz, np.int32)

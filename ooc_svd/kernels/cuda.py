@@ -185,9 +185,10 @@ class BlockKernels:
                        column_data, column_rows):
         """Reorder a CSR block by columns: ``starts`` (n + 1,) int64 receives the column
         pointers, ``column_data`` and ``column_rows`` (nnz,) int32 the values and their
-        rows. ``counts`` (n + 1,) int64 must be zero and is left zero; ``cursor`` (n,)
-        int64 is scratch."""
+        rows. ``counts`` (n + 1,) and ``cursor`` (n,) int64 are scratch."""
         g = self.geometry
+        self._launch("clear", _blocks(counts.size, g.stats_threads), g.stats_threads, stream,
+                     counts)
         grid = min(_blocks(indices.size, g.stats_threads), self._resident(g.stats_threads))
         self._launch("column_counts", grid, g.stats_threads, stream, indices, counts)
         self._launch("column_starts", 1, g.scan_threads, stream, counts, starts, cursor)
@@ -262,6 +263,7 @@ def example_signatures(data: str = "float32", index: str = "int32") -> dict[str,
         "csr_times": f"void({csr}, {matrix}, {vector}, {matrix})",
         "csr_transposed": f"void({csr}, {matrix}, {matrix})",
         "csr_totals": f"void({data}[::1], {index}[::1], {vector}, {vector})",
+        "clear": "void(int64[::1])",
         "column_counts": f"void({index}[::1], int64[::1])",
         "column_starts": "void(int64[::1], int64[::1], int64[::1])",
         "csr_to_columns": f"void({csr}, int64[::1], {data}[::1], int32[::1])",
@@ -454,6 +456,12 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             record[1] = 1.0
         block_sum(squares, scratch, record)
 
+    def clear(array):
+        """array[:] = 0."""
+        i = cuda.grid(1)
+        if i < array.size:
+            array[i] = 0
+
     def column_counts(indices, counts):
         """counts[c + 1] += the non-zeros of column c; counts[0] stays 0, so the prefix
         sums of counts are the column pointers."""
@@ -462,9 +470,9 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
 
     def column_starts(counts, starts, cursor):
         """starts = the prefix sums of counts (starts[c] is where column c begins,
-        starts[n] the number of non-zeros), cursor = starts[:n], and counts zeroed for the
-        next block. One thread block: each thread sums a contiguous range of counts, the
-        thread totals are scanned in shared memory, and each thread writes its range."""
+        starts[n] the number of non-zeros) and cursor = starts[:n]. One thread block: each
+        thread sums a contiguous range of counts, the thread totals are scanned in shared
+        memory, and each thread writes its range."""
         totals = cuda.shared.array(scan_threads, np.int64)
         t = cuda.threadIdx.x
         per_thread = (counts.size + scan_threads - 1) // scan_threads
@@ -485,7 +493,6 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
         running = totals[t] - own
         for i in range(first, last):
             running += counts[i]
-            counts[i] = 0
             starts[i] = running
             if i < cursor.size:
                 cursor[i] = running
@@ -571,6 +578,6 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             C[i, j] = total
 
     kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
-               csr_transposed, csr_totals, column_counts, column_starts, csr_to_columns,
-               columns_times, small_product)
+               csr_transposed, csr_totals, clear, column_counts, column_starts,
+               csr_to_columns, columns_times, small_product)
     return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})

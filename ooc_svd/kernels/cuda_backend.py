@@ -313,8 +313,7 @@ class CUDAKernels:
             raise ValueError("the column order keeps rows as int32: at most 2**31 - 1 rows "
                              "per block")
         n, nnz = self.n, data.size
-        # counts must be zero before the first block; column_starts leaves it zero.
-        counts = lane.scratch("column counts", n + 1, 1, np.int64, zeroed=True).reshape(-1)
+        counts = lane.scratch("column counts", n + 1, 1, np.int64).reshape(-1)
         starts = lane.scratch("column starts", n + 1, 1, np.int64).reshape(-1)
         cursor = lane.scratch("column cursor", n, 1, np.int64).reshape(-1)
         column_data = lane.scratch("column data", nnz, 1, data.dtype).reshape(-1)
@@ -715,18 +714,13 @@ class _StagingStream:
                        for part, offset in zip(parts, offsets, strict=True)]
         return self.arrays
 
-    def scratch(self, name: str, rows: int, cols: int, dtype=np.float64,
-                zeroed: bool = False):
+    def scratch(self, name: str, rows: int, cols: int, dtype=np.float64):
         """A (rows, cols) device matrix for this stream's work, one per ``name``, grown
-        when too small (after the stream's queued work, which may still use it); a new one
-        is all zeros if ``zeroed``."""
+        when too small (after the stream's queued work, which may still use it)."""
         buffer, size = self.device_scratch.get(name), rows * cols
         if buffer is None or size > buffer.size or buffer.dtype != dtype:
             self.stream.synchronize()
-            if zeroed:
-                buffer = self.cuda.to_device(np.zeros(max(1, size), dtype))
-            else:
-                buffer = self.cuda.device_array(max(1, size), dtype=dtype)
+            buffer = self.cuda.device_array(max(1, size), dtype=dtype)
             self.device_scratch[name] = buffer
         return buffer[:size].reshape(rows, cols)
 
