@@ -29,10 +29,17 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError, PlanError
+from .errors import InputError, OOCSVDError
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
-from .kernels.cuda_backend import STREAMS, check_cuda_options
+from .kernels.cuda_backend import (
+    STREAMS,
+    CUDAKernels,
+    DeviceNeed,
+    check_cuda_options,
+    cuda_available,
+    require_cuda,
+)
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
@@ -154,8 +161,10 @@ dask.array.Array} of shape (m, n)
     backend : {'auto', 'cpu', 'cuda'}, default='auto'
         Where the products of the randomized and Krylov passes (and U = A V S^-1) run: 'cuda'
         streams the blocks through an NVIDIA GPU (numba-cuda, the ``cuda`` extra), copying
-        block i + 1 while block i computes; 'auto' uses it when a usable GPU is present and
-        says so in ``result.backend``. The gram and exact methods factor on the CPU.
+        block i + 1 while block i computes; 'auto' uses it when a usable GPU is present
+        with the run's device memory free, and says so in ``result.backend``. With 'cuda',
+        too little free device memory is a PlanError. The gram and exact methods factor
+        on the CPU.
     cuda_options : dict, optional
         Settings of the cuda backend, used wherever it runs (here or on the workers):
         ``accumulate`` ('float64', the default, or 'float32': in-tile sums in float32, for
@@ -470,8 +479,6 @@ def _wants_gpu(backend: str) -> bool:
     when none is usable), or 'auto' when numba-cuda finds a usable one."""
     if _check_backend(backend) != "auto":
         return backend == "cuda"
-    from .kernels.cuda_backend import cuda_available
-
     return cuda_available(allow_simulator=False)[0]
 
 
@@ -486,28 +493,18 @@ def _check_cuda_options(backend: str, options: Any) -> dict:
 
 def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan, cuda_options: dict):
     """The block kernels of a run: the GPU's when ``gpu``, except that 'auto' leaves the
-    exact and gram methods (which factor on the CPU) wholly on the CPU; else the CPU's."""
+    exact and gram methods (which factor on the CPU) wholly on the CPU, and a run whose
+    blocks the GPU's free memory cannot hold; else the CPU's."""
     if not gpu or (backend == "auto" and plan.method not in ("randomized", "krylov")):
         return CPUKernels(n, plan.scatter_copies)
-    from .kernels.cuda_backend import CUDAKernels, device_bytes, device_memory, require_cuda
-
     require_cuda()
-    kernels = CUDAKernels(n, **cuda_options)
-    # Each stream stages a block in pinned host memory: counted by the plan (staging_blocks).
-    width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
-    rows = plan.block_rows if plan.sparse else None
-    needed = device_bytes(n, width, max(plan.block_bytes), rows=rows,
-                          streams=len(kernels.streams),
-                          columns=plan.sparse and kernels.csr_transposed == "columns")
-    free = device_memory()[0]
-    if needed > free:
-        kernels.close()  # before raising: its pinned buffers and streams
-        raise PlanError(
-            f"the GPU has {free / 1e6:.1f} MB free; blocks of {max(plan.block_bytes) / 1e6:.1f}"
-            f" MB with n x l arrays of l={width} need {needed / 1e6:.1f} MB there: lower "
-            "memory_limit (smaller blocks) or use backend='cpu'"
-        )
-    return kernels
+    # Device memory is bounded like host memory; the pinned host buffers of the streams
+    # are counted by the plan (staging_blocks, staging_matrices).
+    need = DeviceNeed.of_plan(n, plan, cuda_options)
+    if backend == "auto" and not need.fits():
+        return CPUKernels(n, plan.scatter_copies)
+    need.check()
+    return CUDAKernels(n, **cuda_options)
 
 
 def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan,

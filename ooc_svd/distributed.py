@@ -57,6 +57,7 @@ from .centering import Centering
 from .errors import InputError
 from .kernels.backend import CPUKernels, Kernels
 from .kernels.cpu import BlockStats, SubBlocks, gram_block
+from .kernels.cuda_backend import DeviceNeed
 from .passes import (
     FinalPassResult,
     PassContext,
@@ -81,18 +82,23 @@ LOCAL_PREFIX = "local:"
 
 
 def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = None,
-                   cuda_options: dict | None = None) -> Kernels:
+                   cuda_options: dict | None = None, device_need: Any = None) -> Kernels:
     """The kernels a task uses on its worker: with backend 'auto', the CUDA ones where the
-    worker has a usable GPU and the CPU ones elsewhere, so a mixed cluster uses what each
-    node has; 'cuda' fails on a worker without a GPU, naming what is missing. The CPU's
-    sparse power kernel keeps the plan's cap on private accumulators; the CUDA kernels take
+    worker has a usable GPU with ``device_need`` (a ``DeviceNeed``) free, and the CPU ones
+    elsewhere, so a mixed cluster uses what each node has; 'cuda' fails on a worker without
+    a GPU or without that memory free, naming what is missing. The CPU's sparse power
+    kernel keeps the plan's cap on private accumulators; the CUDA kernels take
     ``cuda_options``."""
     if backend != "cpu":
         from .kernels.cuda_backend import CUDAKernels, cuda_available, require_cuda
 
         if backend == "cuda":
             require_cuda()
-        if backend == "cuda" or cuda_available(allow_simulator=False)[0]:
+            if device_need is not None:
+                device_need.check()
+            return CUDAKernels(n, **(cuda_options or {}))
+        if cuda_available(allow_simulator=False)[0] and (
+                device_need is None or device_need.fits()):
             return CUDAKernels(n, **(cuda_options or {}))
     return CPUKernels(n, scatter_copies)
 
@@ -160,8 +166,10 @@ class ClusterPasses:
                  cuda_options: dict | None = None):
         self.client = client
         # The workers' kernels (see ``worker_kernels``): the backend, the plan's cap on
-        # the sparse power kernel's private accumulators, and the cuda backend's options.
-        self.kernel_spec = (backend, plan.scatter_copies or None, cuda_options or None)
+        # the sparse power kernel's private accumulators, the cuda backend's options and
+        # the device memory its passes hold.
+        need = DeviceNeed.of_plan(source.shape[1], plan, cuda_options or {})
+        self.kernel_spec = (backend, plan.scatter_copies or None, cuda_options or None, need)
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch

@@ -571,3 +571,35 @@ def test_cuda_options_reach_the_kernels_here_and_on_workers(monkeypatch):
     kernels = worker_kernels(7, "cuda", None, {"csr_transposed": "columns", "streams": 1})
     assert kernels.csr_transposed == "columns" and len(kernels.streams) == 1
     kernels.close()
+
+
+@on_device
+def test_a_gpu_without_room_for_the_run_is_a_plan_error_or_left_to_the_cpu(monkeypatch,
+                                                                           tmp_path):
+    """backend='cuda' refuses a run whose blocks and n x l arrays the GPU's free memory
+    cannot hold, before writing anything; 'auto' runs it on the CPU. Workers alike."""
+    import ooc_svd
+    from ooc_svd import api
+    from ooc_svd.distributed import worker_kernels
+    from ooc_svd.errors import PlanError
+    from ooc_svd.kernels import cuda_backend
+
+    free = {"bytes": 1000}
+    monkeypatch.setattr(cuda_backend, "device_memory", lambda: (free["bytes"], 2**40))
+    monkeypatch.setattr(api, "cuda_available", lambda allow_simulator=True: (True, ""))
+    A = naive.matrix_with_spectrum(40, 7, np.logspace(0, -3, 7), seed=2)
+    options = dict(niter=1, oversample=2, method="randomized")
+    with pytest.raises(PlanError, match=r"the GPU has 0.0 MB free; .* need [0-9.]+ MB"):
+        ooc_svd.svd(A, 3, backend="cuda", out=str(tmp_path / "r.zarr"), **options)
+    assert list(tmp_path.iterdir()) == []
+    assert ooc_svd.svd(A, 3, backend="auto", **options).backend == "cpu"
+    need = cuda_backend.DeviceNeed(10_000, 5_000, 6)
+    with pytest.raises(PlanError, match="the GPU has 0.0 MB free"):
+        worker_kernels(7, "cuda", None, None, need)
+    monkeypatch.setattr(cuda_backend, "cuda_available", lambda allow_simulator=True: (True, ""))
+    assert worker_kernels(7, "auto", None, None, need).name == "cpu"
+    free["bytes"] = 2**30
+    assert ooc_svd.svd(A, 3, backend="auto", **options).backend == "cuda"
+    kernels = worker_kernels(7, "auto", None, None, need)
+    assert kernels.name == "cuda"
+    kernels.close()

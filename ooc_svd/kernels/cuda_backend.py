@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError, NonFiniteError, PlanError
 from ..sources.csr import is_sparse_block
 from ..tsqr import MergeFactors, StreamingTSQR, local_qr
 from .backend import SpillBlock
@@ -176,6 +176,40 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
         # and three int64 arrays of n + 1: counts, starts and cursor.
         per_stream += block_bytes + 3 * 8 * (n + 1)
     return streams * per_stream + 8 * (3 * n * l + n) + 16 * RECORD_CAPACITY
+
+
+@dataclass(frozen=True)
+class DeviceNeed:
+    """What a run's passes hold on one GPU: ``bytes`` in all (``device_bytes``), for blocks
+    of up to ``block_bytes`` and n x l arrays of l = ``width``."""
+
+    bytes: int
+    block_bytes: int
+    width: int
+
+    @classmethod
+    def of_plan(cls, n: int, plan: Any, cuda_options: dict) -> DeviceNeed:
+        """For ``plan`` (a ``plan.Plan``) run with ``cuda_options``."""
+        width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
+        rows = plan.block_rows if plan.sparse else None
+        columns = plan.sparse and cuda_options.get("csr_transposed") == "columns"
+        needed = device_bytes(n, width, max(plan.block_bytes), rows=rows,
+                              streams=cuda_options.get("streams", STREAMS), columns=columns)
+        return cls(needed, max(plan.block_bytes), width)
+
+    def fits(self) -> bool:
+        """Whether the current GPU has that much free."""
+        return self.bytes <= device_memory()[0]
+
+    def check(self) -> None:
+        """PlanError, with the numbers, unless the current GPU has that much free."""
+        free = device_memory()[0]
+        if self.bytes > free:
+            raise PlanError(
+                f"the GPU has {free / 1e6:.1f} MB free; blocks of {self.block_bytes / 1e6:.1f}"
+                f" MB with n x l arrays of l={self.width} need {self.bytes / 1e6:.1f} MB "
+                "there: lower memory_limit (smaller blocks) or use backend='cpu'"
+            )
 
 
 def device_memory() -> tuple[int, int]:
