@@ -82,7 +82,8 @@ LOCAL_PREFIX = "local:"
 
 
 def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = None,
-                   cuda_options: dict | None = None, device_need: Any = None) -> Kernels:
+                   cuda_options: dict | None = None,
+                   device_need: DeviceNeed | None = None) -> Kernels:
     """The kernels a task uses on its worker: with backend 'auto', the CUDA ones where the
     worker has a usable GPU with ``device_need`` (a ``DeviceNeed``) free, and the CPU ones
     elsewhere, so a mixed cluster uses what each node has; 'cuda' fails on a worker without
