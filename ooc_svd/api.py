@@ -34,11 +34,10 @@ from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
     STREAMS,
-    CUDAKernels,
     DeviceNeed,
     check_cuda_options,
     cuda_available,
-    require_cuda,
+    gpu_kernels,
 )
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
@@ -495,16 +494,13 @@ def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan, cuda_options: dic
     """The block kernels of a run: the GPU's when ``gpu``, except that 'auto' leaves the
     exact and gram methods (which factor on the CPU) wholly on the CPU, and a run whose
     blocks the GPU's free memory cannot hold; else the CPU's."""
-    if not gpu or (backend == "auto" and plan.method not in ("randomized", "krylov")):
-        return CPUKernels(n, plan.scatter_copies)
-    require_cuda()
-    # Device memory is bounded like host memory; the pinned host buffers of the streams
-    # are counted by the plan (staging_blocks, staging_matrices).
-    need = DeviceNeed.of_plan(n, plan, cuda_options)
-    if backend == "auto" and not need.fits():
-        return CPUKernels(n, plan.scatter_copies)
-    need.check()
-    return CUDAKernels(n, **cuda_options)
+    kernels = None
+    if gpu and (backend == "cuda" or plan.method in ("randomized", "krylov")):
+        # Device memory is bounded like host memory; the pinned host buffers of the
+        # streams are counted by the plan (staging_blocks, staging_matrices).
+        kernels = gpu_kernels(n, backend, DeviceNeed.of_plan(n, plan, cuda_options),
+                              cuda_options)
+    return kernels or CPUKernels(n, plan.scatter_copies)
 
 
 def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan,

@@ -57,7 +57,7 @@ from .centering import Centering
 from .errors import InputError
 from .kernels.backend import CPUKernels, Kernels
 from .kernels.cpu import BlockStats, SubBlocks, gram_block
-from .kernels.cuda_backend import DeviceNeed
+from .kernels.cuda_backend import DeviceNeed, gpu_kernels
 from .passes import (
     FinalPassResult,
     PassContext,
@@ -90,18 +90,10 @@ def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = N
     a GPU or without that memory free, naming what is missing. The CPU's sparse power
     kernel keeps the plan's cap on private accumulators; the CUDA kernels take
     ``cuda_options``."""
+    kernels = None
     if backend != "cpu":
-        from .kernels.cuda_backend import CUDAKernels, cuda_available, require_cuda
-
-        if backend == "cuda":
-            require_cuda()
-            if device_need is not None:
-                device_need.check()
-            return CUDAKernels(n, **(cuda_options or {}))
-        if cuda_available(allow_simulator=False)[0] and (
-                device_need is None or device_need.fits()):
-            return CUDAKernels(n, **(cuda_options or {}))
-    return CPUKernels(n, scatter_copies)
+        kernels = gpu_kernels(n, backend, device_need, cuda_options)
+    return kernels or CPUKernels(n, scatter_copies)
 
 
 @contextlib.contextmanager

@@ -587,6 +587,7 @@ def test_a_gpu_without_room_for_the_run_is_a_plan_error_or_left_to_the_cpu(monke
     free = {"bytes": 1000}
     monkeypatch.setattr(cuda_backend, "device_memory", lambda: (free["bytes"], 2**40))
     monkeypatch.setattr(api, "cuda_available", lambda allow_simulator=True: (True, ""))
+    monkeypatch.setattr(cuda_backend, "cuda_available", lambda allow_simulator=True: (True, ""))
     A = naive.matrix_with_spectrum(40, 7, np.logspace(0, -3, 7), seed=2)
     options = dict(niter=1, oversample=2, method="randomized")
     with pytest.raises(PlanError, match=r"the GPU has 0.0 MB free; .* need [0-9.]+ MB"):
@@ -596,7 +597,6 @@ def test_a_gpu_without_room_for_the_run_is_a_plan_error_or_left_to_the_cpu(monke
     need = cuda_backend.DeviceNeed(10_000, 5_000, 6)
     with pytest.raises(PlanError, match="the GPU has 0.0 MB free"):
         worker_kernels(7, "cuda", None, None, need)
-    monkeypatch.setattr(cuda_backend, "cuda_available", lambda allow_simulator=True: (True, ""))
     assert worker_kernels(7, "auto", None, None, need).name == "cpu"
     free["bytes"] = 2**30
     assert ooc_svd.svd(A, 3, backend="auto", **options).backend == "cuda"

@@ -132,6 +132,21 @@ def require_cuda() -> None:
         )
 
 
+def gpu_kernels(n: int, backend: str, need: DeviceNeed | None,
+                cuda_options: dict | None) -> CUDAKernels | None:
+    """The CUDA kernels of a run (here or on a worker) with ``backend`` 'cuda' or 'auto':
+    'cuda' raises, naming what is missing, without a usable GPU or with less than ``need``
+    free on it; 'auto' gives None there, for the CPU to take the run."""
+    if backend == "cuda":
+        require_cuda()
+        if need is not None:
+            need.check()
+    elif not cuda_available(allow_simulator=False)[0] or (need is not None
+                                                          and not need.fits()):
+        return None
+    return CUDAKernels(n, **(cuda_options or {}))
+
+
 def check_cuda_options(options: Any) -> dict[str, Any]:
     """``svd``'s ``cuda_options`` as CUDAKernels keywords, checked without a GPU:
     'accumulate' ('float64' or 'float32'), 'csr_transposed' ('scatter' or 'columns') and
