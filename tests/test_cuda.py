@@ -527,14 +527,15 @@ def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_pat
     import ooc_svd
     from ooc_svd.sources.csr import CSRWriter
 
-    rows, n = (60, 6) if SIMULATED else (20_000, 100)
+    # Six row blocks either way; on a GPU, chunks of 20 non-zeros would be 30000 files.
+    rows, n, chunk_nnz = (60, 6, 20) if SIMULATED else (20_000, 100, 20_000)
     path = str(tmp_path / "A.zarr")
     if kind == "dense":
         array = zarr.create_array(path, shape=(rows, n), chunks=(rows // 6, n), dtype="f4")
         array[:] = naive.matrix_with_spectrum(rows, n, np.logspace(0, -2, n), seed=3)
     else:
         A = scipy.sparse.random(rows, n, density=0.3, format="csr", random_state=3, dtype="f4")
-        with CSRWriter(path, n, np.float32, chunk_nnz=20) as writer:
+        with CSRWriter(path, n, np.float32, chunk_nnz=chunk_nnz) as writer:
             for start in range(0, rows, rows // 6):
                 writer.append(A[start : start + rows // 6])
             writer.close()
