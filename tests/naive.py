@@ -22,6 +22,11 @@ def orthonormal_basis_product(A, X, mean=None):
     return Q, R, Q.T @ Ac
 
 
+def with_ones(Y, width):
+    """Y with columns of ones appended up to ``width`` columns."""
+    return np.hstack([Y, np.ones((Y.shape[0], width - Y.shape[1]))])
+
+
 def truncated_svd(A, k, mean=None):
     """Exact top-k SVD of the (centered) matrix by LAPACK."""
     Ac = A.astype(np.float64) - (0 if mean is None else mean)

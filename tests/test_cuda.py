@@ -198,6 +198,73 @@ def test_columns_times_splits_long_columns_between_chunks(dtype):
 
 
 @on_device
+@pytest.mark.parametrize("ones", [0, 1])
+def test_gram_and_solve_rows_match_reference(ones):
+    """The final pass's QR kernels on W = Y with a column of ones appended or not: G +=
+    W^T W (upper triangle) and Q = W R^-1, into another matrix and in place."""
+    from numba import cuda
+
+    rows, l = (11, 5) if SIMULATED else (5000, 40)
+    rng = np.random.default_rng(5)
+    Y = rng.standard_normal((rows, l))
+    width = l + ones
+    W = naive.with_ones(Y, width)
+    kernels = CUDAKernels(1).kernels
+    G = cuda.to_device(np.full((width, width), 0.5))
+    kernels.gram(0, cuda.to_device(Y), G)
+    expected = np.triu(0.5 + W.T @ W)
+    np.testing.assert_allclose(np.triu(G.copy_to_host()), expected,
+                               atol=1e-12 * np.abs(expected).max())
+    R = np.triu(rng.standard_normal((width, width))) + 4 * np.eye(width)
+    Q = cuda.device_array((rows, width))
+    kernels.solve_rows(0, cuda.to_device(Y), cuda.to_device(R), Q)
+    expected = W @ np.linalg.inv(R)
+    np.testing.assert_allclose(Q.copy_to_host(), expected, rtol=1e-10, atol=1e-12)
+    V = cuda.to_device(W)
+    kernels.solve_rows(0, V, cuda.to_device(R), V)
+    np.testing.assert_allclose(V.copy_to_host(), expected, rtol=1e-10, atol=1e-12)
+
+
+def condition_cases(rows, l):
+    """(name, Y) for the device QR: condition numbers from 1e2 to 1e20 (singular values
+    log-spaced), exactly rank-deficient, and a repeated column."""
+    cases = [(f"condition 1e{e}", naive.matrix_with_spectrum(
+        rows, l, np.logspace(3, 3 - e, l), seed=4)) for e in (2, 8, 12, 16, 20)]
+    low_rank = naive.matrix_with_spectrum(rows, l, np.ones(3), seed=5)
+    repeated = np.random.default_rng(6).standard_normal((rows, l))
+    repeated[:, 1] = repeated[:, 0]
+    return cases + [("rank 3", low_rank), ("repeated column", repeated)]
+
+
+@on_device
+@pytest.mark.parametrize("ones", [0, 1])
+def test_factor_on_device_is_a_stable_qr(ones):
+    """Q orthonormal and Q R = W to working precision, R upper triangular, however
+    ill-conditioned or rank-deficient W is; W's short of rows, or with a zero column, are
+    left to the host."""
+    from numba import cuda
+
+    from ooc_svd.kernels.cuda_backend import factor_on_device
+
+    rows, l = (12, 5) if SIMULATED else (20_000, 40)
+    width = l + ones
+    backend = CUDAKernels(1)
+    lane = backend.streams[0]
+    for name, Y in condition_cases(rows, l):
+        factored = factor_on_device(backend.kernels, lane, cuda.to_device(Y), width)
+        assert factored is not None, name
+        Q, R = factored[0].copy_to_host(), factored[1]
+        W = naive.with_ones(Y, width)
+        np.testing.assert_allclose(Q.T @ Q, np.eye(width), atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(Q @ R, W, atol=1e-13 * np.abs(W).max(), err_msg=name)
+        np.testing.assert_array_equal(R, np.triu(R), err_msg=name)
+    zero_column = np.random.default_rng(7).standard_normal((rows, l))
+    zero_column[:, 2] = 0.0
+    for Y in (zero_column, np.ones((width - 1, l))):
+        assert factor_on_device(backend.kernels, lane, cuda.to_device(Y), width) is None
+
+
+@on_device
 @pytest.mark.parametrize("kind", ["dense", "csr"])
 def test_transposed_times_copies_a_block_other_than_the_last(kind):
     """The block of the last ``times`` call stays on the device for ``transposed_times``;
@@ -273,8 +340,8 @@ OVERFLOW_WARNING = pytest.mark.filterwarnings(
 
 
 def run_final_sweep(kernels, X, blocks, shift, append_ones):
-    """The final sweep over ``blocks``: its StreamingTSQR, stats, and Q assembled from the
-    spill, which must arrive once per block and in order."""
+    """The final sweep over ``blocks``: its StreamingTSQR, stats, Q assembled from the
+    spill, which must arrive once per block and in order, and the sweep itself."""
     n = X.shape[0]
     stats, spilled = BlockStats.zeros(n), []
     sweep = kernels.final_sweep(X, stats, append_ones,
@@ -287,7 +354,7 @@ def run_final_sweep(kernels, X, blocks, shift, append_ones):
     assemble_left_vectors(len(blocks), np.eye(tsqr.R.shape[0]),
                           lambda i: spilled[i][1], lambda i: spilled[i][2],
                           lambda i, rows: pieces.__setitem__(i, rows))
-    return tsqr, stats, np.vstack(pieces)
+    return tsqr, stats, np.vstack(pieces), sweep
 
 
 @on_device
@@ -308,7 +375,7 @@ def test_final_sweep_on_one_stream(kind):
 
 def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, streams):
     """B^T stays on the device: Q R = [A_s X, 1], Q orthonormal, B^T = A_s^T Q, with
-    blocks shorter than l (R grows) and an empty block."""
+    blocks shorter than l (R grows; factored on the host) and an empty block."""
     rows, n, l = (26, 9, 5) if SIMULATED else (3000, 257, 30)
     sizes = [2, 7, 0, 9, rows - 18] if SIMULATED else [20, 1000, 0, 979, rows - 1999]
     whole, blocks = split_blocks(kind, dtype, index_dtype, rows, n, sizes)
@@ -321,12 +388,15 @@ def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, s
     for kernels in (CPUKernels(n), cuda_kernels(kind, n, streams=streams)):
         blocks_here = [(start, kernels.keep(block) if pinned else block)
                        for start, block in blocks]
-        tsqr, stats, Q = run_final_sweep(kernels, X, blocks_here, shift, append_ones)
+        tsqr, stats, Q, sweep = run_final_sweep(kernels, X, blocks_here, shift, append_ones)
         np.testing.assert_allclose(Q @ tsqr.R, Y, atol=1e-10 * np.abs(Y).max())
         np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-10)
         assert tsqr.BT.flags.f_contiguous
         np.testing.assert_allclose(tsqr.BT, As.T @ Q, atol=1e-10 * scale)
         assert_stats(stats, As, 1e-10)
+        if kernels.name == "cuda":  # the device factors every block with enough rows
+            width = l + append_ones
+            assert sweep.factored_on_host == sum(0 < size < width for size in sizes)
         results.append(tsqr)
     cpu, gpu = results
     # B^T R = A_s^T Y whatever the signs of Q's columns.

@@ -24,7 +24,8 @@ best. ``CUDAPowerSweep`` aims for it:
   ``kernels.cuda``), which its stream keeps beside the block.
 
 The final pass (``CUDAFinalSweep``) keeps B^T on the device the same way and factors each
-Y_i on the host while the next block is copied (see its docstring).
+Y_i there too, by CholeskyQR rounds whose small Cholesky factors the host computes
+(``factor_on_device``), while the next block is copied (see its docstring).
 
 Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S), and
 with ``csr_transposed='columns'`` the block's column order; once, X and Z or the two
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 
 from ..errors import InputError, NonFiniteError, PlanError
 from ..sources.csr import is_sparse_block
@@ -75,6 +77,12 @@ CUDA_OPTION_CHOICES = {"accumulate": ACCUMULATIONS, "csr_transposed": CSR_TRANSP
 RECORD_CAPACITY = 1024
 # The staging copy is split between threads in pieces of at least this many bytes.
 COPY_PIECE_BYTES = 4 << 20
+# The final pass's CholeskyQR on the device (``factor_on_device``): a round that starts
+# from a basis whose Gram matrix is this close to the identity (Frobenius norm) is the
+# last; a block not there after this many rounds goes to the host's Householder QR.
+ORTHOGONALITY_TOLERANCE = 0.1
+MAX_CHOLESKY_ROUNDS = 6
+UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2
 # Arrays packed into one staging buffer start at multiples of this (the device's own
 # allocation alignment), so every array is aligned for coalesced loads.
 ALIGNMENT = 256
@@ -542,13 +550,13 @@ class CUDAPowerSweep(_DeviceSweep):
 
 @dataclass
 class _PendingBlock:
-    """A block of the final sweep whose Y_i is on its way to the host."""
+    """A block of the final sweep whose Y_i is being computed on the device."""
 
     lane: _StagingStream
     arrays: list  # the block's device arrays, resident until the lane's next upload
     first_row: int
     rows: int
-    Y: np.ndarray  # (rows, l) pinned host view that receives Y_i
+    Y: Any  # (rows, l) device matrix: Y_i = A_s,i X
     columns: tuple | None = None  # a CSR block in column order, when the backend uses it
 
 
@@ -556,17 +564,19 @@ class CUDAFinalSweep(_DeviceSweep):
     """The final pass's streaming TSQR with B^T on the device.
 
     Per block, on its lane's stream: the copy of the block, Y_i = A_s,i X and the block's
-    totals, then the copy of Y_i into a pinned host buffer. The host factors
-    Y_i = Q_i R_i (LAPACK) and merges R_i into R, which gives the merge factors T and S;
-    Q_i and S go back, and the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block
-    still resident, without a C_i^T. The host works on block i only once block i + 1 is
-    enqueued (``add`` finishes the block before it), so block i + 1's copy runs while the
-    host factors Y_i and spills Q_i. Updates of B^T, on alternating streams, are ordered by
-    an event. Only Y_i and Q_i (b x l each) cross the bus besides the block.
+    totals. Y_i = Q_i R_i is factored on the device (``factor_on_device``), with the host
+    computing only the Cholesky factors of small Gram matrices, or, for a block too short
+    or too close to rank-deficient for that, by LAPACK's Householder QR on the host. The
+    host merges R_i into R, which gives the merge factors T and S, and spills Q_i, copied
+    home; the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block still resident,
+    without a C_i^T. The host works on block i only once block i + 1 is enqueued (``add``
+    finishes the block before it), so block i + 1's copy runs while block i is factored.
+    Updates of B^T, on alternating streams, are ordered by an event. Only Q_i (b x l)
+    crosses the bus besides the block (and Y_i too for a block factored on the host).
 
     Every lane's buffers are reused two blocks later; each reuse is ordered after the work
     that read them by the lane's stream (a block's upload after its B^T update, which the
-    host enqueues first) or by the host (Y_i is copied out before the next ``add``).
+    host enqueues first) or by the host (a block is factored before the next ``add``).
 
     CSR blocks get the shift algebraically, as in the power sweep: the device accumulates
     A^T (Q_i S), and the host keeps w = (1^T Q)-part with the same merges,
@@ -587,6 +597,7 @@ class CUDAFinalSweep(_DeviceSweep):
         self.ones_part = np.zeros(0)  # w, for the CSR shift
         self.updated = cuda.event()  # recorded after each update of B^T
         self.pending: _PendingBlock | None = None
+        self.factored_on_host = 0  # blocks that ``factor_on_device`` left to the host
 
     def add(self, block, first_row: int, shift: np.ndarray) -> None:
         self._check(block, shift)
@@ -611,15 +622,14 @@ class CUDAFinalSweep(_DeviceSweep):
         return self.tsqr
 
     def _start(self, block, first_row: int, lane: _StagingStream) -> _PendingBlock:
-        """Enqueue the block's copy, Y_i = A_s,i X, its totals and the copy of Y_i home."""
+        """Enqueue the block's copy, Y_i = A_s,i X and its totals."""
         rows, l = block.shape[0], self.X.shape[1]
-        host_Y = lane.pinned("Y", rows, l)
+        Y = lane.scratch("Y", rows, l)
         if rows == 0:
-            return _PendingBlock(lane, [], first_row, 0, host_Y)
+            return _PendingBlock(lane, [], first_row, 0, Y)
         record = self.records.slot(first_row, rows)
         arrays = self.backend.upload(lane, block)
         kernels, stream = self.backend.kernels, lane.stream
-        Y = lane.scratch("Y", rows, l)
         columns = None
         if self.sparse:
             kernels.csr_times(stream, *arrays, self.device_X, self.device_sX, Y)
@@ -627,40 +637,64 @@ class CUDAFinalSweep(_DeviceSweep):
         else:
             kernels.dense_times(stream, arrays[0], self.device_shift, self.device_X, Y)
             kernels.dense_totals(stream, arrays[0], self.device_shift, self.colsum, record)
-        Y.copy_to_host(host_Y, stream=stream)
-        lane.ready.record(stream)
         if self.sparse and self.backend.csr_transposed == "columns":
-            # While the host factors Y_i; B^T's update needs it only after that.
             columns = self.backend.to_columns(lane, arrays)
         self.rows += rows
-        return _PendingBlock(lane, arrays, first_row, rows, host_Y, columns)
+        return _PendingBlock(lane, arrays, first_row, rows, Y, columns)
 
     def _finish(self, block: _PendingBlock) -> None:
-        """Factor Y_i on the host, spill Q_i, and enqueue the update of B^T."""
-        block.lane.ready.synchronize()
-        l = self.X.shape[1]
+        """Factor Y_i, spill Q_i, and enqueue the update of B^T."""
+        width = self.X.shape[1] + self.append_ones
+        factored = factor_on_device(self.backend.kernels, block.lane, block.Y, width)
+        if factored is None:
+            self.factored_on_host += block.rows > 0
+            Q_i, R_i = self._factor_on_host(block)
+            device_Q = None
+        else:
+            device_Q, R_i = factored
+            Q_i = self._copy_home(block.lane, device_Q)
+        merge = self.tsqr.add_r(R_i)
+        self.spill(self.tsqr.blocks - 1, Q_i, merge)
+        self._update_bt(block, Q_i, device_Q, merge)
+
+    def _copy_home(self, lane: _StagingStream, device_Q: Any) -> np.ndarray:
+        """Q_i in a new host array (the spill may keep it), through the lane's pinned
+        buffer and the staging copy's threads: one thread, faulting in the new pages,
+        took about 40% of the sweep's time."""
+        pinned = lane.pinned("Q", *device_Q.shape)
+        device_Q.copy_to_host(pinned, stream=lane.stream)
+        lane.stream.synchronize()
+        Q_i = np.empty(pinned.shape)
+        self.backend.copier.copy(pinned, Q_i.reshape(-1).view(np.uint8))
+        return Q_i
+
+    def _factor_on_host(self, block: _PendingBlock) -> tuple[np.ndarray, np.ndarray]:
+        """Y_i = Q_i R_i by LAPACK, Y_i copied home; NonFiniteError if it is not finite."""
+        lane, l = block.lane, self.X.shape[1]
+        host_Y = lane.pinned("Y", block.rows, l)
+        if block.rows:
+            block.Y.copy_to_host(host_Y, stream=lane.stream)
+            lane.stream.synchronize()
         Y = np.empty((block.rows, l + self.append_ones), order="F")
-        Y[:, :l] = block.Y
+        Y[:, :l] = host_Y
         if self.append_ones:
             Y[:, l] = 1.0
         Q_i, R_i = local_qr(Y)
         if not np.isfinite(R_i).all():
             self._raise_not_finite(block)
-        merge = self.tsqr.add_r(R_i)
-        self.spill(self.tsqr.blocks - 1, Q_i, merge)
-        self._update_bt(block, Q_i, merge)
+        return Q_i, R_i
 
-    def _update_bt(self, block: _PendingBlock, Q_i: np.ndarray,
+    def _update_bt(self, block: _PendingBlock, Q_i: np.ndarray, device_Q: Any,
                    merge: MergeFactors | None) -> None:
         """Enqueue B^T <- B^T T + A_s,i^T (Q_i S) on the block's stream (for the first
-        block, T has no rows and S = I)."""
+        block, T has no rows and S = I); Q_i is uploaded unless already on the device."""
         cuda, kernels = self.backend.cuda, self.backend.kernels
         lane, stream = block.lane, block.lane.stream
         rows, r_i = Q_i.shape
         T = np.zeros((0, r_i)) if merge is None else merge.T
         r_new = T.shape[1]
-        P = None
-        if rows:
+        P = device_Q
+        if rows and P is None:
             host_Q = lane.pinned("Q", rows, r_i)
             np.copyto(host_Q, Q_i)
             P = lane.scratch("Q", rows, r_i)
@@ -683,7 +717,9 @@ class CUDAFinalSweep(_DeviceSweep):
         self.BT = target
         if self.sparse:
             S = np.eye(r_i) if merge is None else merge.S
-            self.ones_part = self.ones_part @ T + Q_i.sum(axis=0) @ S
+            # 1^T Q_i by BLAS: numpy's sum over Q_i's rows, on one core, took a quarter of a
+            # CSR final sweep's time
+            self.ones_part = self.ones_part @ T + (np.ones(rows) @ Q_i) @ S
 
     def _raise_not_finite(self, block: _PendingBlock) -> None:
         """Y_i is not finite: name the rows, as NaN or Inf in A, or as an overflow."""
@@ -692,6 +728,79 @@ class CUDAFinalSweep(_DeviceSweep):
         first, last = block.first_row, block.first_row + block.rows
         raise NonFiniteError(
             f"the products of rows [{first}, {last}) overflow float64; rescale the matrix")
+
+
+def factor_on_device(kernels: Any, lane: _StagingStream, Y: Any, width: int
+                     ) -> tuple[Any, np.ndarray] | None:
+    """W = Q R on the device for W = Y (a b x l device matrix) with ones appended up to
+    ``width`` columns: Q (b x width) in the lane's "Q" scratch, R upper triangular on the
+    host. None when W has fewer rows than columns, or a column that stays zero, for the
+    host's Householder QR (``local_qr``) to take.
+
+    CholeskyQR in rounds: G = V^T V on the device (V = W, then the last round's Q),
+    R_k = chol(G) on the host (width x width), V <- V R_k^-1 on the device by a
+    substitution per row, R <- R_k R. The first round, and any round whose plain Cholesky
+    factorization fails, adds a shift s I to G, s = 11 (b w + w (w + 1)) u trace(G)
+    (u: the unit roundoff), which makes the factorization exist and leaves a Q about
+    sqrt(s) / ||V|| better conditioned than V (shifted CholeskyQR; Fukaya, Kannan,
+    Nakatsukasa, Zhang and Yamamoto, SIAM J. Sci. Comput. 42, 2020). A round that starts
+    from a V with ||G - I||_F <= ORTHOGONALITY_TOLERANCE is the last: a plain round then
+    makes Q orthonormal to working precision, with R's residual as small as Householder's.
+    Well-conditioned blocks take two rounds; condition numbers up to 1e20, and exactly
+    rank-deficient blocks, took four or five when tried (b = 262144, w = 31), at most
+    ``MAX_CHOLESKY_ROUNDS``.
+
+    Each round moves only the small G and R_k across the bus and reads and writes the
+    b x width matrix on the device, which the host's QR would stream through its cache
+    about ten times.
+    """
+    rows = Y.shape[0]
+    if rows < width:
+        return None
+    Q = lane.scratch("Q", rows, width)
+    R = np.eye(width)
+    V = Y
+    for round_ in range(MAX_CHOLESKY_ROUNDS):
+        G = _gram(kernels, lane, V, width)
+        last = round_ > 0 and np.linalg.norm(G - np.eye(width)) <= ORTHOGONALITY_TOLERANCE
+        if round_ == MAX_CHOLESKY_ROUNDS - 1 and not last:
+            break
+        R_k = _cholesky(G) if round_ > 0 else None
+        if R_k is None and not last:
+            G[np.diag_indices(width)] += (11 * (rows * width + width * (width + 1))
+                                          * UNIT_ROUNDOFF * np.trace(G))
+            R_k = _cholesky(G)
+        if R_k is None:
+            return None
+        device_R = lane.scratch("R", width, width)
+        device_R.copy_to_device(np.ascontiguousarray(R_k), stream=lane.stream)
+        kernels.solve_rows(lane.stream, V, device_R, Q)
+        V, R = Q, R_k @ R
+        if last:
+            return Q, R
+    return None
+
+
+def _cholesky(G: np.ndarray) -> np.ndarray | None:
+    """The upper Cholesky factor of G; None if G is not numerically positive definite or
+    not finite."""
+    try:
+        return scipy.linalg.cholesky(G, lower=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def _gram(kernels: Any, lane: _StagingStream, V: Any, width: int) -> np.ndarray:
+    """W^T W (width x width, symmetric) for W = V with ones appended up to ``width``
+    columns; waits for the lane's stream."""
+    device_G = lane.scratch("G", width, width)
+    device_G.copy_to_device(np.zeros((width, width)), stream=lane.stream)
+    kernels.gram(lane.stream, V, device_G)
+    G = lane.pinned("G", width, width)
+    device_G.copy_to_host(G, stream=lane.stream)
+    lane.stream.synchronize()
+    upper = np.triu(G)
+    return upper + np.triu(upper, 1).T
 
 
 def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
