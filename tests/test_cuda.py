@@ -198,6 +198,18 @@ def test_columns_times_splits_long_columns_between_chunks(dtype):
 
 
 @on_device
+@pytest.mark.skipif(SIMULATED, reason="the simulator reports no multiprocessors")
+def test_kernels_fill_every_multiprocessor():
+    """Grid-stride kernels launch as many blocks as the GPU holds at once: its resident
+    threads per multiprocessor are read under the driver's name for them."""
+    from ooc_svd.kernels.cuda import BlockKernels, device_capacity
+
+    multiprocessors, threads = device_capacity()
+    assert multiprocessors > 1 and threads >= 1024
+    assert BlockKernels()._resident(256) == multiprocessors * threads // 256
+
+
+@on_device
 @pytest.mark.parametrize("ones", [0, 1])
 def test_gram_and_solve_rows_match_reference(ones):
     """The final pass's QR kernels on W = Y with a column of ones appended or not: G +=

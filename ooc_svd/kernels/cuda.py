@@ -112,10 +112,18 @@ SIMULATOR_GEOMETRY = Geometry(threads_x=2, threads_y=2, out_cols=4, tile=4, dept
 
 def device_capacity() -> tuple[int, int]:
     """(multiprocessors, resident threads per multiprocessor) of the current device; the
-    simulator reports neither and gets one block at a time."""
+    simulator reports neither and gets one block at a time.
+
+    numba-cuda names the second after the driver's enum: MAX_THREADS_PER_MULTIPROCESSOR
+    with NVIDIA's cuda-python bindings (its default now), MAX_THREADS_PER_MULTI_PROCESSOR
+    with its older ctypes bindings. Reading only the older name gave 0 on a GPU, so every
+    grid-stride kernel ran one block per multiprocessor, an eighth of what fits.
+    """
     device = cuda.get_current_device()
-    return (int(getattr(device, "MULTIPROCESSOR_COUNT", 1)),
-            int(getattr(device, "MAX_THREADS_PER_MULTI_PROCESSOR", 0)))
+    threads = 0
+    for name in ("MAX_THREADS_PER_MULTIPROCESSOR", "MAX_THREADS_PER_MULTI_PROCESSOR"):
+        threads = threads or int(getattr(device, name, 0))
+    return int(getattr(device, "MULTIPROCESSOR_COUNT", 1)), threads
 
 
 class BlockKernels:
