@@ -17,8 +17,8 @@ one run on one GPU:
   GB/s of A and the ratio to the pinned bandwidth, for blocks in ordinary (pageable)
   memory, which go through the staging copy, and for the same blocks in page-locked
   memory, which do not;
-- a full ``CUDAKernels.final_sweep`` (the final pass: Y_i on the device, its QR on the
-  host, B^T on the device) over the page-locked blocks, the Q_i kept in memory;
+- a full ``CUDAKernels.final_sweep`` (the final pass: Y_i and its QR on the device, Q_i
+  copied home, B^T on the device) over the page-locked blocks, the Q_i kept in memory;
 - the kernels alone on a block already on the device (GB/s of the block), and, where CuPy
   is installed, cuBLAS (float64 and float32 GEMMs, Y = A X then Z = A^T Y) and cuSPARSE
   (SpMM) on the same block, for scale.
@@ -125,8 +125,9 @@ def sweep_rates(backend, blocks, X) -> tuple[float, float, float]:
 
 
 def final_sweep_rate(backend, blocks, X) -> float:
-    """GB/s of A through the final pass's sweep: Y_i on the device, its QR on the host while
-    the next block travels, B^T updated on the device; the Q_i are kept in memory."""
+    """GB/s of A through the final pass's sweep: Y_i and its QR on the device while the
+    next block travels, Q_i copied home, B^T updated on the device; the Q_i are kept in
+    memory."""
     from ooc_svd.kernels.cpu import BlockStats
 
     n = X.shape[0]

@@ -565,14 +565,15 @@ class CUDAFinalSweep(_DeviceSweep):
 
     Per block, on its lane's stream: the copy of the block, Y_i = A_s,i X and the block's
     totals. Y_i = Q_i R_i is factored on the device (``factor_on_device``), with the host
-    computing only the Cholesky factors of small Gram matrices, or, for a block too short
-    or too close to rank-deficient for that, by LAPACK's Householder QR on the host. The
-    host merges R_i into R, which gives the merge factors T and S, and spills Q_i, copied
-    home; the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block still resident,
-    without a C_i^T. The host works on block i only once block i + 1 is enqueued (``add``
-    finishes the block before it), so block i + 1's copy runs while block i is factored.
-    Updates of B^T, on alternating streams, are ordered by an event. Only Q_i (b x l)
-    crosses the bus besides the block (and Y_i too for a block factored on the host).
+    computing only the Cholesky factors of small Gram matrices, or, for a block with fewer
+    rows than columns or a column that stays zero, by LAPACK's Householder QR on the host.
+    The host merges R_i into R, which gives the merge factors T and S, and spills Q_i,
+    copied home; the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block still
+    resident, without a C_i^T. The host works on block i only once block i + 1 is enqueued
+    (``add`` finishes the block before it), so block i + 1's copy runs while block i is
+    factored. Updates of B^T, on alternating streams, are ordered by an event. Only Q_i
+    (b x l) crosses the bus besides the block (and Y_i too for a block factored on the
+    host).
 
     Every lane's buffers are reused two blocks later; each reuse is ordered after the work
     that read them by the lane's stream (a block's upload after its B^T update, which the
