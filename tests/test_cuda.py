@@ -572,6 +572,32 @@ def test_auto_does_not_take_the_simulator_for_a_gpu():
 
 
 @on_device
+def test_cli_run_on_the_cuda_backend_writes_what_the_cpu_backend_writes(tmp_path):
+    """``ooc-svd run --backend cuda`` on a zarr store, against ``--backend cpu``."""
+    import zarr
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    rows, n = (48, 6) if SIMULATED else (30_000, 64)
+    A = naive.matrix_with_spectrum(rows, n, np.logspace(0, -2, n), np.float32, seed=2)
+    store = str(tmp_path / "A.zarr")
+    zarr.create_array(store, shape=A.shape, chunks=(rows // 4, n), dtype="f4")[:] = A
+    written = {}
+    for backend in ("cpu", "cuda"):
+        out = str(tmp_path / f"{backend}.zarr")
+        run = CliRunner().invoke(main, ["run", store, "--k", "3", "--out", out, "--backend",
+                                        backend, "--method", "randomized", "--niter", "2"])
+        assert run.exit_code == 0, run.output
+        assert f"on the {backend} backend" in run.output
+        group = zarr.open_group(out, mode="r")
+        written[backend] = (np.asarray(group["S"]), np.asarray(group["V"]))
+    (S_cpu, V_cpu), (S_gpu, V_gpu) = written["cpu"], written["cuda"]
+    np.testing.assert_allclose(S_gpu, S_cpu, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(V_gpu.T @ V_cpu), np.eye(3), atol=1e-4)
+
+
+@on_device
 @pytest.mark.parametrize(("kind", "method", "cuda_options"), [
     ("dense", "randomized", None),
     ("dense", "krylov", None),
