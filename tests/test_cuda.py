@@ -197,16 +197,19 @@ def test_columns_times_splits_long_columns_between_chunks(dtype):
                                rtol=1e-12)
 
 
-@on_device
-@pytest.mark.skipif(SIMULATED, reason="the simulator reports no multiprocessors")
-def test_kernels_fill_every_multiprocessor():
-    """Grid-stride kernels launch as many blocks as the GPU holds at once: its resident
-    threads per multiprocessor are read under the driver's name for them."""
-    from ooc_svd.kernels.cuda import BlockKernels, device_capacity
+def test_resident_threads_are_read_under_either_name(monkeypatch):
+    """numba-cuda names the resident threads per multiprocessor after the driver's enum:
+    MAX_THREADS_PER_MULTIPROCESSOR with NVIDIA's cuda-python bindings, and
+    MAX_THREADS_PER_MULTI_PROCESSOR with its ctypes ones. Reading only the latter gave 0 on
+    a GPU, and grid-stride kernels launched one block per multiprocessor."""
+    from types import SimpleNamespace
 
-    multiprocessors, threads = device_capacity()
-    assert multiprocessors > 1 and threads >= 1024
-    assert BlockKernels()._resident(256) == multiprocessors * threads // 256
+    from ooc_svd.kernels import cuda as device_kernels
+
+    for name in ("MAX_THREADS_PER_MULTIPROCESSOR", "MAX_THREADS_PER_MULTI_PROCESSOR"):
+        device = SimpleNamespace(MULTIPROCESSOR_COUNT=132, **{name: 2048})
+        monkeypatch.setattr(device_kernels.cuda, "get_current_device", lambda d=device: d)
+        assert device_kernels.device_capacity() == (132, 2048)
 
 
 @on_device
