@@ -735,8 +735,9 @@ def factor_on_device(kernels: Any, lane: _StagingStream, Y: Any, width: int
                      ) -> tuple[Any, np.ndarray] | None:
     """W = Q R on the device for W = Y (a b x l device matrix) with ones appended up to
     ``width`` columns: Q (b x width) in the lane's "Q" scratch, R upper triangular on the
-    host. None when W has fewer rows than columns, or a column that stays zero, for the
-    host's Householder QR (``local_qr``) to take.
+    host. None when W has fewer rows than columns, or a column that stays zero, or is not
+    factored within ``MAX_CHOLESKY_ROUNDS`` rounds, for the host's Householder QR
+    (``local_qr``) to take.
 
     CholeskyQR in rounds: G = V^T V on the device (V = W, then the last round's Q),
     R_k = chol(G) on the host (width x width), V <- V R_k^-1 on the device by a
