@@ -836,7 +836,6 @@ class _StagingStream:
         self.cuda = cuda
         self.stream = cuda.stream()
         self.staged = cuda.event()  # recorded after each copy out of `host`
-        self.ready = cuda.event()  # recorded when a result for the host has arrived
         self.host: np.ndarray | None = None
         self.device = None
         self.device_scratch: dict[str, Any] = {}
