@@ -279,6 +279,48 @@ def test_factor_on_device_is_a_stable_qr(ones):
         assert factor_on_device(backend.kernels, lane, cuda.to_device(Y), width) is None
 
 
+class NumpyQRKernels:
+    """``gram`` and ``solve_rows`` by numpy on host copies of the device arrays: the round
+    logic of ``factor_on_device`` at sizes the simulator cannot run its kernels at (the
+    kernels themselves are checked against these references above)."""
+
+    def gram(self, stream, Y, G):
+        W = naive.with_ones(Y.copy_to_host(), G.shape[0])
+        G.copy_to_device(G.copy_to_host() + np.triu(W.T @ W))
+
+    def solve_rows(self, stream, Y, R, Q):
+        import scipy.linalg
+
+        W = naive.with_ones(Y.copy_to_host(), R.shape[0])
+        Q.copy_to_device(scipy.linalg.solve_triangular(R.copy_to_host(), W.T, trans="T").T)
+
+
+@on_device
+def test_factor_on_device_follows_a_failed_cholesky_round_with_a_shifted_one(monkeypatch):
+    """On tall blocks (20000 x 41) the shift of the first round leaves Q too ill-conditioned
+    for a plain Cholesky factorization beyond condition numbers of about 1e13; the round
+    that fails is shifted instead, and Q R = W still holds with Q orthonormal."""
+    from numba import cuda
+
+    from ooc_svd.kernels import cuda_backend
+
+    failed = []
+    cholesky = cuda_backend._cholesky
+    monkeypatch.setattr(cuda_backend, "_cholesky",
+                        lambda G: failed.append(G) if (R := cholesky(G)) is None else R)
+    rows, l = 20_000, 40
+    lane = CUDAKernels(1).streams[0]
+    for name, Y in condition_cases(rows, l):
+        factored = cuda_backend.factor_on_device(NumpyQRKernels(), lane, cuda.to_device(Y),
+                                                 l + 1)
+        assert factored is not None, name
+        Q, R = factored[0].copy_to_host(), factored[1]
+        W = naive.with_ones(Y, l + 1)
+        np.testing.assert_allclose(Q.T @ Q, np.eye(l + 1), atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(Q @ R, W, atol=1e-13 * np.abs(W).max(), err_msg=name)
+    assert failed, "no plain Cholesky round failed: the shifted retry went untested"
+
+
 @on_device
 @pytest.mark.parametrize("kind", ["dense", "csr"])
 def test_transposed_times_copies_a_block_other_than_the_last(kind):
