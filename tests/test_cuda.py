@@ -255,7 +255,7 @@ def condition_cases(rows, l):
 @pytest.mark.parametrize("ones", [0, 1])
 def test_factor_on_device_is_a_stable_qr(ones):
     """Q orthonormal and Q R = W to working precision, R upper triangular, however
-    ill-conditioned or rank-deficient W is; W's short of rows, or with a zero column, are
+    ill-conditioned or rank-deficient W is; a W short of rows, or with a zero column, is
     left to the host."""
     from numba import cuda
 
@@ -680,7 +680,7 @@ def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_pat
     import ooc_svd
     from ooc_svd.sources.csr import CSRWriter
 
-    # Six row blocks either way; on a GPU, chunks of 20 non-zeros would be 30000 files.
+    # On a GPU's sizes, chunks of 20 non-zeros would be 30000 files.
     rows, n, chunk_nnz = (60, 6, 20) if SIMULATED else (20_000, 100, 20_000)
     path = str(tmp_path / "A.zarr")
     if kind == "dense":
