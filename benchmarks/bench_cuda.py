@@ -1,7 +1,7 @@
 """CUDA backend: power and final sweep throughput against the pinned host-to-device bandwidth.
 
     python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
-                                    [--block-mb 256] [--csr-cols 100000] [--csr-row-nnz 64]
+                                    [--block-mb 256] [--csr-cols 100000 ...] [--csr-row-nnz 64]
                                     [--csr-column-exponents 0 1]
 
 A power pass is bound by the copy of A to the device (about 4l flops per element), so its
@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cols", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--basis", type=int, default=30, help="l = k + p")
     parser.add_argument("--block-mb", type=float, default=256)
-    parser.add_argument("--csr-cols", type=int, default=100_000)
+    parser.add_argument("--csr-cols", type=int, nargs="+", default=[100_000],
+                        help="n of the CSR blocks; a small n keeps X and Z in the L2 cache")
     parser.add_argument("--csr-row-nnz", type=int, default=64)
     parser.add_argument("--csr-column-exponents", type=float, nargs="+", default=[0.0, 1.0],
                         help="0: uniform columns; s > 0: column j ~ (j + 1) ** -s")
@@ -282,7 +283,28 @@ def main() -> None:
         rows.append((f"dense float32, n={n}", sum(b.nbytes for b in blocks), rates, kernels))
         backend.close()
         del blocks
-    n = args.csr_cols
+    for n in args.csr_cols:
+        rows += csr_rows(cuda, args, n, total, block_bytes, rng)
+
+    print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
+          f"pinned H2D {pinned:.1f} GB/s\n")
+    print("| blocks | GB | sweep GB/s, pageable | % of pinned H2D | sweep GB/s, page-locked "
+          "| % of pinned H2D | final sweep GB/s, page-locked | % of pinned H2D "
+          "| on-device GB/s of A |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, nbytes, (pageable, locked, final), kernels in rows:
+        on_device = ", ".join(f"{label} {value:.0f}" for label, value in kernels.items())
+        print(f"| {name} | {nbytes / 1e9:.1f} | {pageable:.1f} | {100 * pageable / pinned:.0f}% "
+              f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {final:.1f} "
+              f"| {100 * final / pinned:.0f}% | {on_device} |")
+
+
+def csr_rows(cuda, args, n: int, total: int, block_bytes: int, rng) -> list[tuple]:
+    """The table's rows for CSR blocks of n columns: each column distribution, each way of
+    forming A^T Y."""
+    from ooc_svd.kernels.cuda_backend import CUDAKernels
+
+    rows = []
     X = np.asfortranarray(rng.standard_normal((n, args.basis)))
     for exponent in args.csr_column_exponents:
         blocks = csr_blocks(total, block_bytes, n, args.csr_row_nnz, exponent)
@@ -296,18 +318,7 @@ def main() -> None:
                          f"{way}", sum(b.nbytes for b in blocks), rates, kernels))
             backend.close()
         del blocks
-
-    print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
-          f"pinned H2D {pinned:.1f} GB/s\n")
-    print("| blocks | GB | sweep GB/s, pageable | % of pinned H2D | sweep GB/s, page-locked "
-          "| % of pinned H2D | final sweep GB/s, page-locked | % of pinned H2D "
-          "| on-device GB/s of A |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, nbytes, (pageable, locked, final), kernels in rows:
-        on_device = ", ".join(f"{label} {value:.0f}" for label, value in kernels.items())
-        print(f"| {name} | {nbytes / 1e9:.1f} | {pageable:.1f} | {100 * pageable / pinned:.0f}% "
-              f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {final:.1f} "
-              f"| {100 * final / pinned:.0f}% | {on_device} |")
+    return rows
 
 
 if __name__ == "__main__":
