@@ -23,6 +23,19 @@ from ..errors import NonFiniteError
 from .cpu import SUM_FASTMATH, BlockStats
 
 
+@numba.njit(inline="always")
+def row_times(data, indices, start, end, X, sTX, y):
+    """y = A_row X - sTX for the row whose non-zeros are data[start:end] in the columns
+    indices[start:end]: the gather of X's rows that the power and times kernels share."""
+    for c in range(y.size):
+        y[c] = -sTX[c]
+    for p in range(start, end):
+        value = np.float64(data[p])
+        j = indices[p]
+        for c in range(y.size):
+            y[c] += value * X[j, c]
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
 def csr_power_kernel(data, indices, indptr, bounds, X, sTX, Z_parts, colsum_parts, ysum_parts):
     """Z_parts[t] += A^T (A X - 1 sTX) over thread t's rows [bounds[t], bounds[t + 1]).
@@ -39,20 +52,14 @@ def csr_power_kernel(data, indices, indptr, bounds, X, sTX, Z_parts, colsum_part
         Z, colsum, ysum = Z_parts[t], colsum_parts[t], ysum_parts[t]
         total = 0.0
         for i in range(bounds[t], bounds[t + 1]):
-            for c in range(l):
-                y[c] = -sTX[c]
-            for p in range(indptr[i], indptr[i + 1]):
-                value = np.float64(data[p])
-                j = indices[p]
-                colsum[j] += value
-                total += value * value
-                for c in range(l):
-                    y[c] += value * X[j, c]
+            row_times(data, indices, indptr[i], indptr[i + 1], X, sTX, y)
             for c in range(l):
                 ysum[c] += y[c]
             for p in range(indptr[i], indptr[i + 1]):
                 value = np.float64(data[p])
                 j = indices[p]
+                colsum[j] += value
+                total += value * value
                 for c in range(l):
                     Z[j, c] += value * y[c]
         sumsq[t] = total
@@ -72,13 +79,7 @@ def csr_times_kernel(data, indices, indptr, bounds, X, sTX, Y):
     for t in numba.prange(bounds.size - 1):
         y = np.empty(l)
         for i in range(bounds[t], bounds[t + 1]):
-            for c in range(l):
-                y[c] = -sTX[c]
-            for p in range(indptr[i], indptr[i + 1]):
-                value = np.float64(data[p])
-                j = indices[p]
-                for c in range(l):
-                    y[c] += value * X[j, c]
+            row_times(data, indices, indptr[i], indptr[i + 1], X, sTX, y)
             for c in range(l):
                 Y[i, c] = y[c]
 
