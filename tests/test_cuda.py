@@ -26,8 +26,10 @@ from ooc_svd.errors import InputError, NonFiniteError  # noqa: E402
 from ooc_svd.kernels.backend import CPUKernels  # noqa: E402
 from ooc_svd.kernels.cpu import BlockStats  # noqa: E402
 from ooc_svd.kernels.cuda_backend import (  # noqa: E402
+    STREAMS,
     CUDAKernels,
     CUDAUnavailableError,
+    DeviceNeed,
     cuda_available,
     device_bytes,
     driver_library_loads,
@@ -462,6 +464,25 @@ def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, s
 
 
 @on_device
+def test_float32_accumulation_centers_before_rounding():
+    """A float64 block far from the origin: its tiles are centered in float64 and only then
+    rounded, so float32 arithmetic errs relative to A - shift, not to A."""
+    rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
+    rng = np.random.default_rng(3)
+    block = rng.standard_normal((rows, n)) + 1e6
+    shift = block.mean(axis=0)
+    X = rng.standard_normal((n, l))
+    backend = CUDAKernels(n, accumulate="float32")
+    Y = backend.times(block, 0, X, shift, None)
+    expected = (block - shift) @ X
+    np.testing.assert_allclose(Y, expected, atol=1e-5 * np.abs(expected).max())
+    sweep = backend.power_sweep(X, BlockStats.zeros(n))
+    sweep.add(block, 0, shift)
+    expected = naive.fused_power_product(block, X, shift)
+    np.testing.assert_allclose(sweep.result(), expected, atol=1e-5 * np.abs(expected).max())
+
+
+@on_device
 @OVERFLOW_WARNING
 @pytest.mark.parametrize("kind", ["dense", "csr", "columns"])
 def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
@@ -602,6 +623,26 @@ def test_device_bytes_counts_every_stream_buffer():
     # The column order: a second copy of the block, and counts, starts and cursor.
     assert (device_bytes(n, l, block, columns=True) - device_bytes(n, l, block)
             == 2 * (block + 3 * 8 * (n + 1)))
+
+
+def test_device_need_counts_the_rows_of_narrow_blocks():
+    """Blocks of one-byte values have four times the rows of float32 blocks of the same
+    bytes, and Y_i, Q_i and Q_i S have as many rows: the need counts them."""
+    from ooc_svd.plan import make_plan
+    from ooc_svd.sources.dense import regular_boundaries
+
+    shape = (2_000_000, 1000)
+    needs = {}
+    for itemsize in (1, 4):
+        plan = make_plan(shape, itemsize, regular_boundaries(shape[0], 20_000), 20, 10, 2,
+                         "randomized", 2 * 10**9)
+        need = DeviceNeed.of_plan(shape[1], plan, {})
+        width = plan.basis_size + 1
+        assert need.bytes >= device_bytes(shape[1], width, max(plan.block_bytes),
+                                          rows=plan.block_rows)
+        needs[itemsize] = need.bytes - STREAMS * max(plan.block_bytes)
+    # Beyond the blocks themselves, the one-byte run needs about four times more per row.
+    assert needs[1] > 2 * needs[4]
 
 
 def test_csr_transposed_must_be_a_known_way():

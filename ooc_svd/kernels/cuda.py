@@ -36,9 +36,9 @@ to be simple and to never be the bottleneck, not to reach peak flops:
   appended to Y without storing it. On an H100, for b = 262144 and l = 31: 3.6 ms and
   0.5 ms with one thread block per multiprocessor; ``gram`` fell to 1.0 ms with four.
 
-The centering shift is applied while staging dense tiles (A_s = A - 1 shift^T is never
-stored) and algebraically for CSR blocks (the host corrects with shift^T X and the column
-sums; see ``cuda_backend``).
+The centering shift is applied while staging dense tiles, in float64 (A_s = A - 1 shift^T
+is never stored), and algebraically for CSR blocks (the host corrects with shift^T X and the
+column sums; see ``cuda_backend``).
 
 Measured on an H100 (float32 blocks, n = 1024, l = 30, GB/s of A on the device): Y = A_s X
 220, Z += A_s^T Y 135, totals 1270, a whole dense block about 85, 1.6 times the 52-54 GB/s
@@ -51,6 +51,9 @@ Products are accumulated in float64 by default. ``accumulate='float32'`` does th
 arithmetic in float32 (Z is still summed in float64 across tiles): it loses directions
 below about sqrt(eps32) ~ 3e-4 of sigma_1 (Z = A^T A X squares the spectrum) and is meant
 for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most non-datacenter parts).
+Dense tiles are centered before they are rounded, so the loss is relative to A - shift; a
+CSR block's products are summed before the shift is applied, so there a column mean much
+larger than the values' spread costs accuracy in float32.
 
 Kernels are built per (accumulation type, ``Geometry``) by ``BlockKernels``; a small
 geometry keeps the simulator (``NUMBA_ENABLE_CUDASIM=1``) fast in tests.
@@ -365,7 +368,9 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
                         r, c, i, k = k0 + e // tile, t0 + e % tile, e % tile, e // tile
                     else:
                         r, c, i, k = t0 + e // depth, k0 + e % depth, e // depth, e % depth
-                    a[i, k] = acc(A[r, c]) - acc(shift[c]) if r < rows and c < cols else 0
+                    # Centered in float64 before rounding to acc: in float32, rounding
+                    # first would cost eps32 |A|, not eps32 |A - shift|, per entry.
+                    a[i, k] = acc(A[r, c] - shift[c]) if r < rows and c < cols else 0
                 for e in range(tid, depth * out_cols, threads):
                     k, j = e // out_cols, e % out_cols
                     inside = k0 + k < B.shape[0] and j0 + j < B.shape[1]

@@ -184,8 +184,9 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     """Device memory a pass holds for blocks of at most ``block_bytes`` bytes.
 
     ``rows`` bounds the rows of a block (Y is rows x l); by default, that of a float32
-    block, the most rows per byte of dense data. For CSR blocks pass it (the scatter power
-    sweep needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
+    block. Pass it for blocks of narrower values (int8 blocks have four times the rows of
+    float32 ones, and Y, Q_i and Q_i S grow with the rows) and for CSR blocks (the scatter
+    power sweep needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
     is (q + 1) l). ``columns``: CSR blocks are also reordered by columns on the device
     (``csr_transposed='columns'``).
     """
@@ -214,9 +215,8 @@ class DeviceNeed:
     def of_plan(cls, n: int, plan: Any, cuda_options: dict) -> DeviceNeed:
         """For ``plan`` (a ``plan.Plan``) run with ``cuda_options``."""
         width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
-        rows = plan.block_rows if plan.sparse else None
         columns = plan.sparse and cuda_options.get("csr_transposed") == "columns"
-        needed = device_bytes(n, width, max(plan.block_bytes), rows=rows,
+        needed = device_bytes(n, width, max(plan.block_bytes), rows=plan.block_rows,
                               streams=cuda_options.get("streams", STREAMS), columns=columns)
         return cls(needed, max(plan.block_bytes), width)
 
@@ -313,7 +313,8 @@ class CUDAKernels:
         arrays = self.upload(lane, block)
         lane.holds = weakref.ref(block)  # for a transposed_times call with the same block
         device_X = cuda.to_device(np.ascontiguousarray(X, dtype=np.float64), lane.stream)
-        device_Y = cuda.device_array((rows, l), stream=lane.stream)
+        # The lane's scratch, which ``device_bytes`` counts (a final sweep left it there)
+        device_Y = lane.scratch("Y", rows, l)
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
         if is_sparse_block(block):
             sX = cuda.to_device(shift @ X, lane.stream)
@@ -338,7 +339,8 @@ class CUDAKernels:
         resident = lane.holds is not None and lane.holds() is block
         arrays = lane.arrays if resident else self.upload(lane, block)
         lane.holds = None
-        device_Q = cuda.to_device(np.ascontiguousarray(Q, dtype=np.float64), lane.stream)
+        device_Q = lane.scratch("Q", *Q.shape)
+        device_Q.copy_to_device(np.ascontiguousarray(Q, dtype=np.float64), stream=lane.stream)
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
         CT = cuda.to_device(np.zeros((n, l)), lane.stream)
         if is_sparse_block(block):
