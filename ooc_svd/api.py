@@ -235,7 +235,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     sparse = isinstance(source, CSRSource)
-    return make_plan(source.shape, source.dtype.itemsize, source.chunk_rows, k,
+    return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
                      0 if fixed_accuracy else oversample, niter, method, limit,
                      fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,

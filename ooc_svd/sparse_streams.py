@@ -16,7 +16,7 @@ import numpy as np
 
 from .coordinates import EntryChunk
 from .errors import InputError
-from .sources.csr import CSRWriter
+from .sources.csr import CSRWriter, canonical_rows
 
 # indptr values read at a time: 512 KiB of int64.
 POINTER_PIECE = 1 << 16
@@ -114,16 +114,10 @@ def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
 
 
 def _canonical_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
-    import scipy.sparse
-
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise InputError(f"a column index lies outside [0, {n_cols})")
-    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=(indptr.size - 1, n_cols))
-    if block.has_canonical_format:
-        return indptr, indices, data
-    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=block.shape, copy=True)
-    block.sum_duplicates()
-    return block.indptr, block.indices, block.data
+    data, indices, indptr, _ = canonical_rows(indptr, indices, data, n_cols)
+    return indptr, indices, data
 
 
 def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader,

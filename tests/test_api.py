@@ -85,6 +85,30 @@ def test_integer_input(matrix):
     assert result.U.dtype == np.float64
 
 
+@pytest.mark.parametrize(("stored", "result_dtype", "rtol"), [
+    (">f8", np.float64, 1e-12),  # big-endian, as zarr v2 stores and .npy files may hold
+    (">i4", np.float64, 1e-12),
+    (np.float16, np.float32, 1e-5),  # read as float32
+    (np.longdouble, np.float64, 1e-12),  # read as float64
+])
+def test_dtypes_numba_lacks_are_read_as_ones_it_has(tmp_path, matrix, stored, result_dtype,
+                                                     rtol):
+    import zarr
+
+    A = np.asarray(np.round(matrix * 1000), dtype=stored)
+    exact = naive.truncated_svd(A.astype(np.float64), 4)[1]
+    inputs = [A]
+    if np.dtype(stored).itemsize <= 8:  # zarr has no longdouble
+        store = zarr.create_array(str(tmp_path / "A.zarr"), shape=A.shape, chunks=(64, 30),
+                                  dtype=A.dtype, zarr_format=2)
+        store[:] = A
+        inputs.append(str(tmp_path / "A.zarr"))
+    for source in inputs:
+        result = ooc_svd.svd(source, 4, method="exact")
+        assert result.U.dtype == result_dtype
+        np.testing.assert_allclose(result.S, exact, rtol=rtol)
+
+
 def test_input_store_is_not_modified(zarr_matrix, matrix):
     path = zarr_matrix(matrix)
     before = tree_digest(path)

@@ -198,6 +198,48 @@ def test_csr_store_and_npz_give_the_in_memory_result(tmp_path):
         assert subspace_distance(result.V, reference.V) < 1e-5
 
 
+def with_repeats(A):
+    """A's non-zeros stored each as two entries of the same column, rows unsorted: the same
+    matrix, not in canonical CSR order."""
+    coo = A.tocoo()
+    order = np.lexsort((-coo.col, coo.row))  # columns decreasing within each row
+    rows, cols, values = coo.row[order], coo.col[order], coo.data[order]
+    pointers = np.concatenate([[0], np.cumsum(2 * np.bincount(rows, minlength=A.shape[0]))])
+    return (pointers, np.repeat(cols, 2).astype(np.int32),
+            np.stack([values + 1, -np.ones_like(values)], axis=1).reshape(-1))
+
+
+def test_repeated_and_unsorted_entries_count_once_in_the_norm(tmp_path):
+    """Repeated columns in a row are summed, as scipy sums them: the products never cared,
+    but the squared norm (hence the residual and the ranks chosen by tolerance) did. The
+    store is big-endian too, which numba cannot read as is."""
+    import zarr
+
+    A = sparse_with_decay(400, 30, 0.2, 0.3, seed=9)
+    pointers, columns, values = with_repeats(A)
+    repeated = scipy.sparse.csr_matrix((values, columns, pointers), shape=A.shape)
+    assert not repeated.has_canonical_format
+    np.testing.assert_allclose(repeated.toarray(), A.toarray(), atol=1e-15)
+    # A zarr v2 store, big-endian as such stores may be
+    group = zarr.open_group(str(tmp_path / "A.zarr"), mode="w", zarr_format=2)
+    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": list(A.shape)})
+    for name, array in (("indptr", pointers), ("indices", columns), ("data", values)):
+        group.create_array(name, shape=array.shape, dtype=array.dtype.newbyteorder(">"),
+                           chunks=(100,))[:] = array
+    reference = ooc_svd.svd(A, 5, method="exact")
+    kept = repeated.data.copy()
+    for source in (repeated, str(tmp_path / "A.zarr")):
+        result = ooc_svd.svd(source, 5, method="exact")
+        np.testing.assert_allclose(result.frobenius_norm, scipy.sparse.linalg.norm(A),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(result.residual, reference.residual, rtol=1e-10)
+        np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+        assert ooc_svd.svd(source, tol=0.5, method="exact").rank == ooc_svd.svd(
+            A, tol=0.5, method="exact").rank
+    np.testing.assert_array_equal(repeated.data, kept)  # the caller's matrix is untouched
+
+
 def test_results_do_not_depend_on_the_blocking(tmp_path, monkeypatch):
     import ooc_svd.plan
     import ooc_svd.sources.csr

@@ -20,9 +20,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 
 from ..errors import InputError, ReadError
+from .dtypes import block_dtype
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 # Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
@@ -108,7 +110,13 @@ class CSRSource:
 
     @property
     def dtype(self) -> np.dtype:
+        """The values' dtype as stored."""
         return np.dtype(self.data.dtype)
+
+    @property
+    def block_dtype(self) -> np.dtype:
+        """The dtype of the values of the blocks ``read`` returns (``dtypes.block_dtype``)."""
+        return block_dtype(self.dtype)
 
     @property
     def sparse(self) -> bool:
@@ -116,9 +124,8 @@ class CSRSource:
 
     @property
     def nbytes(self) -> int:
-        """Raw bytes one pass reads: data, indices and an indptr entry per row."""
-        return int(self.nnz * (self.dtype.itemsize + np.dtype(self.indices.dtype).itemsize)
-                   + self.shape[0] * 8)
+        """Bytes of the blocks of one pass: values, indices and an indptr entry per row."""
+        return int(self.nnz * _entry_bytes(self.data, self.indices) + self.shape[0] * 8)
 
     @property
     def read_overhead_bytes(self) -> int:
@@ -134,19 +141,56 @@ class CSRSource:
         )
 
     def read(self, start: int, stop: int) -> CSRBlock:
-        """Rows [start, stop) as a CSRBlock."""
+        """Rows [start, stop) as a CSRBlock, each row's columns in increasing order.
+
+        A row with unsorted or repeated columns is made canonical in a copy, repeats
+        summed: the products do not care, but the sum of squares (the norm, the residual
+        and the ranks chosen by tolerance) counts each stored entry.
+        """
         try:
             pointers = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
             first, last = int(pointers[0]), int(pointers[-1])
-            indices = np.asarray(self.indices[first:last])
-            data = np.asarray(self.data[first:last])
+            indices = np.asarray(self.indices[first:last],
+                                 dtype=np.dtype(self.indices.dtype).newbyteorder("="))
+            data = np.asarray(self.data[first:last], dtype=self.block_dtype)
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             raise ReadError(
                 f"cannot read rows [{start}, {stop}) of {self.description}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         _check_block(pointers, indices, self.shape[1], start, stop, self.description)
-        return CSRBlock(data, indices, pointers - first, self.shape[1])
+        return CSRBlock(*canonical_rows(pointers - first, indices, data, self.shape[1]))
+
+
+def canonical_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(data, indices, indptr, n_cols) of the rows with each row's columns increasing and
+    repeated columns summed: the arrays given when they are so already, else new ones; the
+    arrays given are never modified."""
+    import scipy.sparse
+
+    if _columns_increase(indptr, indices):
+        return data, indices, indptr, n_cols
+    shape = (indptr.size - 1, n_cols)
+    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, copy=True)
+    block.sum_duplicates()
+    return block.data, block.indices, block.indptr.astype(np.int64, copy=False), n_cols
+
+
+@numba.njit(nogil=True, cache=True)
+def _columns_increase(indptr, indices) -> bool:
+    """Whether every row's columns strictly increase. scipy's has_canonical_format would
+    first cast the indices to a common index dtype: a copy of them, for every block."""
+    for row in range(indptr.size - 1):
+        for p in range(indptr[row] + 1, indptr[row + 1]):
+            if indices[p] <= indices[p - 1]:
+                return False
+    return True
+
+
+def _entry_bytes(data: Any, indices: Any) -> int:
+    """Bytes a non-zero takes in a block read from these arrays: its value and its index."""
+    return block_dtype(data.dtype).itemsize + np.dtype(indices.dtype).itemsize
 
 
 def _check_block(pointers, indices, n: int, start: int, stop: int, description: str) -> None:
@@ -186,9 +230,7 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
             f"{description}: inconsistent CSR arrays (indptr {indptr.shape} for {m} rows, "
             f"indices {indices.shape}, data {data.shape})"
         )
-    boundaries, pointers = _stream_unit_boundaries(
-        indptr, data.dtype.itemsize + indices.dtype.itemsize
-    )
+    boundaries, pointers = _stream_unit_boundaries(indptr, _entry_bytes(data, indices))
     stored = None
     with contextlib.suppress(Exception):  # optional information, not every store can tell
         stored = sum(int(a.nbytes_stored()) for a in (indptr, indices, data))
@@ -197,7 +239,7 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
         raise InputError(f"{description}: indptr ends at {nnz} but data holds {data.shape[0]}")
     return CSRSource(
         indptr, indices, data, (m, n), description, boundaries,
-        _unit_bytes(boundaries, pointers, data.dtype.itemsize + indices.dtype.itemsize),
+        _unit_bytes(boundaries, pointers, _entry_bytes(data, indices)),
         nnz, stored, format_kind=f"csr (zarr v{group.metadata.zarr_format})",
     )
 
@@ -207,10 +249,18 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
     to CSR, which holds the non-zeros once more but never densifies)."""
     kind = type(matrix).__name__
     csr = matrix.tocsr() if matrix.format != "csr" else matrix
-    if not csr.has_sorted_indices:
-        csr = csr.sorted_indices()  # a copy: the caller's matrix is not modified
+    native_indices = np.dtype(csr.indices.dtype).newbyteorder("=")
+    if csr.data.dtype != block_dtype(csr.data.dtype) or csr.indices.dtype != native_indices:
+        # Values or indices numba cannot take (big-endian, float16), converted once
+        csr = type(csr)((csr.data.astype(block_dtype(csr.data.dtype)),
+                         csr.indices.astype(native_indices), csr.indptr), shape=csr.shape)
+    if not csr.has_canonical_format:
+        # Sorted, with repeated entries summed, once, in a copy: the caller's matrix is not
+        # modified, and ``read`` finds every block canonical
+        csr = csr.copy()
+        csr.sum_duplicates()
     indptr = csr.indptr.astype(np.int64, copy=False)
-    entry = csr.data.dtype.itemsize + csr.indices.dtype.itemsize
+    entry = _entry_bytes(csr.data, csr.indices)
     boundaries = _unit_cuts(indptr, 0, entry).astype(np.int64)
     return CSRSource(
         indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, ReadError, StoreNotFoundError
+from .dtypes import block_dtype
 
 
 @dataclass
@@ -64,17 +65,24 @@ class DenseSource:
 
     @property
     def dtype(self) -> np.dtype:
+        """The dtype as stored."""
         return np.dtype(self.array.dtype)
 
     @property
+    def block_dtype(self) -> np.dtype:
+        """The dtype of the blocks ``read`` returns (``dtypes.block_dtype``)."""
+        return block_dtype(self.dtype)
+
+    @property
     def nbytes(self) -> int:
+        """Bytes of the blocks of one pass."""
         m, n = self.shape
-        return m * n * self.dtype.itemsize
+        return m * n * self.block_dtype.itemsize
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a C-contiguous ndarray."""
+        """Rows [start, stop) as a C-contiguous ndarray of ``block_dtype``."""
         try:
-            return np.ascontiguousarray(self._slice(start, stop))
+            return np.ascontiguousarray(self._slice(start, stop), dtype=self.block_dtype)
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             first, last, cause = self._failing_chunk(start, stop, exc)
             raise ReadError(
