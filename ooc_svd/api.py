@@ -121,8 +121,8 @@ dask.array.Array} of shape (m, n)
         when it picks 'gram' and the spectrum is too ill-conditioned for it, it finishes with
         'exact' (one more read) and says so in ``result.note``.
     seed : int, default=0
-        Seed of the counter-based generator of the test matrix; the same seed gives the
-        same result for any chunking or block size.
+        Seed of the counter-based generator of the test matrix, in [0, 2**64); the same
+        seed gives the same result for any chunking or block size.
     memory_limit : int or str, default='1GB'
         Bound on the working set (blocks in flight, n x l factors). An in-memory U (m x k)
         comes on top: give ``out`` when U itself is too large for memory.
@@ -386,7 +386,7 @@ def low_rank_factors(
 
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
-    seed = _check_int("seed", request.seed, minimum=0)
+    seed = _check_int("seed", request.seed, minimum=0, maximum=2**64 - 1)  # a Philox key
     centering = _make_centering(n, request.center, request.mean)
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
@@ -449,8 +449,9 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
-    on_cluster = cluster is not None
-    result.backend = f"{request.backend} on the workers" if on_cluster else kernels.name
+    # On a cluster, what the workers' kernels ran on: 'cpu and cuda' on a mixed one
+    result.backend = (" and ".join(sorted(cluster.backends)) if cluster is not None
+                      else kernels.name)
     result.spectral_error = spectral
     if writer:
         arrays = {"S": result.S, "V": result.V}
@@ -584,11 +585,13 @@ def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
     return m, n
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise InputError(f"{name} must be an integer, not {value!r}")
     if value < minimum:
         raise InputError(f"{name}={value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{name}={value} must be <= {maximum}")
     return int(value)
 
 

@@ -57,7 +57,12 @@ from .centering import Centering
 from .errors import InputError
 from .kernels.backend import CPUKernels, Kernels
 from .kernels.cpu import BlockStats, SubBlocks, gram_block
-from .kernels.cuda_backend import DeviceNeed, gpu_kernels
+from .kernels.cuda_backend import (
+    CUDAUnavailableError,
+    DeviceNeed,
+    cuda_available,
+    gpu_kernels,
+)
 from .passes import (
     FinalPassResult,
     PassContext,
@@ -163,6 +168,7 @@ class ClusterPasses:
         # the device memory its passes hold.
         need = DeviceNeed.of_plan(source.shape[1], plan, cuda_options or {})
         self.kernel_spec = (backend, plan.scatter_copies or None, cuda_options or None, need)
+        self.backends: set[str] = set()  # the backends the workers' block kernels ran on
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch
@@ -291,7 +297,9 @@ class ClusterPasses:
         leaves = self._map(name, task, *args)
         root = self._reduce(name, leaves, combine, **reduce_options)
         self._wait(context, f"{name} pass", leaves)
-        return root.result()
+        result = root.result()
+        self.backends |= result.backends
+        return result
 
     # -- the passes -----------------------------------------------------------------------
 
@@ -407,6 +415,7 @@ class ClusterPasses:
         root = self._reduce("residual", leaves, _add_partials)
         self._wait(context, "residual pass", leaves)
         total = root.result()
+        self.backends |= total.backends
         self._record(context, "residual pass", began, total.nbytes)
         return total.value
 
@@ -471,6 +480,8 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     scratch = None
     try:
         client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        if backend == "cuda":
+            _check_worker_gpus(client)
         scratch = _shared_scratch(client, scratch_dir)
         return ClusterPasses(client, source, plan, scratch, owned, backend, cuda_options)
     except BaseException:
@@ -512,6 +523,25 @@ def _client_from(client: Any) -> tuple[Any, list[Any]]:
     except (OSError, TimeoutError, ValueError) as error:
         raise InputError(f"cannot connect to the scheduler at {client!r}: {error}") from error
     return made, [made]
+
+
+def _check_worker_gpus(client: Any) -> None:
+    """Raise ``CUDAUnavailableError`` unless every worker has a usable GPU: one message
+    before any pass, not a failed task (and its traceback in every worker's log)."""
+    reasons = client.run(_why_no_cuda)
+    missing = sorted((address, why) for address, why in reasons.items() if why)
+    if missing:
+        address, why = missing[0]
+        raise CUDAUnavailableError(
+            f"the cuda backend needs a usable NVIDIA GPU on every worker; {len(missing)} of "
+            f"{len(reasons)} have none ({address}: {why}); use the cpu or auto backend"
+        )
+
+
+def _why_no_cuda() -> str:
+    """On a worker: why the cuda backend cannot run there, or '' when it can."""
+    usable, reason = cuda_available()
+    return "" if usable else reason
 
 
 def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
@@ -568,6 +598,7 @@ class _Partial:
     nbytes: int
     BT: np.ndarray | None = None  # final pass: B^T of the rows so far, with R as ``value``
     factors: MergeFactors | None = None  # final pass: of the merge that made this node
+    backends: frozenset[str] = frozenset()  # the kernels' backends that computed it
 
 
 @dataclass(frozen=True)
@@ -672,7 +703,7 @@ def _power_group(source, blocks, first, X, shift, depth,
             sweep.add(block, start, shift)
             nbytes += block.nbytes
         Z = sweep.result()
-    return _Partial(Z, stats, nbytes)
+    return _Partial(Z, stats, nbytes, backends=frozenset([kernels.name]))
 
 
 def _gram_group(source, blocks, first, shift, depth) -> _Partial:
@@ -684,7 +715,7 @@ def _gram_group(source, blocks, first, shift, depth) -> _Partial:
     for start, _, block in _blocks(source, blocks, depth):
         gram_block(block, start, shift, G, stats, subs)
         nbytes += block.nbytes
-    return _Partial(G, stats, nbytes)
+    return _Partial(G, stats, nbytes, backends=frozenset(["cpu"]))
 
 
 def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
@@ -696,7 +727,7 @@ def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
     for start, _, block in _blocks(source, blocks, depth):
         R = add_rows_to_r(R, block, start, shift, stack, stats, append_ones)
         nbytes += block.nbytes
-    return _Partial(R, stats, nbytes)
+    return _Partial(R, stats, nbytes, backends=frozenset(["cpu"]))
 
 
 def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
@@ -719,7 +750,7 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
             sweep.add(block, start, shift)
             nbytes += block.nbytes
         tsqr = sweep.result()
-    return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT)
+    return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT, backends=frozenset([kernels.name]))
 
 
 def _product_group(source, blocks, first, W, shift, sink, depth, kernel_spec=("auto", None)):
@@ -747,7 +778,7 @@ def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
             Z += kernels.transposed_times(block, start, Y, shift, stats)
             Z -= V @ (S[:, None] * (U_i.T @ Y))
             nbytes += block.nbytes
-    return _Partial(Z, stats, nbytes)
+    return _Partial(Z, stats, nbytes, backends=frozenset([kernels.name]))
 
 
 def _left_vectors_group(directory, blocks, first, P, sink):
@@ -769,14 +800,16 @@ def _merged_stats(a: BlockStats, b: BlockStats) -> BlockStats:
 
 
 def _add_partials(a: _Partial, b: _Partial) -> _Partial:
-    return _Partial(a.value + b.value, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes)
+    return _Partial(a.value + b.value, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes,
+                    backends=a.backends | b.backends)
 
 
 def _merge_r(a: _Partial, b: _Partial) -> _Partial:
     """R of [R_a; R_b]: the R factor of both groups' rows."""
     R = scipy.linalg.qr(np.vstack([a.value, b.value]), mode="r", check_finite=False)[0]
     R = R[: min(R.shape)]
-    return _Partial(R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes)
+    return _Partial(R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes,
+                    backends=a.backends | b.backends)
 
 
 def _merge_pairs(a: _Partial, b: _Partial) -> _Partial:
@@ -784,7 +817,7 @@ def _merge_pairs(a: _Partial, b: _Partial) -> _Partial:
     tsqr = StreamingTSQR(a.value, a.BT, 1)
     factors = tsqr.add_block(b.value, b.BT)
     return _Partial(tsqr.R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes,
-                    BT=tsqr.BT, factors=factors)
+                    BT=tsqr.BT, factors=factors, backends=a.backends | b.backends)
 
 
 def _factors_of(node: _Partial) -> MergeFactors:

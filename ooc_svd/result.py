@@ -48,8 +48,9 @@ class SVDResult:
         The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
         not the planned one).
     backend : str
-        Where the block products ran: 'cpu' or 'cuda'; on a cluster, the backend asked of
-        the workers (with 'auto', each worker uses its GPU when it has one).
+        Where the block products ran: 'cpu' or 'cuda'; on a cluster, where the workers'
+        ran (with 'auto', each worker uses its GPU when it has one: 'cpu and cuda' on a
+        mixed cluster).
     note : str
     plan : Plan
         The method, blocks and memory chosen, with the reason (``plan.describe()``).
