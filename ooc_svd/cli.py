@@ -45,7 +45,7 @@ def plan_options(command):
                      help="Instead of --k: the smallest rank with relative residual <= TOL."),
         click.option("--max-rank", type=int, default=None, help="Rank cap with --tol."),
         click.option("--niter", type=int, default=2, show_default=True,
-                     help="Power iterations (one read of A each, randomized method)."),
+                     help="Power iterations: one read of A each (randomized and krylov methods)."),
         click.option("--oversample", type=int, default=10, show_default=True,
                      help="Extra basis vectors: l = k + oversample."),
         click.option("--method",
@@ -98,7 +98,8 @@ def main() -> None:
 @plan_options
 @click.option("--out", required=True, help="Output zarr group (U, S, V, mean, attributes).")
 @click.option("--center", is_flag=True, help="Subtract the column mean (PCA).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the test matrix; the same seed, the same result.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--scratch-dir", default=None, help="Where Q factors are spilled.")
@@ -218,7 +219,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
               show_default=True)
 @click.option("--chunk", "chunk_rows", type=int, default=50_000, show_default=True,
               help="Rows per chunk (sparse: rows generated per step).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the generated matrix.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_rows, seed,

@@ -48,6 +48,7 @@ from .coordinates import (
 )
 from .errors import InputError, MissingDependencyError, StoreNotFoundError
 from .matrix_market import open_binary, read_entry_chunks, read_header
+from .plan import DEFAULT_MEMORY_LIMIT
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter
 from .sparse_streams import (
     NpyMemberReader,
@@ -58,7 +59,6 @@ from .sparse_streams import (
 )
 from .store import check_output_path
 
-DEFAULT_MEMORY_LIMIT = "1GB"
 # The writer holds about this many storage chunks of indices and data at once: the tail being
 # filled, its concatenation, and the chunk being compressed.
 WRITER_CHUNKS = 5

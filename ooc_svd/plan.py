@@ -42,7 +42,7 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
-DEFAULT_MEMORY_LIMIT = 1 << 30
+DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
 
 def parse_bytes(value: int | float | str) -> int:
     """Bytes from an int or a string such as '512MB', '4GB', '2GiB', '1e9'."""

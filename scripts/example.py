@@ -1,6 +1,10 @@
 """Generate a small example store (if absent) and compute its top-10 SVD out of core.
 
-    python scripts/example.py [--rows 400000] [--cols 128]
+    .venv/bin/python scripts/example.py [--rows 400000] [--cols 128] [--dir example_data]
+
+The dense half of ``scripts/example.sh`` through the Python API. ``--dir`` is relative to
+the repository (``example_data``, beside the shell walkthrough's stores); the result goes to
+``api_result.zarr`` there.
 """
 
 import argparse
@@ -20,6 +24,7 @@ def main() -> None:
     parser.add_argument("--dir", default="example_data")
     args = parser.parse_args()
 
+    args.dir = os.path.join(os.path.dirname(__file__), os.pardir, args.dir)
     os.makedirs(args.dir, exist_ok=True)
     store = os.path.join(args.dir, f"dense_{args.rows}x{args.cols}.zarr")
     if not os.path.exists(store):
@@ -33,7 +38,7 @@ def main() -> None:
     began = time.perf_counter()
     result = ooc_svd.svd(
         store, k=10, niter=2, method="randomized", memory_limit="200MB",
-        out=os.path.join(args.dir, "result.zarr"), overwrite=True, progress=True,
+        out=os.path.join(args.dir, "api_result.zarr"), overwrite=True, progress=True,
     )
     seconds = time.perf_counter() - began
     print(result.plan.describe())
@@ -44,7 +49,7 @@ def main() -> None:
           "(A = G diag(s) V^T with Gaussian G: equal to within ~sqrt(k / m))")
     print(f"relative Frobenius residual ||A - U S V^T|| / ||A|| = {result.residual:.4f}")
     m, k = result.U.shape
-    print(f"U ({m} x {k}), S and V written to {args.dir}/result.zarr")
+    print(f"U ({m} x {k}), S and V written to {os.path.normpath(args.dir)}/api_result.zarr")
 
 
 if __name__ == "__main__":

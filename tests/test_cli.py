@@ -126,7 +126,7 @@ def bad_inputs(tmp_path, store):
     from ooc_svd.kernels.cuda_backend import cuda_available
 
     no_gpu = [] if cuda_available(allow_simulator=False)[0] else [
-        ("cuda backend", store, ["--backend", "cuda"], "backend='cuda' needs a usable NVIDIA GPU")
+        ("cuda backend", store, ["--backend", "cuda"], "the cuda backend needs a usable NVIDIA GPU")
     ]
     return no_gpu + [
         ("missing store", tmp_path / "absent.zarr", [], "no such file or store"),

@@ -595,7 +595,7 @@ def test_kernels_compile_to_ptx(cc, monkeypatch):
 @pytest.mark.skipif(USABLE, reason="a CUDA device is usable here")
 def test_unusable_gpu_gets_a_clear_error():
     assert WHY_NOT
-    with pytest.raises(CUDAUnavailableError, match="backend='cuda' needs a usable NVIDIA GPU"):
+    with pytest.raises(CUDAUnavailableError, match="the cuda backend needs a usable NVIDIA GPU"):
         require_cuda()
     assert issubclass(CUDAUnavailableError, InputError)
 

@@ -106,14 +106,15 @@ def cuda_available(allow_simulator: bool = True) -> tuple[bool, str]:
         import numba_cuda  # noqa: F401 - the CUDA target that numba.cuda needs
         from numba import config, cuda
     except ImportError:
-        return False, "numba-cuda is not installed (pip install 'ooc_svd[cuda]')"
+        return False, ("numba-cuda is not installed: install ooc_svd with its cuda extra "
+                       "(pip install -e '.[cuda]' in its checkout)")
     if config.ENABLE_CUDASIM:
         return (True, "") if allow_simulator else (False, "only numba's CUDA simulator is on")
     error = cuda.cuda_error()
     if error is not None:
         return False, f"no usable NVIDIA driver ({' '.join(str(error).split())})"
     if not cuda.is_available():
-        return False, "the CUDA compiler library (NVVM) was not found; reinstall ooc_svd[cuda]"
+        return False, "the CUDA compiler library (NVVM) was not found; reinstall the cuda extra"
     if len(cuda.gpus) == 0:
         return False, "the NVIDIA driver sees no CUDA device"
     return True, ""
@@ -136,7 +137,7 @@ def require_cuda() -> None:
     usable, reason = cuda_available()
     if not usable:
         raise CUDAUnavailableError(
-            f"backend='cuda' needs a usable NVIDIA GPU: {reason}; use backend='cpu'"
+            f"the cuda backend needs a usable NVIDIA GPU: {reason}; use the cpu backend"
         )
 
 
@@ -231,7 +232,7 @@ class DeviceNeed:
             raise PlanError(
                 f"the GPU has {free / 1e6:.1f} MB free; blocks of {self.block_bytes / 1e6:.1f}"
                 f" MB with n x l arrays of l={self.width} need {self.bytes / 1e6:.1f} MB "
-                "there: lower memory_limit (smaller blocks) or use backend='cpu'"
+                "there: lower the memory limit (smaller blocks) or use the cpu backend"
             )
 
 

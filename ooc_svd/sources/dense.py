@@ -143,7 +143,7 @@ def open_dense_source(A: Any) -> DenseSource:
     if module.startswith("dask"):
         return _dask_source(A)
     if hasattr(A, "__array__") and hasattr(A, "shape"):
-        array = np.asarray(A)
+        array = _torch_array(A) if module.startswith("torch") else np.asarray(A)
         return DenseSource(
             array, in_memory_boundaries(array.shape, array.itemsize), type(A).__name__,
             decodes=False,
@@ -152,6 +152,15 @@ def open_dense_source(A: Any) -> DenseSource:
         f"unsupported input of type {type(A).__name__}; expected a numpy array, a .npy path, "
         "a zarr array or store path/URL, or a dask array"
     )
+
+
+def _torch_array(tensor: Any) -> np.ndarray:
+    """A torch tensor's values as numpy: without its autograd graph (numpy() refuses a
+    tensor that requires grad), in host memory, bfloat16 (which numpy lacks) as float32."""
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _open_path(path: str) -> DenseSource:
