@@ -132,6 +132,43 @@ def test_svd_lowrank_defaults_and_mean(matrix):
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
 
 
+class TensorStandIn:
+    """What ooc_svd uses of a torch tensor, refusing numpy conversion as torch does for a
+    tensor that requires grad (torch itself is not a test dependency)."""
+
+    __module__ = "torch"
+
+    def __init__(self, values, requires_grad=True):
+        self.values, self.requires_grad = values, requires_grad
+        self.shape, self.dtype = values.shape, "torch.bfloat16"
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad.")
+
+    def detach(self):
+        return TensorStandIn(self.values, requires_grad=False)
+
+    def cpu(self):
+        return self
+
+    def float(self):
+        detached = TensorStandIn(self.values.astype(np.float32), self.requires_grad)
+        detached.dtype = "torch.float32"
+        return detached
+
+    def numpy(self):
+        if self.requires_grad or self.dtype == "torch.bfloat16":
+            raise RuntimeError("numpy() refused")
+        return self.values
+
+
+def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):
+    U, S, V = ooc_svd.svd_lowrank(TensorStandIn(matrix), q=4)
+    np.testing.assert_allclose(S, naive.truncated_svd(matrix.astype(np.float32), 4)[1],
+                               rtol=1e-5)
+    assert S.dtype == np.float32
+
+
 def test_svd_lowrank_allows_q_equal_to_min_dimension():
     A = naive.matrix_with_spectrum(50, 8, np.arange(8, 0, -1.0), seed=1)
     U, S, V = ooc_svd.svd_lowrank(A, q=8)
@@ -208,6 +245,7 @@ def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
         ({"k": 0}, "k=0 must be >= 1"),
         ({"k": 2.5}, "k must be an integer"),
         ({"k": 3, "niter": -1}, "niter=-1 must be >= 0"),
+        ({"k": 3, "seed": 2**64}, "seed=18446744073709551616 must be <= 18446744073709551615"),
         ({"k": 3, "oversample": -2}, "oversample=-2 must be >= 0"),
         ({"k": 3, "mean": np.zeros(29)}, r"mean must have shape \(30,\) or \(1, 30\)"),
         ({"k": 3, "mean": np.zeros((400, 30))}, "mean must have shape"),
