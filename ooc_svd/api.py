@@ -96,9 +96,11 @@ dask.array.Array} of shape (m, n)
         ||A - U S V^T||_F / ||A||_F is at most tol (0 < tol < 1). The exact and gram methods
         find it from the full spectrum in their two reads; the randomized method grows its
         basis by blocks of 32 columns, each costing niter + 1 reads, until the (exact, free)
-        residual of the basis is below tol, then makes one final read.
+        residual of the basis is below tol or the basis holds max_rank + oversample
+        columns, then makes one final read.
     max_rank : int, optional
-        Cap on the rank in fixed-accuracy mode; min(m, n) by default.
+        Cap on the rank in fixed-accuracy mode; min(m, n) by default. A rank capped here is
+        as accurate as the same k would give: the randomized basis is oversampled beyond it.
     oversample : int, default=10
         Extra basis vectors: the basis has l = k + oversample columns.
     niter : int, default=2
@@ -236,7 +238,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
-                     0 if fixed_accuracy else oversample, niter, method, limit,
+                     oversample, niter, method, limit,
                      fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),

@@ -169,11 +169,14 @@ def adaptive_randomized_svd(
     pass, so the residual ||A||^2 - ||A X||^2 of the projection is known exactly after each
     block. Blocks stop at the tolerance or at max_rank columns; then the final pass factors
     A X and the rank is the smallest that meets the tolerance.
+
+    The basis grows up to the plan's l = max_rank + oversample columns (at most min(m, n)),
+    so that a rank capped at max_rank is as accurate as k = max_rank would be.
     """
     n = context.source.shape[1]
     state = {"basis": np.zeros((n, 0), order="F"), "captured": 0.0}
-    for block in range(-(-max_rank // GROWTH_BLOCK)):
-        width = min(GROWTH_BLOCK, max_rank - state["basis"].shape[1], n - state["basis"].shape[1])
+    for block in range(plan.growth_blocks):
+        width = min(GROWTH_BLOCK, plan.basis_size - state["basis"].shape[1])
         if width <= 0:
             break
         state = context.resumable(

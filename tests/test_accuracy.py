@@ -40,6 +40,18 @@ def test_tolerance_mode_with_centering_and_cap():
     assert capped.rank == 5 and capped.residual > 1e-6
 
 
+def test_a_capped_rank_is_oversampled_like_a_fixed_one():
+    """tol with a binding max_rank: the randomized basis grows to max_rank + oversample, so
+    the rank-5 result is as near the optimum as k=5 gives (0.6096 without oversampling)."""
+    A = naive.matrix_with_spectrum(300, 80, 0.9 ** np.arange(80), seed=1)
+    S = np.linalg.svd(A, compute_uv=False)
+    optimal = np.sqrt(np.sum(S[5:] ** 2) / np.sum(S**2))
+    fixed = ooc_svd.svd(A, 5, method="randomized")
+    capped = ooc_svd.svd(A, tol=0.01, max_rank=5, method="randomized")
+    assert capped.rank == 5 and capped.plan.basis_size == 15
+    assert capped.residual <= max(fixed.residual, optimal) * (1 + 1e-5)
+
+
 def test_tolerance_arguments_are_checked():
     A = np.random.default_rng(0).standard_normal((50, 10))
     for kwargs, message in [
