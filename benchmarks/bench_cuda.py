@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
                                     [--block-mb 256] [--csr-cols 100000 ...] [--csr-row-nnz 64]
-                                    [--csr-column-exponents 0 1]
+                                    [--csr-column-exponents 0 1] [--profile-final]
 
 A power pass is bound by the copy of A to the device (about 4l flops per element), so its
 target is the pinned host-to-device bandwidth for data already in host memory. Measured, in
@@ -23,7 +23,15 @@ one run on one GPU:
   is installed, cuBLAS (float64 and float32 GEMMs, Y = A X then Z = A^T Y) and cuSPARSE
   (SpMM) on the same block, for scale.
 
-Kernels are compiled in a warm-up sweep before anything is timed. Prints a markdown table.
+- a power sweep over the page-locked blocks timed by CUDA events around each block's copy
+  and kernels: how much of the sweep the copies and the kernels kept the device busy, how
+  much of them overlapped, and a block's kernels in the sweep against the same kernels
+  alone (slower beside a copy: the two contend for memory or the L2 cache; not
+  overlapped: something serializes them);
+- with --profile-final, a host profile of each final sweep (cProfile, by cumulative time),
+  which separates the host's own work from its waits on the device (``synchronize``).
+
+Kernels are compiled in a warm-up sweep before anything is timed. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--copy-threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="kernel timings: best of")
+    parser.add_argument("--profile-final", action="store_true",
+                        help="print a host profile (cProfile) of each final sweep")
     return parser.parse_args()
 
 
@@ -117,18 +127,30 @@ def csr_blocks(total_bytes: int, block_bytes: int, n: int, row_nnz: int,
             for i in range(max(1, total_bytes // block_bytes))]
 
 
-def sweep_rates(backend, blocks, X) -> tuple[float, float, float]:
-    """Power sweep GB/s for the blocks as given (pageable) and as page-locked copies, and
-    final sweep GB/s for the page-locked copies."""
+def sweep_rates(backend, blocks, X, profile: bool = False
+                ) -> tuple[float, float, float, dict | None]:
+    """Power sweep GB/s for the blocks as given (pageable) and as page-locked copies,
+    final sweep GB/s for the page-locked copies, and the ``SweepTimeline.summary`` of a
+    power sweep over them (None under the simulator, whose events do not time)."""
+    from numba import config
+
     pageable = sweep_rate(backend, blocks, X)
     pinned = [backend.keep(block) for block in blocks]  # page-locked copies
-    return pageable, sweep_rate(backend, pinned, X), final_sweep_rate(backend, pinned, X)
+    locked = sweep_rate(backend, pinned, X)
+    final = final_sweep_rate(backend, pinned, X, profile)
+    timeline = None if config.ENABLE_CUDASIM else sweep_timeline(backend.cuda, backend,
+                                                                 pinned, X)
+    return pageable, locked, final, timeline
 
 
-def final_sweep_rate(backend, blocks, X) -> float:
+def final_sweep_rate(backend, blocks, X, profile: bool = False) -> float:
     """GB/s of A through the final pass's sweep: Y_i and its QR on the device while the
     next block travels, Q_i copied home, B^T updated on the device; the Q_i are kept in
-    memory."""
+    memory. ``profile``: print where the host's time went (cProfile), which tells host
+    work from waits on the device (``synchronize``)."""
+    import cProfile
+    import pstats
+
     from ooc_svd.kernels.cpu import BlockStats
 
     n = X.shape[0]
@@ -144,7 +166,95 @@ def final_sweep_rate(backend, blocks, X) -> float:
     run(blocks[:2])
     began = time.perf_counter()
     run(blocks)
-    return sum(block.nbytes for block in blocks) / (time.perf_counter() - began) / 1e9
+    rate = sum(block.nbytes for block in blocks) / (time.perf_counter() - began) / 1e9
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(run, blocks)
+        print(f"\nfinal sweep, host profile ({len(blocks)} blocks of {blocks[0].shape}):")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(15)
+    return rate
+
+
+class SweepTimeline:
+    """CUDA events around each block of a power sweep: when the stream reached its copy,
+    when the copy ended and when its kernels ended. ``watch(backend)`` wraps the backend's
+    upload; ``added()`` marks the end of the block just given to ``sweep.add``.
+
+    Each copy is made to wait for the one before it (on whichever stream), as the copies
+    share the bus anyway, so that a copy's interval is its transfer and not its wait; a
+    block's kernels run from the end of its copy to its last event on its stream.
+    """
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.blocks: list[list] = []  # [stream, copy began, copy ended, kernels ended]
+
+    def watch(self, backend) -> None:
+        upload = backend.upload
+
+        def timed_upload(lane, block):
+            if self.blocks:
+                self.blocks[-1][2].wait(lane.stream)
+            began = self._mark(lane.stream)
+            arrays = upload(lane, block)
+            self.blocks.append([lane.stream, began, self._mark(lane.stream), None])
+            return arrays
+
+        backend.upload = timed_upload
+
+    def added(self) -> None:
+        self.blocks[-1][3] = self._mark(self.blocks[-1][0])
+
+    def _mark(self, stream):
+        event = self.cuda.event()
+        event.record(stream)
+        return event
+
+    def summary(self) -> dict[str, float]:
+        """Milliseconds of the sweep on the device (first copy to last kernel), the
+        fractions of it the copies and the kernels kept the device busy, the fraction of
+        the smaller of the two that ran alongside the other, and the mean kernel time of
+        a block."""
+        self.cuda.synchronize()
+        origin = self.blocks[0][1]
+        copies = [(origin.elapsed_time(b[1]), origin.elapsed_time(b[2])) for b in self.blocks]
+        kernels = [(origin.elapsed_time(b[2]), origin.elapsed_time(b[3])) for b in self.blocks]
+        span = max(end for _, end in kernels)
+        copy_busy, kernel_busy = _covered(copies), _covered(kernels)
+        both = copy_busy + kernel_busy - _covered(copies + kernels)
+        return {"ms": span, "copying": copy_busy / span, "computing": kernel_busy / span,
+                "overlap": both / min(copy_busy, kernel_busy),
+                "kernel ms": sum(end - start for start, end in kernels) / len(kernels)}
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
+def sweep_timeline(cuda, backend, blocks, X) -> dict[str, float]:
+    """``SweepTimeline.summary`` of a power sweep over ``blocks`` (page-locked)."""
+    from ooc_svd.kernels.cpu import BlockStats
+
+    n = X.shape[0]
+    timeline = SweepTimeline(cuda)
+    timeline.watch(backend)
+    try:
+        sweep = backend.power_sweep(X, BlockStats.zeros(n))
+        for block in blocks:
+            sweep.add(block, 0, np.zeros(n))
+            timeline.added()
+        sweep.result()
+    finally:
+        del backend.upload  # the class's again
+    summary = timeline.summary()
+    summary["block bytes"] = sum(block.nbytes for block in blocks) / len(blocks)
+    return summary
 
 
 def sweep_rate(backend, blocks, X) -> float:
@@ -278,7 +388,7 @@ def main() -> None:
         backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
         X = np.asfortranarray(rng.standard_normal((n, args.basis)))
         blocks = dense_blocks(total, block_bytes, n)
-        rates = sweep_rates(backend, blocks, X)
+        rates = sweep_rates(backend, blocks, X, args.profile_final)
         kernels = dense_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
         rows.append((f"dense float32, n={n}", sum(b.nbytes for b in blocks), rates, kernels))
         backend.close()
@@ -292,11 +402,31 @@ def main() -> None:
           "| % of pinned H2D | final sweep GB/s, page-locked | % of pinned H2D "
           "| on-device GB/s of A |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, nbytes, (pageable, locked, final), kernels in rows:
+    for name, nbytes, (pageable, locked, final, _), kernels in rows:
         on_device = ", ".join(f"{label} {value:.0f}" for label, value in kernels.items())
         print(f"| {name} | {nbytes / 1e9:.1f} | {pageable:.1f} | {100 * pageable / pinned:.0f}% "
               f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {final:.1f} "
               f"| {100 * final / pinned:.0f}% | {on_device} |")
+    print_timelines(rows)
+
+
+def print_timelines(rows) -> None:
+    """Where a power sweep over page-locked blocks spent its time, by CUDA events: is the
+    copy overlapped with the kernels, and does a kernel run slower beside a copy than
+    alone?"""
+    if all(row[2][3] is None for row in rows):
+        print("\n(no timeline: the simulator's events do not time)")
+        return
+    print("\nPower sweep over page-locked blocks, by CUDA events (copies made to follow one "
+          "another):\n")
+    print("| blocks | ms on the device | copying | computing | overlap (of the smaller) "
+          "| kernels per block: in the sweep / alone |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, _, (*_, timeline), kernels in rows:
+        alone_ms = timeline["block bytes"] / kernels["ooc_svd kernels"] / 1e6
+        print(f"| {name} | {timeline['ms']:.0f} | {100 * timeline['copying']:.0f}% "
+              f"| {100 * timeline['computing']:.0f}% | {100 * timeline['overlap']:.0f}% "
+              f"| {timeline['kernel ms']:.1f} ms / {alone_ms:.1f} ms |")
 
 
 def csr_rows(cuda, args, n: int, total: int, block_bytes: int, rng) -> list[tuple]:
@@ -312,7 +442,7 @@ def csr_rows(cuda, args, n: int, total: int, block_bytes: int, rng) -> list[tupl
         for way in ("scatter", "columns"):
             backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads,
                                   csr_transposed=way)
-            rates = sweep_rates(backend, blocks, X)
+            rates = sweep_rates(backend, blocks, X, args.profile_final)
             kernels = csr_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
             rows.append((f"CSR f32/i32, n={n}, {args.csr_row_nnz}/row, {columns}, A^T Y by "
                          f"{way}", sum(b.nbytes for b in blocks), rates, kernels))
