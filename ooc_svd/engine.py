@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .errors import NonFiniteError
 from .kernels.cpu import BlockStats
 from .passes import (
     PassContext,
@@ -218,7 +219,7 @@ def exact_svd(
     state = context.resumable("tsqr", lambda: _factor_state(*tsqr_r_pass(context)))
     stats, shift = _stats_of(state)
     _, S_all, Vt = scipy.linalg.svd(state["factor"], full_matrices=False)
-    fro2 = context.centering.frobenius_squared(shift, stats)
+    fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
     numerical = numerical_rank(S_all[:rank], context.source.shape)
     return _left_vectors_by_product(
@@ -248,7 +249,7 @@ def gram_svd(
     eigenvalues, eigenvectors = scipy.linalg.eigh(state["factor"], check_finite=False)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
     S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
-    fro2 = context.centering.frobenius_squared(shift, stats)
+    fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
     if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps):
         ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / eigenvalues[0])
@@ -273,7 +274,8 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
     with QSpill(scratch_dir, in_memory=plan.spill_in_memory) as spill:
         final = tsqr_final_pass(context, X, spill)
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
-        fro2 = context.centering.frobenius_squared(final.shift, final.stats)
+        fro2 = _representable(context.centering.frobenius_squared(final.shift, final.stats),
+                              S_all, final.stats)
         rank = rank_rule(S_all, fro2)
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
@@ -291,6 +293,24 @@ def _left_vectors_by_product(context, S, V, numerical, fro2, allocate_u, method)
     inverse[:numerical] = 1.0 / S[:numerical]
     product_pass(context, np.asfortranarray(V * inverse), allocate_u(S.size))
     return Factors(S, V, fro2, numerical, method)
+
+
+def _representable(fro2: float, S: np.ndarray, stats: BlockStats) -> float:
+    """fro2, the squared Frobenius norm; NonFiniteError for a matrix so small (entries
+    below about 1.5e-154) that its squares underflow float64: the norm, hence the residual,
+    the explained variance and the ranks chosen by tolerance, would be wrong, 1 / sigma_j
+    may overflow, and the gram method would see a zero matrix. Told by sigma_1, or, where
+    the squares vanished altogether, by column sums that are not zero but as small. (A
+    centered matrix whose norm cancels to about zero has larger column sums and passes.)"""
+    tiny = np.finfo(np.float64).tiny
+    largest_sum = float(np.max(np.abs(stats.colsum), initial=0.0))
+    vanished = fro2 < tiny and 0 < largest_sum < np.sqrt(tiny) * max(stats.rows, 1)
+    if (S.size and 0 < S[0] < np.sqrt(tiny)) or vanished:
+        raise NonFiniteError(
+            "the matrix is too small for float64: the squares of its entries underflow; "
+            "rescale the matrix"
+        )
+    return fro2
 
 
 def _deflated_basis(X: np.ndarray, basis: np.ndarray) -> np.ndarray:

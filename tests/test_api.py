@@ -6,6 +6,7 @@ import os
 import naive
 import numpy as np
 import pytest
+import scipy.sparse
 
 import ooc_svd
 from ooc_svd import InputError, NonFiniteError, OutputExistsError, ReadError, StoreNotFoundError
@@ -281,6 +282,18 @@ def test_nan_names_the_rows(zarr_matrix, block_rows, matrix):
         ooc_svd.svd(zarr_matrix(A, chunk_rows=100), 3, memory_limit="4MB", method="randomized")
     with pytest.raises(NonFiniteError, match="first at row 237"):
         ooc_svd.svd(A, 3, method="exact")
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "krylov"])
+def test_a_matrix_whose_squares_underflow_is_named_not_mistaken(matrix, method):
+    """Entries near 1e-200 square to zero in float64: the norm (and gram's G) would vanish
+    and 1/sigma overflow; such a matrix is refused. One whose centered norm cancels to
+    about zero is not such a matrix."""
+    with pytest.raises(NonFiniteError, match="too small for float64.*rescale"):
+        ooc_svd.svd(matrix * 1e-200, 3, method=method)
+    constant = np.full((400, 30), 3.7)
+    for A in (constant, scipy.sparse.csr_matrix(constant)):
+        assert ooc_svd.svd(A, 3, method=method, center=True).S[0] < 1e-10
 
 
 def test_missing_and_unreadable_stores(tmp_path):
