@@ -278,8 +278,9 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
             quiet) -> None:
     """Convert a sparse matrix to the CSR layout on zarr at OUT, with bounded memory.
 
-    INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz) or an HDF5
-    file (.h5ad, .h5, .hdf5) holding an AnnData-style CSR or CSC group.
+    INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz), an HDF5
+    file (.h5ad, .h5, .hdf5) holding an AnnData-style CSR or CSC group, or such a group on
+    zarr (to rechunk a CSR store with --chunk-nnz, or turn CSC into CSR).
     """
     from .convert import convert as convert_matrix
 

@@ -16,7 +16,8 @@ Memory, for an input of m rows and nnz non-zeros:
 - ``from_mtx``: text read and parsed a block at a time; entries in row order are written in
   one pass, others are bucketed by rows into scratch files, and each bucket sorted alone;
 - ``from_h5ad``: an HDF5 CSR group is read a block of rows at a time; a CSC group goes
-  through buckets like an unsorted Matrix Market file.
+  through buckets like an unsorted Matrix Market file;
+- ``from_zarr``: a zarr CSR or CSC group, as ``from_h5ad`` (to rechunk a CSR store).
 
 ``memory_limit`` bounds the working set, about: the writer's few storage chunks of
 ``chunk_nnz`` values, then blocks of text or arrays and the entries sorted at once share the
@@ -348,19 +349,56 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
         layout, shape, data = _h5_sparse_group(file, group, path, h5py)
         target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
-        node = file[group]
-        readers = tuple(SlicedReader(node[name], f"{group}/{name}")
-                        for name in ("indptr", "indices", "data"))
         provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
-        if layout == "csr":
-            return _write_csr(target, readers, provenance)
+        return _write_sparse_group(file[group], group, layout, shape, target, provenance)
 
-        def entries() -> Iterator[EntryChunk]:
-            fresh = [SlicedReader(r.array, r.name) for r in readers]
-            return csc_entry_chunks(*fresh, shape, target.chunk_entries)
 
-        return _write_coordinates(target, entries, data.shape[0], True, provenance,
-                                  try_row_sorted=shape[1] <= 1)
+def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
+              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+    """Rewrite a sparse zarr group (AnnData's layout, ``csr_matrix`` or ``csc_matrix``,
+    zarr format 2 or 3) in the CSR layout: to rechunk a CSR store (``chunk_nnz``: smaller
+    storage chunks make smaller blocks, for a lower memory limit), to change its value dtype,
+    to put its rows in canonical order once, or to turn CSC into CSR. Other parameters as
+    ``from_mtx``; ``out`` must not be ``path``."""
+    from .sources.dense import open_zarr_node
+
+    path = os.fspath(path)
+    if os.path.realpath(os.fspath(out)) == os.path.realpath(path):
+        raise InputError(f"convert writes a new store: OUT may not be the input {path!r}")
+    group = open_zarr_node(path)
+    if not hasattr(group, "array_keys"):
+        raise InputError(f"{path!r} is a zarr array, not a sparse group; a dense array is "
+                         "read as it is (ooc_svd.svd takes it directly)")
+    encoding = group.attrs.get("encoding-type")
+    layout = {"csr_matrix": "csr", "csc_matrix": "csc"}.get(encoding)
+    missing = [name for name in ("data", "indices", "indptr") if name not in group]
+    if layout is None or "shape" not in group.attrs or missing:
+        raise InputError(f"{path!r} is not a sparse matrix group (encoding-type {encoding!r},"
+                         f" shape {group.attrs.get('shape')}, missing arrays {missing})")
+    shape = tuple(int(s) for s in group.attrs["shape"])
+    target = _target(out, shape, group["data"].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
+                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+    provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
+    return _write_sparse_group(group, path, layout, shape, target, provenance)
+
+
+def _write_sparse_group(node: Any, name: str, layout: str, shape: tuple[int, int],
+                        target: _Target, provenance: dict[str, Any]) -> Any:
+    """Write an AnnData-style sparse group (HDF5 or zarr: ``data``, ``indices`` and
+    ``indptr`` arrays) to ``target``: CSR a block of rows at a time, CSC through buckets of
+    rows."""
+    readers = tuple(SlicedReader(node[array], f"{name}/{array}")
+                    for array in ("indptr", "indices", "data"))
+    if layout == "csr":
+        return _write_csr(target, readers, provenance)
+
+    def entries() -> Iterator[EntryChunk]:
+        fresh = [SlicedReader(r.array, r.name) for r in readers]
+        return csc_entry_chunks(*fresh, shape, target.chunk_entries)
+
+    return _write_coordinates(target, entries, readers[2].size, True, provenance,
+                              try_row_sorted=shape[1] <= 1)
 
 
 def _import_h5py():
@@ -400,21 +438,24 @@ def _text(value: Any) -> str:
 
 _BY_SUFFIX: tuple[tuple[str, Callable[..., Any]], ...] = (
     (".npz", from_npz), (".mtx", from_mtx), (".mtx.gz", from_mtx),
-    (".h5ad", from_h5ad), (".h5", from_h5ad), (".hdf5", from_h5ad),
+    (".h5ad", from_h5ad), (".h5", from_h5ad), (".hdf5", from_h5ad), (".zarr", from_zarr),
 )
 
 
 def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
-    """Write ``input`` to the CSR layout at ``out``: a scipy.sparse matrix, or a file whose
-    name ends in .npz, .mtx, .mtx.gz, .h5ad, .h5 or .hdf5. ``options`` go to the converter
-    (``from_scipy``, ``from_npz``, ``from_mtx``, ``from_h5ad``); one it does not take is an
-    error. Returns the written group, opened read-only."""
+    """Write ``input`` to the CSR layout at ``out``: a scipy.sparse matrix, a file whose
+    name ends in .npz, .mtx, .mtx.gz, .h5ad, .h5 or .hdf5, or a sparse zarr group (a
+    directory, whatever its name, or a path ending in .zarr). ``options`` go to the
+    converter (``from_scipy``, ``from_npz``, ``from_mtx``, ``from_h5ad``, ``from_zarr``);
+    one it does not take is an error. Returns the written group, opened read-only."""
     import scipy.sparse
 
     if scipy.sparse.issparse(input):
         converter = from_scipy
+    elif os.path.isdir(input):
+        converter = from_zarr
     else:
-        name = os.fspath(input).lower()
+        name = os.fspath(input).lower().rstrip("/")
         converter = next((f for suffix, f in _BY_SUFFIX if name.endswith(suffix)), None)
         if converter is None:
             raise InputError(f"cannot tell the format of {os.fspath(input)!r} from its name: "

@@ -343,6 +343,61 @@ def test_h5ad_refusals(tmp_path):
         from_h5ad(tmp_path / "absent.h5ad", tmp_path / "out.zarr")
 
 
+# ---------------------------------------------------------------- zarr groups
+
+
+def write_zarr_sparse(path, A, layout="csr", chunk=100_000, zarr_format=3):
+    """A sparse matrix as a zarr group in AnnData's layout, in chunks of ``chunk`` values."""
+    A = A.asformat(layout)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    group.attrs.update({"encoding-type": f"{layout}_matrix", "encoding-version": "0.1.0",
+                        "shape": list(A.shape)})
+    for name, array in (("data", A.data), ("indices", A.indices.astype(np.int32)),
+                        ("indptr", A.indptr.astype(np.int64))):
+        group.create_array(name, shape=array.shape, dtype=array.dtype, chunks=(chunk,))[:] = array
+    return str(path)
+
+
+def test_a_csr_store_is_rechunked_for_a_lower_memory_limit(tmp_path):
+    """Each read may decode two storage chunks per array beyond its block; converted with
+    a smaller chunk_nnz (the plan's advice when the limit cannot hold a block), a store
+    needs less memory for the same run."""
+    import ooc_svd
+
+    A = with_gaps(m=3000, n=200, density=0.1, seed=15, dtype=np.float32)
+    big = write_zarr_sparse(tmp_path / "big.zarr", A)
+    group = convert(big, tmp_path / "small.zarr", chunk_nnz=2000)
+    assert group["indices"].chunks == (2000,)
+    assert_same_csr(read_back(group), A, np.float32)
+    assert group.attrs["ooc_svd_source"]["format"] == "zarr v3 csr"
+    before, after = (ooc_svd.svd_plan(store, 5, memory_limit="20MB")
+                     for store in (big, str(tmp_path / "small.zarr")))
+    assert after.predicted_peak_bytes < before.predicted_peak_bytes - 500_000
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_csc_zarr_group_becomes_csr(tmp_path, zarr_format):
+    A = with_gaps(m=2000, n=300, seed=16)
+    path = write_zarr_sparse(tmp_path / "A", A, layout="csc", chunk=700,
+                             zarr_format=zarr_format)  # a directory without .zarr
+    group = convert(path, tmp_path / "B.zarr", **SMALL)
+    assert group.attrs["ooc_svd_source"]["buckets"] > 1
+    assert_same_csr(read_back(group), A, np.float64)
+
+
+def test_zarr_refusals(tmp_path):
+    path = write_zarr_sparse(tmp_path / "A.zarr", with_gaps(seed=17))
+    with pytest.raises(InputError, match="may not be the input"):
+        convert(path, path, overwrite=True)
+    dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")
+    with pytest.raises(InputError, match="not a sparse group"):
+        convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
+    zarr.open_group(str(tmp_path / "G.zarr"), mode="w").attrs["encoding-type"] = "other"
+    with pytest.raises(InputError, match="is not a sparse matrix group"):
+        convert(str(tmp_path / "G.zarr"), tmp_path / "out.zarr")
+    assert dense.shape == (4, 4)
+
+
 # ---------------------------------------------------------------- the sparse generator
 
 
