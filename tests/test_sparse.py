@@ -279,6 +279,26 @@ def test_plan_counts_the_n_by_l_arrays_and_refuses_with_numbers(monkeypatch):
     assert plan.bytes_per_pass == A.nnz * (A.data.itemsize + A.indices.itemsize) + 100 * 8
 
 
+def test_units_of_short_rows_are_cut_by_rows_too(tmp_path):
+    """Rows of one non-zero make units of a few bytes a row, but a block also carries
+    float64 rows of the basis width: units stop at UNIT_ROWS rows, in a store and in
+    memory, so a wide Krylov basis fits a small limit, which one unit of all rows did not."""
+    from ooc_svd.sources.csr import UNIT_ROWS, csr_source_from_scipy
+
+    rows = 5 * UNIT_ROWS + 7
+    columns = np.random.default_rng(1).integers(0, 3000, rows)
+    A = scipy.sparse.csr_matrix((np.ones(rows), columns, np.arange(rows + 1)), shape=(rows, 3000))
+    for source in (open_csr_group(write_csr_store(str(tmp_path / "A.zarr"), A,
+                                                  rows_per_append=10_000, chunk_nnz=50_000),
+                                  "A"),
+                   csr_source_from_scipy(A)):
+        assert np.diff(source.chunk_rows).max() <= UNIT_ROWS
+        assert np.all(source.chunk_rows[1:-1] % UNIT_ROWS == 0)
+    plan = ooc_svd.svd_plan(str(tmp_path / "A.zarr"), 10, method="krylov", niter=3,
+                            memory_limit="50MB")
+    assert len(plan.blocks) > 1
+
+
 def test_open_csr_group_validates_the_layout(tmp_path):
     import zarr
 

@@ -29,8 +29,11 @@ from .dtypes import block_dtype
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 # Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
 DEFAULT_CHUNK_NNZ = 1 << 20
-# Blocks are built from units of about this many raw bytes (the planner's "chunks").
+# Blocks are built from units of about this many raw bytes (the planner's "chunks"), and
+# of at most this many rows: a block also carries float64 matrices of its rows by the basis
+# width, which short rows would otherwise make the bulk of a unit's memory.
 UNIT_BYTES = 4 << 20
+UNIT_ROWS = 1 << 13
 
 
 @dataclass
@@ -276,15 +279,18 @@ def _unit_bytes(boundaries: np.ndarray, pointers: np.ndarray, entry_bytes: int) 
 
 def _unit_cuts(pointers: np.ndarray, first_row: int, entry_bytes: int) -> np.ndarray:
     """Positions in ``pointers`` (indptr values of rows first_row, first_row + 1, ...) that
-    cut the rows into units of about UNIT_BYTES, including the first and the last position.
-    A unit exceeds UNIT_BYTES by less than its last row."""
+    cut the rows into units of about UNIT_BYTES and at most UNIT_ROWS rows (cut at the
+    multiples of UNIT_ROWS, so wherever the pieces start), including the first and the last
+    position. A unit exceeds UNIT_BYTES by less than its last row."""
     rows = first_row + np.arange(pointers.size, dtype=np.int64)
     cost = pointers * entry_bytes + rows * 8
     targets = np.arange(
         (int(cost[0]) // UNIT_BYTES + 1) * UNIT_BYTES, int(cost[-1]) + 1, UNIT_BYTES
     )
     cuts = np.searchsorted(cost, targets, side="left")
-    return np.unique(np.concatenate([[0], cuts[cuts < pointers.size], [pointers.size - 1]]))
+    row_cuts = np.arange(-first_row % UNIT_ROWS, pointers.size, UNIT_ROWS)
+    return np.unique(np.concatenate([[0], cuts[cuts < pointers.size], row_cuts,
+                                     [pointers.size - 1]]))
 
 
 def _stream_unit_boundaries(indptr: Any, entry_bytes: int) -> tuple[np.ndarray, np.ndarray]:
