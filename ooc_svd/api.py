@@ -451,9 +451,10 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records)
-    # On a cluster, what the workers' kernels ran on: 'cpu and cuda' on a mixed one
-    result.backend = (" and ".join(sorted(cluster.backends)) if cluster is not None
-                      else kernels.name)
+    # On a cluster, what the workers' kernels ran on ('cpu and cuda' on a mixed one); a run
+    # resumed after its last reducing pass saw none of them, and says what it asked for
+    result.backend = kernels.name if cluster is None else (
+        " and ".join(sorted(cluster.backends)) or f"{request.backend} on the workers")
     result.spectral_error = spectral
     if writer:
         arrays = {"S": result.S, "V": result.V}
