@@ -116,7 +116,7 @@ def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
 def _canonical_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise InputError(f"a column index lies outside [0, {n_cols})")
-    data, indices, indptr, _ = canonical_rows(indptr, indices, data, n_cols)
+    data, indices, indptr = canonical_rows(indptr, indices, data, n_cols)
     return indptr, indices, data
 
 

@@ -325,14 +325,6 @@ def test_h5ad_csr_group_round_trips(tmp_path, old_attributes):
     assert group.attrs["ooc_svd_source"]["row_sorted"] is True
 
 
-def test_h5ad_csc_group_goes_through_buckets(tmp_path):
-    A = with_gaps(m=2000, n=300, seed=12)
-    path = write_h5_sparse(tmp_path / "A.h5", A, layout="csc")
-    group = convert(path, tmp_path / "A.zarr", **SMALL)
-    assert group.attrs["ooc_svd_source"]["buckets"] > 1
-    assert_same_csr(read_back(group), A, np.float64)
-
-
 def test_h5ad_refusals(tmp_path):
     path = write_h5_sparse(tmp_path / "A.h5ad", with_gaps(seed=13))
     with pytest.raises(InputError, match="dense dataset"):
@@ -375,12 +367,15 @@ def test_a_csr_store_is_rechunked_for_a_lower_memory_limit(tmp_path):
     assert after.predicted_peak_bytes < before.predicted_peak_bytes - 500_000
 
 
-@pytest.mark.parametrize("zarr_format", [2, 3])
-def test_a_csc_zarr_group_becomes_csr(tmp_path, zarr_format):
-    A = with_gaps(m=2000, n=300, seed=16)
-    path = write_zarr_sparse(tmp_path / "A", A, layout="csc", chunk=700,
-                             zarr_format=zarr_format)  # a directory without .zarr
-    group = convert(path, tmp_path / "B.zarr", **SMALL)
+@pytest.mark.parametrize("write", [
+    lambda path, A: write_h5_sparse(path.with_suffix(".h5"), A, layout="csc"),
+    lambda path, A: write_zarr_sparse(path, A, layout="csc", chunk=700, zarr_format=2),
+    # a directory without .zarr in its name
+    lambda path, A: write_zarr_sparse(path, A, layout="csc", chunk=700, zarr_format=3),
+], ids=["hdf5", "zarr v2", "zarr v3"])
+def test_a_csc_group_goes_through_buckets(tmp_path, write):
+    A = with_gaps(m=2000, n=300, seed=12)
+    group = convert(write(tmp_path / "A", A), tmp_path / "B.zarr", **SMALL)
     assert group.attrs["ooc_svd_source"]["buckets"] > 1
     assert_same_csr(read_back(group), A, np.float64)
 

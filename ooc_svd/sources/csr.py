@@ -153,8 +153,7 @@ class CSRSource:
         try:
             pointers = np.asarray(self.indptr[start : stop + 1], dtype=np.int64)
             first, last = int(pointers[0]), int(pointers[-1])
-            indices = np.asarray(self.indices[first:last],
-                                 dtype=np.dtype(self.indices.dtype).newbyteorder("="))
+            indices = np.asarray(self.indices[first:last], dtype=block_dtype(self.indices.dtype))
             data = np.asarray(self.data[first:last], dtype=self.block_dtype)
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             raise ReadError(
@@ -162,22 +161,23 @@ class CSRSource:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         _check_block(pointers, indices, self.shape[1], start, stop, self.description)
-        return CSRBlock(*canonical_rows(pointers - first, indices, data, self.shape[1]))
+        data, indices, pointers = canonical_rows(pointers - first, indices, data, self.shape[1])
+        return CSRBlock(data, indices, pointers, self.shape[1])
 
 
 def canonical_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(data, indices, indptr, n_cols) of the rows with each row's columns increasing and
-    repeated columns summed: the arrays given when they are so already, else new ones; the
-    arrays given are never modified."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of the rows with each row's columns increasing and repeated
+    columns summed: the arrays given when they are so already, else new ones; the arrays
+    given are never modified."""
     import scipy.sparse
 
     if _columns_increase(indptr, indices):
-        return data, indices, indptr, n_cols
+        return data, indices, indptr
     shape = (indptr.size - 1, n_cols)
     block = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, copy=True)
     block.sum_duplicates()
-    return block.data, block.indices, block.indptr.astype(np.int64, copy=False), n_cols
+    return block.data, block.indices, block.indptr.astype(np.int64, copy=False)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -252,11 +252,11 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
     to CSR, which holds the non-zeros once more but never densifies)."""
     kind = type(matrix).__name__
     csr = matrix.tocsr() if matrix.format != "csr" else matrix
-    native_indices = np.dtype(csr.indices.dtype).newbyteorder("=")
-    if csr.data.dtype != block_dtype(csr.data.dtype) or csr.indices.dtype != native_indices:
+    values, indices = block_dtype(csr.data.dtype), block_dtype(csr.indices.dtype)
+    if csr.data.dtype != values or csr.indices.dtype != indices:
         # Values or indices numba cannot take (big-endian, float16), converted once
-        csr = type(csr)((csr.data.astype(block_dtype(csr.data.dtype)),
-                         csr.indices.astype(native_indices), csr.indptr), shape=csr.shape)
+        csr = type(csr)((csr.data.astype(values), csr.indices.astype(indices), csr.indptr),
+                        shape=csr.shape)
     if not csr.has_canonical_format:
         # Sorted, with repeated entries summed, once, in a copy: the caller's matrix is not
         # modified, and ``read`` finds every block canonical

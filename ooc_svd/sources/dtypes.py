@@ -8,7 +8,8 @@ import numpy as np
 
 
 def block_dtype(stored: Any) -> np.dtype:
-    """The dtype of the blocks read from data stored as ``stored``.
+    """The dtype of the blocks (values or, for CSR, indices) read from data stored as
+    ``stored``.
 
     numba compiles for native byte order only, and has neither float16 nor extended
     precision: big-endian data (zarr v2 stores with '>f8', say) is byte-swapped as it is
