@@ -440,16 +440,18 @@ class ClusterPasses:
 
     def _store_returned_rows(self, futures: list[Any],
                              store_rows: Callable[[int, np.ndarray], None]) -> int:
-        """Write the rows the tasks send back, as they finish; return the bytes they read."""
+        """Write the rows the tasks send back, as they finish; return the bytes they read.
+        The backends of their kernels join ``backends``."""
         from distributed import as_completed
 
         nbytes = 0
         completed = as_completed(futures, loop=self.client.loop, with_results=True)
         futures.clear()
-        for _, (read, pieces) in completed:
+        for _, (read, pieces, backends) in completed:
             for start, rows in pieces:
                 store_rows(start, rows)
             nbytes += read
+            self.backends |= backends
         return nbytes
 
     # -- teardown ---------------------------------------------------------------------------
@@ -761,7 +763,7 @@ def _product_group(source, blocks, first, W, shift, sink, depth, kernel_spec=("a
         for start, _, block in _blocks(source, blocks, depth):
             rows.add(start, kernels.times(block, start, W, shift, stats))
             nbytes += block.nbytes
-    return nbytes, rows.returned
+    return nbytes, rows.returned, frozenset([kernels.name])
 
 
 def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
@@ -792,7 +794,7 @@ def _left_vectors_group(directory, blocks, first, P, sink):
                                _load(directory, "S", first + i)) if i else None,
         lambda i, U_i: rows.add(blocks[i][0], U_i),
     )
-    return 0, rows.returned
+    return 0, rows.returned, frozenset()  # no block kernels: products of small factors
 
 
 def _merged_stats(a: BlockStats, b: BlockStats) -> BlockStats:

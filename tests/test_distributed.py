@@ -396,3 +396,16 @@ def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
     reference = ooc_svd.svd(dense_store, 4)
     np.testing.assert_allclose(summary["S"], reference.S, rtol=1e-11)
     np.testing.assert_allclose(zarr.open_group(out, mode="r")["U"][:], reference.U, atol=1e-10)
+
+
+def test_the_u_pass_reports_its_kernels_backend():
+    """gram and exact compute U in a product pass on the workers' kernels, which a GPU may
+    run: its tasks say which, for ``result.backend``."""
+    A = naive.matrix_with_spectrum(60, 5, np.logspace(0, -2, 5), seed=1)
+    source = ooc_svd.sources.open_source(A)
+    W = np.random.default_rng(0).standard_normal((5, 2))
+    read, pieces, backends = ooc_svd.distributed._product_group(
+        source, [(0, 30), (30, 60)], 0, W, np.zeros(5), RowSink(None, np.dtype(float), 60), 1,
+        kernel_spec=("cpu", None))
+    assert backends == frozenset(["cpu"]) and read == A.nbytes
+    np.testing.assert_allclose(np.vstack([rows for _, rows in pieces]), A @ W)
