@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,10 +34,11 @@ from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
     STREAMS,
+    CUDAKernels,
     DeviceNeed,
     check_cuda_options,
     cuda_available,
-    gpu_kernels,
+    gpu_choice,
 )
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
@@ -218,19 +219,45 @@ def svd_plan(
     niter: int = 2,
     method: str = "auto",
     memory_limit: int | str | None = None,
+    spectral_iters: int = 0,
+    backend: str = "auto",
+    cuda_options: dict | None = None,
 ) -> Plan:
     """The plan :func:`svd` would follow, without reading any data.
 
     Same arguments as :func:`svd`; raises the same errors for them (a memory limit too
-    small, k out of range, ...). ``plan.describe()`` says what the run would do and why.
+    small, k out of range, backend='cuda' without a usable GPU, ...).
+    ``plan.describe()`` says what the run would do and why, and ``plan.backend`` where its
+    kernels would run.
     """
     source, m, n = _open_matrix(A)
-    k, _ = _rank_request(k, tol, max_rank, m, n)
-    return _plan(source, k, oversample, niter, method, memory_limit, tol is not None)
+    k, rule = _rank_request(k, tol, max_rank, m, n)
+    request = _Request(k, rule, tol, oversample, niter, method=method,
+                       memory_limit=memory_limit,
+                       spectral_iters=_check_int("spectral_iters", spectral_iters, minimum=0),
+                       backend=backend)
+    return _plan_run(source, request, _check_cuda_options(backend, cuda_options))
+
+
+def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: dict) -> Plan:
+    """The run's plan, with where its kernels run (``Plan.backend``): a GPU's pinned host
+    buffers count against the memory limit, and its device memory decides 'auto'."""
+    _check_backend(request.backend)
+    # On a cluster the workers choose their own kernels (distributed.worker_kernels).
+    on_cluster = request.client is not None
+    gpu = not on_cluster and _wants_gpu(request.backend)
+    plan = _plan(source, request.k, request.oversample, request.niter, request.method,
+                 request.memory_limit, request.tol is not None,
+                 cuda_options.get("streams", STREAMS) if gpu else 0, request.spectral_iters)
+    if on_cluster:
+        return replace(plan, backend=f"{request.backend} on the workers",
+                       backend_reason="each worker chooses its kernels")
+    name, reason = _kernel_choice(request.backend, gpu, plan, cuda_options)
+    return replace(plan, backend=name, backend_reason=reason)
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
-          fixed_accuracy: bool = False, gpu_streams: int = 0) -> Plan:
+          fixed_accuracy: bool = False, gpu_streams: int = 0, spectral_iters: int = 0) -> Plan:
     """The run's plan; ``gpu_streams``: the CUDA streams whose pinned host buffers the
     memory limit must hold too (0 without a GPU)."""
     oversample = _check_int("oversample", oversample, minimum=0)
@@ -238,7 +265,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
-                     oversample, niter, method, limit,
+                     oversample, niter, method, limit, spectral_iters=spectral_iters,
                      fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
@@ -392,16 +419,12 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     centering = _make_centering(n, request.center, request.mean)
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
-    # On a cluster the workers choose their own kernels (distributed.worker_kernels).
-    on_cluster = request.client is not None
-    gpu = not on_cluster and _wants_gpu(request.backend)
-    plan = _plan(source, request.k, request.oversample, request.niter, request.method,
-                 request.memory_limit, request.tol is not None,
-                 cuda_options.get("streams", STREAMS) if gpu else 0)
+    plan = _plan_run(source, request, cuda_options)
     out_path = None if request.out is None else check_output_path(request.out, request.overwrite)
     # Kernels and cluster before anything is written, so a missing GPU or an unreachable
     # scheduler leaves no partial output or checkpoint behind.
-    kernels = _make_kernels(request.backend, gpu, n, plan, cuda_options)
+    kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
+        CPUKernels(n, plan.scatter_copies)
     cluster = None
     try:
         cluster = _connect_cluster(request, source, plan, cuda_options)
@@ -494,17 +517,21 @@ def _check_cuda_options(backend: str, options: Any) -> dict:
     return checked
 
 
-def _make_kernels(backend: str, gpu: bool, n: int, plan: Plan, cuda_options: dict):
-    """The block kernels of a run: the GPU's when ``gpu``, except that 'auto' leaves the
-    exact and gram methods (which factor on the CPU) wholly on the CPU, and a run whose
-    blocks the GPU's free memory cannot hold; else the CPU's."""
-    kernels = None
-    if gpu and (backend == "cuda" or plan.method in ("randomized", "krylov")):
-        # Device memory is bounded like host memory; the pinned host buffers of the
-        # streams are counted by the plan (staging_blocks, staging_matrices).
-        kernels = gpu_kernels(n, backend, DeviceNeed.of_plan(n, plan, cuda_options),
-                              cuda_options)
-    return kernels or CPUKernels(n, plan.scatter_copies)
+def _kernel_choice(backend: str, gpu: bool, plan: Plan, cuda_options: dict) -> tuple[str, str]:
+    """Where a local run's kernels run, 'cuda' or 'cpu', and why: the GPU when ``gpu``,
+    except that 'auto' leaves the exact and gram methods (which factor on the CPU) wholly
+    on the CPU, and a run whose blocks the GPU's free memory cannot hold. 'cuda' raises
+    where it cannot run. Nothing is allocated."""
+    if backend == "cpu":
+        return "cpu", "asked for"
+    if not gpu:
+        return "cpu", cuda_available(allow_simulator=False)[1]
+    if backend == "auto" and plan.method not in ("randomized", "krylov"):
+        return "cpu", f"the {plan.method} method factors on the CPU"
+    # Device memory is bounded like host memory; the pinned host buffers of the streams
+    # are counted by the plan (staging_blocks, staging_matrices).
+    on_gpu, reason = gpu_choice(backend, DeviceNeed.of_plan(plan.shape[1], plan, cuda_options))
+    return ("cuda" if on_gpu else "cpu"), reason
 
 
 def _connect_cluster(request: _Request, source: DenseSource | CSRSource, plan: Plan,

@@ -55,6 +55,11 @@ def plan_options(command):
                      show_default=True, help="Where the kernels run."),
         click.option("--memory-limit", default="1GB", show_default=True,
                      help="Bound on the working set, e.g. 512MB, 4GB."),
+        click.option("--spectral-iters", type=int, default=0, show_default=True,
+                     help="Estimate ||A - U S V^T||_2 with this many extra reads of A."),
+        click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
+                     help="A setting of the cuda backend, repeatable: accumulate=float32, "
+                          "csr_transposed=columns, streams=N (see svd's cuda_options)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -108,18 +113,13 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--factors", is_flag=True,
               help="Also write the low-rank factors B = U diag(S) and A = V^T into OUT.")
-@click.option("--spectral-iters", type=int, default=0, show_default=True,
-              help="Estimate ||A - U S V^T||_2 with this many extra reads of A.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run the passes on a dask cluster: tcp://HOST:PORT, or local:N for N local "
                    "worker processes. --scratch-dir must then be reachable by every worker.")
-@click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
-              help="A setting of the cuda backend, repeatable: accumulate=float32, "
-                   "csr_transposed=columns, streams=N (see svd's cuda_options).")
 @user_errors
-def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit, out,
-        center, seed, overwrite, resume, scratch_dir, quiet, progress, as_json, factors,
-        spectral_iters, scheduler, cuda_options) -> None:
+def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit,
+        spectral_iters, cuda_options, out, center, seed, overwrite, resume, scratch_dir, quiet,
+        progress, as_json, factors, scheduler) -> None:
     """Compute the top-k SVD of INPUT (a zarr array or CSR group, .npy or .npz) into OUT.
 
     Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
@@ -168,15 +168,21 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @user_errors
 def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit,
-         as_json) -> None:
-    """Describe INPUT and the plan of a run on it, without reading its data."""
+         spectral_iters, cuda_options, as_json) -> None:
+    """Describe INPUT and the plan of a run on it here, without reading its data: the
+    method, passes, blocks, memory and where the kernels would run (with --backend auto,
+    the GPU when one is usable with the memory free), from the same options as ``run``."""
     from .api import svd_plan
+    from .kernels.cuda_backend import check_cuda_options
     from .sources import open_source
 
+    options = parse_cuda_options(cuda_options)
+    check_cuda_options(options)
     check_backend(backend)
     source = open_source(input_path)  # opened once: a sparse .npz is loaded whole
     plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
-                    niter=niter, method=method, memory_limit=memory_limit)
+                    niter=niter, method=method, memory_limit=memory_limit,
+                    spectral_iters=spectral_iters, backend=backend, cuda_options=options)
     report = {
         "input": input_path,
         "format": source.kind,
@@ -189,6 +195,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "method": plan.method,
         "reason": plan.reason,
         "passes": plan.passes,
+        "backend": plan.backend,
+        "backend_reason": plan.backend_reason,
         "block_rows": plan.block_rows,
         "blocks": len(plan.blocks),
         "prefetch_depth": plan.prefetch_depth,

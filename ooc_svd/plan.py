@@ -79,6 +79,11 @@ class Plan:
     block_bytes: tuple[int, ...] = ()  # raw bytes of each block (values, indices, indptr)
     sparse: bool = False
     scatter_copies: int = 0  # private n x l accumulators of the sparse power kernel
+    spectral_iters: int = 0  # reads of A after the SVD for the spectral error estimate
+    # Where the kernels run ('cpu', 'cuda', or what a cluster's workers are asked for), and
+    # why: decided by the caller, which knows the machine (api._plan_run).
+    backend: str = ""
+    backend_reason: str = ""
 
     @property
     def cached_bytes(self) -> int:
@@ -93,7 +98,11 @@ class Plan:
     def passes(self) -> int:
         """Reads of A: q + 1 for the randomized and block Krylov methods, 2 for exact and
         gram; for the fixed-accuracy randomized method, at most q + 1 per block of basis,
-        plus one."""
+        plus one. Then one per iteration of the spectral error estimate."""
+        return self._svd_passes + self.spectral_iters
+
+    @property
+    def _svd_passes(self) -> int:
         if self.method not in ("randomized", "krylov"):
             return 2
         if self.growth_blocks:
@@ -115,6 +124,11 @@ class Plan:
         return (f" (the first read keeps {self.cached_blocks} of {len(self.blocks)} blocks, "
                 f"{fraction:.0%} of A, for the later passes)")
 
+    def _spectral_note(self) -> str:
+        if not self.spectral_iters:
+            return ""
+        return f" ({self.spectral_iters} of them for the spectral error estimate)"
+
     def describe(self) -> str:
         m, n = self.shape
         basis = ""
@@ -127,12 +141,19 @@ class Plan:
         kind = "sparse " if self.sparse else ""
         return (
             f"{self.method} SVD of a {m} x {n} {kind}matrix, k={self.k}{basis}: "
-            f"{bound}{self.passes} passes reading {self.bytes_to_read / 1e9:.3g} GB"
+            f"{bound}{self.passes} passes{self._spectral_note()} reading "
+            f"{self.bytes_to_read / 1e9:.3g} GB"
             f"{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
-            f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}"
+            f"MB of {self.memory_limit / 1e6:.1f} MB.{self._backend_note()} Why: {self.reason}"
         )
+
+    def _backend_note(self) -> str:
+        if not self.backend:
+            return ""
+        reason = f" ({self.backend_reason})" if self.backend_reason else ""
+        return f" Kernels: {self.backend}{reason}."
 
 
 def make_plan(
@@ -152,6 +173,7 @@ def make_plan(
     read_overhead_bytes: int = 0,
     staging_blocks: int = 0,
     staging_matrices: int = 0,
+    spectral_iters: int = 0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -167,7 +189,8 @@ def make_plan(
     partial storage chunks at a sparse block's ends). A GPU backend holds
     ``staging_blocks`` more host copies of a block (pinned staging buffers) and
     ``staging_matrices`` more float64 matrices of a block's rows by the basis width (the
-    pinned copies of Y_i and Q_i in the final pass).
+    pinned copies of Y_i and Q_i in the final pass). ``spectral_iters`` reads of A follow
+    the SVD's for the spectral error estimate, within the same working set.
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -228,7 +251,7 @@ def make_plan(
         (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
         growth_blocks, krylov_width if method == "krylov" else 0,
         block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
-        sparse=nnz is not None, scatter_copies=copies,
+        sparse=nnz is not None, scatter_copies=copies, spectral_iters=spectral_iters,
     )
     if not cacheable or plan.passes < 2:
         return _with_spill_in_memory(plan)

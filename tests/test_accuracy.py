@@ -129,9 +129,12 @@ def test_spectral_error_estimate():
     A = naive.matrix_with_spectrum(600, 50, 1.0 / np.arange(1, 51), seed=6)
     result = ooc_svd.svd(A, 5, method="randomized", spectral_iters=8)
     true = np.linalg.norm(A - (result.U * result.S) @ result.V.T, 2)
-    assert result.passes == 3 + 8
+    assert result.passes == 3 + 8 == result.plan.passes
+    assert "11 passes (8 of them for the spectral error estimate)" in result.plan.describe()
     assert 0.9 * true <= result.spectral_error <= true * (1 + 1e-10)
     centered = ooc_svd.svd(A + 3.0, 5, center=True, method="gram", spectral_iters=8)
+    assert centered.passes == 2 + 8 == ooc_svd.svd_plan(A, 5, method="gram",
+                                                        spectral_iters=8).passes
     Ac = A + 3.0 - centered.mean
     true = np.linalg.norm(Ac - (centered.U * centered.S) @ centered.V.T, 2)
     assert 0.9 * true <= centered.spectral_error <= true * (1 + 1e-10)

@@ -164,6 +164,11 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     expected = ooc_svd.svd(store, tol=0.05)
     assert summary["rank"] == expected.rank and summary["residual"] <= 0.05
     assert summary["passes"] == expected.passes + 2 and summary["spectral_error"] > 0
+    # info plans the same run: here the method's passes are exact (gram), not a bound
+    info = json.loads(ooc_svd_command("info", store, "--tol", 0.05, "--spectral-iters", 2,
+                                      "--json").stdout)
+    assert info["method"] == summary["method"] == "gram"
+    assert info["passes"] == summary["passes"]
     group = zarr.open_group(str(out), mode="r")
     B, A = group["B"][:].astype(float), group["A"][:].astype(float)
     assert B.shape == (30000, expected.rank) and A.shape == (expected.rank, 40)
@@ -171,6 +176,21 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     data = zarr.open_array(store, mode="r")[:].astype(float)
     error = np.linalg.norm(data - B @ A) / np.linalg.norm(data)
     assert error == pytest.approx(summary["residual"], rel=1e-3)
+
+
+def test_info_says_where_the_kernels_would_run(store):
+    from ooc_svd.kernels.cuda_backend import cuda_available
+
+    cpu = json.loads(ooc_svd_command("info", store, "--k", 5, "--backend", "cpu",
+                                     "--json").stdout)
+    assert (cpu["backend"], cpu["backend_reason"]) == ("cpu", "asked for")
+    auto = ooc_svd_command("info", store, "--k", 5, "--method", "randomized")
+    gpu, why_not = cuda_available(allow_simulator=False)
+    expected = "Kernels: cuda (" if gpu else f"Kernels: cpu ({why_not})."
+    assert expected in auto.stdout
+    refused = ooc_svd_command("info", store, "--k", 5, "--backend", "cpu", "--cuda-option",
+                              "streams=3", check=False)
+    assert refused.returncode == 2 and "not backend='cpu'" in refused.stderr
 
 
 def test_info_opens_its_input_once(tmp_path, monkeypatch):

@@ -789,12 +789,19 @@ def test_a_gpu_without_room_for_the_run_is_a_plan_error_or_left_to_the_cpu(monke
         ooc_svd.svd(A, 3, backend="cuda", out=str(tmp_path / "r.zarr"), **options)
     assert list(tmp_path.iterdir()) == []
     assert ooc_svd.svd(A, 3, backend="auto", **options).backend == "cpu"
+    plan = ooc_svd.svd_plan(A, 3, backend="auto", **options)
+    assert plan.backend == "cpu" and "the GPU has 0.0 MB free" in plan.backend_reason
+    assert "Kernels: cpu (the GPU has 0.0 MB free" in plan.describe()
     need = cuda_backend.DeviceNeed(10_000, 5_000, 6)
     with pytest.raises(PlanError, match="the GPU has 0.0 MB free"):
         worker_kernels(7, "cuda", None, None, need)
     assert worker_kernels(7, "auto", None, None, need).name == "cpu"
     free["bytes"] = 2**30
     assert ooc_svd.svd(A, 3, backend="auto", **options).backend == "cuda"
+    plan = ooc_svd.svd_plan(A, 3, backend="auto", **options)
+    assert plan.backend == "cuda" and "of its 1073.7 MB free" in plan.backend_reason
+    gram = ooc_svd.svd_plan(A, 3, backend="auto", method="gram")
+    assert (gram.backend, gram.backend_reason) == ("cpu", "the gram method factors on the CPU")
     kernels = worker_kernels(7, "auto", None, None, need)
     assert kernels.name == "cuda"
     kernels.close()

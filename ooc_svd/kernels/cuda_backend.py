@@ -143,17 +143,42 @@ def require_cuda() -> None:
 
 def gpu_kernels(n: int, backend: str, need: DeviceNeed | None,
                 cuda_options: dict | None) -> CUDAKernels | None:
-    """The CUDA kernels of a run (here or on a worker) with ``backend`` 'cuda' or 'auto':
+    """The CUDA kernels of a run (here or on a worker) with ``backend`` 'cuda' or 'auto',
+    or None where ``gpu_choice`` leaves the run to the CPU."""
+    if not gpu_choice(backend, need)[0]:
+        return None
+    return CUDAKernels(n, **(cuda_options or {}))
+
+
+def gpu_choice(backend: str, need: DeviceNeed | None) -> tuple[bool, str]:
+    """Whether kernels with ``backend`` 'cuda' or 'auto' run on this machine's GPU, and why.
+
     'cuda' raises, naming what is missing, without a usable GPU or with less than ``need``
-    free on it; 'auto' gives None there, for the CPU to take the run."""
+    free on it; 'auto' leaves the run to the CPU there, and says why. Nothing is allocated.
+    """
     if backend == "cuda":
         require_cuda()
         if need is not None:
             need.check()
-    elif not cuda_available(allow_simulator=False)[0] or (need is not None
-                                                          and not need.fits()):
-        return None
-    return CUDAKernels(n, **(cuda_options or {}))
+    else:
+        usable, reason = cuda_available(allow_simulator=False)
+        if not usable:
+            return False, reason
+        if need is not None and not need.fits():
+            return False, need.shortfall()
+    return True, describe_gpu(need)
+
+
+def describe_gpu(need: DeviceNeed | None) -> str:
+    """The current GPU, and what of its free memory ``need`` would take."""
+    from numba import cuda
+
+    name = getattr(cuda.get_current_device(), "name", "numba's CUDA simulator")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    free = device_memory()[0]
+    if need is None:
+        return name
+    return f"{name}, the passes hold {need.bytes / 1e6:.1f} MB of its {free / 1e6:.1f} MB free"
 
 
 def check_cuda_options(options: Any) -> dict[str, Any]:
@@ -227,13 +252,15 @@ class DeviceNeed:
 
     def check(self) -> None:
         """PlanError, with the numbers, unless the current GPU has that much free."""
-        free = device_memory()[0]
-        if self.bytes > free:
-            raise PlanError(
-                f"the GPU has {free / 1e6:.1f} MB free; blocks of {self.block_bytes / 1e6:.1f}"
-                f" MB with n x l arrays of l={self.width} need {self.bytes / 1e6:.1f} MB "
-                "there: lower the memory limit (smaller blocks) or use the cpu backend"
-            )
+        if not self.fits():
+            raise PlanError(f"{self.shortfall()}: lower the memory limit (smaller blocks) or "
+                            "use the cpu backend")
+
+    def shortfall(self) -> str:
+        """What the current GPU has free against this need, in words."""
+        return (f"the GPU has {device_memory()[0] / 1e6:.1f} MB free; blocks of "
+                f"{self.block_bytes / 1e6:.1f} MB with n x l arrays of l={self.width} need "
+                f"{self.bytes / 1e6:.1f} MB there")
 
 
 def device_memory() -> tuple[int, int]:
