@@ -44,6 +44,7 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
+from .sources.difference import subtract
 from .store import LeftVectors, ResultWriter, check_output_path
 
 
@@ -288,8 +289,12 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         Size of the subspace and number of triplets returned, q <= min(m, n).
     niter : int, default=2
         Subspace iterations.
-    M : array_like of shape (n,) or (1, n), optional
-        Mean to subtract (a row broadcast over A, as torch's ``M``).
+    M : array_like, optional
+        What to subtract, broadcast to A's shape as torch does: a row ((n,), (1, n), a
+        scalar, or an m x n array whose rows share memory, as ``expand`` and
+        ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; any other M,
+        (m, 1) or m x n (numpy, torch, zarr or dask), is subtracted from each block as it
+        is read, which makes the blocks dense.
     client : {distributed.Client, str}, optional
         Run on a dask.distributed cluster, as in :func:`svd`.
 
@@ -301,7 +306,10 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     """
     source, m, n = _open_matrix(A)
     q = _check_q(6 if q is None else q, m, n)
-    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=M,
+    mean = None
+    if M is not None:
+        source, mean = subtract(source, M)
+    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
                                    client=client))
     return result.U, result.S, result.V
 

@@ -72,6 +72,7 @@ from .passes import (
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
+from .sources.difference import Difference
 from .store import LeftVectors
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
 
@@ -564,9 +565,14 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
 
 def shippable_source(source: DenseSource | CSRSource) -> Any:
     """What the workers open the input from, or None for data held in memory, which is
-    scattered instead: zarr arrays and CSR groups, dask arrays, .npy files (by path)."""
+    scattered instead: zarr arrays and CSR groups, dask arrays, .npy files (by path), and
+    A - M of two of those."""
     if isinstance(source, CSRSource):
         return None if isinstance(source.data, np.ndarray) else source
+    if isinstance(source.array, Difference):
+        # A - M: shipped when both are read from storage, else its rows are scattered.
+        parts = (source.array.minuend, source.array.subtrahend)
+        return source if all(shippable_source(part) is part for part in parts) else None
     if isinstance(source.array, np.memmap) and os.path.exists(source.description):
         return _NpyFile(source.description)
     if isinstance(source.array, np.ndarray):

@@ -133,15 +133,77 @@ def test_svd_lowrank_defaults_and_mean(matrix):
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
 
 
+def full_mean(kind, M, tmp_path):
+    """An m x n M held as ``kind``: numpy, a zarr array, a dask array, or torch."""
+    if kind == "zarr":
+        import zarr
+
+        array = zarr.create_array(str(tmp_path / "M.zarr"), shape=M.shape, chunks=(70, 30),
+                                  dtype=M.dtype)
+        array[:] = M
+        return array
+    if kind == "dask":
+        import dask.array as da
+
+        return da.from_array(M, chunks=(90, 30))
+    if kind == "torch":
+        return TensorStandIn(M, requires_grad=False, dtype=str(M.dtype))
+    return M
+
+
+@pytest.mark.parametrize("kind", ["numpy", "zarr", "dask", "torch"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kind, sparse,
+                                                                     tmp_path):
+    """torch broadcasts M to A's shape: a column or a full m x n M is subtracted block by
+    block (also from sparse A), never formed whole; rows stay implicit."""
+    from ooc_svd.sources.difference import Difference, subtract
+
+    rng = np.random.default_rng(5)
+    A = scipy.sparse.random(400, 30, density=0.2, random_state=2, format="csr") if sparse \
+        else matrix
+    dense = A.toarray() if sparse else A
+    full = 0.3 * np.outer(rng.standard_normal(400), rng.standard_normal(30))  # rank one
+    column = 0.2 * rng.standard_normal((400, 1))
+    for M, values in ((full_mean(kind, full, tmp_path), full), (column, column)):
+        U, S, V = ooc_svd.svd_lowrank(A, q=4, niter=4, M=M)
+        _, S_exact, V_exact = naive.truncated_svd(dense - values, 4)
+        np.testing.assert_allclose(S, S_exact, rtol=1e-6)
+        assert naive.subspace_distance(V, V_exact) < 1e-4
+        np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
+        source, mean = subtract(ooc_svd.sources.open_source(A), M)
+        assert mean is None and isinstance(source.array, Difference)
+    row = matrix.mean(axis=0)
+    for M in (row, row[None], 2.5, np.broadcast_to(row, (400, 30))):
+        source, mean = subtract(ooc_svd.sources.open_source(A), M)
+        assert source.array is A if not sparse else source.nnz == A.nnz
+        np.testing.assert_array_equal(mean, np.broadcast_to(M, (400, 30))[0])
+
+
+@pytest.mark.parametrize(
+    ("M", "message"),
+    [
+        (np.zeros(400), r"M of shape \(400,\) does not broadcast to A's shape \(400, 30\)"),
+        (np.zeros((2, 400, 30)), "at most 2 dimensions"),
+        (scipy.sparse.eye(400, 30, format="csr"), "M must be dense"),
+        (np.full((400, 30), "a"), "M must hold real numbers"),
+        (np.full(30, "a"), "M must hold real numbers"),
+    ],
+)
+def test_svd_lowrank_refuses_an_m_torch_would_not_broadcast(matrix, M, message):
+    with pytest.raises(InputError, match=message):
+        ooc_svd.svd_lowrank(matrix, q=3, M=M)
+
+
 class TensorStandIn:
     """What ooc_svd uses of a torch tensor, refusing numpy conversion as torch does for a
     tensor that requires grad (torch itself is not a test dependency)."""
 
     __module__ = "torch"
 
-    def __init__(self, values, requires_grad=True):
+    def __init__(self, values, requires_grad=True, dtype="torch.bfloat16"):
         self.values, self.requires_grad = values, requires_grad
-        self.shape, self.dtype = values.shape, "torch.bfloat16"
+        self.shape, self.dtype = values.shape, dtype
 
     def __array__(self, dtype=None, copy=None):
         raise RuntimeError("Can't call numpy() on Tensor that requires grad.")

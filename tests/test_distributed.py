@@ -260,6 +260,29 @@ def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows)
         np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
 
 
+def test_svd_lowrank_with_an_m_by_n_mean_on_the_cluster(cluster, dense_store, tmp_path,
+                                                        block_rows):
+    """A - M is read by the workers when A and M are both stores, else its rows are
+    scattered; either way the result is the local one's."""
+    from ooc_svd.distributed import shippable_source
+    from ooc_svd.sources.difference import subtract
+
+    block_rows(BLOCK_ROWS, N)
+    rng = np.random.default_rng(2)
+    values = np.outer(rng.standard_normal(M), rng.standard_normal(N))
+    stored = zarr.create_array(str(tmp_path / "M.zarr"), shape=values.shape,
+                               chunks=(CHUNK_ROWS, N), dtype=values.dtype)
+    stored[:] = values
+    source = ooc_svd.sources.open_source(dense_store)
+    for mean, shipped in ((stored, True), (values, False)):
+        difference, _ = subtract(source, mean)
+        assert (shippable_source(difference) is difference) == shipped
+        local = ooc_svd.svd_lowrank(dense_store, 4, niter=3, M=mean)
+        remote = ooc_svd.svd_lowrank(dense_store, 4, niter=3, M=mean, client=cluster[1])
+        np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
+        np.testing.assert_allclose(remote[2], local[2], atol=1e-10)
+
+
 def test_scheduler_address_and_bad_clients(cluster, dense_store, block_rows):
     block_rows(BLOCK_ROWS, N)
     result = ooc_svd.svd(dense_store, 3, client=cluster[0].scheduler_address)

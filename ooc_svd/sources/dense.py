@@ -42,7 +42,10 @@ class DenseSource:
 
     @property
     def kind(self) -> str:
-        """The input's format, for reports: 'zarr v3', 'zarr v2', 'npy', 'numpy', 'dask'."""
+        """The input's format, for reports: 'zarr v3', 'zarr v2', 'npy', 'numpy', 'dask', or
+        what an array made by ooc_svd says it is (``difference.Difference``)."""
+        if isinstance(getattr(self.array, "kind", None), str):
+            return self.array.kind
         if self.compute_slice:
             return "dask"
         if isinstance(self.array, np.memmap) or self.description.endswith(".npy"):

@@ -1,0 +1,97 @@
+"""A - M for torch's ``svd_lowrank(A, q, niter, M)``, where M is broadcast to A's shape.
+
+A row M (shapes (), (n,), (1, n), or an m x n view that repeats one row, as torch's
+``expand`` and numpy's ``broadcast_to`` make) is a column mean: the run subtracts it
+implicitly, as in PCA, and A stays as it is (sparse stays sparse). Any other M, a column
+(m, 1) or a full m x n array, is subtracted from each block of A as it is read
+(``Difference``): the difference is dense, and never formed whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .csr import CSRSource, is_sparse_block
+from .dense import DenseSource, open_dense_source
+
+
+def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSRSource,
+                                                               np.ndarray | None]:
+    """(the source of A - M, None), or (A's source, M's row) when M repeats one row."""
+    m, n = source.shape
+    M = _as_array(M)
+    shape = tuple(int(s) for s in M.shape)
+    try:
+        broadcast = np.broadcast_shapes(shape, (m, n))
+    except ValueError:
+        broadcast = None
+    if broadcast != (m, n):
+        raise InputError(f"M of shape {shape} does not broadcast to A's shape {(m, n)}")
+    row = _repeated_row(M, n)
+    if row is not None:
+        return source, row
+    subtrahend = open_dense_source(M)
+    if subtrahend.dtype.kind not in "biuf":
+        raise InputError(f"M must hold real numbers, not {subtrahend.dtype}")
+    difference = Difference(source, subtrahend)
+    boundaries = np.union1d(source.chunk_rows, subtrahend.chunk_rows)
+    return DenseSource(difference, boundaries, f"{source.description} - M",
+                       decodes=source.decodes or subtrahend.decodes), None
+
+
+class Difference:
+    """Rows of A - M (M of A's shape, or m x 1), sliceable as ``[start:stop]``."""
+
+    def __init__(self, minuend: DenseSource | CSRSource, subtrahend: DenseSource):
+        self.minuend = minuend
+        self.subtrahend = subtrahend
+        self.shape = minuend.shape
+        dtype = np.result_type(minuend.block_dtype, subtrahend.block_dtype)
+        # Differences of integers need a sign and may not fit their type.
+        self.dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+        self.kind = f"{minuend.kind} - M"
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("the rows of A - M are read in contiguous ranges only")
+        block = self.minuend.read(start, stop)
+        if is_sparse_block(block):
+            block = block.to_scipy().toarray()
+        return np.subtract(block, self.subtrahend.read(start, stop), dtype=self.dtype)
+
+
+def _as_array(M: Any) -> Any:
+    """M as something with a shape that ``open_dense_source`` reads: torch tensors and
+    sequences become numpy arrays; numpy, zarr and dask arrays stay as they are."""
+    import scipy.sparse
+
+    if scipy.sparse.issparse(M):
+        raise InputError("M must be dense: a mean, broadcast to A's shape")
+    if type(M).__module__.startswith("torch"):
+        from .dense import _torch_array
+
+        return _torch_array(M)
+    if not hasattr(M, "shape") or not hasattr(M, "dtype"):
+        M = np.asarray(M)
+    if len(M.shape) > 2:
+        raise InputError(f"M must have at most 2 dimensions (A's), not shape {tuple(M.shape)}")
+    return M
+
+
+def _repeated_row(M: Any, n: int) -> np.ndarray | None:
+    """M's row when M, broadcast to (m, n), repeats one: a shape of (), (n,), (1, n) or
+    (1, 1), or an in-memory array whose rows share memory (stride 0). Else None."""
+    shape = tuple(M.shape)
+    if len(shape) < 2 or shape[0] == 1:
+        row = np.asarray(M).reshape(-1)
+    elif isinstance(M, np.ndarray) and M.strides[0] == 0:
+        row = M[0]
+    else:
+        return None
+    if row.dtype.kind not in "biuf":
+        raise InputError(f"M must hold real numbers, not {row.dtype}")
+    return np.broadcast_to(row, (n,)).astype(np.float64)
