@@ -157,6 +157,8 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         click.echo(json.dumps(summary))
     elif not quiet:
         click.echo(result.plan.describe())
+        if result.note:
+            click.echo(f"Note: {result.note}")
         click.echo(f"rank {result.rank}, {result.passes} passes on the {result.backend} backend "
                    f"({summary['resumed_passes']} resumed), residual {result.residual:.3e}; "
                    f"wrote {out}")

@@ -137,6 +137,26 @@ def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
     return int(reached[0]) + 1
 
 
+# Above this estimated relative error in ||A - 1 mu^T||_F^2, a sparse run's note says so.
+CANCELLATION_NOTE_ERROR = 1e-8
+
+
+def _cancellation_note(centering: Centering, plan: Plan, fro2: float) -> str:
+    """Sparse blocks are centered algebraically (sums of A, then minus those of 1 mu^T), so
+    the squared norm, hence the residual and explained variance, carry a relative rounding
+    error of about eps ||1 mu^T||_F^2 / ||A - 1 mu^T||_F^2: said when it is not small. S,
+    U and V keep their accuracy (each product is corrected before any sum of squares)."""
+    if not plan.sparse or centering.mean is None or fro2 <= 0:
+        return ""
+    ratio = plan.shape[0] * float(centering.mean @ centering.mean) / fro2
+    error = float(np.finfo(np.float64).eps) * ratio
+    if error <= CANCELLATION_NOTE_ERROR:
+        return ""
+    return (f"the mean's rows hold {ratio:.1e} times the energy of the centered matrix, and "
+            f"sparse blocks are centered algebraically: the Frobenius norm, residual and "
+            f"explained variance carry a relative error of order {error:.0e} or more")
+
+
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
                     records: list[PassRecord]) -> SVDResult:
     """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2."""
@@ -155,7 +175,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         seconds_per_pass=[record.seconds for record in records],
         numerical_rank=factors.numerical_rank,
         method=factors.method,
-        note=factors.note,
+        note="; ".join(filter(None, [factors.note, _cancellation_note(centering, plan, fro2)])),
         plan=plan,
         seed=seed,
         records=records,

@@ -166,6 +166,26 @@ def test_sparse_pca_equals_dense_pca_of_the_centered_matrix(method):
     assert result.residual == pytest.approx(truncation / np.linalg.norm(centered), rel=1e-6)
 
 
+@pytest.mark.parametrize("offset", [1e2, 1e6])
+def test_a_mean_that_dwarfs_the_spread_is_noted_when_it_costs_accuracy(offset):
+    """Sparse centering is algebraic: with a mean 1e6 times the spread, the norm (and the
+    residual) lose digits the singular values keep; the note says so, with its size."""
+    rng = np.random.default_rng(0)
+    dense = offset + rng.standard_normal((3000, 40)) * np.logspace(0, -2, 40)
+    result = ooc_svd.svd(scipy.sparse.csr_matrix(dense), 5, center=True, niter=4,
+                         method="randomized")
+    centered = dense - dense.mean(axis=0)
+    S_ref = np.linalg.svd(centered, compute_uv=False)
+    np.testing.assert_allclose(result.S, S_ref[:5], rtol=1e-8)
+    norm_error = abs(result.frobenius_norm / np.linalg.norm(centered) - 1)
+    if offset > 1e4:
+        assert "centered algebraically" in result.note
+        assert norm_error > 1e-5  # what the note warns of is real
+    else:
+        assert result.note == "" and norm_error < 1e-8
+    assert ooc_svd.svd(dense, 5, center=True, niter=4, method="randomized").note == ""
+
+
 def test_torch_style_entry_points_take_sparse_input():
     A = sparse_with_decay(800, 50, 0.1, 0.2, seed=5)
     dense = A.toarray()
