@@ -251,12 +251,17 @@ def gram_svd(
     S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
-    if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps):
-        ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / eigenvalues[0])
+    # A mean found in the pass is subtracted from G afterwards (sparse blocks are shifted by
+    # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more.
+    d = context.centering.offset(shift, stats)
+    subtracted = 0.0 if d is None else stats.rows * float(d @ d)
+    if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps,
+                                                         subtracted):
+        ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / (eigenvalues[0] + subtracted))
         factors = exact_svd(context, plan, allocate_u, rank_rule)
         factors.note = (
-            f"sigma_k / sigma_1 ~ {ratio:.1e} is too small for the gram method's accuracy; "
-            "switched to the exact method after its pass"
+            f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is too small for the gram "
+            "method's accuracy; switched to the exact method after its pass"
         )
         return factors
     # Eigenvalues below rank tolerance * lambda_1 are rounding noise of G.
@@ -337,16 +342,19 @@ def _stats_of(state: dict) -> tuple[BlockStats, np.ndarray]:
     return stats, state["shift"]
 
 
-def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float) -> bool:
+def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float,
+                     subtracted: float = 0.0) -> bool:
     """Whether eps * (sigma_1 / sigma_k)^2, the gram method's relative error on sigma_k,
     stays below GRAM_TOLERANCE or the data's own rounding error data_eps * sigma_1 / sigma_k.
+    ``subtracted``: what was taken off G's norm after it was summed (m ||d||^2 of a mean
+    found in the pass), whose rounding G keeps.
     """
     if eigenvalues[0] <= 0:
         return True  # A = 0: every method returns zeros
     if eigenvalues[k - 1] <= 0:
         return False
     ratio = np.sqrt(eigenvalues[0] / eigenvalues[k - 1])
-    error = np.finfo(np.float64).eps * ratio**2
+    error = np.finfo(np.float64).eps * (eigenvalues[0] + subtracted) / eigenvalues[k - 1]
     return error <= max(GRAM_TOLERANCE, data_eps * ratio)
 
 

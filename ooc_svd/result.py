@@ -141,20 +141,26 @@ def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
 CANCELLATION_NOTE_ERROR = 1e-8
 
 
-def _cancellation_note(centering: Centering, plan: Plan, fro2: float) -> str:
+def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: float) -> str:
     """Sparse blocks are centered algebraically (sums of A, then minus those of 1 mu^T), so
     the squared norm, hence the residual and explained variance, carry a relative rounding
-    error of about eps ||1 mu^T||_F^2 / ||A - 1 mu^T||_F^2: said when it is not small. S,
-    U and V keep their accuracy (each product is corrected before any sum of squares)."""
-    if not plan.sparse or centering.mean is None or fro2 <= 0:
+    error of about eps ||1 mu^T||_F^2 / ||A - 1 mu^T||_F^2: said when it is not small.
+    S, U and V keep their accuracy (each product is corrected before any sum of squares),
+    except from gram with the mean found in its pass, which corrects G after its sums
+    (method='auto' then switches to exact; engine.gram_svd)."""
+    if not plan.sparse or centering.mean is None or not np.any(centering.mean):
         return ""
-    ratio = plan.shape[0] * float(centering.mean @ centering.mean) / fro2
+    energy = plan.shape[0] * float(centering.mean @ centering.mean)
+    ratio = energy / fro2 if fro2 > 0 else np.inf
     error = float(np.finfo(np.float64).eps) * ratio
     if error <= CANCELLATION_NOTE_ERROR:
         return ""
+    lost = "the Frobenius norm, residual and explained variance"
+    if method == "gram" and centering.mode == "mean":
+        lost = "the singular values and vectors, " + lost
     return (f"the mean's rows hold {ratio:.1e} times the energy of the centered matrix, and "
-            f"sparse blocks are centered algebraically: the Frobenius norm, residual and "
-            f"explained variance carry a relative error of order {error:.0e} or more")
+            f"sparse blocks are centered algebraically: {lost} carry a relative error of "
+            f"order {error:.0e} or more")
 
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
@@ -175,7 +181,8 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         seconds_per_pass=[record.seconds for record in records],
         numerical_rank=factors.numerical_rank,
         method=factors.method,
-        note="; ".join(filter(None, [factors.note, _cancellation_note(centering, plan, fro2)])),
+        note="; ".join(filter(None, [
+            factors.note, _cancellation_note(centering, plan, factors.method, fro2)])),
         plan=plan,
         seed=seed,
         records=records,

@@ -184,6 +184,16 @@ def test_a_mean_that_dwarfs_the_spread_is_noted_when_it_costs_accuracy(offset):
     else:
         assert result.note == "" and norm_error < 1e-8
     assert ooc_svd.svd(dense, 5, center=True, niter=4, method="randomized").note == ""
+    # gram subtracts the mean found in its pass from G after the sums: 'auto' switches to
+    # the exact method there, and an explicit gram run's note names S, U and V too.
+    auto = ooc_svd.svd(scipy.sparse.csr_matrix(dense), 5, center=True)
+    np.testing.assert_allclose(auto.S, S_ref[:5], rtol=1e-10)
+    gram = ooc_svd.svd(scipy.sparse.csr_matrix(dense), 5, center=True, method="gram")
+    if offset > 1e4:
+        assert auto.method == "exact" and "switched to the exact method" in auto.note
+        assert "the singular values and vectors" in gram.note
+    else:
+        assert auto.method == "gram" and gram.note == ""
 
 
 def test_torch_style_entry_points_take_sparse_input():
