@@ -39,6 +39,7 @@ files, dask arrays read from stores) are opened by the workers themselves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -47,7 +48,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -442,7 +443,7 @@ class ClusterPasses:
     def _store_returned_rows(self, futures: list[Any],
                              store_rows: Callable[[int, np.ndarray], None]) -> int:
         """Write the rows the tasks send back, as they finish; return the bytes they read.
-        The backends of their kernels join ``backends``."""
+        The backends of their kernels join ``self.backends``."""
         from distributed import as_completed
 
         nbytes = 0
@@ -566,13 +567,21 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
 def shippable_source(source: DenseSource | CSRSource) -> Any:
     """What the workers open the input from, or None for data held in memory, which is
     scattered instead: zarr arrays and CSR groups, dask arrays, .npy files (by path), and
-    A - M of two of those."""
+    A - M of one of those and any M."""
     if isinstance(source, CSRSource):
         return None if isinstance(source.data, np.ndarray) else source
     if isinstance(source.array, Difference):
-        # A - M: shipped when both are read from storage, else its rows are scattered.
-        parts = (source.array.minuend, source.array.subtrahend)
-        return source if all(shippable_source(part) is part for part in parts) else None
+        # A - M: A as it ships (scattered rows of A - M when A is in memory), M too, or M's
+        # values when it is in memory: small for a column, and a whole m x n M is refused
+        # by size as any data would be (``ClusterPasses._place_source``).
+        minuend = shippable_source(source.array.minuend)
+        if minuend is None:
+            return None
+        difference = copy.copy(source.array)
+        difference.minuend = minuend
+        difference.subtrahend = shippable_source(source.array.subtrahend) or \
+            source.array.subtrahend
+        return replace(source, array=difference)
     if isinstance(source.array, np.memmap) and os.path.exists(source.description):
         return _NpyFile(source.description)
     if isinstance(source.array, np.ndarray):

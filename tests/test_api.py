@@ -147,7 +147,7 @@ def full_mean(kind, M, tmp_path):
 
         return da.from_array(M, chunks=(90, 30))
     if kind == "torch":
-        return TensorStandIn(M, requires_grad=False, dtype=str(M.dtype))
+        return TensorStandIn(M, requires_grad=False, dtype=f"torch.{M.dtype}")
     return M
 
 
@@ -174,10 +174,12 @@ def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kin
         source, mean = subtract(ooc_svd.sources.open_source(A), M)
         assert mean is None and isinstance(source.array, Difference)
     row = matrix.mean(axis=0)
-    for M in (row, row[None], 2.5, np.broadcast_to(row, (400, 30))):
+    expanded = TensorStandIn(np.broadcast_to(row, (400, 30)), dtype="torch.float64")
+    for M in (row, row[None], 2.5, np.broadcast_to(row, (400, 30)), expanded):
         source, mean = subtract(ooc_svd.sources.open_source(A), M)
         assert source.array is A if not sparse else source.nnz == A.nnz
-        np.testing.assert_array_equal(mean, np.broadcast_to(M, (400, 30))[0])
+        np.testing.assert_array_equal(mean, row if M is expanded else
+                                      np.broadcast_to(M, (400, 30))[0])
 
 
 @pytest.mark.parametrize(
@@ -188,6 +190,7 @@ def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kin
         (scipy.sparse.eye(400, 30, format="csr"), "M must be dense"),
         (np.full((400, 30), "a"), "M must hold real numbers"),
         (np.full(30, "a"), "M must hold real numbers"),
+        (np.full(30, np.nan), "M holds NaN or Inf"),
     ],
 )
 def test_svd_lowrank_refuses_an_m_torch_would_not_broadcast(matrix, M, message):
@@ -209,7 +212,13 @@ class TensorStandIn:
         raise RuntimeError("Can't call numpy() on Tensor that requires grad.")
 
     def detach(self):
-        return TensorStandIn(self.values, requires_grad=False)
+        return TensorStandIn(self.values, requires_grad=False, dtype=self.dtype)
+
+    def stride(self, dim):
+        return self.values.strides[dim] // self.values.itemsize
+
+    def __getitem__(self, rows):
+        return TensorStandIn(self.values[rows], self.requires_grad, self.dtype)
 
     def cpu(self):
         return self

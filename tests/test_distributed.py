@@ -262,8 +262,9 @@ def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows)
 
 def test_svd_lowrank_with_an_m_by_n_mean_on_the_cluster(cluster, dense_store, tmp_path,
                                                         block_rows):
-    """A - M is read by the workers when A and M are both stores, else its rows are
-    scattered; either way the result is the local one's."""
+    """A - M is read by the workers when A is a store, with M as a store or as values
+    shipped with it; its rows are scattered when A is in memory. Either way the result is
+    the local one's."""
     from ooc_svd.distributed import shippable_source
     from ooc_svd.sources.difference import subtract
 
@@ -273,12 +274,14 @@ def test_svd_lowrank_with_an_m_by_n_mean_on_the_cluster(cluster, dense_store, tm
     stored = zarr.create_array(str(tmp_path / "M.zarr"), shape=values.shape,
                                chunks=(CHUNK_ROWS, N), dtype=values.dtype)
     stored[:] = values
-    source = ooc_svd.sources.open_source(dense_store)
-    for mean, shipped in ((stored, True), (values, False)):
-        difference, _ = subtract(source, mean)
-        assert (shippable_source(difference) is difference) == shipped
-        local = ooc_svd.svd_lowrank(dense_store, 4, niter=3, M=mean)
-        remote = ooc_svd.svd_lowrank(dense_store, 4, niter=3, M=mean, client=cluster[1])
+    column = rng.standard_normal((M, 1))
+    in_memory = zarr.open_array(dense_store, mode="r")[:]
+    for A, mean, shipped in ((dense_store, stored, True), (dense_store, values, True),
+                             (dense_store, column, True), (in_memory, column, False)):
+        difference, _ = subtract(ooc_svd.sources.open_source(A), mean)
+        assert (shippable_source(difference) is not None) == shipped
+        local = ooc_svd.svd_lowrank(A, 4, niter=3, M=mean)
+        remote = ooc_svd.svd_lowrank(A, 4, niter=3, M=mean, client=cluster[1])
         np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
         np.testing.assert_allclose(remote[2], local[2], atol=1e-10)
 

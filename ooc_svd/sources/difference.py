@@ -23,7 +23,11 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     """(the source of A - M, None), or (A's source, M's row) when M repeats one row."""
     m, n = source.shape
     M = _as_array(M)
-    shape = tuple(int(s) for s in M.shape)
+    try:
+        shape = tuple(int(s) for s in M.shape)
+    except (TypeError, ValueError):  # a dask array of unknown chunk sizes
+        raise InputError(f"M's shape {M.shape} is not known; for a dask array, call "
+                         "compute_chunk_sizes() first") from None
     try:
         broadcast = np.broadcast_shapes(shape, (m, n))
     except ValueError:
@@ -74,6 +78,8 @@ def _as_array(M: Any) -> Any:
     if type(M).__module__.startswith("torch"):
         from .dense import _torch_array
 
+        if len(M.shape) == 2 and M.shape[0] > 1 and M.stride(0) == 0:
+            M = M[:1]  # an expanded row: no m x n copy to the host
         return _torch_array(M)
     if not hasattr(M, "shape") or not hasattr(M, "dtype"):
         M = np.asarray(M)
@@ -94,4 +100,6 @@ def _repeated_row(M: Any, n: int) -> np.ndarray | None:
         return None
     if row.dtype.kind not in "biuf":
         raise InputError(f"M must hold real numbers, not {row.dtype}")
+    if not np.all(np.isfinite(row)):
+        raise InputError("M holds NaN or Inf")
     return np.broadcast_to(row, (n,)).astype(np.float64)
