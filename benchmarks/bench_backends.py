@@ -57,7 +57,7 @@ def plain_read(args: argparse.Namespace) -> float:
 
     source = open_source(args.store)
     plan = ooc_svd.svd_plan(args.store, args.k, memory_limit=args.memory_limit,
-                            method=args.method)
+                            method=args.method, backend="cpu")
     began = time.perf_counter()
     for _ in prefetch_blocks(source, plan.blocks, depth=plan.prefetch_depth):
         pass

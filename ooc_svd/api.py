@@ -247,13 +247,19 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     # On a cluster the workers choose their own kernels (distributed.worker_kernels).
     on_cluster = request.client is not None
     gpu = not on_cluster and _wants_gpu(request.backend)
-    plan = _plan(source, request.k, request.oversample, request.niter, request.method,
-                 request.memory_limit, request.tol is not None,
-                 cuda_options.get("streams", STREAMS) if gpu else 0, request.spectral_iters)
+    def plan_for(gpu_streams: int) -> Plan:
+        return _plan(source, request.k, request.oversample, request.niter, request.method,
+                     request.memory_limit, request.tol is not None, gpu_streams,
+                     request.spectral_iters)
+
+    plan = plan_for(cuda_options.get("streams", STREAMS) if gpu else 0)
     if on_cluster:
+        reason = "each worker chooses its kernels" if request.backend == "auto" else ""
         return replace(plan, backend=f"{request.backend} on the workers",
-                       backend_reason="each worker chooses its kernels")
+                       backend_reason=reason)
     name, reason = _kernel_choice(request.backend, gpu, plan, cuda_options)
+    if gpu and name == "cpu":
+        plan = plan_for(0)  # no pinned staging buffers after all: room for larger blocks
     return replace(plan, backend=name, backend_reason=reason)
 
 
@@ -529,9 +535,9 @@ def _kernel_choice(backend: str, gpu: bool, plan: Plan, cuda_options: dict) -> t
     """Where a local run's kernels run, 'cuda' or 'cpu', and why: the GPU when ``gpu``,
     except that 'auto' leaves the exact and gram methods (which factor on the CPU) wholly
     on the CPU, and a run whose blocks the GPU's free memory cannot hold. 'cuda' raises
-    where it cannot run. Nothing is allocated."""
+    where it cannot run. Nothing is allocated on the GPU."""
     if backend == "cpu":
-        return "cpu", "asked for"
+        return "cpu", "backend='cpu' was requested"
     if not gpu:
         return "cpu", cuda_available(allow_simulator=False)[1]
     if backend == "auto" and plan.method not in ("randomized", "krylov"):

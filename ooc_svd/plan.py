@@ -146,7 +146,7 @@ class Plan:
             f"{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
-            f"MB of {self.memory_limit / 1e6:.1f} MB.{self._backend_note()} Why: {self.reason}"
+            f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}.{self._backend_note()}"
         )
 
     def _backend_note(self) -> str:

@@ -183,7 +183,7 @@ def test_info_says_where_the_kernels_would_run(store):
 
     cpu = json.loads(ooc_svd_command("info", store, "--k", 5, "--backend", "cpu",
                                      "--json").stdout)
-    assert (cpu["backend"], cpu["backend_reason"]) == ("cpu", "asked for")
+    assert (cpu["backend"], cpu["backend_reason"]) == ("cpu", "backend='cpu' was requested")
     auto = ooc_svd_command("info", store, "--k", 5, "--method", "randomized")
     gpu, why_not = cuda_available(allow_simulator=False)
     expected = "Kernels: cuda (" if gpu else f"Kernels: cpu ({why_not})."

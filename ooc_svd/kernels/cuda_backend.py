@@ -154,7 +154,8 @@ def gpu_choice(backend: str, need: DeviceNeed | None) -> tuple[bool, str]:
     """Whether kernels with ``backend`` 'cuda' or 'auto' run on this machine's GPU, and why.
 
     'cuda' raises, naming what is missing, without a usable GPU or with less than ``need``
-    free on it; 'auto' leaves the run to the CPU there, and says why. Nothing is allocated.
+    free on it; 'auto' leaves the run to the CPU there, and says why. Nothing is allocated
+    on the GPU (asking for its free memory creates the CUDA context).
     """
     if backend == "cuda":
         require_cuda()
