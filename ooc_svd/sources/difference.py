@@ -41,7 +41,9 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     if subtrahend.dtype.kind not in "biuf":
         raise InputError(f"M must hold real numbers, not {subtrahend.dtype}")
     difference = Difference(source, subtrahend)
-    boundaries = np.union1d(source.chunk_rows, subtrahend.chunk_rows)
+    # Blocks of whole chunks of both, where M has storage chunks to decode; else A's alone.
+    boundaries = np.union1d(source.chunk_rows, subtrahend.chunk_rows) if subtrahend.decodes \
+        else source.chunk_rows
     return DenseSource(difference, boundaries, f"{source.description} - M",
                        decodes=source.decodes or subtrahend.decodes), None
 
