@@ -182,6 +182,19 @@ def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kin
                                       np.broadcast_to(M, (400, 30))[0])
 
 
+def test_svd_lowrank_results_follow_a_dtype_whatever_m_is(matrix):
+    A = matrix.astype(np.float32)
+    for M in (matrix.mean(axis=0), np.ones((400, 1)), np.ones((400, 30))):
+        U, S, V = ooc_svd.svd_lowrank(A, q=3, niter=3, M=M)
+        assert U.dtype == S.dtype == V.dtype == np.float32
+        np.testing.assert_allclose(S, naive.truncated_svd(A.astype(float) - M, 3)[1],
+                                   rtol=1e-5)
+    integers = np.arange(400 * 30).reshape(400, 30) % 7
+    U, S, V = ooc_svd.svd_lowrank(integers.astype(np.uint8), q=3, niter=3, M=3 * np.ones((400, 1)))
+    assert S.dtype == np.float64  # signed differences of integers
+    np.testing.assert_allclose(S, naive.truncated_svd(integers - 3.0, 3)[1], rtol=1e-8)
+
+
 @pytest.mark.parametrize(
     ("M", "message"),
     [

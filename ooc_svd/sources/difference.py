@@ -55,8 +55,9 @@ class Difference:
         self.minuend = minuend
         self.subtrahend = subtrahend
         self.shape = minuend.shape
-        dtype = np.result_type(minuend.block_dtype, subtrahend.block_dtype)
-        # Differences of integers need a sign and may not fit their type.
+        # A's precision, as with a row M (whose results follow A's dtype); differences of
+        # integers need a sign and may not fit their type.
+        dtype = minuend.block_dtype
         self.dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
         self.kind = f"{minuend.kind} - M"
 
@@ -67,7 +68,8 @@ class Difference:
         block = self.minuend.read(start, stop)
         if is_sparse_block(block):
             block = block.to_scipy().toarray()
-        return np.subtract(block, self.subtrahend.read(start, stop), dtype=self.dtype)
+        difference = np.subtract(block, self.subtrahend.read(start, stop), dtype=np.float64)
+        return difference.astype(self.dtype, copy=False)
 
 
 def _as_array(M: Any) -> Any:
