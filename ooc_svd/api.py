@@ -111,7 +111,8 @@ dask.array.Array} of shape (m, n)
         Subtract the column mean (PCA), implicitly: no m x n temporary is formed, and the
         mean is computed in the first pass.
     mean : array_like of shape (n,) or (1, n), optional
-        A mean to subtract instead of the computed one (torch's ``M``).
+        A row to subtract implicitly instead of the computed mean (torch's ``M`` when it
+        is a row; :func:`svd_lowrank` also takes a column or a full m x n ``M``).
     method : {'auto', 'randomized', 'krylov', 'exact', 'gram'}, default='auto'
         'randomized': niter + 1 reads, sampling error as in Halko et al.
         'krylov': block Krylov, the same niter + 1 reads keeping every iterate; a final

@@ -197,6 +197,7 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "method": plan.method,
         "reason": plan.reason,
         "passes": plan.passes,
+        "spectral_iters": plan.spectral_iters,
         "backend": plan.backend,
         "backend_reason": plan.backend_reason,
         "block_rows": plan.block_rows,
