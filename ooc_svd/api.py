@@ -248,6 +248,7 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     # On a cluster the workers choose their own kernels (distributed.worker_kernels).
     on_cluster = request.client is not None
     gpu = not on_cluster and _wants_gpu(request.backend)
+
     def plan_for(gpu_streams: int) -> Plan:
         return _plan(source, request.k, request.oversample, request.niter, request.method,
                      request.memory_limit, request.tol is not None, gpu_streams,

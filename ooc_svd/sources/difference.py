@@ -84,8 +84,8 @@ def _as_array(M: Any) -> Any:
 
         if len(M.shape) == 2 and M.shape[0] > 1 and M.stride(0) == 0:
             M = M[:1]  # an expanded row: no m x n copy to the host
-        return _torch_array(M)
-    if not hasattr(M, "shape") or not hasattr(M, "dtype"):
+        M = _torch_array(M)
+    elif not hasattr(M, "shape") or not hasattr(M, "dtype"):
         M = np.asarray(M)
     if len(M.shape) > 2:
         raise InputError(f"M must have at most 2 dimensions (A's), not shape {tuple(M.shape)}")
