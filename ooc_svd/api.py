@@ -237,14 +237,13 @@ def svd_plan(
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
                        spectral_iters=_check_int("spectral_iters", spectral_iters, minimum=0),
-                       backend=backend)
+                       backend=_check_backend(backend))
     return _plan_run(source, request, _check_cuda_options(backend, cuda_options))
 
 
 def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: dict) -> Plan:
     """The run's plan, with where its kernels run (``Plan.backend``): a GPU's pinned host
     buffers count against the memory limit, and its device memory decides 'auto'."""
-    _check_backend(request.backend)
     # On a cluster the workers choose their own kernels (distributed.worker_kernels).
     on_cluster = request.client is not None
     gpu = not on_cluster and _wants_gpu(request.backend)
@@ -518,8 +517,9 @@ def _check_backend(backend: Any) -> str:
 
 def _wants_gpu(backend: str) -> bool:
     """Whether the run's kernels go to a GPU: 'cuda' (an error later names what is missing
-    when none is usable), or 'auto' when numba-cuda finds a usable one."""
-    if _check_backend(backend) != "auto":
+    when none is usable), or 'auto' when numba-cuda finds a usable one. ``backend`` is
+    checked already."""
+    if backend != "auto":
         return backend == "cuda"
     return cuda_available(allow_simulator=False)[0]
 

@@ -144,30 +144,35 @@ def require_cuda() -> None:
 def gpu_kernels(n: int, backend: str, need: DeviceNeed | None,
                 cuda_options: dict | None) -> CUDAKernels | None:
     """The CUDA kernels of a run (here or on a worker) with ``backend`` 'cuda' or 'auto',
-    or None where ``gpu_choice`` leaves the run to the CPU."""
-    if not gpu_choice(backend, need)[0]:
+    or None where ``why_not_gpu`` leaves the run to the CPU."""
+    if why_not_gpu(backend, need):
         return None
     return CUDAKernels(n, **(cuda_options or {}))
 
 
-def gpu_choice(backend: str, need: DeviceNeed | None) -> tuple[bool, str]:
-    """Whether kernels with ``backend`` 'cuda' or 'auto' run on this machine's GPU, and why.
-
-    'cuda' raises, naming what is missing, without a usable GPU or with less than ``need``
-    free on it; 'auto' leaves the run to the CPU there, and says why. Nothing is allocated
-    on the GPU (asking for its free memory creates the CUDA context).
-    """
+def why_not_gpu(backend: str, need: DeviceNeed | None) -> str:
+    """'' when kernels with ``backend`` 'cuda' or 'auto' run on this machine's GPU, else
+    why 'auto' leaves the run to the CPU: no usable GPU, or less than ``need`` free on it.
+    'cuda' raises there, naming what is missing. Nothing is allocated on the GPU (asking
+    for its free memory creates the CUDA context)."""
     if backend == "cuda":
         require_cuda()
         if need is not None:
             need.check()
-    else:
-        usable, reason = cuda_available(allow_simulator=False)
-        if not usable:
-            return False, reason
-        if need is not None and not need.fits():
-            return False, need.shortfall()
-    return True, describe_gpu(need)
+        return ""
+    usable, reason = cuda_available(allow_simulator=False)
+    if not usable:
+        return reason
+    if need is not None and not need.fits():
+        return need.shortfall()
+    return ""
+
+
+def gpu_choice(backend: str, need: DeviceNeed | None) -> tuple[bool, str]:
+    """``why_not_gpu`` for reports: whether the GPU takes the run, and why (for the GPU,
+    its name and the memory the run holds of what it has free)."""
+    reason = why_not_gpu(backend, need)
+    return (False, reason) if reason else (True, describe_gpu(need))
 
 
 def describe_gpu(need: DeviceNeed | None) -> str:

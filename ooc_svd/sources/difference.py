@@ -23,6 +23,8 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     """(the source of A - M, None), or (A's source, M's row) when M repeats one row."""
     m, n = source.shape
     M = _as_array(M)
+    if np.dtype(M.dtype).kind not in "biuf":
+        raise InputError(f"M must hold real numbers, not {M.dtype}")
     try:
         shape = tuple(int(s) for s in M.shape)
     except (TypeError, ValueError):  # a dask array of unknown chunk sizes
@@ -38,8 +40,6 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     if row is not None:
         return source, row
     subtrahend = open_dense_source(M)
-    if subtrahend.dtype.kind not in "biuf":
-        raise InputError(f"M must hold real numbers, not {subtrahend.dtype}")
     difference = Difference(source, subtrahend)
     # Blocks of whole chunks of both, where M has storage chunks to decode; else A's alone.
     boundaries = np.union1d(source.chunk_rows, subtrahend.chunk_rows) if subtrahend.decodes \
@@ -102,8 +102,6 @@ def _repeated_row(M: Any, n: int) -> np.ndarray | None:
         row = M[0]
     else:
         return None
-    if row.dtype.kind not in "biuf":
-        raise InputError(f"M must hold real numbers, not {row.dtype}")
     if not np.all(np.isfinite(row)):
         raise InputError("M holds NaN or Inf")
     return np.broadcast_to(row, (n,)).astype(np.float64)
