@@ -171,6 +171,7 @@ def make_plan(
     nnz: int | None = None,
     scatter_copies: int = 1,
     read_overhead_bytes: int = 0,
+    read_row_overhead: int = 0,
     staging_blocks: int = 0,
     staging_matrices: int = 0,
     spectral_iters: int = 0,
@@ -186,7 +187,8 @@ def make_plan(
     (``chunk_bytes``); its power kernel holds up to ``scatter_copies`` (one per thread)
     private n x l accumulators, fewer when they would take over a quarter of the limit.
     Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
-    partial storage chunks at a sparse block's ends). A GPU backend holds
+    partial storage chunks at a sparse block's ends), and ``read_row_overhead`` bytes per
+    row of its block (the blocks of A and M while A - M is formed). A GPU backend holds
     ``staging_blocks`` more host copies of a block (pinned staging buffers) and
     ``staging_matrices`` more float64 matrices of a block's rows by the basis width (the
     pinned copies of Y_i and Q_i in the final pass). ``spectral_iters`` reads of A follow
@@ -219,7 +221,7 @@ def make_plan(
         blocks, peak = _block_layout(
             chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
             fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
-            staging_matrices,
+            staging_matrices, depth * read_row_overhead,
         )
         if peak <= memory_limit:
             break
@@ -271,17 +273,18 @@ def _blocks_that_fit(block_bytes: tuple[int, ...], budget: int) -> int:
 
 
 def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth,
-                  staging_blocks=0, staging_matrices=0):
+                  staging_blocks=0, staging_matrices=0, row_overhead=0):
     """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
 
     Raw blocks' worth held at once: the computed one, and for each read in flight its
     output, the compressed chunk bytes and the decoded chunks (up to a block each, measured
     with tracemalloc on zarr 3). Per row also: Y_i, Q_i and the U rows, float64, and
-    ``staging_matrices`` more of that width.
+    ``staging_matrices`` more of that width, and ``row_overhead`` bytes held by the reads.
     ``row_bytes`` is given for dense matrices (every row costs the same); sparse units are
     grouped by their bytes.
     """
-    per_byte, per_row = 3 * depth + 1 + staging_blocks, (3 + staging_matrices) * 8 * (l + 1)
+    per_byte = 3 * depth + 1 + staging_blocks
+    per_row = (3 + staging_matrices) * 8 * (l + 1) + row_overhead
     if row_bytes is not None:
         per_row += per_byte * row_bytes
         if fixed + per_row > memory_limit:

@@ -88,3 +88,35 @@ def test_sparse_store_peak_allocation_stays_under_the_limit(tmp_path, monkeypatc
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
     assert raw > 3 * limit
+
+
+def test_a_minus_m_read_block_by_block_stays_under_the_limit(tmp_path, zarr_matrix):
+    """svd_lowrank's m x n M: each read holds A's block, M's block and their difference."""
+    import zarr
+
+    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.engine import fixed_rank
+    from ooc_svd.sources.difference import subtract
+
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((100_000, 64)).astype(np.float32)  # 25.6 MB
+    M = rng.standard_normal(A.shape)  # float64, 51.2 MB
+    paths = zarr_matrix(A, chunk_rows=1000), zarr_matrix(M, chunk_rows=1000, name="M.zarr")
+    limit = 5_000_000
+
+    def run():
+        source, mean = subtract(_open_matrix(paths[0])[0], zarr.open_array(paths[1], mode="r"))
+        request = _Request(4, fixed_rank(4), oversample=4, niter=1, mean=mean, method="randomized",
+                           memory_limit=limit, out=str(tmp_path / "U.zarr"), overwrite=True)
+        return _run(source, request)
+
+    run()  # compiles the kernels
+    tracemalloc.start()
+    try:
+        result = run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(result.plan.blocks) > 10
+    assert result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"

@@ -77,6 +77,12 @@ class DenseSource:
         return block_dtype(self.dtype)
 
     @property
+    def read_row_overhead(self) -> int:
+        """Bytes per row a read holds beyond its block and the block's decoding: nothing,
+        except where the array says otherwise (``difference.Difference``)."""
+        return int(getattr(self.array, "read_row_overhead", 0))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the blocks of one pass."""
         m, n = self.shape

@@ -61,6 +61,19 @@ class Difference:
         self.dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
         self.kind = f"{minuend.kind} - M"
 
+    @property
+    def read_row_overhead(self) -> int:
+        """Bytes per row a read holds beyond the block it returns (and the decoding that
+        any block's read is planned for): A's block, densified if sparse, with its CSR form
+        and decoding; and M's block, with its decoding where M is a store."""
+        m, n = self.shape
+        minuend = n * self.minuend.block_dtype.itemsize
+        if isinstance(self.minuend, CSRSource):
+            minuend += 3 * -(-self.minuend.nbytes // m)
+        columns = self.subtrahend.shape[1]
+        reads = 3 if self.subtrahend.decodes else 1
+        return minuend + reads * columns * self.subtrahend.block_dtype.itemsize
+
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
@@ -68,8 +81,12 @@ class Difference:
         block = self.minuend.read(start, stop)
         if is_sparse_block(block):
             block = block.to_scipy().toarray()
-        difference = np.subtract(block, self.subtrahend.read(start, stop), dtype=np.float64)
-        return difference.astype(self.dtype, copy=False)
+        subtrahend = self.subtrahend.read(start, stop)
+        # Subtracted in float64 and rounded once to the result's dtype, a buffer at a time:
+        # no float64 copy of the block.
+        difference = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+        np.subtract(block, subtrahend, out=difference, dtype=np.float64, casting="unsafe")
+        return difference
 
 
 def _as_array(M: Any) -> Any:
