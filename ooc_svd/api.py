@@ -249,9 +249,10 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     gpu = not on_cluster and _wants_gpu(request.backend)
 
     def plan_for(gpu_streams: int) -> Plan:
+        # Workers read every block for every pass: only a local run keeps a block cache.
         return _plan(source, request.k, request.oversample, request.niter, request.method,
                      request.memory_limit, request.tol is not None, gpu_streams,
-                     request.spectral_iters)
+                     request.spectral_iters, cache_blocks=not on_cluster)
 
     plan = plan_for(cuda_options.get("streams", STREAMS) if gpu else 0)
     if on_cluster:
@@ -265,16 +266,18 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
-          fixed_accuracy: bool = False, gpu_streams: int = 0, spectral_iters: int = 0) -> Plan:
+          fixed_accuracy: bool = False, gpu_streams: int = 0, spectral_iters: int = 0,
+          cache_blocks: bool = True) -> Plan:
     """The run's plan; ``gpu_streams``: the CUDA streams whose pinned host buffers the
-    memory limit must hold too (0 without a GPU)."""
+    memory limit must hold too (0 without a GPU); ``cache_blocks``: whether the passes
+    keep leading blocks for the later passes, where reading them costs decoding."""
     oversample = _check_int("oversample", oversample, minimum=0)
     niter = _check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
                      oversample, niter, method, limit, spectral_iters=spectral_iters,
-                     fixed_accuracy=fixed_accuracy, cacheable=source.decodes,
+                     fixed_accuracy=fixed_accuracy, cacheable=cache_blocks and source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes if sparse else 0,

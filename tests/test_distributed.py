@@ -171,6 +171,9 @@ def test_dense_store_matches_the_local_run(cluster, dense_store, block_rows, met
     reference = ooc_svd.svd(dense_store, 6, method=method, center=center)
     result = ooc_svd.svd(dense_store, 6, method=method, center=center, client=cluster[1])
     assert len(result.plan.blocks) == M // BLOCK_ROWS
+    # The workers keep no block cache: the plan counts every pass's reads.
+    assert result.plan.cached_blocks == 0 < reference.plan.cached_blocks
+    assert result.bytes_read == result.plan.bytes_to_read
     # The block Krylov basis amplifies rounding in its last columns: on this matrix the
     # local run's U moves by up to 1e-6 between block sizes of 200 and 2400 rows, as much
     # as between the local and the cluster's summation orders. The other methods agree to
