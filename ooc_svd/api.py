@@ -224,20 +224,22 @@ def svd_plan(
     spectral_iters: int = 0,
     backend: str = "auto",
     cuda_options: dict | None = None,
+    client: Any = None,
 ) -> Plan:
     """The plan :func:`svd` would follow, without reading any data.
 
     Same arguments as :func:`svd`; raises the same errors for them (a memory limit too
     small, k out of range, backend='cuda' without a usable GPU, ...).
     ``plan.describe()`` says what the run would do and why, and ``plan.backend`` where its
-    kernels would run.
+    kernels would run. With ``client``, the plan of a run on that cluster, which is not
+    contacted: its workers keep no block cache and choose their own kernels.
     """
     source, m, n = _open_matrix(A)
     k, rule = _rank_request(k, tol, max_rank, m, n)
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
                        spectral_iters=_check_int("spectral_iters", spectral_iters, minimum=0),
-                       backend=_check_backend(backend))
+                       client=client, backend=_check_backend(backend))
     return _plan_run(source, request, _check_cuda_options(backend, cuda_options))
 
 

@@ -168,9 +168,12 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
 @click.argument("input_path", metavar="INPUT")
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Plan a run on this dask cluster (not contacted): its workers keep no "
+                   "block cache and choose their own kernels.")
 @user_errors
 def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memory_limit,
-         spectral_iters, cuda_options, as_json) -> None:
+         spectral_iters, cuda_options, as_json, scheduler) -> None:
     """Describe INPUT and the plan of a run on it here, without reading its data: the
     method, passes, blocks, memory and where the kernels would run (with --backend auto,
     the GPU when one is usable with the memory free), from the same options as ``run``."""
@@ -180,11 +183,13 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
 
     options = parse_cuda_options(cuda_options)
     check_cuda_options(options)
-    check_backend(backend)
+    if scheduler is None:
+        check_backend(backend)
     source = open_source(input_path)  # opened once: a sparse .npz is loaded whole
     plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
                     niter=niter, method=method, memory_limit=memory_limit,
-                    spectral_iters=spectral_iters, backend=backend, cuda_options=options)
+                    spectral_iters=spectral_iters, backend=backend, cuda_options=options,
+                    client=scheduler)
     report = {
         "input": input_path,
         "format": source.kind,
@@ -198,6 +203,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "reason": plan.reason,
         "passes": plan.passes,
         "spectral_iters": plan.spectral_iters,
+        "bytes_to_read": plan.bytes_to_read,
+        "cached_blocks": plan.cached_blocks,
         "backend": plan.backend,
         "backend_reason": plan.backend_reason,
         "block_rows": plan.block_rows,

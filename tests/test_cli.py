@@ -209,3 +209,17 @@ def test_info_opens_its_input_once(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["nnz"] == A.nnz
     assert loads == [path]
+
+
+def test_info_plans_a_cluster_run_without_contacting_it(store):
+    """Workers keep no block cache and choose their kernels; --backend cuda is for them."""
+    local = json.loads(ooc_svd_command("info", store, "--k", 5, "--method", "randomized",
+                                       "--json").stdout)
+    assert local["cached_blocks"] == local["blocks"]  # A fits: read once for three passes
+    assert local["bytes_to_read"] == local["bytes_raw"]
+    cluster = json.loads(ooc_svd_command(
+        "info", store, "--k", 5, "--method", "randomized", "--backend", "cuda", "--json",
+        "--scheduler", "tcp://no-such-host.invalid:8786").stdout)
+    assert cluster["cached_blocks"] == 0
+    assert cluster["bytes_to_read"] == 3 * cluster["bytes_raw"]
+    assert cluster["backend"] == "cuda on the workers"
