@@ -282,8 +282,8 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      fixed_accuracy=fixed_accuracy, cacheable=cache_blocks and source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
-                     read_overhead_bytes=source.read_overhead_bytes if sparse else 0,
-                     read_row_overhead=0 if sparse else source.read_row_overhead,
+                     read_overhead_bytes=source.read_overhead_bytes,
+                     read_row_overhead=source.read_row_overhead,
                      # Host copies of a block beside the plan's: a pinned staging buffer
                      # per stream, and a block being moved into the page-locked cache;
                      # per stream, pinned copies of the final pass's Y_i and Q_i.

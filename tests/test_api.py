@@ -182,6 +182,31 @@ def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kin
                                       np.broadcast_to(M, (400, 30))[0])
 
 
+def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):
+    """A unit of sparse rows can take far more room dense: A - M's blocks are not made of
+    whole units (here one unit of 3000 rows, 24 MB dense, under a 10 MB limit)."""
+    from ooc_svd.sources.csr import CSRWriter
+    from ooc_svd.sources.difference import subtract
+
+    A = scipy.sparse.random(3000, 2000, density=0.001, random_state=3, format="csr",
+                            dtype=np.float32)
+    path = str(tmp_path / "A.zarr")
+    with CSRWriter(path, A.shape[1], np.float32) as writer:
+        writer.append(A)
+        writer.close()
+    column = np.random.default_rng(4).standard_normal((3000, 1))
+    sparse = ooc_svd.sources.open_source(path)
+    assert len(sparse.chunk_rows) == 2  # one unit
+    source, _ = subtract(sparse, column)
+    plan = ooc_svd.svd_plan(source, 4, oversample=4, memory_limit="10MB")
+    assert len(plan.blocks) > 2 and plan.predicted_peak_bytes <= 10**7
+    U, S, V = ooc_svd.svd_lowrank(path, q=4, niter=4, M=column)
+    dense = A.toarray() - column
+    assert S[0] == pytest.approx(np.linalg.norm(dense, 2), rel=1e-6)
+    # The same sketch on A - M in memory: the blocks change only the rounding.
+    np.testing.assert_allclose(S, ooc_svd.svd_lowrank(dense, q=4, niter=4)[1], rtol=1e-5)
+
+
 def test_svd_lowrank_results_follow_a_dtype_whatever_m_is(matrix):
     A = matrix.astype(np.float32)
     for M in (matrix.mean(axis=0), np.ones((400, 1)), np.ones((400, 30))):

@@ -143,6 +143,11 @@ class CSRSource:
             for chunk, array in zip(chunks, arrays, strict=True)
         )
 
+    @property
+    def read_row_overhead(self) -> int:
+        """Bytes per row a read holds beyond its block and the decoding above: none."""
+        return 0
+
     def read(self, start: int, stop: int) -> CSRBlock:
         """Rows [start, stop) as a CSRBlock, each row's columns in increasing order.
 

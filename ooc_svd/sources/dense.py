@@ -77,8 +77,14 @@ class DenseSource:
         return block_dtype(self.dtype)
 
     @property
+    def read_overhead_bytes(self) -> int:
+        """Bytes a read may decode beyond its block of whole chunks: none, except where the
+        array says otherwise (``difference.Difference`` of a sparse A)."""
+        return int(getattr(self.array, "read_overhead_bytes", 0))
+
+    @property
     def read_row_overhead(self) -> int:
-        """Bytes per row a read holds beyond its block and the block's decoding: nothing,
+        """Bytes per row a read holds beyond its block and the block's decoding: none,
         except where the array says otherwise (``difference.Difference``)."""
         return int(getattr(self.array, "read_row_overhead", 0))
 

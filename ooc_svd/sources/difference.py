@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from .csr import CSRSource, is_sparse_block
-from .dense import DenseSource, open_dense_source
+from .dense import DenseSource, in_memory_boundaries, open_dense_source
 
 
 def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSRSource,
@@ -41,11 +41,23 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
         return source, row
     subtrahend = open_dense_source(M)
     difference = Difference(source, subtrahend)
-    # Blocks of whole chunks of both, where M has storage chunks to decode; else A's alone.
-    boundaries = np.union1d(source.chunk_rows, subtrahend.chunk_rows) if subtrahend.decodes \
-        else source.chunk_rows
-    return DenseSource(difference, boundaries, f"{source.description} - M",
+    return DenseSource(difference, _boundaries(difference), f"{source.description} - M",
                        decodes=source.decodes or subtrahend.decodes), None
+
+
+def _boundaries(difference: Difference) -> np.ndarray:
+    """Row boundaries the blocks of A - M are made of: whole chunks of A, and of M where
+    M has storage chunks to decode. A sparse A's units are cut further, into nominal dense
+    chunks: a unit of sparse rows can take far more room dense, and CSR rows can be read
+    from any row on (``read_overhead_bytes`` counts the partly decoded chunks)."""
+    minuend, subtrahend = difference.minuend, difference.subtrahend
+    boundaries = minuend.chunk_rows
+    if isinstance(minuend, CSRSource):
+        dense = in_memory_boundaries(difference.shape, difference.dtype.itemsize)
+        boundaries = np.union1d(boundaries, dense)
+    if subtrahend.decodes:
+        boundaries = np.union1d(boundaries, subtrahend.chunk_rows)
+    return boundaries
 
 
 class Difference:
@@ -60,6 +72,11 @@ class Difference:
         dtype = minuend.block_dtype
         self.dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
         self.kind = f"{minuend.kind} - M"
+
+    @property
+    def read_overhead_bytes(self) -> int:
+        """Bytes a read may decode beyond its rows: a sparse A's partly read chunks."""
+        return self.minuend.read_overhead_bytes if isinstance(self.minuend, CSRSource) else 0
 
     @property
     def read_row_overhead(self) -> int:
