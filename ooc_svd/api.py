@@ -44,7 +44,7 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
-from .sources.difference import subtract
+from .sources.difference import Difference, subtract
 from .store import LeftVectors, ResultWriter, check_output_path
 
 
@@ -441,7 +441,8 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
     plan = _plan_run(source, request, cuda_options)
-    out_path = None if request.out is None else check_output_path(request.out, request.overwrite)
+    out_path = None if request.out is None else check_output_path(
+        request.out, request.overwrite, inputs=_local_paths(source))
     # Kernels and cluster before anything is written, so a missing GPU or an unreachable
     # scheduler leaves no partial output or checkpoint behind.
     kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
@@ -606,6 +607,15 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
     return max_rank, rank_for_tolerance(float(tol), max_rank)
+
+
+def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
+    """The local paths a run reads, where its inputs were given by path (A's, and M's of
+    A - M): the output may not touch them."""
+    array = getattr(source, "array", None)
+    if isinstance(array, Difference):
+        return _local_paths(array.minuend) + _local_paths(array.subtrahend)
+    return (source.description,) if os.path.exists(source.description) else ()
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

@@ -105,7 +105,7 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
     """Validate the options before any long work."""
     from .plan import parse_bytes
 
-    path = check_output_path(out, overwrite)
+    path = check_output_path(out, overwrite, replaces="csr")
     if chunk_nnz < 1:
         raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
     m, n = (int(s) for s in shape)

@@ -66,19 +66,66 @@ class QSpill:
         self.close()
 
 
-def check_output_path(out: str | os.PathLike, overwrite: bool) -> str:
-    """Validate ``out`` before any long work: a local path, absent unless ``overwrite``."""
+# What an existing output may be for ``overwrite`` to replace it: what ooc_svd writes there.
+REPLACEABLE = {
+    "result": ("an ooc_svd result", lambda attributes: "ooc_svd" in attributes),
+    "csr": ("a CSR store", lambda attributes: attributes.get("encoding-type") == "csr_matrix"),
+}
+
+
+def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "result",
+                      inputs: tuple[str, ...] = ()) -> str:
+    """Validate ``out`` before any long work and return it without a trailing separator.
+
+    It must be a local path, apart from every path in ``inputs`` (neither one of them nor
+    inside or around one: inputs are never modified), and absent unless ``overwrite``; even
+    then, only an empty directory or what ooc_svd writes there (``REPLACEABLE[replaces]``)
+    is replaced, never an unrelated file or directory.
+    """
     path = os.fspath(out)
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(
-            f"output {path!r} exists; pass overwrite=True (--overwrite) to replace it"
-        )
+    path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
+    for source in inputs:
+        if _overlap(path, source):
+            raise InputError(f"output {path!r} overlaps the input {source!r}, which is never "
+                             "modified: choose another output path")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise OutputExistsError(
+                f"output {path!r} exists; pass overwrite=True (--overwrite) to replace it"
+            )
+        what, is_replaceable = REPLACEABLE[replaces]
+        if not _replaceable(path, is_replaceable):
+            raise OutputExistsError(
+                f"output {path!r} exists and is not {what}: overwrite replaces only that or "
+                "an empty directory; remove it yourself or choose another path"
+            )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"the directory of the output {path!r} does not exist")
     return path
+
+
+def _overlap(path: str, other: str) -> bool:
+    """Whether two local paths are the same, or one lies inside the other."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def _replaceable(path: str, is_replaceable) -> bool:
+    """An empty directory, or a zarr group whose attributes say ooc_svd wrote it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    if not os.listdir(path):
+        return True
+    import zarr
+
+    try:
+        attributes = zarr.open_group(path, mode="r").attrs.asdict()
+    except Exception:  # noqa: BLE001 - anything that is not a readable zarr group
+        return False
+    return bool(is_replaceable(attributes))
 
 
 def move_into_place(partial_path: str, final_path: str) -> None:

@@ -24,7 +24,8 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     try:
         group = zarr.open_group(result_path, mode="r")
         U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, zarr.errors.ContainsArrayError) as exc:
+        # A missing path, a group without U, S or V, or an array (an input, not a result).
         raise StoreNotFoundError(f"{result_path!r} is not an ooc_svd result store: {exc}") from exc
     attributes = dict(group.attrs.get("ooc_svd", {}))
     m, k = U.shape

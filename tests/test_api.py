@@ -336,6 +336,34 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, matrix):
     assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
 
 
+def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matrix, matrix):
+    path = zarr_matrix(matrix, chunk_rows=100)
+    before = tree_digest(path)
+    for out in (path, path + "/", os.path.join(path, "result")):
+        with pytest.raises(InputError, match="overlaps the input"):
+            ooc_svd.svd(path, 3, out=out, overwrite=True)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("kept")
+    with pytest.raises(InputError, match="overlaps the input"):  # A inside out
+        ooc_svd.svd(zarr_matrix(matrix, name="folder/A.zarr"), 3, out=folder, overwrite=True)
+    script = tmp_path / "script.py"
+    script.write_text("kept")
+    for out in (folder, script):
+        with pytest.raises(OutputExistsError, match="is not an ooc_svd result"):
+            ooc_svd.svd(matrix, 3, out=out, overwrite=True)
+    assert tree_digest(path) == before and script.read_text() == "kept"
+    assert sorted(os.listdir(folder)) == ["A.zarr", "notes.txt", "sub"]
+    # A trailing separator names the same store; an empty directory is replaced.
+    (tmp_path / "empty").mkdir()
+    ooc_svd.svd(matrix, 3, out=str(tmp_path / "result.zarr") + os.sep)
+    ooc_svd.svd(matrix, 3, out=str(tmp_path / "result.zarr") + os.sep, overwrite=True)
+    ooc_svd.svd(matrix, 3, out=tmp_path / "empty", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["A.zarr", "empty", "folder", "result.zarr",
+                                            "script.py"]
+    assert sorted(os.listdir(tmp_path / "result.zarr")) == ["S", "U", "V", "zarr.json"]
+
+
 def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
     A = matrix.copy()
     A[333, 4] = np.nan

@@ -109,6 +109,12 @@ def test_existing_out_is_refused_and_untouched(store, tmp_path):
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["S"][:], before)
 
 
+def test_check_of_an_input_instead_of_a_result_is_a_one_line_error(store):
+    done = ooc_svd_command("check", store, check=False)
+    assert done.returncode == 2 and "is not an ooc_svd result store" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def bad_inputs(tmp_path, store):
     """(name, INPUT, extra args, message) for inputs that must give exit code 2."""
     nan_store = tmp_path / "nan.zarr"

@@ -12,6 +12,7 @@ import scipy.io
 import scipy.sparse as sp
 import zarr
 
+import ooc_svd
 from ooc_svd.convert import convert, from_h5ad, from_mtx, from_npz, from_scipy
 from ooc_svd.errors import InputError, OutputExistsError, StoreNotFoundError
 from ooc_svd.float_parse import parse_float
@@ -122,6 +123,11 @@ def test_existing_output_is_refused_and_kept(tmp_path):
         from_scipy(B, out)
     assert_same_csr(read_back(zarr.open_group(str(out), mode="r")), A)
     assert_same_csr(read_back(from_scipy(B, out, overwrite=True)), B)
+    result = tmp_path / "result.zarr"  # a store of another kind is not replaced
+    ooc_svd.svd(A, 2, out=result)
+    with pytest.raises(OutputExistsError, match="is not a CSR store"):
+        from_scipy(B, result, overwrite=True)
+    assert sorted(os.listdir(result)) == ["S", "U", "V", "zarr.json"]
 
 
 # ---------------------------------------------------------------- Matrix Market

@@ -333,7 +333,7 @@ class CSRWriter:
 
         from ..store import check_output_path
 
-        self.path = check_output_path(path, overwrite)
+        self.path = check_output_path(path, overwrite, replaces="csr")
         self.partial_path = f"{self.path}.partial"
         self.n_cols = int(n_cols)
         self.dtype = np.dtype(dtype)
