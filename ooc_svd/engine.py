@@ -137,9 +137,13 @@ def krylov_svd(
     A^T A, which captures flat spectra far better than the last iterate alone.
     """
     iterates = power_iterates(context, plan, seed)
-    basis = next(iterates)
+    # extend_basis needs an orthonormal basis to project against: Omega's span, as a copy
+    # (the first power pass multiplies Omega itself).
+    basis = orthonormal_columns(np.array(next(iterates), order="F"))
     for X in iterates:
         basis = extend_basis(basis, X)
+    # At most min(m, n) columns, as planned: beyond m, A K has no more directions to give.
+    basis = basis[:, : plan.krylov_width]
     return _final_pass(context, plan, basis, allocate_u, scratch_dir, rank_rule, "krylov")
 
 

@@ -199,6 +199,27 @@ def test_block_krylov_drops_dependent_blocks_of_a_rank_deficient_matrix():
     assert result.residual == pytest.approx(0.5 / np.sqrt(9 + 4 + 2.25 + 1 + 0.25), rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(2000, 64), (60, 500)])
+def test_block_krylov_basis_is_orthonormal_and_no_wider_than_planned(shape, monkeypatch):
+    """(q + 1) l = 98 columns exceed min(m, n): the final pass gets an orthonormal basis
+    of at most min(m, n) columns, the width its memory was planned for."""
+    import ooc_svd.engine
+
+    bases, final_pass = [], ooc_svd.engine._final_pass
+
+    def spy(context, plan, X, *args):
+        bases.append((X.copy(), plan.krylov_width))
+        return final_pass(context, plan, X, *args)
+
+    monkeypatch.setattr(ooc_svd.engine, "_final_pass", spy)
+    A = naive.matrix_with_spectrum(*shape, 1.0 / np.arange(1, min(shape) + 1), seed=4)
+    result = ooc_svd.svd(A, 4, oversample=10, method="krylov", niter=6)
+    (basis, width), = bases
+    assert width == min(shape) and basis.shape[1] <= width
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+    np.testing.assert_allclose(result.S, naive.truncated_svd(A, 4)[1], rtol=1e-10)
+
+
 def test_extend_basis_keeps_only_new_directions():
     from ooc_svd.engine import extend_basis
 
