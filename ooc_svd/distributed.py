@@ -69,7 +69,7 @@ from .passes import (
     PassContext,
     PassRecord,
     add_rows_to_r,
-    r_factor_stack,
+    stacked_rows,
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
@@ -737,12 +737,12 @@ def _gram_group(source, blocks, first, shift, depth) -> _Partial:
 
 def _r_group(source, blocks, first, shift, append_ones, depth) -> _Partial:
     n = shift.size
-    stack = r_factor_stack(n, append_ones)
+    rows_per_stack = stacked_rows(n)
     stats = BlockStats.zeros(n)
-    R = np.zeros((0, stack.shape[1]))
+    R = np.zeros((0, n + append_ones))
     nbytes = 0
     for start, _, block in _blocks(source, blocks, depth):
-        R = add_rows_to_r(R, block, start, shift, stack, stats, append_ones)
+        R = add_rows_to_r(R, block, start, shift, rows_per_stack, stats, append_ones)
         nbytes += block.nbytes
     return _Partial(R, stats, nbytes, backends=frozenset(["cpu"]))
 

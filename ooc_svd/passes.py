@@ -212,11 +212,11 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
         return context.cluster.tsqr_r_pass(context)
     n = context.source.shape[1]
     append_ones = not context.centering.mean_known
-    stack = r_factor_stack(n, append_ones)
+    rows_per_stack = stacked_rows(n)
     stats = BlockStats.zeros(n)
-    R = np.zeros((0, stack.shape[1]))
+    R = np.zeros((0, n + append_ones))
     for _, start, block, shift in context.read("exact TSQR pass"):
-        R = add_rows_to_r(R, block, start, shift, stack, stats, append_ones)
+        R = add_rows_to_r(R, block, start, shift, rows_per_stack, stats, append_ones)
     d = context.centering.offset(shift, stats)
     if append_ones:
         R = R[:, :n] - np.outer(R[:, n], d)
@@ -224,33 +224,34 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
     return R, stats, shift
 
 
-def r_factor_stack(n: int, append_ones: bool) -> np.ndarray:
-    """The buffer in which rows are stacked under the running R: at least 4n rows at a time
-    keep the refactoring's cost within 25% of one Householder QR of A."""
-    width = n + append_ones
-    return np.empty((width + max(4 * n, SubBlocks(n).rows), width), order="C")
+def stacked_rows(n: int) -> int:
+    """Rows of A stacked under the running R at a time: at least 4n keep the refactoring's
+    cost within 25% of one Householder QR of A."""
+    return max(4 * n, SubBlocks(n).rows)
 
 
-def add_rows_to_r(R, block, start, shift, stack, stats, append_ones) -> np.ndarray:
-    """R of [R; A_s,i] (and a column of ones), stacking ``block``'s rows in ``stack``."""
-    rows_per_stack = stack.shape[0] - stack.shape[1]
+def add_rows_to_r(R, block, start, shift, rows_per_stack, stats, append_ones) -> np.ndarray:
+    """R of [R; A_s,i] (and a column of ones), ``rows_per_stack`` of ``block``'s rows at a
+    time."""
     for r0 in range(0, block.shape[0], rows_per_stack):
         r1 = min(r0 + rows_per_stack, block.shape[0])
-        R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stack, stats, append_ones)
+        R = _stack_and_factor(block[r0:r1], start + r0, shift, R, stats, append_ones)
     return R
 
 
-def _stack_and_factor(rows, first_row, shift, R, stack, stats, append_ones) -> np.ndarray:
+def _stack_and_factor(rows, first_row, shift, R, stats, append_ones) -> np.ndarray:
+    """R of [R; rows], factored in place: the stack is Fortran-ordered and exactly its
+    size, so LAPACK's QR takes it without a copy, and R is a new array of width x width at
+    most (the stack is freed on return)."""
     n = rows.shape[1]
     r_acc, count = R.shape[0], rows.shape[0]
+    stack = np.empty((r_acc + count, n + append_ones), order="F")
     stack[:r_acc] = R
-    below = stack[r_acc : r_acc + count]
-    widen_into(rows, first_row, shift, below[:, :n], stats)
+    widen_into(rows, first_row, shift, stack[r_acc:, :n], stats)
     if append_ones:
-        below[:, n] = 1.0
-    return scipy.linalg.qr(
-        stack[: r_acc + count], mode="r", overwrite_a=True, check_finite=False
-    )[0][: min(r_acc + count, stack.shape[1])]
+        stack[r_acc:, n] = 1.0
+    _, R = scipy.linalg.qr(stack, mode="raw", overwrite_a=True, check_finite=False)
+    return R
 
 
 def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:

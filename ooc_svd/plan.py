@@ -352,9 +352,10 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
 def _fixed_bytes(n: int, l: int, method: str) -> int:
     """Bytes of the working set that does not depend on the block size."""
     if method == "exact":
-        # R, its SVD factors, and the stacked sub-block with LAPACK's Fortran-ordered copy.
+        # R, its SVD factors (or the previous R), the rows stacked under R for the next
+        # QR (passes.stacked_rows, factored in place) and the R it returns.
         stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
-        return 8 * (3 * (n + 1) ** 2 + 2 * (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
+        return 8 * (4 * (n + 1) ** 2 + (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
     if method == "gram":
         # G, its symmetrized copy, the eigenvectors and eigh's workspace.
         return 8 * 4 * n * n + SUB_BLOCK_BYTES

@@ -120,3 +120,14 @@ def test_a_minus_m_read_block_by_block_stays_under_the_limit(tmp_path, zarr_matr
     assert len(result.plan.blocks) > 10
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
+
+
+def test_exact_tsqr_of_wide_blocks_stays_under_the_limit(tmp_path, zarr_matrix):
+    """Blocks of more rows than a TSQR stack: each stack is factored in place."""
+    A = np.random.default_rng(3).standard_normal((30_000, 500)).astype(np.float32)  # 60 MB
+    path = zarr_matrix(A, chunk_rows=2000)
+    limit = 60_000_000
+    result, peak = traced_run(path, "exact", limit, str(tmp_path / "result.zarr"))
+    assert result.plan.block_rows >= 4 * 500  # whole stacks of rows
+    assert result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
