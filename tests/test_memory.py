@@ -131,3 +131,16 @@ def test_exact_tsqr_of_wide_blocks_stays_under_the_limit(tmp_path, zarr_matrix):
     assert result.plan.block_rows >= 4 * 500  # whole stacks of rows
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
+
+
+def test_scipy_sparse_input_is_planned_without_m_long_arrays(tmp_path):
+    """Opening a scipy.sparse matrix cuts its units from indptr in pieces: no int64 copy
+    of indptr nor m-long temporaries beside the matrix (they took 32 MB here)."""
+    import scipy.sparse
+
+    A = scipy.sparse.random(1_000_000, 50, density=0.02, format="csr", random_state=1,
+                            dtype=np.float32)
+    limit = 10_000_000
+    result, peak = traced_run(A, "randomized", limit, str(tmp_path / "result.zarr"))
+    assert len(result.plan.blocks) > 10 and result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"

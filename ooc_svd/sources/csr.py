@@ -267,12 +267,13 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
         # modified, and ``read`` finds every block canonical
         csr = csr.copy()
         csr.sum_duplicates()
-    indptr = csr.indptr.astype(np.int64, copy=False)
     entry = _entry_bytes(csr.data, csr.indices)
-    boundaries = _unit_cuts(indptr, 0, entry).astype(np.int64)
+    # indptr in pieces, as from a store: no m-long arrays beside the matrix (reads widen
+    # each block's pointers to int64).
+    boundaries, pointers = _stream_unit_boundaries(csr.indptr, entry)
     return CSRSource(
-        indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",
-        boundaries, _unit_bytes(boundaries, indptr[boundaries], entry), int(csr.nnz),
+        csr.indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",
+        boundaries, _unit_bytes(boundaries, pointers, entry), int(csr.nnz),
         decodes=False, format_kind="scipy.sparse",
     )
 
@@ -299,10 +300,11 @@ def _unit_cuts(pointers: np.ndarray, first_row: int, entry_bytes: int) -> np.nda
 
 
 def _stream_unit_boundaries(indptr: Any, entry_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit boundaries and indptr at them, reading indptr one storage chunk at a time, so
-    planning holds O(number of units) values, not m."""
+    """Unit boundaries and indptr at them, reading indptr a piece at a time (whole storage
+    chunks, when it has them), so planning holds O(number of units) values, not m."""
     m = indptr.shape[0] - 1
-    step = min(max(int(indptr.chunks[0]), 1 << 16), 1 << 20)
+    chunks = getattr(indptr, "chunks", None)
+    step = 1 << 16 if chunks is None else min(max(int(chunks[0]), 1 << 16), 1 << 20)
     boundaries, pointers = [], []
     # Pieces overlap by one entry, so a piece's last row boundary is the next one's first.
     for start in range(0, max(m, 1), step):
