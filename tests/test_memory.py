@@ -144,3 +144,15 @@ def test_scipy_sparse_input_is_planned_without_m_long_arrays(tmp_path):
     result, peak = traced_run(A, "randomized", limit, str(tmp_path / "result.zarr"))
     assert len(result.plan.blocks) > 10 and result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
+
+
+def test_dask_array_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix):
+    """dask's getter copies each chunk it reads: one more block per read in flight."""
+    import dask.array as da
+
+    A = np.random.default_rng(4).standard_normal((50_000, 64)).astype(np.float32)
+    array = da.from_zarr(zarr_matrix(A, chunk_rows=1000))
+    limit = 5_000_000
+    result, peak = traced_run(array, "randomized", limit, str(tmp_path / "result.zarr"))
+    assert len(result.plan.blocks) > 10 and result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.2f} MB over the {limit / 1e6:.1f} MB limit"

@@ -84,8 +84,11 @@ class DenseSource:
 
     @property
     def read_row_overhead(self) -> int:
-        """Bytes per row a read holds beyond its block and the block's decoding: none,
-        except where the array says otherwise (``difference.Difference``)."""
+        """Bytes per row a read holds beyond its block and the block's decoding: for a
+        dask array, one more copy of the block (its getter copies every chunk it reads);
+        else none, except where the array says otherwise (``difference.Difference``)."""
+        if self.compute_slice:
+            return self.shape[1] * self.block_dtype.itemsize
         return int(getattr(self.array, "read_row_overhead", 0))
 
     @property
