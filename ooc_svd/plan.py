@@ -227,10 +227,16 @@ def make_plan(
             break
     else:
         if len(blocks) == 0:
+            decoded, hint = "", ""
+            if read_overhead_bytes:
+                decoded = f", and {read_overhead_bytes / 1e6:.1f} MB of partly decoded " \
+                          "storage chunks per read"
+                hint = "; raise memory_limit or write the store with fewer non-zeros per " \
+                       "chunk (ooc-svd convert --chunk-nnz)"
             raise PlanError(
                 f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method "
-                f"on a {m} x {n} matrix: its working set alone needs {fixed / 1e6:.1f} MB "
-                f"(n x l float64 arrays with l={width}) before any block of rows"
+                f"on a {m} x {n} matrix: its working set (n x l float64 arrays with l={width}"
+                f"{decoded}) and one row need {peak / 1e6:.1f} MB{hint}"
             )
         largest = int(np.argmax(chunk_bytes))
         rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
@@ -295,7 +301,7 @@ def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, de
         return blocks, fixed + largest * per_row
     costs = per_byte * np.asarray(chunk_bytes) + per_row * np.diff(boundaries)
     if fixed + per_row + per_byte * 8 > memory_limit:
-        return (), fixed + per_row
+        return (), fixed + per_row + per_byte * 8
     blocks, largest = group_units(boundaries, costs, chunk_bytes, memory_limit - fixed)
     return blocks, fixed + largest
 

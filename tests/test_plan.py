@@ -1,5 +1,7 @@
 """The planner: pure functions of shapes and sizes."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -54,10 +56,21 @@ def test_refusals_give_the_numbers():
     chunk = r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"
     with pytest.raises(PlanError, match=chunk):
         plan(method="randomized", limit=100 * 10**6)
-    with pytest.raises(PlanError, match=r"working set alone needs [0-9.]+ MB .*l=30"):
+    working_set = r"working set \(n x l float64 arrays with l=30\) and one row need [0-9.]+ MB"
+    with pytest.raises(PlanError, match=working_set):
         plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)
     with pytest.raises(InputError, match="n=8192 exceeds 4096"):
         plan(shape=(100_000, 8192), method="exact")
+
+
+def test_a_refusal_needs_more_than_the_limit_it_refuses():
+    """The partly decoded chunks of a sparse store's reads count in the number given."""
+    boundaries = regular_boundaries(10_000, 1_000)
+    with pytest.raises(PlanError, match="partly decoded storage chunks per read") as refused:
+        make_plan((10_000, 3_000), 4, boundaries, 3, 10, 2, "randomized", 6 * 10**6,
+                  chunk_bytes=np.full(10, 70_000), nnz=50_000, read_overhead_bytes=3 * 10**6)
+    needed = float(re.search(r"need ([0-9.]+) MB", str(refused.value)).group(1))
+    assert needed > 6.0 and "--chunk-nnz" in str(refused.value)
 
 
 def test_more_cuda_streams_leave_less_room_for_each_block():
