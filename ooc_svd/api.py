@@ -481,6 +481,8 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         _progress_factory(request.progress), [], saved, plan.cached_blocks,
     )
     context.cluster = cluster
+    if cluster is not None:
+        saved.scratch(cluster.scratch)
     began = time.perf_counter()
     try:
         factors = _compute(context, plan, request, seed, left.allocate)

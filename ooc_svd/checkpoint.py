@@ -4,6 +4,9 @@ A checkpoint directory holds ``state.json`` (the run's fingerprint: input, shape
 every parameter that changes the result) and one ``.npz`` per completed pass, each written
 under a temporary name and renamed, so a kill mid-write leaves the previous state intact.
 Resuming with other parameters is refused, since the saved state would not belong to them.
+The checkpoint also lists the scratch directories its run made (``scratch``): a run killed
+with its Q factors spilled leaves them behind, and the next run with this checkpoint, resumed
+or not, removes them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import numpy as np
 
 from .errors import InputError
 
+SCRATCH_LIST = "scratch.txt"
+SCRATCH_PREFIX = "ooc-svd-"  # the names of every scratch directory ooc_svd makes
+
 
 class Checkpoint:
     """Saves and loads per-pass state; ``Checkpoint(None)`` does nothing."""
@@ -25,6 +31,7 @@ class Checkpoint:
         self.directory = directory
         if directory is None:
             return
+        self._remove_scratch()
         state_path = os.path.join(directory, "state.json")
         if resume and os.path.exists(state_path):
             with open(state_path) as file:
@@ -56,6 +63,25 @@ class Checkpoint:
         partial = self._path(name) + ".partial.npz"
         np.savez(partial, **arrays)
         os.replace(partial, self._path(name))
+
+    def scratch(self, path: str | None) -> None:
+        """Note a scratch directory of this run (None: kept in memory, nothing to note)."""
+        if self.directory is None or path is None:
+            return
+        with open(os.path.join(self.directory, SCRATCH_LIST), "a") as file:
+            file.write(os.path.abspath(path) + "\n")
+
+    def _remove_scratch(self) -> None:
+        """Remove the scratch directories a killed run noted; only ooc_svd's own (by
+        their names), whatever the list says."""
+        try:
+            with open(os.path.join(self.directory, SCRATCH_LIST)) as file:
+                paths = file.read().split("\n")
+        except OSError:
+            return
+        for path in filter(None, paths):
+            if os.path.basename(path).startswith(SCRATCH_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
 
     def remove(self) -> None:
         if self.directory is not None:

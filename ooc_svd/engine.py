@@ -281,6 +281,7 @@ def gram_svd(
 def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) -> Factors:
     """Streaming TSQR of A X with B = Q^T A, the SVD of B, and U = Q W by the backward sweep."""
     with QSpill(scratch_dir, in_memory=plan.spill_in_memory) as spill:
+        context.checkpoint.scratch(spill.directory)  # for a run after a kill to remove
         final = tsqr_final_pass(context, X, spill)
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
         fro2 = _representable(context.centering.frobenius_squared(final.shift, final.stats),

@@ -64,3 +64,28 @@ def test_resume_with_other_parameters_is_refused(tmp_path, monkeypatch):
     # Without resume the stale checkpoint is replaced.
     result = ooc_svd.svd(A, 4, method="randomized", out=out)
     assert not any(r.name.endswith("(resumed)") for r in result.records)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_the_spill_of_a_killed_run_is_removed_by_the_next(tmp_path, monkeypatch, resume):
+    """A kill skips every cleanup: the next run with the checkpoint removes the spill."""
+    from ooc_svd.store import QSpill
+
+    A = naive.matrix_with_spectrum(100_000, 30, 1.0 / np.arange(1, 31), seed=3)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    options = dict(method="randomized", out=str(tmp_path / "result.zarr"),
+                   scratch_dir=str(scratch), memory_limit="8MB")
+    with monkeypatch.context() as patch:
+        patch.setattr(QSpill, "close", lambda self: None)  # the process dies: no cleanup
+        patch.setattr(ooc_svd.engine, "left_vectors_sweep", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 4, **options)
+    left = list(scratch.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("ooc-svd-spill-")
+    assert any(left[0].iterdir())  # Q factors were spilled
+    (scratch / "unrelated").mkdir()
+    result = ooc_svd.svd(A, 4, resume=resume, **options)
+    assert [p.name for p in scratch.iterdir()] == ["unrelated"]
+    reference = ooc_svd.svd(A, 4, method="randomized", memory_limit="8MB")
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
