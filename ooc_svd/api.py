@@ -299,7 +299,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     ----------
     A : as in :func:`svd`, of shape (m, n)
     q : int, default=6
-        Size of the subspace and number of triplets returned, q <= min(m, n).
+        Size of the subspace and number of triplets returned: min(q, m, n), as torch's.
     niter : int, default=2
         Subspace iterations.
     M : array_like, optional
@@ -318,7 +318,9 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     V : ndarray of shape (n, q)
     """
     source, m, n = _open_matrix(A)
-    q = _check_q(6 if q is None else q, m, n)
+    # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
+    # no wider).
+    q = min(_check_int("q", 6 if q is None else q, minimum=1), m, n)
     mean = None
     if M is not None:
         source, mean = subtract(source, M)

@@ -286,6 +286,18 @@ def test_svd_lowrank_allows_q_equal_to_min_dimension():
     np.testing.assert_allclose((U * S) @ V.T, A, atol=1e-10)
 
 
+def test_svd_lowrank_q_beyond_the_smaller_dimension_gives_all_triplets_as_torch():
+    A = np.diag([3.0, 2.0, 1.0])
+    for q in (None, 10):
+        U, S, V = ooc_svd.svd_lowrank(A, q=q)
+        assert U.shape == V.shape == (3, 3)
+        np.testing.assert_allclose(S, [3.0, 2.0, 1.0], rtol=1e-12)
+    with pytest.raises(InputError, match="q=0 must be >= 1"):
+        ooc_svd.svd_lowrank(A, q=0)
+    with pytest.raises(InputError, match="q=4 must be at most"):  # torch's pca_lowrank too
+        ooc_svd.pca_lowrank(A, q=4)
+
+
 def test_pca_lowrank(matrix):
     U, S, V = ooc_svd.pca_lowrank(matrix)
     assert S.shape == (6,)
