@@ -1,7 +1,8 @@
 """The ``ooc-svd`` command: a thin layer over the library for cluster nodes.
 
 Exit codes: 0 success; 2 bad usage or bad input (a one-line message, no traceback);
-1 an unexpected failure (with its traceback).
+130 a run interrupted by Ctrl-C (its checkpoint kept); 1 an unexpected failure (with its
+traceback).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ class InputFailure(click.ClickException):
     """A problem with the input or the arguments: exit code 2, one line on stderr."""
 
     exit_code = 2
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C (SIGINT) during a run: exit code 130, with how to continue."""
+
+    exit_code = 130
 
 
 def user_errors(command):
@@ -104,7 +111,7 @@ def main() -> None:
 @click.option("--out", required=True, help="Output zarr group (U, S, V, mean, attributes).")
 @click.option("--center", is_flag=True, help="Subtract the column mean (PCA).")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the test matrix; the same seed, the same result.")
+              help="Seed of the random sketch; the same seed, the same result.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--scratch-dir", default=None, help="Where Q factors are spilled.")
@@ -131,13 +138,19 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     check_cuda_options(options)  # a mistyped option before the search for a GPU
     if scheduler is None:  # on a cluster, the workers' GPUs count, not this machine's
         check_backend(backend)
-    result = svd(
-        input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
-        center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
-        overwrite=overwrite, progress=False if quiet else (True if progress else None),
-        scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
-        write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
-    )
+    try:
+        result = svd(
+            input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
+            center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
+            overwrite=overwrite, progress=False if quiet else (True if progress else None),
+            scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
+            write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; the completed passes are kept in {os.path.normpath(out)}.checkpoint: "
+            "the same command with --resume continues from there"
+        ) from None
     summary = {
         "out": out,
         "method": result.method,
@@ -186,10 +199,6 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     if scheduler is None:
         check_backend(backend)
     source = open_source(input_path)  # opened once: a sparse .npz is loaded whole
-    plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
-                    niter=niter, method=method, memory_limit=memory_limit,
-                    spectral_iters=spectral_iters, backend=backend, cuda_options=options,
-                    client=scheduler)
     report = {
         "input": input_path,
         "format": source.kind,
@@ -199,6 +208,27 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "nnz": getattr(source, "nnz", None),
         "bytes_raw": source.nbytes,
         "bytes_stored": source.stored_bytes,
+    }
+    plan = None
+    if k is not None or tol is not None:  # else the input alone
+        plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
+                        niter=niter, method=method, memory_limit=memory_limit,
+                        spectral_iters=spectral_iters, backend=backend, cuda_options=options,
+                        client=scheduler)
+        report.update(plan_report(plan))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    stored = "unknown" if source.stored_bytes is None else f"{source.stored_bytes / 1e9:.3f} GB"
+    layout = f"chunks {source.chunks}" if report["nnz"] is None else f"{report['nnz']} non-zeros"
+    click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
+               f"{source.dtype}, {layout}, {source.nbytes / 1e9:.3f} GB raw, {stored} stored")
+    click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")
+
+
+def plan_report(plan) -> dict:
+    """What ``info --json`` says of a plan."""
+    return {
         "method": plan.method,
         "reason": plan.reason,
         "passes": plan.passes,
@@ -213,14 +243,6 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         "predicted_peak_bytes": plan.predicted_peak_bytes,
         "memory_limit": plan.memory_limit,
     }
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    stored = "unknown" if source.stored_bytes is None else f"{source.stored_bytes / 1e9:.3f} GB"
-    layout = f"chunks {source.chunks}" if report["nnz"] is None else f"{report['nnz']} non-zeros"
-    click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
-               f"{source.dtype}, {layout}, {source.nbytes / 1e9:.3f} GB raw, {stored} stored")
-    click.echo(plan.describe())
 
 
 @main.command()
@@ -228,7 +250,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
 @click.option("--shape", type=int, nargs=2, required=True, metavar="M N")
 @click.option("--rank", type=int, default=None, help="Rank (default: full). Dense only.")
 @click.option("--decay", type=float, default=0.1, show_default=True,
-              help="Singular values exp(-decay * j). Dense only.")
+              help="Singular values close to exp(-decay * j) (relatively within about "
+                   "sqrt(rank / m): the left factor is Gaussian). Dense only.")
 @click.option("--density", type=float, default=None,
               help="Write a sparse CSR store with this fraction of non-zeros instead.")
 @click.option("--column-exponent", type=float, default=1.0, show_default=True,
@@ -254,7 +277,8 @@ def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_row
     if density is None:
         write_dense_matrix(out, tuple(shape), rank=rank, decay=decay, dtype=dtype,
                            chunk_rows=chunk_rows, seed=seed, overwrite=overwrite)
-        click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of {chunk_rows} rows")
+        click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of "
+                   f"{min(chunk_rows, shape[0])} rows")
         return
     given = click.get_current_context().get_parameter_source
     if rank is not None or given("decay") != click.core.ParameterSource.DEFAULT:

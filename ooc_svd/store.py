@@ -70,6 +70,8 @@ class QSpill:
 REPLACEABLE = {
     "result": ("an ooc_svd result", lambda attributes: "ooc_svd" in attributes),
     "csr": ("a CSR store", lambda attributes: attributes.get("encoding-type") == "csr_matrix"),
+    "synthetic": ("a matrix ooc_svd generated",
+                  lambda attributes: "ooc_svd_synthetic" in attributes),
 }
 
 
@@ -114,7 +116,7 @@ def _overlap(path: str, other: str) -> bool:
 
 
 def _replaceable(path: str, is_replaceable) -> bool:
-    """An empty directory, or a zarr group whose attributes say ooc_svd wrote it."""
+    """An empty directory, or a zarr array or group whose attributes say ooc_svd wrote it."""
     if os.path.islink(path) or not os.path.isdir(path):
         return False
     if not os.listdir(path):
@@ -122,8 +124,8 @@ def _replaceable(path: str, is_replaceable) -> bool:
     import zarr
 
     try:
-        attributes = zarr.open_group(path, mode="r").attrs.asdict()
-    except Exception:  # noqa: BLE001 - anything that is not a readable zarr group
+        attributes = zarr.open(path, mode="r").attrs.asdict()
+    except Exception:  # noqa: BLE001 - anything that is not a readable zarr node
         return False
     return bool(is_replaceable(attributes))
 

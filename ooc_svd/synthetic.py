@@ -48,7 +48,14 @@ def write_dense_matrix(
     import zarr
     from zarr.codecs import ZstdCodec
 
+    from .store import check_output_path
+
     m, n = shape
+    if rank is not None and not 1 <= rank <= min(m, n):
+        raise InputError(f"rank={rank} must be between 1 and min(m, n) = {min(m, n)}")
+    if not decay >= 0:
+        raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
+    path = check_output_path(path, overwrite, replaces="synthetic")
     s = spectrum(n, rank, decay)
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))

@@ -75,7 +75,8 @@ def test_progress_bar_only_when_asked(store, tmp_path):
     assert quiet.stdout == "" and quiet.stderr == ""
 
 
-def test_sigkill_then_resume_gives_the_same_result(store, tmp_path):
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT])
+def test_a_kill_then_resume_gives_the_same_result(store, tmp_path, kill):
     args = ["run", store, "--k", 4, "--method", "randomized", "--niter", 8, "--center",
             "--memory-limit", "8MB", "--quiet"]
     reference = tmp_path / "reference.zarr"
@@ -83,13 +84,18 @@ def test_sigkill_then_resume_gives_the_same_result(store, tmp_path):
 
     out = tmp_path / "result.zarr"
     checkpoint = tmp_path / "result.zarr.checkpoint" / "power0.npz"
-    process = subprocess.Popen([SCRIPT, *map(str, args), "--out", str(out)])
+    process = subprocess.Popen([SCRIPT, *map(str, args), "--out", str(out)],
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    process.send_signal(kill)
+    stderr = process.communicate()[1]
+    if kill == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:  # Ctrl-C: a one-line message that says how to go on
+        assert process.returncode == 130, stderr
+        assert "--resume continues" in stderr and "Traceback" not in stderr
     assert not out.exists()
 
     done = ooc_svd_command(*args, "--out", out, "--resume", "--json")
@@ -229,3 +235,46 @@ def test_info_plans_a_cluster_run_without_contacting_it(store):
     assert cluster["cached_blocks"] == 0
     assert cluster["bytes_to_read"] == 3 * cluster["bytes_raw"]
     assert cluster["backend"] == "cuda on the workers"
+
+
+def test_info_without_a_rank_describes_the_input_alone(store):
+    report = json.loads(ooc_svd_command("info", store, "--json").stdout)
+    assert report["shape"] == [30000, 40] and "method" not in report
+    assert "Give --k or --tol" in ooc_svd_command("info", store).stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--rank", 0], "rank=0 must be between 1 and min"),
+     (["--rank", 11], "rank=11 must be between 1 and min"),
+     (["--decay", -1], "must be >= 0")],
+)
+def test_generate_refuses_a_spectrum_it_cannot_make(tmp_path, options, message):
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "g.zarr")
+    done = CliRunner().invoke(main, ["generate", out, "--shape", "100", "10",
+                                     *map(str, options)])
+    assert done.exit_code == 2 and message in done.output
+    assert not os.path.exists(out)
+
+
+def test_generate_overwrites_only_a_generated_matrix(tmp_path):
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    args = ["generate", str(folder), "--shape", "100", "10", "--overwrite"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 2 and "is not a matrix ooc_svd generated" in done.output
+    assert (folder / "notes.txt").read_text() == "kept"
+    generated = str(tmp_path / "g.zarr")
+    for _ in range(2):  # then replaced
+        done = CliRunner().invoke(main, ["generate", generated, "--shape", "100", "10",
+                                         "--overwrite"])
+        assert done.exit_code == 0 and "chunks of 100 rows" in done.output
