@@ -82,14 +82,16 @@ class Difference:
     def read_row_overhead(self) -> int:
         """Bytes per row a read holds beyond the block it returns (and the decoding that
         any block's read is planned for): A's block, densified if sparse, with its CSR form
-        and decoding; and M's block, with its decoding where M is a store."""
+        and decoding; and M's block, with its decoding where M is a store; and what their
+        own reads hold beyond that (a dask array's copy)."""
         m, n = self.shape
-        minuend = n * self.minuend.block_dtype.itemsize
+        minuend = n * self.minuend.block_dtype.itemsize + self.minuend.read_row_overhead
         if isinstance(self.minuend, CSRSource):
             minuend += 3 * -(-self.minuend.nbytes // m)
         columns = self.subtrahend.shape[1]
         reads = 3 if self.subtrahend.decodes else 1
-        return minuend + reads * columns * self.subtrahend.block_dtype.itemsize
+        subtrahend = reads * columns * self.subtrahend.block_dtype.itemsize
+        return minuend + subtrahend + self.subtrahend.read_row_overhead
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, step = rows.indices(self.shape[0])
