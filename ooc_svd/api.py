@@ -619,7 +619,15 @@ def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
     array = getattr(source, "array", None)
     if isinstance(array, Difference):
         return _local_paths(array.minuend) + _local_paths(array.subtrahend)
-    return (source.description,) if os.path.exists(source.description) else ()
+    if os.path.exists(source.description):
+        return (source.description,)
+    # A zarr array (or a CSR group's data array) opened by the caller: its local store.
+    node = array if isinstance(source, DenseSource) else getattr(source, "data", None)
+    root = getattr(getattr(node, "store", None), "root", None)
+    if root is None:
+        return ()
+    path = os.path.join(os.fspath(root), *filter(None, [getattr(node, "path", "")]))
+    return (path if isinstance(source, DenseSource) else os.path.dirname(path),)
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

@@ -43,8 +43,12 @@ class Checkpoint:
                     f"{', '.join(changed)}; run without resume to start over"
                 )
             return
+        if os.path.lexists(directory) and not os.path.exists(state_path) and \
+                not (os.path.isdir(directory) and not os.listdir(directory)):
+            raise InputError(f"the checkpoint path {directory!r} holds something else than a "
+                             "checkpoint; it is not replaced: choose another path")
         shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
+        os.makedirs(directory, exist_ok=True)
         with open(state_path, "w") as file:
             json.dump(fingerprint, file)
 

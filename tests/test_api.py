@@ -376,6 +376,27 @@ def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matr
     assert sorted(os.listdir(tmp_path / "result.zarr")) == ["S", "U", "V", "zarr.json"]
 
 
+def test_an_input_opened_by_the_caller_is_protected_too(tmp_path, matrix):
+    import zarr
+
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(matrix, 2, out=out)
+    zarr.open_group(out, mode="r+").create_array("B", shape=matrix.shape,
+                                                 dtype=matrix.dtype)[:] = matrix
+    with pytest.raises(InputError, match="overlaps the input"):
+        ooc_svd.svd(zarr.open_group(out, mode="r")["B"], 2, out=out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["B", "S", "U", "V", "zarr.json"]
+
+
+def test_a_checkpoint_path_holding_something_else_is_not_replaced(tmp_path, matrix):
+    taken = tmp_path / "result.zarr.checkpoint"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("kept")
+    with pytest.raises(InputError, match="holds something else than a checkpoint"):
+        ooc_svd.svd(matrix, 2, out=str(tmp_path / "result.zarr"))
+    assert (taken / "notes.txt").read_text() == "kept"
+
+
 def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
     A = matrix.copy()
     A[333, 4] = np.nan
