@@ -22,7 +22,9 @@ def test_tolerance_mode_reaches_the_residual_with_a_near_minimal_rank(method, to
     result = ooc_svd.svd(A, tol=tol, method=method, niter=2)
     direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
     assert direct <= tol * (1 + 1e-9)
-    assert result.residual == pytest.approx(direct, rel=1e-6)
+    # ||A||^2 - sum S^2 is exact to about eps ||A||^2: a residual near zero (the full rank,
+    # which tol=1e-3 takes here) is known to about sqrt(eps) ||A|| only.
+    assert result.residual == pytest.approx(direct, rel=1e-6, abs=1e-7)
     best = minimal_rank(A, tol)
     if method == "randomized":
         # At most one growth block more than the exact minimal rank.
