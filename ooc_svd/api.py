@@ -619,15 +619,16 @@ def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
     array = getattr(source, "array", None)
     if isinstance(array, Difference):
         return _local_paths(array.minuend) + _local_paths(array.subtrahend)
-    if os.path.exists(source.description):
+    if isinstance(source.description, str) and os.path.exists(source.description):
         return (source.description,)
     # A zarr array (or a CSR group's data array) opened by the caller: its local store.
-    node = array if isinstance(source, DenseSource) else getattr(source, "data", None)
+    node = array if isinstance(source, DenseSource) else source.data
     root = getattr(getattr(node, "store", None), "root", None)
     if root is None:
         return ()
-    path = os.path.join(os.fspath(root), *filter(None, [getattr(node, "path", "")]))
-    return (path if isinstance(source, DenseSource) else os.path.dirname(path),)
+    path = os.path.normpath(os.path.join(os.fspath(root), getattr(node, "path", "")))
+    # A CSR group's arrays lie inside it: the group is the input.
+    return (path if node is array else os.path.dirname(path),)
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

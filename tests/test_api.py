@@ -386,6 +386,12 @@ def test_an_input_opened_by_the_caller_is_protected_too(tmp_path, matrix):
     with pytest.raises(InputError, match="overlaps the input"):
         ooc_svd.svd(zarr.open_group(out, mode="r")["B"], 2, out=out, overwrite=True)
     assert sorted(os.listdir(out)) == ["B", "S", "U", "V", "zarr.json"]
+    from ooc_svd.convert import from_scipy
+
+    sparse = str(tmp_path / "sparse.zarr")
+    from_scipy(scipy.sparse.random(200, 20, density=0.2, format="csr", random_state=0), sparse)
+    with pytest.raises(InputError, match="overlaps the input"):  # a CSR group, opened
+        ooc_svd.svd(zarr.open_group(sparse, mode="r"), 2, out=os.path.join(sparse, "U"))
 
 
 def test_a_checkpoint_path_holding_something_else_is_not_replaced(tmp_path, matrix):

@@ -76,7 +76,7 @@ class Difference:
     @property
     def read_overhead_bytes(self) -> int:
         """Bytes a read may decode beyond its rows: a sparse A's partly read chunks."""
-        return self.minuend.read_overhead_bytes if isinstance(self.minuend, CSRSource) else 0
+        return self.minuend.read_overhead_bytes
 
     @property
     def read_row_overhead(self) -> int:
