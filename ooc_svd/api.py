@@ -41,11 +41,12 @@ from .kernels.cuda_backend import (
     gpu_choice,
 )
 from .passes import PassContext
-from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan, parse_bytes
+from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.difference import Difference, subtract
 from .store import LeftVectors, ResultWriter, check_output_path
+from .units import parse_bytes
 
 
 def svd(

@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import OOCSVDError
+from .units import format_bytes
 
 
 class InputFailure(click.ClickException):
@@ -219,10 +220,10 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     if as_json:
         click.echo(json.dumps(report))
         return
-    stored = "unknown" if source.stored_bytes is None else f"{source.stored_bytes / 1e9:.3f} GB"
+    stored = "unknown" if source.stored_bytes is None else format_bytes(source.stored_bytes)
     layout = f"chunks {source.chunks}" if report["nnz"] is None else f"{report['nnz']} non-zeros"
     click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
-               f"{source.dtype}, {layout}, {source.nbytes / 1e9:.3f} GB raw, {stored} stored")
+               f"{source.dtype}, {layout}, {format_bytes(source.nbytes)} raw, {stored} stored")
     click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")
 
 
@@ -297,7 +298,7 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
     stored = sum(int(array.nbytes_stored()) for array in arrays)
     nnz = arrays[2].shape[0]
     return (f"wrote {out}: {m} x {n} {arrays[2].dtype} CSR, {nnz} non-zeros "
-            f"({nnz / max(m * n, 1):.3g} dense), {stored / 1e6:.1f} MB stored, {seconds:.1f} s")
+            f"({nnz / max(m * n, 1):.3g} dense), {format_bytes(stored)} stored, {seconds:.1f} s")
 
 
 @main.command()

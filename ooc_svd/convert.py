@@ -59,6 +59,7 @@ from .sparse_streams import (
     write_csr_stream,
 )
 from .store import check_output_path
+from .units import format_bytes, parse_bytes
 
 # The writer holds about this many storage chunks of indices and data at once: the tail being
 # filled, its concatenation, and the chunk being compressed.
@@ -101,11 +102,12 @@ class _Target:
 
 def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *, dtype: Any,
             chunk_nnz: int, overwrite: bool, memory_limit: int | str,
-            scratch_dir: str | os.PathLike | None = None) -> _Target:
-    """Validate the options before any long work."""
-    from .plan import parse_bytes
-
-    path = check_output_path(out, overwrite, replaces="csr")
+            scratch_dir: str | os.PathLike | None = None, source_path: str | None = None
+            ) -> _Target:
+    """Validate the options before any long work (``source_path``: the input's file or
+    store, which ``out`` may not touch)."""
+    path = check_output_path(out, overwrite, replaces="csr",
+                             inputs=() if source_path is None else (source_path,))
     if chunk_nnz < 1:
         raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
     m, n = (int(s) for s in shape)
@@ -116,7 +118,7 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
     if limit - writer_bytes < 1_000_000:
         raise InputError(
             f"memory_limit {memory_limit!r} leaves less than 1 MB besides the writer's "
-            f"{writer_bytes / 1e6:.0f} MB ({WRITER_CHUNKS} storage chunks of chunk_nnz="
+            f"{format_bytes(writer_bytes)} ({WRITER_CHUNKS} storage chunks of chunk_nnz="
             f"{chunk_nnz}): raise the limit or lower chunk_nnz"
         )
     return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,

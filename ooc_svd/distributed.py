@@ -57,7 +57,7 @@ import scipy.linalg
 from .centering import Centering
 from .errors import InputError
 from .kernels.backend import CPUKernels, Kernels
-from .kernels.cpu import BlockStats, SubBlocks, gram_block
+from .kernels.cpu import BlockStats, SubBlocks, gram_block, stacked_rows
 from .kernels.cuda_backend import (
     CUDAUnavailableError,
     DeviceNeed,
@@ -69,13 +69,13 @@ from .passes import (
     PassContext,
     PassRecord,
     add_rows_to_r,
-    stacked_rows,
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.difference import Difference
 from .store import LeftVectors
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
+from .units import format_bytes
 
 # Groups per worker thread: more groups than threads balance the load and make a retried
 # task cheap; each group adds one n x l partial to the reduction.
@@ -202,7 +202,7 @@ class ClusterPasses:
         blob = cloudpickle.dumps(shipped)
         if len(blob) > MAX_SOURCE_BYTES:
             raise InputError(
-                f"the {source.kind} input pickles to {len(blob) / 1e6:.1f} MB, so it carries "
+                f"the {source.kind} input pickles to {format_bytes(len(blob))}, so it carries "
                 "its data rather than a reference to a store; write it to a store (e.g. "
                 "dask.array.to_zarr) and pass that, so that the workers read their own blocks"
             )

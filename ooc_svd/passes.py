@@ -26,7 +26,14 @@ import scipy.linalg
 from .centering import Centering
 from .checkpoint import Checkpoint
 from .kernels.backend import Kernels
-from .kernels.cpu import BlockStats, SubBlocks, blas_threads, gram_block, widen_into
+from .kernels.cpu import (
+    BlockStats,
+    SubBlocks,
+    blas_threads,
+    gram_block,
+    stacked_rows,
+    widen_into,
+)
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .store import QSpill
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
@@ -222,12 +229,6 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
         R = R[:, :n] - np.outer(R[:, n], d)
     context.centering.finish_pass(shift, stats)
     return R, stats, shift
-
-
-def stacked_rows(n: int) -> int:
-    """Rows of A stacked under the running R at a time: at least 4n keep the refactoring's
-    cost within 25% of one Householder QR of A."""
-    return max(4 * n, SubBlocks(n).rows)
 
 
 def add_rows_to_r(R, block, start, shift, rows_per_stack, stats, append_ones) -> np.ndarray:

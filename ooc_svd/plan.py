@@ -7,13 +7,13 @@ and refuses with the numbers a run that cannot fit its memory limit.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import InputError, PlanError
-from .kernels.cpu import SUB_BLOCK_BYTES
+from .kernels.cpu import SUB_BLOCK_BYTES, stacked_rows
+from .units import format_bytes
 
 # Throughputs of the cost model, measured on a two-core node (benchmarks/RESULTS.md). They
 # rank the methods; they do not promise times. Decoded bytes/s of a zstd-compressed store;
@@ -43,17 +43,6 @@ PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
-
-def parse_bytes(value: int | float | str) -> int:
-    """Bytes from an int or a string such as '512MB', '4GB', '2GiB', '1e9'."""
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise InputError(f"cannot read a memory size from {value!r}; use e.g. '512MB' or '4GB'")
-    number, unit, binary = match.groups()
-    power = "KMGT".index(unit.upper()) + 1 if unit else 0
-    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 @dataclass(frozen=True)
@@ -142,11 +131,10 @@ class Plan:
         return (
             f"{self.method} SVD of a {m} x {n} {kind}matrix, k={self.k}{basis}: "
             f"{bound}{self.passes} passes{self._spectral_note()} reading "
-            f"{self.bytes_to_read / 1e9:.3g} GB"
-            f"{self._cache_note()}; "
+            f"{format_bytes(self.bytes_to_read)}{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
-            f"{self.prefetch_depth} ahead; predicted peak {self.predicted_peak_bytes / 1e6:.1f} "
-            f"MB of {self.memory_limit / 1e6:.1f} MB. Why: {self.reason}.{self._backend_note()}"
+            f"{self.prefetch_depth} ahead; predicted peak {format_bytes(self.predicted_peak_bytes)}"
+            f" of {format_bytes(self.memory_limit)}. Why: {self.reason}.{self._backend_note()}"
         )
 
     def _backend_note(self) -> str:
@@ -229,29 +217,29 @@ def make_plan(
         if len(blocks) == 0:
             decoded, hint = "", ""
             if read_overhead_bytes:
-                decoded = f", and {read_overhead_bytes / 1e6:.1f} MB of partly decoded " \
+                decoded = f", and {format_bytes(read_overhead_bytes)} of partly decoded " \
                           "storage chunks per read"
                 hint = "; raise memory_limit or write the store with fewer non-zeros per " \
                        "chunk (ooc-svd convert --chunk-nnz)"
             raise PlanError(
-                f"memory_limit {memory_limit / 1e6:.1f} MB is too small for the {method} method "
+                f"memory_limit {format_bytes(memory_limit)} is too small for the {method} method "
                 f"on a {m} x {n} matrix: its working set (n x l float64 arrays with l={width}"
-                f"{decoded}) and one row need {peak / 1e6:.1f} MB{hint}"
+                f"{decoded}) and one row need {format_bytes(peak)}{hint}"
             )
         largest = int(np.argmax(chunk_bytes))
         rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
         if nnz is not None:
             raise PlanError(
-                f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold a block of {rows} sparse "
-                f"rows ({chunk_bytes[largest] / 1e6:.1f} MB raw) with the read-ahead, the "
-                f"partly decoded storage chunks ({read_overhead_bytes / 1e6:.1f} MB per read) "
-                f"and the working set (needs {peak / 1e6:.1f} MB); raise memory_limit or "
+                f"memory_limit {format_bytes(memory_limit)} cannot hold a block of {rows} sparse "
+                f"rows ({format_bytes(chunk_bytes[largest])} raw) with the read-ahead, the "
+                f"partly decoded storage chunks ({format_bytes(read_overhead_bytes)} per read) "
+                f"and the working set (needs {format_bytes(peak)}); raise memory_limit or "
                 "write the store with fewer non-zeros per chunk (ooc-svd convert --chunk-nnz)"
             )
         raise PlanError(
-            f"memory_limit {memory_limit / 1e6:.1f} MB cannot hold one storage chunk of {rows} "
-            f"rows ({chunk_bytes[largest] / 1e6:.1f} MB raw) with the read-ahead and working set "
-            f"(needs {peak / 1e6:.1f} MB); raise memory_limit or rechunk the store by rows"
+            f"memory_limit {format_bytes(memory_limit)} cannot hold one storage chunk of {rows} "
+            f"rows ({format_bytes(chunk_bytes[largest])} raw) with the read-ahead and working set "
+            f"(needs {format_bytes(peak)}); raise memory_limit or rechunk the store by rows"
         )
     spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
     growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
@@ -359,9 +347,8 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     """Bytes of the working set that does not depend on the block size."""
     if method == "exact":
         # R, its SVD factors (or the previous R), the rows stacked under R for the next
-        # QR (passes.stacked_rows, factored in place) and the R it returns.
-        stack_rows = max(4 * n, SUB_BLOCK_BYTES // (8 * n))
-        return 8 * (4 * (n + 1) ** 2 + (stack_rows + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
+        # QR (factored in place) and the R it returns.
+        return 8 * (4 * (n + 1) ** 2 + (stacked_rows(n) + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
     if method == "gram":
         # G, its symmetrized copy, the eigenvectors and eigh's workspace.
         return 8 * 4 * n * n + SUB_BLOCK_BYTES

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ooc_svd.errors import InputError, PlanError
-from ooc_svd.plan import group_chunks, make_plan, parse_bytes
+from ooc_svd.plan import group_chunks, make_plan
 from ooc_svd.sources.dense import regular_boundaries
+from ooc_svd.units import format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -17,6 +18,16 @@ from ooc_svd.sources.dense import regular_boundaries
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (999, "999 B"), (999.6, "1 kB"), (512_000, "512 kB"), (6_912_000, "6.91 MB"),
+     (1_073_741_824, "1.07 GB"), (2.5e13, "25 TB")],
+)
+def test_format_bytes_in_the_units_limits_are_read_in(count, text):
+    assert format_bytes(count) == text
+    assert parse_bytes(text.replace(" ", "")) == pytest.approx(count, rel=5e-3, abs=0.5)
 
 
 def test_group_chunks_keeps_whole_chunks():
@@ -56,7 +67,7 @@ def test_refusals_give_the_numbers():
     chunk = r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"
     with pytest.raises(PlanError, match=chunk):
         plan(method="randomized", limit=100 * 10**6)
-    working_set = r"working set \(n x l float64 arrays with l=30\) and one row need [0-9.]+ MB"
+    working_set = r"working set \(n x l float64 arrays with l=30\) and one row need [0-9.]+ [kMG]B"
     with pytest.raises(PlanError, match=working_set):
         plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)
     with pytest.raises(InputError, match="n=8192 exceeds 4096"):
@@ -69,8 +80,8 @@ def test_a_refusal_needs_more_than_the_limit_it_refuses():
     with pytest.raises(PlanError, match="partly decoded storage chunks per read") as refused:
         make_plan((10_000, 3_000), 4, boundaries, 3, 10, 2, "randomized", 6 * 10**6,
                   chunk_bytes=np.full(10, 70_000), nnz=50_000, read_overhead_bytes=3 * 10**6)
-    needed = float(re.search(r"need ([0-9.]+) MB", str(refused.value)).group(1))
-    assert needed > 6.0 and "--chunk-nnz" in str(refused.value)
+    needed = parse_bytes(re.search(r"need ([0-9.]+ [kMG]B)", str(refused.value)).group(1))
+    assert needed > 6 * 10**6 and "--chunk-nnz" in str(refused.value)
 
 
 def test_more_cuda_streams_leave_less_room_for_each_block():

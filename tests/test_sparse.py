@@ -295,7 +295,7 @@ def test_wide_sparse_matrices_work():
 
 def test_plan_counts_the_n_by_l_arrays_and_refuses_with_numbers(monkeypatch):
     A = scipy.sparse.random(100, 2_000_000, density=1e-5, format="csr", random_state=0)
-    with pytest.raises(PlanError, match=r"working set .* and one row need [0-9.]+ MB"):
+    with pytest.raises(PlanError, match=r"working set .* and one row need [0-9.]+ [kMG]B"):
         ooc_svd.svd_plan(A, k=50, memory_limit="100MB")
     A = A[:, :20_000].tocsr()
     plan = ooc_svd.svd_plan(A, k=5, memory_limit="1GB")

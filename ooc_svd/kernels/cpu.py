@@ -84,11 +84,22 @@ class BlockStats:
         return cls(np.zeros(n))
 
 
+def sub_block_rows(n: int) -> int:
+    """Rows of a ``SubBlocks`` sub-block: SUB_BLOCK_BYTES of float64."""
+    return max(1, SUB_BLOCK_BYTES // (8 * max(n, 1)))
+
+
+def stacked_rows(n: int) -> int:
+    """Rows of A stacked under the exact method's running R at a time: at least 4n keep the
+    refactoring's cost within 25% of one Householder QR of A."""
+    return max(4 * n, sub_block_rows(n))
+
+
 class SubBlocks:
     """Iterates a row block as widened, shifted float64 sub-blocks held in one reused buffer."""
 
     def __init__(self, n: int, width: int | None = None):
-        self.rows = max(1, SUB_BLOCK_BYTES // (8 * max(n, 1)))
+        self.rows = sub_block_rows(n)
         self.buffer = np.empty((self.rows, width or n))
 
     def sweep(self, block: np.ndarray, first_row: int, shift: np.ndarray, stats: BlockStats):

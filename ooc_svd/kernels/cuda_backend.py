@@ -62,6 +62,7 @@ import scipy.linalg
 from ..errors import InputError, NonFiniteError, PlanError
 from ..sources.csr import is_sparse_block
 from ..tsqr import MergeFactors, StreamingTSQR, local_qr
+from ..units import format_bytes
 from .backend import SpillBlock
 from .cpu import BlockStats
 
@@ -184,7 +185,7 @@ def describe_gpu(need: DeviceNeed | None) -> str:
     free = device_memory()[0]
     if need is None:
         return name
-    return f"{name}, the passes hold {need.bytes / 1e6:.1f} MB of its {free / 1e6:.1f} MB free"
+    return f"{name}, the passes hold {format_bytes(need.bytes)} of its {format_bytes(free)} free"
 
 
 def check_cuda_options(options: Any) -> dict[str, Any]:
@@ -264,9 +265,9 @@ class DeviceNeed:
 
     def shortfall(self) -> str:
         """What the current GPU has free against this need, in words."""
-        return (f"the GPU has {device_memory()[0] / 1e6:.1f} MB free; blocks of "
-                f"{self.block_bytes / 1e6:.1f} MB with n x l arrays of l={self.width} need "
-                f"{self.bytes / 1e6:.1f} MB there")
+        return (f"the GPU has {format_bytes(device_memory()[0])} free; blocks of "
+                f"{format_bytes(self.block_bytes)} with n x l arrays of l={self.width} need "
+                f"{format_bytes(self.bytes)} there")
 
 
 def device_memory() -> tuple[int, int]:

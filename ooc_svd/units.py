@@ -1,0 +1,30 @@
+"""Byte counts read from and written for people: memory limits and sizes in messages."""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+from .errors import InputError
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a string such as '512MB', '4GB', '2GiB', '1e9'."""
+    if isinstance(value, numbers.Real):  # numpy's numbers too
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise InputError(f"cannot read a memory size from {value!r}; use e.g. '512MB' or '4GB'")
+    number, unit, binary = match.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def format_bytes(count: float) -> str:
+    """'512 kB', '6.9 MB', '1.07 GB': three digits in the decimal units that memory limits
+    are read in."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if float(f"{count:.3g}") < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
