@@ -477,7 +477,7 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
-    writer = None if out_path is None else ResultWriter(out_path)
+    writer = None if out_path is None else ResultWriter(out_path, request.overwrite)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,

@@ -271,8 +271,6 @@ def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_row
     (with --density) a sparse count matrix in the CSR layout."""
     from .synthetic import write_dense_matrix, write_sparse_matrix
 
-    if os.path.exists(out) and not overwrite:
-        raise InputFailure(f"{out!r} exists; pass --overwrite to replace it")
     if min(shape) < 1 or chunk_rows < 1:
         raise InputFailure(f"--shape {shape[0]} {shape[1]} and --chunk {chunk_rows} must be >= 1")
     if density is None:

@@ -252,7 +252,8 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
 
             return from_scipy(scipy.sparse.load_npz(path), out, **options)
         data = NpyMemberReader(archive, "data", path)
-        target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, **options)
+        target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
+                         **options)
         provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
         if layout == "csr":
             readers = (NpyMemberReader(archive, "indptr", path),
@@ -323,7 +324,8 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         header = read_header(file, path)
     source = {"real": np.float64, "integer": np.int64}.get(header.field)
     target = _target(out, header.shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
-                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
+                     source_path=path)
     return _write_coordinates(
         target, lambda: read_entry_chunks(path, target.text_bytes), header.expanded_entries,
         header.has_values, {"input": path, "format": header.describe()},
@@ -350,7 +352,8 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
     with h5py.File(path, "r") as file:
         layout, shape, data = _h5_sparse_group(file, group, path, h5py)
         target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
-                         overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+                         overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
+                         source_path=path)
         provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
         return _write_sparse_group(file[group], group, layout, shape, target, provenance)
 
@@ -362,12 +365,10 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     zarr format 2 or 3) in the CSR layout: to rechunk a CSR store (``chunk_nnz``: smaller
     storage chunks make smaller blocks, for a lower memory limit), to change its value dtype,
     to put its rows in canonical order once, or to turn CSC into CSR. Other parameters as
-    ``from_mtx``; ``out`` must not be ``path``."""
+    ``from_mtx``; ``out`` may not be ``path``, nor inside or around it."""
     from .sources.dense import open_zarr_node
 
     path = os.fspath(path)
-    if os.path.realpath(os.fspath(out)) == os.path.realpath(path):
-        raise InputError(f"convert writes a new store: OUT may not be the input {path!r}")
     group = open_zarr_node(path)
     if not hasattr(group, "array_keys"):
         raise InputError(f"{path!r} is a zarr array, not a sparse group; a dense array is "
@@ -380,7 +381,8 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
                          f" shape {group.attrs.get('shape')}, missing arrays {missing})")
     shape = tuple(int(s) for s in group.attrs["shape"])
     target = _target(out, shape, group["data"].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
-                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir)
+                     overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
+                     source_path=path)
     provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
     return _write_sparse_group(group, path, layout, shape, target, provenance)
 

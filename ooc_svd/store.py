@@ -1,7 +1,9 @@
 """Storage for a run: the scratch spill of the Q factors and the output zarr group.
 
-The output group is written under a temporary name beside the requested one and renamed when
-complete, so a failed run never leaves a half result under the requested name.
+Every output (a result, a CSR store, a generated matrix) is written under ``PATH.partial``,
+marked as unfinished, and renamed to ``PATH`` when complete, so a failed run never leaves a half
+output under the requested name and a killed one leaves only a partial that the next run
+replaces.
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ class QSpill:
 # What an existing output may be for ``overwrite`` to replace it: what ooc_svd writes there.
 REPLACEABLE = {
     "result": ("an ooc_svd result", lambda attributes: "ooc_svd" in attributes),
-    "csr": ("a CSR store", lambda attributes: attributes.get("encoding-type") == "csr_matrix"),
+    "csr": ("a CSR store ooc_svd wrote", lambda attributes: "ooc_svd_csr" in attributes),
     "synthetic": ("a matrix ooc_svd generated",
                   lambda attributes: "ooc_svd_synthetic" in attributes),
 }
+# The attribute that marks an output still being written under PATH.partial.
+UNFINISHED = "ooc_svd_unfinished"
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "result",
@@ -82,7 +86,8 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     It must be a local path, apart from every path in ``inputs`` (neither one of them nor
     inside or around one: inputs are never modified), and absent unless ``overwrite``; even
     then, only an empty directory or what ooc_svd writes there (``REPLACEABLE[replaces]``)
-    is replaced, never an unrelated file or directory.
+    is replaced, never an unrelated file or directory. The same holds for ``PATH.partial``,
+    where the output is written first: only an unfinished output is replaced there.
     """
     path = os.fspath(out)
     if "://" in path:
@@ -97,15 +102,16 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
             raise OutputExistsError(
                 f"output {path!r} exists; pass overwrite=True (--overwrite) to replace it"
             )
-        what, is_replaceable = REPLACEABLE[replaces]
-        if not _replaceable(path, is_replaceable):
+        if not _may_replace(path, replaces):
             raise OutputExistsError(
-                f"output {path!r} exists and is not {what}: overwrite replaces only that or "
-                "an empty directory; remove it yourself or choose another path"
+                f"output {path!r} exists and is not {REPLACEABLE[replaces][0]}: overwrite "
+                "replaces only that or an empty directory; remove it yourself or choose "
+                "another path"
             )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"the directory of the output {path!r} does not exist")
+    _check_partial(path)
     return path
 
 
@@ -113,6 +119,10 @@ def _overlap(path: str, other: str) -> bool:
     """Whether two local paths are the same, or one lies inside the other."""
     a, b = os.path.realpath(path), os.path.realpath(other)
     return os.path.commonpath([a, b]) in (a, b)
+
+
+def _may_replace(path: str, replaces: str) -> bool:
+    return _replaceable(path, REPLACEABLE[replaces][1])
 
 
 def _replaceable(path: str, is_replaceable) -> bool:
@@ -130,14 +140,52 @@ def _replaceable(path: str, is_replaceable) -> bool:
     return bool(is_replaceable(attributes))
 
 
-def move_into_place(partial_path: str, final_path: str) -> None:
-    """Rename a complete store to its final name. An existing one (overwrite) is moved aside
-    first and removed last, so a crash leaves the old store or the new one under the name."""
+def _check_partial(path: str) -> str:
+    """``PATH.partial``, where the output is written, if it is absent or what a killed run
+    left there (which the new output replaces)."""
+    partial = f"{path}.partial"
+    if os.path.lexists(partial) and not _replaceable(
+            partial, lambda attributes: UNFINISHED in attributes):
+        raise OutputExistsError(
+            f"{partial!r} exists and is not an unfinished ooc_svd output: outputs are written "
+            f"there before they are renamed to {path!r}; remove it yourself or choose another "
+            "output path"
+        )
+    return partial
+
+
+def partial_path(path: str) -> str:
+    """``PATH.partial``, cleared for a new output (``path`` passed ``check_output_path``)."""
+    partial = _check_partial(path)
+    if os.path.lexists(partial):
+        shutil.rmtree(partial)
+    return partial
+
+
+def finish_attributes(node: Any, attributes: dict[str, Any]) -> None:
+    """Give a complete output its final attributes, without the unfinished mark."""
+    final = {key: value for key, value in node.attrs.asdict().items() if key != UNFINISHED}
+    node.attrs.put({**final, **attributes})
+
+
+def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:
+    """Rename a complete output to its final name. An existing one is moved aside first and
+    removed last, so a crash leaves the old output or the new one under the name.
+
+    The final name was checked before the output was written; what appeared there since is
+    replaced only as that check allowed, and otherwise kept, with the output left at
+    ``partial`` to be renamed by hand.
+    """
     old = None
-    if os.path.exists(final_path):
+    if os.path.lexists(final_path):
+        if not (overwrite and _may_replace(final_path, replaces)):
+            raise OutputExistsError(
+                f"{final_path!r} appeared while the output was written and was left as it "
+                f"is; the complete output is {partial!r}: rename it yourself"
+            )
         old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
         os.rename(final_path, old)
-    os.rename(partial_path, final_path)
+    os.rename(partial, final_path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -145,14 +193,13 @@ def move_into_place(partial_path: str, final_path: str) -> None:
 class ResultWriter:
     """Writes U block by block, then S, V, the mean and attributes, into a zarr group."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, overwrite: bool):
         import zarr
 
-        self.final_path = out
-        # A fixed name: a run killed before its rename leaves it, and the next run replaces it.
-        self.partial_path = f"{out}.partial"
-        shutil.rmtree(self.partial_path, ignore_errors=True)
-        self.group = zarr.open_group(self.partial_path, mode="w")
+        self.final_path, self.overwrite = out, overwrite
+        self.partial_path = partial_path(out)
+        self.group = zarr.open_group(self.partial_path, mode="w",
+                                     attributes={UNFINISHED: "result"})
 
     def create_rows_array(self, name: str, shape: tuple[int, int], dtype: np.dtype,
                           rows_per_chunk: int) -> Any:
@@ -173,8 +220,8 @@ class ResultWriter:
 
         for name, values in arrays.items():
             self.group.create_array(name, data=np.asarray(values))
-        self.group.attrs.update(attributes)
-        move_into_place(self.partial_path, self.final_path)
+        finish_attributes(self.group, attributes)
+        move_into_place(self.partial_path, self.final_path, self.overwrite, "result")
         return zarr.open_group(self.final_path, mode="r")
 
     def abort(self) -> None:

@@ -12,6 +12,7 @@ Zipf-like column frequencies, like the cell x gene matrices of single-cell seque
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import numba
@@ -43,12 +44,19 @@ def write_dense_matrix(
     """Write A = G diag(s) V^T to a zarr v3 array at ``path`` (zstd), chunked by rows.
 
     The designed spectrum is recorded in the array's attributes under ``ooc_svd_synthetic``.
-    Returns the zarr array, opened read-only.
+    The array is written under ``PATH.partial`` and renamed when complete. Returns the zarr
+    array, opened read-only.
     """
     import zarr
     from zarr.codecs import ZstdCodec
 
-    from .store import check_output_path
+    from .store import (
+        UNFINISHED,
+        check_output_path,
+        finish_attributes,
+        move_into_place,
+        partial_path,
+    )
 
     m, n = shape
     if rank is not None and not 1 <= rank <= min(m, n):
@@ -56,30 +64,36 @@ def write_dense_matrix(
     if not decay >= 0:
         raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
     path = check_output_path(path, overwrite, replaces="synthetic")
+    partial = partial_path(path)
     s = spectrum(n, rank, decay)
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))
     scaled_vt = (s[:, None] * V.T) / np.sqrt(m)
     array = zarr.create_array(
-        os.fspath(path),
+        partial,
         shape=(m, n),
         chunks=(min(chunk_rows, m), n),
         dtype=dtype,
         compressors=ZstdCodec(level=compression_level),
-        overwrite=overwrite,
+        attributes={UNFINISHED: "synthetic"},
     )
-    for index, start in enumerate(range(0, m, chunk_rows)):
-        stop = min(start + chunk_rows, m)
-        G = philox_generator(seed, index).standard_normal((stop - start, r))
-        array[start:stop] = (G @ scaled_vt).astype(dtype)
-    array.attrs["ooc_svd_synthetic"] = {
+    try:
+        for index, start in enumerate(range(0, m, chunk_rows)):
+            stop = min(start + chunk_rows, m)
+            G = philox_generator(seed, index).standard_normal((stop - start, r))
+            array[start:stop] = (G @ scaled_vt).astype(dtype)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finish_attributes(array, {"ooc_svd_synthetic": {
         "kind": "dense",
         "singular_values": s.tolist(),
         "rank": r,
         "decay": decay,
         "seed": seed,
-    }
-    return zarr.open_array(os.fspath(path), mode="r")
+    }})
+    move_into_place(partial, path, overwrite, "synthetic")
+    return zarr.open_array(path, mode="r")
 
 
 # Rows drawn from one Philox stream, keyed by (seed, group): the matrix does not depend on how

@@ -403,6 +403,48 @@ def test_a_checkpoint_path_holding_something_else_is_not_replaced(tmp_path, matr
     assert (taken / "notes.txt").read_text() == "kept"
 
 
+def test_a_partial_left_by_a_killed_run_is_replaced_and_anything_else_kept(tmp_path, matrix):
+    import zarr
+
+    from ooc_svd.store import UNFINISHED
+
+    out = str(tmp_path / "result.zarr")
+    zarr.open_group(out + ".partial", mode="w", attributes={UNFINISHED: "result"})
+    ooc_svd.svd(matrix, 2, out=out)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+    foreign = tmp_path / "other.zarr.partial"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("kept")
+    with pytest.raises(OutputExistsError, match="is not an unfinished ooc_svd output"):
+        ooc_svd.svd(matrix, 2, out=str(tmp_path / "other.zarr"))
+    assert sorted(os.listdir(foreign)) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["other.zarr.partial", "result.zarr"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_what_appears_at_out_during_a_run_is_kept_with_the_result_beside_it(
+        tmp_path, matrix, monkeypatch, overwrite):
+    import ooc_svd.api
+
+    out = tmp_path / "result.zarr"
+    assemble = ooc_svd.api.assemble_result
+
+    def assemble_while_someone_writes_out(*args, **kwargs):
+        out.mkdir()
+        (out / "notes.txt").write_text("kept")
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(ooc_svd.api, "assemble_result", assemble_while_someone_writes_out)
+    with pytest.raises(OutputExistsError, match="appeared while the output was written"):
+        ooc_svd.svd(matrix, 2, out=str(out), overwrite=overwrite)
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    import zarr
+
+    kept = zarr.open_group(str(out) + ".partial", mode="r")
+    assert kept["S"].shape == (2,) and "ooc_svd" in kept.attrs
+    assert "ooc_svd_unfinished" not in kept.attrs
+
+
 def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
     A = matrix.copy()
     A[333, 4] = np.nan

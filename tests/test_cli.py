@@ -278,3 +278,33 @@ def test_generate_overwrites_only_a_generated_matrix(tmp_path):
         done = CliRunner().invoke(main, ["generate", generated, "--shape", "100", "10",
                                          "--overwrite"])
         assert done.exit_code == 0 and "chunks of 100 rows" in done.output
+    done = CliRunner().invoke(main, ["generate", generated, "--shape", "100", "10"])
+    assert done.exit_code == 2 and "pass overwrite=True (--overwrite)" in done.output
+
+
+def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_path,
+                                                                          monkeypatch):
+    import zarr
+
+    import ooc_svd.synthetic
+    from ooc_svd.store import UNFINISHED
+    from ooc_svd.synthetic import write_dense_matrix
+
+    out = tmp_path / "g.zarr"
+    draw = ooc_svd.synthetic.philox_generator
+
+    def interrupted_at_the_third_chunk(seed, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return draw(seed, index)
+
+    monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", interrupted_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        write_dense_matrix(out, (100, 10), chunk_rows=20)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", draw)
+    zarr.create_array(str(out) + ".partial", shape=(100, 10), dtype="f4",
+                      attributes={UNFINISHED: "synthetic"})  # what SIGKILL leaves
+    array = write_dense_matrix(out, (100, 10), chunk_rows=20)
+    assert os.listdir(tmp_path) == ["g.zarr"]
+    assert set(array.attrs) == {"ooc_svd_synthetic"} and np.abs(array[:]).min() > 0

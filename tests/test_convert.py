@@ -115,6 +115,35 @@ def test_store_opens_as_a_csr_source_with_anndata_attributes(tmp_path):
     assert not os.path.exists(tmp_path / "A.zarr.partial")
 
 
+def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
+    A, B = with_gaps(seed=4), with_gaps(seed=5)
+    theirs = write_zarr_sparse(tmp_path / "theirs.zarr", A)  # AnnData's layout, not ours
+    with pytest.raises(OutputExistsError, match="is not a CSR store ooc_svd wrote"):
+        from_scipy(B, theirs, overwrite=True)
+    assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), A)
+    mtx = tmp_path / "A.mtx"
+    scipy.io.mmwrite(mtx, A)
+    with pytest.raises(InputError, match="overlaps the input"):
+        convert(mtx, mtx, overwrite=True)
+    assert scipy.io.mmread(mtx).nnz == A.nnz
+
+
+def test_a_store_appearing_at_out_during_a_conversion_is_kept(tmp_path):
+    from ooc_svd.sources.csr import CSRWriter
+
+    out = tmp_path / "A.zarr"
+    with pytest.raises(OutputExistsError, match="appeared while the output was written"), \
+            CSRWriter(out, 90, overwrite=True) as writer:
+        writer.append(with_gaps(seed=6))
+        out.mkdir()
+        (out / "notes.txt").write_text("kept")
+        writer.close()
+    assert os.listdir(out) == ["notes.txt"]
+    kept = zarr.open_group(str(out) + ".partial", mode="r")
+    assert_same_csr(read_back(kept), with_gaps(seed=6))
+    assert "ooc_svd_csr" in kept.attrs and "ooc_svd_unfinished" not in kept.attrs
+
+
 def test_existing_output_is_refused_and_kept(tmp_path):
     A, B = with_gaps(seed=4), with_gaps(seed=5)
     out = tmp_path / "A.zarr"
@@ -388,8 +417,9 @@ def test_a_csc_group_goes_through_buckets(tmp_path, write):
 
 def test_zarr_refusals(tmp_path):
     path = write_zarr_sparse(tmp_path / "A.zarr", with_gaps(seed=17))
-    with pytest.raises(InputError, match="may not be the input"):
-        convert(path, path, overwrite=True)
+    for out in (path, os.path.join(path, "B")):
+        with pytest.raises(InputError, match="overlaps the input"):
+            convert(path, out, overwrite=True)
     dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")
     with pytest.raises(InputError, match="not a sparse group"):
         convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")

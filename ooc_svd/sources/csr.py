@@ -6,7 +6,8 @@ The CSR layout on zarr is a group holding three 1-D arrays and three attributes:
 - ``indices``: int32 (int64 when n > 2**31 - 1), the column of each non-zero;
 - ``data``: float32 or float64, the value of each non-zero;
 - attributes ``encoding-type = "csr_matrix"``, ``encoding-version = "0.1.0"`` and
-  ``shape = [m, n]``.
+  ``shape = [m, n]`` (and ``ooc_svd_csr`` on the stores written here, which ``overwrite``
+  may replace).
 
 These are AnnData's names, so the ``X`` group of an AnnData zarr store is read as is and the
 stores written here open in anndata. A row block [r0, r1) is the ``indptr`` slice and the
@@ -333,19 +334,18 @@ class CSRWriter:
         import zarr
         from zarr.codecs import ZstdCodec
 
-        from ..store import check_output_path
+        from ..store import UNFINISHED, check_output_path, partial_path
 
         self.path = check_output_path(path, overwrite, replaces="csr")
-        self.partial_path = f"{self.path}.partial"
+        self.overwrite = overwrite
+        self.partial_path = partial_path(self.path)
+        self.complete = False  # every row written: a refused rename keeps the partial
         self.n_cols = int(n_cols)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise InputError(f"CSR stores hold float32 or float64 values, not {self.dtype}")
         index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
-        import shutil
-
-        shutil.rmtree(self.partial_path, ignore_errors=True)
-        group = zarr.open_group(self.partial_path, mode="w")
+        group = zarr.open_group(self.partial_path, mode="w", attributes={UNFINISHED: "csr"})
         compressor = ZstdCodec(level=compression_level)
 
         def create(name, array_dtype, chunk):
@@ -388,18 +388,22 @@ class CSRWriter:
         """Flush, write the attributes, rename into place; return the group opened read-only."""
         import zarr
 
-        from ..store import move_into_place
+        from .. import __version__
+        from ..store import finish_attributes, move_into_place
 
         for column in self.columns.values():
             column.flush()
-        self.group.attrs.update({**ENCODING, "shape": [self.rows, self.n_cols]})
-        move_into_place(self.partial_path, self.path)
+        finish_attributes(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
+                                       "ooc_svd_csr": {"version": __version__}})
+        self.complete = True
+        move_into_place(self.partial_path, self.path, self.overwrite, "csr")
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:
         import shutil
 
-        shutil.rmtree(self.partial_path, ignore_errors=True)
+        if not self.complete:
+            shutil.rmtree(self.partial_path, ignore_errors=True)
 
     def __enter__(self) -> CSRWriter:
         return self
