@@ -90,3 +90,12 @@ class Checkpoint:
     def remove(self) -> None:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def completed_passes(directory: str) -> int:
+    """How many complete passes the checkpoint at ``directory`` holds (0 if none)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    return sum(name.endswith(".npz") and not name.endswith(".partial.npz") for name in names)

@@ -33,14 +33,22 @@ class Interrupted(click.ClickException):
 
 
 def user_errors(command):
-    """Turn the library's own errors into exit code 2 with their one-line message."""
+    """Turn the library's own errors into exit code 2 with their one-line message. With
+    --json the failure is also printed as JSON on stdout, so a script reading stdout always
+    gets JSON."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except OOCSVDError as error:
-            raise InputFailure(str(error)) from None
+            failure = InputFailure(str(error))
+        except click.ClickException as error:  # the commands' own InputFailure, Interrupted
+            failure = error
+        if kwargs.get("as_json"):
+            click.echo(json.dumps({"error": failure.format_message(),
+                                   "exit_code": failure.exit_code}))
+        raise failure from None
 
     return wrapper
 
@@ -148,10 +156,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
             write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
         )
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted; the completed passes are kept in {os.path.normpath(out)}.checkpoint: "
-            "the same command with --resume continues from there"
-        ) from None
+        raise Interrupted(interrupted_message(f"{os.path.normpath(out)}.checkpoint")) from None
     summary = {
         "out": out,
         "method": result.method,
@@ -178,6 +183,17 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
                    f"wrote {out}")
 
 
+def interrupted_message(checkpoint: str) -> str:
+    """What an interrupted run kept, and how to go on from there."""
+    from .checkpoint import completed_passes
+
+    kept = completed_passes(checkpoint)
+    if not kept:
+        return "interrupted before a pass was complete; nothing was kept to resume from"
+    return (f"interrupted; {kept} complete pass(es) are kept in {checkpoint}: the same command "
+            "with --resume continues from there")
+
+
 @main.command()
 @click.argument("input_path", metavar="INPUT")
 @plan_options
@@ -195,6 +211,10 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     from .kernels.cuda_backend import check_cuda_options
     from .sources import open_source
 
+    planning = [name for name in PLANNING if given(name)]
+    if k is None and tol is None and planning:
+        raise InputFailure(f"{', '.join(planning)} shape the plan of a run: give --k or --tol "
+                           "with them, or leave them out to describe the input alone")
     options = parse_cuda_options(cuda_options)
     check_cuda_options(options)
     if scheduler is None:
@@ -225,6 +245,17 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
                f"{source.dtype}, {layout}, {format_bytes(source.nbytes)} raw, {stored} stored")
     click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")
+
+
+# info's options that only a plan uses.
+PLANNING = ("max_rank", "niter", "oversample", "method", "backend", "memory_limit",
+            "spectral_iters", "cuda_options", "scheduler")
+
+
+def given(name: str) -> bool:
+    """Whether the current command's option ``name`` was given on the command line."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
 
 
 def plan_report(plan) -> dict:
@@ -279,8 +310,7 @@ def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_row
         click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of "
                    f"{min(chunk_rows, shape[0])} rows")
         return
-    given = click.get_current_context().get_parameter_source
-    if rank is not None or given("decay") != click.core.ParameterSource.DEFAULT:
+    if rank is not None or given("decay"):
         raise InputFailure("--rank and --decay shape dense matrices; not with --density")
     started = time.perf_counter()
     group = write_sparse_matrix(out, tuple(shape), density=density, dtype=dtype, seed=seed,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def test_a_kill_then_resume_gives_the_same_result(store, tmp_path, kill):
         assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     else:  # Ctrl-C: a one-line message that says how to go on
         assert process.returncode == 130, stderr
+        assert re.search(r"interrupted; [1-9][0-9]* complete pass\(es\) are kept", stderr)
         assert "--resume continues" in stderr and "Traceback" not in stderr
     assert not out.exists()
 
@@ -241,6 +243,24 @@ def test_info_without_a_rank_describes_the_input_alone(store):
     report = json.loads(ooc_svd_command("info", store, "--json").stdout)
     assert report["shape"] == [30000, 40] and "method" not in report
     assert "Give --k or --tol" in ooc_svd_command("info", store).stdout
+    done = ooc_svd_command("info", store, "--memory-limit", "5MB", "--niter", "3", check=False)
+    assert done.returncode == 2
+    assert "niter, memory_limit shape the plan of a run: give --k or --tol" in done.stderr
+
+
+def test_json_failures_are_json_on_stdout(store, tmp_path):
+    done = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "r.zarr",
+                           "--memory-limit", "1kB", "--json", check=False)
+    failure = json.loads(done.stdout)
+    assert done.returncode == failure["exit_code"] == 2
+    assert failure["error"].startswith("memory_limit 1 kB is too small")
+    assert failure["error"] in done.stderr
+
+
+def test_an_interrupt_says_what_it_kept():
+    from ooc_svd.cli import interrupted_message
+
+    assert "nothing was kept" in interrupted_message("/no/such/result.zarr.checkpoint")
 
 
 @pytest.mark.parametrize(
