@@ -103,6 +103,7 @@ class CSRSource:
     stored_bytes: int | None = None
     decodes: bool = True
     format_kind: str = "csr"
+    canonical: bool = False  # every row's columns known to increase: ``read`` checks none
 
     @property
     def kind(self) -> str:
@@ -167,7 +168,9 @@ class CSRSource:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         _check_block(pointers, indices, self.shape[1], start, stop, self.description)
-        data, indices, pointers = canonical_rows(pointers - first, indices, data, self.shape[1])
+        pointers = pointers - first
+        if not self.canonical:
+            data, indices, pointers = canonical_rows(pointers, indices, data, self.shape[1])
         return CSRBlock(data, indices, pointers, self.shape[1])
 
 
@@ -265,7 +268,7 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
                         shape=csr.shape)
     if not csr.has_canonical_format:
         # Sorted, with repeated entries summed, once, in a copy: the caller's matrix is not
-        # modified, and ``read`` finds every block canonical
+        # modified, and ``read`` need not check a block
         csr = csr.copy()
         csr.sum_duplicates()
     entry = _entry_bytes(csr.data, csr.indices)
@@ -275,7 +278,7 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
     return CSRSource(
         csr.indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",
         boundaries, _unit_bytes(boundaries, pointers, entry), int(csr.nnz),
-        decodes=False, format_kind="scipy.sparse",
+        decodes=False, format_kind="scipy.sparse", canonical=True,
     )
 
 
