@@ -285,6 +285,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes,
                      read_row_overhead=source.read_row_overhead,
+                     read_factor=source.read_factor,
                      # Host copies of a block beside the plan's: a pinned staging buffer
                      # per stream, and a block being moved into the page-locked cache;
                      # per stream, pinned copies of the final pass's Y_i and Q_i.

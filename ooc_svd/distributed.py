@@ -291,7 +291,9 @@ class ClusterPasses:
         return future.result()
 
     def _record(self, context: PassContext, name: str, began: float, nbytes: int) -> None:
-        context.records.append(PassRecord(name, time.perf_counter() - began, nbytes))
+        """A pass's record; ``nbytes``, of its blocks, counted as read (A - M: of A and M)."""
+        read = round(nbytes * context.source.read_factor)
+        context.records.append(PassRecord(name, time.perf_counter() - began, read))
 
     def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
                        *args: Any, **reduce_options: Any) -> _Partial:

@@ -133,7 +133,9 @@ class PassContext:
             stream.close()
             bar.close()
             threads.__exit__(None, None, None)
-        self.records.append(PassRecord(name, time.perf_counter() - began, bytes_read))
+        # The blocks' bytes, counted as read (A - M: A's and M's)
+        read = round(bytes_read * self.source.read_factor)
+        self.records.append(PassRecord(name, time.perf_counter() - began, read))
 
 
 def fused_power_pass(

@@ -69,6 +69,7 @@ class Plan:
     sparse: bool = False
     scatter_copies: int = 0  # private n x l accumulators of the sparse power kernel
     spectral_iters: int = 0  # reads of A after the SVD for the spectral error estimate
+    read_factor: float = 1.0  # bytes read per byte of block (A - M reads A's and M's)
     # Where the kernels run ('cpu', 'cuda', or what a cluster's workers are asked for), and
     # why: decided by the caller, which knows the machine (api._plan_run).
     backend: str = ""
@@ -80,8 +81,10 @@ class Plan:
 
     @property
     def bytes_to_read(self) -> int:
-        """Bytes of A read over the run: every pass, less what the cache serves."""
-        return self.passes * self.bytes_per_pass - (self.passes - 1) * self.cached_bytes
+        """Bytes read over the run (of A, or of A and M for A - M): every pass, less what
+        the cache serves."""
+        blocks = self.passes * self.bytes_per_pass - (self.passes - 1) * self.cached_bytes
+        return round(self.read_factor * blocks)
 
     @property
     def passes(self) -> int:
@@ -163,6 +166,7 @@ def make_plan(
     staging_blocks: int = 0,
     staging_matrices: int = 0,
     spectral_iters: int = 0,
+    read_factor: float = 1.0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -180,7 +184,8 @@ def make_plan(
     ``staging_blocks`` more host copies of a block (pinned staging buffers) and
     ``staging_matrices`` more float64 matrices of a block's rows by the basis width (the
     pinned copies of Y_i and Q_i in the final pass). ``spectral_iters`` reads of A follow
-    the SVD's for the spectral error estimate, within the same working set.
+    the SVD's for the spectral error estimate, within the same working set. Each byte of a
+    block costs ``read_factor`` bytes read (more than one for A - M: A's and M's bytes).
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -248,6 +253,7 @@ def make_plan(
         growth_blocks, krylov_width if method == "krylov" else 0,
         block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
         sparse=nnz is not None, scatter_copies=copies, spectral_iters=spectral_iters,
+        read_factor=read_factor,
     )
     if not cacheable or plan.passes < 2:
         return _with_spill_in_memory(plan)

@@ -40,7 +40,8 @@ class SVDResult:
     passes : int
         Reads of A.
     bytes_read : int
-        Decoded bytes read from A over all passes.
+        Decoded bytes read from A over all passes (for ``svd_lowrank``'s A - M with an M
+        that is not a row: from A and M).
     seconds_per_pass : list of float
     numerical_rank : int
         Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.

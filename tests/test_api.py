@@ -207,6 +207,29 @@ def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):
     np.testing.assert_allclose(S, ooc_svd.svd_lowrank(dense, q=4, niter=4)[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_minus_m_counts_the_bytes_of_a_and_m_it_reads(sparse):
+    """The plan's bytes to read, and a run's bytes read, are A's and M's, not those of the
+    difference the kernels see (a float32 A with a float64 M reads three times more)."""
+    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.engine import fixed_rank
+    from ooc_svd.sources.difference import subtract
+
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((3000, 40)).astype(np.float32)
+    if sparse:
+        A = scipy.sparse.random(3000, 40, density=0.1, random_state=6, format="csr",
+                                dtype=np.float32)
+    a_bytes = _open_matrix(A)[0].nbytes  # a sparse block's indptr is int64
+    for M in (rng.standard_normal((3000, 40)), rng.standard_normal((3000, 1))):
+        source, _ = subtract(_open_matrix(A)[0], M)
+        request = _Request(3, fixed_rank(3), oversample=2, niter=2, method="randomized")
+        result = _run(source, request)
+        assert result.plan.cached_blocks == 0 and result.passes == 3
+        assert result.plan.bytes_to_read == pytest.approx(3 * (a_bytes + M.nbytes), rel=1e-9)
+        assert result.bytes_read == pytest.approx(result.plan.bytes_to_read, abs=3)
+
+
 def test_svd_lowrank_results_follow_a_dtype_whatever_m_is(matrix):
     A = matrix.astype(np.float32)
     for M in (matrix.mean(axis=0), np.ones((400, 1)), np.ones((400, 30))):

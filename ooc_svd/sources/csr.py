@@ -150,6 +150,11 @@ class CSRSource:
         """Bytes per row a read holds beyond its block and the decoding above: none."""
         return 0
 
+    @property
+    def read_factor(self) -> float:
+        """Bytes read per byte of block: the block is what is read."""
+        return 1.0
+
     def read(self, start: int, stop: int) -> CSRBlock:
         """Rows [start, stop) as a CSRBlock, each row's columns in increasing order.
 

@@ -92,6 +92,12 @@ class DenseSource:
         return int(getattr(self.array, "read_row_overhead", 0))
 
     @property
+    def read_factor(self) -> float:
+        """Bytes read per byte of block: one, except where the array says otherwise
+        (``difference.Difference``, whose blocks are read from A and M)."""
+        return float(getattr(self.array, "read_factor", 1.0))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the blocks of one pass."""
         m, n = self.shape

@@ -74,6 +74,13 @@ class Difference:
         self.kind = f"{minuend.kind} - M"
 
     @property
+    def read_factor(self) -> float:
+        """Bytes of A and M read per byte of their difference (A's raw bytes if sparse)."""
+        m, n = self.shape
+        difference = m * n * self.dtype.itemsize
+        return (self.minuend.nbytes + self.subtrahend.nbytes) / max(difference, 1)
+
+    @property
     def read_overhead_bytes(self) -> int:
         """Bytes a read may decode beyond its rows: a sparse A's partly read chunks."""
         return self.minuend.read_overhead_bytes
