@@ -45,7 +45,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.difference import Difference, subtract
-from .store import LeftVectors, ResultWriter, check_output_path
+from .store import LeftVectors, ResultWriter, check_output_path, local_path
 from .units import parse_bytes
 
 
@@ -621,16 +621,30 @@ def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
     array = getattr(source, "array", None)
     if isinstance(array, Difference):
         return _local_paths(array.minuend) + _local_paths(array.subtrahend)
-    if isinstance(source.description, str) and os.path.exists(source.description):
-        return (source.description,)
+    path = local_path(source.description) if isinstance(source.description, str) else None
+    if path is not None and os.path.exists(path):
+        return (path,)
     # A zarr array (or a CSR group's data array) opened by the caller: its local store.
     node = array if isinstance(source, DenseSource) else source.data
-    root = getattr(getattr(node, "store", None), "root", None)
+    root = _local_store_root(getattr(node, "store", None))
     if root is None:
         return ()
-    path = os.path.normpath(os.path.join(os.fspath(root), getattr(node, "path", "")))
+    path = os.path.normpath(os.path.join(root, getattr(node, "path", "")))
     # A CSR group's arrays lie inside it: the group is the input.
     return (path if node is array else os.path.dirname(path),)
+
+
+def _local_store_root(store: Any) -> str | None:
+    """The directory of a zarr store on the local filesystem (a LocalStore, or an
+    FsspecStore over the local filesystem, as a ``file://`` URL opens), else None."""
+    root = getattr(store, "root", None)
+    if root is not None:
+        return os.fspath(root)
+    protocol = getattr(getattr(store, "fs", None), "protocol", ())
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    if "file" in protocols or "local" in protocols:
+        return os.fspath(store.path)
+    return None
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

@@ -83,17 +83,18 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
                       inputs: tuple[str, ...] = ()) -> str:
     """Validate ``out`` before any long work and return it without a trailing separator.
 
-    It must be a local path, apart from every path in ``inputs`` (neither one of them nor
-    inside or around one: inputs are never modified), and absent unless ``overwrite``; even
-    then, only an empty directory or what ooc_svd writes there (``REPLACEABLE[replaces]``)
-    is replaced, never an unrelated file or directory. The same holds for ``PATH.partial``,
-    where the output is written first: only an unfinished output is replaced there.
+    It must be a local path, apart from every path (or ``file://`` URL) in ``inputs``
+    (neither one of them nor inside or around one: inputs are never modified), and absent
+    unless ``overwrite``; even then, only an empty directory or what ooc_svd writes there
+    (``REPLACEABLE[replaces]``) is replaced, never an unrelated file or directory. The same
+    holds for ``PATH.partial``, where the output is written first: only an unfinished output
+    is replaced there.
     """
     path = os.fspath(out)
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
-    for source in inputs:
+    for source in filter(None, map(local_path, inputs)):
         if _overlap(path, source):
             raise InputError(f"output {path!r} overlaps the input {source!r}, which is never "
                              "modified: choose another output path")
@@ -113,6 +114,16 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
         raise InputError(f"the directory of the output {path!r} does not exist")
     _check_partial(path)
     return path
+
+
+def local_path(name: str) -> str | None:
+    """The local path that a path or a ``file://`` URL names; None for another URL."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    if name.startswith("file://"):
+        return url2pathname(urlparse(name).path)
+    return None if "://" in name else name
 
 
 def _overlap(path: str, other: str) -> bool:

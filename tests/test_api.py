@@ -377,6 +377,8 @@ def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matr
     for out in (path, path + "/", os.path.join(path, "result")):
         with pytest.raises(InputError, match="overlaps the input"):
             ooc_svd.svd(path, 3, out=out, overwrite=True)
+        with pytest.raises(InputError, match="overlaps the input"):  # the input as a URL
+            ooc_svd.svd(f"file://{path}", 3, out=out, overwrite=True)
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
     (folder / "notes.txt").write_text("kept")

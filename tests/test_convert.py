@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import zarr
 
 import ooc_svd
-from ooc_svd.convert import convert, from_h5ad, from_mtx, from_npz, from_scipy
+from ooc_svd.convert import convert, from_h5ad, from_mtx, from_npz, from_scipy, from_zarr
 from ooc_svd.errors import InputError, OutputExistsError, StoreNotFoundError
 from ooc_svd.float_parse import parse_float
 from ooc_svd.sources.csr import open_csr_group
@@ -418,8 +418,9 @@ def test_a_csc_group_goes_through_buckets(tmp_path, write):
 def test_zarr_refusals(tmp_path):
     path = write_zarr_sparse(tmp_path / "A.zarr", with_gaps(seed=17))
     for out in (path, os.path.join(path, "B")):
-        with pytest.raises(InputError, match="overlaps the input"):
-            convert(path, out, overwrite=True)
+        for given in (path, f"file://{path}"):
+            with pytest.raises(InputError, match="overlaps the input"):
+                from_zarr(given, out, overwrite=True)
     dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")
     with pytest.raises(InputError, match="not a sparse group"):
         convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
