@@ -524,7 +524,12 @@ def _client_from(client: Any) -> tuple[Any, list[Any]]:
             cluster.close()
             raise
         return made, [cluster, made]
+    from distributed.comm import get_address_host_port
+
     try:
+        # Checked first: a Client made from a malformed address fails, and then spends a
+        # minute closing itself on garbage collection, with a traceback.
+        get_address_host_port(client)
         made = Client(client, timeout=30, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as error:
         raise InputError(f"cannot connect to the scheduler at {client!r}: {error}") from error

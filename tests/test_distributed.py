@@ -289,7 +289,7 @@ def test_svd_lowrank_with_an_m_by_n_mean_on_the_cluster(cluster, dense_store, tm
         np.testing.assert_allclose(remote[2], local[2], atol=1e-10)
 
 
-def test_scheduler_address_and_bad_clients(cluster, dense_store, block_rows):
+def test_scheduler_address_and_bad_clients(cluster, dense_store, block_rows, monkeypatch):
     block_rows(BLOCK_ROWS, N)
     result = ooc_svd.svd(dense_store, 3, client=cluster[0].scheduler_address)
     assert_same_result(result, ooc_svd.svd(dense_store, 3))
@@ -297,6 +297,20 @@ def test_scheduler_address_and_bad_clients(cluster, dense_store, block_rows):
         ooc_svd.svd(dense_store, 3, client="local:two")
     with pytest.raises(InputError, match="distributed.Client"):
         ooc_svd.svd(dense_store, 3, client=2)
+    # A malformed address makes no Client: one made from it would fail and then take a
+    # minute to close at garbage collection, with a traceback.
+    import distributed
+
+    made = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+
+    monkeypatch.setattr(distributed, "Client", Recorder)
+    with pytest.raises(InputError, match="missing port number"):
+        ooc_svd.svd(dense_store, 3, client="no-port")
+    assert made == []
 
 
 def test_in_memory_dask_graph_is_refused(cluster, monkeypatch, tmp_path):
