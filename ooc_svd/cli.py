@@ -33,9 +33,10 @@ class Interrupted(click.ClickException):
 
 
 def user_errors(command):
-    """Turn the library's own errors into exit code 2 with their one-line message. With
-    --json the failure is also printed as JSON on stdout, so a script reading stdout always
-    gets JSON."""
+    """Turn the library's own errors into exit code 2 with their one-line message, and
+    Ctrl-C into exit code 130 (an output being written is left unfinished, under a name the
+    next run replaces). With --json the failure is also printed as JSON on stdout, so a
+    script reading stdout always gets JSON."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,6 +46,10 @@ def user_errors(command):
             failure = InputFailure(str(error))
         except click.ClickException as error:  # the commands' own InputFailure, Interrupted
             failure = error
+        except KeyboardInterrupt:
+            out = kwargs.get("out")
+            written = f"; nothing was written as {out}" if out else ""
+            failure = Interrupted(f"interrupted{written}")
         if kwargs.get("as_json"):
             click.echo(json.dumps({"error": failure.format_message(),
                                    "exit_code": failure.exit_code}))

@@ -322,6 +322,14 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         write_dense_matrix(out, (100, 10), chunk_rows=20)
     assert os.listdir(tmp_path) == []
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    done = CliRunner().invoke(main, ["generate", str(out), "--shape", "100", "10", "--chunk",
+                                     "20"])  # Ctrl-C: exit code 130, not click's 'Aborted!'
+    assert done.exit_code == 130 and "interrupted; nothing was written as" in done.output
+    assert os.listdir(tmp_path) == []
     monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", draw)
     zarr.create_array(str(out) + ".partial", shape=(100, 10), dtype="f4",
                       attributes={UNFINISHED: "synthetic"})  # what SIGKILL leaves
