@@ -285,10 +285,11 @@ def plan_report(plan) -> dict:
 @main.command()
 @click.argument("out")
 @click.option("--shape", type=int, nargs=2, required=True, metavar="M N")
-@click.option("--rank", type=int, default=None, help="Rank (default: full). Dense only.")
+@click.option("--rank", type=int, default=None, help="Rank (default: min(M, N)). Dense only.")
 @click.option("--decay", type=float, default=0.1, show_default=True,
-              help="Singular values close to exp(-decay * j) (relatively within about "
-                   "sqrt(rank / m): the left factor is Gaussian). Dense only.")
+              help="Singular values exp(-decay * j): exactly when M x rank float64 values "
+                   "take at most 128 MB, else relatively within about sqrt(rank / M) (the "
+                   "left factor is then Gaussian). Dense only.")
 @click.option("--density", type=float, default=None,
               help="Write a sparse CSR store with this fraction of non-zeros instead.")
 @click.option("--column-exponent", type=float, default=1.0, show_default=True,
@@ -310,6 +311,8 @@ def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_row
     if min(shape) < 1 or chunk_rows < 1:
         raise InputFailure(f"--shape {shape[0]} {shape[1]} and --chunk {chunk_rows} must be >= 1")
     if density is None:
+        if given("column_exponent"):
+            raise InputFailure("--column-exponent shapes sparse matrices; give --density too")
         write_dense_matrix(out, tuple(shape), rank=rank, decay=decay, dtype=dtype,
                            chunk_rows=chunk_rows, seed=seed, overwrite=overwrite)
         click.echo(f"wrote {out}: {shape[0]} x {shape[1]} {dtype}, chunks of "

@@ -1,9 +1,11 @@
 """Synthetic test matrices written block by block, reproducible from a seed.
 
-Dense: A = G diag(s) V^T with V (n x r) orthonormal and G (m x r) standard normal scaled by
-1/sqrt(m), so G^T G ~ I and the singular values of A are s to within about sqrt(r / m)
-relative. Each chunk of rows comes from its own Philox stream keyed by (seed, chunk), so a
-store of any size is written with memory for one chunk and is reproducible.
+Dense: A = G diag(s) V^T with V (n x r) orthonormal, r <= min(m, n). Each chunk of G's rows
+is drawn standard normal from its own Philox stream keyed by (seed, chunk), so the store is
+reproducible. When G (m x r float64) takes at most EXACT_LEFT_BYTES, it is drawn whole and
+orthonormalized, and the singular values of A are exactly s; beyond, each chunk's rows are
+scaled by 1/sqrt(m), so G^T G ~ I and the singular values are s to within about sqrt(r / m)
+relative, and a store of any height is written with memory for one chunk (and V).
 
 Sparse (``write_sparse_matrix``): count-like CSR matrices, with rows of varied lengths and
 Zipf-like column frequencies, like the cell x gene matrices of single-cell sequencing.
@@ -22,11 +24,31 @@ from .errors import InputError
 from .sketch import philox_generator
 from .threaded import map_in_order
 
+# The largest left factor drawn whole and orthonormalized, for an exact spectrum.
+EXACT_LEFT_BYTES = 1 << 27
+
 
 def spectrum(n: int, rank: int | None = None, decay: float = 0.1) -> np.ndarray:
-    """s_j = exp(-decay * j) for j < rank, the designed singular values."""
+    """s_j = exp(-decay * j) for j < rank (default n), the designed singular values."""
     rank = n if rank is None else min(rank, n)
     return np.exp(-decay * np.arange(rank))
+
+
+def _left_factor(m: int, r: int, chunk_rows: int, seed: int):
+    """(rows, exact): ``rows(chunk, start, stop)`` gives those rows of the m x r left factor,
+    orthonormal when ``exact``, else Gaussian scaled by 1/sqrt(m) (see the module's
+    docstring)."""
+    starts = range(0, m, chunk_rows)
+
+    def gaussian(chunk: int, start: int, stop: int) -> np.ndarray:
+        return philox_generator(seed, chunk).standard_normal((stop - start, r))
+
+    if m * r * 8 > EXACT_LEFT_BYTES:
+        return (lambda chunk, start, stop: gaussian(chunk, start, stop) / np.sqrt(m)), False
+    G = np.vstack([gaussian(chunk, start, min(start + chunk_rows, m))
+                   for chunk, start in enumerate(starts)])
+    Q = np.linalg.qr(G)[0]
+    return (lambda chunk, start, stop: Q[start:stop]), True
 
 
 def write_dense_matrix(
@@ -41,9 +63,12 @@ def write_dense_matrix(
     compression_level: int = 3,
     overwrite: bool = False,
 ):
-    """Write A = G diag(s) V^T to a zarr v3 array at ``path`` (zstd), chunked by rows.
+    """Write A = G diag(s) V^T to a zarr v3 array at ``path`` (zstd), chunked by rows, of
+    rank ``rank`` (default min(m, n)).
 
-    The designed spectrum is recorded in the array's attributes under ``ooc_svd_synthetic``.
+    The designed spectrum is recorded in the array's attributes under ``ooc_svd_synthetic``,
+    with whether A has it exactly (see the module's docstring). Memory: V (n x rank float64),
+    and G when it is drawn whole, or a chunk of it.
     The array is written under ``PATH.partial`` and renamed when complete. Returns the zarr
     array, opened read-only.
     """
@@ -65,10 +90,11 @@ def write_dense_matrix(
         raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
     path = check_output_path(path, overwrite, replaces="synthetic")
     partial = partial_path(path)
-    s = spectrum(n, rank, decay)
+    s = spectrum(min(m, n), rank, decay)
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))
-    scaled_vt = (s[:, None] * V.T) / np.sqrt(m)
+    scaled_vt = s[:, None] * V.T
+    left_rows, exact = _left_factor(m, r, chunk_rows, seed)
     array = zarr.create_array(
         partial,
         shape=(m, n),
@@ -80,14 +106,14 @@ def write_dense_matrix(
     try:
         for index, start in enumerate(range(0, m, chunk_rows)):
             stop = min(start + chunk_rows, m)
-            G = philox_generator(seed, index).standard_normal((stop - start, r))
-            array[start:stop] = (G @ scaled_vt).astype(dtype)
+            array[start:stop] = (left_rows(index, start, stop) @ scaled_vt).astype(dtype)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finish_attributes(array, {"ooc_svd_synthetic": {
         "kind": "dense",
         "singular_values": s.tolist(),
+        "exact": exact,
         "rank": r,
         "decay": decay,
         "seed": seed,
@@ -160,9 +186,10 @@ def write_sparse_matrix(
 
     m, n = (int(s) for s in shape)
     total = _sparse_nnz(m, n, nnz, density)
-    if chunk_rows < 1 or column_exponent < 0 or threads < 1:
-        raise InputError(f"chunk_rows ({chunk_rows}) and threads ({threads}) must be >= 1 and "
-                         f"column_exponent ({column_exponent}) >= 0")
+    if not column_exponent >= 0:
+        raise InputError(f"column_exponent={column_exponent} must be >= 0 (0: uniform columns)")
+    if chunk_rows < 1 or threads < 1:
+        raise InputError(f"chunk_rows ({chunk_rows}) and threads ({threads}) must be >= 1")
     table, weights = _column_distribution(n, column_exponent)
     group_totals = _group_totals(m, n, total, seed)
     groups_per_step = -(-chunk_rows // SPARSE_GROUP_ROWS)

@@ -281,6 +281,45 @@ def test_generate_refuses_a_spectrum_it_cannot_make(tmp_path, options, message):
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("shape", [(60, 500), (500, 60)])
+def test_generated_spectrum_is_exact_when_the_left_factor_fits(tmp_path, monkeypatch, shape):
+    """Rank min(m, n) by default; exactly the designed singular values when G is drawn
+    whole, within about sqrt(rank / m) of them when each chunk is Gaussian."""
+    import ooc_svd.synthetic
+    from ooc_svd.synthetic import write_dense_matrix
+
+    array = write_dense_matrix(tmp_path / "exact.zarr", shape, decay=0.05, dtype="float64",
+                               chunk_rows=25)
+    designed = array.attrs["ooc_svd_synthetic"]
+    assert designed["rank"] == min(shape) == len(designed["singular_values"])
+    assert designed["exact"]
+    s = np.linalg.svd(array[:], compute_uv=False)
+    np.testing.assert_allclose(s, designed["singular_values"], rtol=1e-12)
+    monkeypatch.setattr(ooc_svd.synthetic, "EXACT_LEFT_BYTES", 0)
+    array = write_dense_matrix(tmp_path / "gaussian.zarr", shape, rank=5, dtype="float64",
+                               chunk_rows=25)
+    designed = array.attrs["ooc_svd_synthetic"]
+    assert not designed["exact"]
+    s = np.linalg.svd(array[:], compute_uv=False)[:5]
+    relative = np.abs(s / designed["singular_values"] - 1).max()
+    assert 1e-6 < relative < 3 * np.sqrt(5 / shape[0])
+
+
+def test_generate_refuses_options_of_the_other_kind(tmp_path):
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "g.zarr")
+    for options, message in ((["--column-exponent", "2"], "give --density too"),
+                             (["--density", "0.1", "--rank", "3"], "not with --density"),
+                             (["--density", "0.1", "--column-exponent", "-2"],
+                              "column_exponent=-2.0 must be >= 0")):
+        done = CliRunner().invoke(main, ["generate", out, "--shape", "100", "10", *options])
+        assert done.exit_code == 2 and message in done.output
+    assert not os.path.exists(out)
+
+
 def test_generate_overwrites_only_a_generated_matrix(tmp_path):
     from click.testing import CliRunner
 
