@@ -442,6 +442,7 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
     seed = _check_int("seed", request.seed, minimum=0, maximum=2**64 - 1)  # a Philox key
     centering = _make_centering(n, request.center, request.mean)
+    _check_outputs(request)
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
     plan = _plan_run(source, request, cuda_options)
@@ -520,6 +521,22 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         result.U = result.store["U"]
     saved.remove()
     return result
+
+
+def _check_outputs(request: _Request) -> None:
+    """Refuse options that would silently do nothing, and a scratch directory that the
+    final pass could not use, before any pass."""
+    if request.write_factors and request.out is None:
+        raise InputError("write_factors writes the factors into out: give out too")
+    if request.resume and request.out is None and request.checkpoint is None:
+        raise InputError("resume continues from a checkpoint: give out (its checkpoint is "
+                         "OUT.checkpoint) or checkpoint")
+    scratch = request.scratch_dir
+    if scratch is not None and request.client is None:  # a cluster checks its workers'
+        if not os.path.isdir(scratch):
+            raise InputError(f"scratch_dir {os.fspath(scratch)!r} is not a directory")
+        if not os.access(scratch, os.W_OK | os.X_OK):
+            raise InputError(f"scratch_dir {os.fspath(scratch)!r} is not writable")
 
 
 def _check_backend(backend: Any) -> str:
@@ -689,6 +706,9 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
 def _make_centering(n: int, center: bool, mean: Any) -> Centering:
     if mean is None:
         return Centering(n, "mean" if center else "none")
+    if center:
+        raise InputError("give center=True (subtract the computed column mean) or mean (a "
+                         "given one), not both")
     mean = np.asarray(mean)
     if mean.shape not in ((n,), (1, n)):
         raise InputError(

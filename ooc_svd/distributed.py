@@ -559,7 +559,11 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
     """A fresh directory under ``scratch_dir`` that one worker creates and all can see."""
     base = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
     directory = os.path.join(base, f"ooc-svd-cluster-{uuid.uuid4().hex[:12]}")
-    marker = client.submit(_make_scratch, directory, pure=False).result()
+    try:
+        marker = client.submit(_make_scratch, directory, pure=False).result()
+    except OSError as error:
+        raise InputError(f"a worker cannot make a scratch directory in {base!r}: "
+                         f"{error}") from None
     seen = client.run(os.path.exists, marker)
     if not all(seen.values()):
         client.submit(_remove_tree, directory, pure=False).result()
