@@ -200,65 +200,91 @@ def make_plan(
         "krylov": work.randomized_seconds(l, krylov_width, niter),
     }
     requested = method
-    method, reason = _choose_method(method, n, costs, fixed_accuracy)
-    # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
-    width = krylov_width if method == "krylov" else l
-    copies = 0
-    if nnz is not None and method in ("randomized", "krylov"):
-        # The power kernel's private accumulators may take a quarter of the limit at most.
-        copies = min(scatter_copies, max(1, memory_limit // 4 // (8 * n * (l + 1))))
-    fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
-    if requested == "auto" and method == "gram":
-        fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
-    for depth in (PREFETCH_DEPTH, 1):
-        blocks, peak = _block_layout(
-            chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
-            fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
-            staging_matrices, depth * read_row_overhead,
-        )
-        if peak <= memory_limit:
-            break
-    else:
-        if len(blocks) == 0:
-            decoded, hint = "", ""
-            if read_overhead_bytes:
-                decoded = f", and {format_bytes(read_overhead_bytes)} of partly decoded " \
-                          "storage chunks per read"
-                hint = "; raise memory_limit or write the store with fewer non-zeros per " \
-                       "chunk (ooc-svd convert --chunk-nnz)"
-            raise PlanError(
-                f"memory_limit {format_bytes(memory_limit)} is too small for the {method} method "
-                f"on a {m} x {n} matrix: its working set (n x l float64 arrays with l={width}"
-                f"{decoded}) and one row need {format_bytes(peak)}{hint}"
+
+    def fit(method: str, reason: str) -> Plan:
+        """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``."""
+        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
+        width = krylov_width if method == "krylov" else l
+        copies = 0
+        if nnz is not None and method in ("randomized", "krylov"):
+            # The power kernel's private accumulators may take a quarter of the limit at most.
+            copies = min(scatter_copies, max(1, memory_limit // 4 // (8 * n * (l + 1))))
+        fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
+        if requested == "auto" and method == "gram":
+            fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
+        for depth in (PREFETCH_DEPTH, 1):
+            blocks, peak = _block_layout(
+                chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
+                fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
+                staging_matrices, depth * read_row_overhead,
             )
-        largest = int(np.argmax(chunk_bytes))
-        rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
-        if nnz is not None:
-            raise PlanError(
-                f"memory_limit {format_bytes(memory_limit)} cannot hold a block of {rows} sparse "
-                f"rows ({format_bytes(chunk_bytes[largest])} raw) with the read-ahead, the "
-                f"partly decoded storage chunks ({format_bytes(read_overhead_bytes)} per read) "
-                f"and the working set (needs {format_bytes(peak)}); raise memory_limit or "
-                "write the store with fewer non-zeros per chunk (ooc-svd convert --chunk-nnz)"
-            )
-        raise PlanError(
-            f"memory_limit {format_bytes(memory_limit)} cannot hold one storage chunk of {rows} "
-            f"rows ({format_bytes(chunk_bytes[largest])} raw) with the read-ahead and working set "
-            f"(needs {format_bytes(peak)}); raise memory_limit or rechunk the store by rows"
+            if peak <= memory_limit:
+                break
+        else:
+            raise _refusal(method, shape, width, blocks, peak, memory_limit, chunk_boundaries,
+                           chunk_bytes, nnz, read_overhead_bytes)
+        spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
+        growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
+        plan = Plan(
+            (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
+            growth_blocks, krylov_width if method == "krylov" else 0,
+            block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
+            sparse=nnz is not None, scatter_copies=copies, spectral_iters=spectral_iters,
+            read_factor=read_factor,
         )
-    spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
-    growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
-    plan = Plan(
-        (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
-        growth_blocks, krylov_width if method == "krylov" else 0,
-        block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
-        sparse=nnz is not None, scatter_copies=copies, spectral_iters=spectral_iters,
-        read_factor=read_factor,
+        if not cacheable or plan.passes < 2:
+            return _with_spill_in_memory(plan)
+        cached = _blocks_that_fit(plan.block_bytes, memory_limit - peak)
+        return _with_spill_in_memory(replace(plan, cached_blocks=cached))
+
+    choices = _method_choices(method, n, costs, fixed_accuracy)
+    refusals: list[PlanError] = []
+    for method, reason in choices:
+        try:
+            plan = fit(method, reason)
+        except PlanError as error:
+            refusals.append(error)
+            continue
+        if refusals:  # 'auto' fell back to a method that fits
+            plan = replace(plan, reason=f"{plan.reason}; {choices[0][0]} would need more "
+                                        "than memory_limit")
+        return plan
+    raise refusals[0]
+
+
+def _refusal(method, shape, width, blocks, peak, memory_limit, chunk_boundaries, chunk_bytes,
+             nnz, read_overhead_bytes) -> PlanError:
+    """Why no layout of ``method`` fits the limit, with the numbers and the way out."""
+    m, n = shape
+    limit = format_bytes(memory_limit)
+    if len(blocks) == 0:
+        decoded, hint = "", ""
+        if read_overhead_bytes:
+            decoded = f", and {format_bytes(read_overhead_bytes)} of partly decoded " \
+                      "storage chunks per read"
+            hint = "; raise memory_limit or write the store with fewer non-zeros per " \
+                   "chunk (ooc-svd convert --chunk-nnz)"
+        return PlanError(
+            f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
+            f"matrix: its working set (n x l float64 arrays with l={width}{decoded}) and one "
+            f"row need {format_bytes(peak)}{hint}"
+        )
+    largest = int(np.argmax(chunk_bytes))
+    rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
+    raw = format_bytes(chunk_bytes[largest])
+    if nnz is not None:
+        return PlanError(
+            f"memory_limit {limit} cannot hold a block of {rows} sparse rows ({raw} raw) with "
+            f"the read-ahead, the partly decoded storage chunks "
+            f"({format_bytes(read_overhead_bytes)} per read) and the working set (needs "
+            f"{format_bytes(peak)}); raise memory_limit or write the store with fewer "
+            "non-zeros per chunk (ooc-svd convert --chunk-nnz)"
+        )
+    return PlanError(
+        f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) with "
+        f"the read-ahead and working set (needs {format_bytes(peak)}); raise memory_limit or "
+        "rechunk the store by rows"
     )
-    if not cacheable or plan.passes < 2:
-        return _with_spill_in_memory(plan)
-    cached = _blocks_that_fit(plan.block_bytes, memory_limit - peak)
-    return _with_spill_in_memory(replace(plan, cached_blocks=cached))
 
 
 def _with_spill_in_memory(plan: Plan) -> Plan:
@@ -390,6 +416,20 @@ class _Work:
         densify = 0 if self.nnz is None else 2 * self.m * self.n / CSR_FLOPS_PER_S
         read = 2 * self.pass_bytes / READ_BYTES_PER_S
         return read + densify + factor_seconds + 2 * self.m * self.n * k / GEMM_FLOPS_PER_S
+
+
+def _method_choices(
+    method: str, n: int, costs: dict[str, float], fixed_accuracy: bool = False
+) -> list[tuple[str, str]]:
+    """(method, why) to plan, in order: the requested method alone, or for 'auto' its choice
+    and then, should that not fit the memory limit, the others it could take by cost."""
+    best, why = _choose_method(method, n, costs, fixed_accuracy)
+    if method != "auto":
+        return [(best, why)]
+    others = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
+    fallbacks = sorted((name for name in others if name != best), key=costs.__getitem__)
+    return [(best, why)] + [(name, f"{name} is the cheapest by the cost model that fits")
+                            for name in fallbacks]
 
 
 def _choose_method(

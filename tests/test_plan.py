@@ -55,6 +55,20 @@ def test_auto_explains_its_choice():
     assert "3 passes" in plan(method="randomized").describe()
 
 
+def test_auto_falls_back_to_a_method_that_fits_the_limit():
+    """gram is the cheapest here but needs n x n arrays (auto's, room for the fallback to
+    exact too); under a tighter limit, auto takes randomized rather than refusing. A
+    requested method is never replaced."""
+    roomy = plan(shape=(200_000, 256), chunk=1000, limit=10**9)
+    tight = plan(shape=(200_000, 256), chunk=1000, limit=10**7)
+    assert roomy.method == "gram" and tight.method == "randomized"
+    assert tight.reason.endswith("gram would need more than memory_limit")
+    assert tight.predicted_peak_bytes <= 10**7
+    assert plan(shape=(200_000, 256), chunk=1000, method="gram", limit=10**7).method == "gram"
+    with pytest.raises(PlanError, match="cannot hold one storage chunk"):
+        plan(shape=(200_000, 256), chunk=1000, method="exact", limit=10**7)
+
+
 def test_peak_fits_the_limit_and_read_ahead_shrinks_before_failing():
     roomy = plan(method="randomized", limit=10**9)
     assert roomy.prefetch_depth == 2 and roomy.predicted_peak_bytes <= 10**9
