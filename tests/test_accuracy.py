@@ -37,9 +37,10 @@ def test_tolerance_mode_reaches_the_residual_with_a_near_minimal_rank(method, to
 def test_tolerance_mode_with_centering_and_cap():
     A = naive.matrix_with_spectrum(800, 60, np.logspace(0, -4, 60), seed=4) + 7.0
     result = ooc_svd.svd(A, tol=1e-2, center=True)
-    assert result.rank == minimal_rank(A, 1e-2, mean=A.mean(axis=0))
+    assert result.rank == minimal_rank(A, 1e-2, mean=A.mean(axis=0)) and result.note == ""
     capped = ooc_svd.svd(A, tol=1e-6, max_rank=5, center=True)
     assert capped.rank == 5 and capped.residual > 1e-6
+    assert f"the residual {capped.residual:.3g} exceeds tol=1e-06 at rank 5" in capped.note
 
 
 def test_a_capped_rank_is_oversampled_like_a_fixed_one():
