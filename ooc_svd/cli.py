@@ -1,8 +1,8 @@
 """The ``ooc-svd`` command: a thin layer over the library for cluster nodes.
 
 Exit codes: 0 success; 2 bad usage or bad input (a one-line message, no traceback);
-130 a run interrupted by Ctrl-C (its checkpoint kept); 1 an unexpected failure (with its
-traceback).
+130 interrupted by Ctrl-C (a run's checkpoint kept); 1 a result that ``check`` finds wrong,
+or an unexpected failure (with its traceback).
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
 @main.command()
 @click.argument("result_path", metavar="RESULT")
 @click.argument("input_path", metavar="[INPUT]", required=False)
-@click.option("--samples", type=int, default=8, show_default=True,
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
               help="Row blocks of INPUT sampled for the residual estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @user_errors

@@ -19,14 +19,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
     U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum.
     """
-    import zarr
-
-    try:
-        group = zarr.open_group(result_path, mode="r")
-        U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
-    except (FileNotFoundError, KeyError, zarr.errors.ContainsArrayError) as exc:
-        # A missing path, a group without U, S or V, or an array (an input, not a result).
-        raise StoreNotFoundError(f"{result_path!r} is not an ooc_svd result store: {exc}") from exc
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"samples must be an integer >= 1, not {samples!r}")
+    group = _open_result(result_path)
+    U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
     attributes = dict(group.attrs.get("ooc_svd", {}))
     m, k = U.shape
     rank = int(attributes.get("numerical_rank", k))
@@ -54,6 +50,24 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         mean = group["mean"][:].astype(np.float64) if "mean" in group else None
         report |= sampled_residual(input_path, U, S, V, mean, samples, seed)
     return report
+
+
+def _open_result(path: str) -> Any:
+    """The result group at ``path``, or an error saying what is there instead."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"no ooc_svd result store at {path!r}") from None
+    except zarr.errors.ContainsArrayError:
+        raise InputError(f"{path!r} is a zarr array, not an ooc_svd result store (the group "
+                         "that run --out writes)") from None
+    missing = [name for name in ("U", "S", "V") if name not in group]
+    if missing:
+        raise InputError(f"{path!r} is not an ooc_svd result store: it has no "
+                         f"{', '.join(missing)}")
+    return group
 
 
 def sampled_residual(input_path, U, S, V, mean, samples, seed) -> dict[str, Any]:

@@ -117,10 +117,20 @@ def test_existing_out_is_refused_and_untouched(store, tmp_path):
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["S"][:], before)
 
 
-def test_check_of_an_input_instead_of_a_result_is_a_one_line_error(store):
+def test_check_of_an_input_instead_of_a_result_is_a_one_line_error(store, tmp_path):
     done = ooc_svd_command("check", store, check=False)
-    assert done.returncode == 2 and "is not an ooc_svd result store" in done.stderr
+    assert done.returncode == 2 and "is a zarr array, not an ooc_svd result store" in done.stderr
     assert "Traceback" not in done.stderr
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array("S", shape=(2,), dtype="f8")
+    for args, message in (([str(tmp_path / "g.zarr")], "it has no U, V"),
+                          ([str(tmp_path / "none.zarr")], "no ooc_svd result store at"),
+                          ([str(tmp_path / "g.zarr"), "--samples", "0"], "0 is not in the range")):
+        done = CliRunner().invoke(main, ["check", *args])
+        assert done.exit_code == 2 and message in done.output, done.output
 
 
 def bad_inputs(tmp_path, store):
