@@ -246,7 +246,10 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         click.echo(json.dumps(report))
         return
     stored = "unknown" if source.stored_bytes is None else format_bytes(source.stored_bytes)
-    layout = f"chunks {source.chunks}" if report["nnz"] is None else f"{report['nnz']} non-zeros"
+    if report["nnz"] is not None:
+        layout = f"{report['nnz']} non-zeros"
+    else:
+        layout = "no storage chunks" if source.chunks is None else f"chunks {source.chunks}"
     click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
                f"{source.dtype}, {layout}, {format_bytes(source.nbytes)} raw, {stored} stored")
     click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")

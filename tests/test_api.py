@@ -551,6 +551,9 @@ def test_missing_and_unreadable_stores(tmp_path):
     (tmp_path / "junk" / "zarr.json").write_text("{not json")
     with pytest.raises(StoreNotFoundError, match="cannot open"):
         ooc_svd.svd(str(tmp_path / "junk"), 2)
+    (tmp_path / "junk.npy").write_bytes(bytes(range(256)))
+    with pytest.raises(StoreNotFoundError, match="is not a .npy file"):
+        ooc_svd.svd(str(tmp_path / "junk.npy"), 2)
 
 
 def test_a_group_is_not_a_matrix(tmp_path):

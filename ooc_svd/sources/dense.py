@@ -187,6 +187,16 @@ def _torch_array(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
+def _has_npy_header(path: str) -> bool:
+    """Whether the file starts as every .npy file does (numpy reads anything else as a
+    pickle, and then reports pickled data)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    except OSError:
+        return False
+
+
 def _open_path(path: str) -> DenseSource:
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
@@ -194,6 +204,8 @@ def _open_path(path: str) -> DenseSource:
     if path.endswith(".npz"):
         return _open_npz(path)
     if path.endswith(".npy"):
+        if not _has_npy_header(path):
+            raise StoreNotFoundError(f"{path!r} is not a .npy file (it lacks the NumPy header)")
         try:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
