@@ -397,7 +397,9 @@ def low_rank_factors(
     rank : int, optional
         The rank to keep, 1 <= rank <= min(m, n).
     rtol : float, optional
-        Relative threshold on the singular values; not with ``rank``.
+        Relative threshold on the singular values; not with ``rank``. The rank kept is at
+        least 1: a zero W gives factors of one zero column and row (where
+        ``numpy.linalg.matrix_rank`` says 0).
     out : str or os.PathLike, optional
         A zarr group for a W too large for memory: U, S, V and the factors B and A are
         written there, and B is returned as the zarr array.
