@@ -32,8 +32,15 @@ class prefetch_blocks:  # noqa: N801 - used as a function that returns an iterat
                                        thread_name_prefix="ooc-svd-read")
         self.todo = iter(blocks)
         self.pending: deque[tuple[int, int, Future]] = deque()
-        for start, stop in islice(self.todo, max(int(depth), 1)):
-            self._submit(start, stop)
+        try:
+            for start, stop in islice(self.todo, max(int(depth), 1)):
+                self._submit(start, stop)
+        except BaseException:
+            # A Ctrl-C while a reader thread starts leaves that thread running but unknown
+            # to the interpreter's exit hook, which would then wait for it forever; the
+            # shutdown's wake-up ends it.
+            self.close()
+            raise
 
     def _submit(self, start: int, stop: int) -> None:
         self.pending.append((start, stop, self.pool.submit(self.source.read, start, stop)))
