@@ -42,6 +42,12 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
+# With a block cache, blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit are
+# tried, and the largest whose reads come within CACHE_SLACK of the fewest is taken: smaller
+# blocks lower the peak and so cache more, but each block has a fixed cost (the final pass
+# merges an n x l factor per block).
+SMALLER_BLOCK_TRIES = 3
+CACHE_SLACK = 1.05
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
 
 
@@ -202,7 +208,22 @@ def make_plan(
     requested = method
 
     def fit(method: str, reason: str) -> Plan:
-        """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``."""
+        """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
+        later passes may be served from the block cache, smaller blocks are tried too: they
+        lower the peak, which leaves the cache more room."""
+        plan = layout(method, reason, MAX_BLOCK_BYTES)
+        if not cacheable or plan.passes < 2 or plan.cached_blocks == len(plan.blocks):
+            return plan
+        candidates, cap = [plan], max(plan.block_bytes)
+        for _ in range(SMALLER_BLOCK_TRIES):
+            cap //= 2
+            candidates.append(layout(method, reason, cap))
+        fewest = min(candidate.bytes_to_read for candidate in candidates)
+        return next(candidate for candidate in candidates
+                    if candidate.bytes_to_read <= CACHE_SLACK * fewest)
+
+    def layout(method: str, reason: str, max_block_bytes: int) -> Plan:
+        """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes."""
         # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
         width = krylov_width if method == "krylov" else l
         copies = 0
@@ -216,7 +237,7 @@ def make_plan(
             blocks, peak = _block_layout(
                 chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
                 fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
-                staging_matrices, depth * read_row_overhead,
+                staging_matrices, depth * read_row_overhead, max_block_bytes,
             )
             if peak <= memory_limit:
                 break
@@ -299,8 +320,10 @@ def _blocks_that_fit(block_bytes: tuple[int, ...], budget: int) -> int:
 
 
 def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, depth,
-                  staging_blocks=0, staging_matrices=0, row_overhead=0):
+                  staging_blocks=0, staging_matrices=0, row_overhead=0,
+                  max_block_bytes=MAX_BLOCK_BYTES):
     """Blocks of whole chunks for a read-ahead of ``depth`` blocks, and the predicted peak.
+    A block holds at most ``max_block_bytes`` raw bytes, or one chunk.
 
     Raw blocks' worth held at once: the computed one, and for each read in flight its
     output, the compressed chunk bytes and the decoded chunks (up to a block each, measured
@@ -315,24 +338,26 @@ def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, de
         per_row += per_byte * row_bytes
         if fixed + per_row > memory_limit:
             return (), fixed + per_row
-        max_rows = min((memory_limit - fixed) // per_row, max(MAX_BLOCK_BYTES // row_bytes, 1))
+        max_rows = min((memory_limit - fixed) // per_row, max(max_block_bytes // row_bytes, 1))
         blocks = group_chunks(boundaries, max_rows)
         largest = max(stop - start for start, stop in blocks)
         return blocks, fixed + largest * per_row
     costs = per_byte * np.asarray(chunk_bytes) + per_row * np.diff(boundaries)
     if fixed + per_row + per_byte * 8 > memory_limit:
         return (), fixed + per_row + per_byte * 8
-    blocks, largest = group_units(boundaries, costs, chunk_bytes, memory_limit - fixed)
+    blocks, largest = group_units(boundaries, costs, chunk_bytes, memory_limit - fixed,
+                                  max_block_bytes)
     return blocks, fixed + largest
 
 
-def group_units(boundaries, costs, raw_bytes, budget) -> tuple[tuple[tuple[int, int], ...], int]:
+def group_units(boundaries, costs, raw_bytes, budget, max_raw=MAX_BLOCK_BYTES
+                ) -> tuple[tuple[tuple[int, int], ...], int]:
     """Group consecutive units (at least one per block) while their cost fits ``budget`` and
-    their raw bytes MAX_BLOCK_BYTES; return the blocks and the largest block's cost."""
+    their raw bytes ``max_raw``; return the blocks and the largest block's cost."""
     blocks, largest = [], 0
     first, cost, raw = 0, 0, 0
     for i, (unit_cost, unit_raw) in enumerate(zip(costs, raw_bytes, strict=True)):
-        if i > first and (cost + unit_cost > budget or raw + unit_raw > MAX_BLOCK_BYTES):
+        if i > first and (cost + unit_cost > budget or raw + unit_raw > max_raw):
             blocks.append((int(boundaries[first]), int(boundaries[i])))
             largest = max(largest, cost)
             first, cost, raw = i, 0, 0

@@ -69,6 +69,25 @@ def test_auto_falls_back_to_a_method_that_fits_the_limit():
         plan(shape=(200_000, 256), chunk=1000, method="exact", limit=10**7)
 
 
+def test_with_a_block_cache_smaller_blocks_are_taken_when_they_save_reads():
+    """Blocks as large as the limit allows leave the cache no room; smaller ones lower the
+    peak, and then the cache holds all of A: the q + 1 = 4 passes read it once."""
+    m, n = 200_000, 52
+
+    def randomized(limit, cacheable):
+        return make_plan((m, n), 4, regular_boundaries(m, 5000), 10, 10, 3, "randomized",
+                         limit, cacheable=cacheable)
+
+    for limit in (60 * 10**6, 200 * 10**6):
+        cached = randomized(limit, cacheable=True)
+        assert cached.cached_blocks == len(cached.blocks)
+        assert cached.bytes_to_read == m * n * 4
+        assert cached.predicted_peak_bytes + cached.cached_bytes <= limit
+        uncached = randomized(limit, cacheable=False)  # blocks as large as fit
+        assert len(uncached.blocks) < len(cached.blocks)
+        assert uncached.bytes_to_read == 4 * m * n * 4
+
+
 def test_peak_fits_the_limit_and_read_ahead_shrinks_before_failing():
     roomy = plan(method="randomized", limit=10**9)
     assert roomy.prefetch_depth == 2 and roomy.predicted_peak_bytes <= 10**9
