@@ -93,7 +93,8 @@ class Checkpoint:
 
 
 def completed_passes(directory: str) -> int:
-    """How many complete passes the checkpoint at ``directory`` holds (0 if none)."""
+    """How many saved states the checkpoint at ``directory`` holds (0 if none): one per
+    pass, or per block of basis in fixed-accuracy mode."""
     try:
         names = os.listdir(directory)
     except OSError:

@@ -34,9 +34,9 @@ class Interrupted(click.ClickException):
 
 def user_errors(command):
     """Turn the library's own errors into exit code 2 with their one-line message, and
-    Ctrl-C into exit code 130 (an output being written is left unfinished, under a name the
-    next run replaces). With --json the failure is also printed as JSON on stdout, so a
-    script reading stdout always gets JSON."""
+    Ctrl-C into exit code 130 (an output being written is removed; a run keeps its
+    checkpoint). With --json such a failure is also printed as JSON on stdout (click's own
+    usage errors, before the command runs, are not)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -192,10 +192,9 @@ def interrupted_message(checkpoint: str) -> str:
     """What an interrupted run kept, and how to go on from there."""
     from .checkpoint import completed_passes
 
-    kept = completed_passes(checkpoint)
-    if not kept:
+    if not completed_passes(checkpoint):
         return "interrupted before a pass was complete; nothing was kept to resume from"
-    return (f"interrupted; {kept} complete pass(es) are kept in {checkpoint}: the same command "
+    return (f"interrupted; the completed passes are kept in {checkpoint}: the same command "
             "with --resume continues from there")
 
 

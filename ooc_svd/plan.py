@@ -42,12 +42,13 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
-# With a block cache, blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit are
-# tried, and the largest whose reads come within CACHE_SLACK of the fewest is taken: smaller
+# With a block cache, dense blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit
+# are tried, each half taken only if it cuts the bytes read to CACHE_GAIN or less: smaller
 # blocks lower the peak and so cache more, but each block has a fixed cost (the final pass
-# merges an n x l factor per block).
+# merges an n x l factor per block). Sparse blocks keep their size: their reads also decode
+# partial storage chunks at both ends, which smaller blocks multiply.
 SMALLER_BLOCK_TRIES = 3
-CACHE_SLACK = 1.05
+CACHE_GAIN = 0.8
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
 
 
@@ -209,18 +210,20 @@ def make_plan(
 
     def fit(method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
-        later passes may be served from the block cache, smaller blocks are tried too: they
-        lower the peak, which leaves the cache more room."""
+        later passes may be served from the block cache, smaller dense blocks are tried too:
+        they lower the peak, which leaves the cache more room."""
         plan = layout(method, reason, MAX_BLOCK_BYTES)
-        if not cacheable or plan.passes < 2 or plan.cached_blocks == len(plan.blocks):
+        if not cacheable or nnz is not None or plan.passes < 2:
             return plan
-        candidates, cap = [plan], max(plan.block_bytes)
+        cap = max(plan.block_bytes)
         for _ in range(SMALLER_BLOCK_TRIES):
+            if plan.cached_blocks == len(plan.blocks):
+                break
             cap //= 2
-            candidates.append(layout(method, reason, cap))
-        fewest = min(candidate.bytes_to_read for candidate in candidates)
-        return next(candidate for candidate in candidates
-                    if candidate.bytes_to_read <= CACHE_SLACK * fewest)
+            smaller = layout(method, reason, cap)
+            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
+                plan = smaller
+        return plan
 
     def layout(method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes."""

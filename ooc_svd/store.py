@@ -68,10 +68,19 @@ class QSpill:
         self.close()
 
 
+def _ooc_svd_csr(attributes: dict) -> bool:
+    """A CSR store ooc_svd wrote: marked so, or (written before the mark) a CSR group with
+    the provenance that convert or generate records."""
+    if "ooc_svd_csr" in attributes:
+        return True
+    return attributes.get("encoding-type") == "csr_matrix" and (
+        "ooc_svd_source" in attributes or "ooc_svd_synthetic" in attributes)
+
+
 # What an existing output may be for ``overwrite`` to replace it: what ooc_svd writes there.
 REPLACEABLE = {
     "result": ("an ooc_svd result", lambda attributes: "ooc_svd" in attributes),
-    "csr": ("a CSR store ooc_svd wrote", lambda attributes: "ooc_svd_csr" in attributes),
+    "csr": ("a CSR store ooc_svd wrote", _ooc_svd_csr),
     "synthetic": ("a matrix ooc_svd generated",
                   lambda attributes: "ooc_svd_synthetic" in attributes),
 }
@@ -117,12 +126,10 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
 
 
 def local_path(name: str) -> str | None:
-    """The local path that a path or a ``file://`` URL names; None for another URL."""
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
+    """The local path that a path or a ``file://`` URL names; None for another URL. The
+    URL's path is taken as fsspec opens it: relative without a third slash, not unquoted."""
     if name.startswith("file://"):
-        return url2pathname(urlparse(name).path)
+        return name[len("file://"):]
     return None if "://" in name else name
 
 

@@ -200,7 +200,7 @@ def write_sparse_matrix(
         return [_sparse_group(seed, g, m, n, int(group_totals[g]), table, weights) for g in step]
 
     writer = CSRWriter(path, n, dtype, chunk_nnz=chunk_nnz or DEFAULT_CHUNK_NNZ,
-                       overwrite=overwrite)
+                       overwrite=overwrite, replaces="synthetic")
     with writer:
         for rows in map_in_order(generate, steps, threads):
             for indptr, cols, values in rows:

@@ -121,6 +121,13 @@ def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
     with pytest.raises(OutputExistsError, match="is not a CSR store ooc_svd wrote"):
         from_scipy(B, theirs, overwrite=True)
     assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), A)
+    # Written before the ooc_svd_csr mark: known by the provenance convert recorded
+    zarr.open_group(theirs, mode="r+").attrs["ooc_svd_source"] = {"input": "A.mtx"}
+    assert_same_csr(read_back(from_scipy(B, theirs, overwrite=True)), B)
+    # A generator replaces only what it generated
+    with pytest.raises(OutputExistsError, match="is not a matrix ooc_svd generated"):
+        write_sparse_matrix(theirs, (50, 20), density=0.1, overwrite=True)
+    assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), B)
     mtx = tmp_path / "A.mtx"
     scipy.io.mmwrite(mtx, A)
     with pytest.raises(InputError, match="overlaps the input"):
@@ -417,8 +424,9 @@ def test_a_csc_group_goes_through_buckets(tmp_path, write):
 
 def test_zarr_refusals(tmp_path):
     path = write_zarr_sparse(tmp_path / "A.zarr", with_gaps(seed=17))
+    relative = os.path.relpath(path)  # file://A.zarr is A.zarr in the current directory
     for out in (path, os.path.join(path, "B")):
-        for given in (path, f"file://{path}"):
+        for given in (path, f"file://{path}", f"file://{relative}"):
             with pytest.raises(InputError, match="overlaps the input"):
                 from_zarr(given, out, overwrite=True)
     dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")

@@ -338,14 +338,16 @@ class CSRWriter:
 
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
                  chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
-                 compression_level: int = 3):
+                 compression_level: int = 3, replaces: str = "csr"):
         import zarr
         from zarr.codecs import ZstdCodec
 
         from ..store import UNFINISHED, check_output_path, partial_path
 
-        self.path = check_output_path(path, overwrite, replaces="csr")
-        self.overwrite = overwrite
+        # What overwrite may replace (``store.REPLACEABLE``): a generator replaces only
+        # what it generated
+        self.path = check_output_path(path, overwrite, replaces=replaces)
+        self.overwrite, self.replaces = overwrite, replaces
         self.partial_path = partial_path(self.path)
         self.complete = False  # every row written: a refused rename keeps the partial
         self.n_cols = int(n_cols)
@@ -404,7 +406,7 @@ class CSRWriter:
         finish_attributes(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
                                        "ooc_svd_csr": {"version": __version__}})
         self.complete = True
-        move_into_place(self.partial_path, self.path, self.overwrite, "csr")
+        move_into_place(self.partial_path, self.path, self.overwrite, self.replaces)
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:
