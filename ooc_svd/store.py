@@ -188,7 +188,8 @@ def finish_attributes(node: Any, attributes: dict[str, Any]) -> None:
 
 def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:
     """Rename a complete output to its final name. An existing one is moved aside first and
-    removed last, so a crash leaves the old output or the new one under the name.
+    removed last, so a crash loses neither: it leaves the old output (under the name, or
+    beside it as ``NAME.old-*``) or the new one.
 
     The final name was checked before the output was written; what appeared there since is
     replaced only as that check allowed, and otherwise kept, with the output left at
