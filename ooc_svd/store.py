@@ -172,18 +172,31 @@ def _check_partial(path: str) -> str:
     return partial
 
 
-def partial_path(path: str) -> str:
-    """``PATH.partial``, cleared for a new output (``path`` passed ``check_output_path``)."""
-    partial = _check_partial(path)
-    if os.path.lexists(partial):
-        shutil.rmtree(partial)
-    return partial
+class StagedOutput:
+    """An output written under ``PATH.partial``, marked unfinished (``mark``: the attributes
+    to create its zarr node with), and renamed to ``PATH`` by ``commit``. ``path`` passed
+    ``check_output_path``, with the same ``overwrite`` and ``replaces``."""
 
+    def __init__(self, path: str, overwrite: bool, replaces: str):
+        self.path, self.overwrite, self.replaces = path, overwrite, replaces
+        self.partial = _check_partial(path)
+        if os.path.lexists(self.partial):  # what a killed run left
+            shutil.rmtree(self.partial)
+        self.mark = {UNFINISHED: replaces}
+        self.committed = False
 
-def finish_attributes(node: Any, attributes: dict[str, Any]) -> None:
-    """Give a complete output its final attributes, without the unfinished mark."""
-    final = {key: value for key, value in node.attrs.asdict().items() if key != UNFINISHED}
-    node.attrs.put({**final, **attributes})
+    def commit(self, node: Any, attributes: dict[str, Any]) -> None:
+        """Give the complete output its final attributes, without the mark, and rename it
+        into place (``move_into_place``); a refused rename keeps it at the partial."""
+        kept = {key: value for key, value in node.attrs.asdict().items() if key != UNFINISHED}
+        node.attrs.put({**kept, **attributes})
+        self.committed = True
+        move_into_place(self.partial, self.path, self.overwrite, self.replaces)
+
+    def abort(self) -> None:
+        """Remove an output that will not be complete (not one whose rename was refused)."""
+        if not self.committed:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
 
 def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:
@@ -215,10 +228,9 @@ class ResultWriter:
     def __init__(self, out: str, overwrite: bool):
         import zarr
 
-        self.final_path, self.overwrite = out, overwrite
-        self.partial_path = partial_path(out)
-        self.group = zarr.open_group(self.partial_path, mode="w",
-                                     attributes={UNFINISHED: "result"})
+        self.output = StagedOutput(out, overwrite, "result")
+        self.group = zarr.open_group(self.output.partial, mode="w",
+                                     attributes=self.output.mark)
 
     def create_rows_array(self, name: str, shape: tuple[int, int], dtype: np.dtype,
                           rows_per_chunk: int) -> Any:
@@ -239,12 +251,11 @@ class ResultWriter:
 
         for name, values in arrays.items():
             self.group.create_array(name, data=np.asarray(values))
-        finish_attributes(self.group, attributes)
-        move_into_place(self.partial_path, self.final_path, self.overwrite, "result")
-        return zarr.open_group(self.final_path, mode="r")
+        self.output.commit(self.group, attributes)
+        return zarr.open_group(self.output.path, mode="r")
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial_path, ignore_errors=True)
+        self.output.abort()
 
 
 U_CHUNK_BYTES = 16 << 20

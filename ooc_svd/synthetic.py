@@ -14,7 +14,6 @@ Zipf-like column frequencies, like the cell x gene matrices of single-cell seque
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import numba
@@ -75,13 +74,7 @@ def write_dense_matrix(
     import zarr
     from zarr.codecs import ZstdCodec
 
-    from .store import (
-        UNFINISHED,
-        check_output_path,
-        finish_attributes,
-        move_into_place,
-        partial_path,
-    )
+    from .store import StagedOutput, check_output_path
 
     m, n = shape
     if rank is not None and not 1 <= rank <= min(m, n):
@@ -89,28 +82,28 @@ def write_dense_matrix(
     if not decay >= 0:
         raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
     path = check_output_path(path, overwrite, replaces="synthetic")
-    partial = partial_path(path)
+    output = StagedOutput(path, overwrite, "synthetic")
     s = spectrum(min(m, n), rank, decay)
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))
     scaled_vt = s[:, None] * V.T
     left_rows, exact = _left_factor(m, r, chunk_rows, seed)
     array = zarr.create_array(
-        partial,
+        output.partial,
         shape=(m, n),
         chunks=(min(chunk_rows, m), n),
         dtype=dtype,
         compressors=ZstdCodec(level=compression_level),
-        attributes={UNFINISHED: "synthetic"},
+        attributes=output.mark,
     )
     try:
         for index, start in enumerate(range(0, m, chunk_rows)):
             stop = min(start + chunk_rows, m)
             array[start:stop] = (left_rows(index, start, stop) @ scaled_vt).astype(dtype)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        output.abort()
         raise
-    finish_attributes(array, {"ooc_svd_synthetic": {
+    output.commit(array, {"ooc_svd_synthetic": {
         "kind": "dense",
         "singular_values": s.tolist(),
         "exact": exact,
@@ -118,7 +111,6 @@ def write_dense_matrix(
         "decay": decay,
         "seed": seed,
     }})
-    move_into_place(partial, path, overwrite, "synthetic")
     return zarr.open_array(path, mode="r")
 
 

@@ -342,20 +342,18 @@ class CSRWriter:
         import zarr
         from zarr.codecs import ZstdCodec
 
-        from ..store import UNFINISHED, check_output_path, partial_path
+        from ..store import StagedOutput, check_output_path
 
         # What overwrite may replace (``store.REPLACEABLE``): a generator replaces only
         # what it generated
         self.path = check_output_path(path, overwrite, replaces=replaces)
-        self.overwrite, self.replaces = overwrite, replaces
-        self.partial_path = partial_path(self.path)
-        self.complete = False  # every row written: a refused rename keeps the partial
+        self.output = StagedOutput(self.path, overwrite, replaces)
         self.n_cols = int(n_cols)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise InputError(f"CSR stores hold float32 or float64 values, not {self.dtype}")
         index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
-        group = zarr.open_group(self.partial_path, mode="w", attributes={UNFINISHED: "csr"})
+        group = zarr.open_group(self.output.partial, mode="w", attributes=self.output.mark)
         compressor = ZstdCodec(level=compression_level)
 
         def create(name, array_dtype, chunk):
@@ -399,21 +397,15 @@ class CSRWriter:
         import zarr
 
         from .. import __version__
-        from ..store import finish_attributes, move_into_place
 
         for column in self.columns.values():
             column.flush()
-        finish_attributes(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
-                                       "ooc_svd_csr": {"version": __version__}})
-        self.complete = True
-        move_into_place(self.partial_path, self.path, self.overwrite, self.replaces)
+        self.output.commit(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
+                                        "ooc_svd_csr": {"version": __version__}})
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:
-        import shutil
-
-        if not self.complete:
-            shutil.rmtree(self.partial_path, ignore_errors=True)
+        self.output.abort()
 
     def __enter__(self) -> CSRWriter:
         return self
