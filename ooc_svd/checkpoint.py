@@ -92,11 +92,10 @@ class Checkpoint:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def completed_passes(directory: str) -> int:
-    """How many saved states the checkpoint at ``directory`` holds (0 if none): one per
-    pass, or per block of basis in fixed-accuracy mode."""
+def holds_a_pass(directory: str) -> bool:
+    """Whether the checkpoint at ``directory`` (if any) holds the state of a complete pass."""
     try:
         names = os.listdir(directory)
     except OSError:
-        return 0
-    return sum(name.endswith(".npz") and not name.endswith(".partial.npz") for name in names)
+        return False
+    return any(name.endswith(".npz") and not name.endswith(".partial.npz") for name in names)

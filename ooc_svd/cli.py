@@ -190,9 +190,9 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
 
 def interrupted_message(checkpoint: str) -> str:
     """What an interrupted run kept, and how to go on from there."""
-    from .checkpoint import completed_passes
+    from .checkpoint import holds_a_pass
 
-    if not completed_passes(checkpoint):
+    if not holds_a_pass(checkpoint):
         return "interrupted before a pass was complete; nothing was kept to resume from"
     return (f"interrupted; the completed passes are kept in {checkpoint}: the same command "
             "with --resume continues from there")

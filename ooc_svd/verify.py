@@ -19,8 +19,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
     U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"samples must be an integer >= 1, not {samples!r}")
+    from .api import _check_int
+
+    _check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
     U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
     attributes = dict(group.attrs.get("ooc_svd", {}))
