@@ -5,6 +5,7 @@ They validate their arguments, plan the run, and hand trusted arguments to the e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -45,7 +46,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.difference import Difference, subtract
-from .store import LeftVectors, ResultWriter, check_output_path, local_path
+from .store import LeftVectors, OutputLock, ResultWriter, check_output_path, local_path
 from .units import parse_bytes
 
 
@@ -467,11 +468,23 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
 
 def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
                 out_path: str | None, kernels, cluster) -> SVDResult:
-    """The passes of a planned run, with its checkpoint and output store."""
-    m, n = source.shape
+    """The passes of a planned run, with its checkpoint and output store, both locked
+    (``store.OutputLock``) until the run ends: a second run on either is refused."""
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
+    with contextlib.ExitStack() as locks:
+        out_lock = None if out_path is None else locks.enter_context(OutputLock(out_path))
+        if checkpoint is not None:
+            locks.enter_context(OutputLock(os.fspath(checkpoint), "checkpoint"))
+        return _run_locked_passes(source, request, plan, centering, seed, out_path, out_lock,
+                                  checkpoint, kernels, cluster)
+
+
+def _run_locked_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
+                       out_path: str | None, out_lock: OutputLock | None, checkpoint,
+                       kernels, cluster) -> SVDResult:
+    m, n = source.shape
     fingerprint = {
         "input": source.description, "shape": [m, n], "dtype": str(source.dtype),
         "k": request.k, "tol": request.tol, "basis_size": plan.basis_size,
@@ -481,7 +494,7 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
-    writer = None if out_path is None else ResultWriter(out_path, request.overwrite)
+    writer = None if out_path is None else ResultWriter(out_path, request.overwrite, out_lock)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,

@@ -3,7 +3,8 @@
 Every output (a result, a CSR store, a generated matrix) is written under ``PATH.partial``,
 marked as unfinished, and renamed to ``PATH`` when complete, so a failed run never leaves a half
 output under the requested name and a killed one leaves only a partial that the next run
-replaces.
+replaces. While it writes, a run holds a lock on ``PATH.lock`` (``OutputLock``), so that a
+second run on the same path is refused instead of replacing the first one's partial.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked
+    fcntl = None
 
 
 class QSpill:
@@ -172,16 +178,80 @@ def _check_partial(path: str) -> str:
     return partial
 
 
+class OutputLock:
+    """An exclusive lock on ``PATH.lock``, held while a run writes ``PATH`` (and what goes
+    with it: ``PATH.partial``, ``PATH.checkpoint``); a second run asking for it is refused.
+
+    ``flock`` on an open file: the kernel releases it when the process dies, however it dies,
+    so a killed run never leaves a stale lock. The file is removed on release, by its holder;
+    a run that locked the file just before it was removed finds it unlinked and locks the
+    new one instead. On NFS, Linux emulates ``flock`` with POSIX locks, which hold between
+    nodes when the mount has lock support. Without ``fcntl`` (Windows) nothing is locked.
+    """
+
+    def __init__(self, path: str, what: str = "output"):
+        self.path = f"{path}.lock"
+        self.file = None
+        if fcntl is None:
+            return
+        while self.file is None:
+            try:
+                file = open(self.path, "a")  # noqa: SIM115 - held until release()
+            except OSError as error:
+                raise InputError(f"cannot create the lock file {self.path!r} beside the "
+                                 f"{what}: {error.strerror}") from None
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise OutputExistsError(
+                    f"another run is writing the {what} {path!r} (it holds {self.path!r}); "
+                    "wait for it to end or choose another path"
+                ) from None
+            if _same_file(file, self.path):
+                self.file = file
+            else:  # its holder removed it between our open and our lock: take the new one
+                file.close()
+
+    def release(self) -> None:
+        if self.file is not None:
+            os.unlink(self.path)  # while still held: no run can lock the removed file
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _same_file(file, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class StagedOutput:
     """An output written under ``PATH.partial``, marked unfinished (``mark``: the attributes
-    to create its zarr node with), and renamed to ``PATH`` by ``commit``. ``path`` passed
-    ``check_output_path``, with the same ``overwrite`` and ``replaces``."""
+    to create its zarr node with), and renamed to ``PATH`` by ``commit``, with ``PATH`` locked
+    from start to end. ``path`` passed ``check_output_path``, with the same ``overwrite`` and
+    ``replaces``. ``lock``: the caller's ``OutputLock`` on ``path``, held beyond the output
+    (a run's, released once its checkpoint is removed); without it the output takes its own,
+    released by ``commit`` or ``abort``."""
 
-    def __init__(self, path: str, overwrite: bool, replaces: str):
+    def __init__(self, path: str, overwrite: bool, replaces: str,
+                 lock: OutputLock | None = None):
         self.path, self.overwrite, self.replaces = path, overwrite, replaces
-        self.partial = _check_partial(path)
-        if os.path.lexists(self.partial):  # what a killed run left
-            shutil.rmtree(self.partial)
+        self.own_lock = OutputLock(path) if lock is None else None
+        try:
+            self.partial = _check_partial(path)  # again: another run may have left one
+            if os.path.lexists(self.partial):  # what a killed run left
+                shutil.rmtree(self.partial)
+        except BaseException:
+            self._release()
+            raise
         self.mark = {UNFINISHED: replaces}
         self.committed = False
 
@@ -191,12 +261,20 @@ class StagedOutput:
         kept = {key: value for key, value in node.attrs.asdict().items() if key != UNFINISHED}
         node.attrs.put({**kept, **attributes})
         self.committed = True
-        move_into_place(self.partial, self.path, self.overwrite, self.replaces)
+        try:
+            move_into_place(self.partial, self.path, self.overwrite, self.replaces)
+        finally:
+            self._release()
 
     def abort(self) -> None:
         """Remove an output that will not be complete (not one whose rename was refused)."""
         if not self.committed:
             shutil.rmtree(self.partial, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self.own_lock is not None:
+            self.own_lock.release()
 
 
 def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:
@@ -225,10 +303,10 @@ def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: st
 class ResultWriter:
     """Writes U block by block, then S, V, the mean and attributes, into a zarr group."""
 
-    def __init__(self, out: str, overwrite: bool):
+    def __init__(self, out: str, overwrite: bool, lock: OutputLock):
         import zarr
 
-        self.output = StagedOutput(out, overwrite, "result")
+        self.output = StagedOutput(out, overwrite, "result", lock)
         self.group = zarr.open_group(self.output.partial, mode="w",
                                      attributes=self.output.mark)
 

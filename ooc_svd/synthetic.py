@@ -82,21 +82,21 @@ def write_dense_matrix(
     if not decay >= 0:
         raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
     path = check_output_path(path, overwrite, replaces="synthetic")
-    output = StagedOutput(path, overwrite, "synthetic")
     s = spectrum(min(m, n), rank, decay)
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))
     scaled_vt = s[:, None] * V.T
     left_rows, exact = _left_factor(m, r, chunk_rows, seed)
-    array = zarr.create_array(
-        output.partial,
-        shape=(m, n),
-        chunks=(min(chunk_rows, m), n),
-        dtype=dtype,
-        compressors=ZstdCodec(level=compression_level),
-        attributes=output.mark,
-    )
+    output = StagedOutput(path, overwrite, "synthetic")
     try:
+        array = zarr.create_array(
+            output.partial,
+            shape=(m, n),
+            chunks=(min(chunk_rows, m), n),
+            dtype=dtype,
+            compressors=ZstdCodec(level=compression_level),
+            attributes=output.mark,
+        )
         for index, start in enumerate(range(0, m, chunk_rows)):
             stop = min(start + chunk_rows, m)
             array[start:stop] = (left_rows(index, start, stop) @ scaled_vt).astype(dtype)

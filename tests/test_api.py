@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import naive
 import numpy as np
@@ -444,6 +446,116 @@ def test_a_partial_left_by_a_killed_run_is_replaced_and_anything_else_kept(tmp_p
         ooc_svd.svd(matrix, 2, out=str(tmp_path / "other.zarr"))
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["other.zarr.partial", "result.zarr"]
+
+
+def hold_lock(path):
+    """A process of its own holding the output lock of ``path`` until its stdin closes."""
+    code = ("import sys; from ooc_svd.store import OutputLock; lock = OutputLock(sys.argv[1]); "
+            "print('locked', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "locked\n"
+    return child
+
+
+def release(child):
+    child.stdin.close()
+    assert child.wait(timeout=60) == 0
+    child.stdout.close()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_ones_files_kept(
+        tmp_path, matrix):
+    import zarr
+
+    from ooc_svd.store import UNFINISHED
+
+    out = str(tmp_path / "result.zarr")
+    # What the first run has written so far: its partial result and its checkpoint
+    zarr.open_group(out + ".partial", mode="w", attributes={UNFINISHED: "result"})
+    os.makedirs(out + ".checkpoint")
+    with open(os.path.join(out + ".checkpoint", "state.json"), "w") as file:
+        file.write("{}")
+    first = hold_lock(out)
+    before = tree_digest(tmp_path)
+    try:
+        for overwrite, resume in [(False, False), (True, False), (True, True)]:
+            with pytest.raises(OutputExistsError, match="another run is writing the output"):
+                ooc_svd.svd(matrix, 2, out=out, overwrite=overwrite, resume=resume)
+        assert tree_digest(tmp_path) == before
+    finally:
+        release(first)
+    ooc_svd.svd(matrix, 2, out=out)  # once the first has ended
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_a_run_holds_its_locks_until_it_ends_and_removes_them(tmp_path, matrix, monkeypatch):
+    import ooc_svd.api
+    from ooc_svd.store import OutputLock
+
+    out, checkpoint = str(tmp_path / "result.zarr"), str(tmp_path / "elsewhere")
+    assemble = ooc_svd.api.assemble_result
+    refused = []
+
+    def assemble_and_try_the_locks(*args, **kwargs):
+        for path, what in [(out, "output"), (checkpoint, "checkpoint")]:
+            with pytest.raises(OutputExistsError, match=f"writing the {what}"):
+                OutputLock(path, what)
+            refused.append(path)
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(ooc_svd.api, "assemble_result", assemble_and_try_the_locks)
+    ooc_svd.svd(matrix, 2, out=out, checkpoint=checkpoint)
+    assert refused == [out, checkpoint]
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_a_run_with_an_explicit_checkpoint_in_use_is_refused(tmp_path, matrix):
+    checkpoint = str(tmp_path / "state")
+    first = hold_lock(checkpoint)
+    try:
+        with pytest.raises(OutputExistsError, match="another run is writing the checkpoint"):
+            ooc_svd.svd(matrix, 2, checkpoint=checkpoint)
+        assert sorted(os.listdir(tmp_path)) == ["state.lock"]  # the first run's
+    finally:
+        release(first)
+
+
+def test_a_lock_file_left_unlocked_is_taken_and_removed(tmp_path, matrix):
+    out = str(tmp_path / "result.zarr")
+    open(out + ".lock", "w").close()  # as a kill -9 leaves it: the kernel dropped the lock
+    ooc_svd.svd(matrix, 2, out=out)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_a_lock_path_that_cannot_be_a_file_is_named(tmp_path, matrix):
+    out = str(tmp_path / "result.zarr")
+    os.mkdir(out + ".lock")
+    with pytest.raises(InputError, match="cannot create the lock file .*result.zarr.lock"):
+        ooc_svd.svd(matrix, 2, out=out)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr.lock"]
+
+
+def test_writers_of_stores_are_refused_while_another_writes_the_same_path(tmp_path):
+    from ooc_svd.convert import from_scipy
+    from ooc_svd.synthetic import write_dense_matrix, write_sparse_matrix
+
+    out = str(tmp_path / "A.zarr")
+    first = hold_lock(out)
+    try:
+        writers = [
+            lambda: from_scipy(scipy.sparse.random(50, 10, density=0.2, format="csr"), out),
+            lambda: write_dense_matrix(out, (50, 10)),
+            lambda: write_sparse_matrix(out, (50, 10), nnz=100),
+        ]
+        for write in writers:
+            with pytest.raises(OutputExistsError, match="another run is writing the output"):
+                write()
+        assert sorted(os.listdir(tmp_path)) == ["A.zarr.lock"]
+    finally:
+        release(first)
+    write_dense_matrix(out, (50, 10))
+    assert sorted(os.listdir(tmp_path)) == ["A.zarr"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

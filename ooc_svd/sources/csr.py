@@ -347,25 +347,29 @@ class CSRWriter:
         # What overwrite may replace (``store.REPLACEABLE``): a generator replaces only
         # what it generated
         self.path = check_output_path(path, overwrite, replaces=replaces)
-        self.output = StagedOutput(self.path, overwrite, replaces)
         self.n_cols = int(n_cols)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise InputError(f"CSR stores hold float32 or float64 values, not {self.dtype}")
         index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
-        group = zarr.open_group(self.output.partial, mode="w", attributes=self.output.mark)
-        compressor = ZstdCodec(level=compression_level)
+        self.output = StagedOutput(self.path, overwrite, replaces)
+        try:
+            self.group = zarr.open_group(self.output.partial, mode="w",
+                                         attributes=self.output.mark)
+            compressor = ZstdCodec(level=compression_level)
 
-        def create(name, array_dtype, chunk):
-            return group.create_array(name, shape=(0,), chunks=(chunk,), dtype=array_dtype,
-                                      compressors=compressor)
+            def create(name, array_dtype, chunk):
+                return self.group.create_array(name, shape=(0,), chunks=(chunk,),
+                                               dtype=array_dtype, compressors=compressor)
 
-        self.group = group
-        self.columns = {
-            "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
-            "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
-            "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
-        }
+            self.columns = {
+                "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
+                "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
+                "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
+            }
+        except BaseException:
+            self.output.abort()
+            raise
         self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
         self.rows = 0
         self.nnz = 0
