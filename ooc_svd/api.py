@@ -30,7 +30,7 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError
+from .errors import InputError, OOCSVDError, check_int
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
@@ -207,7 +207,7 @@ dask.array.Array} of shape (m, n)
     request = _Request(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
         overwrite, progress, scratch_dir, checkpoint, resume,
-        _check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
+        check_int("spectral_iters", spectral_iters, minimum=0), bool(write_factors),
         client=client, backend=backend, cuda_options=cuda_options,
     )
     return _run(source, request)
@@ -240,7 +240,7 @@ def svd_plan(
     k, rule = _rank_request(k, tol, max_rank, m, n)
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
-                       spectral_iters=_check_int("spectral_iters", spectral_iters, minimum=0),
+                       spectral_iters=check_int("spectral_iters", spectral_iters, minimum=0),
                        client=client, backend=_check_backend(backend))
     return _plan_run(source, request, _check_cuda_options(backend, cuda_options))
 
@@ -275,8 +275,8 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     """The run's plan; ``gpu_streams``: the CUDA streams whose pinned host buffers the
     memory limit must hold too (0 without a GPU); ``cache_blocks``: whether the passes
     keep leading blocks for the later passes, where reading them costs decoding."""
-    oversample = _check_int("oversample", oversample, minimum=0)
-    niter = _check_int("niter", niter, minimum=0)
+    oversample = check_int("oversample", oversample, minimum=0)
+    niter = check_int("niter", niter, minimum=0)
     limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
@@ -323,7 +323,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     source, m, n = _open_matrix(A)
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
-    q = min(_check_int("q", 6 if q is None else q, minimum=1), m, n)
+    q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
     mean = None
     if M is not None:
         source, mean = subtract(source, M)
@@ -425,7 +425,7 @@ def low_rank_factors(
     if rank is not None and rtol is not None:
         raise InputError("give rank or rtol, not both")
     if rank is not None:
-        rank = _check_int("rank", rank, minimum=1)
+        rank = check_int("rank", rank, minimum=1)
         if rank > min(m, n):
             raise InputError(f"rank={rank} exceeds min(m, n) = {min(m, n)}")
         rule = fixed_rank(rank)
@@ -443,7 +443,7 @@ def low_rank_factors(
 
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
-    seed = _check_int("seed", request.seed, minimum=0, maximum=2**64 - 1)  # a Philox key
+    seed = check_int("seed", request.seed, minimum=0, maximum=2**64 - 1)  # a Philox key
     centering = _make_centering(n, request.center, request.mean)
     _check_outputs(request)
     _check_backend(request.backend)
@@ -642,7 +642,7 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
     if k is not None:
         if max_rank is not None:
             raise InputError("max_rank applies to the fixed-accuracy mode (tol), not to k")
-        k = _check_int("k", k, minimum=1)
+        k = check_int("k", k, minimum=1)
         if k >= min(m, n):
             raise InputError(
                 f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}"
@@ -650,7 +650,7 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
         return k, fixed_rank(k)
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
         raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")
-    max_rank = min(m, n) if max_rank is None else _check_int("max_rank", max_rank, minimum=1)
+    max_rank = min(m, n) if max_rank is None else check_int("max_rank", max_rank, minimum=1)
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
     return max_rank, rank_for_tolerance(float(tol), max_rank)
@@ -697,7 +697,7 @@ def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:
 
 def _check_q(q: Any, m: int, n: int) -> int:
     """torch's q: the subspace size, 1 <= q <= min(m, n)."""
-    q = _check_int("q", q, minimum=1)
+    q = check_int("q", q, minimum=1)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
     return q
@@ -715,16 +715,6 @@ def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
     if m == 0 or n == 0:
         raise InputError(f"A is empty: shape {(m, n)}")
     return m, n
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, not {value!r}")
-    if value < minimum:
-        raise InputError(f"{name}={value} must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise InputError(f"{name}={value} must be <= {maximum}")
-    return int(value)
 
 
 def _make_centering(n: int, center: bool, mean: Any) -> Centering:

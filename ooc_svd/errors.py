@@ -1,9 +1,11 @@
-"""Exceptions raised by ooc_svd.
+"""Exceptions raised by ooc_svd, and the argument check shared by its entry points.
 
 Every error a user can cause derives from ``OOCSVDError`` and from the builtin exception a
 caller would expect (``ValueError`` for bad arguments, ``FileNotFoundError`` for a missing
 store), so ``except ValueError`` keeps working.
 """
+
+from typing import Any
 
 
 class OOCSVDError(Exception):
@@ -36,3 +38,17 @@ class OutputExistsError(OOCSVDError, FileExistsError):
 
 class MissingDependencyError(OOCSVDError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int if it is an integer (not a bool) in [minimum, maximum]; otherwise
+    an InputError naming the argument."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer, not {value!r}")
+    if value < minimum:
+        raise InputError(f"{name}={value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{name}={value} must be <= {maximum}")
+    return int(value)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, StoreNotFoundError
+from .errors import InputError, StoreNotFoundError, check_int
 from .sources import open_source
 
 
@@ -19,9 +19,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
     U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum.
     """
-    from .api import _check_int
-
-    _check_int("samples", samples, minimum=1)
+    check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
     U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
     attributes = dict(group.attrs.get("ooc_svd", {}))

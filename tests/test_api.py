@@ -697,8 +697,8 @@ def test_a_bad_backend_leaves_no_output_or_checkpoint(tmp_path):
 @pytest.mark.parametrize(("options", "message"), [
     ({"accumulate": "float16"}, r"cuda_options\['accumulate'\] must be one of"),
     ({"csr_transposed": "atomic"}, r"cuda_options\['csr_transposed'\] must be one of"),
-    ({"streams": 0}, r"cuda_options\['streams'\] must be a positive int"),
-    ({"streams": True}, r"cuda_options\['streams'\] must be a positive int"),
+    ({"streams": 0}, r"cuda_options\['streams'\]=0 must be >= 1"),
+    ({"streams": True}, r"cuda_options\['streams'\] must be an integer"),
     ({"tile": 4}, "unknown cuda option 'tile'"),
     (["accumulate"], "cuda_options must be a dict"),
 ])

@@ -47,7 +47,6 @@ sum_i 1^T (A_s,i X) = colsum(A_s)^T X, so Z_s = Z - s (colsum(A_s)^T X).
 from __future__ import annotations
 
 import ctypes
-import numbers
 import os
 import sys
 import weakref
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..errors import InputError, NonFiniteError, PlanError
+from ..errors import InputError, NonFiniteError, PlanError, check_int
 from ..sources.csr import is_sparse_block
 from ..tsqr import MergeFactors, StreamingTSQR, local_qr
 from ..units import format_bytes
@@ -202,10 +201,7 @@ def check_cuda_options(options: Any) -> dict[str, Any]:
                 raise InputError(f"cuda_options[{key!r}] must be one of "
                                  f"{CUDA_OPTION_CHOICES[key]}, not {value!r}")
         elif key == "streams":
-            if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                    or value < 1):
-                raise InputError(f"cuda_options['streams'] must be a positive int, not "
-                                 f"{value!r}")
+            check_int("cuda_options['streams']", value, minimum=1)
         else:
             known = ", ".join([*CUDA_OPTION_CHOICES, "streams"])
             raise InputError(f"unknown cuda option {key!r}; the options are {known}")
