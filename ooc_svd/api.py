@@ -517,8 +517,8 @@ def _run_locked_passes(source, request: _Request, plan: Plan, centering: Centeri
         if isinstance(error, OOCSVDError):
             saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
         raise
-    result = assemble_result(left.array, factors, centering, plan, seed, context.records)
-    result.note = "; ".join(filter(None, [result.note, _tolerance_note(request, result)]))
+    result = assemble_result(left.array, factors, centering, plan, seed, context.records,
+                             request.tol)
     # On a cluster, what the workers' kernels ran on ('cpu and cuda' on a mixed one); a run
     # resumed after its last reducing pass saw none of them, and says what it asked for
     result.backend = kernels.name if cluster is None else (
@@ -537,14 +537,6 @@ def _run_locked_passes(source, request: _Request, plan: Plan, centering: Centeri
         result.U = result.store["U"]
     saved.remove()
     return result
-
-
-def _tolerance_note(request: _Request, result: SVDResult) -> str:
-    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance."""
-    if request.tol is None or result.residual <= request.tol:
-        return ""
-    return (f"the residual {result.residual:.3g} exceeds tol={request.tol:g} at rank "
-            f"{result.rank}, the cap: raise max_rank for a smaller residual")
 
 
 def _check_outputs(request: _Request) -> None:

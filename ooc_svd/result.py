@@ -164,18 +164,28 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
             f"order {error:.0e} or more")
 
 
+def _tolerance_note(tol: float | None, residual: float, rank: int) -> str:
+    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance."""
+    if tol is None or residual <= tol:
+        return ""
+    return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
+            "raise max_rank for a smaller residual")
+
+
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
-                    records: list[PassRecord]) -> SVDResult:
-    """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2."""
+                    records: list[PassRecord], tol: float | None = None) -> SVDResult:
+    """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2, and a
+    note gathering what the run has to say about it (``tol``: fixed-accuracy mode's)."""
     dtype = U.dtype
     fro2 = factors.frobenius_squared
     residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
+    residual = float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0
     return SVDResult(
         U=U,
         S=factors.S.astype(dtype),
         V=factors.V.astype(dtype),
         mean=None if centering.mode == "none" else centering.mean.astype(dtype),
-        residual=float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0,
+        residual=residual,
         frobenius_norm=float(np.sqrt(fro2)),
         passes=len(records),
         bytes_read=sum(record.bytes_read for record in records),
@@ -183,7 +193,8 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         numerical_rank=factors.numerical_rank,
         method=factors.method,
         note="; ".join(filter(None, [
-            factors.note, _cancellation_note(centering, plan, factors.method, fro2)])),
+            factors.note, _cancellation_note(centering, plan, factors.method, fro2),
+            _tolerance_note(tol, residual, factors.S.size)])),
         plan=plan,
         seed=seed,
         records=records,
