@@ -282,6 +282,8 @@ def test_results_do_not_depend_on_the_blocking(tmp_path, monkeypatch):
     monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
     many = ooc_svd.svd(path, 6, seed=2, method="randomized", center=True)
     assert len(many.plan.blocks) > 10 and len(one.plan.blocks) == 1
+    for result in (one, many):  # what was read is what the plan said, however blocked
+        assert result.bytes_read == result.plan.bytes_to_read
     np.testing.assert_allclose(many.S, one.S, rtol=1e-10)
     np.testing.assert_allclose(many.V, one.V, atol=1e-8)
 

@@ -56,7 +56,10 @@ class CSRBlock:
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+        """Bytes of the rows as the matrix holds them: values, indices and an indptr entry
+        per row (the block's indptr has one more, its leading 0, not read from the matrix),
+        so that the blocks of a pass add up to ``CSRSource.nbytes``."""
+        return self.data.nbytes + self.indices.nbytes + self.indptr.itemsize * self.shape[0]
 
     def __getitem__(self, rows: slice) -> CSRBlock:
         """The rows ``rows`` (a step-1 slice) as a block of their own."""
