@@ -9,6 +9,7 @@ second run on the same path is refused instead of replacing the first one's part
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -190,6 +191,7 @@ class OutputLock:
     """
 
     def __init__(self, path: str, what: str = "output"):
+        path = os.path.normpath(path)  # 'state/' locks 'state.lock', not 'state/.lock'
         self.path = f"{path}.lock"
         self.file = None
         if fcntl is None:
@@ -215,7 +217,8 @@ class OutputLock:
 
     def release(self) -> None:
         if self.file is not None:
-            os.unlink(self.path)  # while still held: no run can lock the removed file
+            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+                os.unlink(self.path)  # while still held: no run can lock the removed file
             self.file.close()
             self.file = None
 

@@ -514,11 +514,14 @@ def test_a_run_with_an_explicit_checkpoint_in_use_is_refused(tmp_path, matrix):
     checkpoint = str(tmp_path / "state")
     first = hold_lock(checkpoint)
     try:
-        with pytest.raises(OutputExistsError, match="another run is writing the checkpoint"):
-            ooc_svd.svd(matrix, 2, checkpoint=checkpoint)
+        for named in (checkpoint, checkpoint + os.sep):
+            with pytest.raises(OutputExistsError, match="another run is writing the checkpoint"):
+                ooc_svd.svd(matrix, 2, checkpoint=named)
         assert sorted(os.listdir(tmp_path)) == ["state.lock"]  # the first run's
     finally:
         release(first)
+    ooc_svd.svd(matrix, 2, checkpoint=checkpoint + os.sep)
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_a_lock_file_left_unlocked_is_taken_and_removed(tmp_path, matrix):
