@@ -206,66 +206,17 @@ def make_plan(
         "randomized": work.randomized_seconds(l, l, niter),
         "krylov": work.randomized_seconds(l, krylov_width, niter),
     }
-    requested = method
-
-    def fit(method: str, reason: str) -> Plan:
-        """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
-        later passes may be served from the block cache, smaller dense blocks are tried too:
-        they lower the peak, which leaves the cache more room."""
-        plan = layout(method, reason, MAX_BLOCK_BYTES)
-        if not cacheable or nnz is not None or plan.passes < 2:
-            return plan
-        cap = max(plan.block_bytes)
-        for _ in range(SMALLER_BLOCK_TRIES):
-            if plan.cached_blocks == len(plan.blocks):
-                break
-            cap //= 2
-            smaller = layout(method, reason, cap)
-            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
-                plan = smaller
-        return plan
-
-    def layout(method: str, reason: str, max_block_bytes: int) -> Plan:
-        """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes."""
-        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
-        width = krylov_width if method == "krylov" else l
-        copies = 0
-        if nnz is not None and method in ("randomized", "krylov"):
-            # The power kernel's private accumulators may take a quarter of the limit at most.
-            copies = min(scatter_copies, max(1, memory_limit // 4 // (8 * n * (l + 1))))
-        fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
-        if requested == "auto" and method == "gram":
-            fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
-        for depth in (PREFETCH_DEPTH, 1):
-            blocks, peak = _block_layout(
-                chunk_boundaries, chunk_bytes, n * itemsize if nnz is None else None, width,
-                fixed + depth * read_overhead_bytes, memory_limit, depth, staging_blocks,
-                staging_matrices, depth * read_row_overhead, max_block_bytes,
-            )
-            if peak <= memory_limit:
-                break
-        else:
-            raise _refusal(method, shape, width, blocks, peak, memory_limit, chunk_boundaries,
-                           chunk_bytes, nnz, read_overhead_bytes)
-        spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
-        growth_blocks = -(-l // GROWTH_BLOCK) if fixed_accuracy and method == "randomized" else 0
-        plan = Plan(
-            (m, n), itemsize, k, l, niter, method, reason, blocks, depth, memory_limit, peak, spill,
-            growth_blocks, krylov_width if method == "krylov" else 0,
-            block_bytes=_bytes_of_blocks(blocks, chunk_boundaries, chunk_bytes),
-            sparse=nnz is not None, scatter_copies=copies, spectral_iters=spectral_iters,
-            read_factor=read_factor,
-        )
-        if not cacheable or plan.passes < 2:
-            return _with_spill_in_memory(plan)
-        cached = _blocks_that_fit(plan.block_bytes, memory_limit - peak)
-        return _with_spill_in_memory(replace(plan, cached_blocks=cached))
-
+    layouts = _Layouts(
+        (m, n), itemsize, np.asarray(chunk_boundaries), np.asarray(chunk_bytes), k, l, niter,
+        krylov_width, method, memory_limit, fixed_accuracy, cacheable, nnz, scatter_copies,
+        read_overhead_bytes, read_row_overhead, staging_blocks, staging_matrices,
+        spectral_iters, read_factor,
+    )
     choices = _method_choices(method, n, costs, fixed_accuracy)
     refusals: list[PlanError] = []
     for method, reason in choices:
         try:
-            plan = fit(method, reason)
+            plan = layouts.fit(method, reason)
         except PlanError as error:
             refusals.append(error)
             continue
@@ -274,6 +225,89 @@ def make_plan(
                                         "than memory_limit")
         return plan
     raise refusals[0]
+
+
+@dataclass(frozen=True)
+class _Layouts:
+    """make_plan's arguments (``requested``: its ``method``; ``l``: the basis width), from
+    which each method's plan is laid out."""
+
+    shape: tuple[int, int]
+    itemsize: int
+    chunk_boundaries: np.ndarray
+    chunk_bytes: np.ndarray
+    k: int
+    l: int  # the basis width
+    niter: int
+    krylov_width: int
+    requested: str
+    memory_limit: int
+    fixed_accuracy: bool
+    cacheable: bool
+    nnz: int | None
+    scatter_copies: int
+    read_overhead_bytes: int
+    read_row_overhead: int
+    staging_blocks: int
+    staging_matrices: int
+    spectral_iters: int
+    read_factor: float
+
+    def fit(self, method: str, reason: str) -> Plan:
+        """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
+        later passes may be served from the block cache, smaller dense blocks are tried too:
+        they lower the peak, which leaves the cache more room."""
+        plan = self.layout(method, reason, MAX_BLOCK_BYTES)
+        if not self.cacheable or self.nnz is not None or plan.passes < 2:
+            return plan
+        cap = max(plan.block_bytes)
+        for _ in range(SMALLER_BLOCK_TRIES):
+            if plan.cached_blocks == len(plan.blocks):
+                break
+            cap //= 2
+            smaller = self.layout(method, reason, cap)
+            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
+                plan = smaller
+        return plan
+
+    def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
+        """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes."""
+        (m, n), l, nnz, limit = self.shape, self.l, self.nnz, self.memory_limit
+        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
+        width = self.krylov_width if method == "krylov" else l
+        copies = 0
+        if nnz is not None and method in ("randomized", "krylov"):
+            # The power kernel's private accumulators may take a quarter of the limit at most.
+            copies = min(self.scatter_copies, max(1, limit // 4 // (8 * n * (l + 1))))
+        fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
+        if self.requested == "auto" and method == "gram":
+            fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
+        for depth in (PREFETCH_DEPTH, 1):
+            blocks, peak = _block_layout(
+                self.chunk_boundaries, self.chunk_bytes,
+                n * self.itemsize if nnz is None else None, width,
+                fixed + depth * self.read_overhead_bytes, limit, depth, self.staging_blocks,
+                self.staging_matrices, depth * self.read_row_overhead, max_block_bytes,
+            )
+            if peak <= limit:
+                break
+        else:
+            raise _refusal(method, self.shape, width, blocks, peak, limit,
+                           self.chunk_boundaries, self.chunk_bytes, nnz,
+                           self.read_overhead_bytes)
+        spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
+        growth = -(-l // GROWTH_BLOCK) if self.fixed_accuracy and method == "randomized" else 0
+        plan = Plan(
+            (m, n), self.itemsize, self.k, l, self.niter, method, reason, blocks, depth, limit,
+            peak, spill, growth, self.krylov_width if method == "krylov" else 0,
+            block_bytes=_bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
+            sparse=nnz is not None, scatter_copies=copies, spectral_iters=self.spectral_iters,
+            read_factor=self.read_factor,
+        )
+        if not self.cacheable or plan.passes < 2:
+            return _with_spill_in_memory(plan)
+        cached = _blocks_that_fit(plan.block_bytes, limit - peak)
+        return _with_spill_in_memory(replace(plan, cached_blocks=cached))
 
 
 def _refusal(method, shape, width, blocks, peak, memory_limit, chunk_boundaries, chunk_bytes,
