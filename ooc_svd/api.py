@@ -657,14 +657,33 @@ def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
     path = local_path(source.description) if isinstance(source.description, str) else None
     if path is not None and os.path.exists(path):
         return (path,)
-    # A zarr array (or a CSR group's data array) opened by the caller: its local store.
-    node = array if isinstance(source, DenseSource) else source.data
+    if isinstance(source, CSRSource):  # a CSR group's arrays lie inside it: the group
+        path = _zarr_array_path(source.data)
+        return () if path is None else (os.path.dirname(path),)
+    # A zarr array opened by the caller, or those a dask array reads (da.from_zarr)
+    nodes = _zarr_arrays_in_graph(array) if source.compute_slice else [array]
+    return tuple(filter(None, map(_zarr_array_path, nodes)))
+
+
+def _zarr_array_path(node: Any) -> str | None:
+    """The local path of a zarr array, None if it is not one or not on a local store."""
     root = _local_store_root(getattr(node, "store", None))
     if root is None:
-        return ()
-    path = os.path.normpath(os.path.join(root, getattr(node, "path", "")))
-    # A CSR group's arrays lie inside it: the group is the input.
-    return (path if node is array else os.path.dirname(path),)
+        return None
+    return os.path.normpath(os.path.join(root, getattr(node, "path", "")))
+
+
+def _zarr_arrays_in_graph(array: Any) -> list[Any]:
+    """The zarr arrays a dask array reads: ``from_zarr`` and ``from_array`` keep each in a
+    materialized layer of the graph (the task layers are not expanded to find them)."""
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    graph = array.__dask_graph__()
+    if not isinstance(graph, HighLevelGraph):
+        return []
+    values = (value for layer in graph.layers.values() if isinstance(layer, MaterializedLayer)
+              for value in layer.mapping.values())
+    return [value for value in values if hasattr(value, "store") and hasattr(value, "path")]
 
 
 def _local_store_root(store: Any) -> str | None:

@@ -421,6 +421,22 @@ def test_an_input_opened_by_the_caller_is_protected_too(tmp_path, matrix):
         ooc_svd.svd(zarr.open_group(sparse, mode="r"), 2, out=os.path.join(sparse, "U"))
 
 
+def test_a_dask_array_read_from_a_store_protects_that_store(tmp_path, matrix):
+    import dask.array as da
+    import zarr
+
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(matrix, 5, out=out)
+    before = tree_digest(out)
+    U = da.from_zarr(out, component="U")
+    held = da.from_array(zarr.open_group(out, mode="r")["U"], chunks=(100, 5))
+    for A in (U, 2 * U[:300], held):
+        with pytest.raises(InputError, match="overlaps the input"):
+            ooc_svd.svd(A, 2, out=out, overwrite=True)
+    assert tree_digest(out) == before
+    assert ooc_svd.svd(U, 2, out=str(tmp_path / "other.zarr")).rank == 2
+
+
 def test_a_checkpoint_path_holding_something_else_is_not_replaced(tmp_path, matrix):
     taken = tmp_path / "result.zarr.checkpoint"
     taken.mkdir()
