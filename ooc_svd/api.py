@@ -46,7 +46,14 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.difference import Difference, subtract
-from .store import LeftVectors, OutputLock, ResultWriter, check_output_path, local_path
+from .store import (
+    LeftVectors,
+    OutputLock,
+    ResultWriter,
+    check_output_path,
+    check_scratch_dir,
+    local_path,
+)
 from .units import parse_bytes
 
 
@@ -547,12 +554,8 @@ def _check_outputs(request: _Request) -> None:
     if request.resume and request.out is None and request.checkpoint is None:
         raise InputError("resume continues from a checkpoint: give out (its checkpoint is "
                          "OUT.checkpoint) or checkpoint")
-    scratch = request.scratch_dir
-    if scratch is not None and request.client is None:  # a cluster checks its workers'
-        if not os.path.isdir(scratch):
-            raise InputError(f"scratch_dir {os.fspath(scratch)!r} is not a directory")
-        if not os.access(scratch, os.W_OK | os.X_OK):
-            raise InputError(f"scratch_dir {os.fspath(scratch)!r} is not writable")
+    if request.scratch_dir is not None and request.client is None:  # a cluster's workers
+        check_scratch_dir(request.scratch_dir)                           # check their own
 
 
 def _check_backend(backend: Any) -> str:

@@ -58,7 +58,7 @@ from .sparse_streams import (
     csc_entry_chunks,
     write_csr_stream,
 )
-from .store import check_output_path
+from .store import check_output_path, check_scratch_dir
 from .units import format_bytes, parse_bytes
 
 # The writer holds about this many storage chunks of indices and data at once: the tail being
@@ -110,6 +110,8 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
                              inputs=() if source_path is None else (source_path,))
     if chunk_nnz < 1:
         raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
+    if scratch_dir is not None:
+        check_scratch_dir(scratch_dir)
     m, n = (int(s) for s in shape)
     value_dtype = output_dtype(source_dtype, dtype)
     index_bytes = 4 if n <= np.iinfo(np.int32).max else 8

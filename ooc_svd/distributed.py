@@ -871,7 +871,7 @@ def _load(directory: str, name: str, index: int) -> np.ndarray:
 
 
 def _make_scratch(directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
+    os.mkdir(directory)  # not makedirs: a mistyped scratch_dir is refused, not created
     marker = os.path.join(directory, "shared")
     with open(marker, "w") as file:
         file.write("ooc-svd scratch\n")

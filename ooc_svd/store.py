@@ -132,6 +132,15 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     return path
 
 
+def check_scratch_dir(path: str | os.PathLike) -> None:
+    """Refuse a scratch directory that is missing or not writable, before any long work
+    (ooc_svd makes its own directory inside, never the scratch directory itself)."""
+    if not os.path.isdir(path):
+        raise InputError(f"scratch_dir {os.fspath(path)!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"scratch_dir {os.fspath(path)!r} is not writable")
+
+
 def local_path(name: str) -> str | None:
     """The local path that a path or a ``file://`` URL names; None for another URL. The
     URL's path is taken as fsspec opens it: relative without a third slash, not unquoted."""

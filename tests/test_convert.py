@@ -495,3 +495,15 @@ def test_generate_density_writes_a_csr_store(tmp_path):
     refused = ooc_svd_command("generate", tmp_path / "T.zarr", "--shape", 50, 30, "--density",
                               0.1, "--rank", 3)
     assert refused.returncode == 2 and "--rank" in refused.stderr
+
+
+def test_a_scratch_dir_that_is_not_a_directory_is_refused_before_any_work(tmp_path):
+    matrix = sp.random(300, 40, density=0.1, format="coo", random_state=3)
+    sp.save_npz(tmp_path / "A.npz", matrix)
+    (tmp_path / "file").write_text("")
+    for scratch in (tmp_path / "missing", tmp_path / "file"):
+        with pytest.raises(InputError, match="is not a directory"):
+            from_npz(tmp_path / "A.npz", tmp_path / "A.zarr", scratch_dir=scratch)
+    assert sorted(os.listdir(tmp_path)) == ["A.npz", "file"]
+    group = from_npz(tmp_path / "A.npz", tmp_path / "A.zarr", scratch_dir=tmp_path, **SMALL)
+    np.testing.assert_array_equal(read_back(group).toarray(), matrix.toarray())
