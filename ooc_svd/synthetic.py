@@ -19,7 +19,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, check_int
 from .sketch import philox_generator
 from .threaded import map_in_order
 
@@ -79,8 +79,10 @@ def write_dense_matrix(
     m, n = shape
     if rank is not None and not 1 <= rank <= min(m, n):
         raise InputError(f"rank={rank} must be between 1 and min(m, n) = {min(m, n)}")
-    if not decay >= 0:
-        raise InputError(f"decay={decay} must be >= 0 (the singular values decrease)")
+    if not 0 <= decay < np.inf:
+        raise InputError(f"decay={decay} must be a finite number >= 0 (the singular values "
+                         "decrease)")
+    check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # a Philox key
     path = check_output_path(path, overwrite, replaces="synthetic")
     s = spectrum(min(m, n), rank, decay)
     r = s.size
@@ -178,8 +180,10 @@ def write_sparse_matrix(
 
     m, n = (int(s) for s in shape)
     total = _sparse_nnz(m, n, nnz, density)
-    if not column_exponent >= 0:
-        raise InputError(f"column_exponent={column_exponent} must be >= 0 (0: uniform columns)")
+    if not 0 <= column_exponent < np.inf:
+        raise InputError(f"column_exponent={column_exponent} must be a finite number >= 0 "
+                         "(0: uniform columns)")
+    check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # a Philox key
     if chunk_rows < 1 or threads < 1:
         raise InputError(f"chunk_rows ({chunk_rows}) and threads ({threads}) must be >= 1")
     table, weights = _column_distribution(n, column_exponent)

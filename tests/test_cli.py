@@ -276,9 +276,14 @@ def test_an_interrupt_says_what_it_kept():
     ("options", "message"),
     [(["--rank", 0], "rank=0 must be between 1 and min"),
      (["--rank", 11], "rank=11 must be between 1 and min"),
-     (["--decay", -1], "must be >= 0")],
+     (["--decay", -1], "must be a finite number >= 0"),
+     (["--decay", "inf"], "decay=inf must be a finite number >= 0"),
+     (["--seed", -1], "seed=-1 must be >= 0"),
+     (["--seed", 2**64], f"seed={2**64} must be <= {2**64 - 1}"),
+     (["--density", "0.1", "--seed", -1], "seed=-1 must be >= 0"),
+     (["--density", "0.1", "--column-exponent", "inf"], "column_exponent=inf must be a finite")],
 )
-def test_generate_refuses_a_spectrum_it_cannot_make(tmp_path, options, message):
+def test_generate_refuses_a_matrix_it_cannot_make(tmp_path, options, message):
     from click.testing import CliRunner
 
     from ooc_svd.cli import main
@@ -323,7 +328,7 @@ def test_generate_refuses_options_of_the_other_kind(tmp_path):
     for options, message in ((["--column-exponent", "2"], "give --density too"),
                              (["--density", "0.1", "--rank", "3"], "not with --density"),
                              (["--density", "0.1", "--column-exponent", "-2"],
-                              "column_exponent=-2.0 must be >= 0")):
+                              "column_exponent=-2.0 must be a finite number >= 0")):
         done = CliRunner().invoke(main, ["generate", out, "--shape", "100", "10", *options])
         assert done.exit_code == 2 and message in done.output
     assert not os.path.exists(out)
