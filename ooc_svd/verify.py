@@ -17,7 +17,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 
     U is read chunk by chunk, so a U larger than memory is fine. ``ok`` is False when
     ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
-    U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum.
+    U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum. When the
+    samples cover every row, the residual they give is exact, and ``ok`` is also False when
+    it differs from the stored one by more than RESIDUAL_TOLERANCE (``residual_agrees``):
+    the result does not belong to this input, or one of them changed.
     """
     check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
@@ -48,7 +51,23 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     if input_path is not None:
         mean = group["mean"][:].astype(np.float64) if "mean" in group else None
         report |= sampled_residual(input_path, U, S, V, mean, samples, seed)
+        stored = report["stored_residual"]
+        if report["sampled_rows"] == m and stored is not None:
+            agrees = abs(report["sampled_residual"] - stored) <= _residual_tolerance(stored)
+            report["residual_agrees"] = bool(agrees)
+            report["ok"] = report["ok"] and bool(agrees)
     return report
+
+
+# How far an exact residual may lie from the stored one: the stored one is
+# sqrt(||A||^2 - sum S^2) / ||A||, which differs from ||A - U S V^T|| / ||A|| by the
+# rounding of U, S and V as stored (float32 for float32 data) and of the sums.
+RESIDUAL_TOLERANCE = (1e-2, 1e-4)  # relative to the stored residual, absolute
+
+
+def _residual_tolerance(stored: float) -> float:
+    relative, absolute = RESIDUAL_TOLERANCE
+    return max(relative * stored, absolute)
 
 
 def _open_result(path: str) -> Any:

@@ -64,8 +64,49 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
     assert group.attrs["ooc_svd"]["residual"] == pytest.approx(summary["residual"])
 
     report = json.loads(ooc_svd_command("check", out, store, "--samples", 10, "--json").stdout)
-    assert report["ok"] and report["sampled_rows"] == 30000
+    assert report["ok"] and report["sampled_rows"] == 30000 and report["residual_agrees"]
     assert report["sampled_residual"] == pytest.approx(summary["residual"], rel=1e-4)
+    # Another matrix of the same shape: orthonormal factors, but not its SVD
+    other = tmp_path / "other.zarr"
+    ooc_svd_command("generate", other, "--shape", 30000, 40, "--chunk", 3000, "--seed", 5)
+    done = ooc_svd_command("check", out, other, "--samples", 10, "--json", check=False)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and not report["ok"] and not report["residual_agrees"]
+    assert report["u_orthonormality_error"] <= report["tolerance"]
+    sampled = json.loads(ooc_svd_command("check", out, other, "--json").stdout)
+    assert sampled["sampled_rows"] == 24000 and "residual_agrees" not in sampled
+
+
+@pytest.mark.parametrize(("kind", "method", "center"), [
+    ("float32", "randomized", True), ("float64", "krylov", False),
+    ("rank-deficient", "gram", False), ("rank-deficient", "exact", True),
+    ("sparse", "randomized", True), ("sparse", "gram", False),
+])
+def test_check_finds_the_residual_of_every_kind_of_result_exact(tmp_path, kind, method, center):
+    """The stored residual and the exact one agree for each method, dtype and centering,
+    so a result whose samples cover its input passes the check."""
+    import naive
+    import scipy.sparse
+
+    from ooc_svd.convert import from_scipy
+    from ooc_svd.verify import verify_result
+
+    rng = np.random.default_rng(11)
+    if kind == "sparse":
+        A = scipy.sparse.random(3000, 60, density=0.1, format="csr", random_state=11) * 5
+        path = str(tmp_path / "A.zarr")
+        from_scipy(A, path)
+    else:
+        s = np.logspace(0, -3, 60)
+        if kind == "rank-deficient":
+            s[20:] = 0
+        A = naive.matrix_with_spectrum(3000, 60, s, seed=11) + (3.0 if center else 0.0)
+        path = str(tmp_path / "A.npy")
+        np.save(path, A.astype(np.float32 if kind == "float32" else np.float64))
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(path, 30, method=method, center=center, out=out, seed=int(rng.integers(9)))
+    report = verify_result(out, path, samples=10**6)
+    assert report["sampled_rows"] == 3000 and report["residual_agrees"] and report["ok"], report
 
 
 def test_progress_bar_only_when_asked(store, tmp_path):
