@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import math
 import os
 import shutil
@@ -515,9 +516,10 @@ def _client_from(client: Any) -> tuple[Any, list[Any]]:
         if not workers.isdigit() or int(workers) < 1:
             raise InputError(f"local:N needs a number of workers N >= 1, not {client!r}")
         # Any free port for the scheduler's HTTP server: its default, 8787, may be taken by
-        # another cluster on the node.
+        # another cluster on the node. The workers log no errors: a task's error reaches the
+        # client, which reports it (bad input in one line, anything else with its traceback).
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
+                               dashboard_address=":0", silence_logs=logging.CRITICAL)
         try:
             made = Client(cluster, set_as_default=False)
         except BaseException:

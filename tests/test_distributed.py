@@ -443,6 +443,18 @@ def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
     reference = ooc_svd.svd(dense_store, 4)
     np.testing.assert_allclose(summary["S"], reference.S, rtol=1e-11)
     np.testing.assert_allclose(zarr.open_group(out, mode="r")["U"][:], reference.U, atol=1e-10)
+    # Bad input found by a worker: the one-line error, without the worker's log of it
+    bad = zarr.create_array(str(tmp_path / "nan.zarr"), shape=(400, 10), chunks=(100, 10),
+                            dtype="f8")
+    bad[:] = np.ones((400, 10))
+    bad[250, 3] = np.nan
+    done = subprocess.run(
+        [script, "run", str(tmp_path / "nan.zarr"), "--k", "2", "--out", str(tmp_path / "r"),
+         "--scheduler", "local:2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "first at row 250" in done.stderr
+    assert "Traceback" not in done.stderr and "Compute Failed" not in done.stderr, done.stderr
 
 
 def test_the_u_pass_reports_its_kernels_backend():
