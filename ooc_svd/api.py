@@ -438,7 +438,7 @@ def low_rank_factors(
         rule = fixed_rank(rank)
     else:
         eps = np.finfo(source.dtype if source.dtype.kind == "f" else np.float64).eps
-        rule = rank_above(max(m, n) * eps if rtol is None else float(rtol))
+        rule = rank_above(max(m, n) * eps if rtol is None else _check_rtol(rtol))
     request = _Request(min(m, n), rule, oversample=0, method="exact", memory_limit=memory_limit,
                        out=out, overwrite=overwrite, write_factors=out is not None)
     result = _run(source, request)
@@ -446,6 +446,13 @@ def low_rank_factors(
     B = result.store["B"] if out is not None else np.asarray(result.U) * result.S
     return LowRankFactors(B, np.ascontiguousarray(result.V.T), r, m * n, r * (m + n),
                           result.residual)
+
+
+def _check_rtol(rtol: Any) -> float:
+    if isinstance(rtol, (bool, np.bool_)) or not isinstance(rtol, (int, float, np.number)) \
+            or not 0 <= rtol < np.inf:
+        raise InputError(f"rtol must be a finite number >= 0, not {rtol!r}")
+    return float(rtol)
 
 
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
@@ -732,6 +739,8 @@ def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
 
 
 def _make_centering(n: int, center: bool, mean: Any) -> Centering:
+    if not isinstance(center, (bool, np.bool_)):  # center='no' would center
+        raise InputError(f"center must be True or False, not {center!r}")
     if mean is None:
         return Centering(n, "mean" if center else "none")
     if center:

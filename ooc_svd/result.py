@@ -24,7 +24,10 @@ class SVDResult:
     Attributes
     ----------
     U : ndarray or zarr.Array of shape (m, k)
-        Left singular vectors; a zarr array inside ``store`` when ``out`` was given.
+        Left singular vectors; a zarr array inside ``store`` when ``out`` was given. The
+        'exact' and 'gram' methods form U as (A - 1 mu^T) V diag(S)^-1, undefined where a
+        singular value is zero: their columns beyond ``numerical_rank`` are zero, not
+        orthonormal ('randomized' and 'krylov' return orthonormal columns throughout).
     S : ndarray of shape (k,)
         Singular values, descending.
     V : ndarray of shape (n, k)
@@ -46,8 +49,8 @@ class SVDResult:
     numerical_rank : int
         Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.
     method : str
-        The method that ran: 'randomized', 'exact' or 'gram' (``note`` says why, if it is
-        not the planned one).
+        The method that ran: 'randomized', 'krylov', 'exact' or 'gram' (``note`` says why,
+        if it is not the planned one).
     backend : str
         Where the block products ran: 'cpu' or 'cuda'; on a cluster, where the workers'
         ran (with 'auto', each worker uses its GPU when it has one: 'cpu and cuda' on a

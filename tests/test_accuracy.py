@@ -141,3 +141,14 @@ def test_spectral_error_estimate():
     Ac = A + 3.0 - centered.mean
     true = np.linalg.norm(Ac - (centered.U * centered.S) @ centered.V.T, 2)
     assert 0.9 * true <= centered.spectral_error <= true * (1 + 1e-10)
+
+
+def test_low_rank_factors_arguments_are_checked():
+    W = np.ones((20, 10))
+    for options, message in (({"rank": 2, "rtol": 0.1}, "give rank or rtol, not both"),
+                             ({"rtol": "a"}, "rtol must be a finite number >= 0, not 'a'"),
+                             ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
+                             ({"rtol": np.nan}, "rtol must be a finite number >= 0"),
+                             ({"rank": 11}, r"rank=11 exceeds min\(m, n\) = 10")):
+        with pytest.raises(InputError, match=message):
+            ooc_svd.low_rank_factors(W, **options)

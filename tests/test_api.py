@@ -629,6 +629,7 @@ def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
         ({"k": 3, "memory_limit": "lots"}, "cannot read a memory size"),
         ({"k": 3, "memory_limit": "1MB"}, "memory_limit 1 MB is too small"),
         ({"k": 3, "mean": np.zeros(30), "center": True}, "center=True .* or mean .*, not both"),
+        ({"k": 3, "center": "no"}, "center must be True or False, not 'no'"),
         ({"k": 3, "write_factors": True}, "write_factors writes the factors into out"),
         ({"k": 3, "resume": True}, "resume continues from a checkpoint: give out"),
         ({"k": 3, "scratch_dir": "/no/such/directory"}, "scratch_dir '/no/such/directory' is "
