@@ -390,7 +390,7 @@ def check(result_path, input_path, samples, as_json) -> None:
     """Verify a result store: orthonormal U and V, and (with INPUT) a sampled residual.
 
     Exits 1 when U or V is not orthonormal to the precision of its dtype, or when the
-    samples cover all of INPUT and its residual is not the stored one (to 1%).
+    samples cover all of INPUT and its exact residual is not the stored one.
     """
     from .verify import verify_result
 
