@@ -30,7 +30,7 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError, check_int
+from .errors import InputError, OOCSVDError, check_int, check_number, check_seed
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
@@ -53,6 +53,7 @@ from .store import (
     check_output_path,
     check_scratch_dir,
     local_path,
+    paths_overlap,
 )
 from .units import parse_bytes
 
@@ -438,7 +439,7 @@ def low_rank_factors(
         rule = fixed_rank(rank)
     else:
         eps = np.finfo(source.dtype if source.dtype.kind == "f" else np.float64).eps
-        rule = rank_above(max(m, n) * eps if rtol is None else _check_rtol(rtol))
+        rule = rank_above(max(m, n) * eps if rtol is None else check_number("rtol", rtol))
     request = _Request(min(m, n), rule, oversample=0, method="exact", memory_limit=memory_limit,
                        out=out, overwrite=overwrite, write_factors=out is not None)
     result = _run(source, request)
@@ -448,16 +449,9 @@ def low_rank_factors(
                           result.residual)
 
 
-def _check_rtol(rtol: Any) -> float:
-    if isinstance(rtol, (bool, np.bool_)) or not isinstance(rtol, (int, float, np.number)) \
-            or not 0 <= rtol < np.inf:
-        raise InputError(f"rtol must be a finite number >= 0, not {rtol!r}")
-    return float(rtol)
-
-
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
-    seed = check_int("seed", request.seed, minimum=0, maximum=2**64 - 1)  # a Philox key
+    seed = check_seed(request.seed)
     centering = _make_centering(n, request.center, request.mean)
     _check_outputs(request)
     _check_backend(request.backend)
@@ -465,39 +459,45 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     plan = _plan_run(source, request, cuda_options)
     out_path = None if request.out is None else check_output_path(
         request.out, request.overwrite, inputs=_local_paths(source))
-    # Kernels and cluster before anything is written, so a missing GPU or an unreachable
-    # scheduler leaves no partial output or checkpoint behind.
-    kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
-        CPUKernels(n, plan.scatter_copies)
-    cluster = None
-    try:
-        cluster = _connect_cluster(request, source, plan, cuda_options)
-        result = _run_passes(source, request, plan, centering, seed, out_path, kernels, cluster)
-    finally:
-        if cluster is not None:
-            cluster.close()
-        kernels.close()
-    return result
-
-
-def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
-                out_path: str | None, kernels, cluster) -> SVDResult:
-    """The passes of a planned run, with its checkpoint and output store, both locked
-    (``store.OutputLock``) until the run ends: a second run on either is refused."""
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
+    with _run_locks(out_path, checkpoint):
+        if out_path is not None:  # again, locked: a run that held the lock may have written it
+            check_output_path(out_path, request.overwrite, inputs=_local_paths(source))
+        # Kernels and cluster before anything is written, so a missing GPU or an unreachable
+        # scheduler leaves no partial output or checkpoint behind.
+        kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
+            CPUKernels(n, plan.scatter_copies)
+        cluster = None
+        try:
+            cluster = _connect_cluster(request, source, plan, cuda_options)
+            return _run_passes(source, request, plan, centering, seed, out_path, checkpoint,
+                               kernels, cluster)
+        finally:
+            if cluster is not None:
+                cluster.close()
+            kernels.close()
+
+
+@contextlib.contextmanager
+def _run_locks(out_path: str | None, checkpoint: Any):
+    """Hold the locks (``store.OutputLock``) of the run's output and checkpoint until it
+    ends, so that a second run on either is refused; a checkpoint's directory is made first,
+    as the checkpoint would make it."""
     with contextlib.ExitStack() as locks:
-        out_lock = None if out_path is None else locks.enter_context(OutputLock(out_path))
+        if out_path is not None:
+            locks.enter_context(OutputLock(out_path))
         if checkpoint is not None:
-            locks.enter_context(OutputLock(os.fspath(checkpoint), "checkpoint"))
-        return _run_locked_passes(source, request, plan, centering, seed, out_path, out_lock,
-                                  checkpoint, kernels, cluster)
+            checkpoint = os.path.abspath(checkpoint)
+            os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+            locks.enter_context(OutputLock(checkpoint, "checkpoint"))
+        yield
 
 
-def _run_locked_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
-                       out_path: str | None, out_lock: OutputLock | None, checkpoint,
-                       kernels, cluster) -> SVDResult:
+def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
+                out_path: str | None, checkpoint: Any, kernels, cluster) -> SVDResult:
+    """The passes of a planned run, with its checkpoint and output store (both locked)."""
     m, n = source.shape
     fingerprint = {
         "input": source.description, "shape": [m, n], "dtype": str(source.dtype),
@@ -508,7 +508,7 @@ def _run_locked_passes(source, request: _Request, plan: Plan, centering: Centeri
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
-    writer = None if out_path is None else ResultWriter(out_path, request.overwrite, out_lock)
+    writer = None if out_path is None else ResultWriter(out_path, request.overwrite, locked=True)
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,
@@ -563,6 +563,11 @@ def _check_outputs(request: _Request) -> None:
                          "OUT.checkpoint) or checkpoint")
     if request.scratch_dir is not None and request.client is None:  # a cluster's workers
         check_scratch_dir(request.scratch_dir)                           # check their own
+    out, checkpoint = request.out, request.checkpoint
+    if out is not None and checkpoint is not None and "://" not in os.fspath(out) and \
+            paths_overlap(out, checkpoint):
+        raise InputError(f"checkpoint {os.fspath(checkpoint)!r} and out {os.fspath(out)!r} "
+                         "must be apart: the checkpoint is removed when the result is written")
 
 
 def _check_backend(backend: Any) -> str:

@@ -873,7 +873,10 @@ def _load(directory: str, name: str, index: int) -> np.ndarray:
 
 
 def _make_scratch(directory: str) -> str:
-    os.mkdir(directory)  # not makedirs: a mistyped scratch_dir is refused, not created
+    # Not makedirs: a mistyped scratch_dir is refused, not created. The directory's name is
+    # the run's own, so one that exists was made by this task before a retry.
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory)
     marker = os.path.join(directory, "shared")
     with open(marker, "w") as file:
         file.write("ooc-svd scratch\n")

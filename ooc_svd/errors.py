@@ -52,3 +52,21 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
     if maximum is not None and value > maximum:
         raise InputError(f"{name}={value} must be <= {maximum}")
     return int(value)
+
+
+def check_number(name: str, value: Any, minimum: float = 0.0) -> float:
+    """``value`` as a float if it is a real, finite number (not a bool) >= minimum;
+    otherwise an InputError naming the argument."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise InputError(f"{name} must be a number, not {value!r}")
+    if not minimum <= value < np.inf:
+        raise InputError(f"{name}={value} must be a finite number >= {minimum:g}")
+    return float(value)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed as an int: the key of a Philox generator, in [0, 2**64)."""
+    return check_int("seed", seed, minimum=0, maximum=2**64 - 1)

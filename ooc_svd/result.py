@@ -26,8 +26,9 @@ class SVDResult:
     U : ndarray or zarr.Array of shape (m, k)
         Left singular vectors; a zarr array inside ``store`` when ``out`` was given. The
         'exact' and 'gram' methods form U as (A - 1 mu^T) V diag(S)^-1, undefined where a
-        singular value is zero: their columns beyond ``numerical_rank`` are zero, not
-        orthonormal ('randomized' and 'krylov' return orthonormal columns throughout).
+        singular value is zero (or below the method's precision): their columns beyond
+        ``numerical_rank`` are zero, not orthonormal ('randomized' and 'krylov' return
+        orthonormal columns throughout).
     S : ndarray of shape (k,)
         Singular values, descending.
     V : ndarray of shape (n, k)

@@ -9,7 +9,6 @@ second run on the same path is refused instead of replacing the first one's part
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -111,7 +110,7 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
     for source in filter(None, map(local_path, inputs)):
-        if _overlap(path, source):
+        if paths_overlap(path, source):
             raise InputError(f"output {path!r} overlaps the input {source!r}, which is never "
                              "modified: choose another output path")
     if os.path.lexists(path):
@@ -149,7 +148,7 @@ def local_path(name: str) -> str | None:
     return None if "://" in name else name
 
 
-def _overlap(path: str, other: str) -> bool:
+def paths_overlap(path: str | os.PathLike, other: str | os.PathLike) -> bool:
     """Whether two local paths are the same, or one lies inside the other."""
     a, b = os.path.realpath(path), os.path.realpath(other)
     return os.path.commonpath([a, b]) in (a, b)
@@ -188,15 +187,20 @@ def _check_partial(path: str) -> str:
     return partial
 
 
+LOCK_MARK = "ooc_svd lock\n"  # what a lock file holds
+
+
 class OutputLock:
     """An exclusive lock on ``PATH.lock``, held while a run writes ``PATH`` (and what goes
     with it: ``PATH.partial``, ``PATH.checkpoint``); a second run asking for it is refused.
 
     ``flock`` on an open file: the kernel releases it when the process dies, however it dies,
-    so a killed run never leaves a stale lock. The file is removed on release, by its holder;
-    a run that locked the file just before it was removed finds it unlinked and locks the
-    new one instead. On NFS, Linux emulates ``flock`` with POSIX locks, which hold between
-    nodes when the mount has lock support. Without ``fcntl`` (Windows) nothing is locked.
+    so a killed run never leaves a stale lock. The file holds LOCK_MARK, and one that holds
+    anything else is not ooc_svd's: it is refused, never taken or removed. The file is
+    removed on release, by its holder; a run that locked the file just before it was removed
+    finds it unlinked and locks the new one instead. On NFS, Linux emulates ``flock`` with
+    POSIX locks, which hold between nodes when the mount has lock support. Without
+    ``fcntl`` (Windows) nothing is locked.
     """
 
     def __init__(self, path: str, what: str = "output"):
@@ -219,14 +223,23 @@ class OutputLock:
                     f"another run is writing the {what} {path!r} (it holds {self.path!r}); "
                     "wait for it to end or choose another path"
                 ) from None
-            if _same_file(file, self.path):
-                self.file = file
-            else:  # its holder removed it between our open and our lock: take the new one
+            if not _same_file(file, self.path):  # its holder removed it between our open
+                file.close()                    # and our lock: take the new one
+                continue
+            with open(self.path) as reader:
+                content = reader.read(len(LOCK_MARK) + 1)
+            if content not in ("", LOCK_MARK):
                 file.close()
+                raise OutputExistsError(f"{self.path!r} exists and is not an ooc_svd lock "
+                                        "file: remove it or choose another path")
+            if not content:
+                file.write(LOCK_MARK)
+                file.flush()
+            self.file = file
 
     def release(self) -> None:
         if self.file is not None:
-            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+            if _same_file(self.file, self.path):  # not one that replaced it meanwhile
                 os.unlink(self.path)  # while still held: no run can lock the removed file
             self.file.close()
             self.file = None
@@ -249,14 +262,13 @@ class StagedOutput:
     """An output written under ``PATH.partial``, marked unfinished (``mark``: the attributes
     to create its zarr node with), and renamed to ``PATH`` by ``commit``, with ``PATH`` locked
     from start to end. ``path`` passed ``check_output_path``, with the same ``overwrite`` and
-    ``replaces``. ``lock``: the caller's ``OutputLock`` on ``path``, held beyond the output
-    (a run's, released once its checkpoint is removed); without it the output takes its own,
-    released by ``commit`` or ``abort``."""
+    ``replaces``. ``locked``: the caller holds the ``OutputLock`` of ``path`` beyond the
+    output (a run, until its checkpoint is removed); otherwise the output takes it, and
+    ``commit`` or ``abort`` releases it."""
 
-    def __init__(self, path: str, overwrite: bool, replaces: str,
-                 lock: OutputLock | None = None):
+    def __init__(self, path: str, overwrite: bool, replaces: str, locked: bool = False):
         self.path, self.overwrite, self.replaces = path, overwrite, replaces
-        self.own_lock = OutputLock(path) if lock is None else None
+        self.own_lock = None if locked else OutputLock(path)
         try:
             self.partial = _check_partial(path)  # again: another run may have left one
             if os.path.lexists(self.partial):  # what a killed run left
@@ -270,10 +282,11 @@ class StagedOutput:
     def commit(self, node: Any, attributes: dict[str, Any]) -> None:
         """Give the complete output its final attributes, without the mark, and rename it
         into place (``move_into_place``); a refused rename keeps it at the partial."""
-        kept = {key: value for key, value in node.attrs.asdict().items() if key != UNFINISHED}
-        node.attrs.put({**kept, **attributes})
-        self.committed = True
         try:
+            kept = {key: value for key, value in node.attrs.asdict().items()
+                    if key != UNFINISHED}
+            node.attrs.put({**kept, **attributes})
+            self.committed = True
             move_into_place(self.partial, self.path, self.overwrite, self.replaces)
         finally:
             self._release()
@@ -315,10 +328,10 @@ def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: st
 class ResultWriter:
     """Writes U block by block, then S, V, the mean and attributes, into a zarr group."""
 
-    def __init__(self, out: str, overwrite: bool, lock: OutputLock):
+    def __init__(self, out: str, overwrite: bool, locked: bool = False):
         import zarr
 
-        self.output = StagedOutput(out, overwrite, "result", lock)
+        self.output = StagedOutput(out, overwrite, "result", locked)
         self.group = zarr.open_group(self.output.partial, mode="w",
                                      attributes=self.output.mark)
 

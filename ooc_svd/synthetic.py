@@ -19,7 +19,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from .errors import InputError, check_int
+from .errors import InputError, check_number, check_seed
 from .sketch import philox_generator
 from .threaded import map_in_order
 
@@ -79,10 +79,8 @@ def write_dense_matrix(
     m, n = shape
     if rank is not None and not 1 <= rank <= min(m, n):
         raise InputError(f"rank={rank} must be between 1 and min(m, n) = {min(m, n)}")
-    if not 0 <= decay < np.inf:
-        raise InputError(f"decay={decay} must be a finite number >= 0 (the singular values "
-                         "decrease)")
-    check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # a Philox key
+    decay = check_number("decay", decay)  # >= 0: the singular values decrease
+    seed = check_seed(seed)
     path = check_output_path(path, overwrite, replaces="synthetic")
     s = spectrum(min(m, n), rank, decay)
     r = s.size
@@ -102,17 +100,17 @@ def write_dense_matrix(
         for index, start in enumerate(range(0, m, chunk_rows)):
             stop = min(start + chunk_rows, m)
             array[start:stop] = (left_rows(index, start, stop) @ scaled_vt).astype(dtype)
+        output.commit(array, {"ooc_svd_synthetic": {
+            "kind": "dense",
+            "singular_values": s.tolist(),
+            "exact": exact,
+            "rank": r,
+            "decay": decay,
+            "seed": seed,
+        }})
     except BaseException:
-        output.abort()
+        output.abort()  # keeps an output whose rename was refused
         raise
-    output.commit(array, {"ooc_svd_synthetic": {
-        "kind": "dense",
-        "singular_values": s.tolist(),
-        "exact": exact,
-        "rank": r,
-        "decay": decay,
-        "seed": seed,
-    }})
     return zarr.open_array(path, mode="r")
 
 
@@ -180,10 +178,8 @@ def write_sparse_matrix(
 
     m, n = (int(s) for s in shape)
     total = _sparse_nnz(m, n, nnz, density)
-    if not 0 <= column_exponent < np.inf:
-        raise InputError(f"column_exponent={column_exponent} must be a finite number >= 0 "
-                         "(0: uniform columns)")
-    check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # a Philox key
+    column_exponent = check_number("column_exponent", column_exponent)  # 0: uniform columns
+    seed = check_seed(seed)
     if chunk_rows < 1 or threads < 1:
         raise InputError(f"chunk_rows ({chunk_rows}) and threads ({threads}) must be >= 1")
     table, weights = _column_distribution(n, column_exponent)

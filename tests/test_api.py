@@ -555,6 +555,54 @@ def test_a_lock_path_that_cannot_be_a_file_is_named(tmp_path, matrix):
     assert sorted(os.listdir(tmp_path)) == ["result.zarr.lock"]
 
 
+def test_a_lock_file_that_is_not_ooc_svds_is_refused_and_kept(tmp_path, matrix):
+    out = str(tmp_path / "result.zarr")
+    with open(out + ".lock", "w") as file:
+        file.write("someone's notes\n")
+    with pytest.raises(OutputExistsError, match="is not an ooc_svd lock file"):
+        ooc_svd.svd(matrix, 2, out=out)
+    with open(out + ".lock") as file:
+        assert file.read() == "someone's notes\n"
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr.lock"]
+
+
+def test_an_output_finished_while_the_run_waited_for_the_lock_is_refused_at_once(
+        tmp_path, matrix, monkeypatch):
+    """The output is checked again once the lock is held: a run that held it may have just
+    written OUT, and this run would otherwise compute all its passes before finding it."""
+    import ooc_svd.api
+    from ooc_svd.store import OutputLock
+
+    out = str(tmp_path / "result.zarr")
+    computed = []
+
+    class LockAfterAnotherRunFinished(OutputLock):
+        def __init__(self, path, what="output"):
+            if what == "output" and not os.path.exists(out):  # that other run
+                monkeypatch.setattr(ooc_svd.api, "OutputLock", OutputLock)
+                ooc_svd.svd(matrix, 3, out=out)
+            super().__init__(path, what)
+
+    monkeypatch.setattr(ooc_svd.api, "OutputLock", LockAfterAnotherRunFinished)
+    monkeypatch.setattr(ooc_svd.api, "_connect_cluster", lambda *args: computed.append(1))
+    with pytest.raises(OutputExistsError, match="exists; pass overwrite=True"):
+        ooc_svd.svd(matrix, 2, out=out)
+    assert computed == [1]  # the other run's: this one stopped before its passes
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+    assert ooc_svd.svd(out + "/U", 1).rank == 1  # the other run's result, untouched
+
+
+def test_checkpoint_paths_need_not_exist_and_may_not_be_out(tmp_path, matrix):
+    nested = tmp_path / "runs" / "today" / "state"
+    ooc_svd.svd(matrix, 2, checkpoint=str(nested))
+    assert sorted(os.listdir(tmp_path / "runs" / "today")) == []
+    out = str(tmp_path / "result.zarr")
+    for checkpoint in (out, os.path.join(out, "state"), str(tmp_path)):
+        with pytest.raises(InputError, match="must be apart"):
+            ooc_svd.svd(matrix, 2, out=out, checkpoint=checkpoint)
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
 def test_writers_of_stores_are_refused_while_another_writes_the_same_path(tmp_path):
     from ooc_svd.convert import from_scipy
     from ooc_svd.synthetic import write_dense_matrix, write_sparse_matrix

@@ -366,6 +366,25 @@ def test_generated_spectrum_is_exact_when_the_left_factor_fits(tmp_path, monkeyp
     assert 1e-6 < relative < 3 * np.sqrt(5 / shape[0])
 
 
+def test_generators_take_numpy_scalars_and_refuse_what_is_not_a_number(tmp_path):
+    from ooc_svd.errors import InputError
+    from ooc_svd.synthetic import write_dense_matrix, write_sparse_matrix
+
+    dense = write_dense_matrix(tmp_path / "d.zarr", (50, 10), seed=np.uint64(7),
+                               decay=np.float32(0.5))
+    assert dense.attrs["ooc_svd_synthetic"]["seed"] == 7
+    sparse = write_sparse_matrix(tmp_path / "s.zarr", (50, 10), nnz=100, seed=np.int32(7),
+                                 column_exponent=np.float64(1))
+    assert sparse.attrs["ooc_svd_synthetic"]["seed"] == 7
+    for write, options, message in (
+            (write_dense_matrix, {"decay": "x"}, "decay must be a number, not 'x'"),
+            (write_dense_matrix, {"decay": True}, "decay must be a number"),
+            (write_sparse_matrix, {"nnz": 100, "column_exponent": 1j}, "must be a number")):
+        with pytest.raises(InputError, match=message):
+            write(tmp_path / "x.zarr", (50, 10), **options)
+    assert sorted(os.listdir(tmp_path)) == ["d.zarr", "s.zarr"]
+
+
 def test_generate_refuses_options_of_the_other_kind(tmp_path):
     from click.testing import CliRunner
 

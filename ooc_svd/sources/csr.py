@@ -370,10 +370,10 @@ class CSRWriter:
                 "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
                 "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
             }
+            self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
         except BaseException:
             self.output.abort()
             raise
-        self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
         self.rows = 0
         self.nnz = 0
 
