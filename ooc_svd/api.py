@@ -457,14 +457,15 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
     plan = _plan_run(source, request, cuda_options)
+    inputs = () if request.out is None else _local_paths(source)
     out_path = None if request.out is None else check_output_path(
-        request.out, request.overwrite, inputs=_local_paths(source))
+        request.out, request.overwrite, inputs=inputs)
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
     with _run_locks(out_path, checkpoint):
         if out_path is not None:  # again, locked: a run that held the lock may have written it
-            check_output_path(out_path, request.overwrite, inputs=_local_paths(source))
+            check_output_path(out_path, request.overwrite, inputs=inputs)
         # Kernels and cluster before anything is written, so a missing GPU or an unreachable
         # scheduler leaves no partial output or checkpoint behind.
         kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
@@ -689,16 +690,26 @@ def _zarr_array_path(node: Any) -> str | None:
 
 
 def _zarr_arrays_in_graph(array: Any) -> list[Any]:
-    """The zarr arrays a dask array reads: ``from_zarr`` and ``from_array`` keep each in a
-    materialized layer of the graph (the task layers are not expanded to find them)."""
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
-    graph = array.__dask_graph__()
-    if not isinstance(graph, HighLevelGraph):
-        return []
-    values = (value for layer in graph.layers.values() if isinstance(layer, MaterializedLayer)
-              for value in layer.mapping.values())
-    return [value for value in values if hasattr(value, "store") and hasattr(value, "path")]
+    """The zarr arrays a dask array reads, wherever its graph holds them: as a graph value
+    (``from_zarr``, ``from_array``) or as an argument of its tasks (``inline_array=True``,
+    ``dask.optimize``). The graph is expanded: one walk over its tasks."""
+    found, seen = [], set()
+    pending = list(dict(array.__dask_graph__()).values())
+    while pending:
+        item = pending.pop()
+        if id(item) in seen or isinstance(item, (str, bytes, np.ndarray)):
+            continue
+        seen.add(id(item))
+        if hasattr(item, "store") and hasattr(item, "path"):  # a zarr array
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        else:  # a task's arguments, or the value of a data node
+            pending.extend(getattr(item, name) for name in ("args", "kwargs", "value")
+                           if hasattr(item, name))
+    return found
 
 
 def _local_store_root(store: Any) -> str | None:

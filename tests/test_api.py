@@ -422,6 +422,7 @@ def test_an_input_opened_by_the_caller_is_protected_too(tmp_path, matrix):
 
 
 def test_a_dask_array_read_from_a_store_protects_that_store(tmp_path, matrix):
+    import dask
     import dask.array as da
     import zarr
 
@@ -430,7 +431,9 @@ def test_a_dask_array_read_from_a_store_protects_that_store(tmp_path, matrix):
     before = tree_digest(out)
     U = da.from_zarr(out, component="U")
     held = da.from_array(zarr.open_group(out, mode="r")["U"], chunks=(100, 5))
-    for A in (U, 2 * U[:300], held):
+    inlined = da.from_zarr(out, component="U", inline_array=True)
+    (optimized,) = dask.optimize(da.concatenate([U, U]).rechunk((150, 5)))
+    for A in (U, 2 * U[:300], held, inlined, optimized):
         with pytest.raises(InputError, match="overlaps the input"):
             ooc_svd.svd(A, 2, out=out, overwrite=True)
     assert tree_digest(out) == before
