@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+from distributed import WorkerPlugin
 
 from .centering import Centering
 from .errors import InputError
@@ -501,6 +502,24 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
         raise
 
 
+def _without_task_errors(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Compute Failed")
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """A worker plugin for the clusters made here (``local:N``): workers do not log a failed
+    task ("Compute Failed", with its traceback), since the error reaches the client, which
+    reports it (bad input in one line). Their other messages, such as a restart, stay."""
+
+    name = "ooc-svd-quiet-task-errors"
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").addFilter(_without_task_errors)
+
+    def teardown(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").removeFilter(_without_task_errors)
+
+
 def _client_from(client: Any) -> tuple[Any, list[Any]]:
     from distributed import Client, LocalCluster
 
@@ -516,12 +535,12 @@ def _client_from(client: Any) -> tuple[Any, list[Any]]:
         if not workers.isdigit() or int(workers) < 1:
             raise InputError(f"local:N needs a number of workers N >= 1, not {client!r}")
         # Any free port for the scheduler's HTTP server: its default, 8787, may be taken by
-        # another cluster on the node. The workers log no errors: a task's error reaches the
-        # client, which reports it (bad input in one line, anything else with its traceback).
+        # another cluster on the node.
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=logging.CRITICAL)
+                               dashboard_address=":0")
         try:
             made = Client(cluster, set_as_default=False)
+            made.register_plugin(QuietTaskErrors())
         except BaseException:
             cluster.close()
             raise
