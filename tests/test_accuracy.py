@@ -146,9 +146,9 @@ def test_spectral_error_estimate():
 def test_low_rank_factors_arguments_are_checked():
     W = np.ones((20, 10))
     for options, message in (({"rank": 2, "rtol": 0.1}, "give rank or rtol, not both"),
-                             ({"rtol": "a"}, "rtol must be a finite number >= 0, not 'a'"),
-                             ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
-                             ({"rtol": np.nan}, "rtol must be a finite number >= 0"),
+                             ({"rtol": "a"}, "rtol must be a number, not 'a'"),
+                             ({"rtol": -1.0}, "rtol=-1.0 must be a finite number >= 0"),
+                             ({"rtol": np.nan}, "rtol=nan must be a finite number >= 0"),
                              ({"rank": 11}, r"rank=11 exceeds min\(m, n\) = 10")):
         with pytest.raises(InputError, match=message):
             ooc_svd.low_rank_factors(W, **options)
