@@ -1,4 +1,4 @@
-"""Exceptions raised by ooc_svd, and the argument check shared by its entry points.
+"""Exceptions raised by ooc_svd, and the argument checks shared by its entry points.
 
 Every error a user can cause derives from ``OOCSVDError`` and from the builtin exception a
 caller would expect (``ValueError`` for bad arguments, ``FileNotFoundError`` for a missing

@@ -292,9 +292,7 @@ class _Layouts:
             if peak <= limit:
                 break
         else:
-            raise _refusal(method, self.shape, width, blocks, peak, limit,
-                           self.chunk_boundaries, self.chunk_bytes, nnz,
-                           self.read_overhead_bytes)
+            raise self._refusal(method, width, blocks, peak)
         spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
         growth = -(-l // GROWTH_BLOCK) if self.fixed_accuracy and method == "randomized" else 0
         plan = Plan(
@@ -309,40 +307,38 @@ class _Layouts:
         cached = _blocks_that_fit(plan.block_bytes, limit - peak)
         return _with_spill_in_memory(replace(plan, cached_blocks=cached))
 
-
-def _refusal(method, shape, width, blocks, peak, memory_limit, chunk_boundaries, chunk_bytes,
-             nnz, read_overhead_bytes) -> PlanError:
-    """Why no layout of ``method`` fits the limit, with the numbers and the way out."""
-    m, n = shape
-    limit = format_bytes(memory_limit)
-    if len(blocks) == 0:
-        decoded, hint = "", ""
-        if read_overhead_bytes:
-            decoded = f", and {format_bytes(read_overhead_bytes)} of partly decoded " \
-                      "storage chunks per read"
-            hint = "; raise memory_limit or write the store with fewer non-zeros per " \
-                   "chunk (ooc-svd convert --chunk-nnz)"
+    def _refusal(self, method: str, width: int, blocks, peak: int) -> PlanError:
+        """Why no layout of ``method`` fits the limit, with the numbers and the way out."""
+        (m, n), limit = self.shape, format_bytes(self.memory_limit)
+        overhead = self.read_overhead_bytes
+        if len(blocks) == 0:
+            decoded, hint = "", ""
+            if overhead:
+                decoded = f", and {format_bytes(overhead)} of partly decoded storage chunks " \
+                          "per read"
+                hint = "; raise memory_limit or write the store with fewer non-zeros per " \
+                       "chunk (ooc-svd convert --chunk-nnz)"
+            return PlanError(
+                f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
+                f"matrix: its working set (n x l float64 arrays with l={width}{decoded}) and "
+                f"one row need {format_bytes(peak)}{hint}"
+            )
+        largest = int(np.argmax(self.chunk_bytes))
+        rows = int(self.chunk_boundaries[largest + 1] - self.chunk_boundaries[largest])
+        raw = format_bytes(self.chunk_bytes[largest])
+        if self.nnz is not None:
+            return PlanError(
+                f"memory_limit {limit} cannot hold a block of {rows} sparse rows ({raw} raw) "
+                f"with the read-ahead, the partly decoded storage chunks "
+                f"({format_bytes(overhead)} per read) and the working set (needs "
+                f"{format_bytes(peak)}); raise memory_limit or write the store with fewer "
+                "non-zeros per chunk (ooc-svd convert --chunk-nnz)"
+            )
         return PlanError(
-            f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
-            f"matrix: its working set (n x l float64 arrays with l={width}{decoded}) and one "
-            f"row need {format_bytes(peak)}{hint}"
+            f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) "
+            f"with the read-ahead and working set (needs {format_bytes(peak)}); raise "
+            "memory_limit or rechunk the store by rows"
         )
-    largest = int(np.argmax(chunk_bytes))
-    rows = int(chunk_boundaries[largest + 1] - chunk_boundaries[largest])
-    raw = format_bytes(chunk_bytes[largest])
-    if nnz is not None:
-        return PlanError(
-            f"memory_limit {limit} cannot hold a block of {rows} sparse rows ({raw} raw) with "
-            f"the read-ahead, the partly decoded storage chunks "
-            f"({format_bytes(read_overhead_bytes)} per read) and the working set (needs "
-            f"{format_bytes(peak)}); raise memory_limit or write the store with fewer "
-            "non-zeros per chunk (ooc-svd convert --chunk-nnz)"
-        )
-    return PlanError(
-        f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) with "
-        f"the read-ahead and working set (needs {format_bytes(peak)}); raise memory_limit or "
-        "rechunk the store by rows"
-    )
 
 
 def _with_spill_in_memory(plan: Plan) -> Plan:

@@ -20,8 +20,8 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     ||U^T U - I||_max or ||V^T V - I||_max (over the numerical rank) exceeds the tolerance of
     U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum. When the
     samples cover every row, the residual they give is exact, and ``ok`` is also False when
-    it is not the stored one (``residual_agrees``, see ``residual_agrees``): the result does
-    not belong to this input, or one of them changed.
+    the function ``residual_agrees`` finds it is not the stored one (reported under that
+    name): the result does not belong to this input, or one of them changed.
     """
     check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
