@@ -127,11 +127,12 @@ dask.array.Array} of shape (m, n)
         'randomized': niter + 1 reads, sampling error as in Halko et al.
         'krylov': block Krylov, the same niter + 1 reads keeping every iterate; a final
         basis (niter + 1) l wide; far more accurate on flat spectra (Musco & Musco 2015).
-        'exact': TSQR of A (an n x n R, n <= 4096) and a second read for U; singular values
-        accurate to eps * sigma_1.
-        'gram': G = A^T A by dsyrk, its eigendecomposition, and a second read for U; the
-        fastest for small n, with sigma_j accurate to eps * sigma_1^2 / sigma_j (squared
-        conditioning; below float32 data's own rounding for sigma_j > 1e-8 sigma_1).
+        'exact': TSQR of A (an n x n R, n <= 4096), then the final pass over A V_k for U, S
+        and V; singular values accurate to eps * sigma_1.
+        'gram': G = A^T A by dsyrk, its eigendecomposition, and the same final pass; the
+        fastest for small n, with V_k's span accurate to eps * (sigma_1 / sigma_k)^2
+        (squared conditioning; below float32 data's own rounding for sigma_k > 1e-8
+        sigma_1).
         'auto' picks the cheapest by a cost model and says why in ``result.plan.reason``;
         when it picks 'gram' and the spectrum is too ill-conditioned for it, it finishes with
         'exact' (one more read) and says so in ``result.note``.
@@ -173,12 +174,13 @@ dask.array.Array} of shape (m, n)
         (a shared filesystem on several nodes); U (m x k) is written by the workers into
         ``out`` when they reach it, else returned here. See ``ooc_svd.distributed``.
     backend : {'auto', 'cpu', 'cuda'}, default='auto'
-        Where the products of the randomized and Krylov passes (and U = A V S^-1) run: 'cuda'
+        Where the products of the randomized and Krylov passes (and the final pass of the
+        exact and gram methods) run: 'cuda'
         streams the blocks through an NVIDIA GPU (numba-cuda, the ``cuda`` extra), copying
         block i + 1 while block i computes; 'auto' uses it when a usable GPU is present
         with the run's device memory free, and says so in ``result.backend``. With 'cuda',
-        too little free device memory is a PlanError. The gram and exact methods factor
-        on the CPU.
+        too little free device memory is a PlanError. The gram and exact methods factor A
+        on the CPU, and 'auto' leaves them wholly there.
     cuda_options : dict, optional
         Settings of the cuda backend, used wherever it runs (here or on the workers):
         ``accumulate`` ('float64', the default, or 'float32': in-tile sums in float32, for
@@ -628,12 +630,12 @@ def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
     """Run the planned method."""
     rule = request.rank_rule
     if plan.method == "exact":
-        return exact_svd(context, plan, allocate_u, rule)
+        return exact_svd(context, plan, allocate_u, request.scratch_dir, rule)
     if plan.method == "gram":
         # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
         # spectrum; a requested one does what was asked.
         fallback_eps = _data_eps(context.source.dtype) if request.method == "auto" else None
-        return gram_svd(context, plan, allocate_u, rule, fallback_eps)
+        return gram_svd(context, plan, allocate_u, request.scratch_dir, rule, fallback_eps)
     if plan.method == "krylov":
         return krylov_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
     if request.tol is not None:

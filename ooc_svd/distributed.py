@@ -390,15 +390,6 @@ class ClusterPasses:
         self.client.submit(_remove_tree, spill.directory,
                            key=self._key("U", "cleanup", self.count)).result()
 
-    def product_pass(self, context: PassContext, W: np.ndarray,
-                     store_rows: Callable[[int, np.ndarray], None]) -> None:
-        began = time.perf_counter()
-        shift = self._pass_shift(context.centering, "product")
-        leaves = self._map("product", _product_group, self._put(W, "W"),
-                           self._put(shift, "shift"), self._row_sink(store_rows), self.depth)
-        nbytes = self._store_returned_rows(leaves, store_rows)
-        self._record(context, "product pass", began, nbytes)
-
     def residual_power_pass(self, context: PassContext, X: np.ndarray,
                             read_u: Callable[[int, int], np.ndarray], S: np.ndarray,
                             V: np.ndarray) -> np.ndarray:
@@ -802,17 +793,6 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
     return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT, backends=frozenset([kernels.name]))
 
 
-def _product_group(source, blocks, first, W, shift, sink, depth, kernel_spec=("auto", None)):
-    stats = BlockStats.zeros(W.shape[0])
-    rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
-    nbytes = 0
-    with _task_kernels(W.shape[0], kernel_spec) as kernels:
-        for start, _, block in _blocks(source, blocks, depth):
-            rows.add(start, kernels.times(block, start, W, shift, stats))
-            nbytes += block.nbytes
-    return nbytes, rows.returned, frozenset([kernels.name])
-
-
 def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
                     kernel_spec=("auto", None)) -> _Partial:
     n = X.shape[0]
@@ -912,4 +892,4 @@ def tree_depth(groups: int) -> int:
 
 
 # The group tasks that run block kernels, and so take the ``kernel_spec`` keyword.
-_KERNEL_TASKS = (_power_group, _final_group, _product_group)
+_KERNEL_TASKS = (_power_group, _final_group)

@@ -11,10 +11,15 @@ adaptive randomized (fixed accuracy), (q + 1) reads per block of basis, plus one
     ||A||_F^2 - ||A X||_F^2 <= tol^2 ||A||_F^2;  then the final pass as above
 
 exact, two reads:
-    A = Q R by TSQR (R only);  R = W Sigma V^T;  U = A V_k Sigma_k^-1
+    A = Q R by TSQR (R only);  R = W Sigma V^T;  the final pass above with X = V_k
 
 gram, two reads:
-    G = A^T A;  G = V Sigma^2 V^T;  U = A V_k Sigma_k^-1
+    G = A^T A;  G = V Sigma^2 V^T;  the final pass above with X = V_k
+
+The final pass of exact and gram is a Rayleigh-Ritz step on the exact subspace: U comes
+out of a Householder TSQR, orthonormal to working precision in every column, where
+A V_k Sigma_k^-1 would lose orthogonality as eps * sigma_1 / sigma_j and be undefined
+past the rank of A.
 
 The rank returned is decided by a rank rule once the singular values and ||A||_F are known
 (a fixed k, a tolerance, or numpy.linalg.matrix_rank's threshold), and only then is U
@@ -36,7 +41,6 @@ from .passes import (
     fused_power_pass,
     gram_pass,
     left_vectors_sweep,
-    product_pass,
     tsqr_final_pass,
     tsqr_r_pass,
 )
@@ -66,6 +70,9 @@ class Factors:
     numerical_rank: int
     method: str
     note: str = ""
+    # The sum of the squared singular values past the rank, where the method computed them
+    # all to eps * sigma_1 (exact): a residual without fro2 - sum(S^2)'s cancellation.
+    trailing_energy: float | None = None
 
 
 # ---- rank rules ---------------------------------------------------------------------------
@@ -213,36 +220,41 @@ def _grow_basis(context, plan, seed, basis, captured, block, width) -> dict:
 
 
 def exact_svd(
-    context: PassContext, plan: Plan, allocate_u: AllocateU, rank_rule: RankRule
+    context: PassContext, plan: Plan, allocate_u: AllocateU, scratch_dir: str | None,
+    rank_rule: RankRule,
 ) -> Factors:
-    """Exact top-k SVD of A - 1 mu^T: TSQR for R, the SVD of R, then U = A V S^-1.
+    """Exact top-k SVD of A - 1 mu^T: TSQR for R and the SVD of R, which give the rank and
+    V_k; then the final pass over A V_k for U, S and V.
 
-    Singular values are accurate to about eps * sigma_1 (Householder stability); U is
-    orthonormal to about eps * sigma_1 / sigma_j in column j.
+    Singular values are accurate to about eps * sigma_1 (Householder stability), and U
+    and V are orthonormal to working precision.
     """
     state = context.resumable("tsqr", lambda: _factor_state(*tsqr_r_pass(context)))
     stats, shift = _stats_of(state)
     _, S_all, Vt = scipy.linalg.svd(state["factor"], full_matrices=False)
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
-    numerical = numerical_rank(S_all[:rank], context.source.shape)
-    return _left_vectors_by_product(
-        context, S_all[:rank], Vt[:rank].T, numerical, fro2, allocate_u, "exact"
-    )
+    V = np.asfortranarray(Vt[:rank].T)
+    factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "exact")
+    factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))
+    return factors
 
 
 def gram_svd(
-    context: PassContext, plan: Plan, allocate_u: AllocateU, rank_rule: RankRule,
-    fallback_eps: float | None = None,
+    context: PassContext, plan: Plan, allocate_u: AllocateU, scratch_dir: str | None,
+    rank_rule: RankRule, fallback_eps: float | None = None,
 ) -> Factors:
-    """Top-k SVD of A - 1 mu^T from the eigendecomposition of G = A^T A, then U = A V S^-1.
+    """Top-k SVD of A - 1 mu^T from the eigendecomposition of G = A^T A, which gives the
+    rank and V_k; then the final pass over A V_k for U, S and V.
 
     G is accumulated in float64 by dsyrk, the fastest of the products, so this is the
-    cheapest method for small n. Forming G squares the condition number: sigma_j is
-    accurate to about eps * sigma_1^2 / sigma_j, i.e. to eps relative for sigma_j near
-    sigma_1, and to sqrt(eps) * sigma_1 at worst. For float32 data that is far below the
-    data's own rounding for any sigma_j > 1e-8 sigma_1; for ill-conditioned float64 data
-    the exact method (TSQR) keeps eps * sigma_1.
+    cheapest method for small n. Forming G squares the condition number: its eigenvalues
+    give sigma_j to about eps * sigma_1^2 / sigma_j (sqrt(eps) * sigma_1 at worst), and
+    its eigenvectors span V_k to about eps * (sigma_1 / sigma_k)^2. The final pass's
+    Rayleigh-Ritz step recomputes S from A V_k, as accurately as that span allows. For
+    float32 data both errors are far below the data's own rounding for any
+    sigma_k > 1e-8 sigma_1; for ill-conditioned float64 data the exact method (TSQR)
+    keeps eps * sigma_1.
 
     With ``fallback_eps`` (the data's own rounding unit, 0 for integers), a spectrum too
     ill-conditioned for G (see ``gram_is_accurate``) switches to the exact method, at the
@@ -262,17 +274,14 @@ def gram_svd(
     if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps,
                                                          subtracted):
         ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / (eigenvalues[0] + subtracted))
-        factors = exact_svd(context, plan, allocate_u, rank_rule)
+        factors = exact_svd(context, plan, allocate_u, scratch_dir, rank_rule)
         factors.note = (
             f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is too small for the gram "
             "method's accuracy; switched to the exact method after its pass"
         )
         return factors
-    # Eigenvalues below rank tolerance * lambda_1 are rounding noise of G.
-    numerical = numerical_rank(eigenvalues[:rank], context.source.shape)
-    return _left_vectors_by_product(
-        context, S_all[:rank], eigenvectors[:, :rank], numerical, fro2, allocate_u, "gram"
-    )
+    V = np.asfortranarray(eigenvectors[:, :rank])
+    return _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "gram")
 
 
 # ---- shared steps -------------------------------------------------------------------------
@@ -291,18 +300,6 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)
     return Factors(S_all[:rank], V, fro2, numerical, method)
-
-
-def _left_vectors_by_product(context, S, V, numerical, fro2, allocate_u, method) -> Factors:
-    """Finish a two-pass method: U = (A - 1 mu^T) V S^-1 in a second read of A.
-
-    Columns beyond the numerical rank are set to zero, since A V S^-1 is undefined there.
-    """
-    V, _ = normalize_signs(V, np.zeros((0, V.shape[1])))
-    inverse = np.zeros_like(S)
-    inverse[:numerical] = 1.0 / S[:numerical]
-    product_pass(context, np.asfortranarray(V * inverse), allocate_u(S.size))
-    return Factors(S, V, fro2, numerical, method)
 
 
 def _representable(fro2: float, S: np.ndarray, stats: BlockStats) -> float:

@@ -4,7 +4,6 @@
 - ``tsqr_final_pass``: streaming TSQR of Y = A X with B = Q^T A, spilling the Q_i.
 - ``tsqr_r_pass``: R of A itself (exact mode).
 - ``gram_pass``: G = A^T A (gram mode).
-- ``product_pass``: U_i = A_i W for given W, written block by block (exact mode's U).
 - ``residual_power_pass``: Z = R^T R X for the residual R = A - U S V^T (error estimates).
 - ``left_vectors_sweep``: U = Q W by the backward sweep over the final pass's spill.
 
@@ -271,18 +270,6 @@ def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]
     context.centering.correct_gram(G, None, shift, stats)
     context.centering.finish_pass(shift, stats)
     return G, stats, shift
-
-
-def product_pass(
-    context: PassContext, W: np.ndarray, store_rows: Callable[[int, np.ndarray], None]
-) -> None:
-    """U_i = (A_i - 1 mu^T) W for every block, handed to ``store_rows(start, U_i)``."""
-    if context.cluster is not None:
-        context.cluster.product_pass(context, W, store_rows)
-        return
-    stats = BlockStats.zeros(context.source.shape[1])
-    for _, start, block, shift in context.read("product pass"):
-        store_rows(start, context.kernels.times(block, start, W, shift, stats))
 
 
 def residual_power_pass(

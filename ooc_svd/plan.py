@@ -293,7 +293,7 @@ class _Layouts:
                 break
         else:
             raise self._refusal(method, width, blocks, peak)
-        spill = m * (width + 1) * 8 if method in ("randomized", "krylov") else 0
+        spill = m * (width + 1) * 8  # the final pass's Q factors, every method
         growth = -(-l // GROWTH_BLOCK) if self.fixed_accuracy and method == "randomized" else 0
         plan = Plan(
             (m, n), self.itemsize, self.k, l, self.niter, method, reason, blocks, depth, limit,
@@ -435,15 +435,19 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
 
 def _fixed_bytes(n: int, l: int, method: str) -> int:
     """Bytes of the working set that does not depend on the block size."""
+    # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
+    final_pass = 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
     if method == "exact":
         # R, its SVD factors (or the previous R), the rows stacked under R for the next
         # QR (factored in place) and the R it returns.
-        return 8 * (4 * (n + 1) ** 2 + (stacked_rows(n) + n + 1) * (n + 1)) + SUB_BLOCK_BYTES
-    if method == "gram":
+        factoring = 8 * (4 * (n + 1) ** 2 + (stacked_rows(n) + n + 1) * (n + 1))
+    elif method == "gram":
         # G, its symmetrized copy, the eigenvectors and eigh's workspace.
-        return 8 * 4 * n * n + SUB_BLOCK_BYTES
-    # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
-    return 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
+        factoring = 8 * 4 * n * n
+    else:
+        return final_pass
+    # The final pass runs while the n x n factor and its SVD (or eigenvectors) are held.
+    return max(factoring + SUB_BLOCK_BYTES, 8 * 2 * (n + 1) ** 2 + final_pass)
 
 
 @dataclass(frozen=True)
@@ -464,16 +468,21 @@ class _Work:
     def randomized_seconds(self, l: int, final: int, niter: int) -> float:
         """q fused power passes with l columns, then the final pass with ``final`` columns."""
         read = (niter + 1) * self.pass_bytes / READ_BYTES_PER_S
-        products = self.product_seconds(niter * 2 * l + 2 * final)
-        qr_and_sweep = 4 * self.m * final**2 / QR_FLOPS_PER_S
-        return read + products + qr_and_sweep + 2 * self.m * final * 8 / READ_BYTES_PER_S
+        return read + self.product_seconds(niter * 2 * l) + self.final_pass_seconds(final)
 
     def two_pass_seconds(self, k: int, factor_seconds: float) -> float:
-        """A pass that factors A (TSQR or Gram), then a pass for U = A V S^-1; sparse rows
-        are densified in cache-sized pieces for both."""
-        densify = 0 if self.nnz is None else 2 * self.m * self.n / CSR_FLOPS_PER_S
+        """A pass that factors A (TSQR or Gram; sparse rows are densified in cache-sized
+        pieces), then the final pass with the k columns of V_k."""
+        densify = 0 if self.nnz is None else self.m * self.n / CSR_FLOPS_PER_S
         read = 2 * self.pass_bytes / READ_BYTES_PER_S
-        return read + densify + factor_seconds + 2 * self.m * self.n * k / GEMM_FLOPS_PER_S
+        return read + densify + factor_seconds + self.final_pass_seconds(k)
+
+    def final_pass_seconds(self, width: int) -> float:
+        """Compute of the final pass (reading aside): A X and B = Q^T A, the streaming TSQR
+        and the backward sweep, and writing and reading the spilled Q."""
+        qr_and_sweep = 4 * self.m * width**2 / QR_FLOPS_PER_S
+        spill = 2 * self.m * width * 8 / READ_BYTES_PER_S
+        return self.product_seconds(2 * width) + qr_and_sweep + spill
 
 
 def _method_choices(

@@ -24,11 +24,9 @@ class SVDResult:
     Attributes
     ----------
     U : ndarray or zarr.Array of shape (m, k)
-        Left singular vectors; a zarr array inside ``store`` when ``out`` was given. The
-        'exact' and 'gram' methods form U as (A - 1 mu^T) V diag(S)^-1, undefined where a
-        singular value is zero (or below the method's precision): their columns beyond
-        ``numerical_rank`` are zero, not orthonormal ('randomized' and 'krylov' return
-        orthonormal columns throughout).
+        Left singular vectors; a zarr array inside ``store`` when ``out`` was given.
+        Orthonormal to working precision in every column, also beyond ``numerical_rank``
+        (where S is zero to rounding and the columns complete the basis).
     S : ndarray of shape (k,)
         Singular values, descending.
     V : ndarray of shape (n, k)
@@ -38,7 +36,9 @@ class SVDResult:
         The subtracted mean, when centered.
     residual : float
         ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
-        extra pass from ||A||_F^2 - sum(S**2). Below about 1e-7 it is at float64's noise floor.
+        extra pass from ||A||_F^2 - sum(S**2). Below about 1e-7 it is at float64's noise
+        floor, except with the 'exact' method, which sums the squares of the singular values
+        past the rank instead, accurate to about eps.
     frobenius_norm : float
         ||A - 1 mu^T||_F.
     passes : int
@@ -178,11 +178,14 @@ def _tolerance_note(tol: float | None, residual: float, rank: int) -> str:
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
                     records: list[PassRecord], tol: float | None = None) -> SVDResult:
-    """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2, and a
-    note gathering what the run has to say about it (``tol``: fixed-accuracy mode's)."""
+    """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2 (or the
+    trailing singular values' energy, where the method knows it), and a note gathering what
+    the run has to say about it (``tol``: fixed-accuracy mode's)."""
     dtype = U.dtype
     fro2 = factors.frobenius_squared
-    residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
+    residual2 = factors.trailing_energy
+    if residual2 is None:
+        residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
     residual = float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0
     return SVDResult(
         U=U,

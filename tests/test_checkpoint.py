@@ -22,8 +22,8 @@ def die(*args, **kwargs):
     [
         ("randomized", {"k": 4}, "tsqr_final_pass", 2),  # both power passes are kept
         ("krylov", {"k": 4}, "tsqr_final_pass", 2),
-        ("gram", {"k": 4}, "product_pass", 1),  # G is kept
-        ("exact", {"k": 4}, "product_pass", 1),  # R is kept
+        ("gram", {"k": 4}, "tsqr_final_pass", 1),  # G is kept
+        ("exact", {"k": 4}, "tsqr_final_pass", 1),  # R is kept
         # Fixed accuracy: two blocks of basis, niter + 1 = 3 passes each, are kept.
         ("randomized", {"tol": 0.02}, "_final_pass", 6),
     ],

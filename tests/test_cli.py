@@ -80,6 +80,7 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
 @pytest.mark.parametrize(("kind", "method", "center"), [
     ("float32", "randomized", True), ("float64", "krylov", False),
     ("rank-deficient", "gram", False), ("rank-deficient", "exact", True),
+    ("ill-conditioned", "exact", True), ("ill-conditioned", "gram", False),
     ("sparse", "randomized", True), ("sparse", "gram", False),
     ("sparse, mean 1e5 x the spread", "randomized", True),
 ])
@@ -102,7 +103,8 @@ def test_check_finds_the_residual_of_every_kind_of_result_exact(tmp_path, kind, 
         path = str(tmp_path / "A.zarr")
         from_scipy(A, path, dtype="float64")
     else:
-        s = np.logspace(0, -3, 60)
+        # Ill-conditioned: U = A V S^-1 would lose orthogonality as eps * sigma_1 / sigma_j.
+        s = np.logspace(0, -12 if kind == "ill-conditioned" else -3, 60)
         if kind == "rank-deficient":
             s[20:] = 0
         A = naive.matrix_with_spectrum(3000, 60, s, seed=11) + (3.0 if center else 0.0)

@@ -691,6 +691,8 @@ def test_cli_run_on_the_cuda_backend_writes_what_the_cpu_backend_writes(tmp_path
     ("csr", "krylov", None),
     ("csr", "randomized", {"csr_transposed": "columns", "streams": 3}),
     ("csr", "krylov", {"csr_transposed": "columns", "streams": 1}),
+    ("dense", "exact", None),  # the final pass over A V_k on the GPU
+    ("csr", "gram", None),
 ])
 def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method, cuda_options):
     import scipy.sparse

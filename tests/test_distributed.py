@@ -77,8 +77,8 @@ def small_units(monkeypatch):
 def assert_same_result(result, reference, atol=1e-10):
     """Signs are normalized the same way everywhere, so the factors compare directly.
 
-    Singular values agree to rounding relative to sigma_1 (the gram method's own error on
-    sigma_j is eps sigma_1^2 / sigma_j, so a sum in another order moves small ones most)."""
+    Singular values agree to rounding relative to sigma_1: a sum in another order moves
+    each by about eps sigma_1, the small ones most relative to themselves."""
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-11, atol=1e-12 * reference.S[0])
     np.testing.assert_allclose(result.V, reference.V, atol=atol)
     np.testing.assert_allclose(np.asarray(result.U), np.asarray(reference.U), atol=atol)
@@ -441,7 +441,7 @@ def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     reference = ooc_svd.svd(dense_store, 4)
-    np.testing.assert_allclose(summary["S"], reference.S, rtol=1e-11)
+    np.testing.assert_allclose(summary["S"], reference.S, rtol=1e-11, atol=1e-12 * reference.S[0])
     np.testing.assert_allclose(zarr.open_group(out, mode="r")["U"][:], reference.U, atol=1e-10)
     # Bad input found by a worker: the one-line error, without the worker's log of it
     bad = zarr.create_array(str(tmp_path / "nan.zarr"), shape=(400, 10), chunks=(100, 10),
@@ -457,14 +457,3 @@ def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
     assert "Traceback" not in done.stderr and "Compute Failed" not in done.stderr, done.stderr
 
 
-def test_the_u_pass_reports_its_kernels_backend():
-    """gram and exact compute U in a product pass on the workers' kernels, which a GPU may
-    run: its tasks say which, for ``result.backend``."""
-    A = naive.matrix_with_spectrum(60, 5, np.logspace(0, -2, 5), seed=1)
-    source = ooc_svd.sources.open_source(A)
-    W = np.random.default_rng(0).standard_normal((5, 2))
-    read, pieces, backends = ooc_svd.distributed._product_group(
-        source, [(0, 30), (30, 60)], 0, W, np.zeros(5), RowSink(None, np.dtype(float), 60), 1,
-        kernel_spec=("cpu", None))
-    assert backends == frozenset(["cpu"]) and read == A.nbytes
-    np.testing.assert_allclose(np.vstack([rows for _, rows in pieces]), A @ W)

@@ -28,7 +28,7 @@ RANDOMIZED = {
 }
 
 
-def error_bounds(method, spectrum, dtype, S_exact, rank):
+def error_bounds(method, spectrum, dtype, S_exact):
     """Per-method bounds: on |S - S_exact| (absolute, per value), on ||U^T U - I||, and on
     the reconstruction error beyond the optimal one (as a factor, plus a floor / ||A||)."""
     eps = np.finfo(dtype).eps
@@ -37,15 +37,9 @@ def error_bounds(method, spectrum, dtype, S_exact, rank):
         allowed = RANDOMIZED[spectrum]
         values = 100 * eps * sigma_1 + allowed["values"] * S_exact
         return values, 50 * eps, allowed["excess"], 100 * eps
-    # U = A V S^-1: orthonormal to about eps * sigma_1 / sigma_j (exact), and to
-    # eps64 * (sigma_1 / sigma_j)^2 when V comes from A^T A (gram).
-    condition = sigma_1 / S_exact[rank - 1]
-    if method == "exact":
-        return 100 * eps * sigma_1, 50 * eps * condition, 1e-10, 100 * eps
-    eps64 = np.finfo(np.float64).eps
-    squared = np.minimum(eps64 * sigma_1**2 / np.maximum(S_exact, 1e-300), np.sqrt(eps64) * sigma_1)
-    values = 100 * np.maximum(squared, eps * sigma_1)
-    return values, 50 * max(eps64 * condition**2, eps), 1e-10, 100 * np.sqrt(eps64)
+    # exact and gram: V_k of the factored R (or G), then the final pass's Rayleigh-Ritz
+    # step, whose values are within rounding of sigma_1 even where G's eigenvalues are not.
+    return 100 * eps * sigma_1, 50 * eps, 1e-10, 100 * eps
 
 
 @pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
@@ -63,11 +57,11 @@ def test_matches_exact_svd(zarr_matrix, block_rows, method, spectrum, dtype):
     assert U.shape == (M, k) and S.shape == (k,) and V.shape == (N, k)
     assert result.U.dtype == dtype and result.S.dtype == dtype
 
-    rank = result.numerical_rank
-    values, orthogonality, excess, floor = error_bounds(method, spectrum, dtype, S_exact, rank)
+    values, orthogonality, excess, floor = error_bounds(method, spectrum, dtype, S_exact)
     eps = np.finfo(dtype).eps
+    # Orthonormal in every column, also past the numerical rank.
     np.testing.assert_allclose(V.T @ V, np.eye(k), atol=50 * eps)
-    np.testing.assert_allclose(U[:, :rank].T @ U[:, :rank], np.eye(rank), atol=orthogonality)
+    np.testing.assert_allclose(U.T @ U, np.eye(k), atol=orthogonality)
     assert np.all(np.abs(S - S_exact) <= values)
 
     optimal = np.sqrt(np.sum(np.linalg.svd(A64, compute_uv=False)[k:] ** 2))
@@ -154,7 +148,7 @@ def test_rank_deficient_exact_mode_reports_rank():
     assert result.numerical_rank == 3
     np.testing.assert_allclose(result.S[:3], [5, 3, 1], rtol=1e-12)
     assert np.all(result.S[3:] < 1e-12)
-    np.testing.assert_allclose(result.U[:, :3].T @ result.U[:, :3], np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(result.U.T @ result.U, np.eye(6), atol=1e-12)
 
 
 def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
