@@ -487,15 +487,39 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
 def _run_locks(out_path: str | None, checkpoint: Any):
     """Hold the locks (``store.OutputLock``) of the run's output and checkpoint until it
     ends, so that a second run on either is refused; a checkpoint's directory is made first,
-    as the checkpoint would make it."""
-    with contextlib.ExitStack() as locks:
-        if out_path is not None:
-            locks.enter_context(OutputLock(out_path))
-        if checkpoint is not None:
-            checkpoint = os.path.abspath(checkpoint)
-            os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-            locks.enter_context(OutputLock(checkpoint, "checkpoint"))
-        yield
+    as the checkpoint would make it, and removed again if the run fails before making the
+    checkpoint."""
+    made: list[str] = []
+    try:
+        with contextlib.ExitStack() as locks:
+            if out_path is not None:
+                locks.enter_context(OutputLock(out_path))
+            if checkpoint is not None:
+                checkpoint = os.path.abspath(checkpoint)
+                made = _make_directories(os.path.dirname(checkpoint))
+                locks.enter_context(OutputLock(checkpoint, "checkpoint"))
+            yield
+    except BaseException:
+        if made and not os.path.lexists(checkpoint):
+            _remove_empty_directories(made)
+        raise
+
+
+def _make_directories(path: str) -> list[str]:
+    """os.makedirs(path), returning the directories it made, innermost first."""
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(missing[0] if missing else path, exist_ok=True)
+    return missing
+
+
+def _remove_empty_directories(directories: list[str]) -> None:
+    """Remove ``directories`` in order while they are empty (innermost first)."""
+    with contextlib.suppress(OSError):  # one not empty: it and its parents stay
+        for directory in directories:
+            os.rmdir(directory)
 
 
 def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,

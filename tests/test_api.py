@@ -757,6 +757,20 @@ def test_corrupt_chunk_names_the_rows(zarr_matrix, matrix):
         ooc_svd.svd(path, 3, memory_limit="4MB", method="randomized")
 
 
+def test_a_run_failing_before_its_checkpoint_removes_the_directories_made_for_it(
+    tmp_path, monkeypatch
+):
+    def unreachable(*args):
+        raise InputError("cannot reach the scheduler")
+
+    monkeypatch.setattr(ooc_svd.api, "_connect_cluster", unreachable)
+    (tmp_path / "runs").mkdir()
+    A = np.random.default_rng(0).standard_normal((200, 10))
+    with pytest.raises(InputError, match="cannot reach the scheduler"):
+        ooc_svd.svd(A, 2, checkpoint=str(tmp_path / "runs" / "today" / "late" / "state"))
+    assert [path.name for path in tmp_path.rglob("*")] == ["runs"]  # it was there before
+
+
 def test_a_bad_backend_leaves_no_output_or_checkpoint(tmp_path):
     A = np.random.default_rng(0).standard_normal((200, 10))
     out = tmp_path / "r.zarr"
