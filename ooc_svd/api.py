@@ -591,8 +591,8 @@ def _check_outputs(request: _Request) -> None:
     if request.scratch_dir is not None and request.client is None:  # a cluster's workers
         check_scratch_dir(request.scratch_dir)                           # check their own
     out, checkpoint = request.out, request.checkpoint
-    if out is not None and checkpoint is not None and "://" not in os.fspath(out) and \
-            paths_overlap(out, checkpoint):
+    out_path = None if out is None else local_path(os.fspath(out))
+    if out_path is not None and checkpoint is not None and paths_overlap(out_path, checkpoint):
         raise InputError(f"checkpoint {os.fspath(checkpoint)!r} and out {os.fspath(out)!r} "
                          "must be apart: the checkpoint is removed when the result is written")
 
@@ -682,7 +682,7 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
                 f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}"
             )
         return k, fixed_rank(k)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+    if not 0 < check_number("tol", tol) < 1:
         raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")
     max_rank = min(m, n) if max_rank is None else check_int("max_rank", max_rank, minimum=1)
     if max_rank > min(m, n):
