@@ -591,8 +591,9 @@ def _check_outputs(request: _Request) -> None:
     if request.scratch_dir is not None and request.client is None:  # a cluster's workers
         check_scratch_dir(request.scratch_dir)                           # check their own
     out, checkpoint = request.out, request.checkpoint
-    out_path = None if out is None else local_path(os.fspath(out))
-    if out_path is not None and checkpoint is not None and paths_overlap(out_path, checkpoint):
+    # A URL out is refused by check_output_path, with its own message.
+    if out is not None and checkpoint is not None and "://" not in os.fspath(out) and \
+            paths_overlap(out, checkpoint):
         raise InputError(f"checkpoint {os.fspath(checkpoint)!r} and out {os.fspath(out)!r} "
                          "must be apart: the checkpoint is removed when the result is written")
 

@@ -601,9 +601,8 @@ def test_checkpoint_paths_need_not_exist_and_may_not_be_out(tmp_path, matrix):
     assert sorted(os.listdir(tmp_path / "runs" / "today")) == []
     out = str(tmp_path / "result.zarr")
     for checkpoint in (out, os.path.join(out, "state"), str(tmp_path)):
-        for given in (out, f"file://{out}"):
-            with pytest.raises(InputError, match="must be apart"):
-                ooc_svd.svd(matrix, 2, out=given, checkpoint=checkpoint)
+        with pytest.raises(InputError, match="must be apart"):
+            ooc_svd.svd(matrix, 2, out=out, checkpoint=checkpoint)
     assert sorted(os.listdir(tmp_path)) == ["runs"]
 
 
