@@ -180,7 +180,8 @@ dask.array.Array} of shape (m, n)
         block i + 1 while block i computes; 'auto' uses it when a usable GPU is present
         with the run's device memory free, and says so in ``result.backend``. With 'cuda',
         too little free device memory is a PlanError. The gram and exact methods factor A
-        on the CPU, and 'auto' leaves them wholly there.
+        on the CPU, and 'auto' leaves them wholly there in a local run (a cluster's
+        workers with a GPU take their final pass).
     cuda_options : dict, optional
         Settings of the cuda backend, used wherever it runs (here or on the workers):
         ``accumulate`` ('float64', the default, or 'float32': in-tile sums in float32, for

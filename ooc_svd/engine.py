@@ -16,10 +16,10 @@ exact, two reads:
 gram, two reads:
     G = A^T A;  G = V Sigma^2 V^T;  the final pass above with X = V_k
 
-The final pass of exact and gram is a Rayleigh-Ritz step on the exact subspace: U comes
-out of a Householder TSQR, orthonormal to working precision in every column, where
-A V_k Sigma_k^-1 would lose orthogonality as eps * sigma_1 / sigma_j and be undefined
-past the rank of A.
+The final pass of exact and gram projects A onto the left subspace span(A V_k) of the
+exact right one (Q = orth(A V_k), B = Q^T A, the SVD of B): U comes out of a Householder
+TSQR, orthonormal to working precision in every column, where A V_k Sigma_k^-1 would lose
+orthogonality as eps * sigma_1 / sigma_j and be undefined past the rank of A.
 
 The rank returned is decided by a rank rule once the singular values and ||A||_F are known
 (a fixed k, a tolerance, or numpy.linalg.matrix_rank's threshold), and only then is U
@@ -231,10 +231,14 @@ def exact_svd(
     """
     state = context.resumable("tsqr", lambda: _factor_state(*tsqr_r_pass(context)))
     stats, shift = _stats_of(state)
-    _, S_all, Vt = scipy.linalg.svd(state["factor"], full_matrices=False)
+    # R and its n x n factors are let go before the final pass, which the plan lets have
+    # the memory they took (only V_k is kept).
+    S_all, Vt = scipy.linalg.svd(state.pop("factor"), full_matrices=False, overwrite_a=True,
+                                 check_finite=False)[1:]
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
     V = np.asfortranarray(Vt[:rank].T)
+    del Vt
     factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "exact")
     factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))
     return factors
@@ -250,8 +254,9 @@ def gram_svd(
     G is accumulated in float64 by dsyrk, the fastest of the products, so this is the
     cheapest method for small n. Forming G squares the condition number: its eigenvalues
     give sigma_j to about eps * sigma_1^2 / sigma_j (sqrt(eps) * sigma_1 at worst), and
-    its eigenvectors span V_k to about eps * (sigma_1 / sigma_k)^2. The final pass's
-    Rayleigh-Ritz step recomputes S from A V_k, as accurately as that span allows. For
+    its eigenvectors span V_k to about eps * (sigma_1 / sigma_k)^2. The final pass
+    recomputes S from the projection of A onto span(A V_k), as accurately as that span
+    allows. For
     float32 data both errors are far below the data's own rounding for any
     sigma_k > 1e-8 sigma_1; for ill-conditioned float64 data the exact method (TSQR)
     keeps eps * sigma_1.
@@ -262,11 +267,15 @@ def gram_svd(
     """
     state = context.resumable("gram", lambda: _factor_state(*gram_pass(context)))
     stats, shift = _stats_of(state)
-    eigenvalues, eigenvectors = scipy.linalg.eigh(state["factor"], check_finite=False)
+    # As in exact_svd, G and its eigenvectors are let go before any further pass.
+    eigenvalues, eigenvectors = scipy.linalg.eigh(state.pop("factor"), overwrite_a=True,
+                                                  check_finite=False)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
     S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2)
+    V = np.asfortranarray(eigenvectors[:, :rank])
+    del eigenvectors
     # A mean found in the pass is subtracted from G afterwards (sparse blocks are shifted by
     # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more.
     d = context.centering.offset(shift, stats)
@@ -280,7 +289,6 @@ def gram_svd(
             "method's accuracy; switched to the exact method after its pass"
         )
         return factors
-    V = np.asfortranarray(eigenvectors[:, :rank])
     return _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "gram")
 
 
@@ -305,8 +313,8 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
 def _representable(fro2: float, S: np.ndarray, stats: BlockStats) -> float:
     """fro2, the squared Frobenius norm; NonFiniteError for a matrix so small (entries
     below about 1.5e-154) that its squares underflow float64: the norm, hence the residual,
-    the explained variance and the ranks chosen by tolerance, would be wrong, 1 / sigma_j
-    may overflow, and the gram method would see a zero matrix. Told by sigma_1, or, where
+    the explained variance and the ranks chosen by tolerance, would be wrong, and the gram
+    method would see a zero matrix. Told by sigma_1, or, where
     the squares vanished altogether, by column sums that are not zero but as small. (A
     centered matrix whose norm cancels to about zero has larger column sums and passes.)"""
     tiny = np.finfo(np.float64).tiny
@@ -378,8 +386,8 @@ def normalize_signs(V: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def numerical_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
-    """Count of values above numpy.linalg.matrix_rank's tolerance relative to the first
-    (singular values, or eigenvalues of A^T A in the gram method)."""
+    """Count of singular values above numpy.linalg.matrix_rank's tolerance relative to the
+    first."""
     if S.size == 0 or S[0] == 0:
         return 0
     tolerance = S[0] * max(shape) * np.finfo(np.float64).eps

@@ -273,15 +273,17 @@ class _Layouts:
     def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes."""
         (m, n), l, nnz, limit = self.shape, self.l, self.nnz, self.memory_limit
-        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov.
-        width = self.krylov_width if method == "krylov" else l
+        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov, and
+        # for exact and gram the k columns of V_k that their final pass takes.
+        width = {"krylov": self.krylov_width, "exact": min(self.k, m, n),
+                 "gram": min(self.k, m, n)}.get(method, l)
         copies = 0
         if nnz is not None and method in ("randomized", "krylov"):
             # The power kernel's private accumulators may take a quarter of the limit at most.
             copies = min(self.scatter_copies, max(1, limit // 4 // (8 * n * (l + 1))))
         fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
         if self.requested == "auto" and method == "gram":
-            fixed = max(fixed, _fixed_bytes(n, l, "exact"))  # room for the fallback to exact
+            fixed = max(fixed, _fixed_bytes(n, width, "exact"))  # room for the fallback
         for depth in (PREFETCH_DEPTH, 1):
             blocks, peak = _block_layout(
                 self.chunk_boundaries, self.chunk_bytes,
@@ -293,7 +295,7 @@ class _Layouts:
                 break
         else:
             raise self._refusal(method, width, blocks, peak)
-        spill = m * (width + 1) * 8  # the final pass's Q factors, every method
+        spill = _spill_bytes(m, width, len(blocks))
         growth = -(-l // GROWTH_BLOCK) if self.fixed_accuracy and method == "randomized" else 0
         plan = Plan(
             (m, n), self.itemsize, self.k, l, self.niter, method, reason, blocks, depth, limit,
@@ -318,6 +320,8 @@ class _Layouts:
                           "per read"
                 hint = "; raise memory_limit or write the store with fewer non-zeros per " \
                        "chunk (ooc-svd convert --chunk-nnz)"
+            if self.fixed_accuracy:
+                hint += "; with tol, a smaller max_rank narrows l"
             return PlanError(
                 f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
                 f"matrix: its working set (n x l float64 arrays with l={width}{decoded}) and "
@@ -433,10 +437,18 @@ def group_chunks(boundaries: np.ndarray, max_rows: int) -> tuple[tuple[int, int]
     return tuple(blocks)
 
 
+def _spill_bytes(m: int, width: int, blocks: int) -> int:
+    """The final pass's spill: the Q_i, m x (width + 1) in all (a column of ones when the
+    mean is found in that pass), and the two merge factors of each block after the first."""
+    return 8 * (m * (width + 1) + 2 * max(blocks - 1, 0) * (width + 1) ** 2)
+
+
 def _fixed_bytes(n: int, l: int, method: str) -> int:
     """Bytes of the working set that does not depend on the block size."""
-    # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries.
-    final_pass = 8 * 6 * n * (l + 1) + SUB_BLOCK_BYTES
+    # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries; and the
+    # merge's l x l factors: the stacked pair [R; R_i], its copy, Q_stack, R and R_i, and
+    # the backward sweep's products.
+    final_pass = 8 * (6 * n * (l + 1) + 8 * (l + 1) ** 2) + SUB_BLOCK_BYTES
     if method == "exact":
         # R, its SVD factors (or the previous R), the rows stacked under R for the next
         # QR (factored in place) and the R it returns.
@@ -446,8 +458,8 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
         factoring = 8 * 4 * n * n
     else:
         return final_pass
-    # The final pass runs while the n x n factor and its SVD (or eigenvectors) are held.
-    return max(factoring + SUB_BLOCK_BYTES, 8 * 2 * (n + 1) ** 2 + final_pass)
+    # The n x n factor and its SVD (or eigenvectors) are let go before the final pass.
+    return max(factoring + SUB_BLOCK_BYTES, final_pass)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ import pytest
 import ooc_svd
 
 
-def traced_run(path, method, limit, out):
+def traced_run(path, method, limit, out, k=4):
     """(result, peak traced bytes) of a run writing U to ``out``, after a first run that
     compiles the kernels."""
-    ooc_svd.svd(path, 4, niter=1, method=method, memory_limit=limit, out=out)
+    ooc_svd.svd(path, k, niter=1, method=method, memory_limit=limit, out=out)
     tracemalloc.start()
     try:
         result = ooc_svd.svd(
-            path, 4, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
+            path, k, niter=1, method=method, memory_limit=limit, out=out, overwrite=True
         )
         return result, tracemalloc.get_traced_memory()[1]
     finally:
@@ -37,6 +37,35 @@ def test_peak_allocation_stays_under_the_limit(tmp_path, zarr_matrix, method, li
     assert result.plan.predicted_peak_bytes <= limit
     assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
     assert A.nbytes > 3 * limit
+
+
+def smallest_limit(path, k, method) -> int:
+    """The smallest memory_limit (to 1%) that the plan of a run accepts."""
+    low, high = 1_000_000, 1_000_000_000
+    while high - low > high // 100:
+        middle = (low + high) // 2
+        try:
+            ooc_svd.svd_plan(path, k, niter=1, method=method, memory_limit=middle)
+            high = middle
+        except ooc_svd.PlanError:
+            low = middle
+    return high
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact", "gram"])
+def test_a_final_pass_nearly_as_wide_as_the_matrix_stays_under_the_limit(
+    tmp_path, zarr_matrix, method
+):
+    """k close to n, at the smallest limit the plan accepts: the final pass's l x l merge
+    factors and, for exact and gram, their n x n factors before it weigh as much as the
+    n x l arrays."""
+    A = np.random.default_rng(2).standard_normal((50_000, 200)).astype(np.float32)  # 40 MB
+    path = zarr_matrix(A, chunk_rows=500)
+    limit = smallest_limit(path, 180, method)
+    result, peak = traced_run(path, method, limit, str(tmp_path / "result.zarr"), k=180)
+    assert len(result.plan.blocks) > 10 and not result.plan.spill_in_memory
+    assert result.plan.predicted_peak_bytes <= limit
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
 
 
 def test_block_cache_serves_later_passes_and_changes_nothing(zarr_matrix, monkeypatch):
