@@ -256,8 +256,7 @@ def gram_svd(
     give sigma_j to about eps * sigma_1^2 / sigma_j (sqrt(eps) * sigma_1 at worst), and
     its eigenvectors span V_k to about eps * (sigma_1 / sigma_k)^2. The final pass
     recomputes S from the projection of A onto span(A V_k), as accurately as that span
-    allows. For
-    float32 data both errors are far below the data's own rounding for any
+    allows. For float32 data both errors are far below the data's own rounding for any
     sigma_k > 1e-8 sigma_1; for ill-conditioned float64 data the exact method (TSQR)
     keeps eps * sigma_1.
 
@@ -314,9 +313,9 @@ def _representable(fro2: float, S: np.ndarray, stats: BlockStats) -> float:
     """fro2, the squared Frobenius norm; NonFiniteError for a matrix so small (entries
     below about 1.5e-154) that its squares underflow float64: the norm, hence the residual,
     the explained variance and the ranks chosen by tolerance, would be wrong, and the gram
-    method would see a zero matrix. Told by sigma_1, or, where
-    the squares vanished altogether, by column sums that are not zero but as small. (A
-    centered matrix whose norm cancels to about zero has larger column sums and passes.)"""
+    method would see a zero matrix. Told by sigma_1, or, where the squares vanished
+    altogether, by column sums that are not zero but as small. (A centered matrix whose
+    norm cancels to about zero has larger column sums and passes.)"""
     tiny = np.finfo(np.float64).tiny
     largest_sum = float(np.max(np.abs(stats.colsum), initial=0.0))
     vanished = fro2 < tiny and 0 < largest_sum < np.sqrt(tiny) * max(stats.rows, 1)
