@@ -152,7 +152,8 @@ dask.array.Array} of shape (m, n)
     scratch_dir : str, optional
         Directory for the final pass's spilled Q factors (m x (l + 1) float64, l = k for
         the exact and gram methods, and an l x l pair per block); the system's temporary
-        directory by default, unused when they fit under memory_limit.
+        directory by default; a local run leaves it unused when they fit under
+        memory_limit.
     checkpoint : str or os.PathLike, optional
         Directory for the state after each complete pass (n x l or n x n arrays). By default
         ``OUT.checkpoint`` when ``out`` is given, none otherwise. Removed on success.
