@@ -53,7 +53,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 from distributed import WorkerPlugin
 
 from .centering import Centering
@@ -76,7 +75,7 @@ from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.difference import Difference
 from .store import LeftVectors
-from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
+from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
 
 # Groups per worker thread: more groups than threads balance the load and make a retried
@@ -835,8 +834,7 @@ def _add_partials(a: _Partial, b: _Partial) -> _Partial:
 
 def _merge_r(a: _Partial, b: _Partial) -> _Partial:
     """R of [R_a; R_b]: the R factor of both groups' rows."""
-    R = scipy.linalg.qr(np.vstack([a.value, b.value]), mode="r", check_finite=False)[0]
-    R = R[: min(R.shape)]
+    R = householder_r(np.vstack([a.value, b.value]))
     return _Partial(R, _merged_stats(a.stats, b.stats), a.nbytes + b.nbytes,
                     backends=a.backends | b.backends)
 

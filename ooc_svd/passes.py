@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import scipy.linalg
 
 from .centering import Centering
 from .checkpoint import Checkpoint
@@ -35,7 +34,7 @@ from .kernels.cpu import (
 )
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .store import QSpill
-from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors
+from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 
 
 class ProgressBar(Protocol):
@@ -252,8 +251,7 @@ def _stack_and_factor(rows, first_row, shift, R, stats, append_ones) -> np.ndarr
     widen_into(rows, first_row, shift, stack[r_acc:, :n], stats)
     if append_ones:
         stack[r_acc:, n] = 1.0
-    _, R = scipy.linalg.qr(stack, mode="raw", overwrite_a=True, check_finite=False)
-    return R
+    return householder_r(stack)
 
 
 def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]:

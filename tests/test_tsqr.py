@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from ooc_svd.tsqr import (
     MergeFactors,
     StreamingTSQR,
     assemble_left_vectors,
+    householder_r,
     local_qr,
     merged_bt,
 )
@@ -76,3 +78,16 @@ def test_merged_bt_is_the_merge_whatever_the_order_of_its_operands(order, rows_a
     assert merged.flags.f_contiguous and merged.shape == (n, r_new)
     np.testing.assert_allclose(merged, BT @ factors.T + CT @ factors.S, rtol=1e-13,
                                atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 40), (25, 40), (0, 5), (70, 1)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_householder_r_is_lapacks_r(shape, order):
+    """R of dgeqrt equals R of scipy's dgeqrf-based QR (the same reflectors, so the same
+    signs) to rounding, for tall, square, wide and empty blocks of either order."""
+    Y = np.random.default_rng(5).standard_normal(shape)
+    expected = scipy.linalg.qr(Y, mode="r")[0][: min(shape)]
+    R = householder_r(np.array(Y, order=order))
+    assert R.shape == (min(shape), shape[1])
+    np.testing.assert_allclose(R, expected, atol=1e-12 * np.abs(Y).max(initial=1.0))
+    np.testing.assert_array_equal(R, np.triu(R))
