@@ -50,7 +50,8 @@ from .store import QSpill
 
 RowSink = Callable[[int, np.ndarray], None]
 AllocateU = Callable[[int], RowSink]  # rank -> where U's rows go
-RankRule = Callable[[np.ndarray, float], int]  # (singular values, ||A||_F^2) -> rank
+# (singular values, ||A||_F^2, whether they are all of A's) -> rank
+RankRule = Callable[[np.ndarray, float, bool], int]
 
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
@@ -71,7 +72,8 @@ class Factors:
     method: str
     note: str = ""
     # The sum of the squared singular values past the rank, where the method computed them
-    # all to eps * sigma_1 (exact): a residual without fro2 - sum(S^2)'s cancellation.
+    # all (exact: to eps * sigma_1; gram: their squares to eps * sigma_1^2): a residual
+    # without fro2 - sum(S^2)'s cancellation, and the one the rank rule saw.
     trailing_energy: float | None = None
 
 
@@ -79,15 +81,24 @@ class Factors:
 
 
 def fixed_rank(k: int) -> RankRule:
-    return lambda S, fro2: min(k, S.size)
+    return lambda S, fro2, complete: min(k, S.size)
 
 
 def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
     """The smallest rank r whose Frobenius residual sqrt(||A||^2 - sum_{j<=r} S_j^2) is at
-    most tol * ||A||_F, capped by max_rank."""
+    most tol * ||A||_F, capped by max_rank.
 
-    def rule(S: np.ndarray, fro2: float) -> int:
-        residual2 = fro2 - np.cumsum(S.astype(np.float64) ** 2)
+    Given the whole spectrum (exact, gram), the residual is the sum of the squares past r
+    instead: ||A||^2 - sum_{j<=r} S_j^2 cancels to about eps ||A||^2, which would stop a
+    tol below about 1e-8 at a rank too low.
+    """
+
+    def rule(S: np.ndarray, fro2: float, complete: bool) -> int:
+        energy = S.astype(np.float64) ** 2
+        if complete:
+            residual2 = np.append(np.cumsum(energy[::-1])[::-1][1:], 0.0)
+        else:
+            residual2 = fro2 - np.cumsum(energy)
         reached = np.flatnonzero(residual2 <= tol**2 * fro2)
         rank = int(reached[0]) + 1 if reached.size else S.size
         return max(1, min(rank, max_rank, S.size))
@@ -98,7 +109,7 @@ def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
 def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
     """numpy.linalg.matrix_rank's rule: singular values above rtol * S_max (at least 1)."""
 
-    def rule(S: np.ndarray, fro2: float) -> int:
+    def rule(S: np.ndarray, fro2: float, complete: bool) -> int:
         rank = int(np.count_nonzero(rtol * S[0] < S)) if S.size and S[0] > 0 else 0
         return max(1, min(rank, max_rank or S.size))
 
@@ -236,7 +247,7 @@ def exact_svd(
     S_all, Vt = scipy.linalg.svd(state.pop("factor"), full_matrices=False, overwrite_a=True,
                                  check_finite=False)[1:]
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
-    rank = rank_rule(S_all, fro2)
+    rank = rank_rule(S_all, fro2, True)
     V = np.asfortranarray(Vt[:rank].T)
     del Vt
     factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "exact")
@@ -272,7 +283,7 @@ def gram_svd(
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
     S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
-    rank = rank_rule(S_all, fro2)
+    rank = rank_rule(S_all, fro2, True)
     V = np.asfortranarray(eigenvectors[:, :rank])
     del eigenvectors
     # A mean found in the pass is subtracted from G afterwards (sparse blocks are shifted by
@@ -281,14 +292,18 @@ def gram_svd(
     subtracted = 0.0 if d is None else stats.rows * float(d @ d)
     if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps,
                                                          subtracted):
-        ratio = np.sqrt(max(eigenvalues[rank - 1], 0.0) / (eigenvalues[0] + subtracted))
         factors = exact_svd(context, plan, allocate_u, scratch_dir, rank_rule)
-        factors.note = (
-            f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is too small for the gram "
-            "method's accuracy; switched to the exact method after its pass"
-        )
+        if eigenvalues[rank - 1] > 0:
+            ratio = np.sqrt(eigenvalues[rank - 1] / (eigenvalues[0] + subtracted))
+            size = f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is"
+        else:  # lost in G's rounding altogether
+            size = "sigma_k is"
+        factors.note = (f"{size} too small for the gram method's accuracy; switched to the "
+                        "exact method after its pass")
         return factors
-    return _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "gram")
+    factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "gram")
+    factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))  # as the rank rule saw it
+    return factors
 
 
 # ---- shared steps -------------------------------------------------------------------------
@@ -302,7 +317,7 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
         fro2 = _representable(context.centering.frobenius_squared(final.shift, final.stats),
                               S_all, final.stats)
-        rank = rank_rule(S_all, fro2)
+        rank = rank_rule(S_all, fro2, False)
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)

@@ -320,12 +320,16 @@ class _Layouts:
                           "per read"
                 hint = "; raise memory_limit or write the store with fewer non-zeros per " \
                        "chunk (ooc-svd convert --chunk-nnz)"
-            if self.fixed_accuracy:
+            arrays = f"n x l float64 arrays with l={width}"
+            if method in ("exact", "gram") and \
+                    _fixed_bytes(n, width, method) > _fixed_bytes(n, width, "randomized"):
+                arrays = f"the n x n factors of the {method} method"
+            elif self.fixed_accuracy:
                 hint += "; with tol, a smaller max_rank narrows l"
             return PlanError(
                 f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
-                f"matrix: its working set (n x l float64 arrays with l={width}{decoded}) and "
-                f"one row need {format_bytes(peak)}{hint}"
+                f"matrix: its working set ({arrays}{decoded}) and one row need "
+                f"{format_bytes(peak)}{hint}"
             )
         largest = int(np.argmax(self.chunk_bytes))
         rows = int(self.chunk_boundaries[largest + 1] - self.chunk_boundaries[largest])

@@ -36,9 +36,10 @@ class SVDResult:
         The subtracted mean, when centered.
     residual : float
         ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
-        extra pass from ||A||_F^2 - sum(S**2). Below about 1e-7 it is at float64's noise
-        floor, except with the 'exact' method, which sums the squares of the singular values
-        past the rank instead, accurate to about eps.
+        extra pass from ||A||_F^2 - sum(S**2), which cancels to float64's noise floor below
+        about 1e-7. The 'exact' and 'gram' methods, which find the whole spectrum, sum the
+        squares of the singular values past the rank instead: accurate to about eps with
+        'exact', and to about sqrt(n eps) with 'gram' (G's rounding).
     frobenius_norm : float
         ||A - 1 mu^T||_F.
     passes : int

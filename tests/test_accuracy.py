@@ -9,9 +9,10 @@ from ooc_svd import InputError, rank_for_energy
 
 
 def minimal_rank(A, tol, mean=None):
-    """The smallest r with ||A - A_r||_F <= tol ||A||_F, from LAPACK's full spectrum."""
+    """The smallest r with ||A - A_r||_F <= tol ||A||_F, from LAPACK's full spectrum (the
+    tail sums of its squares, which do not cancel)."""
     S = np.linalg.svd(A - (0 if mean is None else mean), compute_uv=False)
-    tail = np.sqrt(np.maximum(np.sum(S**2) - np.cumsum(S**2), 0)) / np.sqrt(np.sum(S**2))
+    tail = np.sqrt(np.append(np.cumsum(S[::-1] ** 2)[::-1][1:], 0.0) / np.sum(S**2))
     return int(np.flatnonzero(tail <= tol)[0]) + 1
 
 
@@ -32,6 +33,21 @@ def test_tolerance_mode_reaches_the_residual_with_a_near_minimal_rank(method, to
         assert result.passes <= result.plan.passes
     else:
         assert result.rank == best and result.passes == 2
+
+
+def test_a_tolerance_below_the_cancellation_floor_still_gives_the_minimal_rank():
+    """||A||^2 - sum S^2 cancels to about 1e-16 ||A||^2, so tol=1e-10 needs the whole
+    spectrum's tail: the exact method has it to eps sigma_1, and gets the minimal rank and
+    its residual; gram knows its tail to sqrt(n eps) only, and says the tol is not met."""
+    A = naive.matrix_with_spectrum(400, 40, np.logspace(0, -12, 40), seed=6)
+    tol = 1e-10
+    best = minimal_rank(A, tol)
+    exact = ooc_svd.svd(A, tol=tol, method="exact")
+    direct = np.linalg.norm(A - (exact.U * exact.S) @ exact.V.T) / np.linalg.norm(A)
+    assert exact.rank == best and exact.note == ""
+    assert exact.residual <= tol and exact.residual == pytest.approx(direct, rel=1e-3)
+    gram = ooc_svd.svd(A, tol=tol, method="gram")
+    assert gram.rank >= best and (gram.residual <= tol or "exceeds tol" in gram.note)
 
 
 def test_tolerance_mode_with_centering_and_cap():
