@@ -172,6 +172,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         "seconds_per_pass": result.seconds_per_pass,
         "bytes_read": result.bytes_read,
         "rank": result.rank,
+        "numerical_rank": result.numerical_rank,
         "residual": result.residual,
         "spectral_error": result.spectral_error,
         "S": [float(s) for s in result.S],

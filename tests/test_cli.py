@@ -235,6 +235,7 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     summary = json.loads(done.stdout)
     expected = ooc_svd.svd(store, tol=0.05)
     assert summary["rank"] == expected.rank and summary["residual"] <= 0.05
+    assert summary["numerical_rank"] == expected.numerical_rank
     assert summary["passes"] == expected.passes + 2 and summary["spectral_error"] > 0
     # info plans the same run: here the method's passes are exact (gram), not a bound
     info = json.loads(ooc_svd_command("info", store, "--tol", 0.05, "--spectral-iters", 2,
