@@ -72,8 +72,9 @@ class Factors:
     method: str
     note: str = ""
     # The sum of the squared singular values past the rank, where the method computed them
-    # all (exact: to eps * sigma_1; gram: their squares to eps * sigma_1^2): a residual
-    # without fro2 - sum(S^2)'s cancellation, and the one the rank rule saw.
+    # all (exact: each to eps * sigma_1; gram: each square to eps * sigma_1^2, so their sum
+    # to about n eps sigma_1^2): a residual without fro2 - sum(S^2)'s cancellation, and
+    # the one the rank rule saw.
     trailing_energy: float | None = None
 
 
@@ -281,7 +282,10 @@ def gram_svd(
     eigenvalues, eigenvectors = scipy.linalg.eigh(state.pop("factor"), overwrite_a=True,
                                                   check_finite=False)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
-    S_all = np.sqrt(np.maximum(eigenvalues, 0.0))
+    # A has at most min(m, n) singular values: G's eigenvalues past m are rounding, left
+    # out; a negative one is rounding of its size, counted so (not as zero) in the
+    # residual, so that a tol below the method's accuracy is not taken as met.
+    S_all = np.sqrt(np.abs(eigenvalues[: min(stats.rows, eigenvalues.size)]))
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
     rank = rank_rule(S_all, fro2, True)
     V = np.asfortranarray(eigenvectors[:, :rank])

@@ -25,7 +25,9 @@ GEMM_FLOPS_PER_S = 12e9
 # non-zero, memory-bound), and of densifying CSR rows for the exact and gram methods.
 CSR_FLOPS_PER_S = 1.5e9
 SYRK_FLOPS_PER_S = 30e9
-QR_FLOPS_PER_S = 15e9  # LAPACK dgeqrt (compact WY) on 4n x n stacks
+# LAPACK dgeqrt (compact WY) on the exact method's 4n x n stacks; the final pass's narrow
+# blocks (b x l, l ~ 30) factor about 3x slower, which the model leaves out.
+QR_FLOPS_PER_S = 15e9
 
 # Columns added per step by the fixed-accuracy randomized method.
 GROWTH_BLOCK = 32

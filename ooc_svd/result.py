@@ -39,7 +39,7 @@ class SVDResult:
         extra pass from ||A||_F^2 - sum(S**2), which cancels to float64's noise floor below
         about 1e-7. The 'exact' and 'gram' methods, which find the whole spectrum, sum the
         squares of the singular values past the rank instead: accurate to about eps with
-        'exact', and to about sqrt(n eps) with 'gram' (G's rounding).
+        'exact', and to about sqrt(n eps) sigma_1 / ||A||_F with 'gram' (G's rounding).
     frobenius_norm : float
         ||A - 1 mu^T||_F.
     passes : int

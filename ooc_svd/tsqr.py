@@ -23,7 +23,8 @@ import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
 
-# Householder vectors per block reflector in ``local_qr``: LAPACK's usual panel width.
+# Householder vectors per block reflector (dgeqrt, in ``local_qr`` and ``householder_r``):
+# LAPACK's usual panel width.
 REFLECTOR_BLOCK = 32
 
 
