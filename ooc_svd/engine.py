@@ -251,9 +251,7 @@ def exact_svd(
     rank = rank_rule(S_all, fro2, True)
     V = np.asfortranarray(Vt[:rank].T)
     del Vt
-    factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "exact")
-    factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))
-    return factors
+    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "exact")
 
 
 def gram_svd(
@@ -305,9 +303,7 @@ def gram_svd(
         factors.note = (f"{size} too small for the gram method's accuracy; switched to the "
                         "exact method after its pass")
         return factors
-    factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), "gram")
-    factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))  # as the rank rule saw it
-    return factors
+    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram")
 
 
 # ---- shared steps -------------------------------------------------------------------------
@@ -326,6 +322,16 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)
     return Factors(S_all[:rank], V, fro2, numerical, method)
+
+
+def _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, method) -> Factors:
+    """The final pass over A V_k for a method that found the whole spectrum ``S_all`` (exact,
+    gram), V_k its k = V.shape[1] leading right singular vectors; the residual is the tail
+    of ``S_all``, as the rank rule saw it."""
+    rank = V.shape[1]
+    factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), method)
+    factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))
+    return factors
 
 
 def _representable(fro2: float, S: np.ndarray, stats: BlockStats) -> float:
