@@ -71,10 +71,12 @@ RESIDUAL_RELATIVE = 0.02  # of the squared stored residual
 def residual_agrees(stored: float, sums: _Sums, m: int, mean: np.ndarray | None) -> bool:
     """Whether the exact relative residual (``sums`` over all m rows) is the stored one.
 
-    Compared squared, as both are differences of squared norms: the stored one is
-    (||A_c||^2 - sum S^2) / ||A_c||^2. Sparse blocks are centered algebraically, in the run
-    and here, which loses the precision of ||A_c||^2 in proportion to m ||mu||^2 / ||A_c||^2
-    (the run's note says when that matters): the slack grows by that ratio.
+    Compared squared, as both come from squared norms: the stored one is
+    (||A_c||^2 - sum S^2) / ||A_c||^2, or for the exact and gram methods the squares of the
+    singular values past the rank over ||A_c||^2. Sparse blocks are centered algebraically,
+    in the run and here, which loses the precision of ||A_c||^2 in proportion to
+    m ||mu||^2 / ||A_c||^2 (the run's note says when that matters): the slack grows by that
+    ratio.
     """
     cancellation = 0.0
     if sums.sparse and mean is not None and sums.norm2 > 0:
