@@ -68,9 +68,11 @@ from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cuda
+from numba import config, cuda
 
 ACCUMULATE = {"float64": np.float64, "float32": np.float32}
+# Threads of a warp: a CSR row group (``Geometry.lanes``) lies inside one.
+WARP = 32
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class Geometry:
                 raise ValueError(f"Geometry.{name} must be a power of two, not {value}")
         if self.tile % self.threads_y or self.out_cols % self.threads_x:
             raise ValueError("tile must be a multiple of threads_y, out_cols of threads_x")
+        if self.lanes > WARP:
+            raise ValueError(f"Geometry.lanes must be at most {WARP} (a row group shares "
+                             f"its non-zeros by warp shuffles), not {self.lanes}")
 
 
 DEFAULT_GEOMETRY = Geometry()
@@ -322,6 +327,9 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
     rows_per_thread, cols_per_thread = tile // threads_y, out_cols // threads_x
     # Shared and local array shapes must be plain constants, not expressions.
     padded_depth, row_threads = depth + 1, lanes * groups
+    # A row group's lanes broadcast its non-zeros by warp shuffles; the simulator, which
+    # has none, has each lane read them from memory (the same values, in the same order).
+    shuffle = not config.ENABLE_CUDASIM
 
     @cuda.jit(device=True)
     def block_sum(value, scratch, record):
@@ -419,65 +427,120 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
         block_sum(squares, scratch, record)
 
     @cuda.jit(device=True)
-    def row_dot(data, indices, start, end, X, j):
-        """sum over a row's non-zeros p of data[p] * X[indices[p], j]."""
-        total = acc(0)
-        for p in range(start, end):
-            total += acc(data[p]) * acc(X[indices[p], j])
-        return np.float64(total)
-
-    @cuda.jit(device=True)
-    def row_scatter(data, indices, start, end, y, Z, j):
-        """Z[indices[p], j] += data[p] * y over a row's non-zeros."""
-        for p in range(start, end):
-            cuda.atomic.add(Z, (np.int64(indices[p]), j), np.float64(data[p]) * y)
-
-    @cuda.jit(device=True)
     def row_lane():
         """(lane, first row, row step) of this thread in a grid-stride loop over rows."""
         group = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
         return cuda.threadIdx.x, group, cuda.gridDim.x * cuda.blockDim.y
 
+    @cuda.jit(device=True)
+    def group_lanes():
+        """(mask of the warp lanes of this thread's row group, warp lane of its first)."""
+        first = (cuda.threadIdx.y * lanes) % WARP
+        return np.uint32(((1 << lanes) - 1) << first), first
+
+    @cuda.jit(device=True)
+    def own_entry(data, indices, p, end):
+        """(value, column) of non-zero p, this lane's of a chunk; zeros past the row."""
+        if p < end:
+            return np.float64(data[p]), np.int64(indices[p])
+        return 0.0, np.int64(0)
+
+    @cuda.jit(device=True)
+    def chunk_entry(data, indices, value, column, base, t, mask, first):
+        """(value, column) of non-zero base + t: lane t's entry of the chunk at base."""
+        if shuffle:
+            return (cuda.shfl_sync(mask, value, first + t),
+                    cuda.shfl_sync(mask, column, first + t))
+        return np.float64(data[base + t]), np.int64(indices[base + t])
+
+    @cuda.jit(device=True)
+    def row_dot(data, indices, start, end, X, j):
+        """sum over a row's non-zeros p of data[p] * X[indices[p], j] (0 for j past X's
+        columns). Every lane of the group calls it: the row is read in chunks of
+        ``lanes`` non-zeros, one per lane, and each chunk broadcast to the group."""
+        mask, first = group_lanes()
+        total = acc(0)
+        for base in range(start, end, lanes):
+            value, column = own_entry(data, indices, base + cuda.threadIdx.x, end)
+            for t in range(min(lanes, end - base)):
+                v, c = chunk_entry(data, indices, value, column, base, t, mask, first)
+                if j < X.shape[1]:
+                    total += acc(v) * acc(X[c, j])
+        return np.float64(total)
+
+    def scatter_function(totals):
+        """The device function that adds a row's non-zeros times y into column j of Z,
+        in chunks as ``row_dot`` reads them; with ``totals``, the lane whose j is Z's
+        width adds the values themselves into colsum (A^T 1) and returns their sum of
+        squares and whether one was NaN or Inf."""
+
+        def row_scatter(data, indices, start, end, y, Z, j, colsum):
+            mask, first = group_lanes()
+            squares, bad = 0.0, False
+            for base in range(start, end, lanes):
+                value, column = own_entry(data, indices, base + cuda.threadIdx.x, end)
+                for t in range(min(lanes, end - base)):
+                    v, c = chunk_entry(data, indices, value, column, base, t, mask, first)
+                    if j < Z.shape[1]:
+                        cuda.atomic.add(Z, (c, j), v * y)
+                    elif totals and j == Z.shape[1]:
+                        cuda.atomic.add(colsum, c, v)
+                        squares += v * v
+                        if not math.isfinite(v):
+                            bad = True
+            return squares, bad
+
+        return cuda.jit(device=True)(row_scatter)
+
+    scatter_with_totals, scatter = scatter_function(True), scatter_function(False)
+
     def csr_power(data, indices, indptr, X, sX, Z, colsum, record):
-        """Fused Z += A^T (A X - 1 sX^T) for CSR rows. Thread j of a row's group computes
-        y_j and scatters column j of Z; thread l (column l of [Z, colsum]) scatters the
-        values themselves into colsum and sums their squares."""
+        """Fused Z += A^T (A X - 1 sX^T) for CSR rows. Lane j of a row's group computes
+        y_j and scatters column j of Z; the lane with j = l (column l of [Z, colsum])
+        scatters the values themselves into colsum and sums their squares. The lanes
+        step through columns together, as the chunks' broadcasts need every lane."""
         scratch = cuda.shared.array(row_threads, np.float64)
         lane, row, step = row_lane()
         l = X.shape[1]
         squares, bad = 0.0, False
         while row < indptr.size - 1:
             start, end = indptr[row], indptr[row + 1]
-            for j in range(lane, l + 1, lanes):
+            for j0 in range(0, l + 1, lanes):
+                j = j0 + lane
+                y = row_dot(data, indices, start, end, X, j)
                 if j < l:
-                    y = row_dot(data, indices, start, end, X, j) - sX[j]
-                    row_scatter(data, indices, start, end, y, Z, j)
-                else:
-                    for p in range(start, end):
-                        value = np.float64(data[p])
-                        cuda.atomic.add(colsum, indices[p], value)
-                        squares += value * value
-                        if not math.isfinite(value):
-                            bad = True
+                    y -= sX[j]
+                row_squares, row_bad = scatter_with_totals(data, indices, start, end, y, Z,
+                                                           j, colsum)
+                squares += row_squares
+                bad = bad or row_bad
             row += step
         if bad:
             record[1] = 1.0
         block_sum(squares, scratch, record)
 
     def csr_times(data, indices, indptr, X, sX, Y):
-        """Y = A X - 1 sX^T, thread j of a row's group computing Y[row, j]."""
+        """Y = A X - 1 sX^T, lane j of a row's group computing Y[row, j]."""
         lane, row, step = row_lane()
+        l = X.shape[1]
         while row < indptr.size - 1:
-            for j in range(lane, X.shape[1], lanes):
-                Y[row, j] = row_dot(data, indices, indptr[row], indptr[row + 1], X, j) - sX[j]
+            for j0 in range(0, l, lanes):
+                j = j0 + lane
+                y = row_dot(data, indices, indptr[row], indptr[row + 1], X, j)
+                if j < l:
+                    Y[row, j] = y - sX[j]
             row += step
 
     def csr_transposed(data, indices, indptr, Y, Z):
-        """Z += A^T Y, thread j of a row's group scattering column j."""
+        """Z += A^T Y, lane j of a row's group scattering column j."""
         lane, row, step = row_lane()
+        l = Y.shape[1]
         while row < indptr.size - 1:
-            for j in range(lane, Y.shape[1], lanes):
-                row_scatter(data, indices, indptr[row], indptr[row + 1], Y[row, j], Z, j)
+            for j0 in range(0, l, lanes):
+                j = j0 + lane
+                y = Y[row, j] if j < l else 0.0
+                # Z[0] stands in for the column sums, which this scatter never touches.
+                scatter(data, indices, indptr[row], indptr[row + 1], y, Z, j, Z[0])
             row += step
 
     def csr_totals(data, indices, colsum, record):
