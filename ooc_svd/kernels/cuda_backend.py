@@ -51,7 +51,8 @@ import os
 import sys
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,7 +326,11 @@ class CUDAKernels:
         self.kernels = device_kernels.BlockKernels(accumulate, geometry)
         self.streams = [_StagingStream(cuda) for _ in range(max(1, streams))]
         self.copier = _HostCopier(copy_threads or min(8, os.cpu_count() or 1))
+        # The final pass hands each Q_i to the spill from this thread, in block order.
+        self.delivery = ThreadPoolExecutor(1)
         self.pinned_ranges: set[tuple[int, int]] = set()  # (start, end) host addresses
+        # The event after the latest block's copy: each copy waits for the one before it.
+        self.last_copy: Any = None
 
     def power_sweep(self, X: np.ndarray, stats: BlockStats) -> CUDAPowerSweep:
         return CUDAPowerSweep(self, X, stats)
@@ -381,7 +386,7 @@ class CUDAKernels:
         self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
         result = np.asfortranarray(CT.copy_to_host(stream=lane.stream))
         if is_sparse_block(block):
-            result -= np.outer(shift, Q.sum(axis=0))
+            subtract_outer(result, np.asarray(shift, dtype=np.float64), Q.sum(axis=0))
         return result
 
     def csr_transposed_times(self, lane: _StagingStream, arrays: list, Y, Z,
@@ -444,6 +449,7 @@ class CUDAKernels:
         """Release the staging buffers and the copy threads."""
         self.streams = []
         self.copier.close()
+        self.delivery.shutdown()
 
     def upload(self, lane: _StagingStream, block) -> list:
         """Start copying a block to ``lane``'s device buffer; its device arrays (A, or data,
@@ -453,7 +459,9 @@ class CUDAKernels:
         else:
             parts = [block]
         direct = all(self._page_locked(part) for part in parts)
-        return lane.upload(parts, self.copier, direct)
+        arrays = lane.upload(parts, self.copier, direct, after=self.last_copy)
+        self.last_copy = lane.staged
+        return arrays
 
     def _page_locked(self, array: np.ndarray) -> bool:
         start = array.ctypes.data
@@ -575,10 +583,10 @@ class CUDAPowerSweep(_DeviceSweep):
     def result(self) -> np.ndarray:
         """Z (n, l) float64 F-order; adds the sweep's totals to ``stats``."""
         colsum = self._add_sweep_totals()
-        Z = self.Z.copy_to_host()
+        Z = np.asfortranarray(self.Z.copy_to_host())
         if self.sparse:
-            Z -= np.outer(self.shift, colsum @ self.X)
-        return np.asfortranarray(Z)
+            subtract_outer(Z, self.shift, colsum @ self.X)
+        return Z
 
 
 @dataclass
@@ -593,6 +601,20 @@ class _PendingBlock:
     columns: tuple | None = None  # a CSR block in column order, when the backend uses it
 
 
+@dataclass
+class _HomewardQ:
+    """Block ``index``'s Q_i on its way to the spill: on the host already (``Q_i``, a
+    block factored there), or being copied into its lane's ``pinned`` buffer until the
+    event ``arrived``."""
+
+    index: int
+    lane: _StagingStream
+    merge: MergeFactors | None
+    Q_i: np.ndarray | None = None
+    pinned: np.ndarray | None = None
+    arrived: Any = None
+
+
 class CUDAFinalSweep(_DeviceSweep):
     """The final pass's streaming TSQR with B^T on the device.
 
@@ -600,21 +622,29 @@ class CUDAFinalSweep(_DeviceSweep):
     totals. Y_i = Q_i R_i is factored on the device (``factor_on_device``), with the host
     computing only the Cholesky factors of small Gram matrices, or, for a block with fewer
     rows than columns or a column that stays zero, by LAPACK's Householder QR on the host.
-    The host merges R_i into R, which gives the merge factors T and S, and spills Q_i,
-    copied home; the device computes B^T <- B^T T + A_s,i^T (Q_i S) with the block still
-    resident, without a C_i^T. The host works on block i only once block i + 1 is enqueued
-    (``add`` finishes the block before it), so block i + 1's copy runs while block i is
-    factored. Updates of B^T, on alternating streams, are ordered by an event. Only Q_i
-    (b x l) crosses the bus besides the block (and Y_i too for a block factored on the
-    host).
+    The host merges R_i into R, which gives the merge factors T and S; the device computes
+    B^T <- B^T T + A_s,i^T (Q_i S) with the block still resident, without a C_i^T, and
+    copies Q_i into the lane's pinned buffer. The host works on block i only once block
+    i + 1 is enqueued (``add`` finishes the block before it), so block i + 1's copy runs
+    while block i is factored. Updates of B^T, on alternating streams, are ordered by an
+    event. Only Q_i (b x l) crosses the bus besides the block (and Y_i too for a block
+    factored on the host).
+
+    Q_i reaches the spill a block later, from the backend's delivery thread, in block
+    order: once the next block is factored (its copy home has long arrived by then) the
+    host hands it over, and the thread copies it out of the pinned buffer into a new array
+    (the spill may keep it) and calls the spill. That copy, which faults in the new pages,
+    took 20-25 ms of each CSR block's 45 ms on the host before it left the host's path.
 
     Every lane's buffers are reused two blocks later; each reuse is ordered after the work
     that read them by the lane's stream (a block's upload after its B^T update, which the
-    host enqueues first) or by the host (a block is factored before the next ``add``).
+    host enqueues first) or by the host (a block is factored before the next ``add``, and
+    a lane's pinned Q_i is delivered before the lane's next block is factored).
 
     CSR blocks get the shift algebraically, as in the power sweep: the device accumulates
     A^T (Q_i S), and the host keeps w = (1^T Q)-part with the same merges,
-    w <- T^T w + S^T Q_i^T 1, and subtracts shift w^T at the end.
+    w <- T^T w + S^T Q_i^T 1 (on the delivery thread, which has Q_i), and subtracts
+    shift w^T at the end.
     """
 
     def __init__(self, backend: CUDAKernels, X: np.ndarray, stats: BlockStats,
@@ -632,6 +662,8 @@ class CUDAFinalSweep(_DeviceSweep):
         self.updated = cuda.event()  # recorded after each update of B^T
         self.pending: _PendingBlock | None = None
         self.factored_on_host = 0  # blocks that ``factor_on_device`` left to the host
+        self.in_transit: list[_HomewardQ] = []  # Q_i on their way home, in block order
+        self.deliveries: list[Future] = []  # handed to the delivery thread, not yet seen done
 
     def add(self, block, first_row: int, shift: np.ndarray) -> None:
         self._check(block, shift)
@@ -648,10 +680,13 @@ class CUDAFinalSweep(_DeviceSweep):
         if self.pending is not None:
             self._finish(self.pending)
             self.pending = None
+        self._deliver(self.in_transit)
+        for delivery in self.deliveries:
+            delivery.result()  # raises what the spill raised
         self._add_sweep_totals()
         BT = np.asfortranarray(self.BT.copy_to_host())
         if self.sparse and BT.size:
-            BT -= np.outer(self.shift, self.ones_part)
+            subtract_outer(BT, self.shift, self.ones_part)
         self.tsqr.BT = BT
         return self.tsqr
 
@@ -677,30 +712,59 @@ class CUDAFinalSweep(_DeviceSweep):
         return _PendingBlock(lane, arrays, first_row, rows, Y, columns)
 
     def _finish(self, block: _PendingBlock) -> None:
-        """Factor Y_i, spill Q_i, and enqueue the update of B^T."""
+        """Factor Y_i, enqueue the update of B^T and Q_i's copy home, and hand the
+        blocks before it to the delivery thread."""
+        lane = block.lane
+        if any(item.lane is lane for item in self.in_transit):  # a single stream
+            self._deliver(self.in_transit)
+        lane.await_delivery()  # its pinned Q_i buffer is free again
         width = self.X.shape[1] + self.append_ones
-        factored = factor_on_device(self.backend.kernels, block.lane, block.Y, width)
+        factored = factor_on_device(self.backend.kernels, lane, block.Y, width)
         if factored is None:
             self.factored_on_host += block.rows > 0
             Q_i, R_i = self._factor_on_host(block)
             device_Q = None
         else:
-            device_Q, R_i = factored
-            Q_i = self._copy_home(block.lane, device_Q)
+            (device_Q, R_i), Q_i = factored, None
         merge = self.tsqr.add_r(R_i)
-        self.spill(self.tsqr.blocks - 1, Q_i, merge)
-        self._update_bt(block, Q_i, device_Q, merge)
+        homeward = _HomewardQ(self.tsqr.blocks - 1, lane, merge, Q_i)
+        if device_Q is not None:
+            homeward.pinned = lane.pinned("Q", *device_Q.shape)
+            device_Q.copy_to_host(homeward.pinned, stream=lane.stream)
+            homeward.arrived = self.backend.cuda.event()
+            homeward.arrived.record(lane.stream)
+        shape = Q_i.shape if device_Q is None else device_Q.shape
+        self._update_bt(block, shape, Q_i, device_Q, merge)
+        self._deliver(self.in_transit)
+        self.in_transit.append(homeward)
+        while self.deliveries and self.deliveries[0].done():
+            self.deliveries.pop(0).result()  # raises what the spill raised
 
-    def _copy_home(self, lane: _StagingStream, device_Q: Any) -> np.ndarray:
-        """Q_i in a new host array (the spill may keep it), through the lane's pinned
-        buffer and the staging copy's threads: one thread, faulting in the new pages,
-        took about 40% of the sweep's time."""
-        pinned = lane.pinned("Q", *device_Q.shape)
-        device_Q.copy_to_host(pinned, stream=lane.stream)
-        lane.stream.synchronize()
-        Q_i = np.empty(pinned.shape)
-        self.backend.copier.copy(pinned, Q_i.reshape(-1).view(np.uint8))
-        return Q_i
+    def _deliver(self, homeward: list[_HomewardQ]) -> None:
+        """Hand Q_i on their way home to the delivery thread, once each has arrived, and
+        empty ``homeward``."""
+        for item in homeward:
+            if item.arrived is not None:
+                item.arrived.synchronize()
+            item.lane.delivery = self.backend.delivery.submit(self._spill_block, item)
+            self.deliveries.append(item.lane.delivery)
+        homeward.clear()
+
+    def _spill_block(self, item: _HomewardQ) -> None:
+        """On the delivery thread: Q_i in a new host array (the spill may keep it), the
+        CSR shift's w updated with it, and the spill called."""
+        Q_i = item.Q_i
+        if Q_i is None:
+            Q_i = np.empty(item.pinned.shape)
+            self.backend.copier.copy(item.pinned, Q_i.reshape(-1).view(np.uint8))
+        if self.sparse:
+            rows, r_i = Q_i.shape
+            merge = item.merge
+            T, S = (np.zeros((0, r_i)), np.eye(r_i)) if merge is None else (merge.T, merge.S)
+            # 1^T Q_i by BLAS: numpy's sum over Q_i's rows, on one core, took a quarter of a
+            # CSR final sweep's time
+            self.ones_part = self.ones_part @ T + (np.ones(rows) @ Q_i) @ S
+        self.spill(item.index, Q_i, item.merge)
 
     def _factor_on_host(self, block: _PendingBlock) -> tuple[np.ndarray, np.ndarray]:
         """Y_i = Q_i R_i by LAPACK, Y_i copied home; NonFiniteError if it is not finite."""
@@ -718,13 +782,14 @@ class CUDAFinalSweep(_DeviceSweep):
             self._raise_not_finite(block)
         return Q_i, R_i
 
-    def _update_bt(self, block: _PendingBlock, Q_i: np.ndarray, device_Q: Any,
-                   merge: MergeFactors | None) -> None:
+    def _update_bt(self, block: _PendingBlock, shape: tuple[int, int], Q_i: np.ndarray | None,
+                   device_Q: Any, merge: MergeFactors | None) -> None:
         """Enqueue B^T <- B^T T + A_s,i^T (Q_i S) on the block's stream (for the first
-        block, T has no rows and S = I); Q_i is uploaded unless already on the device."""
+        block, T has no rows and S = I), for Q_i of ``shape`` on the device, or on the host
+        (``Q_i``), whence it is uploaded."""
         cuda, kernels = self.backend.cuda, self.backend.kernels
         lane, stream = block.lane, block.lane.stream
-        rows, r_i = Q_i.shape
+        rows, r_i = shape
         T = np.zeros((0, r_i)) if merge is None else merge.T
         r_new = T.shape[1]
         P = device_Q
@@ -749,11 +814,6 @@ class CUDAFinalSweep(_DeviceSweep):
             kernels.dense_transposed(stream, block.arrays[0], self.device_shift, P, target)
         self.updated.record(stream)
         self.BT = target
-        if self.sparse:
-            S = np.eye(r_i) if merge is None else merge.S
-            # 1^T Q_i by BLAS: numpy's sum over Q_i's rows, on one core, took a quarter of a
-            # CSR final sweep's time
-            self.ones_part = self.ones_part @ T + (np.ones(rows) @ Q_i) @ S
 
     def _raise_not_finite(self, block: _PendingBlock) -> None:
         """Y_i is not finite: name the rows, as NaN or Inf in A, or as an overflow."""
@@ -838,6 +898,18 @@ def _gram(kernels: Any, lane: _StagingStream, V: Any, width: int) -> np.ndarray:
     return upper + np.triu(upper, 1).T
 
 
+def subtract_outer(Z: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """Z -= x y^T in place, for an F-ordered float64 Z (n x r), by BLAS's rank-one update:
+    numpy's outer product makes an n x r temporary, which took longer than the GPU's whole
+    power sweep at n = 1e5 (about 30 ms against 80). Nothing to do for x = 0 (no shift)."""
+    if Z.size == 0 or not x.any():
+        return
+    ger = scipy.linalg.get_blas_funcs("ger", (Z,))
+    updated = ger(-1.0, x, y, a=Z, overwrite_a=True)
+    if updated is not Z:  # BLAS worked on a copy (Z not F-ordered float64)
+        Z[...] = updated
+
+
 def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
                    ) -> tuple[np.ndarray, float]:
     """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows)."""
@@ -877,17 +949,35 @@ class _StagingStream:
         self.holds: weakref.ref | None = None  # the block `times` left in `device`
         self.arrays: list = []
         self.in_flight: list = []  # page-locked parts the device may still be reading
+        self.delivery: Future | None = None  # the final pass's last Q_i from this lane
 
-    def upload(self, parts: list[np.ndarray], copier: _HostCopier, direct: bool) -> list:
+    def await_delivery(self) -> None:
+        """Wait until the final pass's last Q_i from this lane is spilled (its pinned
+        buffer free again); the sweep raises what the spill raised."""
+        if self.delivery is not None:
+            delivery, self.delivery = self.delivery, None
+            futures_wait([delivery])
+
+    def upload(self, parts: list[np.ndarray], copier: _HostCopier, direct: bool,
+               after: Any = None) -> list:
         """Enqueue the copy of ``parts`` to the device: through the pinned buffer, or
-        straight from the parts when they are page-locked (``direct``). Their device
-        arrays, valid for this stream's later work."""
+        straight from the parts when they are page-locked (``direct``), once the copy
+        that recorded the event ``after`` (another stream's) is done. Their device arrays,
+        valid for this stream's later work.
+
+        Copies in order: the GPU has several copy engines, and two blocks copied at once
+        share the bus, so both arrive late and the kernels of neither can start. Measured
+        on an H100 (CSR blocks, whose kernels take longer than their copy): a power sweep
+        ran at 27 GB/s of A with copies free to overlap, and its kernels kept the device
+        busy at 40 when each copy waited for the one before."""
         offsets, total = _packing(parts)
         self.staged.synchronize()
         if self.device is None or total > self.device.size:
             self.stream.synchronize()  # queued kernels may still read the old buffer
             self.host = None if direct else self.cuda.pinned_array(total, dtype=np.uint8)
             self.device = self.cuda.device_array(total, dtype=np.uint8)
+        if after is not None and after is not self.staged:
+            after.wait(self.stream)
         if direct:
             for part, offset in zip(parts, offsets, strict=True):
                 self.device[offset : offset + part.nbytes].copy_to_device(
