@@ -42,10 +42,11 @@ column sums; see ``cuda_backend``).
 
 Measured on an H100 (float32 blocks, n = 1024, l = 30, GB/s of A on the device): Y = A_s X
 220, Z += A_s^T Y 135, totals 1270, a whole dense block about 85, 1.6 times the 52-54 GB/s
-of its PCIe 5 host-to-device copy; the CSR power kernel 40 (n = 1e5, 64 non-zeros a row,
-uniform columns, float32 values and int32 indices: 8 bytes and l = 30 atomic adds per
-non-zero), 7 when column j is drawn with probability ~ 1 / (j + 1), below that copy, so CSR
-passes are bound by the atomics.
+of its PCIe 5 host-to-device copy; the CSR power kernel 48 at n = 1e5 and 54 at n = 1e4
+(64 non-zeros a row, uniform columns, float32 values and int32 indices: 8 bytes and l = 30
+float64 atomic adds per non-zero; the gathers alone run at about 160, the scatter's
+atomics are the rest), about the copy's rate; 7 when column j is drawn with probability
+~ 1 / (j + 1), where the adds into the popular columns' rows of Z wait for one another.
 
 Products are accumulated in float64 by default. ``accumulate='float32'`` does the in-tile
 arithmetic in float32 (Z is still summed in float64 across tiles): it loses directions
