@@ -12,6 +12,7 @@ numba-cuda but no GPU.
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import naive
@@ -483,7 +484,28 @@ def test_final_sweep_raises_what_the_spill_raised(streams):
         for start, block in blocks:
             sweep.add(block, start, np.zeros(6))
         sweep.result()
-    assert spilled[:1] == [0]
+    assert spilled == [0]  # no block after the failed one was spilled
+
+
+@on_device
+def test_a_failed_final_sweep_makes_no_spill_call_after_it_raised():
+    """The caller closes the spill once the sweep raises: every Q_i handed to the
+    delivery thread is settled by then, and none is spilled after."""
+    whole, blocks = split_blocks("dense", np.float64, np.int32, 40, 6, [10, 10, 10, 10])
+    calls, closed = [], []
+
+    def slow_spill(i, Q_i, merge):
+        time.sleep(0.2)
+        calls.append((i, bool(closed)))
+
+    sweep = cuda_kernels("dense", 6).final_sweep(np.ones((6, 2), order="F"),
+                                                 BlockStats.zeros(6), False, slow_spill)
+    with pytest.raises(ValueError, match="one centering shift"):
+        for start, block in blocks:
+            sweep.add(block, start, np.zeros(6) if start < 30 else np.ones(6))
+    closed.append(True)
+    time.sleep(0.5)
+    assert calls and not any(after_close for _, after_close in calls)
 
 
 @on_device

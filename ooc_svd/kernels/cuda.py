@@ -15,6 +15,9 @@ to be simple and to never be the bottleneck, not to reach peak flops:
   of shared memory of an H100 multiprocessor beyond n ~ 400.
 - CSR blocks: a group of ``lanes`` threads per row, one output column per thread, so the
   gathers of X's rows and the atomic scatters into Z's rows are coalesced across the group.
+  The group reads a row's non-zeros in chunks of ``lanes``, one per lane (coalesced), and
+  broadcasts each chunk to its lanes by warp shuffles, once per ``lanes`` output columns
+  for the products and again for the scatter.
   The power kernel is fused: a row's non-zeros are read from device memory once for
   y = A_row X and again, from cache, to scatter Z += A_row^T y. That scatter costs l
   float64 atomics per non-zero, which bound it (below), and rows sharing a popular column
@@ -42,7 +45,7 @@ column sums; see ``cuda_backend``).
 
 Measured on an H100 (float32 blocks, n = 1024, l = 30, GB/s of A on the device): Y = A_s X
 220, Z += A_s^T Y 135, totals 1270, a whole dense block about 85, 1.6 times the 52-54 GB/s
-of its PCIe 5 host-to-device copy; the CSR power kernel 48 at n = 1e5 and 54 at n = 1e4
+of its PCIe 5 host-to-device copy; the CSR power kernel 48 at n = 1e5 and 54-55 at n = 1e4
 (64 non-zeros a row, uniform columns, float32 values and int32 indices: 8 bytes and l = 30
 float64 atomic adds per non-zero; the gathers alone run at about 160, the scatter's
 atomics are the rest), about the copy's rate; 7 when column j is drawn with probability

@@ -53,6 +53,7 @@ import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -448,8 +449,8 @@ class CUDAKernels:
     def close(self) -> None:
         """Release the staging buffers and the copy threads."""
         self.streams = []
+        self.delivery.shutdown()  # first: a queued delivery still copies on the copier
         self.copier.close()
-        self.delivery.shutdown()
 
     def upload(self, lane: _StagingStream, block) -> list:
         """Start copying a block to ``lane``'s device buffer; its device arrays (A, or data,
@@ -633,8 +634,15 @@ class CUDAFinalSweep(_DeviceSweep):
     Q_i reaches the spill a block later, from the backend's delivery thread, in block
     order: once the next block is factored (its copy home has long arrived by then) the
     host hands it over, and the thread copies it out of the pinned buffer into a new array
-    (the spill may keep it) and calls the spill. That copy, which faults in the new pages,
-    took 20-25 ms of each CSR block's 45 ms on the host before it left the host's path.
+    (the spill may keep it) and calls the spill. That copy faults in the new pages (5-6
+    GB/s on an H100's host) and took 20-25 ms of each CSR block's 45 ms there when the
+    host made it itself. The host waits for it before it factors the lane's next block,
+    so it overlaps only the caller's next read and the start of the block after: the
+    dense final sweeps gained 26-37%, and CSR ones, whose Q_i is half a block's bytes,
+    still wait on it. (Waiting only before the pinned buffer is written again measured
+    slower in one run, on a machine that ran every sweep slower; not kept.) An error of
+    the sweep waits for the deliveries handed over, and stops the later ones, before it
+    reaches the caller.
 
     Every lane's buffers are reused two blocks later; each reuse is ordered after the work
     that read them by the lane's stream (a block's upload after its B^T update, which the
@@ -664,25 +672,28 @@ class CUDAFinalSweep(_DeviceSweep):
         self.factored_on_host = 0  # blocks that ``factor_on_device`` left to the host
         self.in_transit: list[_HomewardQ] = []  # Q_i on their way home, in block order
         self.deliveries: list[Future] = []  # handed to the delivery thread, not yet seen done
+        self.failed = False  # the sweep raised, or a spill did: no more spill calls
 
     def add(self, block, first_row: int, shift: np.ndarray) -> None:
-        self._check(block, shift)
-        lane = self._next_lane()
-        if self.pending is not None and self.pending.lane is lane:  # a single stream
-            self._finish(self.pending)
-            self.pending = None
-        started = self._start(block, first_row, lane)
-        if self.pending is not None:
-            self._finish(self.pending)
-        self.pending = started
+        with self._settling_deliveries():
+            self._check(block, shift)
+            lane = self._next_lane()
+            if self.pending is not None and self.pending.lane is lane:  # a single stream
+                self._finish(self.pending)
+                self.pending = None
+            started = self._start(block, first_row, lane)
+            if self.pending is not None:
+                self._finish(self.pending)
+            self.pending = started
 
     def result(self) -> StreamingTSQR:
-        if self.pending is not None:
-            self._finish(self.pending)
-            self.pending = None
-        self._deliver(self.in_transit)
-        for delivery in self.deliveries:
-            delivery.result()  # raises what the spill raised
+        with self._settling_deliveries():
+            if self.pending is not None:
+                self._finish(self.pending)
+                self.pending = None
+            self._deliver(self.in_transit)
+            for delivery in self.deliveries:
+                delivery.result()  # raises what the spill raised
         self._add_sweep_totals()
         BT = np.asfortranarray(self.BT.copy_to_host())
         if self.sparse and BT.size:
@@ -740,6 +751,17 @@ class CUDAFinalSweep(_DeviceSweep):
         while self.deliveries and self.deliveries[0].done():
             self.deliveries.pop(0).result()  # raises what the spill raised
 
+    @contextmanager
+    def _settling_deliveries(self):
+        """On an error, wait for the deliveries already handed over before raising it:
+        the caller closes the spill then, and no spill call may come after."""
+        try:
+            yield
+        except BaseException:
+            self.failed = True
+            futures_wait(self.deliveries)
+            raise
+
     def _deliver(self, homeward: list[_HomewardQ]) -> None:
         """Hand Q_i on their way home to the delivery thread, once each has arrived, and
         empty ``homeward``."""
@@ -752,7 +774,10 @@ class CUDAFinalSweep(_DeviceSweep):
 
     def _spill_block(self, item: _HomewardQ) -> None:
         """On the delivery thread: Q_i in a new host array (the spill may keep it), the
-        CSR shift's w updated with it, and the spill called."""
+        CSR shift's w updated with it, and the spill called; nothing once the sweep or
+        an earlier spill failed."""
+        if self.failed:
+            return
         Q_i = item.Q_i
         if Q_i is None:
             Q_i = np.empty(item.pinned.shape)
@@ -764,7 +789,11 @@ class CUDAFinalSweep(_DeviceSweep):
             # 1^T Q_i by BLAS: numpy's sum over Q_i's rows, on one core, took a quarter of a
             # CSR final sweep's time
             self.ones_part = self.ones_part @ T + (np.ones(rows) @ Q_i) @ S
-        self.spill(item.index, Q_i, item.merge)
+        try:
+            self.spill(item.index, Q_i, item.merge)
+        except BaseException:
+            self.failed = True
+            raise
 
     def _factor_on_host(self, block: _PendingBlock) -> tuple[np.ndarray, np.ndarray]:
         """Y_i = Q_i R_i by LAPACK, Y_i copied home; NonFiniteError if it is not finite."""
