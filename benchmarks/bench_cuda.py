@@ -180,9 +180,10 @@ class SweepTimeline:
     when the copy ended and when its kernels ended. ``watch(backend)`` wraps the backend's
     upload; ``added()`` marks the end of the block just given to ``sweep.add``.
 
-    Each copy is made to wait for the one before it (on whichever stream), as the copies
-    share the bus anyway, so that a copy's interval is its transfer and not its wait; a
-    block's kernels run from the end of its copy to its last event on its stream.
+    Each copy is made to wait for the one before it (on whichever stream) before its start
+    is marked: the backend's upload makes it wait too, but after that mark, which would
+    then count the wait as transfer. A block's kernels run from the end of its copy to its
+    last event on its stream.
     """
 
     def __init__(self, cuda):

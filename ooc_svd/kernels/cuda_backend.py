@@ -670,7 +670,7 @@ class CUDAFinalSweep(_DeviceSweep):
         self.updated = cuda.event()  # recorded after each update of B^T
         self.pending: _PendingBlock | None = None
         self.factored_on_host = 0  # blocks that ``factor_on_device`` left to the host
-        self.in_transit: list[_HomewardQ] = []  # Q_i on their way home, in block order
+        self.in_transit: _HomewardQ | None = None  # the last block's Q_i, on its way home
         self.deliveries: list[Future] = []  # handed to the delivery thread, not yet seen done
         self.failed = False  # the sweep raised, or a spill did: no more spill calls
 
@@ -691,7 +691,7 @@ class CUDAFinalSweep(_DeviceSweep):
             if self.pending is not None:
                 self._finish(self.pending)
                 self.pending = None
-            self._deliver(self.in_transit)
+            self._deliver()
             for delivery in self.deliveries:
                 delivery.result()  # raises what the spill raised
         self._add_sweep_totals()
@@ -726,8 +726,8 @@ class CUDAFinalSweep(_DeviceSweep):
         """Factor Y_i, enqueue the update of B^T and Q_i's copy home, and hand the
         blocks before it to the delivery thread."""
         lane = block.lane
-        if any(item.lane is lane for item in self.in_transit):  # a single stream
-            self._deliver(self.in_transit)
+        if self.in_transit is not None and self.in_transit.lane is lane:  # a single stream
+            self._deliver()
         lane.await_delivery()  # its pinned Q_i buffer is free again
         width = self.X.shape[1] + self.append_ones
         factored = factor_on_device(self.backend.kernels, lane, block.Y, width)
@@ -746,8 +746,8 @@ class CUDAFinalSweep(_DeviceSweep):
             homeward.arrived.record(lane.stream)
         shape = Q_i.shape if device_Q is None else device_Q.shape
         self._update_bt(block, shape, Q_i, device_Q, merge)
-        self._deliver(self.in_transit)
-        self.in_transit.append(homeward)
+        self._deliver()
+        self.in_transit = homeward
         while self.deliveries and self.deliveries[0].done():
             self.deliveries.pop(0).result()  # raises what the spill raised
 
@@ -762,15 +762,15 @@ class CUDAFinalSweep(_DeviceSweep):
             futures_wait(self.deliveries)
             raise
 
-    def _deliver(self, homeward: list[_HomewardQ]) -> None:
-        """Hand Q_i on their way home to the delivery thread, once each has arrived, and
-        empty ``homeward``."""
-        for item in homeward:
-            if item.arrived is not None:
-                item.arrived.synchronize()
-            item.lane.delivery = self.backend.delivery.submit(self._spill_block, item)
-            self.deliveries.append(item.lane.delivery)
-        homeward.clear()
+    def _deliver(self) -> None:
+        """Hand the Q_i in transit, if any, to the delivery thread once it has arrived."""
+        item, self.in_transit = self.in_transit, None
+        if item is None:
+            return
+        if item.arrived is not None:
+            item.arrived.synchronize()
+        item.lane.delivery = self.backend.delivery.submit(self._spill_block, item)
+        self.deliveries.append(item.lane.delivery)
 
     def _spill_block(self, item: _HomewardQ) -> None:
         """On the delivery thread: Q_i in a new host array (the spill may keep it), the
