@@ -244,6 +244,37 @@ def test_gram_and_solve_rows_match_reference(ones):
     np.testing.assert_allclose(V.copy_to_host(), expected, rtol=1e-10, atol=1e-12)
 
 
+@on_device
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_matrices_change_order_on_the_device(order):
+    """A host matrix of either order reaches the device C-ordered, and a device matrix
+    comes home F-ordered, through a spare buffer or a new one, into ``out`` or not."""
+    from numba import cuda
+
+    rows, cols = (7, 3) if SIMULATED else (1000, 37)
+    M = np.asarray(np.random.default_rng(8).standard_normal((rows, cols)), order=order)
+    kernels = CUDAKernels(cols)
+    stream = kernels.streams[0].stream
+    spare = cuda.to_device(np.full(rows * cols + 2, np.nan))
+    for buffer in (None, spare):
+        device = kernels.matrix_to_device(M, stream, spare=buffer)
+        assert device.is_c_contiguous()
+        np.testing.assert_array_equal(device.copy_to_host(), M)
+        home = kernels.fortran_home(device, stream, spare=buffer)
+        assert home.flags.f_contiguous
+        np.testing.assert_array_equal(home, M)
+    wide = np.zeros((rows, cols + 1), order="F")
+    kernels.fortran_home(device, stream, out=wide[:, :cols])  # into F-ordered columns
+    np.testing.assert_array_equal(wide, np.column_stack([M, np.zeros(rows)]))
+    rows_first = np.zeros((rows, cols))
+    kernels.fortran_home(device, stream, out=rows_first)  # a C-ordered out is filled too
+    np.testing.assert_array_equal(rows_first, M)
+    kernels.kernels.zero(stream, device.reshape(-1))
+    np.testing.assert_array_equal(device.copy_to_host(), 0.0)
+    with pytest.raises(ValueError, match="holds no"):
+        kernels.matrix_to_device(np.asfortranarray(M), stream, spare=spare[:3])
+
+
 def condition_cases(rows, l):
     """(name, Y) for the device QR: condition numbers from 1e2 to 1e20 (singular values
     log-spaced), exactly rank-deficient, and a repeated column."""

@@ -233,6 +233,20 @@ class BlockKernels:
         self._launch("columns_times", grid, (g.lanes, g.groups), stream, data, rows, starts,
                      Y, Z, colsum, record)
 
+    def zero(self, stream, array):
+        """array[:] = 0 for a contiguous 1-d device array."""
+        g = self.geometry
+        self._launch("clear", _blocks(array.size, g.stats_threads), g.stats_threads, stream,
+                     array)
+
+    def transpose(self, stream, A, B):
+        """B = A^T for C-ordered float64 device matrices: the basis X, Z and B^T change
+        between a C-ordered device copy and an F-ordered host one this way, without a
+        transposing copy on the host."""
+        g = self.geometry
+        grid = min(_blocks(A.size, g.stats_threads), self._resident(g.stats_threads))
+        self._launch("transpose", grid, g.stats_threads, stream, A, B)
+
     def small_product(self, stream, A, B, C):
         """C = A B for small float64 factors (B has at most a few hundred rows): the
         final pass's B^T T and Q_i S. Always in float64, whatever ``accumulate`` is:
@@ -312,6 +326,7 @@ def example_signatures(data: str = "float32", index: str = "int32") -> dict[str,
         "csr_to_columns": f"void({csr}, int64[::1], {data}[::1], int32[::1])",
         "columns_times": f"void({data}[::1], int32[::1], int64[::1], {matrix}, {matrix}, "
                          f"{vector}, {vector})",
+        "transpose": f"void({matrix}, {matrix})",
         "small_product": f"void({matrix}, {matrix}, {matrix})",
         "gram": f"void({matrix}, int64, {matrix})",
         "solve_rows": f"void({matrix}, {matrix}, {matrix})",
@@ -672,6 +687,15 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             record[1] = 1.0
         block_sum(squares, scratch, record)
 
+    def transpose(A, B):
+        """B = A^T, a thread per entry (grid-stride), in B's order: the writes are
+        coalesced and the reads strided by A's row. It moves the matrix once in device
+        memory, where the copy that it spares the host moves it at host memory's rate."""
+        rows = B.shape[1]
+        for e in range(cuda.grid(1), B.size, cuda.gridsize(1)):
+            i, j = e // rows, e % rows
+            B[i, j] = A[j, i]
+
     def small_product(A, B, C):
         """C = A B, a thread per entry of C (grid-stride). A row of A and all of B are
         read from cache after the first thread of a row has touched them."""
@@ -715,5 +739,5 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
 
     kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
                csr_transposed, csr_totals, clear, column_counts, column_starts,
-               csr_to_columns, columns_times, small_product, gram, solve_rows)
+               csr_to_columns, columns_times, transpose, small_product, gram, solve_rows)
     return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})
