@@ -102,7 +102,7 @@ dask.array.Array} of shape (m, n)
         ``.npz`` path; never densified, PCA centering included. It is opened read-only and
         never modified.
     k : int, optional
-        Number of singular triplets, 1 <= k < min(m, n). Give k or ``tol``.
+        Number of singular triplets, 1 <= k <= min(m, n). Give k or ``tol``.
     tol : float, optional
         Fixed-accuracy mode: return the smallest rank whose relative Frobenius residual
         ||A - U S V^T||_F / ||A||_F is at most tol (0 < tol < 1). The exact and gram methods
@@ -681,10 +681,8 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
         if max_rank is not None:
             raise InputError("max_rank applies to the fixed-accuracy mode (tol), not to k")
         k = check_int("k", k, minimum=1)
-        if k >= min(m, n):
-            raise InputError(
-                f"k={k} must be smaller than min(m, n) = {min(m, n)} for shape {(m, n)}"
-            )
+        if k > min(m, n):
+            raise InputError(f"k={k} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
         return k, fixed_rank(k)
     if not 0 < check_number("tol", tol) < 1:
         raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")

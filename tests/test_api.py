@@ -311,6 +311,21 @@ def test_svd_lowrank_allows_q_equal_to_min_dimension():
     np.testing.assert_allclose((U * S) @ V.T, A, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
+@pytest.mark.parametrize("shape", [(60, 8), (8, 60)])
+def test_k_may_be_the_full_rank_as_tol_and_torch_allow(method, shape):
+    """k = min(m, n) gives the whole SVD, by every method, of a tall or a wide matrix."""
+    A = naive.matrix_with_spectrum(*shape, np.logspace(0, -6, 8), seed=2)
+    result = ooc_svd.svd(A, 8, method=method)
+    np.testing.assert_allclose(result.S, np.logspace(0, -6, 8), rtol=1e-8)
+    np.testing.assert_allclose((result.U * result.S) @ result.V.T, A, atol=1e-12)
+    centered = A - A.mean(axis=0)
+    result = ooc_svd.svd(A, 8, method=method, center=True)
+    np.testing.assert_allclose(result.S, np.linalg.svd(centered, compute_uv=False),
+                               rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose((result.U * result.S) @ result.V.T, centered, atol=1e-12)
+
+
 def test_svd_lowrank_q_beyond_the_smaller_dimension_gives_all_triplets_as_torch():
     A = np.diag([3.0, 2.0, 1.0])
     for q in (None, 10):
@@ -667,7 +682,7 @@ def test_failed_run_leaves_no_output(tmp_path, zarr_matrix, matrix):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"k": 30}, r"k=30 must be smaller than min\(m, n\) = 30"),
+        ({"k": 31}, r"k=31 must be at most min\(m, n\) = 30"),
         ({"k": 0}, "k=0 must be >= 1"),
         ({"k": 2.5}, "k must be an integer"),
         ({"k": 3, "niter": -1}, "niter=-1 must be >= 0"),

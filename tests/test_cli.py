@@ -202,7 +202,7 @@ def bad_inputs(tmp_path, store):
     ]
     return no_gpu + [
         ("missing store", tmp_path / "absent.zarr", [], "no such file or store"),
-        ("k too large", store, ["--k", 40], "k=40 must be smaller than min(m, n) = 40"),
+        ("k too large", store, ["--k", 41], "k=41 must be at most min(m, n) = 40"),
         ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf in rows"),
         ("corrupt chunk", corrupt, ["--memory-limit", "6MB"], "chunk of rows [100, 200)"),
         ("wrong format", text, [], "cannot open"),
