@@ -56,6 +56,11 @@ RankRule = Callable[[np.ndarray, float, bool], int]
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
 GRAM_TOLERANCE = 1e-8
+EPS64 = float(np.finfo(np.float64).eps)
+# A squared residual is known to this many units of rounding of what it is computed from
+# (||A||_F^2 less sum S^2, or a tail of G's eigenvalues, each to eps sigma_1^2): a residual
+# below that cannot be told from zero.
+RESIDUAL_ROUNDING = 16
 # A Krylov block's column whose norm falls below this once projected off the basis (of unit
 # columns) adds no direction the basis lacks, beyond rounding: sqrt(eps64) ~ 1.5e-8.
 DEPENDENT_NORM = 1e-7
@@ -76,6 +81,9 @@ class Factors:
     # to about n eps sigma_1^2): a residual without fro2 - sum(S^2)'s cancellation, and
     # the one the rank rule saw.
     trailing_energy: float | None = None
+    # How far the squared residual (in ||A||_F^2's units) may be off by rounding: by default
+    # that of ||A||_F^2 - sum S^2.
+    residual_rounding: float | None = None
 
 
 # ---- rank rules ---------------------------------------------------------------------------
@@ -251,7 +259,11 @@ def exact_svd(
     rank = rank_rule(S_all, fro2, True)
     V = np.asfortranarray(Vt[:rank].T)
     del Vt
-    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "exact")
+    # Each sigma_j to a few eps sigma_1 (Householder), so its square to that times 2 sigma_j.
+    error, tail = RESIDUAL_ROUNDING * EPS64 * float(S_all[0]), S_all[rank:]
+    tail_rounding = 2 * error * float(np.sum(tail)) + tail.size * error**2
+    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "exact",
+                              tail_rounding)
 
 
 def gram_svd(
@@ -303,7 +315,10 @@ def gram_svd(
         factors.note = (f"{size} too small for the gram method's accuracy; switched to the "
                         "exact method after its pass")
         return factors
-    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram")
+    # Each eigenvalue of G to a few eps ||G||_2, the subtracted mean's share included.
+    error = RESIDUAL_ROUNDING * EPS64 * (max(float(eigenvalues[0]), 0.0) + subtracted)
+    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram",
+                              (S_all.size - rank) * error)
 
 
 # ---- shared steps -------------------------------------------------------------------------
@@ -321,16 +336,20 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)
-    return Factors(S_all[:rank], V, fro2, numerical, method)
+    rounding = RESIDUAL_ROUNDING * EPS64 * fro2
+    return Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
 
 
-def _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, method) -> Factors:
+def _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, method,
+                       tail_rounding: float) -> Factors:
     """The final pass over A V_k for a method that found the whole spectrum ``S_all`` (exact,
     gram), V_k its k = V.shape[1] leading right singular vectors; the residual is the tail
-    of ``S_all``, as the rank rule saw it."""
+    of ``S_all``, as the rank rule saw it, whose sum of squares is known to
+    ``tail_rounding``."""
     rank = V.shape[1]
     factors = _final_pass(context, plan, V, allocate_u, scratch_dir, fixed_rank(rank), method)
     factors.trailing_energy = float(np.sum(S_all[rank:] ** 2))
+    factors.residual_rounding = tail_rounding
     return factors
 
 
@@ -388,7 +407,7 @@ def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float,
     if eigenvalues[k - 1] <= 0:
         return False
     ratio = np.sqrt(eigenvalues[0] / eigenvalues[k - 1])
-    error = np.finfo(np.float64).eps * (eigenvalues[0] + subtracted) / eigenvalues[k - 1]
+    error = EPS64 * (eigenvalues[0] + subtracted) / eigenvalues[k - 1]
     return error <= max(GRAM_TOLERANCE, data_eps * ratio)
 
 
@@ -414,5 +433,5 @@ def numerical_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     first."""
     if S.size == 0 or S[0] == 0:
         return 0
-    tolerance = S[0] * max(shape) * np.finfo(np.float64).eps
+    tolerance = S[0] * max(shape) * EPS64
     return int(np.count_nonzero(tolerance < S))

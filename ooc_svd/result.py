@@ -169,10 +169,18 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
             f"order {error:.0e} or more")
 
 
-def _tolerance_note(tol: float | None, residual: float, rank: int) -> str:
-    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance."""
+def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
+                    method: str) -> str:
+    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, and
+    whether the cap or the method's rounding (``rounding``: how far the relative residual
+    may be off) is to blame."""
     if tol is None or residual <= tol:
         return ""
+    if residual <= rounding:
+        better = ("; the exact method resolves smaller ones" if method != "exact"
+                  else "")
+        return (f"the residual {residual:.3g} at rank {rank} is within the {method} method's "
+                f"rounding (about {rounding:.1g}), so tol={tol:g} cannot be confirmed{better}")
     return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
             "raise max_rank for a smaller residual")
 
@@ -188,6 +196,8 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
     if residual2 is None:
         residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
     residual = float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0
+    rounding = factors.residual_rounding or 0.0
+    rounding = float(np.sqrt(rounding / fro2)) if fro2 > 0 else 0.0
     return SVDResult(
         U=U,
         S=factors.S.astype(dtype),
@@ -202,7 +212,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         method=factors.method,
         note="; ".join(filter(None, [
             factors.note, _cancellation_note(centering, plan, factors.method, fro2),
-            _tolerance_note(tol, residual, factors.S.size)])),
+            _tolerance_note(tol, residual, factors.S.size, rounding, factors.method)])),
         plan=plan,
         seed=seed,
         records=records,
