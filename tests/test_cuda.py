@@ -130,6 +130,36 @@ def test_csr_kernels_match_reference(shape, index_dtype, dtype, transposed):
     assert_stats(stats, As, 1e-12)
 
 
+@on_device
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_csr_kernels_with_row_groups_narrower_than_a_warp(lanes):
+    """Row groups of 8 or 16 lanes share a warp, each broadcasting its non-zeros by
+    shuffles under its own part of the warp's mask (the simulator reads memory instead).
+    Rows of up to four chunks of non-zeros, and l wider than a group: every lane of every
+    group takes several columns."""
+    import dataclasses
+
+    from ooc_svd.kernels import cuda as device_kernels
+
+    base = device_kernels.SIMULATOR_GEOMETRY if SIMULATED else device_kernels.DEFAULT_GEOMETRY
+    geometry = dataclasses.replace(base, lanes=lanes, groups=4 if SIMULATED else 16)
+    rows, n, l = (9, 70, 19) if SIMULATED else (900, 70, 40)
+    block = csr_block(rows, n, np.float32, np.int32)
+    X, shift, Q = operands(n, l, rows)
+    As = shifted(block, shift)
+    kernels, stats = CUDAKernels(n, geometry=geometry), BlockStats.zeros(n)
+    scale = np.abs(As).sum()
+    np.testing.assert_allclose(kernels.times(block, 0, X, shift, stats), As @ X, rtol=1e-12,
+                               atol=1e-12 * scale)
+    np.testing.assert_allclose(kernels.transposed_times(block, 0, Q, shift, BlockStats.zeros(n)),
+                               As.T @ Q, rtol=1e-12, atol=1e-12 * scale)
+    sweep = kernels.power_sweep(X, BlockStats.zeros(n))
+    sweep.add(block, 0, shift)
+    expected = naive.fused_power_product(As, X)
+    np.testing.assert_allclose(sweep.result(), expected, rtol=1e-10,
+                               atol=1e-10 * np.abs(expected).max())
+
+
 def skewed_csr(rows, n, dtype, index_dtype, seed=0):
     """A CSR block (scipy) whose column 1 holds a non-zero in most rows (a run longer than
     several chunks of the column-ordered product), with empty columns (0 and the last
@@ -648,6 +678,7 @@ def test_gpu_tests_under_the_simulator():
 @pytest.mark.skipif(SIMULATED, reason="the simulator does not compile kernels")
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 def test_kernels_compile_to_ptx(cc, monkeypatch):
+    import dataclasses
     import types
 
     import numba.cuda.dispatcher
@@ -668,6 +699,13 @@ def test_kernels_compile_to_ptx(cc, monkeypatch):
             ptx, _ = cuda.compile_ptx(getattr(compiled, name).py_func, signature, cc=cc)
             assert f".target sm_{cc[0]}{cc[1]}" in ptx, name
             assert ".local" not in ptx, f"{name} keeps its register tiles in local memory"
+    # Row groups narrower than a warp shuffle under a partial mask.
+    narrow = device_kernels._compile.__wrapped__(
+        np.float64, dataclasses.replace(device_kernels.DEFAULT_GEOMETRY, lanes=8))
+    signatures = device_kernels.example_signatures()
+    for name in ("csr_power", "csr_times", "csr_transposed"):
+        ptx, _ = cuda.compile_ptx(getattr(narrow, name).py_func, signatures[name], cc=cc)
+        assert "shfl.sync" in ptx, name
 
 
 @pytest.mark.skipif(USABLE, reason="a CUDA device is usable here")
