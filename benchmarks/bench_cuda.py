@@ -28,6 +28,10 @@ one run on one GPU:
   much of them overlapped, and a block's kernels in the sweep against the same kernels
   alone (slower beside a copy: the two contend for memory or the L2 cache; not
   overlapped: something serializes them);
+- the fixed cost of a pass, apart from its blocks: a power and a final sweep over a
+  single one-row block, split into set-up (the sweep's construction: X to the device, Z
+  or B^T allocated and zeroed) and result (Z or B^T copied home, F-ordered), best of
+  --repeats, for each n: at large n this is what keeps a short pass below the copy rate;
 - with --profile-final, a host profile of each final sweep (cProfile, by cumulative time),
   which separates the host's own work from its waits on the device (``synchronize``).
 
@@ -275,6 +279,43 @@ def sweep_rate(backend, blocks, X) -> float:
     return sum(block.nbytes for block in blocks) / (time.perf_counter() - began) / 1e9
 
 
+def fixed_costs(backend, block, X, repeats: int) -> dict[str, float]:
+    """Milliseconds of a power and a final sweep's set-up and result around one tiny
+    ``block``, best of ``repeats`` after a warm-up."""
+    from ooc_svd.kernels.cpu import BlockStats
+
+    n = X.shape[0]
+    starts = {
+        "power": lambda: backend.power_sweep(X, BlockStats.zeros(n)),
+        "final": lambda: backend.final_sweep(X, BlockStats.zeros(n), True,
+                                             lambda i, Q_i, merge: None),
+    }
+    best: dict[str, float] = {}
+    for _ in range(repeats + 1):  # the first run compiles and warms up
+        for name, start in starts.items():
+            began = time.perf_counter()
+            sweep = start()
+            set_up = time.perf_counter()
+            sweep.add(block, 0, np.zeros(n))
+            backend.cuda.synchronize()
+            added = time.perf_counter()
+            sweep.result()
+            ended = time.perf_counter()
+            for part, seconds in (("set-up", set_up - began), ("result", ended - added)):
+                key = f"{name} {part}"
+                best[key] = min(best.get(key, np.inf), 1e3 * seconds)
+    return best
+
+
+def print_fixed_costs(costs: list[tuple[str, dict[str, float]]]) -> None:
+    print("\nFixed cost of a pass (one one-row block), ms, best of the repeats:\n")
+    print("| blocks | power: set-up | power: result | final: set-up | final: result |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, cost in costs:
+        print(f"| {name} | {cost['power set-up']:.1f} | {cost['power result']:.1f} "
+              f"| {cost['final set-up']:.1f} | {cost['final result']:.1f} |")
+
+
 def dense_kernel_rates(cuda, backend, block, X, repeats) -> dict[str, float]:
     """GB/s of the block for our kernels and, with CuPy, for cuBLAS, all on the device."""
     n, l = X.shape
@@ -383,7 +424,7 @@ def main() -> None:
     for name, rate in copies.items():
         print(f"| {name} | {rate:.1f} |")
 
-    rows = []
+    rows, costs = [], []
     rng = np.random.default_rng(1)
     for n in args.cols:
         backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
@@ -392,10 +433,16 @@ def main() -> None:
         rates = sweep_rates(backend, blocks, X, args.profile_final)
         kernels = dense_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
         rows.append((f"dense float32, n={n}", sum(b.nbytes for b in blocks), rates, kernels))
+        costs.append((f"dense, n={n}", fixed_costs(backend, blocks[0][:1], X, args.repeats)))
         backend.close()
         del blocks
     for n in args.csr_cols:
         rows += csr_rows(cuda, args, n, total, block_bytes, rng)
+        backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
+        one_row = csr_blocks(0, 1, n, args.csr_row_nnz, 0.0)[0]
+        X = np.asfortranarray(rng.standard_normal((n, args.basis)))
+        costs.append((f"CSR, n={n}", fixed_costs(backend, one_row, X, args.repeats)))
+        backend.close()
 
     print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
           f"pinned H2D {pinned:.1f} GB/s\n")
@@ -409,6 +456,7 @@ def main() -> None:
               f"| {locked:.1f} | {100 * locked / pinned:.0f}% | {final:.1f} "
               f"| {100 * final / pinned:.0f}% | {on_device} |")
     print_timelines(rows)
+    print_fixed_costs(costs)
 
 
 def print_timelines(rows) -> None:
