@@ -75,3 +75,25 @@ def test_non_finite_value_names_its_row(bad):
             block, 1000, np.ones((4, 2), order="F"), np.zeros(4), np.zeros((4, 2), order="F"),
             cpu.BlockStats.zeros(4), subs,
         )
+
+
+def test_prefetch_row_changes_nothing_and_takes_only_c_ordered_rows():
+    import numba
+
+    from ooc_svd.kernels.prefetch import prefetch_row
+
+    @numba.njit
+    def prefetched_sum(matrix, rows):
+        total = 0.0
+        for r in rows:
+            prefetch_row(matrix, r)
+            for c in range(matrix.shape[1]):
+                total += matrix[r, c]
+        return total
+
+    matrix = np.arange(7 * 13, dtype=np.float64).reshape(7, 13)  # rows of 1.6 cache lines
+    for rows in (np.arange(7, dtype=np.int32), np.array([6, 0, 3], dtype=np.int64)):
+        assert prefetched_sum(matrix, rows) == matrix[rows].sum()
+    assert prefetched_sum(matrix[:, :0].copy(), np.arange(7)) == 0.0  # empty rows
+    with pytest.raises(numba.core.errors.TypingError):
+        prefetched_sum(np.asfortranarray(matrix), np.arange(7))

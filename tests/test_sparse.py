@@ -34,7 +34,12 @@ def awkward_block(dtype, index_dtype, seed=0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("shifted", [False, True])
-def test_csr_kernels_match_dense_references(dtype, index_dtype, shifted):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_csr_kernels_match_dense_references(dtype, index_dtype, shifted, prefetch, monkeypatch):
+    import ooc_svd.kernels.csr
+
+    if prefetch:  # as for an X too large for the cache: rows prefetched 16 non-zeros ahead
+        monkeypatch.setattr(ooc_svd.kernels.csr, "PREFETCH_MIN_BYTES", 0)
     block, A = awkward_block(dtype, index_dtype)
     rng = np.random.default_rng(1)
     X = np.asfortranarray(rng.standard_normal((9, 4)))
