@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from typing import Any
 
@@ -188,6 +189,9 @@ def _check_partial(path: str) -> str:
 
 
 LOCK_MARK = "ooc_svd lock\n"  # what a lock file holds
+# The lock files this process holds, by real path (see OutputLock), and the guard of the set.
+_HELD_LOCKS: set[str] = set()
+_HELD_LOCKS_GUARD = threading.Lock()
 
 
 class OutputLock:
@@ -201,41 +205,35 @@ class OutputLock:
     finds it unlinked and locks the new one instead. On NFS, Linux emulates ``flock`` with
     POSIX locks, which hold between nodes when the mount has lock support. Without
     ``fcntl`` (Windows) nothing is locked.
+
+    A POSIX lock belongs to the process, not to the open file: a second lock of the same
+    file from another thread would be granted, and closing any descriptor of the file
+    drops the process's lock. So the lock file is only ever opened once per process: the
+    paths this process holds are kept in a set, and a second lock of one of them is refused
+    before it opens the file; the mark is read through the held descriptor.
     """
 
     def __init__(self, path: str, what: str = "output"):
         path = os.path.normpath(path)  # 'state/' locks 'state.lock', not 'state/.lock'
         self.path = f"{path}.lock"
         self.file = None
+        self.key: str | None = None
         if fcntl is None:
             return
-        while self.file is None:
-            try:
-                file = open(self.path, "a")  # noqa: SIM115 - held until release()
-            except OSError as error:
-                raise InputError(f"cannot create the lock file {self.path!r} beside the "
-                                 f"{what}: {error.strerror}") from None
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.close()
-                raise OutputExistsError(
-                    f"another run is writing the {what} {path!r} (it holds {self.path!r}); "
-                    "wait for it to end or choose another path"
-                ) from None
-            if not _same_file(file, self.path):  # its holder removed it between our open
-                file.close()                    # and our lock: take the new one
-                continue
-            with open(self.path) as reader:
-                content = reader.read(len(LOCK_MARK) + 1)
-            if content not in ("", LOCK_MARK):
-                file.close()
-                raise OutputExistsError(f"{self.path!r} exists and is not an ooc_svd lock "
-                                        "file: remove it or choose another path")
-            if not content:
-                file.write(LOCK_MARK)
-                file.flush()
-            self.file = file
+        busy = OutputExistsError(
+            f"another run is writing the {what} {path!r} (it holds {self.path!r}); wait for "
+            "it to end or choose another path")
+        key = os.path.realpath(self.path)
+        with _HELD_LOCKS_GUARD:
+            if key in _HELD_LOCKS:  # by another thread of this process
+                raise busy
+            _HELD_LOCKS.add(key)
+        try:
+            self.file = _locked_file(self.path, what, busy)
+        except BaseException:
+            _forget_lock(key)
+            raise
+        self.key = key
 
     def release(self) -> None:
         if self.file is not None:
@@ -243,12 +241,49 @@ class OutputLock:
                 os.unlink(self.path)  # while still held: no run can lock the removed file
             self.file.close()
             self.file = None
+        if self.key is not None:
+            _forget_lock(self.key)
+            self.key = None
 
     def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _locked_file(path: str, what: str, busy: OutputExistsError):
+    """The lock file at ``path``, opened, locked and marked; ``busy`` if another process
+    holds it."""
+    while True:
+        try:
+            file = open(path, "a+")  # noqa: SIM115 - held until release()
+        except OSError as error:
+            raise InputError(f"cannot create the lock file {path!r} beside the {what}: "
+                             f"{error.strerror}") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise busy from None
+        if not _same_file(file, path):  # its holder removed it between our open and our
+            file.close()               # lock: take the new one
+            continue
+        file.seek(0)  # appends still go to the end
+        content = file.read(len(LOCK_MARK) + 1)
+        if content not in ("", LOCK_MARK):
+            file.close()
+            raise OutputExistsError(f"{path!r} exists and is not an ooc_svd lock file: "
+                                    "remove it or choose another path")
+        if not content:
+            file.write(LOCK_MARK)
+            file.flush()
+        return file
+
+
+def _forget_lock(key: str) -> None:
+    with _HELD_LOCKS_GUARD:
+        _HELD_LOCKS.discard(key)
 
 
 def _same_file(file, path: str) -> bool:

@@ -544,6 +544,48 @@ def test_a_run_holds_its_locks_until_it_ends_and_removes_them(tmp_path, matrix, 
     assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
 
 
+def test_a_lock_held_as_nfs_holds_it_is_not_lost_to_a_second_try_in_the_same_process(
+        tmp_path, monkeypatch):
+    """NFS turns flock into POSIX locks, which belong to the process (another thread's
+    lock would be granted) and which closing any descriptor of the file drops. Emulated
+    here by lockf, which has those semantics on any file system."""
+    import fcntl
+    import threading
+
+    import ooc_svd.store
+    from ooc_svd.store import OutputLock
+
+    monkeypatch.setattr(ooc_svd.store.fcntl, "flock", fcntl.lockf)
+    path = str(tmp_path / "result.zarr")
+    probe = ("import fcntl, sys; file = open(sys.argv[1], 'a')\n"
+             "try: fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except OSError: print('held')\nelse: print('free')")
+
+    def seen_from_another_process():
+        return subprocess.run([sys.executable, "-c", probe, path + ".lock"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    first = OutputLock(path)
+    assert seen_from_another_process() == "held"  # its mark was read without dropping it
+    refusals = []
+
+    def second_run():
+        try:
+            OutputLock(path)
+        except OutputExistsError as error:
+            refusals.append(str(error))
+
+    thread = threading.Thread(target=second_run)
+    thread.start()
+    thread.join()
+    assert len(refusals) == 1 and "another run is writing the output" in refusals[0]
+    assert seen_from_another_process() == "held"
+    first.release()
+    with OutputLock(path):  # free again, in this process too
+        assert seen_from_another_process() == "held"
+    assert not os.path.exists(path + ".lock")
+
+
 def test_a_run_with_an_explicit_checkpoint_in_use_is_refused(tmp_path, matrix):
     checkpoint = str(tmp_path / "state")
     first = hold_lock(checkpoint)
