@@ -81,8 +81,8 @@ class Factors:
     # to about n eps sigma_1^2): a residual without fro2 - sum(S^2)'s cancellation, and
     # the one the rank rule saw.
     trailing_energy: float | None = None
-    # How far the squared residual (in ||A||_F^2's units) may be off by rounding: by default
-    # that of ||A||_F^2 - sum S^2.
+    # How far the squared residual (in ||A||_F^2's units) may be off by rounding; every
+    # method sets it (that of ||A||_F^2 - sum S^2, or of the trailing energy).
     residual_rounding: float | None = None
 
 
@@ -337,7 +337,12 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape)
     rounding = RESIDUAL_ROUNDING * EPS64 * fro2
-    return Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
+    factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
+    if rank == min(context.source.shape):
+        # All of A's singular values: the residual is zero, where ||A||^2 - sum S^2 would
+        # leave its rounding (about 1e-8 of ||A||_F).
+        factors.trailing_energy = 0.0
+    return factors
 
 
 def _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, method,

@@ -171,16 +171,16 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
 
 def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
                     method: str) -> str:
-    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, and
-    whether the cap or the method's rounding (``rounding``: how far the relative residual
-    may be off) is to blame."""
+    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance; when
+    the residual there is within the method's rounding (``rounding``: how far the relative
+    residual may be off), say that too: the cap may not be what stopped it short."""
     if tol is None or residual <= tol:
         return ""
     if residual <= rounding:
-        better = ("; the exact method resolves smaller ones" if method != "exact"
-                  else "")
-        return (f"the residual {residual:.3g} at rank {rank} is within the {method} method's "
-                f"rounding (about {rounding:.1g}), so tol={tol:g} cannot be confirmed{better}")
+        exact = "" if method == "exact" else "the exact method resolves smaller residuals; "
+        return (f"the residual {residual:.3g} at rank {rank}, the cap, is within the "
+                f"{method} method's rounding (about {rounding:.1g}), so tol={tol:g} cannot "
+                f"be confirmed: {exact}a larger max_rank may be needed too")
     return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
             "raise max_rank for a smaller residual")
 

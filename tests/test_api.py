@@ -319,6 +319,7 @@ def test_k_may_be_the_full_rank_as_tol_and_torch_allow(method, shape):
     result = ooc_svd.svd(A, 8, method=method)
     np.testing.assert_allclose(result.S, np.logspace(0, -6, 8), rtol=1e-8)
     np.testing.assert_allclose((result.U * result.S) @ result.V.T, A, atol=1e-12)
+    assert result.residual == 0.0  # not ||A||^2 - sum S^2's rounding
     centered = A - A.mean(axis=0)
     result = ooc_svd.svd(A, 8, method=method, center=True)
     np.testing.assert_allclose(result.S, np.linalg.svd(centered, compute_uv=False),
