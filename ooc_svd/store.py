@@ -236,14 +236,17 @@ class OutputLock:
         self.key = key
 
     def release(self) -> None:
-        if self.file is not None:
-            if _same_file(self.file, self.path):  # not one that replaced it meanwhile
+        file, key, self.file, self.key = self.file, self.key, None, None
+        try:
+            if file is not None and _same_file(file, self.path):  # not one that replaced it
                 os.unlink(self.path)  # while still held: no run can lock the removed file
-            self.file.close()
-            self.file = None
-        if self.key is not None:
-            _forget_lock(self.key)
-            self.key = None
+        finally:
+            try:
+                if file is not None:
+                    file.close()
+            finally:
+                if key is not None:
+                    _forget_lock(key)
 
     def __enter__(self) -> OutputLock:
         return self
@@ -257,28 +260,38 @@ def _locked_file(path: str, what: str, busy: OutputExistsError):
     holds it."""
     while True:
         try:
-            file = open(path, "a+")  # noqa: SIM115 - held until release()
+            # Undecodable bytes are read as U+FFFD: not the mark, so refused below.
+            file = open(path, "a+", errors="replace")  # noqa: SIM115 - until release()
         except OSError as error:
             raise InputError(f"cannot create the lock file {path!r} beside the {what}: "
                              f"{error.strerror}") from None
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if _lock_and_mark(file, path, busy):
+                return file
+        except BaseException:
             file.close()
-            raise busy from None
-        if not _same_file(file, path):  # its holder removed it between our open and our
-            file.close()               # lock: take the new one
-            continue
-        file.seek(0)  # appends still go to the end
-        content = file.read(len(LOCK_MARK) + 1)
-        if content not in ("", LOCK_MARK):
-            file.close()
-            raise OutputExistsError(f"{path!r} exists and is not an ooc_svd lock file: "
-                                    "remove it or choose another path")
-        if not content:
-            file.write(LOCK_MARK)
-            file.flush()
-        return file
+            raise
+        file.close()  # its holder removed it between our open and our lock: take the new one
+
+
+def _lock_and_mark(file, path: str, busy: OutputExistsError) -> bool:
+    """Lock the open lock file and write its mark if it is empty; False when the file was
+    removed from ``path`` before the lock was taken."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise busy from None
+    if not _same_file(file, path):
+        return False
+    file.seek(0)  # appends still go to the end
+    content = file.read(len(LOCK_MARK) + 1)
+    if content not in ("", LOCK_MARK):
+        raise OutputExistsError(f"{path!r} exists and is not an ooc_svd lock file: remove it "
+                                "or choose another path")
+    if not content:
+        file.write(LOCK_MARK)
+        file.flush()
+    return True
 
 
 def _forget_lock(key: str) -> None:

@@ -616,15 +616,37 @@ def test_a_lock_path_that_cannot_be_a_file_is_named(tmp_path, matrix):
     assert sorted(os.listdir(tmp_path)) == ["result.zarr.lock"]
 
 
-def test_a_lock_file_that_is_not_ooc_svds_is_refused_and_kept(tmp_path, matrix):
+@pytest.mark.parametrize("content", [b"someone's notes\n", b"\xff\xfe binary"])
+def test_a_lock_file_that_is_not_ooc_svds_is_refused_and_kept(tmp_path, matrix, content):
     out = str(tmp_path / "result.zarr")
-    with open(out + ".lock", "w") as file:
-        file.write("someone's notes\n")
-    with pytest.raises(OutputExistsError, match="is not an ooc_svd lock file"):
-        ooc_svd.svd(matrix, 2, out=out)
-    with open(out + ".lock") as file:
-        assert file.read() == "someone's notes\n"
+    with open(out + ".lock", "wb") as file:
+        file.write(content)
+    for _ in range(2):  # refused again: the first refusal left nothing held
+        with pytest.raises(OutputExistsError, match="is not an ooc_svd lock file"):
+            ooc_svd.svd(matrix, 2, out=out)
+    with open(out + ".lock", "rb") as file:
+        assert file.read() == content
     assert sorted(os.listdir(tmp_path)) == ["result.zarr.lock"]
+
+
+def test_a_lock_whose_release_fails_is_still_let_go(tmp_path, monkeypatch):
+    import ooc_svd.store
+    from ooc_svd.store import OutputLock
+
+    path = str(tmp_path / "result.zarr")
+    lock = OutputLock(path)
+
+    def unlink_fails(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.store.os, "unlink", unlink_fails)
+        with pytest.raises(PermissionError):
+            lock.release()
+    assert lock.file is None
+    with OutputLock(path):  # neither the file's lock nor this process's record is left
+        pass
+    assert not os.path.exists(path + ".lock")
 
 
 def test_an_output_finished_while_the_run_waited_for_the_lock_is_refused_at_once(
