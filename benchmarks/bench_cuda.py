@@ -30,8 +30,10 @@ one run on one GPU:
   overlapped: something serializes them);
 - the fixed cost of a pass, apart from its blocks: a power and a final sweep over a
   single one-row block, split into set-up (the sweep's construction: X to the device, Z
-  or B^T allocated and zeroed) and result (Z or B^T copied home, F-ordered), best of
-  --repeats, for each n: at large n this is what keeps a short pass below the copy rate;
+  allocated and zeroed, or B^T's buffers allocated) and result (Z or B^T copied home,
+  F-ordered; for the final sweep also the work on its last block: its QR, B^T's update
+  and its Q_i's delivery), best of --repeats, for each n: at large n this is what keeps a
+  short pass below the copy rate;
 - with --profile-final, a host profile of each final sweep (cProfile, by cumulative time),
   which separates the host's own work from its waits on the device (``synchronize``).
 

@@ -699,6 +699,10 @@ def test_kernels_compile_to_ptx(cc, monkeypatch):
             ptx, _ = cuda.compile_ptx(getattr(compiled, name).py_func, signature, cc=cc)
             assert f".target sm_{cc[0]}{cc[1]}" in ptx, name
             assert ".local" not in ptx, f"{name} keeps its register tiles in local memory"
+    # What zero() launches: clear on float64 arrays.
+    compiled = device_kernels._compile.__wrapped__(np.float64, device_kernels.DEFAULT_GEOMETRY)
+    ptx, _ = cuda.compile_ptx(compiled.clear.py_func, "void(float64[::1])", cc=cc)
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
     # Row groups narrower than a warp shuffle under a partial mask.
     narrow = device_kernels._compile.__wrapped__(
         np.float64, dataclasses.replace(device_kernels.DEFAULT_GEOMETRY, lanes=8))

@@ -38,8 +38,10 @@ def awkward_block(dtype, index_dtype, seed=0):
 def test_csr_kernels_match_dense_references(dtype, index_dtype, shifted, prefetch, monkeypatch):
     import ooc_svd.kernels.csr
 
-    if prefetch:  # as for an X too large for the cache: rows prefetched 16 non-zeros ahead
-        monkeypatch.setattr(ooc_svd.kernels.csr, "PREFETCH_MIN_BYTES", 0)
+    if prefetch:  # as for an X too large for the cache, and close enough ahead that the
+        monkeypatch.setattr(ooc_svd.kernels.csr, "PREFETCH_MIN_BYTES", 0)  # tiny blocks
+        monkeypatch.setattr(ooc_svd.kernels.csr, "PREFETCH_AHEAD", 2)  # reach the guard
+
     block, A = awkward_block(dtype, index_dtype)
     rng = np.random.default_rng(1)
     X = np.asfortranarray(rng.standard_normal((9, 4)))

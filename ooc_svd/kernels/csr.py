@@ -31,9 +31,11 @@ from .prefetch import prefetch_row
 # larger than PREFETCH_MIN_BYTES (a core's L2 cache). Measured on two cores
 # (benchmarks/bench_csr_kernels.py, l = 30; see benchmarks/RESULTS.md): with uniform columns
 # the power kernel ran 1.2-1.8x faster at n = 2e4 and 1.4-1.9x at 6e4 to 2e5, Y = A X
-# 1.1-1.5x; with columns ~ 1 / (j + 1) at 2e5, whose popular rows stay in cache anyway,
-# 1.1-1.2x. Distances of 8 to 32 gain about as much. At n = 2e3 nothing changed, and with
-# every column among the first 256 the prefetches cost 0.82-0.88x: hence the threshold.
+# 1.1-1.5x; with columns ~ 1 / (j + 1) at 2e5, whose popular rows stay in cache anyway, the
+# power kernel 1.1-1.2x and Y = A X 1.05-1.3x. Distances of 8 to 32 gain about as much. At
+# n = 2e3, X in cache, nothing changed: the threshold keeps the prefetches to the X that
+# gain. A large X whose used rows all stay in cache (every column among the first 256) loses
+# 0.82-0.88x; the threshold does not see that case.
 PREFETCH_AHEAD = 16
 PREFETCH_MIN_BYTES = 1 << 20
 
