@@ -41,11 +41,12 @@ from .kernels.cuda_backend import (
     cuda_available,
     gpu_choice,
 )
+from .kernels.row_shift import RowShiftKernels
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
-from .sources.difference import Difference, subtract
+from .sources.difference import Difference, sparse_column, subtract
 from .store import (
     LeftVectors,
     OutputLock,
@@ -321,9 +322,13 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     M : array_like, optional
         What to subtract, broadcast to A's shape as torch does: a row ((n,), (1, n), a
         scalar, or an m x n array whose rows share memory, as ``expand`` and
-        ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; any other M,
-        (m, 1) or m x n (numpy, torch, zarr or dask), is subtracted from each block as it
-        is read, which makes the blocks dense.
+        ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; so is a
+        column (m, 1) from a sparse A of more than 4096 columns, by rank-one corrections
+        in float64 (the final pass then runs on the CPU, and on a cluster the blocks are
+        densified instead). Any other M (numpy, torch, zarr or dask), m x n, or a column
+        with a dense A or one of at most 4096 columns (whose exact methods need the
+        difference itself), is subtracted from each block as it is read, which makes the
+        blocks dense.
     client : {distributed.Client, str}, optional
         Run on a dask.distributed cluster, as in :func:`svd`.
 
@@ -337,11 +342,17 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
     q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
-    mean = None
+    mean = column = None
     if M is not None:
-        source, mean = subtract(source, M)
+        # Beyond MAX_EXACT_COLUMNS the randomized method is the only one, and its kernels
+        # take a column of M from a sparse A as it is; below, the exact and gram methods
+        # need the blocks of A - M themselves.
+        if client is None and n > MAX_EXACT_COLUMNS:
+            column = sparse_column(source, M)
+        if column is None:
+            source, mean = subtract(source, M)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
-                                   client=client))
+                                   client=client, row_shift=column))
     return result.U, result.S, result.V
 
 
@@ -387,6 +398,9 @@ class _Request:
     client: Any = None  # a distributed.Client or scheduler address: run on a cluster
     backend: str = "auto"  # 'auto', 'cpu' or 'cuda': where the block products run
     cuda_options: dict | None = None  # CUDAKernels keywords (checked by _run)
+    # A column c (a source of shape (m, 1)) taken from every column of a sparse A by the
+    # kernels (``kernels.row_shift``): the run's matrix is A - c 1^T.
+    row_shift: Any = None
 
 
 def low_rank_factors(
@@ -475,6 +489,11 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         # scheduler leaves no partial output or checkpoint behind.
         kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
             CPUKernels(n, plan.scatter_copies)
+        if request.row_shift is not None:
+            if plan.method not in ("randomized", "krylov"):  # they densify blocks themselves
+                raise ValueError(f"a column taken by the kernels needs the randomized or "
+                                 f"Krylov method, not {plan.method!r}")
+            kernels = RowShiftKernels(kernels, request.row_shift)
         cluster = None
         try:
             cluster = _connect_cluster(request, source, plan, cuda_options)

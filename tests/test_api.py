@@ -157,8 +157,9 @@ def full_mean(kind, M, tmp_path):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kind, sparse,
                                                                      tmp_path):
-    """torch broadcasts M to A's shape: a column or a full m x n M is subtracted block by
-    block (also from sparse A), never formed whole; rows stay implicit."""
+    """torch broadcasts M to A's shape: a full m x n M, or a column from a dense A, is
+    subtracted block by block (also from sparse A), never formed whole; rows stay implicit,
+    and so does a column taken from a sparse A (the next test)."""
     from ooc_svd.sources.difference import Difference, subtract
 
     rng = np.random.default_rng(5)
@@ -182,6 +183,63 @@ def test_svd_lowrank_subtracts_an_m_by_n_mean_as_torch_broadcasts_it(matrix, kin
         assert source.array is A if not sparse else source.nnz == A.nnz
         np.testing.assert_array_equal(mean, row if M is expanded else
                                       np.broadcast_to(M, (400, 30))[0])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "zarr", "dask", "torch"])
+def test_svd_lowrank_takes_a_column_from_a_sparse_a_without_densifying(kind, tmp_path,
+                                                                      monkeypatch):
+    """A - c 1^T of a sparse A of more than 4096 columns by rank-one corrections: the
+    randomized method's result on the dense difference, to rounding, with no block of A
+    densified."""
+    from ooc_svd.sources.difference import Difference
+
+    rng = np.random.default_rng(7)
+    A = scipy.sparse.random(300, 5000, density=0.01, random_state=1, format="csr")
+    column = 3.0 + rng.standard_normal((300, 1))  # a large offset: B is mostly c 1^T
+    column[17] = 0.0
+    M = full_mean(kind, column, tmp_path)
+
+    def refuse(*args):
+        raise AssertionError("a block of A was densified")
+
+    monkeypatch.setattr(Difference, "__getitem__", refuse)
+    U, S, V = ooc_svd.svd_lowrank(A, q=6, niter=4, M=M)
+    monkeypatch.undo()
+    reference = ooc_svd.svd(A.toarray() - column, 6, oversample=0, niter=4,
+                            method="randomized")
+    np.testing.assert_allclose(S, reference.S, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(U.T @ reference.U), np.eye(6), atol=1e-8)
+    np.testing.assert_allclose(np.abs(V.T @ reference.V), np.eye(6), atol=1e-8)
+    float32 = ooc_svd.svd_lowrank(A.astype(np.float32), q=6, niter=4, M=M)[1]
+    np.testing.assert_allclose(float32, reference.S, rtol=1e-6)
+
+
+def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram():
+    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.engine import fixed_rank
+    from ooc_svd.sources.difference import sparse_column
+
+    A = scipy.sparse.random(300, 5000, density=0.01, random_state=2, format="csr")
+    column = 1.0 + np.random.default_rng(8).standard_normal((300, 1))
+    source = _open_matrix(A)[0]
+    request = _Request(5, fixed_rank(5), oversample=10, niter=2, method="krylov",
+                       row_shift=sparse_column(source, column))
+    result = _run(source, request)
+    reference = ooc_svd.svd(A.toarray() - column, 5, niter=2, method="krylov")
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+    assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-12)
+    small = _open_matrix(A[:, :300].tocsr())[0]
+    with pytest.raises(ValueError, match="needs the randomized or Krylov method, not 'gram'"):
+        _run(small, _Request(5, fixed_rank(5), method="gram",
+                             row_shift=sparse_column(small, column)))
+
+
+def test_a_column_with_nan_taken_from_a_sparse_a_names_its_rows():
+    A = scipy.sparse.random(300, 5000, density=0.01, random_state=1, format="csr")
+    column = np.ones((300, 1))
+    column[211] = np.nan
+    with pytest.raises(NonFiniteError, match=r"M holds NaN or Inf in rows \[\d+, \d+\)"):
+        ooc_svd.svd_lowrank(A, q=3, M=column)
 
 
 def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):

@@ -35,7 +35,6 @@ from ooc_svd.kernels.cuda_backend import (  # noqa: E402
     device_bytes,
     driver_library_loads,
     require_cuda,
-    subtract_outer,
 )
 from ooc_svd.sources.csr import CSRBlock  # noqa: E402
 from ooc_svd.tsqr import assemble_left_vectors  # noqa: E402
@@ -488,6 +487,33 @@ def test_final_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pin
 
 
 @on_device
+def test_a_column_taken_from_csr_blocks_on_the_device():
+    """B = A_s - c 1^T with the cuda kernels of A_s inside (``kernels.row_shift``): the
+    power and final sweeps, and their totals, against B's dense products."""
+    from ooc_svd.kernels.row_shift import RowShiftKernels
+    from ooc_svd.sources.dense import open_dense_source
+
+    rows, n, l = (26, 9, 5) if SIMULATED else (3000, 257, 30)
+    sizes = [7, 0, 9, rows - 16] if SIMULATED else [1000, 0, 999, rows - 1999]
+    whole, blocks = split_blocks("csr", np.float32, np.int32, rows, n, sizes)
+    X, shift, _ = operands(n, l, rows)
+    c = 2.0 + np.random.default_rng(9).standard_normal(rows)
+    B = shifted(whole, shift) - c[:, None]
+    kernels = RowShiftKernels(CUDAKernels(n), open_dense_source(c[:, None]))
+    stats = BlockStats.zeros(n)
+    sweep = kernels.power_sweep(X, stats)
+    for start, block in blocks:
+        sweep.add(block, start, shift)
+    expected = B.T @ (B @ X)
+    np.testing.assert_allclose(sweep.result(), expected, atol=1e-10 * np.abs(expected).max())
+    assert_stats(stats, B, 1e-10)
+    tsqr, stats, Q, _ = run_final_sweep(kernels, X, blocks, shift, False)
+    np.testing.assert_allclose(Q @ tsqr.R, B @ X, atol=1e-10 * np.abs(B @ X).max())
+    np.testing.assert_allclose(tsqr.BT, B.T @ Q, atol=1e-10 * np.abs(B).sum())
+    assert_stats(stats, B, 1e-10)
+
+
+@on_device
 @pytest.mark.parametrize("kind", ["dense", "csr", "columns"])
 def test_final_sweep_on_one_stream(kind):
     """With one stream a block's B^T update must be enqueued before the next block
@@ -730,18 +756,6 @@ def test_auto_backend_does_not_import_numba_cuda_without_a_driver():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     assert done.stdout.split() == ["cpu", "False"]
-
-
-@pytest.mark.parametrize("order", ["F", "C"])
-def test_subtract_outer_updates_in_place(order):
-    rng = np.random.default_rng(5)
-    Z = np.asarray(rng.standard_normal((50, 7)), order=order)
-    x, y = rng.standard_normal(50), rng.standard_normal(7)
-    expected = Z - np.outer(x, y)
-    subtract_outer(Z, x, y)
-    np.testing.assert_allclose(Z, expected, rtol=0, atol=1e-14)
-    subtract_outer(Z, np.zeros(50), y)  # no shift: nothing to do
-    np.testing.assert_allclose(Z, expected, rtol=0, atol=1e-14)
 
 
 def test_device_bytes_counts_every_stream_buffer():

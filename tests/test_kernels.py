@@ -97,3 +97,15 @@ def test_prefetch_row_changes_nothing_and_takes_only_c_ordered_rows():
     assert prefetched_sum(matrix[:, :0].copy(), np.arange(7)) == 0.0  # empty rows
     with pytest.raises(numba.core.errors.TypingError):
         prefetched_sum(np.asfortranarray(matrix), np.arange(7))
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_subtract_outer_updates_in_place(order):
+    rng = np.random.default_rng(5)
+    Z = np.asarray(rng.standard_normal((50, 7)), order=order)
+    x, y = rng.standard_normal(50), rng.standard_normal(7)
+    expected = Z - np.outer(x, y)
+    cpu.subtract_outer(Z, x, y)
+    np.testing.assert_allclose(Z, expected, rtol=0, atol=1e-14)
+    cpu.subtract_outer(Z, np.zeros(50), y)  # no shift: nothing to do
+    np.testing.assert_allclose(Z, expected, rtol=0, atol=1e-14)

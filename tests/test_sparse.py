@@ -66,6 +66,43 @@ def test_csr_kernels_match_dense_references(dtype, index_dtype, shifted, prefetc
     np.testing.assert_allclose(stats.colsum, 2 * colsum_ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("shifted", [False, True])
+def test_row_shift_kernels_match_dense_references(shifted):
+    """B = A_s - c 1^T from the CPU kernels of A_s and the rank-one terms of c: the power
+    sweep over two blocks, times and transposed_times, and their totals."""
+    from ooc_svd.kernels.row_shift import RowShiftKernels
+    from ooc_svd.sources.dense import open_dense_source
+
+    block, A = awkward_block(np.float32, np.int32)
+    rng = np.random.default_rng(3)
+    X = np.asfortranarray(rng.standard_normal((9, 4)))
+    Q = rng.standard_normal((12, 4))
+    shift = rng.standard_normal(9) if shifted else np.zeros(9)
+    c = 2.0 + rng.standard_normal(12)
+    c[[0, 7]] = 0.0  # an empty row, and the row with a single value
+    B = A.toarray().astype(np.float64) - shift - c[:, None]
+    kernels = RowShiftKernels(CPUKernels(9), open_dense_source(c[:, None]))
+
+    stats = BlockStats.zeros(9)
+    sweep = kernels.power_sweep(X, stats)
+    sweep.add(block[:5], 0, shift)
+    sweep.add(block[5:], 5, shift)
+    np.testing.assert_allclose(sweep.result(), B.T @ (B @ X), rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(stats.colsum, B.sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert stats.sumsq == pytest.approx(np.sum(B * B), rel=1e-12)
+    assert stats.rows == 12
+
+    stats = BlockStats.zeros(9)
+    out = np.zeros((12, 5), order="F")
+    Y = kernels.times(block, 0, X, shift, stats, out=out[:, :4])
+    np.testing.assert_allclose(out[:, :4], B @ X, atol=1e-12)
+    assert Y.flags.f_contiguous and not out[:, 4].any()
+    np.testing.assert_allclose(kernels.transposed_times(block, 0, Q, shift, stats), B.T @ Q,
+                               atol=1e-12)
+    np.testing.assert_allclose(stats.colsum, 2 * B.sum(axis=0), atol=1e-12)
+    assert stats.sumsq == pytest.approx(2 * np.sum(B * B), rel=1e-12)
+
+
 def test_csr_kernels_on_an_empty_block_and_a_single_value():
     X = np.ones((5, 2))
     empty = CSRBlock(np.zeros(0), np.zeros(0, np.int32), np.zeros(4, np.int64), 5)

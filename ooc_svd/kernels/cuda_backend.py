@@ -65,7 +65,7 @@ from ..sources.csr import is_sparse_block
 from ..tsqr import MergeFactors, StreamingTSQR, local_qr
 from ..units import format_bytes
 from .backend import SpillBlock
-from .cpu import BlockStats
+from .cpu import BlockStats, subtract_outer
 
 STREAMS = 2
 # The accumulation types of the kernels (``kernels.cuda.ACCUMULATE``), named here to check
@@ -979,19 +979,6 @@ def _gram(kernels: Any, lane: _StagingStream, V: Any, width: int) -> np.ndarray:
     lane.stream.synchronize()
     upper = np.triu(G)
     return upper + np.triu(upper, 1).T
-
-
-def subtract_outer(Z: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    """Z -= x y^T in place, for an F-ordered float64 Z (n x r), by BLAS's rank-one update:
-    numpy's outer product makes an n x r temporary (53 ms against BLAS's 1 ms for n = 1e5,
-    r = 30, on 2 cores), as long as a GPU's power sweep over 2 GB. Nothing to do for x = 0
-    (no shift)."""
-    if Z.size == 0 or not x.any():
-        return
-    ger = scipy.linalg.get_blas_funcs("ger", (Z,))
-    updated = ger(-1.0, x, y, a=Z, overwrite_a=True)
-    if updated is not Z:  # BLAS worked on a copy (Z not F-ordered float64)
-        Z[...] = updated
 
 
 def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray

@@ -2,9 +2,11 @@
 
 A row M (shapes (), (n,), (1, n), or an m x n view that repeats one row, as torch's
 ``expand`` and numpy's ``broadcast_to`` make) is a column mean: the run subtracts it
-implicitly, as in PCA, and A stays as it is (sparse stays sparse). Any other M, a column
-(m, 1) or a full m x n array, is subtracted from each block of A as it is read
-(``Difference``): the difference is dense, and never formed whole.
+implicitly, as in PCA, and A stays as it is (sparse stays sparse). So is a column M (m, 1)
+of a sparse A (``sparse_column``): the kernels subtract it by rank-one corrections
+(``kernels.row_shift``). Any other M, a full m x n array or a column of a dense A, is
+subtracted from each block of A as it is read (``Difference``): the difference is dense,
+and never formed whole.
 """
 
 from __future__ import annotations
@@ -22,20 +24,7 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
                                                                np.ndarray | None]:
     """(the source of A - M, None), or (A's source, M's row) when M repeats one row."""
     m, n = source.shape
-    M = _as_array(M)
-    if np.dtype(M.dtype).kind not in "biuf":
-        raise InputError(f"M must hold real numbers, not {M.dtype}")
-    try:
-        shape = tuple(int(s) for s in M.shape)
-    except (TypeError, ValueError):  # a dask array of unknown chunk sizes
-        raise InputError(f"M's shape {M.shape} is not known; for a dask array, call "
-                         "compute_chunk_sizes() first") from None
-    try:
-        broadcast = np.broadcast_shapes(shape, (m, n))
-    except ValueError:
-        broadcast = None
-    if broadcast != (m, n):
-        raise InputError(f"M of shape {shape} does not broadcast to A's shape {(m, n)}")
+    M, _ = _checked(M, (m, n))
     row = _repeated_row(M, n)
     if row is not None:
         return source, row
@@ -43,6 +32,39 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     difference = Difference(source, subtrahend)
     return DenseSource(difference, _boundaries(difference), f"{source.description} - M",
                        decodes=source.decodes or subtrahend.decodes), None
+
+
+def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None:
+    """M's source when A is sparse and M a column of shape (m, 1), m > 1, whose A - M the
+    kernels form by rank-one corrections (``kernels.row_shift.RowShiftKernels``) instead of
+    densifying A's blocks; None for any other A or M, which ``subtract`` takes."""
+    m, n = source.shape
+    if not isinstance(source, CSRSource):
+        return None
+    M, shape = _checked(M, (m, n))
+    if m == 1 or shape != (m, 1):
+        return None
+    return open_dense_source(M)
+
+
+def _checked(M: Any, shape: tuple[int, int]) -> tuple[Any, tuple[int, ...]]:
+    """M as an array (``_as_array``) and its shape, once checked to hold real numbers and to
+    broadcast to A's ``shape``."""
+    M = _as_array(M)
+    if np.dtype(M.dtype).kind not in "biuf":
+        raise InputError(f"M must hold real numbers, not {M.dtype}")
+    try:
+        own = tuple(int(s) for s in M.shape)
+    except (TypeError, ValueError):  # a dask array of unknown chunk sizes
+        raise InputError(f"M's shape {M.shape} is not known; for a dask array, call "
+                         "compute_chunk_sizes() first") from None
+    try:
+        broadcast = np.broadcast_shapes(own, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise InputError(f"M of shape {own} does not broadcast to A's shape {shape}")
+    return M, own
 
 
 def _boundaries(difference: Difference) -> np.ndarray:
