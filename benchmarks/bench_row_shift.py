@@ -4,12 +4,13 @@ by the kernels against the blocks of A - M densified as they are read.
     python benchmarks/bench_row_shift.py [--shape 20000 10000] [--nnz 200000] [--q 6]
                                          [--niter 2] [--repeats 2]
 
-Both ways run the randomized method (what ``svd_lowrank`` runs on a sparse A of more than
-4096 columns) in this process on the same in-memory A (float32, uniform columns) and M
-(the rows' means, float64), one after the other, --repeats times each, alternating:
-seconds of each run, and the largest difference between their singular values relative to
-the first. The densified way is what a run on a cluster still does, and what every such
-run did before.
+Both ways run the randomized method in this process on the same in-memory A (float32,
+uniform columns) and M (the rows' means, float64), one after the other, --repeats times
+each, alternating: seconds of each run, and the largest difference between their singular
+values relative to the first. The densified way is what a run on a cluster still does, and
+what every such run did before; those runs took their method from the cost model of dense
+blocks, which may choose block Krylov (the same reads, wider products), where the
+corrected way's follows the sparse one, as for A alone. This compares one method both ways.
 """
 
 from __future__ import annotations

@@ -324,11 +324,11 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         scalar, or an m x n array whose rows share memory, as ``expand`` and
         ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; so is a
         column (m, 1) from a sparse A of more than 4096 columns, by rank-one corrections
-        in float64 (the final pass then runs on the CPU, and on a cluster the blocks are
-        densified instead). Any other M (numpy, torch, zarr or dask), m x n, or a column
-        with a dense A or one of at most 4096 columns (whose exact methods need the
-        difference itself), is subtracted from each block as it is read, which makes the
-        blocks dense.
+        in float64, with the method chosen as for A alone (on a GPU the final pass then
+        factors each block on the host; on a cluster the blocks are densified instead).
+        Any other M (numpy, torch, zarr or dask), m x n, or a column with a dense A or one
+        of at most 4096 columns (whose exact methods need the difference itself), is
+        subtracted from each block as it is read, which makes the blocks dense.
     client : {distributed.Client, str}, optional
         Run on a dask.distributed cluster, as in :func:`svd`.
 
@@ -344,9 +344,10 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
     mean = column = None
     if M is not None:
-        # Beyond MAX_EXACT_COLUMNS the randomized method is the only one, and its kernels
-        # take a column of M from a sparse A as it is; below, the exact and gram methods
-        # need the blocks of A - M themselves.
+        # Beyond MAX_EXACT_COLUMNS the exact and gram methods, which need the blocks of
+        # A - M themselves, are out of reach; the randomized and Krylov kernels take a
+        # column of M from a sparse A as it is (the method then follows the sparse cost
+        # model, as for A alone).
         if client is None and n > MAX_EXACT_COLUMNS:
             column = sparse_column(source, M)
         if column is None:
@@ -476,6 +477,8 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     _check_backend(request.backend)
     cuda_options = _check_cuda_options(request.backend, request.cuda_options)
     plan = _plan_run(source, request, cuda_options)
+    if request.row_shift is not None:
+        _check_row_shift(request, plan)
     inputs = () if request.out is None else _local_paths(source)
     out_path = None if request.out is None else check_output_path(
         request.out, request.overwrite, inputs=inputs)
@@ -490,9 +493,6 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         kernels = CUDAKernels(n, **cuda_options) if plan.backend == "cuda" else \
             CPUKernels(n, plan.scatter_copies)
         if request.row_shift is not None:
-            if plan.method not in ("randomized", "krylov"):  # they densify blocks themselves
-                raise ValueError(f"a column taken by the kernels needs the randomized or "
-                                 f"Krylov method, not {plan.method!r}")
             kernels = RowShiftKernels(kernels, request.row_shift)
         cluster = None
         try:
@@ -503,6 +503,18 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
             if cluster is not None:
                 cluster.close()
             kernels.close()
+
+
+def _check_row_shift(request: _Request, plan: Plan) -> None:
+    """A column taken by the kernels (``kernels.row_shift``) reaches the local kernels of the
+    randomized and Krylov passes only: the exact and gram methods densify blocks of A, a
+    cluster's workers have kernels of their own, and a checkpoint does not record c."""
+    if plan.method not in ("randomized", "krylov"):
+        raise InputError(f"a column of M taken from a sparse A needs the randomized or "
+                         f"Krylov method, not {plan.method!r}")
+    if request.client is not None or request.checkpoint is not None or request.out is not None:
+        raise InputError("a column of M taken from a sparse A runs locally, without a "
+                         "checkpoint or an output store")
 
 
 @contextlib.contextmanager

@@ -229,9 +229,13 @@ def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
     assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-12)
     small = _open_matrix(A[:, :300].tocsr())[0]
-    with pytest.raises(ValueError, match="needs the randomized or Krylov method, not 'gram'"):
+    with pytest.raises(InputError, match="needs the randomized or Krylov method, not 'gram'"):
         _run(small, _Request(5, fixed_rank(5), method="gram",
                              row_shift=sparse_column(small, column)))
+    for elsewhere in ({"client": "tcp://127.0.0.1:1"}, {"checkpoint": "state"}):
+        with pytest.raises(InputError, match="runs locally, without a checkpoint"):
+            _run(source, _Request(5, fixed_rank(5), method="randomized",
+                                  row_shift=sparse_column(source, column), **elsewhere))
 
 
 def test_a_column_with_nan_taken_from_a_sparse_a_names_its_rows():

@@ -101,6 +101,49 @@ def test_row_shift_kernels_match_dense_references(shifted):
                                atol=1e-12)
     np.testing.assert_allclose(stats.colsum, 2 * B.sum(axis=0), atol=1e-12)
     assert stats.sumsq == pytest.approx(2 * np.sum(B * B), rel=1e-12)
+    # A block further down takes c's rows from where it starts.
+    stats = BlockStats.zeros(9)
+    np.testing.assert_allclose(kernels.times(block[5:], 5, X, shift, stats), B[5:] @ X,
+                               atol=1e-12)
+    np.testing.assert_allclose(kernels.transposed_times(block[5:], 5, Q[5:], shift, stats),
+                               B[5:].T @ Q[5:], atol=1e-12)
+    assert stats.sumsq == pytest.approx(2 * np.sum(B[5:] ** 2), rel=1e-12)
+
+
+def test_a_column_of_m_over_many_blocks_of_a_store(tmp_path, monkeypatch):
+    """svd_lowrank with a column M on a CSR store read in many blocks: c's rows follow the
+    blocks, through the power passes and the final pass, as on the dense difference."""
+    import ooc_svd.plan
+    import ooc_svd.sources.csr
+
+    A = scipy.sparse.random(600, 5000, density=0.004, random_state=4, format="csr")
+    path = str(tmp_path / "A.zarr")
+    write_csr_store(path, A)
+    column = 2.0 + np.random.default_rng(6).standard_normal((600, 1))
+    monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
+    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.engine import fixed_rank
+    from ooc_svd.sources.difference import sparse_column
+
+    source = _open_matrix(path)[0]
+    result = _run(source, _Request(5, fixed_rank(5), oversample=0, niter=2,
+                                   method="randomized", row_shift=sparse_column(source, column)))
+    assert len(result.plan.blocks) > 5
+    reference = ooc_svd.svd(A.toarray() - column, 5, oversample=0, niter=2,
+                            method="randomized")
+    scale = 1e-12 * reference.S[0]  # the sums differ in their rounding, block by block
+    np.testing.assert_allclose(result.S, reference.S, rtol=0, atol=scale)
+    np.testing.assert_allclose(np.abs(result.V.T @ reference.V), np.eye(5), atol=1e-8)
+    assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-12)
+    U, S, V = ooc_svd.svd_lowrank(path, q=5, niter=2, M=column)  # the same, from the API
+    np.testing.assert_allclose(S, reference.S, rtol=0, atol=scale)
+
+
+def test_a_column_of_m_that_overflows_float64_is_named():
+    A = scipy.sparse.random(300, 5000, density=0.01, random_state=1, format="csr")
+    with pytest.raises(NonFiniteError, match="overflow.* rescale the matrix"):
+        ooc_svd.svd_lowrank(A, q=3, M=np.full((300, 1), 1e160))
 
 
 def test_csr_kernels_on_an_empty_block_and_a_single_value():

@@ -39,11 +39,15 @@ def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None
     kernels form by rank-one corrections (``kernels.row_shift.RowShiftKernels``) instead of
     densifying A's blocks; None for any other A or M, which ``subtract`` takes."""
     m, n = source.shape
-    if not isinstance(source, CSRSource):
+    if not isinstance(source, CSRSource) or m == 1:
         return None
-    M, shape = _checked(M, (m, n))
-    if m == 1 or shape != (m, 1):
+    try:
+        column = tuple(int(s) for s in M.shape) == (m, 1)
+    except (AttributeError, TypeError, ValueError):  # a sequence; or a shape not known yet
+        column = False
+    if not column:  # before any conversion: an m x n torch M would be copied home
         return None
+    M, _ = _checked(M, (m, n))
     return open_dense_source(M)
 
 
