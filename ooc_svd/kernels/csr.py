@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from scipy.linalg.blas import dger
 
 from ..errors import NonFiniteError
-from .cpu import SUM_FASTMATH, BlockStats
+from .cpu import SUM_FASTMATH, BlockStats, subtract_outer
 from .prefetch import prefetch_row
 
 # Non-zeros ahead whose rows of X and Z the power and times kernels prefetch, where X is
@@ -238,8 +237,8 @@ def csr_transposed_times(block, first_row: int, Q: np.ndarray, shift: np.ndarray
     CT = np.zeros((n, l))
     sumsq, colsum = _column_range_sweep(block, first_row, np.ascontiguousarray(Q, np.float64),
                                         CT)
-    if shift.any() and CT.size:  # CT -= shift (1^T Q), in place (CT.T is F-ordered)
-        dger(-1.0, Q.sum(axis=0), shift, a=CT.T, overwrite_a=1)
+    if shift.any():  # CT -= shift (1^T Q), in place: CT.T is F-ordered
+        subtract_outer(CT.T, Q.sum(axis=0), shift)
     _add_shifted_totals(stats, colsum, sumsq, block.shape[0], shift)
     return CT
 

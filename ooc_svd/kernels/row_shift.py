@@ -46,8 +46,9 @@ class RowShiftKernels:
     def __init__(self, inner: Kernels, column: Any):
         self.inner, self.column = inner, column
         self.name = inner.name
-        self.last_part: tuple[int, int, np.ndarray] | None = None  # the final pass reads
-        # each block's c twice in a row (times, then transposed_times)
+        # The last c_i read: the final pass reads each block's twice in a row (times, then
+        # transposed_times).
+        self.last_part: tuple[int, int, np.ndarray] | None = None
 
     def column_part(self, first_row: int, rows: int) -> np.ndarray:
         """c_i: c's rows [first_row, first_row + rows), float64; NonFiniteError for a NaN
