@@ -323,12 +323,14 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         What to subtract, broadcast to A's shape as torch does: a row ((n,), (1, n), a
         scalar, or an m x n array whose rows share memory, as ``expand`` and
         ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; so is a
-        column (m, 1) from a sparse A of more than 4096 columns, by rank-one corrections
-        in float64, with the method chosen as for A alone (on a GPU the final pass then
-        factors each block on the host; on a cluster the blocks are densified instead).
-        Any other M (numpy, torch, zarr or dask), m x n, or a column with a dense A or one
-        of at most 4096 columns (whose exact methods need the difference itself), is
-        subtracted from each block as it is read, which makes the blocks dense.
+        column ((m, 1), or such a view that repeats one column) from a sparse A of more
+        than 4096 columns, by rank-one corrections in float64, with the method chosen as
+        for A alone (on a GPU the final pass then factors each block on the host; on a
+        cluster the blocks are densified instead). Any other M (numpy, torch, zarr or
+        dask), m x n, or a column with a dense A or one of at most 4096 columns (whose
+        exact methods need the difference itself), is subtracted from each block as it is
+        read, which makes the blocks dense (a view that repeats a column is read as that
+        column).
     client : {distributed.Client, str}, optional
         Run on a dask.distributed cluster, as in :func:`svd`.
 

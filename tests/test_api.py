@@ -214,6 +214,29 @@ def test_svd_lowrank_takes_a_column_from_a_sparse_a_without_densifying(kind, tmp
     np.testing.assert_allclose(float32, reference.S, rtol=1e-6)
 
 
+def test_an_expanded_column_of_m_is_read_as_that_column(matrix):
+    """An m x n view that repeats one column (torch's ``expand``, numpy's ``broadcast_to``)
+    is M's column: taken by the kernels from a sparse A, read as m x 1 with a dense A."""
+    from ooc_svd.sources.difference import sparse_column, subtract
+
+    A = scipy.sparse.random(300, 5000, density=0.01, random_state=3, format="csr")
+    column = 2.0 + np.random.default_rng(9).standard_normal((300, 1))
+    expanded = np.broadcast_to(column, A.shape)
+    tensor = TensorStandIn(expanded, requires_grad=False, dtype="torch.float64")
+    source = ooc_svd.sources.open_source(A)
+    reference = ooc_svd.svd_lowrank(A, q=4, niter=3, M=column)
+    for M in (expanded, tensor):
+        assert sparse_column(source, M).shape == (300, 1)
+        U, S, V = ooc_svd.svd_lowrank(A, q=4, niter=3, M=M)
+        np.testing.assert_array_equal(S, reference[1])
+        np.testing.assert_array_equal(V, reference[2])
+    dense_column = np.random.default_rng(10).standard_normal((matrix.shape[0], 1))
+    difference, mean = subtract(ooc_svd.sources.open_source(matrix),
+                                np.broadcast_to(dense_column, matrix.shape))
+    assert mean is None and difference.array.subtrahend.shape == (matrix.shape[0], 1)
+    np.testing.assert_allclose(difference.read(0, 50), matrix[:50] - dense_column[:50])
+
+
 def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram():
     from ooc_svd.api import _open_matrix, _Request, _run
     from ooc_svd.engine import fixed_rank

@@ -2,11 +2,12 @@
 
 A row M (shapes (), (n,), (1, n), or an m x n view that repeats one row, as torch's
 ``expand`` and numpy's ``broadcast_to`` make) is a column mean: the run subtracts it
-implicitly, as in PCA, and A stays as it is (sparse stays sparse). So is a column M (m, 1)
-of a sparse A (``sparse_column``): the kernels subtract it by rank-one corrections
-(``kernels.row_shift``). Any other M, a full m x n array or a column of a dense A, is
-subtracted from each block of A as it is read (``Difference``): the difference is dense,
-and never formed whole.
+implicitly, as in PCA, and A stays as it is (sparse stays sparse). So is a column M (m, 1),
+or an m x n view that repeats one column, of a sparse A (``sparse_column``): the kernels
+subtract it by rank-one corrections (``kernels.row_shift``). Any other M, a full m x n
+array or a column of a dense A, is subtracted from each block of A as it is read
+(``Difference``): the difference is dense, and never formed whole; a view that repeats one
+column is read as that column.
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
     row = _repeated_row(M, n)
     if row is not None:
         return source, row
-    subtrahend = open_dense_source(M)
+    subtrahend = open_dense_source(_repeated_column(M))
     difference = Difference(source, subtrahend)
     return DenseSource(difference, _boundaries(difference), f"{source.description} - M",
                        decodes=source.decodes or subtrahend.decodes), None
 
 
 def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None:
-    """M's source when A is sparse and M a column of shape (m, 1), m > 1, whose A - M the
-    kernels form by rank-one corrections (``kernels.row_shift.RowShiftKernels``) instead of
-    densifying A's blocks; None for any other A or M, which ``subtract`` takes."""
+    """M's source when A is sparse and M a column of shape (m, 1), m > 1, or an m x n view
+    that repeats one, whose A - M the kernels form by rank-one corrections
+    (``kernels.row_shift.RowShiftKernels``) instead of densifying A's blocks; None for any
+    other A or M, which ``subtract`` takes."""
     m, n = source.shape
     if not isinstance(source, CSRSource) or m == 1:
         return None
+    M = _repeated_column(M)
     try:
         column = tuple(int(s) for s in M.shape) == (m, 1)
     except (AttributeError, TypeError, ValueError):  # a sequence; or a shape not known yet
@@ -159,6 +162,22 @@ def _as_array(M: Any) -> Any:
     if len(M.shape) > 2:
         raise InputError(f"M must have at most 2 dimensions (A's), not shape {tuple(M.shape)}")
     return M
+
+
+def _repeated_column(M: Any) -> Any:
+    """M[:, :1] when M is an in-memory m x n view (numpy or torch, not yet converted) whose
+    columns share memory, as ``expand`` and ``broadcast_to`` make of a column: read as that
+    column, not as m x n values. Any other M as it is; a view that repeats one row
+    (``_repeated_row``) too, and so does one that repeats a single value."""
+    if len(getattr(M, "shape", ())) != 2 or M.shape[0] < 2 or M.shape[1] < 2:
+        return M
+    if isinstance(M, np.ndarray):
+        strides = M.strides
+    elif type(M).__module__.startswith("torch"):
+        strides = (M.stride(0), M.stride(1))
+    else:
+        return M
+    return M[:, :1] if strides[1] == 0 and strides[0] != 0 else M
 
 
 def _repeated_row(M: Any, n: int) -> np.ndarray | None:
