@@ -46,14 +46,14 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
-from .sources.difference import Difference, sparse_column, subtract
+from .sources.difference import sparse_column, subtract
+from .sources.paths import files_state, local_paths
 from .store import (
     LeftVectors,
     OutputLock,
     ResultWriter,
     check_output_path,
     check_scratch_dir,
-    local_path,
     paths_overlap,
 )
 from .units import parse_bytes
@@ -481,9 +481,10 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     plan = _plan_run(source, request, cuda_options)
     if request.row_shift is not None:
         _check_row_shift(request, plan)
-    inputs = () if request.out is None else _local_paths(source)
-    out_path = None if request.out is None else check_output_path(
-        request.out, request.overwrite, inputs=inputs)
+    inputs = () if request.out is None else local_paths(source)
+    # Absolute: what the workers of a cluster write U into, whatever their working directory
+    out_path = None if request.out is None else os.path.abspath(check_output_path(
+        request.out, request.overwrite, inputs=inputs))
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
@@ -568,6 +569,8 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         "niter": plan.niter, "method": request.method, "seed": seed,
         "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
     }
+    if checkpoint is not None:  # resuming on a rewritten input would mix two matrices' passes
+        fingerprint["input files"] = files_state(local_paths(source))
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )
@@ -723,67 +726,6 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
     return max_rank, rank_for_tolerance(float(tol), max_rank)
-
-
-def _local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
-    """The local paths a run reads, where its inputs were given by path (A's, and M's of
-    A - M): the output may not touch them."""
-    array = getattr(source, "array", None)
-    if isinstance(array, Difference):
-        return _local_paths(array.minuend) + _local_paths(array.subtrahend)
-    path = local_path(source.description) if isinstance(source.description, str) else None
-    if path is not None and os.path.exists(path):
-        return (path,)
-    if isinstance(source, CSRSource):  # a CSR group's arrays lie inside it: the group
-        path = _zarr_array_path(source.data)
-        return () if path is None else (os.path.dirname(path),)
-    # A zarr array opened by the caller, or those a dask array reads (da.from_zarr)
-    nodes = _zarr_arrays_in_graph(array) if source.compute_slice else [array]
-    return tuple(filter(None, map(_zarr_array_path, nodes)))
-
-
-def _zarr_array_path(node: Any) -> str | None:
-    """The local path of a zarr array, None if it is not one or not on a local store."""
-    root = _local_store_root(getattr(node, "store", None))
-    if root is None:
-        return None
-    return os.path.normpath(os.path.join(root, getattr(node, "path", "")))
-
-
-def _zarr_arrays_in_graph(array: Any) -> list[Any]:
-    """The zarr arrays a dask array reads, wherever its graph holds them: as a graph value
-    (``from_zarr``, ``from_array``) or as an argument of its tasks (``inline_array=True``,
-    ``dask.optimize``). The graph is expanded: one walk over its tasks."""
-    found, seen = [], set()
-    pending = list(dict(array.__dask_graph__()).values())
-    while pending:
-        item = pending.pop()
-        if id(item) in seen or isinstance(item, (str, bytes, np.ndarray)):
-            continue
-        seen.add(id(item))
-        if hasattr(item, "store") and hasattr(item, "path"):  # a zarr array
-            found.append(item)
-        elif isinstance(item, (tuple, list)):
-            pending.extend(item)
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        else:  # a task's arguments, or the value of a data node
-            pending.extend(getattr(item, name) for name in ("args", "kwargs", "value")
-                           if hasattr(item, name))
-    return found
-
-
-def _local_store_root(store: Any) -> str | None:
-    """The directory of a zarr store on the local filesystem (a LocalStore, or an
-    FsspecStore over the local filesystem, as a ``file://`` URL opens), else None."""
-    root = getattr(store, "root", None)
-    if root is not None:
-        return os.fspath(root)
-    protocol = getattr(getattr(store, "fs", None), "protocol", ())
-    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-    if "file" in protocols or "local" in protocols:
-        return os.fspath(store.path)
-    return None
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

@@ -1,9 +1,11 @@
 """Checkpoints: the state after each complete pass, so a killed run resumes after it.
 
-A checkpoint directory holds ``state.json`` (the run's fingerprint: input, shape, dtype and
-every parameter that changes the result) and one ``.npz`` per completed pass, each written
-under a temporary name and renamed, so a kill mid-write leaves the previous state intact.
-Resuming with other parameters is refused, since the saved state would not belong to them.
+A checkpoint directory holds ``state.json`` (the run's fingerprint: input, shape, dtype, the
+state of the input's files, ``sources.paths.files_state``, and every parameter that changes
+the result) and one ``.npz`` per completed pass, each written under a temporary name and
+renamed, so a kill mid-write leaves the previous state intact. Resuming with other
+parameters or a changed input is refused, since the saved state would not belong to them;
+so is resuming from a file that cannot be read.
 The checkpoint also lists the scratch directories its run made (``scratch``): a run killed
 with its Q factors spilled leaves them behind, and the next run with this checkpoint, resumed
 or not, removes them.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -34,8 +37,7 @@ class Checkpoint:
         self._remove_scratch()
         state_path = os.path.join(directory, "state.json")
         if resume and os.path.exists(state_path):
-            with open(state_path) as file:
-                saved = json.load(file)
+            saved = self._read_state(state_path)
             if saved != fingerprint:
                 changed = sorted(key for key in fingerprint if saved.get(key) != fingerprint[key])
                 raise InputError(
@@ -49,8 +51,25 @@ class Checkpoint:
                              "checkpoint; it is not replaced: choose another path")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, exist_ok=True)
-        with open(state_path, "w") as file:
+        partial = state_path + ".partial"  # renamed when complete, as the passes' files are
+        with open(partial, "w") as file:
             json.dump(fingerprint, file)
+        os.replace(partial, state_path)
+
+    def _read_state(self, state_path: str) -> dict[str, Any]:
+        try:
+            with open(state_path) as file:
+                saved = json.load(file)
+        except (OSError, ValueError) as error:  # ValueError: truncated or not JSON
+            raise self._unreadable(state_path, error) from None
+        if not isinstance(saved, dict):
+            raise self._unreadable(state_path, "not a fingerprint")
+        return saved
+
+    def _unreadable(self, path: str, error: Any) -> InputError:
+        return InputError(f"cannot resume: the checkpoint file {path!r} is unreadable "
+                          f"({error or type(error).__name__}); run without resume to start "
+                          "over")
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, f"{name}.npz")
@@ -58,8 +77,12 @@ class Checkpoint:
     def load(self, name: str) -> dict[str, np.ndarray] | None:
         if self.directory is None or not os.path.exists(self._path(name)):
             return None
-        with np.load(self._path(name), allow_pickle=False) as saved:
-            return {key: saved[key] for key in saved.files}
+        path = self._path(name)
+        try:  # the file opened here, so that it is closed whatever np.load raises
+            with open(path, "rb") as file, np.load(file, allow_pickle=False) as saved:
+                return {key: saved[key] for key in saved.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise self._unreadable(path, error) from None
 
     def save(self, name: str, arrays: dict[str, Any]) -> None:
         if self.directory is None:

@@ -46,6 +46,10 @@ def user_errors(command):
             failure = InputFailure(str(error))
         except click.ClickException as error:  # the commands' own InputFailure, Interrupted
             failure = error
+        except EOFError as error:
+            # click would end the program with a bare "Aborted!": an unexpected failure,
+            # with its traceback like any other
+            raise RuntimeError(f"unexpected end of input: {error}") from error
         except KeyboardInterrupt:
             out = kwargs.get("out")
             written = f"; nothing was written as {out}" if out else ""

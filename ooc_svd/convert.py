@@ -51,6 +51,7 @@ from .errors import InputError, MissingDependencyError, StoreNotFoundError
 from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter
+from .sources.open import load_npz
 from .sparse_streams import (
     NpyMemberReader,
     SlicedReader,
@@ -246,13 +247,13 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                              "not format, shape and data)")
         layout = _small_array(archive, "format").item()
         layout = layout.decode("ascii") if isinstance(layout, bytes) else str(layout)
-        shape = tuple(int(s) for s in _small_array(archive, "shape"))
+        shape = tuple(int(s) for s in _small_array(archive, "shape").reshape(-1))
+        if len(shape) != 2:
+            raise InputError(f"{path!r} holds a sparse matrix of shape {shape}, not 2-D")
         options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
                        memory_limit=memory_limit)
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
-            import scipy.sparse
-
-            return from_scipy(scipy.sparse.load_npz(path), out, **options)
+            return from_scipy(load_npz(path), out, **options)
         data = NpyMemberReader(archive, "data", path)
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
                          **options)
@@ -357,7 +358,8 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                          source_path=path)
         provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
-        return _write_sparse_group(file[group], group, layout, shape, target, provenance)
+        return _write_sparse_group(file[group], f"{path}:{group}", layout, shape, target,
+                                   provenance)
 
 
 def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,

@@ -74,6 +74,7 @@ from .passes import (
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.difference import Difference
+from .sources.paths import local_paths, path_marker
 from .store import LeftVectors
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
@@ -198,6 +199,7 @@ class ClusterPasses:
         if shipped is None:
             return [self.client.scatter(_RowPiece(g.rows[0], source.read(*g.rows)), hash=False)
                     for g in self.groups]
+        self._check_inputs_reach(source)
         import cloudpickle
 
         blob = cloudpickle.dumps(shipped)
@@ -209,6 +211,22 @@ class ClusterPasses:
             )
         future = self.client.submit(_unpickle, blob, key=self._key("source"))
         return [future] * len(self.groups)
+
+    def _check_inputs_reach(self, source: DenseSource | CSRSource) -> None:
+        """Refuse a run whose workers do not see the input's files as this process does: zarr
+        would read a store missing on a worker as its fill value, zeros, without an error."""
+        for path in local_paths(source):
+            expected = path_marker(path)
+            seen = self.client.run(path_marker, path)
+            missing = sorted(address for address, marker in seen.items() if marker != expected)
+            if missing:
+                raise InputError(
+                    f"the workers {missing} do not see the input {path!r} as this process "
+                    "does (missing, or other files at that path"
+                    + ("" if os.path.isabs(path) else ", relative to their working directory")
+                    + "); pass an input on a filesystem that every worker mounts at the same "
+                    "path"
+                )
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -430,8 +448,18 @@ class ClusterPasses:
         return RowSink(array, owner.dtype, owner.m)
 
     def _workers_reach(self, path: str) -> bool:
+        """Whether every worker sees the directory ``path`` that this process sees (by a
+        marker file made here: a directory of the same name on a worker's own disk, or in
+        its working directory for a relative path, is not it)."""
         if path not in self._reachable:
-            self._reachable[path] = all(self.client.run(os.path.isdir, path).values())
+            marker = os.path.join(path, f".ooc-svd-reach-{self.token}")
+            try:
+                with open(marker, "w"):
+                    pass
+                self._reachable[path] = all(self.client.run(os.path.exists, marker).values())
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(marker)
         return self._reachable[path]
 
     def _store_returned_rows(self, futures: list[Any],

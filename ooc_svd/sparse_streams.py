@@ -55,7 +55,8 @@ class NpyMemberReader:
         if len(shape) != 1 or dtype.hasobject:
             raise InputError(f"{description}: {name} is not a 1-D numeric array "
                              f"(shape {shape}, dtype {dtype})")
-        self.name, self.size, self.dtype, self.position = name, int(shape[0]), dtype, 0
+        self.name = f"{name} in {description}"
+        self.size, self.dtype, self.position = int(shape[0]), dtype, 0
 
     def take(self, count: int) -> np.ndarray:
         raw = self.file.read(count * self.dtype.itemsize)
@@ -79,9 +80,11 @@ def _pointer_pieces(indptr: Reader, count: int) -> Iterator[tuple[int, np.ndarra
     for first in range(0, count, POINTER_PIECE):
         piece = indptr.take(min(POINTER_PIECE, count - first)).astype(np.int64)
         pointers = np.concatenate([previous, piece])
-        if np.any(pointers[1:] < pointers[:-1]):
-            raise InputError(f"{indptr.name} decreases between positions {first} and "
-                             f"{first + piece.size}")
+        falls = np.flatnonzero(pointers[1:] < pointers[:-1])
+        if falls.size:  # pointers[i] is indptr[first + i]
+            position = first + int(falls[0])
+            raise InputError(f"{indptr.name} decreases between positions {position} and "
+                             f"{position + 1}")
         yield first, pointers
         previous = pointers[-1:]
 

@@ -116,3 +116,47 @@ def test_a_ctrl_c_while_reader_threads_start_leaves_none_behind(monkeypatch):
     for thread in started:
         thread.join(timeout=5)
     assert len(started) == 1 and not started[0].is_alive(), interrupted
+
+
+def kill_in_final_pass(A, out, monkeypatch, **options):
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 3, method="randomized", out=out, **options)
+
+
+def test_resume_after_the_input_store_changed_is_refused(tmp_path, monkeypatch):
+    """A chunk rewritten with values of the same shape and dtype: the saved passes belong to
+    the old matrix. The same store named by another path resumes."""
+    import zarr
+
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(100, 20), dtype=A.dtype)[:] = A
+    out = str(tmp_path / "result.zarr")
+    kill_in_final_pass(path, out, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    result = ooc_svd.svd("./A.zarr/", 3, method="randomized", out=out, resume=True)
+    assert any(r.name.endswith("(resumed)") for r in result.records)
+
+    kill_in_final_pass(path, out, monkeypatch, overwrite=True)
+    zarr.open_array(path, mode="r+")[100:200] = A[100:200][::-1]
+    with pytest.raises(InputError, match="made with different input files"):
+        ooc_svd.svd(path, 3, method="randomized", out=out, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize(("name", "content"), [("power1.npz", b""), ("power1.npz", b"PK\3\4"),
+                                               ("state.json", b'{"k": 3'),
+                                               ("state.json", b"[1]")])
+def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, name, content):
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    kill_in_final_pass(A, out, monkeypatch)
+    corrupt = tmp_path / "result.zarr.checkpoint" / name
+    assert corrupt.exists()
+    corrupt.write_bytes(content)
+    with pytest.raises(InputError, match=f"checkpoint file .*{name}' is unreadable .*run "
+                                         "without resume"):
+        ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    result = ooc_svd.svd(A, 3, method="randomized", out=out)  # without resume: a new start
+    assert not any(r.name.endswith("(resumed)") for r in result.records)

@@ -458,3 +458,26 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
     array = write_dense_matrix(out, (100, 10), chunk_rows=20)
     assert os.listdir(tmp_path) == ["g.zarr"]
     assert set(array.attrs) == {"ooc_svd_synthetic"} and np.abs(array[:]).min() > 0
+
+
+def test_an_empty_or_malformed_npz_input_is_a_one_line_error(tmp_path):
+    """numpy reports an empty file by EOFError, which click would turn into a bare
+    'Aborted!'."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, format=np.array(b"xyz"), shape=np.array([3, 4]), data=np.ones(2))
+    for path, message in ((empty, "cannot open"), (bad, "as a scipy.sparse .npz")):
+        out = str(tmp_path / "out.zarr")
+        done = CliRunner().invoke(main, ["run", str(path), "--k", "1", "--out", out, "--json"])
+        assert done.exit_code == 2, done.output
+        assert message in json.loads(done.output.splitlines()[0])["error"]
+        done = CliRunner().invoke(main, ["info", str(path)])
+        assert done.exit_code == 2 and message in done.output, done.output
+        assert not os.path.exists(out)

@@ -325,6 +325,28 @@ def test_mtx_refusals_name_the_problem(tmp_path, content, message):
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
 
 
+def malformed_npz(path, **arrays):
+    """An archive as scipy.sparse.save_npz writes one, with ``arrays`` replaced."""
+    members = {"format": np.array(b"csr"), "shape": np.array([3, 4]),
+               "data": np.ones(4), "indices": np.array([0, 1, 2, 3], dtype=np.int32),
+               "indptr": np.array([0, 1, 2, 4], dtype=np.int64)}
+    np.savez(path, **{**members, **arrays})
+    return str(path)
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"shape": np.array([12])}, r"shape \(12,\), not 2-D"),
+    ({"format": np.array(b"xyz")}, "cannot read .*bad.npz' as a scipy.sparse .npz"),
+    ({"indptr": np.array([0, 3, 2, 4])}, "indptr in .*bad.npz decreases between positions 1 "
+                                         "and 2"),
+])
+def test_npz_refusals_name_the_file_and_the_problem(tmp_path, arrays, message):
+    path = malformed_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(InputError, match=message):
+        from_npz(path, tmp_path / "out.zarr")
+    assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+
+
 def test_missing_input_and_unknown_format(tmp_path):
     with pytest.raises(StoreNotFoundError):
         from_mtx(tmp_path / "absent.mtx", tmp_path / "out.zarr")

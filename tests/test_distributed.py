@@ -370,6 +370,25 @@ class TaskSizes(SchedulerPlugin):
             self.largest_task = max(self.largest_task, len(pickle.dumps(task.run_spec)))
 
 
+def test_inputs_and_outputs_are_named_as_the_workers_see_them(cluster, dense_store, tmp_path,
+                                                              monkeypatch):
+    """A relative input or output path reaches the workers as this process's absolute one;
+    a store that the workers do not see (here a relative root, which they would resolve in
+    their own working directory) is refused, where zarr would read zeros there."""
+    reference = ooc_svd.svd(dense_store, 4)
+    reached = []
+    reach = ooc_svd.distributed.ClusterPasses._workers_reach
+    monkeypatch.setattr(ooc_svd.distributed.ClusterPasses, "_workers_reach",
+                        lambda self, path: reached.append(reach(self, path)) or reached[-1])
+    monkeypatch.chdir(tmp_path)  # the workers stay where they started
+    relative = os.path.relpath(dense_store)
+    result = ooc_svd.svd(relative, 4, out="U.zarr", client=cluster[1])
+    assert reached == [True]  # the workers wrote U's rows into the output themselves
+    assert_same_result(result, reference)
+    with pytest.raises(InputError, match="do not see the input .*relative to their working"):
+        ooc_svd.svd(zarr.open_array(relative, mode="r"), 4, client=cluster[1])
+
+
 @pytest.mark.parametrize("method", ["randomized", "gram"])
 def test_no_block_of_a_reaches_the_scheduler(cluster, tmp_path, block_rows, method):
     """Results and task arguments stay O(n l) (O(n^2) for gram): far below one block."""

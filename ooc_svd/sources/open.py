@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 from ..errors import InputError, StoreNotFoundError
@@ -25,10 +26,12 @@ def open_source(A: Any) -> DenseSource | CSRSource:
         return _open_group(A, getattr(A, "store_path", "zarr group"))
     if isinstance(A, (str, os.PathLike)):
         path = os.fspath(A)
+        if "://" not in path:  # what the workers of a cluster and a checkpoint can name
+            path = A = os.path.abspath(path)
         if path.endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
-            return csr_source_from_scipy(scipy.sparse.load_npz(path), path)
+            return csr_source_from_scipy(load_npz(path), path)
         node = _zarr_node_at(path)
         if node is not None:
             return _open_group(node, path) if hasattr(node, "array_keys") else \
@@ -66,5 +69,20 @@ def _is_sparse_npz(path: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {"format", "shape", "data"} <= set(archive.files)
-    except (OSError, ValueError) as exc:
-        raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # EOF: an empty file
+        raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: "
+                                 f"{exc or type(exc).__name__}") from exc
+
+
+def load_npz(path: str) -> Any:
+    """scipy.sparse.load_npz, with a malformed archive's error naming the file."""
+    import scipy.sparse
+
+    try:
+        matrix = scipy.sparse.load_npz(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {path!r} as a scipy.sparse .npz: "
+                         f"{exc or type(exc).__name__}") from exc
+    if matrix.ndim != 2:
+        raise InputError(f"{path!r} holds a sparse matrix of shape {matrix.shape}, not 2-D")
+    return matrix
