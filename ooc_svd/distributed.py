@@ -456,6 +456,10 @@ class ClusterPasses:
             try:
                 with open(marker, "w"):
                     pass
+            except OSError:  # then the rows come back to the client, which writes them
+                self._reachable[path] = False
+                return False
+            try:
                 self._reachable[path] = all(self.client.run(os.path.exists, marker).values())
             finally:
                 with contextlib.suppress(OSError):
