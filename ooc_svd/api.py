@@ -424,7 +424,8 @@ def low_rank_factors(
 
     Parameters
     ----------
-    W : as A in :func:`svd`, of shape (m, n); min(m, n) <= 4096 (for a store, n <= 4096)
+    W : as A in :func:`svd`, of shape (m, n); min(m, n) <= 4096 for W in memory (numpy,
+        torch, scipy.sparse), n <= 4096 for a store, a dask array, or with ``out``
     rank : int, optional
         The rank to keep, 1 <= rank <= min(m, n).
     rtol : float, optional
@@ -444,11 +445,16 @@ def low_rank_factors(
         relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
     """
     source, m, n = _open_matrix(W)
-    in_memory = isinstance(source, DenseSource) and not source.decodes
-    if n > MAX_EXACT_COLUMNS and m <= MAX_EXACT_COLUMNS and in_memory and out is None:
+    if n > MAX_EXACT_COLUMNS:
         # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
-        factors = low_rank_factors(np.asarray(source.array).T, rank, rtol,
-                                   memory_limit=memory_limit)
+        transposed = _in_memory_transpose(source) if m <= MAX_EXACT_COLUMNS else None
+        if transposed is None or out is not None:
+            raise InputError(
+                f"low_rank_factors factors W ({m} x {n}) exactly through an n x n factor, so "
+                f"n may not exceed {MAX_EXACT_COLUMNS}"
+                + ("; for W held in memory and without out, W^T is factored instead"
+                   if m <= MAX_EXACT_COLUMNS else "; svd() with a rank k has no such limit"))
+        factors = low_rank_factors(transposed, rank, rtol, memory_limit=memory_limit)
         return LowRankFactors(np.ascontiguousarray(factors.A.T), np.ascontiguousarray(factors.B.T),
                               factors.rank, factors.parameters_before, factors.parameters_after,
                               factors.relative_error)
@@ -469,6 +475,16 @@ def low_rank_factors(
     B = result.store["B"] if out is not None else np.asarray(result.U) * result.S
     return LowRankFactors(B, np.ascontiguousarray(result.V.T), r, m * n, r * (m + n),
                           result.residual)
+
+
+def _in_memory_transpose(source: DenseSource | CSRSource) -> Any:
+    """The transpose of a matrix held in memory (numpy, torch, scipy.sparse), else None:
+    a store's or a dask array's transpose would be read by columns."""
+    if isinstance(source, DenseSource) and not source.decodes:
+        return np.asarray(source.array).T
+    if isinstance(source, CSRSource) and isinstance(source.data, np.ndarray):
+        return source.read(0, source.shape[0]).to_scipy().T
+    return None
 
 
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:

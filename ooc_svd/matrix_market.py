@@ -1,11 +1,11 @@
 """Reading Matrix Market coordinate files in chunks of entries, with bounded memory.
 
 The header says the shape, the number of entries, the field (real, integer, pattern) and the
-symmetry (general, symmetric, skew-symmetric). Entries are read in blocks of whole lines and
-parsed by a numba kernel in threads: 15 to 30 million numbers a second per core (17-digit
-reals to small integers), against about 1.5 million for numpy's ``loadtxt`` and
-``fromstring``. Values round exactly as Python's ``float`` rounds them
-(``ooc_svd.float_parse``).
+symmetry (general, symmetric, skew-symmetric; hermitian, of real values, is symmetric).
+Entries are read in blocks of whole lines and parsed by a numba kernel in threads: 15 to 30
+million numbers a second per core (17-digit reals to small integers), against about 1.5
+million for numpy's ``loadtxt`` and ``fromstring``. Values round exactly as Python's
+``float`` rounds them (``ooc_svd.float_parse``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def read_header(file, path: str) -> MatrixMarketHeader:
     if field not in FIELDS:
         raise InputError(f"{path!r}: {field} Matrix Market values are not supported "
                          "(real, integer or pattern only; ooc_svd computes real SVDs)")
+    if symmetry == "hermitian":  # of real values (complex is refused above): symmetric
+        symmetry = "symmetric"
     if symmetry not in SYMMETRIES:
         raise InputError(f"{path!r}: {symmetry} Matrix Market symmetry is not supported "
                          f"(one of {', '.join(SYMMETRIES)})")

@@ -125,6 +125,14 @@ class Plan:
         return (f" (the first read keeps {self.cached_blocks} of {len(self.blocks)} blocks, "
                 f"{fraction:.0%} of A, for the later passes)")
 
+    def _cached_peak_note(self) -> str:
+        """The peak counts the working set; the cached blocks, held beside it once read, fill
+        the rest of the limit."""
+        if not self.cached_blocks:
+            return ""
+        return f", {format_bytes(self.predicted_peak_bytes + self.cached_bytes)} with the " \
+               "cached blocks,"
+
     def _spectral_note(self) -> str:
         if not self.spectral_iters:
             return ""
@@ -146,7 +154,8 @@ class Plan:
             f"{format_bytes(self.bytes_to_read)}{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {format_bytes(self.predicted_peak_bytes)}"
-            f" of {format_bytes(self.memory_limit)}. Why: {self.reason}.{self._backend_note()}"
+            f"{self._cached_peak_note()} of {format_bytes(self.memory_limit)}. Why: "
+            f"{self.reason}.{self._backend_note()}"
         )
 
     def _backend_note(self) -> str:

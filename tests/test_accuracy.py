@@ -162,6 +162,23 @@ def test_low_rank_factors_follow_matrix_rank(shape, rank, dtype):
     assert loose.rank == np.count_nonzero(0.5 * S[0] < S)
 
 
+def test_low_rank_factors_of_a_wide_matrix_in_memory_factor_its_transpose(tmp_path):
+    """More than 4096 columns: W^T is factored when W is in memory (dense or sparse); a
+    wide W with out, or too wide both ways, is refused naming the limit."""
+    import scipy.sparse
+
+    W = scipy.sparse.random(30, 5000, density=0.01, random_state=3, format="csr")
+    factors = ooc_svd.low_rank_factors(W)
+    assert factors.rank == np.linalg.matrix_rank(W.toarray()) == 30
+    assert factors.B.shape == (30, 30) and factors.A.shape == (30, 5000)
+    np.testing.assert_allclose(factors.B @ factors.A, W.toarray(), atol=1e-12)
+    with pytest.raises(InputError, match="n may not exceed 4096; for W held in memory and "
+                                         "without out"):
+        ooc_svd.low_rank_factors(W.toarray(), out=str(tmp_path / "f.zarr"))
+    with pytest.raises(InputError, match="n may not exceed 4096; svd"):
+        ooc_svd.low_rank_factors(scipy.sparse.random(4100, 4100, density=1e-4, format="csr"))
+
+
 def test_low_rank_factors_out_of_core(tmp_path, zarr_matrix):
     rng = np.random.default_rng(2)
     W = rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 50))

@@ -389,6 +389,65 @@ def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):
     assert S.dtype == np.float32
 
 
+class SparseTensorStandIn:
+    """What ooc_svd uses of a torch sparse tensor of layout COO, CSR, CSC or BSR (its parts
+    as ``TensorStandIn``), from a scipy matrix; uncoalesced COO keeps duplicate entries."""
+
+    __module__ = "torch"
+
+    def __init__(self, matrix, layout, dtype="torch.float64"):
+        self.matrix, self.layout, self.dtype = matrix, f"torch.sparse_{layout}", dtype
+        self.shape = matrix.shape
+
+    def part(self, values):
+        return TensorStandIn(np.asarray(values), requires_grad=True, dtype=self.dtype
+                             if values is self.matrix.data else "torch.int64")
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def coalesce(self):
+        return SparseTensorStandIn(self.matrix.tocsr().tocoo(), "coo", self.dtype)
+
+    def values(self):
+        return self.part(self.matrix.data)
+
+    def indices(self):
+        return self.part(np.stack([self.matrix.row, self.matrix.col]))
+
+    def crow_indices(self):
+        return self.part(self.matrix.indptr)
+
+    def col_indices(self):
+        return self.part(self.matrix.indices)
+
+    ccol_indices, row_indices = crow_indices, col_indices
+
+
+def test_torch_sparse_tensors_are_read_as_csr(matrix):
+    """torch.svd_lowrank takes sparse tensors: COO (coalesced here), CSR and CSC give the
+    scipy matrix's result; other layouts and a sparse M are refused."""
+    A = scipy.sparse.random(200, 40, density=0.1, random_state=4, format="csr")
+    reference = ooc_svd.svd(A, 4, method="exact")
+    duplicated = scipy.sparse.coo_matrix((np.r_[A.tocoo().data, 1.0, -1.0],
+                                          (np.r_[A.tocoo().row, 0, 0],
+                                           np.r_[A.tocoo().col, 0, 0])), shape=A.shape)
+    for tensor in (SparseTensorStandIn(duplicated, "coo"), SparseTensorStandIn(A, "csr"),
+                   SparseTensorStandIn(A.tocsc(), "csc")):
+        result = ooc_svd.svd(tensor, 4, method="exact")
+        assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-14)
+        np.testing.assert_allclose(result.S, reference.S, rtol=1e-13)
+    with pytest.raises(InputError, match="layout torch.sparse_bsr are not supported"):
+        ooc_svd.svd(SparseTensorStandIn(A, "bsr"), 4)
+    with pytest.raises(InputError, match="M must be dense"):
+        ooc_svd.svd_lowrank(A, q=3, M=SparseTensorStandIn(A, "csr"))
+    with pytest.raises(InputError, match="not the path 'M.zarr'"):
+        ooc_svd.svd_lowrank(matrix, q=3, M="M.zarr")
+
+
 def test_svd_lowrank_allows_q_equal_to_min_dimension():
     A = naive.matrix_with_spectrum(50, 8, np.arange(8, 0, -1.0), seed=1)
     U, S, V = ooc_svd.svd_lowrank(A, q=8)

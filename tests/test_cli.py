@@ -73,8 +73,11 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
     report = json.loads(done.stdout)
     assert done.returncode == 1 and not report["ok"] and not report["residual_agrees"]
     assert report["u_orthonormality_error"] <= report["tolerance"]
-    sampled = json.loads(ooc_svd_command("check", out, other, "--json").stdout)
+    done = ooc_svd_command("check", out, other, "--json", check=False)
+    sampled = json.loads(done.stdout)
     assert sampled["sampled_rows"] == 24000 and "residual_agrees" not in sampled
+    assert done.returncode == 1 and not sampled["ok"] and not sampled["residual_plausible"]
+    assert sampled["sampled_residual"] > 1.1
 
 
 @pytest.mark.parametrize(("kind", "method", "center"), [

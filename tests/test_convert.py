@@ -231,8 +231,8 @@ def test_mtx_duplicates_long_rows_and_unsorted_columns(tmp_path):
     assert read_back(group)[0, 4] == 3.75 and read_back(group)[1, 16] == 8
 
 
-@pytest.mark.parametrize("header", ["real symmetric", "real skew-symmetric", "pattern general",
-                                    "pattern symmetric", "integer symmetric"])
+@pytest.mark.parametrize("header", ["real symmetric", "real skew-symmetric", "real hermitian",
+                                    "pattern general", "pattern symmetric", "integer symmetric"])
 def test_mtx_symmetry_and_pattern_match_mmread(tmp_path, header):
     lines = ["1 1 2.5", "3 1 -1", "4 2 7", "4 4 1e-3", "5 3 0.25", "3 1 1"]
     if "skew" in header:
@@ -307,7 +307,7 @@ def test_mtx_gzip_and_header_variations(tmp_path):
     [
         ("%%MatrixMarket matrix array real general\n2 2\n1\n2\n3\n4\n", "dense"),
         ("%%MatrixMarket matrix coordinate complex general\n1 1 1\n1 1 1 0\n", "complex"),
-        ("%%MatrixMarket matrix coordinate real hermitian\n1 1 1\n1 1 1\n", "hermitian"),
+        ("%%MatrixMarket matrix coordinate real skew-hermitian\n1 1 1\n1 1 1\n", "hermitian"),
         ("1 1 1\n", "not a Matrix Market file"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 2\n1 1 1\n2 x 1\n", "line 4"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 4 1\n", r"column index \(4\)"),

@@ -12,6 +12,7 @@ column is read as that column.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from ..errors import InputError
 from .csr import CSRSource, is_sparse_block
 from .dense import DenseSource, in_memory_boundaries, open_dense_source
+from .open import is_torch_sparse
 
 
 def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSRSource,
@@ -149,8 +151,11 @@ def _as_array(M: Any) -> Any:
     sequences become numpy arrays; numpy, zarr and dask arrays stay as they are."""
     import scipy.sparse
 
-    if scipy.sparse.issparse(M):
+    if scipy.sparse.issparse(M) or is_torch_sparse(M):
         raise InputError("M must be dense: a mean, broadcast to A's shape")
+    if isinstance(M, (str, bytes, os.PathLike)):
+        raise InputError(f"M must be an array or a number, not the path {M!r}: open a store "
+                         "first (e.g. zarr.open_array)")
     if type(M).__module__.startswith("torch"):
         from .dense import _torch_array
 

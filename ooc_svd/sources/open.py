@@ -12,12 +12,15 @@ from .dense import DenseSource, open_dense_source, open_zarr_node, zarr_array_so
 
 
 def open_source(A: Any) -> DenseSource | CSRSource:
-    """A source for A: scipy.sparse matrices and CSR zarr groups (paths, URLs or opened
-    groups) and scipy.sparse .npz files give a ``CSRSource``; everything else is dense."""
+    """A source for A: scipy.sparse matrices, torch sparse tensors and CSR zarr groups
+    (paths, URLs or opened groups) and scipy.sparse .npz files give a ``CSRSource``;
+    everything else is dense."""
     import scipy.sparse
 
     if isinstance(A, (DenseSource, CSRSource)):  # opened already
         return A
+    if is_torch_sparse(A):
+        return csr_source_from_scipy(torch_sparse_to_scipy(A), "torch sparse tensor")
     if scipy.sparse.issparse(A):
         if A.ndim != 2:
             raise InputError(f"A must be 2-dimensional, got shape {A.shape}")
@@ -37,6 +40,44 @@ def open_source(A: Any) -> DenseSource | CSRSource:
             return _open_group(node, path) if hasattr(node, "array_keys") else \
                 zarr_array_source(node, path)
     return open_dense_source(A)
+
+
+def is_torch_sparse(A: Any) -> bool:
+    """Whether A is a torch tensor of a sparse layout (COO, CSR, CSC, ...)."""
+    return type(A).__module__.startswith("torch") and \
+        str(getattr(A, "layout", "torch.strided")) != "torch.strided"
+
+
+def torch_sparse_to_scipy(tensor: Any) -> Any:
+    """A 2-D torch sparse tensor (COO, CSR or CSC) as a scipy.sparse CSR matrix in host
+    memory, its values as ``_torch_array`` gives them (bfloat16 as float32)."""
+    import scipy.sparse
+
+    from .dense import _torch_array
+
+    layout, shape = str(tensor.layout), tuple(int(s) for s in tensor.shape)
+    if len(shape) != 2:
+        raise InputError(f"A must be 2-dimensional, got a sparse tensor of shape {shape}")
+    tensor = tensor.detach().cpu()
+    if layout == "torch.sparse_coo":
+        tensor = tensor.coalesce()
+        parts = (tensor.values(), tensor.indices())
+    elif layout == "torch.sparse_csr":
+        parts = (tensor.values(), tensor.col_indices(), tensor.crow_indices())
+    elif layout == "torch.sparse_csc":
+        parts = (tensor.values(), tensor.row_indices(), tensor.ccol_indices())
+    else:
+        raise InputError(f"torch sparse tensors of layout {layout} are not supported: "
+                         "convert to CSR first (tensor.to_sparse_csr())")
+    values, *indices = (_torch_array(part) for part in parts)
+    if values.ndim != 1:
+        raise InputError("a hybrid torch sparse tensor (values with dense dimensions) is "
+                         "not a matrix of numbers")
+    if layout == "torch.sparse_coo":
+        return scipy.sparse.csr_matrix((values, (indices[0][0], indices[0][1])), shape=shape)
+    if layout == "torch.sparse_csr":
+        return scipy.sparse.csr_matrix((values, *indices), shape=shape)
+    return scipy.sparse.csc_matrix((values, *indices), shape=shape).tocsr()
 
 
 def _open_group(group: Any, description: str) -> CSRSource:
