@@ -315,8 +315,10 @@ def generate(out, shape, rank, decay, density, column_exponent, dtype, chunk_row
     (with --density) a sparse count matrix in the CSR layout."""
     from .synthetic import write_dense_matrix, write_sparse_matrix
 
-    if min(shape) < 1 or chunk_rows < 1:
-        raise InputFailure(f"--shape {shape[0]} {shape[1]} and --chunk {chunk_rows} must be >= 1")
+    if min(shape) < 1:
+        raise InputFailure(f"--shape {shape[0]} {shape[1]}: both must be >= 1")
+    if chunk_rows < 1:
+        raise InputFailure(f"--chunk {chunk_rows} must be >= 1")
     if density is None:
         if given("column_exponent"):
             raise InputFailure("--column-exponent shapes sparse matrices; give --density too")

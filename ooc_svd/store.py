@@ -107,6 +107,8 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     is replaced there.
     """
     path = os.fspath(out)
+    if not path:
+        raise InputError("out must name a path, not ''")
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr

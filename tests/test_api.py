@@ -546,6 +546,8 @@ def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matr
     (folder / "notes.txt").write_text("kept")
     with pytest.raises(InputError, match="overlaps the input"):  # A inside out
         ooc_svd.svd(zarr_matrix(matrix, name="folder/A.zarr"), 3, out=folder, overwrite=True)
+    with pytest.raises(InputError, match="out must name a path, not ''"):
+        ooc_svd.svd(path, 3, out="", overwrite=True)
     script = tmp_path / "script.py"
     script.write_text("kept")
     for out in (folder, script):

@@ -328,6 +328,7 @@ def test_an_interrupt_says_what_it_kept():
 @pytest.mark.parametrize(
     ("options", "message"),
     [(["--rank", 0], "rank=0 must be between 1 and min"),
+     (["--chunk", 0], "--chunk 0 must be >= 1"),
      (["--rank", 11], "rank=11 must be between 1 and min"),
      (["--decay", -1], "must be a finite number >= 0"),
      (["--decay", "inf"], "decay=inf must be a finite number >= 0"),
