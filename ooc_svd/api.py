@@ -587,6 +587,8 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
     }
     if checkpoint is not None:  # resuming on a rewritten input would mix two matrices' passes
         fingerprint["input files"] = files_state(local_paths(source))
+        if fingerprint["input files"]:  # the files themselves, however the path is spelled
+            fingerprint["input"] = sorted(fingerprint["input files"])
     saved = Checkpoint(
         None if checkpoint is None else os.fspath(checkpoint), fingerprint, request.resume
     )

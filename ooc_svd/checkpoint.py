@@ -36,6 +36,7 @@ class Checkpoint:
             return
         self._remove_scratch()
         state_path = os.path.join(directory, "state.json")
+        partial = state_path + ".partial"  # renamed when complete, as the passes' files are
         if resume and os.path.exists(state_path):
             saved = self._read_state(state_path)
             if saved != fingerprint:
@@ -45,13 +46,14 @@ class Checkpoint:
                     f"{', '.join(changed)}; run without resume to start over"
                 )
             return
-        if os.path.lexists(directory) and not os.path.exists(state_path) and \
-                not (os.path.isdir(directory) and not os.listdir(directory)):
+        # Empty, or holding only the state a run killed before its first rename was writing
+        unstarted = os.path.isdir(directory) and \
+            set(os.listdir(directory)) <= {os.path.basename(partial)}
+        if os.path.lexists(directory) and not os.path.exists(state_path) and not unstarted:
             raise InputError(f"the checkpoint path {directory!r} holds something else than a "
                              "checkpoint; it is not replaced: choose another path")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, exist_ok=True)
-        partial = state_path + ".partial"  # renamed when complete, as the passes' files are
         with open(partial, "w") as file:
             json.dump(fingerprint, file)
         os.replace(partial, state_path)

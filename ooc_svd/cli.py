@@ -396,8 +396,9 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
 def check(result_path, input_path, samples, as_json) -> None:
     """Verify a result store: orthonormal U and V, and (with INPUT) a sampled residual.
 
-    Exits 1 when U or V is not orthonormal to the precision of its dtype, or when the
-    samples cover all of INPUT and its exact residual is not the stored one.
+    Exits 1 when U or V is not orthonormal to the precision of its dtype, when the samples
+    cover all of INPUT and its exact residual is not the stored one, or when a result of
+    the exact or gram method leaves the sampled rows a relative residual above 1.1.
     """
     from .verify import verify_result
 

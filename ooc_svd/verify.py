@@ -22,8 +22,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     samples cover every row, the residual they give is exact, and ``ok`` is also False when
     the function ``residual_agrees`` finds it is not the stored one (reported under that
     name): the result does not belong to this input, or one of them changed. Sampled or
-    not, a relative residual above ``PLAUSIBLE_RESIDUAL`` is no truncated SVD of these rows
-    (reported as ``residual_plausible``), and ``ok`` is False.
+    not, a result of the exact or gram method that leaves these rows a relative residual
+    above ``PLAUSIBLE_RESIDUAL`` is no SVD of them (reported as ``residual_plausible``),
+    and ``ok`` is False.
     """
     check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
@@ -56,8 +57,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     sums = _sampled_sums(input_path, U, S, V, mean, samples, seed)
     report["sampled_rows"] = sums.rows
     report["sampled_residual"] = float(np.sqrt(sums.relative2))
-    report["residual_plausible"] = bool(sums.relative2 <= PLAUSIBLE_RESIDUAL**2)
-    report["ok"] = report["ok"] and report["residual_plausible"]
+    if report["method"] in ("exact", "gram"):
+        report["residual_plausible"] = bool(sums.relative2 <= PLAUSIBLE_RESIDUAL**2)
+        report["ok"] = report["ok"] and report["residual_plausible"]
     stored = report["stored_residual"]
     if sums.rows == m and stored is not None:
         agrees = residual_agrees(stored, sums, m, mean)
@@ -67,10 +69,12 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 
 
 # Row i of U S V^T is (a_i - e_i) V V^T, with e_i = ((I - Q Q^T) A_c)_i the part of the row
-# that the basis Q misses (0 for the exact and gram methods), so its residual has
-# |r_i|^2 = |a_i|^2 - |a_i V|^2 + |e_i V|^2: no set of rows exceeds a relative residual of 1
-# unless the error inside span V outweighs what the result captures of those rows. Sampled
-# rows of a result checked against another matrix of its shape measured 1.36.
+# that the basis Q misses, so its residual has |r_i|^2 = |a_i|^2 - |a_i V|^2 + |e_i V|^2.
+# The exact and gram methods have e = 0 (to rounding): no set of rows exceeds a relative
+# residual of 1. The randomized and Krylov methods' e_i V can outweigh a_i V on rows of
+# widely varying norms (measured 1.27 on sampled rows with niter=0), so they are not held
+# to it. Sampled rows of a gram result checked against another matrix of its shape
+# measured 1.36.
 PLAUSIBLE_RESIDUAL = 1.1
 
 # The slack of ``residual_agrees`` on squared relative residuals: float32 rounding (of a

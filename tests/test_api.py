@@ -235,6 +235,16 @@ def test_an_expanded_column_of_m_is_read_as_that_column(matrix):
                                 np.broadcast_to(dense_column, matrix.shape))
     assert mean is None and difference.array.subtrahend.shape == (matrix.shape[0], 1)
     np.testing.assert_allclose(difference.read(0, 50), matrix[:50] - dense_column[:50])
+    # Narrowed before the conversion that would copy it whole (bfloat16 to float32 here, as
+    # a move from the GPU would), and only once its own shape is checked
+    bfloat16 = TensorStandIn(np.broadcast_to(dense_column, matrix.shape), requires_grad=False)
+    difference, _ = subtract(ooc_svd.sources.open_source(matrix), bfloat16)
+    assert difference.array.subtrahend.shape == (matrix.shape[0], 1)
+    for wrong in (np.broadcast_to(column, (300, 2)),
+                  TensorStandIn(np.broadcast_to(np.ones((1, 5000)), (7, 5000)),
+                                requires_grad=False)):
+        with pytest.raises(InputError, match="does not broadcast to A's shape"):
+            ooc_svd.svd_lowrank(A, q=3, M=wrong)
 
 
 def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram():
@@ -395,13 +405,12 @@ class SparseTensorStandIn:
 
     __module__ = "torch"
 
-    def __init__(self, matrix, layout, dtype="torch.float64"):
+    def __init__(self, matrix, layout, dtype=np.float64):
         self.matrix, self.layout, self.dtype = matrix, f"torch.sparse_{layout}", dtype
         self.shape = matrix.shape
 
     def part(self, values):
-        return TensorStandIn(np.asarray(values), requires_grad=True, dtype=self.dtype
-                             if values is self.matrix.data else "torch.int64")
+        return TensorStandIn(np.asarray(values), requires_grad=True, dtype="torch.int64")
 
     def detach(self):
         return self
@@ -413,7 +422,8 @@ class SparseTensorStandIn:
         return SparseTensorStandIn(self.matrix.tocsr().tocoo(), "coo", self.dtype)
 
     def values(self):
-        return self.part(self.matrix.data)
+        return TensorStandIn(self.matrix.data.astype(self.dtype), requires_grad=True,
+                             dtype=f"torch.{np.dtype(self.dtype)}")
 
     def indices(self):
         return self.part(np.stack([self.matrix.row, self.matrix.col]))
@@ -440,6 +450,8 @@ def test_torch_sparse_tensors_are_read_as_csr(matrix):
         result = ooc_svd.svd(tensor, 4, method="exact")
         assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-14)
         np.testing.assert_allclose(result.S, reference.S, rtol=1e-13)
+    half = ooc_svd.svd(SparseTensorStandIn(A.tocoo(), "coo", np.float16), 4, method="exact")
+    np.testing.assert_allclose(half.S, reference.S, rtol=1e-3)  # float16 values, as float32
     with pytest.raises(InputError, match="layout torch.sparse_bsr are not supported"):
         ooc_svd.svd(SparseTensorStandIn(A, "bsr"), 4)
     with pytest.raises(InputError, match="M must be dense"):
@@ -531,6 +543,22 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, matrix):
 
     assert zarr.open_group(out, mode="r")["S"].shape == (4,)
     assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+
+def test_a_relative_path_through_a_link_names_what_the_filesystem_finds(tmp_path, monkeypatch):
+    """'link/../A.zarr' is the A.zarr beside the link's target, not the one beside the link
+    (a textual normalization would read that decoy)."""
+    import zarr
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "real" / "sub")
+    A = naive.matrix_with_spectrum(60, 5, np.arange(5, 0, -1.0), seed=1)
+    for path, values in (("real/A.zarr", A), ("work/A.zarr", 2 * A)):
+        zarr.create_array(str(tmp_path / path), shape=A.shape, chunks=(20, 5),
+                          dtype=A.dtype)[:] = values
+    monkeypatch.chdir(tmp_path / "work")
+    np.testing.assert_allclose(ooc_svd.svd("link/../A.zarr", 2).S, [5.0, 4.0], rtol=1e-12)
 
 
 def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matrix, matrix):

@@ -160,3 +160,25 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, na
         ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
     result = ooc_svd.svd(A, 3, method="randomized", out=out)  # without resume: a new start
     assert not any(r.name.endswith("(resumed)") for r in result.records)
+
+
+def test_a_checkpoint_killed_while_writing_its_state_is_replaced(tmp_path):
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    checkpoint = tmp_path / "result.zarr.checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.json.partial").write_text('{"k": ')
+    result = ooc_svd.svd(A, 3, method="randomized", out=str(tmp_path / "result.zarr"))
+    assert result.S.shape == (3,) and not checkpoint.exists()
+
+
+def test_a_dangling_link_inside_the_input_does_not_stop_a_checkpointed_run(tmp_path):
+    import os
+
+    import zarr
+
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(100, 20), dtype=A.dtype)[:] = A
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(path, "notes"))
+    result = ooc_svd.svd(path, 3, method="exact", out=str(tmp_path / "result.zarr"))
+    np.testing.assert_allclose(result.S, np.logspace(0, -3, 20)[:3], rtol=1e-12)

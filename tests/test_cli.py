@@ -73,11 +73,18 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
     report = json.loads(done.stdout)
     assert done.returncode == 1 and not report["ok"] and not report["residual_agrees"]
     assert report["u_orthonormality_error"] <= report["tolerance"]
-    done = ooc_svd_command("check", out, other, "--json", check=False)
-    sampled = json.loads(done.stdout)
+    sampled = json.loads(ooc_svd_command("check", out, other, "--json").stdout)
     assert sampled["sampled_rows"] == 24000 and "residual_agrees" not in sampled
+    assert "residual_plausible" not in sampled  # randomized: rows are not bounded by 1
+    # A gram result leaves no set of rows a residual above 1: past 1.1, sampled, it fails
+    gram = tmp_path / "gram.zarr"
+    ooc_svd_command("run", store, "--k", 5, "--out", gram, "--method", "gram")
+    sampled = json.loads(ooc_svd_command("check", gram, store, "--json").stdout)
+    assert sampled["ok"] and sampled["residual_plausible"]
+    done = ooc_svd_command("check", gram, other, "--json", check=False)
+    sampled = json.loads(done.stdout)
     assert done.returncode == 1 and not sampled["ok"] and not sampled["residual_plausible"]
-    assert sampled["sampled_residual"] > 1.1
+    assert sampled["sampled_rows"] == 24000 and sampled["sampled_residual"] > 1.1
 
 
 @pytest.mark.parametrize(("kind", "method", "center"), [

@@ -45,34 +45,40 @@ def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None
     m, n = source.shape
     if not isinstance(source, CSRSource) or m == 1:
         return None
-    M = _repeated_column(M)
     try:
-        column = tuple(int(s) for s in M.shape) == (m, 1)
+        own = tuple(int(s) for s in M.shape)
     except (AttributeError, TypeError, ValueError):  # a sequence; or a shape not known yet
-        column = False
-    if not column:  # before any conversion: an m x n torch M would be copied home
+        return None
+    # Decided before any conversion: an m x n torch M would be copied home
+    if own != (m, 1) and not (own == (m, n) and _repeated_column(M) is not M):
         return None
     M, _ = _checked(M, (m, n))
-    return open_dense_source(M)
+    return open_dense_source(_repeated_column(M))
 
 
 def _checked(M: Any, shape: tuple[int, int]) -> tuple[Any, tuple[int, ...]]:
-    """M as an array (``_as_array``) and its shape, once checked to hold real numbers and to
-    broadcast to A's ``shape``."""
-    M = _as_array(M)
-    if np.dtype(M.dtype).kind not in "biuf":
-        raise InputError(f"M must hold real numbers, not {M.dtype}")
+    """M as an array (``_as_array``) and its shape as given, once checked to hold real
+    numbers and, before a view is narrowed to the row or column it repeats, to broadcast to
+    A's ``shape``."""
+    _refuse_non_arrays(M)
+    if not hasattr(M, "shape") or not hasattr(M, "dtype"):  # a sequence or a number
+        M = np.asarray(M)
     try:
         own = tuple(int(s) for s in M.shape)
     except (TypeError, ValueError):  # a dask array of unknown chunk sizes
         raise InputError(f"M's shape {M.shape} is not known; for a dask array, call "
                          "compute_chunk_sizes() first") from None
+    if len(own) > 2:
+        raise InputError(f"M must have at most 2 dimensions (A's), not shape {own}")
     try:
         broadcast = np.broadcast_shapes(own, shape)
     except ValueError:
         broadcast = None
     if broadcast != shape:
         raise InputError(f"M of shape {own} does not broadcast to A's shape {shape}")
+    M = _as_array(M)
+    if np.dtype(M.dtype).kind not in "biuf":
+        raise InputError(f"M must hold real numbers, not {M.dtype}")
     return M, own
 
 
@@ -147,8 +153,21 @@ class Difference:
 
 
 def _as_array(M: Any) -> Any:
-    """M as something with a shape that ``open_dense_source`` reads: torch tensors and
-    sequences become numpy arrays; numpy, zarr and dask arrays stay as they are."""
+    """M (an array with a shape and a dtype) as something that ``open_dense_source`` reads:
+    torch tensors become numpy arrays, an expanded row or column narrowed to it first (a
+    move to the host or another dtype would copy all m x n values); numpy, zarr and dask
+    arrays stay as they are."""
+    if type(M).__module__.startswith("torch"):
+        from .dense import _torch_array
+
+        if len(M.shape) == 2 and M.shape[0] > 1 and M.stride(0) == 0:
+            M = M[:1]  # an expanded row
+        M = _torch_array(_repeated_column(M))
+    return M
+
+
+def _refuse_non_arrays(M: Any) -> None:
+    """Refuse a sparse M, and a path (which numpy would take for an array of one string)."""
     import scipy.sparse
 
     if scipy.sparse.issparse(M) or is_torch_sparse(M):
@@ -156,17 +175,6 @@ def _as_array(M: Any) -> Any:
     if isinstance(M, (str, bytes, os.PathLike)):
         raise InputError(f"M must be an array or a number, not the path {M!r}: open a store "
                          "first (e.g. zarr.open_array)")
-    if type(M).__module__.startswith("torch"):
-        from .dense import _torch_array
-
-        if len(M.shape) == 2 and M.shape[0] > 1 and M.stride(0) == 0:
-            M = M[:1]  # an expanded row: no m x n copy to the host
-        M = _torch_array(M)
-    elif not hasattr(M, "shape") or not hasattr(M, "dtype"):
-        M = np.asarray(M)
-    if len(M.shape) > 2:
-        raise InputError(f"M must have at most 2 dimensions (A's), not shape {tuple(M.shape)}")
-    return M
 
 
 def _repeated_column(M: Any) -> Any:

@@ -6,6 +6,8 @@ import os
 import zipfile
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError, StoreNotFoundError
 from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
 from .dense import DenseSource, open_dense_source, open_zarr_node, zarr_array_source
@@ -29,8 +31,10 @@ def open_source(A: Any) -> DenseSource | CSRSource:
         return _open_group(A, getattr(A, "store_path", "zarr group"))
     if isinstance(A, (str, os.PathLike)):
         path = os.fspath(A)
-        if "://" not in path:  # what the workers of a cluster and a checkpoint can name
-            path = A = os.path.abspath(path)
+        if "://" not in path and not os.path.isabs(path):
+            # What the workers of a cluster can name. Not normalized: 'link/..' is where
+            # the link's target lies, as the filesystem resolves it
+            path = A = os.path.join(os.getcwd(), path)
         if path.endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
@@ -70,6 +74,8 @@ def torch_sparse_to_scipy(tensor: Any) -> Any:
         raise InputError(f"torch sparse tensors of layout {layout} are not supported: "
                          "convert to CSR first (tensor.to_sparse_csr())")
     values, *indices = (_torch_array(part) for part in parts)
+    if values.dtype == np.float16:  # which scipy.sparse does not take
+        values = values.astype(np.float32)
     if values.ndim != 1:
         raise InputError("a hybrid torch sparse tensor (values with dense dimensions) is "
                          "not a matrix of numbers")
@@ -105,8 +111,6 @@ def _zarr_node_at(path: str) -> Any:
 
 
 def _is_sparse_npz(path: str) -> bool:
-    import numpy as np
-
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {"format", "shape", "data"} <= set(archive.files)

@@ -71,17 +71,24 @@ def _digest(path: str) -> str:
 
 def _files(path: str):
     """(name relative to path, size, mtime in ns) of path itself if a file, else of every
-    file under it, in a fixed order."""
+    file under it, in a fixed order; (name, -1, -1) for an entry that cannot be stat'ed (a
+    dangling link, a file removed meanwhile)."""
     if not os.path.isdir(path):
-        status = os.stat(path)
-        yield "", status.st_size, status.st_mtime_ns
+        yield ("", *_size_and_time(path))
         return
     for root, directories, files in os.walk(path):
         directories.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            status = os.stat(full)
-            yield os.path.relpath(full, path), status.st_size, status.st_mtime_ns
+            yield (os.path.relpath(full, path), *_size_and_time(full))
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return -1, -1
+    return status.st_size, status.st_mtime_ns
 
 
 def _zarr_array_path(node: Any) -> str | None:
