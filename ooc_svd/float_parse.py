@@ -160,6 +160,13 @@ def is_separator(c):
 
 
 @numba.njit(nogil=True, cache=True)
+def is_exponent_mark(byte):
+    """e or E, and Fortran's d or D (1.5D+03), which Matrix Market files written by
+    Fortran programs hold."""
+    return byte == 101 or byte == 69 or byte == 100 or byte == 68
+
+
+@numba.njit(nogil=True, cache=True)
 def parse_float(buffer, position):
     """Parse the decimal number at ``position`` of a uint8 buffer.
 
@@ -197,7 +204,7 @@ def parse_float(buffer, position):
                 truncated |= d != _ZERO
             position += 1
         seen_digit |= position > first_digit
-    if position < size and (buffer[position] == 101 or buffer[position] == 69):  # e or E
+    if position < size and is_exponent_mark(buffer[position]):
         position += 1
         exponent_negative = False
         if position < size and (buffer[position] == 45 or buffer[position] == 43):

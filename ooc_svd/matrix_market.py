@@ -5,7 +5,8 @@ symmetry (general, symmetric, skew-symmetric; hermitian, of real values, is symm
 Entries are read in blocks of whole lines and parsed by a numba kernel in threads: 15 to 30
 million numbers a second per core (17-digit reals to small integers), against about 1.5
 million for numpy's ``loadtxt`` and ``fromstring``. Values round exactly as Python's
-``float`` rounds them (``ooc_svd.float_parse``).
+``float`` rounds them (``ooc_svd.float_parse``); Fortran's exponent mark (1.5D+03) is read
+as e.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def _python_float(token: bytes) -> float | None:
     """Python's float of a token the fast parser leaves alone (inf, nan, > 19 digits), or
     None if it is not a number."""
     try:
-        return float(token)
+        return float(token.replace(b"d", b"e").replace(b"D", b"e"))  # Fortran's exponent
     except ValueError:
         return None
 

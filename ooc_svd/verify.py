@@ -71,10 +71,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 # Row i of U S V^T is (a_i - e_i) V V^T, with e_i = ((I - Q Q^T) A_c)_i the part of the row
 # that the basis Q misses, so its residual has |r_i|^2 = |a_i|^2 - |a_i V|^2 + |e_i V|^2.
 # The exact and gram methods have e_i V = 0 (their Q spans A_c V, to rounding): no set of
-# rows exceeds a relative residual of 1. The randomized and Krylov methods' e_i V can outweigh a_i V on rows of
-# widely varying norms (measured 1.27 on sampled rows with niter=0), so they are not held
-# to it. Sampled rows of a gram result checked against another matrix of its shape
-# measured 1.36.
+# rows exceeds a relative residual of 1. The randomized and Krylov methods' e_i V can
+# outweigh a_i V on rows of widely varying norms (measured 1.27 on sampled rows with
+# niter=0), so they are not held to it. Sampled rows of a gram result checked against
+# another matrix of its shape measured 1.36.
 PLAUSIBLE_RESIDUAL = 1.1
 
 # The slack of ``residual_agrees`` on squared relative residuals: float32 rounding (of a
