@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zipfile
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import NPZ_READ_ERRORS, InputError
 
 SCRATCH_LIST = "scratch.txt"
 SCRATCH_PREFIX = "ooc-svd-"  # the names of every scratch directory ooc_svd makes
@@ -83,7 +82,7 @@ class Checkpoint:
         try:  # the file opened here, so that it is closed whatever np.load raises
             with open(path, "rb") as file, np.load(file, allow_pickle=False) as saved:
                 return {key: saved[key] for key in saved.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except NPZ_READ_ERRORS as error:
             raise self._unreadable(path, error) from None
 
     def save(self, name: str, arrays: dict[str, Any]) -> None:

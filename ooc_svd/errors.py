@@ -5,7 +5,12 @@ caller would expect (``ValueError`` for bad arguments, ``FileNotFoundError`` for
 store), so ``except ValueError`` keeps working.
 """
 
+import zipfile
 from typing import Any
+
+# What np.load raises for an .npz it cannot read: EOFError for an empty file, BadZipFile
+# for a truncated archive, ValueError for a member that is no array, OSError for the rest.
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 class OOCSVDError(Exception):

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, StoreNotFoundError
+from ..errors import NPZ_READ_ERRORS, InputError, StoreNotFoundError
 from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
-from .dense import DenseSource, open_dense_source, open_zarr_node, zarr_array_source
+from .dense import (
+    DenseSource,
+    _torch_array,
+    open_dense_source,
+    open_zarr_node,
+    zarr_array_source,
+)
 
 
 def open_source(A: Any) -> DenseSource | CSRSource:
@@ -57,33 +62,31 @@ def torch_sparse_to_scipy(tensor: Any) -> Any:
     memory, its values as ``_torch_array`` gives them (bfloat16 as float32)."""
     import scipy.sparse
 
-    from .dense import _torch_array
-
     layout, shape = str(tensor.layout), tuple(int(s) for s in tensor.shape)
     if len(shape) != 2:
         raise InputError(f"A must be 2-dimensional, got a sparse tensor of shape {shape}")
     tensor = tensor.detach().cpu()
     if layout == "torch.sparse_coo":
         tensor = tensor.coalesce()
-        parts = (tensor.values(), tensor.indices())
-    elif layout == "torch.sparse_csr":
-        parts = (tensor.values(), tensor.col_indices(), tensor.crow_indices())
-    elif layout == "torch.sparse_csc":
-        parts = (tensor.values(), tensor.row_indices(), tensor.ccol_indices())
-    else:
-        raise InputError(f"torch sparse tensors of layout {layout} are not supported: "
-                         "convert to CSR first (tensor.to_sparse_csr())")
-    values, *indices = (_torch_array(part) for part in parts)
-    if values.dtype == np.float16:  # which scipy.sparse does not take
-        values = values.astype(np.float32)
+        rows, columns = _torch_array(tensor.indices())
+        return scipy.sparse.csr_matrix((_sparse_values(tensor), (rows, columns)), shape=shape)
+    if layout == "torch.sparse_csr":
+        return scipy.sparse.csr_matrix((_sparse_values(tensor), _torch_array(tensor.col_indices()),
+                                        _torch_array(tensor.crow_indices())), shape=shape)
+    if layout == "torch.sparse_csc":
+        return scipy.sparse.csc_matrix((_sparse_values(tensor), _torch_array(tensor.row_indices()),
+                                        _torch_array(tensor.ccol_indices())), shape=shape).tocsr()
+    raise InputError(f"torch sparse tensors of layout {layout} are not supported: "
+                     "convert to CSR first (tensor.to_sparse_csr())")
+
+
+def _sparse_values(tensor: Any) -> np.ndarray:
+    """A torch sparse tensor's values, float16 as float32 (which scipy.sparse needs)."""
+    values = _torch_array(tensor.values())
     if values.ndim != 1:
         raise InputError("a hybrid torch sparse tensor (values with dense dimensions) is "
                          "not a matrix of numbers")
-    if layout == "torch.sparse_coo":
-        return scipy.sparse.csr_matrix((values, (indices[0][0], indices[0][1])), shape=shape)
-    if layout == "torch.sparse_csr":
-        return scipy.sparse.csr_matrix((values, *indices), shape=shape)
-    return scipy.sparse.csc_matrix((values, *indices), shape=shape).tocsr()
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def _open_group(group: Any, description: str) -> CSRSource:
@@ -114,7 +117,7 @@ def _is_sparse_npz(path: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {"format", "shape", "data"} <= set(archive.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # EOF: an empty file
+    except NPZ_READ_ERRORS as exc:
         raise StoreNotFoundError(f"cannot open {path!r} as a .npz file: "
                                  f"{exc or type(exc).__name__}") from exc
 
@@ -125,7 +128,7 @@ def load_npz(path: str) -> Any:
 
     try:
         matrix = scipy.sparse.load_npz(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (*NPZ_READ_ERRORS, KeyError) as exc:  # KeyError: a format scipy does not know
         raise InputError(f"cannot read {path!r} as a scipy.sparse .npz: "
                          f"{exc or type(exc).__name__}") from exc
     if matrix.ndim != 2:
