@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -199,7 +200,11 @@ class ClusterPasses:
         if shipped is None:
             return [self.client.scatter(_RowPiece(g.rows[0], source.read(*g.rows)), hash=False)
                     for g in self.groups]
-        self._check_inputs_reach(source)
+        markers = tuple((path, path_marker(path)) for path in local_paths(source))
+        if markers:
+            self._check_inputs_reach(markers)
+            # Workers that join later check on their first read.
+            shipped = _CheckedSource(shipped, markers, self.token)
         import cloudpickle
 
         blob = cloudpickle.dumps(shipped)
@@ -212,21 +217,14 @@ class ClusterPasses:
         future = self.client.submit(_unpickle, blob, key=self._key("source"))
         return [future] * len(self.groups)
 
-    def _check_inputs_reach(self, source: DenseSource | CSRSource) -> None:
+    def _check_inputs_reach(self, markers: tuple[tuple[str, str | None], ...]) -> None:
         """Refuse a run whose workers do not see the input's files as this process does: zarr
         would read a store missing on a worker as its fill value, zeros, without an error."""
-        for path in local_paths(source):
-            expected = path_marker(path)
+        for path, expected in markers:
             seen = self.client.run(path_marker, path)
             missing = sorted(address for address, marker in seen.items() if marker != expected)
             if missing:
-                raise InputError(
-                    f"the workers {missing} do not see the input {path!r} as this process "
-                    "does (missing, or other files at that path"
-                    + ("" if os.path.isabs(path) else ", relative to their working directory")
-                    + "); pass an input on a filesystem that every worker mounts at the same "
-                    "path"
-                )
+                raise InputError(_unseen_input(f"the workers {missing} do", path))
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -738,6 +736,41 @@ class _GroupRows:
         for lo, hi in ((start, min(stop, self.first)), (max(start, self.last), stop)):
             if lo < hi:
                 self.returned.append((lo, rows[lo - start : hi - start]))
+
+
+@dataclass
+class _CheckedSource:
+    """A shipped source whose first read in each worker process checks that the input's
+    files look there as they did to the client (``path_marker``): a worker that joined after
+    the check before the first pass would otherwise read a store it lacks as zeros."""
+
+    source: Any
+    markers: tuple[tuple[str, str | None], ...]
+    run: str  # the run's token: each run checks afresh
+
+    def read(self, start: int, stop: int) -> Any:
+        key = (self.run, self.markers)
+        if key not in _INPUTS_SEEN:
+            for path, expected in self.markers:
+                if path_marker(path) != expected:
+                    raise InputError(
+                        _unseen_input(f"a worker on {socket.gethostname()} does", path))
+            _INPUTS_SEEN.add(key)
+        return self.source.read(start, stop)
+
+
+# The (run, markers) this process has checked: a set's add and lookup are atomic, and
+# checking twice (reader threads racing on the first blocks) is harmless.
+_INPUTS_SEEN: set[tuple[str, tuple]] = set()
+
+
+def _unseen_input(workers_do: str, path: str) -> str:
+    return (
+        f"{workers_do} not see the input {path!r} as this process does (missing, or other "
+        "files at that path"
+        + ("" if os.path.isabs(path) else ", relative to their working directory")
+        + "); pass an input on a filesystem that every worker mounts at the same path"
+    )
 
 
 def _identity(value: Any) -> Any:

@@ -389,6 +389,26 @@ def test_inputs_and_outputs_are_named_as_the_workers_see_them(cluster, dense_sto
         ooc_svd.svd(zarr.open_array(relative, mode="r"), 4, client=cluster[1])
 
 
+def test_a_worker_that_sees_another_input_after_the_check_refuses_to_read_it(
+    cluster, tmp_path, monkeypatch
+):
+    """The check before the first pass cannot see a worker that joins later: each worker's
+    first read checks again. Here the store's files change right after the check, so every
+    worker finds them other than the client did."""
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=(600, 8), chunks=(100, 8), dtype="f8")[:] = 1.0
+    check = ooc_svd.distributed.ClusterPasses._check_inputs_reach
+
+    def check_then_change(self, markers):
+        check(self, markers)
+        (tmp_path / "A.zarr" / "added").write_bytes(b"")
+
+    monkeypatch.setattr(ooc_svd.distributed.ClusterPasses, "_check_inputs_reach",
+                        check_then_change)
+    with pytest.raises(InputError, match="a worker on .* does not see the input"):
+        ooc_svd.svd(path, 2, client=cluster[1])
+
+
 @pytest.mark.parametrize("method", ["randomized", "gram"])
 def test_no_block_of_a_reaches_the_scheduler(cluster, tmp_path, block_rows, method):
     """Results and task arguments stay O(n l) (O(n^2) for gram): far below one block."""
