@@ -110,7 +110,10 @@ dask.array.Array} of shape (m, n)
         find it from the full spectrum in their two reads; the randomized method grows its
         basis by blocks of 32 columns, each costing niter + 1 reads, until the (exact, free)
         residual of the basis is below tol or the basis holds max_rank + oversample
-        columns, then makes one final read.
+        columns, then makes one final read. Each method resolves residuals down to its
+        rounding only (``plan.smallest_tol``): about 6e-8 for randomized, whose smaller
+        tol is refused, and 4 sqrt(n eps) for gram; 'auto' chooses among those that
+        resolve tol (the exact method resolves any).
     max_rank : int, optional
         Cap on the rank in fixed-accuracy mode; min(m, n) by default. A rank capped here is
         as accurate as the same k would give: the randomized basis is oversampled beyond it.
@@ -269,7 +272,7 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     def plan_for(gpu_streams: int) -> Plan:
         # Workers read every block for every pass: only a local run keeps a block cache.
         return _plan(source, request.k, request.oversample, request.niter, request.method,
-                     request.memory_limit, request.tol is not None, gpu_streams,
+                     request.memory_limit, request.tol, gpu_streams,
                      request.spectral_iters, cache_blocks=not on_cluster)
 
     plan = plan_for(cuda_options.get("streams", STREAMS) if gpu else 0)
@@ -284,7 +287,7 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
-          fixed_accuracy: bool = False, gpu_streams: int = 0, spectral_iters: int = 0,
+          tol: float | None = None, gpu_streams: int = 0, spectral_iters: int = 0,
           cache_blocks: bool = True) -> Plan:
     """The run's plan; ``gpu_streams``: the CUDA streams whose pinned host buffers the
     memory limit must hold too (0 without a GPU); ``cache_blocks``: whether the passes
@@ -295,7 +298,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
                      oversample, niter, method, limit, spectral_iters=spectral_iters,
-                     fixed_accuracy=fixed_accuracy, cacheable=cache_blocks and source.decodes,
+                     tol=tol, cacheable=cache_blocks and source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes,
@@ -715,9 +718,9 @@ def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
         return exact_svd(context, plan, allocate_u, request.scratch_dir, rule)
     if plan.method == "gram":
         # Only a method chosen by "auto" may fall back to exact on an ill-conditioned
-        # spectrum; a requested one does what was asked.
-        fallback_eps = _data_eps(context.source.dtype) if request.method == "auto" else None
-        return gram_svd(context, plan, allocate_u, request.scratch_dir, rule, fallback_eps)
+        # spectrum; a requested one does what was asked, and says what it could not resolve.
+        return gram_svd(context, plan, allocate_u, request.scratch_dir, rule,
+                        _data_eps(context.source.dtype), fallback=request.method == "auto")
     if plan.method == "krylov":
         return krylov_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
     if request.tol is not None:

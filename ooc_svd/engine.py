@@ -44,7 +44,7 @@ from .passes import (
     tsqr_final_pass,
     tsqr_r_pass,
 )
-from .plan import GROWTH_BLOCK, Plan
+from .plan import EPS64, GROWTH_BLOCK, RESIDUAL_ROUNDING, Plan
 from .sketch import gaussian_test_matrix
 from .store import QSpill
 
@@ -56,11 +56,6 @@ RankRule = Callable[[np.ndarray, float, bool], int]
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
 GRAM_TOLERANCE = 1e-8
-EPS64 = float(np.finfo(np.float64).eps)
-# A squared residual is known to this many units of rounding of what it is computed from
-# (||A||_F^2 less sum S^2, or a tail of G's eigenvalues, each to eps sigma_1^2): a residual
-# below that cannot be told from zero.
-RESIDUAL_ROUNDING = 16
 # A Krylov block's column whose norm falls below this once projected off the basis (of unit
 # columns) adds no direction the basis lacks, beyond rounding: sqrt(eps64) ~ 1.5e-8.
 DEPENDENT_NORM = 1e-7
@@ -268,7 +263,7 @@ def exact_svd(
 
 def gram_svd(
     context: PassContext, plan: Plan, allocate_u: AllocateU, scratch_dir: str | None,
-    rank_rule: RankRule, fallback_eps: float | None = None,
+    rank_rule: RankRule, data_eps: float, fallback: bool = True,
 ) -> Factors:
     """Top-k SVD of A - 1 mu^T from the eigendecomposition of G = A^T A, which gives the
     rank and V_k; then the final pass over A V_k for U, S and V.
@@ -282,9 +277,9 @@ def gram_svd(
     sigma_k > 1e-8 sigma_1; for ill-conditioned float64 data the exact method (TSQR)
     keeps eps * sigma_1.
 
-    With ``fallback_eps`` (the data's own rounding unit, 0 for integers), a spectrum too
-    ill-conditioned for G (see ``gram_is_accurate``) switches to the exact method, at the
-    cost of one more pass, and says so in ``Factors.note``.
+    A spectrum too ill-conditioned for G (``gram_is_accurate``, against ``data_eps``, the
+    data's own rounding unit, 0 for integers) switches to the exact method with
+    ``fallback``, at the cost of one more pass; either way ``Factors.note`` says so.
     """
     state = context.resumable("gram", lambda: _factor_state(*gram_pass(context)))
     stats, shift = _stats_of(state)
@@ -304,21 +299,31 @@ def gram_svd(
     # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more.
     d = context.centering.offset(shift, stats)
     subtracted = 0.0 if d is None else stats.rows * float(d @ d)
-    if fallback_eps is not None and not gram_is_accurate(eigenvalues, rank, fallback_eps,
-                                                         subtracted):
+    accurate = gram_is_accurate(eigenvalues, rank, data_eps, subtracted)
+    if not accurate and fallback:
         factors = exact_svd(context, plan, allocate_u, scratch_dir, rank_rule)
-        if eigenvalues[rank - 1] > 0:
-            ratio = np.sqrt(eigenvalues[rank - 1] / (eigenvalues[0] + subtracted))
-            size = f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is"
-        else:  # lost in G's rounding altogether
-            size = "sigma_k is"
-        factors.note = (f"{size} too small for the gram method's accuracy; switched to the "
+        factors.note = (f"{_gram_shortfall(eigenvalues, rank, subtracted)}; switched to the "
                         "exact method after its pass")
         return factors
     # Each eigenvalue of G to a few eps ||G||_2, the subtracted mean's share included.
     error = RESIDUAL_ROUNDING * EPS64 * (max(float(eigenvalues[0]), 0.0) + subtracted)
-    return _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram",
-                              (S_all.size - rank) * error)
+    factors = _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram",
+                                 (S_all.size - rank) * error)
+    if not accurate:
+        factors.note = (f"{_gram_shortfall(eigenvalues, rank, subtracted)}: the trailing "
+                        "singular values and vectors may be far off; method='exact' keeps "
+                        "eps sigma_1")
+    return factors
+
+
+def _gram_shortfall(eigenvalues: np.ndarray, rank: int, subtracted: float) -> str:
+    """Why G cannot resolve sigma_k: how small it is next to ||A||_2."""
+    if eigenvalues[rank - 1] > 0:
+        ratio = np.sqrt(eigenvalues[rank - 1] / (eigenvalues[0] + subtracted))
+        size = f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is"
+    else:  # lost in G's rounding altogether
+        size = "sigma_k is"
+    return f"{size} too small for the gram method's accuracy"
 
 
 # ---- shared steps -------------------------------------------------------------------------

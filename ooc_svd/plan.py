@@ -52,6 +52,11 @@ MAX_BLOCK_BYTES = 64 << 20
 SMALLER_BLOCK_TRIES = 3
 CACHE_GAIN = 0.8
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
+EPS64 = float(np.finfo(np.float64).eps)
+# A squared residual is known to this many units of rounding of what it is computed from
+# (||A||_F^2 less sum S^2, or a tail of G's eigenvalues, each to eps sigma_1^2): a residual
+# below that cannot be told from zero.
+RESIDUAL_ROUNDING = 16
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Plan:
     # why: decided by the caller, which knows the machine (api._plan_run).
     backend: str = ""
     backend_reason: str = ""
+    tol: float | None = None  # fixed-accuracy mode's tolerance; k is then the rank cap
 
     @property
     def cached_bytes(self) -> int:
@@ -148,8 +154,9 @@ class Plan:
                     f"{self.krylov_width}"
         bound = "up to " if self.growth_blocks else ""
         kind = "sparse " if self.sparse else ""
+        rank = f"k={self.k}" if self.tol is None else f"tol={self.tol:g}, rank <= {self.k}"
         return (
-            f"{self.method} SVD of a {m} x {n} {kind}matrix, k={self.k}{basis}: "
+            f"{self.method} SVD of a {m} x {n} {kind}matrix, {rank}{basis}: "
             f"{bound}{self.passes} passes{self._spectral_note()} reading "
             f"{format_bytes(self.bytes_to_read)}{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
@@ -174,7 +181,7 @@ def make_plan(
     niter: int,
     method: str,
     memory_limit: int,
-    fixed_accuracy: bool = False,
+    tol: float | None = None,
     cacheable: bool = False,
     chunk_bytes: np.ndarray | None = None,
     nnz: int | None = None,
@@ -188,7 +195,7 @@ def make_plan(
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
-    With ``fixed_accuracy``, k is the rank cap: the randomized method grows its basis by
+    With ``tol`` (fixed accuracy), k is the rank cap: the randomized method grows its basis by
     GROWTH_BLOCK columns up to k, and the plan's passes are an upper bound. With
     ``cacheable`` (reading costs I/O or decoding), the memory the working set leaves under
     the limit keeps leading blocks after their first read, for the later passes.
@@ -219,11 +226,11 @@ def make_plan(
     }
     layouts = _Layouts(
         (m, n), itemsize, np.asarray(chunk_boundaries), np.asarray(chunk_bytes), k, l, niter,
-        krylov_width, method, memory_limit, fixed_accuracy, cacheable, nnz, scatter_copies,
+        krylov_width, method, memory_limit, tol is not None, cacheable, nnz, scatter_copies,
         read_overhead_bytes, read_row_overhead, staging_blocks, staging_matrices,
         spectral_iters, read_factor,
     )
-    choices = _method_choices(method, n, costs, fixed_accuracy)
+    choices = _method_choices(method, n, costs, tol)
     refusals: list[PlanError] = []
     for method, reason in choices:
         try:
@@ -234,7 +241,7 @@ def make_plan(
         if refusals:  # 'auto' fell back to a method that fits
             plan = replace(plan, reason=f"{plan.reason}; {choices[0][0]} would need more "
                                         "than memory_limit")
-        return plan
+        return replace(plan, tol=tol)
     raise refusals[0]
 
 
@@ -512,22 +519,55 @@ class _Work:
         return self.product_seconds(2 * width) + qr_and_sweep + spill
 
 
+def smallest_tol(method: str, n: int) -> float:
+    """The smallest relative residual that fixed-accuracy mode can tell from zero with
+    ``method``, whatever the matrix: the randomized method measures it as ||A||_F^2 - sum
+    S^2 (about 6e-8); gram sums the tail of G's eigenvalues, each known to eps sigma_1^2 <=
+    eps ||A||_F^2; exact resolves singular values to eps sigma_1."""
+    if method == "randomized":
+        return float(np.sqrt(RESIDUAL_ROUNDING * EPS64))
+    if method == "gram":
+        return float(np.sqrt(RESIDUAL_ROUNDING * EPS64 * n))
+    return 0.0
+
+
+def _candidates(n: int, tol: float | None) -> tuple[str, ...]:
+    """The methods 'auto' may choose: an n x n factor only up to MAX_EXACT_COLUMNS, and in
+    fixed-accuracy mode only methods that resolve ``tol``."""
+    methods = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
+    if tol is None:
+        return methods
+    resolving = tuple(name for name in methods if tol >= smallest_tol(name, n))
+    if not resolving:
+        raise InputError(_unresolvable_tol(tol, "randomized", n))
+    return resolving
+
+
+def _unresolvable_tol(tol: float, method: str, n: int) -> str:
+    floor = smallest_tol(method, n)
+    exact = "use method='exact' or " if n <= MAX_EXACT_COLUMNS else \
+        f"the exact method needs n <= {MAX_EXACT_COLUMNS}: use "
+    return (f"tol={tol:g} is below what the {method} method can resolve (about {floor:.1g}: "
+            "a smaller residual is lost in the rounding of how it is measured); "
+            f"{exact}a larger tol")
+
+
 def _method_choices(
-    method: str, n: int, costs: dict[str, float], fixed_accuracy: bool = False
+    method: str, n: int, costs: dict[str, float], tol: float | None = None
 ) -> list[tuple[str, str]]:
     """(method, why) to plan, in order: the requested method alone, or for 'auto' its choice
     and then, should that not fit the memory limit, the others it could take by cost."""
-    best, why = _choose_method(method, n, costs, fixed_accuracy)
+    best, why = _choose_method(method, n, costs, tol)
     if method != "auto":
         return [(best, why)]
-    others = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
-    fallbacks = sorted((name for name in others if name != best), key=costs.__getitem__)
+    fallbacks = sorted((name for name in _candidates(n, tol) if name != best),
+                       key=costs.__getitem__)
     return [(best, why)] + [(name, f"{name} is the cheapest by the cost model that fits")
                             for name in fallbacks]
 
 
 def _choose_method(
-    method: str, n: int, costs: dict[str, float], fixed_accuracy: bool = False
+    method: str, n: int, costs: dict[str, float], tol: float | None = None
 ) -> tuple[str, str]:
     predicted = ", ".join(f"{name} ~{seconds:.3g} s" for name, seconds in costs.items())
     if method not in (*METHODS, "auto"):
@@ -537,17 +577,22 @@ def _choose_method(
         raise InputError(
             f"method={method!r} needs an n x n factor; n={n} exceeds {MAX_EXACT_COLUMNS}"
         )
-    if method == "krylov" and fixed_accuracy:
+    if method == "krylov" and tol is not None:
         raise InputError("tol (fixed accuracy) works with 'exact', 'gram' and 'randomized'")
+    if method == "randomized" and tol is not None and tol < smallest_tol(method, n):
+        raise InputError(_unresolvable_tol(tol, method, n))
     if method != "auto":
         return method, f"method={method!r} was requested (cost model: {predicted})"
-    candidates = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
+    candidates = _candidates(n, tol)
     best = min(candidates, key=costs.__getitem__)
     why = f"{best} is the cheapest by the cost model ({predicted})"
     if n > MAX_EXACT_COLUMNS:
         why = f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor ({predicted})"
+    elif len(candidates) < 3:
+        why = (f"{best} is the cheapest by the cost model of the methods that resolve "
+               f"tol={tol:g} ({predicted})")
     affordable = costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]
-    if best == "randomized" and not fixed_accuracy and affordable:
+    if best == "randomized" and tol is None and affordable:
         best = "krylov"
         why = (
             "block Krylov reads A as often as subspace iteration, costs at most "

@@ -65,22 +65,53 @@ def test_tolerance_mode_with_centering_and_cap():
     assert f"the residual {capped.residual:.3g} exceeds tol=1e-06 at rank 5" in capped.note
 
 
-@pytest.mark.parametrize("method", ["gram", "randomized"])
-def test_a_tol_below_the_methods_rounding_is_not_blamed_on_the_cap(method):
+def test_a_tol_below_the_methods_rounding_is_not_blamed_on_the_cap():
     """The best rank-25 residual is 4.5e-11, below tol: the cap did not stop the run
-    short, the method's rounding hides whether it got there (randomized did; gram's vectors,
-    accurate to eps (sigma_1 / sigma_25)^2, leave 2.5e-10). The note says so, not 'raise
-    max_rank'."""
+    short, the gram method's rounding hides whether it got there (its vectors, accurate to
+    eps (sigma_1 / sigma_25)^2, leave 2.5e-10). The note says so, not 'raise max_rank'."""
     A = naive.matrix_with_spectrum(400, 30, np.logspace(0, -12, 30), seed=3)
-    result = ooc_svd.svd(A, tol=1e-10, max_rank=25, method=method)
+    result = ooc_svd.svd(A, tol=1e-10, max_rank=25, method="gram")
     direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
     assert result.rank == 25 and direct < result.residual and result.residual > 1e-10
-    assert method == "gram" or direct < 1e-10
-    assert f"within the {method} method's rounding" in result.note
+    assert "within the gram method's rounding" in result.note
     assert ("tol=1e-10 cannot be confirmed: the exact method resolves smaller residuals; a "
             "larger max_rank may be needed too") in result.note
     exact = ooc_svd.svd(A, tol=1e-10, max_rank=25, method="exact")
     assert exact.rank == 25 and exact.residual <= 1e-10 and exact.note == ""
+
+
+def test_a_tol_that_the_randomized_method_cannot_resolve_is_refused_or_planned_exact():
+    """The randomized method measures its residual as ||A||^2 - sum S^2, which cancels to
+    about 4 sqrt(eps) ~ 6e-8 of ||A||: below that it stopped at an arbitrary rank (76 where
+    this matrix needs 83 for 1e-8) and reported a residual of 0. Asked for, it is refused
+    before any read; 'auto' plans the exact method instead, which resolves it, and refuses
+    where n leaves it only the randomized method."""
+    A = naive.matrix_with_spectrum(1500, 150, 0.8 ** np.arange(150), seed=8)
+    with pytest.raises(InputError, match="tol=1e-08 is below what the randomized method can "
+                                         "resolve .*use method='exact' or a larger tol"):
+        ooc_svd.svd(A, tol=1e-8, method="randomized")
+    result = ooc_svd.svd(A, tol=1e-8)
+    assert result.method == "exact" and result.rank == minimal_rank(A, 1e-8) == 83
+    assert "of the methods that resolve tol=1e-08" in result.plan.reason
+    assert "tol=1e-08, rank <= 150" in result.plan.describe()
+    # gram's tail is known to about 4 sqrt(n eps) ||A|| (7.3e-7 at n = 150): auto skips it.
+    assert ooc_svd.svd_plan(A, tol=5e-7).method == "exact"
+    assert ooc_svd.svd_plan(A, tol=1e-6).method == "gram"
+    wide = np.zeros((3, 5000))
+    with pytest.raises(InputError, match="the exact method needs n <= 4096: use a larger"):
+        ooc_svd.svd(wide, tol=1e-8)
+    assert ooc_svd.svd(A, tol=1e-7, method="randomized").rank >= 70
+
+
+def test_a_requested_gram_says_when_the_spectrum_is_beyond_it():
+    """eps (sigma_1 / sigma_k)^2 of 1e-8 or more: 'auto' switches to exact; a requested gram
+    keeps its result and says what it could not resolve."""
+    spectrum = np.r_[np.logspace(0, -9, 8), np.zeros(32)]
+    A = naive.matrix_with_spectrum(2000, 40, spectrum, seed=10)
+    result = ooc_svd.svd(A, 8, method="gram")
+    assert result.method == "gram" and result.passes == 2
+    assert "too small for the gram method's accuracy: the trailing singular" in result.note
+    assert ooc_svd.svd(A, 3, method="gram").note == ""
 
 
 def test_a_capped_rank_is_oversampled_like_a_fixed_one():
