@@ -228,13 +228,17 @@ def provenance(
     import zarr
 
     plan = result.plan
+    # The exact and gram methods take no basis and no power iterations: their values were
+    # given (or defaulted) but not used.
+    iterative = plan.method in ("randomized", "krylov")
     return {
         "ooc_svd": {
             "input": source.description,
             "shape": list(plan.shape),
             "k": plan.k,
-            "basis_size": plan.basis_size,
-            "niter": plan.niter,
+            "tol": plan.tol,
+            "basis_size": plan.basis_size if iterative else None,
+            "niter": plan.niter if iterative else None,
             "method": result.method,
             "backend": result.backend,
             "reason": plan.reason,

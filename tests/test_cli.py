@@ -253,12 +253,18 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     assert info["method"] == summary["method"] == "gram"
     assert info["passes"] == summary["passes"] and info["spectral_iters"] == 2
     group = zarr.open_group(str(out), mode="r")
+    attrs = group.attrs["ooc_svd"]
+    # gram takes no basis and no power iterations: none is recorded as used
+    assert attrs["tol"] == 0.05 and attrs["niter"] is None and attrs["basis_size"] is None
     B, A = group["B"][:].astype(float), group["A"][:].astype(float)
     assert B.shape == (30000, expected.rank) and A.shape == (expected.rank, 40)
     np.testing.assert_allclose(B, group["U"][:] * group["S"][:], rtol=1e-6)
     data = zarr.open_array(store, mode="r")[:].astype(float)
     error = np.linalg.norm(data - B @ A) / np.linalg.norm(data)
     assert error == pytest.approx(summary["residual"], rel=1e-3)
+    text = ooc_svd_command("run", store, "--k", 3, "--spectral-iters", 1, "--out",
+                           tmp_path / "text.zarr").stdout
+    assert "spectral error estimate" in text.splitlines()[-1]
 
 
 def test_info_says_where_the_kernels_would_run(store):
