@@ -342,6 +342,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     U : ndarray of shape (m, q)
     S : ndarray of shape (q,)
     V : ndarray of shape (n, q)
+        torch tensors on A's device when A is a torch tensor, as torch returns them (not
+        attached to autograd); float32 for float32 and half-precision data.
     """
     source, m, n = _open_matrix(A)
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
@@ -359,7 +361,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
             source, mean = subtract(source, M)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
                                    client=client, row_shift=column))
-    return result.U, result.S, result.V
+    return _like_input(A, (result.U, result.S, result.V))
 
 
 def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2, *,
@@ -370,13 +372,23 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     copied. The principal directions are the columns of V, and the explained variances are
     S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
     :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
-    ``client`` runs it on a dask.distributed cluster, as in :func:`svd`.
+    ``client`` runs it on a dask.distributed cluster, as in :func:`svd`. U, S, V are
+    torch tensors on A's device when A is a torch tensor, as in :func:`svd_lowrank`.
     """
     source, m, n = _open_matrix(A)
     q = _check_q(min(6, m, n) if q is None else q, m, n)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center,
                                    method=method, client=client))
-    return result.U, result.S, result.V
+    return _like_input(A, (result.U, result.S, result.V))
+
+
+def _like_input(A: Any, arrays: tuple[np.ndarray, ...]) -> tuple:
+    """``arrays`` as torch returns them for a torch tensor A (tensors on A's device), else
+    as they are. A tensor's module is loaded already, so torch is never imported here."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(A, torch.Tensor):
+        return arrays
+    return tuple(torch.from_numpy(array).to(A.device) for array in arrays)
 
 
 @dataclass

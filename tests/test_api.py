@@ -399,6 +399,32 @@ def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):
     assert S.dtype == np.float32
 
 
+def test_torch_inputs_give_torch_tensors_on_their_device(matrix, monkeypatch):
+    """As torch's functions return them: U, S, V as tensors on the input's device."""
+
+    class Placed:  # a tensor made by from_numpy, then moved
+        def __init__(self, array, device="cpu"):
+            self.array, self.device = array, device
+
+        def to(self, device):
+            return Placed(self.array, device)
+
+    class TorchStandIn:
+        Tensor = TensorStandIn
+        from_numpy = Placed
+
+    tensor = TensorStandIn(matrix, requires_grad=False, dtype="torch.float64")
+    tensor.device = "cuda:1"
+    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
+    for function in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):
+        U, S, V = function(tensor, q=3)
+        assert {U.device, S.device, V.device} == {"cuda:1"}
+        expected = function(matrix, q=3)
+        for got, want in zip((U, S, V), expected, strict=True):
+            assert isinstance(want, np.ndarray) and got.array.dtype == np.float64
+            np.testing.assert_allclose(got.array, want, atol=1e-12)
+
+
 class SparseTensorStandIn:
     """What ooc_svd uses of a torch sparse tensor of layout COO, CSR, CSC or BSR (its parts
     as ``TensorStandIn``), from a scipy matrix; uncoalesced COO keeps duplicate entries."""
