@@ -279,6 +279,21 @@ def test_a_column_with_nan_taken_from_a_sparse_a_names_its_rows():
         ooc_svd.svd_lowrank(A, q=3, M=column)
 
 
+@pytest.mark.parametrize("shape", [(300, 1), (300, 30)])
+def test_nan_in_an_m_subtracted_from_the_blocks_is_blamed_on_m(shape):
+    """A - M formed block by block: a NaN of M is M's, not the matrix's, and is not wrapped
+    as a failed read."""
+    A = np.random.default_rng(2).standard_normal((300, 30))
+    M = np.zeros(shape)
+    M[211, -1] = np.inf
+    with pytest.raises(NonFiniteError, match=r"^M holds NaN or Inf in rows \[\d+, \d+\), "
+                                             "first at row 211$"):
+        ooc_svd.svd_lowrank(A, q=3, M=M)
+    A[5, 5] = np.nan
+    with pytest.raises(NonFiniteError, match="^the matrix holds NaN or Inf .* first at row 5"):
+        ooc_svd.svd_lowrank(A, q=3, M=np.zeros(shape))
+
+
 def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):
     """A unit of sparse rows can take far more room dense: A - M's blocks are not made of
     whole units (here one unit of 3000 rows, 24 MB dense, under a 10 MB limit)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, ReadError, StoreNotFoundError
+from ..errors import InputError, NonFiniteError, ReadError, StoreNotFoundError
 from .dtypes import block_dtype
 
 
@@ -107,6 +107,8 @@ class DenseSource:
         """Rows [start, stop) as a C-contiguous ndarray of ``block_dtype``."""
         try:
             return np.ascontiguousarray(self._slice(start, stop), dtype=self.block_dtype)
+        except (NonFiniteError, ReadError):  # A - M's: they name the rows and the operand
+            raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the rows that failed
             first, last, cause = self._failing_chunk(start, stop, exc)
             raise ReadError(

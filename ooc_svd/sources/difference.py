@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 from .csr import CSRSource, is_sparse_block
 from .dense import DenseSource, in_memory_boundaries, open_dense_source
 from .open import is_torch_sparse
@@ -145,6 +145,11 @@ class Difference:
         if is_sparse_block(block):
             block = block.to_scipy().toarray()
         subtrahend = self.subtrahend.read(start, stop)
+        finite = np.isfinite(subtrahend).all(axis=1)
+        if not finite.all():  # else the kernels would blame A
+            first = start + int(np.argmin(finite))
+            raise NonFiniteError(f"M holds NaN or Inf in rows [{start}, {stop}), first at row "
+                                 f"{first}")
         # Subtracted in float64 and rounded once to the result's dtype, a buffer at a time:
         # no float64 copy of the block.
         difference = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
