@@ -1,11 +1,12 @@
 """Synthetic test matrices written block by block, reproducible from a seed.
 
-Dense: A = G diag(s) V^T with V (n x r) orthonormal, r <= min(m, n). Each chunk of G's rows
-is drawn standard normal from its own Philox stream keyed by (seed, chunk), so the store is
-reproducible. When G (m x r float64) takes at most EXACT_LEFT_BYTES, it is drawn whole and
-orthonormalized, and the singular values of A are exactly s; beyond, each chunk's rows are
-scaled by 1/sqrt(m), so G^T G ~ I and the singular values are s to within about sqrt(r / m)
-relative, and a store of any height is written with memory for one chunk (and V).
+Dense: A = G diag(s) V^T with V (n x r) orthonormal, r <= min(m, n). Each group of
+DENSE_GROUP_ROWS rows of G is drawn standard normal from its own Philox stream keyed by
+(seed, group), so the store is reproducible, and the same whatever its chunks. When G
+(m x r float64) takes at most EXACT_LEFT_BYTES, it is drawn whole and orthonormalized, and
+the singular values of A are exactly s; beyond, each chunk's rows are scaled by 1/sqrt(m),
+so G^T G ~ I and the singular values are s to within about sqrt(r / m) relative, and a
+store of any height is written with memory for one chunk (and V).
 
 Sparse (``write_sparse_matrix``): count-like CSR matrices, with rows of varied lengths and
 Zipf-like column frequencies, like the cell x gene matrices of single-cell sequencing.
@@ -25,6 +26,9 @@ from .threaded import map_in_order
 
 # The largest left factor drawn whole and orthonormalized, for an exact spectrum.
 EXACT_LEFT_BYTES = 1 << 27
+# Rows of the left factor drawn from one Philox stream: the matrix does not depend on the
+# chunks it is written in.
+DENSE_GROUP_ROWS = 4096
 
 
 def spectrum(n: int, rank: int | None = None, decay: float = 0.1) -> np.ndarray:
@@ -33,21 +37,25 @@ def spectrum(n: int, rank: int | None = None, decay: float = 0.1) -> np.ndarray:
     return np.exp(-decay * np.arange(rank))
 
 
-def _left_factor(m: int, r: int, chunk_rows: int, seed: int):
-    """(rows, exact): ``rows(chunk, start, stop)`` gives those rows of the m x r left factor,
+def _left_factor(m: int, r: int, seed: int):
+    """(rows, exact): ``rows(start, stop)`` gives those rows of the m x r left factor,
     orthonormal when ``exact``, else Gaussian scaled by 1/sqrt(m) (see the module's
     docstring)."""
-    starts = range(0, m, chunk_rows)
 
-    def gaussian(chunk: int, start: int, stop: int) -> np.ndarray:
-        return philox_generator(seed, chunk).standard_normal((stop - start, r))
+    def gaussian(start: int, stop: int) -> np.ndarray:
+        # The groups that hold [start, stop): a group's rows are a prefix of its stream's
+        # draws, whatever rows of it are asked for.
+        first, last = start // DENSE_GROUP_ROWS, -(-stop // DENSE_GROUP_ROWS)
+        groups = [philox_generator(seed, group).standard_normal(
+                      (min(DENSE_GROUP_ROWS, m - group * DENSE_GROUP_ROWS), r))
+                  for group in range(first, last)]
+        offset = first * DENSE_GROUP_ROWS
+        return np.vstack(groups)[start - offset : stop - offset]
 
     if m * r * 8 > EXACT_LEFT_BYTES:
-        return (lambda chunk, start, stop: gaussian(chunk, start, stop) / np.sqrt(m)), False
-    G = np.vstack([gaussian(chunk, start, min(start + chunk_rows, m))
-                   for chunk, start in enumerate(starts)])
-    Q = np.linalg.qr(G)[0]
-    return (lambda chunk, start, stop: Q[start:stop]), True
+        return (lambda start, stop: gaussian(start, stop) / np.sqrt(m)), False
+    Q = np.linalg.qr(gaussian(0, m))[0]
+    return (lambda start, stop: Q[start:stop]), True
 
 
 def write_dense_matrix(
@@ -86,7 +94,7 @@ def write_dense_matrix(
     r = s.size
     V, _ = np.linalg.qr(philox_generator(seed, 2**63).standard_normal((n, r)))
     scaled_vt = s[:, None] * V.T
-    left_rows, exact = _left_factor(m, r, chunk_rows, seed)
+    left_rows, exact = _left_factor(m, r, seed)
     output = StagedOutput(path, overwrite, "synthetic")
     try:
         array = zarr.create_array(
@@ -97,9 +105,9 @@ def write_dense_matrix(
             compressors=ZstdCodec(level=compression_level),
             attributes=output.mark,
         )
-        for index, start in enumerate(range(0, m, chunk_rows)):
+        for start in range(0, m, chunk_rows):
             stop = min(start + chunk_rows, m)
-            array[start:stop] = (left_rows(index, start, stop) @ scaled_vt).astype(dtype)
+            array[start:stop] = (left_rows(start, stop) @ scaled_vt).astype(dtype)
         output.commit(array, {"ooc_svd_synthetic": {
             "kind": "dense",
             "singular_values": s.tolist(),

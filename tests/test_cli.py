@@ -386,6 +386,23 @@ def test_generated_spectrum_is_exact_when_the_left_factor_fits(tmp_path, monkeyp
     assert 1e-6 < relative < 3 * np.sqrt(5 / shape[0])
 
 
+@pytest.mark.parametrize("exact_left_bytes", [0, 1 << 27])
+def test_a_generated_dense_matrix_does_not_depend_on_its_chunks(tmp_path, monkeypatch,
+                                                                exact_left_bytes):
+    """Rows are drawn by fixed groups (7 rows here), not by chunks: the same seed gives the
+    same matrix whether the left factor is drawn whole or a chunk at a time."""
+    import ooc_svd.synthetic
+    from ooc_svd.synthetic import write_dense_matrix
+
+    monkeypatch.setattr(ooc_svd.synthetic, "DENSE_GROUP_ROWS", 7)
+    monkeypatch.setattr(ooc_svd.synthetic, "EXACT_LEFT_BYTES", exact_left_bytes)
+    arrays = [write_dense_matrix(tmp_path / f"{chunk}.zarr", (100, 12), dtype="float64",
+                                 chunk_rows=chunk, seed=3)[:] for chunk in (5, 7, 30, 100)]
+    for other in arrays[1:]:
+        np.testing.assert_array_equal(other, arrays[0])
+    assert not np.array_equal(arrays[0][:7], arrays[0][7:14])  # each group its own stream
+
+
 def test_generators_take_numpy_scalars_and_refuse_what_is_not_a_number(tmp_path):
     from ooc_svd.errors import InputError
     from ooc_svd.synthetic import write_dense_matrix, write_sparse_matrix
@@ -452,12 +469,13 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
     out = tmp_path / "g.zarr"
     draw = ooc_svd.synthetic.philox_generator
 
-    def interrupted_at_the_third_chunk(seed, index):
+    def interrupted_at_the_third_group(seed, index):
         if index == 2:
             raise KeyboardInterrupt
         return draw(seed, index)
 
-    monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", interrupted_at_the_third_chunk)
+    monkeypatch.setattr(ooc_svd.synthetic, "DENSE_GROUP_ROWS", 20)
+    monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", interrupted_at_the_third_group)
     with pytest.raises(KeyboardInterrupt):
         write_dense_matrix(out, (100, 10), chunk_rows=20)
     assert os.listdir(tmp_path) == []
