@@ -30,7 +30,7 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError, check_int, check_number, check_seed
+from .errors import InputError, OOCSVDError, PlanError, check_int, check_number, check_seed
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
@@ -40,6 +40,7 @@ from .kernels.cuda_backend import (
     check_cuda_options,
     cuda_available,
     gpu_choice,
+    require_cuda,
 )
 from .kernels.row_shift import RowShiftKernels
 from .passes import PassContext
@@ -275,7 +276,16 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
                      request.memory_limit, request.tol, gpu_streams,
                      request.spectral_iters, cache_blocks=not on_cluster)
 
-    plan = plan_for(cuda_options.get("streams", STREAMS) if gpu else 0)
+    if gpu:
+        streams = cuda_options.get("streams", STREAMS)
+        try:
+            plan = plan_for(streams)
+        except PlanError as error:
+            plan = _without_staging(error, plan_for, request.backend, streams)
+            return replace(plan, backend="cpu", backend_reason="the cuda backend's pinned "
+                           "staging buffers do not fit memory_limit")
+    else:
+        plan = plan_for(0)
     if on_cluster:
         reason = "each worker chooses its kernels" if request.backend == "auto" else ""
         return replace(plan, backend=f"{request.backend} on the workers",
@@ -284,6 +294,21 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     if gpu and name == "cpu":
         plan = plan_for(0)  # no pinned staging buffers after all: room for larger blocks
     return replace(plan, backend=name, backend_reason=reason)
+
+
+def _without_staging(error: PlanError, plan_for, backend: str, streams: int) -> Plan:
+    """The plan without a GPU's pinned staging buffers, where only they kept a plan with
+    them from the memory limit: 'auto' then runs on the CPU; 'cuda' is refused, saying so.
+    Otherwise ``error``, the plan's own refusal."""
+    try:
+        plan = plan_for(0)
+    except PlanError:
+        raise error from None
+    if backend == "cuda":
+        raise PlanError(f"{error}; the cpu backend's plan fits: the cuda backend's pinned "
+                        f"staging buffers ({streams} streams) are what does not; raise "
+                        "memory_limit, or lower cuda_options['streams']") from None
+    return plan
 
 
 def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_limit,
@@ -677,12 +702,13 @@ def _check_backend(backend: Any) -> str:
 
 
 def _wants_gpu(backend: str) -> bool:
-    """Whether the run's kernels go to a GPU: 'cuda' (an error later names what is missing
-    when none is usable), or 'auto' when numba-cuda finds a usable one. ``backend`` is
-    checked already."""
-    if backend != "auto":
-        return backend == "cuda"
-    return cuda_available(allow_simulator=False)[0]
+    """Whether the run's kernels go to a GPU: 'cuda', after ``CUDAUnavailableError`` where
+    none is usable (before planning, whose limits would name other causes), or 'auto' when
+    numba-cuda finds a usable one. ``backend`` is checked already."""
+    if backend == "cuda":
+        require_cuda()
+        return True
+    return backend == "auto" and cuda_available(allow_simulator=False)[0]
 
 
 def _check_cuda_options(backend: str, options: Any) -> dict:

@@ -400,6 +400,29 @@ def test_transposed_times_copies_a_block_other_than_the_last(kind):
     np.testing.assert_allclose(CT, shifted(second, shift).T @ Q, rtol=1e-12, atol=1e-12)
 
 
+@on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_times_copies_x_once_for_the_same_object_and_again_for_another(kind, monkeypatch):
+    """The final and residual passes give every block's ``times`` the same X: it goes to
+    the device once; another X (the next pass's) is copied, not mistaken for it."""
+    make = dense_block if kind == "dense" else (
+        lambda rows, n, dtype, seed: csr_block(rows, n, dtype, np.int32, seed))
+    blocks = [make(6, 5, np.float64, seed=seed) for seed in (3, 4, 5)]
+    X, shift, _ = operands(5, 2, 6)
+    other = np.asfortranarray(X[:, ::-1] + 1.0)
+    kernels = CUDAKernels(5)
+    copies = []
+    to_device = kernels.matrix_to_device
+    monkeypatch.setattr(kernels, "matrix_to_device",
+                        lambda M, *args, **kw: copies.append(M) or to_device(M, *args, **kw))
+    for operand in (X, X, X, other, X):
+        for block in blocks:
+            Y = kernels.times(block, 0, operand, shift, None)
+            np.testing.assert_allclose(Y, shifted(block, shift) @ operand, rtol=1e-12,
+                                       atol=1e-12)
+    assert [id(M) for M in copies] == [id(X), id(other), id(X)]
+
+
 SWEEPS = [  # (kind, data dtype, index dtype, centered, page-locked blocks); kind "columns"
     # is CSR with csr_transposed='columns'
     ("dense", np.float32, None, True, False),
@@ -756,6 +779,47 @@ def test_auto_backend_does_not_import_numba_cuda_without_a_driver():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     assert done.stdout.split() == ["cpu", "False"]
+
+
+@pytest.mark.skipif(USABLE, reason="a GPU (or the simulator) is usable here")
+def test_cuda_without_a_gpu_is_named_before_the_memory_limit(tmp_path):
+    """A limit too small for the GPU's pinned buffers must not hide the missing GPU."""
+    import ooc_svd
+
+    A = np.ones((4000, 50))
+    for limit in ("2MB", "1GB"):
+        with pytest.raises(CUDAUnavailableError, match="needs a usable NVIDIA GPU"):
+            ooc_svd.svd_plan(A, 3, backend="cuda", memory_limit=limit)
+
+
+def test_pinned_staging_buffers_that_do_not_fit_are_named_or_left_to_the_cpu(monkeypatch,
+                                                                            tmp_path):
+    """At 4 MB the cpu plan fits this store and the cuda one, with a pinned staging buffer
+    per stream, does not: 'cuda' is refused naming the buffers and streams, where the
+    plan's message alone advised rechunking; 'auto' runs on the CPU and says why."""
+    import zarr
+
+    import ooc_svd
+    from ooc_svd import api
+    from ooc_svd.errors import PlanError
+    from ooc_svd.kernels import cuda_backend
+
+    monkeypatch.setattr(api, "cuda_available", lambda allow_simulator=True: (True, ""))
+    monkeypatch.setattr(cuda_backend, "cuda_available", lambda allow_simulator=True: (True, ""))
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=(4000, 50), chunks=(1000, 50), dtype="f8")[:] = 1.0
+    options = {"memory_limit": "4MB", "method": "randomized"}
+    assert ooc_svd.svd_plan(path, 3, backend="cpu", **options).backend == "cpu"
+    with pytest.raises(PlanError, match=r"cpu backend's plan fits: the cuda backend's pinned "
+                                        r"staging buffers \(2 streams\) are what does not"):
+        ooc_svd.svd_plan(path, 3, backend="cuda", **options)
+    plan = ooc_svd.svd_plan(path, 3, backend="auto", **options)
+    assert plan.backend == "cpu"
+    assert "Kernels: cpu (the cuda backend's pinned staging buffers do not fit memory_limit)" \
+        in plan.describe()
+    with pytest.raises(PlanError, match="cannot hold one storage chunk") as refused:
+        ooc_svd.svd_plan(path, 3, backend="cuda", memory_limit="2MB", method="randomized")
+    assert "staging" not in str(refused.value)  # the cpu plan does not fit either
 
 
 def test_device_bytes_counts_every_stream_buffer():

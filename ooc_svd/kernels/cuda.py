@@ -211,8 +211,9 @@ class BlockKernels:
     def csr_to_columns(self, stream, data, indices, indptr, counts, starts, cursor,
                        column_data, column_rows):
         """Reorder a CSR block by columns: ``starts`` (n + 1,) int64 receives the column
-        pointers, ``column_data`` and ``column_rows`` (nnz,) int32 the values and their
-        rows. ``counts`` (n + 1,) and ``cursor`` (n,) int64 are scratch."""
+        pointers, ``column_data`` (nnz,) the values (of ``data``'s dtype) and
+        ``column_rows`` (nnz,) int32 their rows. ``counts`` (n + 1,) and ``cursor`` (n,)
+        int64 are scratch."""
         g = self.geometry
         self._launch("clear", _blocks(counts.size, g.stats_threads), g.stats_threads, stream,
                      counts)

@@ -341,7 +341,11 @@ class CUDAKernels:
         return CUDAFinalSweep(self, X, stats, append_ones, spill)
 
     def times(self, block, first_row, X, shift, stats, out=None):
-        """Y = A_s X for one block, a (b, l) float64 F-order array (``out`` if given)."""
+        """Y = A_s X for one block, a (b, l) float64 F-order array (``out`` if given).
+
+        X is copied to the device once for the calls that pass the same object (the final
+        and residual passes keep theirs, unchanged, for the whole pass).
+        """
         rows, l = block.shape[0], X.shape[1]
         Y = np.empty((rows, l), order="F") if out is None else out
         if rows == 0:
@@ -349,7 +353,10 @@ class CUDAKernels:
         lane, cuda = self.streams[0], self.cuda
         arrays = self.upload(lane, block)
         lane.holds = weakref.ref(block)  # for a transposed_times call with the same block
-        device_X = self.matrix_to_device(X, lane.stream)
+        device_X = lane.scratch("X", *X.shape)
+        if lane.holds_x is None or lane.holds_x() is not X:
+            self.matrix_to_device(X, lane.stream, out=device_X)
+            lane.holds_x = weakref.ref(X)
         # The lane's scratch, which ``device_bytes`` counts (a final sweep left it there)
         device_Y = lane.scratch("Y", rows, l)
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
@@ -382,14 +389,14 @@ class CUDAKernels:
         device_Q = self.matrix_to_device(Q, lane.stream, out=lane.scratch("Q", *Q.shape),
                                          spare=lane.scratch("Y", *Q.shape).reshape(-1))
         device_shift = cuda.to_device(np.asarray(shift, dtype=np.float64), lane.stream)
-        CT = cuda.device_array((n, l))
+        CT = lane.scratch("C^T", n, l)
         self.kernels.zero(lane.stream, CT.reshape(-1))
         if is_sparse_block(block):
             self.csr_transposed_times(lane, arrays, device_Q, CT)
         else:
             self.kernels.dense_transposed(lane.stream, *arrays, device_shift, device_Q, CT)
         self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
-        result = self.fortran_home(CT, lane.stream)
+        result = self.fortran_home(CT, lane.stream, spare=lane.scratch("C", l, n).reshape(-1))
         if is_sparse_block(block):
             subtract_outer(result, np.asarray(shift, dtype=np.float64), Q.sum(axis=0))
         return result
@@ -1018,6 +1025,7 @@ class _StagingStream:
         self.host_scratch: dict[str, np.ndarray] = {}
         self.factors: list = []  # small device arrays the queued work still reads
         self.holds: weakref.ref | None = None  # the block `times` left in `device`
+        self.holds_x: weakref.ref | None = None  # the X whose copy `times` left in "X"
         self.arrays: list = []
         self.in_flight: list = []  # page-locked parts the device may still be reading
         self.delivery: Future | None = None  # the final pass's last Q_i from this lane
@@ -1045,6 +1053,9 @@ class _StagingStream:
         self.staged.synchronize()
         if self.device is None or total > self.device.size:
             self.stream.synchronize()  # queued kernels may still read the old buffer
+            # The old buffers (and views of them) go first: with the new ones beside them
+            # the stream would hold two blocks, where the plan counts one.
+            self.arrays, self.holds, self.device, self.host = [], None, None, None
             self.host = None if direct else self.cuda.pinned_array(total, dtype=np.uint8)
             self.device = self.cuda.device_array(total, dtype=np.uint8)
         if after is not None and after is not self.staged:
@@ -1056,6 +1067,7 @@ class _StagingStream:
             self.in_flight = parts
         else:
             if self.host is None or total > self.host.size:
+                self.host = None
                 self.host = self.cuda.pinned_array(self.device.size, dtype=np.uint8)
             for part, offset in zip(parts, offsets, strict=True):
                 copier.copy(part, self.host[offset : offset + part.nbytes])
@@ -1073,6 +1085,7 @@ class _StagingStream:
         buffer, size = self.device_scratch.get(name), rows * cols
         if buffer is None or size > buffer.size or buffer.dtype != dtype:
             self.stream.synchronize()
+            buffer = self.device_scratch[name] = None  # let go of the old one first
             buffer = self.cuda.device_array(max(1, size), dtype=dtype)
             self.device_scratch[name] = buffer
         return buffer[:size].reshape(rows, cols)
@@ -1083,6 +1096,7 @@ class _StagingStream:
         buffer = self.host_scratch.get(name)
         if buffer is None or rows * cols > buffer.size:
             self.stream.synchronize()
+            buffer = self.host_scratch[name] = None  # let go of the old one first
             buffer = self.host_scratch[name] = self.cuda.pinned_array(max(1, rows * cols))
         return buffer[: rows * cols].reshape(rows, cols)
 
