@@ -112,9 +112,10 @@ dask.array.Array} of shape (m, n)
         basis by blocks of 32 columns, each costing niter + 1 reads, until the (exact, free)
         residual of the basis is below tol or the basis holds max_rank + oversample
         columns, then makes one final read. Each method resolves residuals down to its
-        rounding only (``plan.smallest_tol``): about 6e-8 for randomized, whose smaller
-        tol is refused, and 4 sqrt(n eps) for gram; 'auto' chooses among those that
-        resolve tol (the exact method resolves any).
+        rounding only (``ooc_svd.plan.smallest_tol``): about 6e-8 for randomized, which
+        grows its basis to the cap for a smaller tol, and 4 sqrt(n eps) for gram; 'auto'
+        prefers the methods that resolve tol (exact resolves any), and ``result.note``
+        says when a tol is not confirmed.
     max_rank : int, optional
         Cap on the rank in fixed-accuracy mode; min(m, n) by default. A rank capped here is
         as accurate as the same k would give: the randomized basis is oversampled beyond it.
@@ -221,7 +222,7 @@ dask.array.Array} of shape (m, n)
     SIAM Review 53(2), 2011.
     """
     source, m, n = _open_matrix(A)
-    k, rule = _rank_request(k, tol, max_rank, m, n)
+    k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
         overwrite, progress, scratch_dir, checkpoint, resume,
@@ -255,7 +256,7 @@ def svd_plan(
     contacted: its workers keep no block cache and choose their own kernels.
     """
     source, m, n = _open_matrix(A)
-    k, rule = _rank_request(k, tol, max_rank, m, n)
+    k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
                        spectral_iters=check_int("spectral_iters", spectral_iters, minimum=0),
@@ -768,8 +769,9 @@ def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
     return randomized_svd(context, plan, seed, allocate_u, request.scratch_dir, rule)
 
 
-def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
-    """(rank to plan for, rank rule) from svd's k / tol / max_rank, validated."""
+def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, float | None]:
+    """(rank to plan for, rank rule, tol as a float) from svd's k / tol / max_rank,
+    validated."""
     if (k is None) == (tol is None):
         raise InputError("give either k (a rank) or tol (a relative Frobenius residual)")
     if k is not None:
@@ -778,13 +780,13 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule]:
         k = check_int("k", k, minimum=1)
         if k > min(m, n):
             raise InputError(f"k={k} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
-        return k, fixed_rank(k)
+        return k, fixed_rank(k), None
     if not 0 < check_number("tol", tol) < 1:
         raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")
     max_rank = min(m, n) if max_rank is None else check_int("max_rank", max_rank, minimum=1)
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
-    return max_rank, rank_for_tolerance(float(tol), max_rank)
+    return max_rank, rank_for_tolerance(float(tol), max_rank), float(tol)
 
 
 def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:

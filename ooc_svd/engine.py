@@ -93,21 +93,29 @@ def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
     most tol * ||A||_F, capped by max_rank.
 
     Given the whole spectrum (exact, gram), the residual is the sum of the squares past r
-    instead: ||A||^2 - sum_{j<=r} S_j^2 cancels to about eps ||A||^2, which would stop a
-    tol below about 1e-8 at a rank too low.
+    instead. Otherwise ||A||^2 - sum_{j<=r} S_j^2 is known to its rounding only
+    (``meets_tol``): a tol within that takes the cap, max_rank or all of S.
     """
 
     def rule(S: np.ndarray, fro2: float, complete: bool) -> int:
         energy = S.astype(np.float64) ** 2
         if complete:
-            residual2 = np.append(np.cumsum(energy[::-1])[::-1][1:], 0.0)
+            reached = np.append(np.cumsum(energy[::-1])[::-1][1:], 0.0) <= tol**2 * fro2
         else:
-            residual2 = fro2 - np.cumsum(energy)
-        reached = np.flatnonzero(residual2 <= tol**2 * fro2)
+            reached = meets_tol(fro2 - np.cumsum(energy), fro2, tol)
+        reached = np.flatnonzero(reached)
         rank = int(reached[0]) + 1 if reached.size else S.size
         return max(1, min(rank, max_rank, S.size))
 
     return rule
+
+
+def meets_tol(residual2, fro2: float, tol: float):
+    """Whether a squared residual computed as ||A||_F^2 less the captured energy (``fro2``
+    less a sum of squares) is at most tol^2 ||A||_F^2 with its rounding to spare: that
+    difference is known to RESIDUAL_ROUNDING eps ||A||_F^2 only (a relative residual of
+    about 6e-8), and a residual just below tol by it could be just above in truth."""
+    return residual2 + RESIDUAL_ROUNDING * EPS64 * fro2 <= tol**2 * fro2
 
 
 def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
@@ -194,7 +202,8 @@ def adaptive_randomized_svd(
     from a fresh Gaussian block, is iterated q times with A^T A deflated against the basis
     so far, and its energy ||A X_t||_F^2 = trace(X_t^T A^T A X_t) comes from one more fused
     pass, so the residual ||A||^2 - ||A X||^2 of the projection is known exactly after each
-    block. Blocks stop at the tolerance or at max_rank columns; then the final pass factors
+    block (to its rounding, ``meets_tol``: a tol below about 6e-8 grows the basis to the
+    cap). Blocks stop at the tolerance or at max_rank columns; then the final pass factors
     A X and the rank is the smallest that meets the tolerance.
 
     The basis grows up to the plan's l = max_rank + oversample columns (at most min(m, n)),
@@ -213,7 +222,7 @@ def adaptive_randomized_svd(
             ),
         )
         fro2, captured = float(state["fro2"]), float(state["captured"])
-        if fro2 - captured <= tol**2 * fro2:
+        if meets_tol(fro2 - captured, fro2, tol):
             break
     basis = np.asfortranarray(state["basis"])
     rule = rank_for_tolerance(tol, max_rank)
@@ -263,7 +272,7 @@ def exact_svd(
 
 def gram_svd(
     context: PassContext, plan: Plan, allocate_u: AllocateU, scratch_dir: str | None,
-    rank_rule: RankRule, data_eps: float, fallback: bool = True,
+    rank_rule: RankRule, data_eps: float, *, fallback: bool,
 ) -> Factors:
     """Top-k SVD of A - 1 mu^T from the eigendecomposition of G = A^T A, which gives the
     rank and V_k; then the final pass over A V_k for U, S and V.
@@ -346,7 +355,7 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
     if rank == min(context.source.shape):
         # All of A's singular values: the residual is zero, where ||A||^2 - sum S^2 would
         # leave its rounding (about 1e-8 of ||A||_F).
-        factors.trailing_energy = 0.0
+        factors.trailing_energy = factors.residual_rounding = 0.0
     return factors
 
 

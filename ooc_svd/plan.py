@@ -520,48 +520,39 @@ class _Work:
 
 
 def smallest_tol(method: str, n: int) -> float:
-    """The smallest relative residual that fixed-accuracy mode can tell from zero with
-    ``method``, whatever the matrix: the randomized method measures it as ||A||_F^2 - sum
-    S^2 (about 6e-8); gram sums the tail of G's eigenvalues, each known to eps sigma_1^2 <=
-    eps ||A||_F^2; exact resolves singular values to eps sigma_1."""
-    if method == "randomized":
-        return float(np.sqrt(RESIDUAL_ROUNDING * EPS64))
+    """About the smallest relative residual that fixed-accuracy mode tells from zero with
+    ``method`` (of the exact, gram and randomized methods): the randomized method measures
+    it as ||A||_F^2 - sum S^2 (about 6e-8); gram sums the tail of G's eigenvalues, each
+    known to eps sigma_1^2 <= eps ||A||_F^2; exact resolves singular values to eps
+    sigma_1. Below it, a method takes the rank cap (randomized) or says in the result's
+    note that the tol is not confirmed. A large mean subtracted adds rounding of its own."""
+    if method == "exact":
+        return 0.0
     if method == "gram":
         return float(np.sqrt(RESIDUAL_ROUNDING * EPS64 * n))
-    return 0.0
+    return float(np.sqrt(RESIDUAL_ROUNDING * EPS64))
 
 
-def _candidates(n: int, tol: float | None) -> tuple[str, ...]:
-    """The methods 'auto' may choose: an n x n factor only up to MAX_EXACT_COLUMNS, and in
-    fixed-accuracy mode only methods that resolve ``tol``."""
+def _by_preference(n: int, costs: dict[str, float], tol: float | None) -> list[str]:
+    """The methods 'auto' may take (an n x n factor only up to MAX_EXACT_COLUMNS), cheapest
+    first, except that in fixed-accuracy mode those that resolve ``tol`` come first."""
     methods = ("exact", "gram", "randomized") if n <= MAX_EXACT_COLUMNS else ("randomized",)
-    if tol is None:
-        return methods
-    resolving = tuple(name for name in methods if tol >= smallest_tol(name, n))
-    if not resolving:
-        raise InputError(_unresolvable_tol(tol, "randomized", n))
-    return resolving
 
+    def unresolved(name: str) -> bool:
+        return tol is not None and tol < smallest_tol(name, n)
 
-def _unresolvable_tol(tol: float, method: str, n: int) -> str:
-    floor = smallest_tol(method, n)
-    exact = "use method='exact' or " if n <= MAX_EXACT_COLUMNS else \
-        f"the exact method needs n <= {MAX_EXACT_COLUMNS}: use "
-    return (f"tol={tol:g} is below what the {method} method can resolve (about {floor:.1g}: "
-            "a smaller residual is lost in the rounding of how it is measured); "
-            f"{exact}a larger tol")
+    return sorted(methods, key=lambda name: (unresolved(name), costs[name]))
 
 
 def _method_choices(
     method: str, n: int, costs: dict[str, float], tol: float | None = None
 ) -> list[tuple[str, str]]:
     """(method, why) to plan, in order: the requested method alone, or for 'auto' its choice
-    and then, should that not fit the memory limit, the others it could take by cost."""
+    and then, should that not fit the memory limit, the others it could take, in order."""
     best, why = _choose_method(method, n, costs, tol)
     if method != "auto":
         return [(best, why)]
-    fallbacks = sorted((name for name in _candidates(n, tol) if name != best),
-                       key=costs.__getitem__)
+    fallbacks = [name for name in _by_preference(n, costs, tol) if name != best]
     return [(best, why)] + [(name, f"{name} is the cheapest by the cost model that fits")
                             for name in fallbacks]
 
@@ -579,16 +570,13 @@ def _choose_method(
         )
     if method == "krylov" and tol is not None:
         raise InputError("tol (fixed accuracy) works with 'exact', 'gram' and 'randomized'")
-    if method == "randomized" and tol is not None and tol < smallest_tol(method, n):
-        raise InputError(_unresolvable_tol(tol, method, n))
     if method != "auto":
         return method, f"method={method!r} was requested (cost model: {predicted})"
-    candidates = _candidates(n, tol)
-    best = min(candidates, key=costs.__getitem__)
+    best = _by_preference(n, costs, tol)[0]
     why = f"{best} is the cheapest by the cost model ({predicted})"
     if n > MAX_EXACT_COLUMNS:
         why = f"n={n} > {MAX_EXACT_COLUMNS} rules out an n x n factor ({predicted})"
-    elif len(candidates) < 3:
+    elif best != _by_preference(n, costs, None)[0]:  # tol ruled out the cheapest
         why = (f"{best} is the cheapest by the cost model of the methods that resolve "
                f"tol={tol:g} ({predicted})")
     affordable = costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]

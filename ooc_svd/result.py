@@ -170,19 +170,24 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
 
 
 def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
-                    method: str) -> str:
-    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance; when
-    the residual there is within the method's rounding (``rounding``: how far the relative
-    residual may be off), say that too: the cap may not be what stopped it short."""
-    if tol is None or residual <= tol:
+                    method: str, cap: int) -> str:
+    """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, or
+    when the residual is within the method's rounding of it (``rounding``: how far the
+    relative residual may be off), so that meeting it is not confirmed."""
+    if tol is None or residual**2 + rounding**2 <= tol**2:
         return ""
-    if residual <= rounding:
-        exact = "" if method == "exact" else "the exact method resolves smaller residuals; "
-        return (f"the residual {residual:.3g} at rank {rank}, the cap, is within the "
-                f"{method} method's rounding (about {rounding:.1g}), so tol={tol:g} cannot "
-                f"be confirmed: {exact}a larger max_rank may be needed too")
-    return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
-            "raise max_rank for a smaller residual")
+    if residual > tol and residual > rounding:
+        return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
+                "raise max_rank for a smaller residual")
+    exact = "" if method == "exact" else "the exact method resolves smaller residuals"
+    if rank < cap:
+        return (f"the residual {residual:.3g} at rank {rank} is within the {method} "
+                f"method's rounding (about {rounding:.1g}) of tol={tol:g}, which is not "
+                f"confirmed: {exact}")
+    exact += "; " if exact else ""
+    return (f"the residual {residual:.3g} at rank {rank}, the cap, is within the "
+            f"{method} method's rounding (about {rounding:.1g}), so tol={tol:g} cannot "
+            f"be confirmed: {exact}a larger max_rank may be needed too")
 
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
@@ -212,7 +217,8 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         method=factors.method,
         note="; ".join(filter(None, [
             factors.note, _cancellation_note(centering, plan, factors.method, fro2),
-            _tolerance_note(tol, residual, factors.S.size, rounding, factors.method)])),
+            _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
+                            plan.k)])),
         plan=plan,
         seed=seed,
         records=records,
