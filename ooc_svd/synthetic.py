@@ -4,9 +4,9 @@ Dense: A = G diag(s) V^T with V (n x r) orthonormal, r <= min(m, n). Each group 
 DENSE_GROUP_ROWS rows of G is drawn standard normal from its own Philox stream keyed by
 (seed, group), so the store is reproducible, and the same whatever its chunks. When G
 (m x r float64) takes at most EXACT_LEFT_BYTES, it is drawn whole and orthonormalized, and
-the singular values of A are exactly s; beyond, each chunk's rows are scaled by 1/sqrt(m),
-so G^T G ~ I and the singular values are s to within about sqrt(r / m) relative, and a
-store of any height is written with memory for one chunk (and V).
+the singular values of A are exactly s; beyond, each row is scaled by 1/sqrt(m), so
+G^T G ~ I and the singular values are s to within about sqrt(r / m) relative, and a store
+of any height is written with memory for one chunk and one group of G's rows (and V).
 
 Sparse (``write_sparse_matrix``): count-like CSR matrices, with rows of varied lengths and
 Zipf-like column frequencies, like the cell x gene matrices of single-cell sequencing.
@@ -42,15 +42,28 @@ def _left_factor(m: int, r: int, seed: int):
     orthonormal when ``exact``, else Gaussian scaled by 1/sqrt(m) (see the module's
     docstring)."""
 
+    # A group that a chunk holds only part of is kept for the next chunk, which starts in
+    # it: consecutive chunks draw each group once.
+    partial: dict[int, np.ndarray] = {}
+
+    def part_of(group: int) -> np.ndarray:
+        if group not in partial:
+            partial.clear()
+            partial[group] = philox_generator(seed, group).standard_normal(
+                (min(DENSE_GROUP_ROWS, m - group * DENSE_GROUP_ROWS), r))
+        return partial[group]
+
     def gaussian(start: int, stop: int) -> np.ndarray:
-        # The groups that hold [start, stop): a group's rows are a prefix of its stream's
-        # draws, whatever rows of it are asked for.
-        first, last = start // DENSE_GROUP_ROWS, -(-stop // DENSE_GROUP_ROWS)
-        groups = [philox_generator(seed, group).standard_normal(
-                      (min(DENSE_GROUP_ROWS, m - group * DENSE_GROUP_ROWS), r))
-                  for group in range(first, last)]
-        offset = first * DENSE_GROUP_ROWS
-        return np.vstack(groups)[start - offset : stop - offset]
+        rows = np.empty((stop - start, r))
+        for group in range(start // DENSE_GROUP_ROWS, -(-stop // DENSE_GROUP_ROWS)):
+            first = group * DENSE_GROUP_ROWS
+            last = min(first + DENSE_GROUP_ROWS, m)
+            a, b = max(start, first), min(stop, last)
+            if (a, b) == (first, last):  # a whole group: drawn straight into place
+                philox_generator(seed, group).standard_normal(out=rows[a - start : b - start])
+            else:
+                rows[a - start : b - start] = part_of(group)[a - first : b - first]
+        return rows
 
     if m * r * 8 > EXACT_LEFT_BYTES:
         return (lambda start, stop: gaussian(start, stop) / np.sqrt(m)), False
@@ -75,7 +88,7 @@ def write_dense_matrix(
 
     The designed spectrum is recorded in the array's attributes under ``ooc_svd_synthetic``,
     with whether A has it exactly (see the module's docstring). Memory: V (n x rank float64),
-    and G when it is drawn whole, or a chunk of it.
+    and G when it is drawn whole, or a chunk of it and a group of DENSE_GROUP_ROWS rows.
     The array is written under ``PATH.partial`` and renamed when complete. Returns the zarr
     array, opened read-only.
     """

@@ -474,6 +474,9 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
             raise KeyboardInterrupt
         return draw(seed, index)
 
+    # Rows drawn a chunk at a time (not the whole left factor first), so that the interrupt
+    # comes with the output half written.
+    monkeypatch.setattr(ooc_svd.synthetic, "EXACT_LEFT_BYTES", 0)
     monkeypatch.setattr(ooc_svd.synthetic, "DENSE_GROUP_ROWS", 20)
     monkeypatch.setattr(ooc_svd.synthetic, "philox_generator", interrupted_at_the_third_group)
     with pytest.raises(KeyboardInterrupt):
