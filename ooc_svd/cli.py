@@ -189,10 +189,10 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         if result.note:
             click.echo(f"Note: {result.note}")
         spectral = "" if result.spectral_error is None else \
-            f", spectral error estimate {result.spectral_error:.3e}"
+            f", spectral error estimate {result.spectral_error:.3e} (absolute)"
         click.echo(f"rank {result.rank}, {result.passes} passes on the {result.backend} backend "
-                   f"({summary['resumed_passes']} resumed), residual {result.residual:.3e}"
-                   f"{spectral}; wrote {out}")
+                   f"({summary['resumed_passes']} resumed), residual {result.residual:.3e} "
+                   f"(relative, Frobenius){spectral}; wrote {out}")
 
 
 def interrupted_message(checkpoint: str) -> str:

@@ -755,6 +755,8 @@ class _CheckedSource:
                 if path_marker(path) != expected:
                     raise InputError(
                         _unseen_input(f"a worker on {socket.gethostname()} does", path))
+            if len(_INPUTS_SEEN) >= 1000:  # a long-lived worker's earlier runs
+                _INPUTS_SEEN.clear()
             _INPUTS_SEEN.add(key)
         return self.source.read(start, stop)
 

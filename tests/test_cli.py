@@ -264,7 +264,7 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     assert error == pytest.approx(summary["residual"], rel=1e-3)
     text = ooc_svd_command("run", store, "--k", 3, "--spectral-iters", 1, "--out",
                            tmp_path / "text.zarr").stdout
-    assert "spectral error estimate" in text.splitlines()[-1]
+    assert "(relative, Frobenius), spectral error estimate" in text.splitlines()[-1]
 
 
 def test_info_says_where_the_kernels_would_run(store):

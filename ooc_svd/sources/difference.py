@@ -145,11 +145,14 @@ class Difference:
         if is_sparse_block(block):
             block = block.to_scipy().toarray()
         subtrahend = self.subtrahend.read(start, stop)
-        finite = np.isfinite(subtrahend).all(axis=1)
-        if not finite.all():  # else the kernels would blame A
-            first = start + int(np.argmin(finite))
-            raise NonFiniteError(f"M holds NaN or Inf in rows [{start}, {stop}), first at row "
-                                 f"{first}")
+        # A NaN or Inf of M's, which the kernels would blame on A, makes its sum non-finite
+        # (so may a sum that overflows): only then are its rows looked at.
+        if not np.isfinite(np.sum(subtrahend, dtype=np.float64)):
+            finite = np.isfinite(subtrahend).all(axis=1)
+            if not finite.all():
+                first = start + int(np.argmin(finite))
+                raise NonFiniteError(f"M holds NaN or Inf in rows [{start}, {stop}), first at "
+                                     f"row {first}")
         # Subtracted in float64 and rounded once to the result's dtype, a buffer at a time:
         # no float64 copy of the block.
         difference = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
