@@ -182,8 +182,8 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     exact = "" if method == "exact" else "the exact method resolves smaller residuals"
     if rank < cap:
         return (f"the residual {residual:.3g} at rank {rank} is within the {method} "
-                f"method's rounding (about {rounding:.1g}) of tol={tol:g}, which is not "
-                f"confirmed: {exact}")
+                f"method's rounding (about {rounding:.1g}) of the tol, so tol={tol:g} cannot "
+                f"be confirmed: {exact}")
     exact += "; " if exact else ""
     return (f"the residual {residual:.3g} at rank {rank}, the cap, is within the "
             f"{method} method's rounding (about {rounding:.1g}), so tol={tol:g} cannot "
