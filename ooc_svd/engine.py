@@ -349,7 +349,8 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         rank = rank_rule(S_all, fro2, False)
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
-    numerical = numerical_rank(S_all[:rank], context.source.shape)
+    numerical = numerical_rank(S_all[:rank], context.source.shape,
+                               rounding_unit(context.source.dtype))
     rounding = RESIDUAL_ROUNDING * EPS64 * fro2
     factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
     if rank == min(context.source.shape):
@@ -447,10 +448,18 @@ def normalize_signs(V: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return V * signs, W * signs
 
 
-def numerical_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
+def rounding_unit(dtype: np.dtype) -> float:
+    """The rounding unit of data of ``dtype``, as numpy's matrix_rank takes it: a float
+    type's own eps, float64's for integers (held exactly, and computed in float64)."""
+    dtype = np.dtype(dtype)
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else EPS64
+
+
+def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float = EPS64) -> int:
     """Count of singular values above numpy.linalg.matrix_rank's tolerance relative to the
-    first."""
+    first, max(m, n) eps S[0], with ``eps`` the data's rounding unit (``rounding_unit``):
+    float32 data holds directions only down to its own rounding."""
     if S.size == 0 or S[0] == 0:
         return 0
-    tolerance = S[0] * max(shape) * EPS64
+    tolerance = S[0] * max(shape) * eps
     return int(np.count_nonzero(tolerance < S))

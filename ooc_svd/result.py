@@ -49,7 +49,8 @@ class SVDResult:
         that is not a row: from A and M).
     seconds_per_pass : list of float
     numerical_rank : int
-        Singular values above numpy.linalg.matrix_rank's tolerance, among those computed.
+        Singular values above numpy.linalg.matrix_rank's tolerance, max(m, n) eps S[0] with
+        the data's eps (float32's for float32 data), among those computed.
     method : str
         The method that ran: 'randomized', 'krylov', 'exact' or 'gram' (``note`` says why,
         if it is not the planned one).

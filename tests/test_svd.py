@@ -151,6 +151,19 @@ def test_rank_deficient_exact_mode_reports_rank():
     np.testing.assert_allclose(result.U.T @ result.U, np.eye(6), atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
+def test_the_numerical_rank_of_float32_data_counts_at_its_own_precision(method):
+    """As numpy's matrix_rank on the float32 array: directions below float32's rounding
+    are noise (every method counted all k of them with float64's eps)."""
+    A = naive.matrix_with_spectrum(1000, 60, np.logspace(0, -1, 7), seed=4).astype(np.float32)
+    result = ooc_svd.svd(A, 20, method=method)
+    assert result.numerical_rank == np.linalg.matrix_rank(A) == 7
+    # In float64 the float32 rounding of those values is data: numpy counts 60 directions.
+    widened = A.astype(np.float64)
+    assert ooc_svd.svd(widened, 20, method=method).numerical_rank == 20
+    assert np.linalg.matrix_rank(widened) == 60
+
+
 def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
     spectrum = np.r_[np.logspace(0, -9, 8), np.zeros(32)]
     A = naive.matrix_with_spectrum(2000, 40, spectrum, seed=10)
