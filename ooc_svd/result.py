@@ -33,7 +33,9 @@ class SVDResult:
         Right singular vectors (not transposed, as in torch). The largest-magnitude entry of
         each column is positive.
     mean : ndarray of shape (n,) or None
-        The subtracted mean, when centered.
+        The subtracted mean, when centered: float64 whatever the data's dtype, as it was
+        subtracted (a float32 copy of a mean of 1e6 is off by about 0.03, which changes a
+        residual measured with it).
     residual : float
         ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
         extra pass from ||A||_F^2 - sum(S**2), which cancels to float64's noise floor below
@@ -208,7 +210,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         U=U,
         S=factors.S.astype(dtype),
         V=factors.V.astype(dtype),
-        mean=None if centering.mode == "none" else centering.mean.astype(dtype),
+        mean=None if centering.mode == "none" else centering.mean.astype(np.float64),
         residual=residual,
         frobenius_norm=float(np.sqrt(fro2)),
         passes=len(records),

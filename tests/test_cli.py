@@ -93,6 +93,7 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
     ("ill-conditioned", "exact", True), ("ill-conditioned", "gram", False),
     ("sparse", "randomized", True), ("sparse", "gram", False),
     ("sparse, mean 1e5 x the spread", "randomized", True),
+    ("float32, mean 1e6", "exact", True),  # stored in float32, the mean was off by 0.03
 ])
 def test_check_finds_the_residual_of_every_kind_of_result_exact(tmp_path, kind, method, center):
     """The stored residual and the exact one agree for each method, dtype and centering,
@@ -117,14 +118,33 @@ def test_check_finds_the_residual_of_every_kind_of_result_exact(tmp_path, kind, 
         s = np.logspace(0, -12 if kind == "ill-conditioned" else -3, 60)
         if kind == "rank-deficient":
             s[20:] = 0
-        A = naive.matrix_with_spectrum(3000, 60, s, seed=11) + (3.0 if center else 0.0)
+        offset = 1e6 if "mean 1e6" in kind else 3.0 if center else 0.0
+        A = naive.matrix_with_spectrum(3000, 60, s, seed=11) + offset
         path = str(tmp_path / "A.npy")
-        np.save(path, A.astype(np.float32 if kind == "float32" else np.float64))
+        np.save(path, A.astype(np.float32 if kind.startswith("float32") else np.float64))
     out = str(tmp_path / "result.zarr")
     k = 3 if "mean" in kind else 30
     ooc_svd.svd(path, k, method=method, center=center, out=out, seed=int(rng.integers(9)))
     report = verify_result(out, path, samples=10**6)
     assert report["sampled_rows"] == 3000 and report["residual_agrees"] and report["ok"], report
+
+
+def test_check_holds_a_float64_result_to_float64_precision(tmp_path):
+    """A float64 result's stored residual is exact to float64 rounding: the input changed by
+    1e-5 of its values no longer agrees with it (float32's slack let 3e-3 through)."""
+    import naive
+
+    from ooc_svd.verify import verify_result
+
+    A = naive.matrix_with_spectrum(2000, 40, np.logspace(0, -3, 40), seed=12)
+    path, out = str(tmp_path / "A.npy"), str(tmp_path / "result.zarr")
+    np.save(path, A)
+    ooc_svd.svd(path, 20, method="exact", out=out)
+    assert verify_result(out, path, samples=10**6)["residual_agrees"]
+    changed = A * (1 + 1e-5 * np.random.default_rng(12).standard_normal(A.shape))
+    np.save(path, changed)
+    report = verify_result(out, path, samples=10**6)
+    assert not report["residual_agrees"] and not report["ok"]
 
 
 def test_progress_bar_only_when_asked(store, tmp_path):
