@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import InputError, StoreNotFoundError, check_int
 from .sources import CSRSource, open_source
+from .store import UNFINISHED
 
 
 def verify_result(result_path: str, input_path: str | None = None, samples: int = 8,
@@ -25,11 +26,19 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     not, a result of the exact or gram method that leaves these rows a relative residual
     above ``PLAUSIBLE_RESIDUAL`` is no SVD of them (reported as ``residual_plausible``),
     and ``ok`` is False.
+
+    Without the input, ``ok`` is also False for a store that is not a finished run's
+    (``complete``: its attributes are there, the mark of an unfinished write is not, and a
+    centered result has its mean) and for singular values whose energy is not the one the
+    run measured (``singular_values_agree``: sum S^2 = ||A_c||^2 (1 - residual^2), which
+    a lost or damaged chunk of S breaks).
     """
     check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
     U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
     attributes = dict(group.attrs.get("ooc_svd", {}))
+    complete = bool(attributes) and UNFINISHED not in group.attrs and \
+        ("mean" in group) == bool(attributes.get("centered"))
     m, k = U.shape
     rows = U.chunks[0]
     gram = np.zeros((k, k))
@@ -49,11 +58,16 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         "u_orthonormality_error": u_error,
         "v_orthonormality_error": v_error,
         "tolerance": tolerance,
-        "ok": bool(u_error <= tolerance and v_error <= tolerance),
+        "complete": complete,
+        "ok": bool(u_error <= tolerance and v_error <= tolerance and complete),
     }
+    mean = group["mean"][:].astype(np.float64) if "mean" in group else None
+    energy = _energy_agrees(S, group["S"].dtype, attributes, (m, V.shape[0]), mean)
+    if energy is not None:
+        report["singular_values_agree"] = energy
+        report["ok"] = report["ok"] and energy
     if input_path is None:
         return report
-    mean = group["mean"][:].astype(np.float64) if "mean" in group else None
     sums = _sampled_sums(input_path, U, S, V, mean, samples, seed)
     report["sampled_rows"] = sums.rows
     report["sampled_residual"] = float(np.sqrt(sums.relative2))
@@ -112,6 +126,24 @@ def residual_agrees(stored: float, sums: _Sums, m: int, mean: np.ndarray | None,
     share, absolute = slack
     allowed = share * stored**2 + absolute * (1.0 + cancellation)
     return bool(abs(sums.relative2 - stored**2) <= allowed)
+
+
+def _energy_agrees(S: np.ndarray, dtype: np.dtype, attributes: dict,
+                   shape: tuple[int, int], mean: np.ndarray | None) -> bool | None:
+    """Whether sum S^2 is ||A_c||_F^2 (1 - residual^2), as every method leaves it (S holds
+    the energy the residual leaves out), to the rounding of S's dtype, of the residual's
+    float64 sums (a tail of n of gram's eigenvalues, each to 16 eps ||A||^2) and of a
+    centering done algebraically (m ||mu||^2 eps); None without those attributes."""
+    norm, residual = attributes.get("frobenius_norm"), attributes.get("residual")
+    if norm is None or residual is None:
+        return None
+    norm2 = float(norm) ** 2
+    expected = norm2 * (1.0 - float(residual) ** 2)
+    eps64 = float(np.finfo(np.float64).eps)
+    slack = (100 * float(np.finfo(dtype).eps) + 16 * (shape[1] + 64) * eps64) * norm2
+    if mean is not None:
+        slack += 100 * eps64 * shape[0] * float(mean @ mean)
+    return bool(abs(float(S @ S) - expected) <= slack)
 
 
 def _open_result(path: str) -> Any:

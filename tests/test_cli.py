@@ -147,6 +147,38 @@ def test_check_holds_a_float64_result_to_float64_precision(tmp_path):
     assert not report["residual_agrees"] and not report["ok"]
 
 
+def test_check_fails_a_store_that_no_finished_run_left(tmp_path):
+    """Without reading the input: an unfinished write's mark, a centered result without its
+    mean, and singular values whose energy is not the run's (a chunk of S lost, read back
+    as zeros) each fail the check."""
+    import shutil
+
+    import naive
+    import zarr
+
+    from ooc_svd.store import UNFINISHED
+    from ooc_svd.verify import verify_result
+
+    A = naive.matrix_with_spectrum(600, 20, np.logspace(0, -2, 20), seed=13) + 1.0
+    reference = str(tmp_path / "reference.zarr")
+    ooc_svd.svd(A, 5, center=True, out=reference)
+    report = verify_result(reference)
+    assert report["ok"] and report["complete"] and report["singular_values_agree"]
+    damaged = {}
+    for name in ("unfinished", "no mean", "no S chunk"):
+        damaged[name] = str(tmp_path / f"{name}.zarr")
+        shutil.copytree(reference, damaged[name])
+    zarr.open_group(damaged["unfinished"], mode="r+").attrs[UNFINISHED] = "result"
+    shutil.rmtree(os.path.join(damaged["no mean"], "mean"))
+    S = zarr.open_group(damaged["no S chunk"], mode="r+")["S"]
+    S[:] = np.r_[S[:2], np.zeros(3)]
+    for name in ("unfinished", "no mean"):
+        report = verify_result(damaged[name])
+        assert not report["ok"] and not report["complete"], name
+    report = verify_result(damaged["no S chunk"])
+    assert not report["ok"] and report["complete"] and not report["singular_values_agree"]
+
+
 def test_progress_bar_only_when_asked(store, tmp_path):
     done = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "r.zarr", "--progress")
     assert "pass" in done.stderr and "B/s" in done.stderr
