@@ -168,7 +168,8 @@ dask.array.Array} of shape (m, n)
         skipping its completed passes; the result equals an uninterrupted run's.
     spectral_iters : int, default=0
         Estimate ||A - U S V^T||_2 by this many power iterations on the residual, each one
-        more read of A and of U (about 5 give a few percent); ``result.spectral_error``.
+        more read of A and of U; ``result.spectral_error``, a lower bound (5 iterations were
+        1.2% low on a decaying spectrum, 7.6% on a random sparse matrix's flat one).
     write_factors : bool, default=False
         With ``out``, also write the low-rank factors B = U diag(S) (m x k) and A = V^T.
     client : {distributed.Client, str}, optional

@@ -243,6 +243,10 @@ def test_spectral_error_estimate():
     assert result.passes == 3 + 8 == result.plan.passes
     assert "11 passes (8 of them for the spectral error estimate)" in result.plan.describe()
     assert 0.9 * true <= result.spectral_error <= true * (1 + 1e-10)
+    # One read gives z = R^T R x: sqrt(||z||) (0.41 of the norm here), not the Rayleigh
+    # quotient of x (0.31), which would leave that read unused.
+    once = ooc_svd.svd(A, 5, method="randomized", spectral_iters=1)
+    assert 0.35 * true <= once.spectral_error <= true * (1 + 1e-10)
     centered = ooc_svd.svd(A + 3.0, 5, center=True, method="gram", spectral_iters=8)
     assert centered.passes == 2 + 8 == ooc_svd.svd_plan(A, 5, method="gram",
                                                         spectral_iters=8).passes
