@@ -44,14 +44,15 @@ from .passes import (
     tsqr_final_pass,
     tsqr_r_pass,
 )
-from .plan import EPS64, GROWTH_BLOCK, RESIDUAL_ROUNDING, Plan
+from .plan import DIFFERENCE_ROUNDING, EPS64, GROWTH_BLOCK, RESIDUAL_ROUNDING, Plan
 from .sketch import gaussian_test_matrix
 from .store import QSpill
 
 RowSink = Callable[[int, np.ndarray], None]
 AllocateU = Callable[[int], RowSink]  # rank -> where U's rows go
-# (singular values, ||A||_F^2, whether they are all of A's) -> rank
-RankRule = Callable[[np.ndarray, float, bool], int]
+# (singular values, ||A||_F^2, rounding) -> rank; ``rounding`` is how far ||A||_F^2 - sum
+# S^2 may be off, or None when S holds all of A's singular values (exact, gram).
+RankRule = Callable[[np.ndarray, float, float | None], int]
 
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
@@ -85,7 +86,7 @@ class Factors:
 
 
 def fixed_rank(k: int) -> RankRule:
-    return lambda S, fro2, complete: min(k, S.size)
+    return lambda S, fro2, rounding: min(k, S.size)
 
 
 def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
@@ -97,12 +98,12 @@ def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
     (``meets_tol``): a tol within that takes the cap, max_rank or all of S.
     """
 
-    def rule(S: np.ndarray, fro2: float, complete: bool) -> int:
+    def rule(S: np.ndarray, fro2: float, rounding: float | None) -> int:
         energy = S.astype(np.float64) ** 2
-        if complete:
+        if rounding is None:
             reached = np.append(np.cumsum(energy[::-1])[::-1][1:], 0.0) <= tol**2 * fro2
         else:
-            reached = meets_tol(fro2 - np.cumsum(energy), fro2, tol)
+            reached = meets_tol(fro2 - np.cumsum(energy), fro2, rounding, tol)
         reached = np.flatnonzero(reached)
         rank = int(reached[0]) + 1 if reached.size else S.size
         return max(1, min(rank, max_rank, S.size))
@@ -110,18 +111,28 @@ def rank_for_tolerance(tol: float, max_rank: int) -> RankRule:
     return rule
 
 
-def meets_tol(residual2, fro2: float, tol: float):
+def meets_tol(residual2, fro2: float, rounding: float, tol: float):
     """Whether a squared residual computed as ||A||_F^2 less the captured energy (``fro2``
-    less a sum of squares) is at most tol^2 ||A||_F^2 with its rounding to spare: that
-    difference is known to RESIDUAL_ROUNDING eps ||A||_F^2 only (a relative residual of
-    about 6e-8), and a residual just below tol by it could be just above in truth."""
-    return residual2 + RESIDUAL_ROUNDING * EPS64 * fro2 <= tol**2 * fro2
+    less a sum of squares) is at most tol^2 ||A||_F^2 with its ``rounding``
+    (``difference_rounding``) to spare. A tol whose square is within four roundings is
+    never met (``plan.smallest_tol``), however far below zero the difference drifts: that
+    drift is rounding too."""
+    target = tol**2 * fro2
+    return (4 * rounding <= target) & (residual2 + rounding <= target)
+
+
+def difference_rounding(stats: BlockStats, shift: np.ndarray, sparse: bool) -> float:
+    """How far ||A_c||_F^2 less a captured energy may be off: DIFFERENCE_ROUNDING units of
+    the energy of the rows the pass read, and for sparse blocks, centered algebraically
+    (sums of A, less those of 1 shift^T), of the uncentered rows, m ||shift||^2 more."""
+    energy = stats.sumsq + (stats.rows * float(shift @ shift) if sparse else 0.0)
+    return DIFFERENCE_ROUNDING * EPS64 * energy
 
 
 def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
     """numpy.linalg.matrix_rank's rule: singular values above rtol * S_max (at least 1)."""
 
-    def rule(S: np.ndarray, fro2: float, complete: bool) -> int:
+    def rule(S: np.ndarray, fro2: float, rounding: float | None) -> int:
         rank = int(np.count_nonzero(rtol * S[0] < S)) if S.size and S[0] > 0 else 0
         return max(1, min(rank, max_rank or S.size))
 
@@ -202,7 +213,7 @@ def adaptive_randomized_svd(
     from a fresh Gaussian block, is iterated q times with A^T A deflated against the basis
     so far, and its energy ||A X_t||_F^2 = trace(X_t^T A^T A X_t) comes from one more fused
     pass, so the residual ||A||^2 - ||A X||^2 of the projection is known exactly after each
-    block (to its rounding, ``meets_tol``: a tol below about 6e-8 grows the basis to the
+    block (to its rounding, ``meets_tol``: a tol below about 1e-6 grows the basis to the
     cap). Blocks stop at the tolerance or at max_rank columns; then the final pass factors
     A X and the rank is the smallest that meets the tolerance.
 
@@ -222,7 +233,7 @@ def adaptive_randomized_svd(
             ),
         )
         fro2, captured = float(state["fro2"]), float(state["captured"])
-        if meets_tol(fro2 - captured, fro2, tol):
+        if meets_tol(fro2 - captured, fro2, float(state["rounding"]), tol):
             break
     basis = np.asfortranarray(state["basis"])
     rule = rank_for_tolerance(tol, max_rank)
@@ -240,6 +251,7 @@ def _grow_basis(context, plan, seed, basis, captured, block, width) -> dict:
         "basis": np.asfortranarray(np.hstack([basis, X])),
         "captured": captured + float(np.sum(X * Z)),
         "fro2": context.centering.frobenius_squared(shift, stats),
+        "rounding": difference_rounding(stats, shift, plan.sparse),
     }
 
 
@@ -260,7 +272,7 @@ def exact_svd(
     S_all, Vt = scipy.linalg.svd(state.pop("factor"), full_matrices=False, overwrite_a=True,
                                  check_finite=False)[1:]
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
-    rank = rank_rule(S_all, fro2, True)
+    rank = rank_rule(S_all, fro2, None)
     V = np.asfortranarray(Vt[:rank].T)
     del Vt
     # Each sigma_j to a few eps sigma_1 (Householder), so its square to that times 2 sigma_j.
@@ -301,7 +313,7 @@ def gram_svd(
     # residual, so that a tol below the method's accuracy is not taken as met.
     S_all = np.sqrt(np.abs(eigenvalues[: min(stats.rows, eigenvalues.size)]))
     fro2 = _representable(context.centering.frobenius_squared(shift, stats), S_all, stats)
-    rank = rank_rule(S_all, fro2, True)
+    rank = rank_rule(S_all, fro2, None)
     V = np.asfortranarray(eigenvectors[:, :rank])
     del eigenvectors
     # A mean found in the pass is subtracted from G afterwards (sparse blocks are shifted by
@@ -346,17 +358,18 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
         fro2 = _representable(context.centering.frobenius_squared(final.shift, final.stats),
                               S_all, final.stats)
-        rank = rank_rule(S_all, fro2, False)
+        rounding = difference_rounding(final.stats, final.shift, plan.sparse)
+        rank = rank_rule(S_all, fro2, rounding)
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape,
                                rounding_unit(context.source.dtype))
-    rounding = RESIDUAL_ROUNDING * EPS64 * fro2
     factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
     if rank == min(context.source.shape):
-        # All of A's singular values: the residual is zero, where ||A||^2 - sum S^2 would
-        # leave its rounding (about 1e-8 of ||A||_F).
-        factors.trailing_energy = factors.residual_rounding = 0.0
+        # All of A's singular values: the residual is zero to the factorization's rounding,
+        # where ||A||^2 - sum S^2 would leave its own.
+        factors.trailing_energy = 0.0
+        factors.residual_rounding = (RESIDUAL_ROUNDING * EPS64) ** 2 * fro2
     return factors
 
 

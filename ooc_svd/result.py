@@ -13,7 +13,7 @@ from .centering import Centering
 from .engine import Factors
 from .errors import InputError
 from .passes import PassRecord
-from .plan import Plan
+from .plan import EPS64, MAX_EXACT_COLUMNS, Plan
 from .sources import CSRSource, DenseSource
 
 
@@ -173,24 +173,27 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
 
 
 def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
-                    method: str, cap: int) -> str:
+                    method: str, cap: int, n: int) -> str:
     """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, or
     when the residual is within the method's rounding of it (``rounding``: how far the
-    relative residual may be off), so that meeting it is not confirmed."""
-    if tol is None or residual**2 + rounding**2 <= tol**2:
+    relative residual may be off), so that meeting it is not confirmed. (The few eps of
+    slack: the rank rule summed the same squares in another order.)"""
+    if tol is None or residual**2 + rounding**2 <= tol**2 + 4 * EPS64:
         return ""
-    if residual > tol and residual > rounding:
-        return (f"the residual {residual:.3g} exceeds tol={tol:g} at rank {rank}, the cap: "
-                "raise max_rank for a smaller residual")
-    exact = "" if method == "exact" else "the exact method resolves smaller residuals"
-    if rank < cap:
-        return (f"the residual {residual:.3g} at rank {rank} is within the {method} "
-                f"method's rounding (about {rounding:.1g}) of the tol, so tol={tol:g} cannot "
-                f"be confirmed: {exact}")
-    exact += "; " if exact else ""
-    return (f"the residual {residual:.3g} at rank {rank}, the cap, is within the "
-            f"{method} method's rounding (about {rounding:.1g}), so tol={tol:g} cannot "
-            f"be confirmed: {exact}a larger max_rank may be needed too")
+    at = f"at rank {rank}, the cap" if rank >= cap else f"at rank {rank}"
+    if residual > tol and residual > rounding:  # the rank rules stop short only at the cap
+        return (f"the residual {residual:.3g} exceeds tol={tol:g} {at}: raise max_rank for a "
+                "smaller residual")
+    remedies = []
+    if method != "exact":
+        remedies.append("the exact method resolves smaller residuals" if n <= MAX_EXACT_COLUMNS
+                        else "a larger tol can be confirmed")
+    if rank >= cap:
+        remedies.append("a larger max_rank may be needed too")
+    remedy = f": {'; '.join(remedies)}" if remedies else ""
+    at += "," if rank >= cap else ""
+    return (f"the residual {residual:.3g} {at} is within the {method} method's rounding "
+            f"(about {rounding:.1g}), so tol={tol:g} cannot be confirmed{remedy}")
 
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
@@ -221,7 +224,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         note="; ".join(filter(None, [
             factors.note, _cancellation_note(centering, plan, factors.method, fro2),
             _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
-                            plan.k)])),
+                            plan.k, plan.shape[1])])),
         plan=plan,
         seed=seed,
         records=records,

@@ -81,20 +81,22 @@ def test_a_tol_below_the_methods_rounding_is_not_blamed_on_the_cap():
 
 
 def test_a_tol_within_the_randomized_methods_rounding_takes_the_cap():
-    """The randomized method measures its residual as ||A||^2 - sum S^2, known to about
-    4 sqrt(eps) ~ 6e-8 of ||A||: it stopped at an arbitrary rank below that (76 where this
-    matrix needs 83 for 1e-8) and reported a residual of 0, and just above it returned a
-    rank one short (72 for 1e-7, which needs 73). Now a rank is taken only with that margin:
-    a tol within it grows the basis to the cap, and the note says the tol is not confirmed
-    there. 'auto' plans the exact method instead, which resolves it."""
+    """The randomized method measures its residual as ||A||^2 - sum S^2, whose rounding
+    leaves relative residuals below about 1e-6 unresolved: it stopped at an arbitrary rank
+    below that (76 where this matrix needs 83 for 1e-8) and reported a residual of 0, and
+    returned a rank one short for 1e-7 (72, where 73 is needed). Now a rank is taken only
+    with that margin: a tol within it grows the basis to the cap, and the note says the tol
+    is not confirmed there. 'auto' plans the exact method instead, which resolves it."""
     A = naive.matrix_with_spectrum(1500, 150, 0.8 ** np.arange(150), seed=8)
-    for tol in (1e-7, 2e-7):
+    for tol in (1e-6, 3e-6):
         result = ooc_svd.svd(A, tol=tol, method="randomized")
         direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
         assert minimal_rank(A, tol) <= result.rank and direct <= tol and result.note == ""
-    capped = ooc_svd.svd(A, tol=1e-8, max_rank=100, method="randomized")
-    assert capped.rank == 100
-    assert "tol=1e-08 cannot be confirmed: the exact method resolves smaller" in capped.note
+    for tol in (1e-7, 1e-8):
+        capped = ooc_svd.svd(A, tol=tol, max_rank=100, method="randomized")
+        assert capped.rank == 100 and capped.passes == capped.plan.passes
+        assert f"tol={tol:g} cannot be confirmed: the exact method resolves smaller" \
+            in capped.note
     result = ooc_svd.svd(A, tol=1e-8)
     assert result.method == "exact" and result.rank == minimal_rank(A, 1e-8) == 83
     assert "of the methods that resolve tol=1e-08" in result.plan.reason
@@ -108,6 +110,27 @@ def test_a_tol_within_the_randomized_methods_rounding_takes_the_cap():
     direct = np.linalg.norm(wide - (full.U * full.S) @ full.V.T) / np.linalg.norm(wide)
     assert full.method == "randomized" and full.rank == 30 and full.note == ""
     assert full.residual == 0 and direct < 1e-13
+
+
+def test_a_sparse_centered_tol_counts_the_rounding_of_the_uncentered_rows():
+    """Sparse rows are centered algebraically: ||A_c||^2 less the captured energy cancels
+    to the rounding of the uncentered energy, here 1e7 times the centered one (a column of
+    1000s). tol=1e-6 was taken as met at rank 6 (a residual of 6.7e-5 reported as 0); now
+    the basis grows to the cap and the note says the tol cannot be confirmed."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(0)
+    m, n = 3000, 300
+    prototypes = scipy.sparse.random(12, n, density=0.1, random_state=0, format="csr")
+    groups = rng.integers(0, 12, m)
+    scales = rng.standard_normal(m) * 10.0 ** (-0.7 * groups)
+    A = scipy.sparse.diags(scales) @ prototypes[groups]
+    A = scipy.sparse.hstack([A, np.full((m, 1), 1000.0)]).tocsr()
+    result = ooc_svd.svd(A, tol=1e-6, center=True, max_rank=60, method="randomized")
+    dense = A.toarray() - result.mean
+    direct = np.linalg.norm(dense - (result.U * result.S) @ result.V.T) / np.linalg.norm(dense)
+    assert direct <= 1e-6 or "tol=1e-06 cannot be confirmed" in result.note
+    assert result.rank == 60 and "a larger max_rank may be needed too" in result.note
 
 
 def test_auto_falls_back_to_the_randomized_method_when_the_exact_one_does_not_fit():
