@@ -113,9 +113,9 @@ dask.array.Array} of shape (m, n)
         residual of the basis is below tol or the basis holds max_rank + oversample
         columns, then makes one final read. Each method resolves residuals down to its
         rounding only (``ooc_svd.plan.smallest_tol``): about 1e-6 for randomized, which
-        grows its basis to the cap for a smaller tol, and 4 sqrt(n eps) for gram; 'auto'
-        prefers the methods that resolve tol (exact resolves any), and ``result.note``
-        says when a tol is not confirmed.
+        grows its basis to the cap for a smaller tol, and twice 4 sqrt(n eps) for gram;
+        'auto' prefers the methods that resolve tol (exact resolves any), and
+        ``result.note`` says when a tol is not confirmed.
     max_rank : int, optional
         Cap on the rank in fixed-accuracy mode; min(m, n) by default. A rank capped here is
         as accurate as the same k would give: the randomized basis is oversampled beyond it.

@@ -533,8 +533,8 @@ def smallest_tol(method: str, n: int) -> float:
     (randomized) or says in the result's note that the tol is not confirmed."""
     if method == "exact":
         return 0.0
-    if method == "gram":
-        return float(np.sqrt(RESIDUAL_ROUNDING * EPS64 * n))
+    if method == "gram":  # twice its rounding, as the randomized method's margin
+        return float(2 * np.sqrt(RESIDUAL_ROUNDING * EPS64 * n))
     return float(2 * np.sqrt(DIFFERENCE_ROUNDING * EPS64))  # engine.meets_tol's margin
 
 

@@ -141,13 +141,23 @@ def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
         held = energy[-1] / total_energy if total_energy > 0 and energy.size else 0.0
         raise InputError(
             f"the {energy.size} singular values hold {held:.4%} of the energy, less than "
-            f"{fraction:.4%}; recompute with tol={np.sqrt(1 - fraction):.3g} to find the rank"
+            f"{fraction:.4%}; {_tol_for(fraction)}"
         )
     return int(reached[0]) + 1
 
 
 # Above this estimated relative error in ||A - 1 mu^T||_F^2, a sparse run's note says so.
 CANCELLATION_NOTE_ERROR = 1e-8
+
+
+def _tol_for(fraction: float) -> str:
+    """Advice for a spectrum that holds less than ``fraction`` of the energy: the tol whose
+    residual keeps that fraction, rounded down (a rounded-up tol would keep less)."""
+    tol = np.sqrt(1 - fraction)
+    if tol == 0:
+        return "recompute with the full rank, k = min(m, n)"
+    digits = 3 - int(np.floor(np.log10(tol))) - 1
+    return f"recompute with tol={np.floor(tol * 10**digits) / 10**digits:.3g} to find the rank"
 
 
 def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: float) -> str:
@@ -247,10 +257,14 @@ def provenance(
         "ooc_svd": {
             "input": source.description,
             "shape": list(plan.shape),
-            "k": plan.k,
+            # In fixed-accuracy mode the plan's k is the rank cap, and ``rank`` the outcome.
+            "k": plan.k if plan.tol is None else None,
             "tol": plan.tol,
+            "max_rank": plan.k if plan.tol is not None else None,
             "basis_size": plan.basis_size if iterative else None,
+            "krylov_width": plan.krylov_width if plan.method == "krylov" else None,
             "niter": plan.niter if iterative else None,
+            "spectral_iters": plan.spectral_iters,
             "method": result.method,
             "backend": result.backend,
             "reason": plan.reason,

@@ -101,9 +101,10 @@ def test_a_tol_within_the_randomized_methods_rounding_takes_the_cap():
     assert result.method == "exact" and result.rank == minimal_rank(A, 1e-8) == 83
     assert "of the methods that resolve tol=1e-08" in result.plan.reason
     assert "tol=1e-08, rank <= 150" in result.plan.describe()
-    # gram's tail is known to about 4 sqrt(n eps) ||A|| (7.3e-7 at n = 150): auto skips it.
-    assert ooc_svd.svd_plan(A, tol=5e-7).method == "exact"
-    assert ooc_svd.svd_plan(A, tol=1e-6).method == "gram"
+    # gram's tail is known to about 4 sqrt(n eps) ||A|| (7.3e-7 at n = 150): auto takes it
+    # for a tol of twice that or more.
+    assert ooc_svd.svd_plan(A, tol=1.4e-6).method == "exact"
+    assert ooc_svd.svd_plan(A, tol=1.6e-6).method == "gram"
     # Rank min(m, n) is exact: so is its zero residual, whatever the tol.
     wide = np.random.default_rng(8).standard_normal((30, 5000))
     full = ooc_svd.svd(wide, tol=1e-10)
@@ -199,6 +200,11 @@ def test_explained_variance_and_rank_for_energy():
     with pytest.raises(InputError, match="recompute with tol="):
         few.rank_for_energy(0.999)
     assert rank_for_energy([2.0, 1.0], 5.0, 1.0) == 2
+    # The advised tol keeps at least the fraction: rounded down (sqrt(0.05) = 0.2236...).
+    with pytest.raises(InputError, match=r"recompute with tol=0\.223 to"):
+        rank_for_energy([1.0], 2.0, 0.95)
+    with pytest.raises(InputError, match=r"recompute with the full rank"):
+        rank_for_energy([1.0], 2.0, 1.0)
 
 
 def test_low_rank_factors_of_the_ten_by_ten_rank_two_example():

@@ -308,6 +308,7 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
     attrs = group.attrs["ooc_svd"]
     # gram takes no basis and no power iterations: none is recorded as used
     assert attrs["tol"] == 0.05 and attrs["niter"] is None and attrs["basis_size"] is None
+    assert attrs["k"] is None and attrs["max_rank"] == 40 and attrs["spectral_iters"] == 2
     B, A = group["B"][:].astype(float), group["A"][:].astype(float)
     assert B.shape == (30000, expected.rank) and A.shape == (expected.rank, 40)
     np.testing.assert_allclose(B, group["U"][:] * group["S"][:], rtol=1e-6)
