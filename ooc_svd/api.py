@@ -112,7 +112,7 @@ dask.array.Array} of shape (m, n)
         basis by blocks of 32 columns, each costing niter + 1 reads, until the (exact, free)
         residual of the basis is below tol or the basis holds max_rank + oversample
         columns, then makes one final read. Each method resolves residuals down to its
-        rounding only (``ooc_svd.plan.smallest_tol``): about 1e-6 for randomized, which
+        rounding only (``ooc_svd.plan.smallest_tol``): about 1.5e-5 for randomized, which
         grows its basis to the cap for a smaller tol, and twice 4 sqrt(n eps) for gram;
         'auto' prefers the methods that resolve tol (exact resolves any), and
         ``result.note`` says when a tol is not confirmed.

@@ -213,7 +213,7 @@ def adaptive_randomized_svd(
     from a fresh Gaussian block, is iterated q times with A^T A deflated against the basis
     so far, and its energy ||A X_t||_F^2 = trace(X_t^T A^T A X_t) comes from one more fused
     pass, so the residual ||A||^2 - ||A X||^2 of the projection is known exactly after each
-    block (to its rounding, ``meets_tol``: a tol below about 1e-6 grows the basis to the
+    block (to its rounding, ``meets_tol``: a tol below about 1.5e-5 grows the basis to the
     cap). Blocks stop at the tolerance or at max_rank columns; then the final pass factors
     A X and the rank is the smallest that meets the tolerance.
 

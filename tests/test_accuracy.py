@@ -82,13 +82,13 @@ def test_a_tol_below_the_methods_rounding_is_not_blamed_on_the_cap():
 
 def test_a_tol_within_the_randomized_methods_rounding_takes_the_cap():
     """The randomized method measures its residual as ||A||^2 - sum S^2, whose rounding
-    leaves relative residuals below about 1e-6 unresolved: it stopped at an arbitrary rank
+    leaves relative residuals below about 1.5e-5 unresolved: it stopped at an arbitrary rank
     below that (76 where this matrix needs 83 for 1e-8) and reported a residual of 0, and
     returned a rank one short for 1e-7 (72, where 73 is needed). Now a rank is taken only
     with that margin: a tol within it grows the basis to the cap, and the note says the tol
     is not confirmed there. 'auto' plans the exact method instead, which resolves it."""
     A = naive.matrix_with_spectrum(1500, 150, 0.8 ** np.arange(150), seed=8)
-    for tol in (1e-6, 3e-6):
+    for tol in (3e-5, 1e-4):
         result = ooc_svd.svd(A, tol=tol, method="randomized")
         direct = np.linalg.norm(A - (result.U * result.S) @ result.V.T) / np.linalg.norm(A)
         assert minimal_rank(A, tol) <= result.rank and direct <= tol and result.note == ""
