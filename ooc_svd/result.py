@@ -13,7 +13,7 @@ from .centering import Centering
 from .engine import Factors
 from .errors import InputError
 from .passes import PassRecord
-from .plan import EPS64, MAX_EXACT_COLUMNS, Plan
+from .plan import EPS64, MAX_EXACT_COLUMNS, Plan, smallest_tol
 from .sources import CSRSource, DenseSource
 
 
@@ -197,7 +197,7 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     remedies = []
     if method != "exact":
         remedies.append("the exact method resolves smaller residuals" if n <= MAX_EXACT_COLUMNS
-                        else "a larger tol can be confirmed")
+                        else f"a tol above about {smallest_tol(method, n):.1g} can be")
     if rank >= cap:
         remedies.append("a larger max_rank may be needed too")
     remedy = f": {'; '.join(remedies)}" if remedies else ""
