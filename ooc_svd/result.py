@@ -38,8 +38,9 @@ class SVDResult:
         residual measured with it).
     residual : float
         ||A - 1 mu^T - U diag(S) V^T||_F / ||A - 1 mu^T||_F, exact and obtained without an
-        extra pass from ||A||_F^2 - sum(S**2), which cancels to float64's noise floor below
-        about 1e-7. The 'exact' and 'gram' methods, which find the whole spectrum, sum the
+        extra pass from ||A||_F^2 - sum(S**2), which cancels to the rounding of the sums of
+        squares below about 1e-7 (up to about 1e-5 on data of many repeated values). The
+        'exact' and 'gram' methods, which find the whole spectrum, sum the
         squares of the singular values past the rank instead: accurate to about eps with
         'exact', and to about sqrt(n eps) sigma_1 / ||A||_F with 'gram' (G's rounding).
     frobenius_norm : float
