@@ -191,7 +191,8 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     slack: the rank rule summed the same squares in another order.)"""
     if tol is None or residual**2 + rounding**2 <= tol**2 + 4 * EPS64:
         return ""
-    at = f"at rank {rank}, the cap" if rank >= cap else f"at rank {rank}"
+    at_cap = rank >= cap
+    at = f"at rank {rank}, the cap" if at_cap else f"at rank {rank}"
     if residual > tol and residual > rounding:  # the rank rules stop short only at the cap
         return (f"the residual {residual:.3g} exceeds tol={tol:g} {at}: raise max_rank for a "
                 "smaller residual")
@@ -199,12 +200,12 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     if method != "exact":
         remedies.append("the exact method resolves smaller residuals" if n <= MAX_EXACT_COLUMNS
                         else f"a tol above about {smallest_tol(method, n):.1g} can be")
-    if rank >= cap:
+    if at_cap:
         remedies.append("a larger max_rank may be needed too")
     remedy = f": {'; '.join(remedies)}" if remedies else ""
-    at += "," if rank >= cap else ""
-    return (f"the residual {residual:.3g} {at} is within the {method} method's rounding "
-            f"(about {rounding:.1g}), so tol={tol:g} cannot be confirmed{remedy}")
+    return (f"the residual {residual:.3g} {at}{',' if at_cap else ''} is within the {method} "
+            f"method's rounding (about {rounding:.1g}), so tol={tol:g} cannot be "
+            f"confirmed{remedy}")
 
 
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,

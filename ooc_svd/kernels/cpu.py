@@ -136,11 +136,17 @@ def widen_into(
     stats.rows += rows.shape[0]
 
 
+def first_non_finite_row(rows: np.ndarray) -> int | None:
+    """The index of the first of ``rows`` holding a NaN or Inf, or None."""
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    return int(bad[0]) if bad.size else None
+
+
 def check_finite(rows: np.ndarray, first_row: int) -> None:
     """Raise NonFiniteError naming the first row of ``rows`` holding a NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-    if bad.size:
-        row = first_row + int(bad[0])
+    bad = first_non_finite_row(rows)
+    if bad is not None:
+        row = first_row + bad
         raise NonFiniteError(
             f"the matrix holds NaN or Inf in rows [{first_row}, {first_row + rows.shape[0]}), "
             f"first at row {row}"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, NonFiniteError
+from ..kernels.cpu import first_non_finite_row
 from .csr import CSRSource, is_sparse_block
 from .dense import DenseSource, in_memory_boundaries, open_dense_source
 from .open import is_torch_sparse
@@ -148,11 +149,10 @@ class Difference:
         # A NaN or Inf of M's, which the kernels would blame on A, makes its sum non-finite
         # (so may a sum that overflows): only then are its rows looked at.
         if not np.isfinite(np.sum(subtrahend, dtype=np.float64)):
-            finite = np.isfinite(subtrahend).all(axis=1)
-            if not finite.all():
-                first = start + int(np.argmin(finite))
+            bad = first_non_finite_row(subtrahend)
+            if bad is not None:
                 raise NonFiniteError(f"M holds NaN or Inf in rows [{start}, {stop}), first at "
-                                     f"row {first}")
+                                     f"row {start + bad}")
         # Subtracted in float64 and rounded once to the result's dtype, a buffer at a time:
         # no float64 copy of the block.
         difference = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
