@@ -34,7 +34,12 @@ class ReadError(OOCSVDError, OSError):
 
 
 class PlanError(InputError):
-    """The run cannot fit the memory limit; the message gives the numbers."""
+    """The run cannot fit the memory limit; the message gives the numbers, and
+    ``needed_bytes`` (when known) the least memory_limit the refused plan would need."""
+
+    def __init__(self, message: str, needed_bytes: int | None = None):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
 
 
 class OutputExistsError(OOCSVDError, FileExistsError):

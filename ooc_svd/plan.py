@@ -248,7 +248,19 @@ def make_plan(
             plan = replace(plan, reason=f"{plan.reason}; {choices[0][0]} would need more "
                                         "than memory_limit")
         return replace(plan, tol=tol)
-    raise refusals[0]
+    raise _least_refusal(refusals, [name for name, _ in choices])
+
+
+def _least_refusal(refusals: list[PlanError], methods: list[str]) -> PlanError:
+    """Of the refusals of 'auto''s methods (in order of preference), the one that needs the
+    least memory, which says how far to raise the limit; it names what the preferred
+    method would need when that is more."""
+    needs = [error.needed_bytes for error in refusals]
+    least = int(np.argmin(needs))
+    if least == 0:
+        return refusals[0]
+    return PlanError(f"{refusals[least]} ({methods[0]}, the method 'auto' prefers, would "
+                     f"need {format_bytes(needs[0])})", needs[least])
 
 
 @dataclass(frozen=True)
@@ -352,8 +364,9 @@ class _Layouts:
                 hint += "; with tol, a smaller max_rank narrows l"
             return PlanError(
                 f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
-                f"matrix: its working set ({arrays}{decoded}) and one row need "
-                f"{format_bytes(peak)}{hint}"
+                f"matrix: its working set ({arrays}{decoded}) and the smallest block it can "
+                f"read need "
+                f"{format_bytes(peak)}{hint}", peak
             )
         largest = int(np.argmax(self.chunk_bytes))
         rows = int(self.chunk_boundaries[largest + 1] - self.chunk_boundaries[largest])
@@ -364,12 +377,12 @@ class _Layouts:
                 f"with the read-ahead, the partly decoded storage chunks "
                 f"({format_bytes(overhead)} per read) and the working set (needs "
                 f"{format_bytes(peak)}); raise memory_limit or write the store with fewer "
-                "non-zeros per chunk (ooc-svd convert --chunk-nnz)"
+                "non-zeros per chunk (ooc-svd convert --chunk-nnz)", peak
             )
         return PlanError(
             f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) "
             f"with the read-ahead and working set (needs {format_bytes(peak)}); raise "
-            "memory_limit or rechunk the store by rows"
+            "memory_limit or rechunk the store by rows", peak
         )
 
 
@@ -401,15 +414,15 @@ def _block_layout(boundaries, chunk_bytes, row_bytes, l, fixed, memory_limit, de
     per_row = (3 + staging_matrices) * 8 * (l + 1) + row_overhead
     if row_bytes is not None:
         per_row += per_byte * row_bytes
-        if fixed + per_row > memory_limit:
-            return (), fixed + per_row
+        if fixed + per_row > memory_limit:  # the smallest block is the largest chunk
+            return (), fixed + int(np.diff(boundaries).max()) * per_row
         max_rows = min((memory_limit - fixed) // per_row, max(max_block_bytes // row_bytes, 1))
         blocks = group_chunks(boundaries, max_rows)
         largest = max(stop - start for start, stop in blocks)
         return blocks, fixed + largest * per_row
     costs = per_byte * np.asarray(chunk_bytes) + per_row * np.diff(boundaries)
     if fixed + per_row + per_byte * 8 > memory_limit:
-        return (), fixed + per_row + per_byte * 8
+        return (), fixed + int(costs.max())
     blocks, largest = group_units(boundaries, costs, chunk_bytes, memory_limit - fixed,
                                   max_block_bytes)
     return blocks, fixed + largest

@@ -100,11 +100,33 @@ def test_refusals_give_the_numbers():
     chunk = r"cannot hold one storage chunk of 50000 rows \(51.2 MB raw\)"
     with pytest.raises(PlanError, match=chunk):
         plan(method="randomized", limit=100 * 10**6)
-    working_set = r"working set \(n x l float64 arrays with l=30\) and one row need [0-9.]+ [kMG]B"
+    working_set = (r"working set \(n x l float64 arrays with l=30\) and the smallest block it "
+                   r"can read need [0-9.]+ [kMG]B")
     with pytest.raises(PlanError, match=working_set):
         plan(shape=(1000, 10_000_000), method="randomized", limit=100 * 10**6, chunk=10)
     with pytest.raises(InputError, match="n=8192 exceeds 4096"):
         plan(shape=(100_000, 8192), method="exact")
+
+
+@pytest.mark.parametrize("shape", [(20_000, 500), (2_000, 20_000), (5_000, 3_000)])
+@pytest.mark.parametrize("limit", [10**5, 3 * 10**6])
+def test_auto_refuses_with_the_least_limit_that_fits(shape, limit):
+    """'auto' tries its methods in turn; the refusal names the need of the one needing the
+    least (not of the first it tried), and that need, as the limit, fits that method."""
+    from ooc_svd.api import svd_plan
+
+    A = np.zeros(shape, dtype=np.float32)
+    with pytest.raises(PlanError) as refused:
+        svd_plan(A, k=10, memory_limit=limit)
+    needed = refused.value.needed_bytes
+    assert needed > limit
+    assert format_bytes(needed) in str(refused.value)
+    fits = svd_plan(A, k=10, memory_limit=needed)
+    assert fits.predicted_peak_bytes <= needed
+    for method in ("exact", "gram", "randomized", "krylov"):
+        with pytest.raises(InputError) as each:  # a PlanError, or n too large for a method
+            svd_plan(A, k=10, memory_limit=limit, method=method)
+        assert getattr(each.value, "needed_bytes", np.inf) >= needed
 
 
 def test_a_refusal_needs_more_than_the_limit_it_refuses():
@@ -115,6 +137,10 @@ def test_a_refusal_needs_more_than_the_limit_it_refuses():
                   chunk_bytes=np.full(10, 70_000), nnz=50_000, read_overhead_bytes=3 * 10**6)
     needed = parse_bytes(re.search(r"need ([0-9.]+ [kMG]B)", str(refused.value)).group(1))
     assert needed > 6 * 10**6 and "--chunk-nnz" in str(refused.value)
+    assert refused.value.needed_bytes == pytest.approx(needed, rel=5e-3)
+    make_plan((10_000, 3_000), 4, boundaries, 3, 10, 2, "randomized",
+              refused.value.needed_bytes, chunk_bytes=np.full(10, 70_000), nnz=50_000,
+              read_overhead_bytes=3 * 10**6)
 
 
 def test_more_cuda_streams_leave_less_room_for_each_block():
