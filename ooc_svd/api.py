@@ -47,7 +47,9 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
+from .sources.dense import STACKS_HINT
 from .sources.difference import sparse_column, subtract
+from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths
 from .store import (
     LeftVectors,
@@ -344,13 +346,16 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
 
     Parameters
     ----------
-    A : as in :func:`svd`, of shape (m, n)
+    A : as in :func:`svd`, of shape (m, n); or, as torch takes, a stack of matrices of shape
+        (*, m, n) held as a numpy, torch (dense) or dask array, factored one matrix at a
+        time (each with the same seed)
     q : int, default=6
         Size of the subspace and number of triplets returned: min(q, m, n), as torch's.
     niter : int, default=2
         Subspace iterations.
     M : array_like, optional
-        What to subtract, broadcast to A's shape as torch does: a row ((n,), (1, n), a
+        What to subtract, broadcast to A's shape as torch does (for a stack, M's leading
+        dimensions broadcast to A's, and each matrix takes its own): a row ((n,), (1, n), a
         scalar, or an m x n array whose rows share memory, as ``expand`` and
         ``np.broadcast_to`` make) is subtracted implicitly, A left as it is; so is a
         column ((m, 1), or such a view that repeats one column) from a sparse A of more
@@ -366,12 +371,24 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
 
     Returns
     -------
-    U : ndarray of shape (m, q)
-    S : ndarray of shape (q,)
-    V : ndarray of shape (n, q)
+    U : ndarray of shape (*, m, q)
+    S : ndarray of shape (*, q)
+    V : ndarray of shape (*, n, q)
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
+    stack = _stack_of_matrices(A)
+    if stack:
+        factors = _each_matrix(A, M, stack, lambda A_i, M_i: _svd_lowrank(A_i, q, niter, M_i,
+                                                                           client))
+    else:
+        factors = _svd_lowrank(A, q, niter, M, client)
+    return _like_input(A, factors)
+
+
+def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, client: Any
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """svd_lowrank of one matrix, as numpy arrays."""
     source, m, n = _open_matrix(A)
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
@@ -388,7 +405,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
             source, mean = subtract(source, M)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
                                    client=client, row_shift=column))
-    return _like_input(A, (result.U, result.S, result.V))
+    return result.U, result.S, result.V
 
 
 def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2, *,
@@ -400,13 +417,58 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
     :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
     ``client`` runs it on a dask.distributed cluster, as in :func:`svd`. U, S, V are
-    torch tensors on A's device when A is a torch tensor, as in :func:`svd_lowrank`.
+    torch tensors on A's device when A is a torch tensor, as in :func:`svd_lowrank`, which
+    also says how a stack of matrices (*, m, n) is taken: each is centered by its own mean.
     """
-    source, m, n = _open_matrix(A)
-    q = _check_q(min(6, m, n) if q is None else q, m, n)
-    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, center=center,
-                                   method=method, client=client))
-    return _like_input(A, (result.U, result.S, result.V))
+    def factor(A_i: Any, _: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source, m, n = _open_matrix(A_i)
+        rank = _check_q(min(6, m, n) if q is None else q, m, n)
+        result = _run(source, _Request(rank, fixed_rank(rank), oversample=0, niter=niter,
+                                       center=center, method=method, client=client))
+        return result.U, result.S, result.V
+
+    stack = _stack_of_matrices(A)
+    return _like_input(A, _each_matrix(A, None, stack, factor) if stack else factor(A, None))
+
+
+def _stack_of_matrices(A: Any) -> tuple[int, ...]:
+    """The leading dimensions of A when it is a stack of matrices (*, m, n) that the torch
+    functions take one matrix at a time: a numpy, dense torch or dask array, whose A[i] is a
+    view or stays lazy. () for anything else, which the opener takes as one matrix (and
+    refuses if it is not one)."""
+    shape = getattr(A, "shape", ())
+    module = type(A).__module__
+    stackable = isinstance(A, np.ndarray) or module.startswith("dask") or \
+        (module.startswith("torch") and not is_torch_sparse(A))
+    if len(shape) <= 2 or not stackable:
+        return ()
+    try:
+        return tuple(int(size) for size in shape[:-2])
+    except (TypeError, ValueError):  # a dask array of unknown chunk sizes: the opener says so
+        return ()
+
+
+def _each_matrix(A: Any, M: Any, stack: tuple[int, ...], factor) -> tuple[np.ndarray, ...]:
+    """``factor(A[i], M[i])`` for every matrix i of the stack A, its results stacked as
+    torch stacks them (U of shape stack + (m, q), ...). M's leading dimensions broadcast to
+    the stack's; an M of at most 2 dimensions goes to every matrix as it is."""
+    if 0 in stack:
+        raise InputError(f"A is empty: shape {tuple(A.shape)}")
+    if isinstance(M, (list, tuple)):
+        M = np.asarray(M)
+    lead = tuple(getattr(M, "shape", ()))[:-2]
+    if len(lead) > len(stack) or any(size not in (1, own) for size, own in
+                                      zip(lead[::-1], stack[::-1], strict=False)):
+        raise InputError(f"M of shape {tuple(M.shape)} does not broadcast to A's shape "
+                         f"{tuple(A.shape)}")
+    parts = []
+    for index in np.ndindex(*stack):
+        own = index[len(index) - len(lead):] if lead else ()
+        M_i = M[tuple(0 if size == 1 else i for size, i in zip(lead, own, strict=True))] \
+            if lead else M
+        parts.append(factor(A[index], M_i))
+    return tuple(np.stack(arrays).reshape(stack + arrays[0].shape) for arrays in zip(*parts,
+                                                                                    strict=True))
 
 
 def _like_input(A: Any, arrays: tuple[np.ndarray, ...]) -> tuple:
@@ -807,7 +869,9 @@ def _check_q(q: Any, m: int, n: int) -> int:
 
 def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
     if isinstance(source, DenseSource) and len(source.array.shape) != 2:
-        raise InputError(f"A must be 2-dimensional, got shape {tuple(source.array.shape)}")
+        shape = tuple(source.array.shape)
+        raise InputError(f"A of shape {shape} has {len(shape)} dimensions; a matrix needs 2"
+                         + (f" {STACKS_HINT}" if len(shape) > 2 else ""))
     kind = source.dtype.kind
     if kind == "c":
         raise InputError(f"complex dtype {source.dtype} is not supported; pass real data")

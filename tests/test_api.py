@@ -135,6 +135,95 @@ def test_svd_lowrank_defaults_and_mean(matrix):
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
 
 
+def stack_of_matrices(shape=(2, 3), m=60, n=12):
+    """Matrices of different spectra, stacked: shape + (m, n)."""
+    matrices = [naive.matrix_with_spectrum(m, n, np.logspace(0, -1 - i, n), seed=i)
+                for i in range(int(np.prod(shape)))]
+    return np.stack(matrices).reshape(shape + (m, n))
+
+
+def assert_same_factors(got, want):
+    """Two factorizations of one matrix agree (their products, and S)."""
+    (U, S, V), (U_want, S_want, V_want) = got, want
+    np.testing.assert_allclose(S, S_want, rtol=1e-12, atol=0)
+    np.testing.assert_allclose((U * S) @ V.T, (U_want * S_want) @ V_want.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("M_shape", [None, (12,), (3, 1, 12), (2, 1, 60, 1), (2, 3, 60, 12)])
+def test_svd_lowrank_takes_a_stack_of_matrices_as_torch(M_shape):
+    """A (*, m, n) is factored matrix by matrix, M broadcast to A's shape as torch does."""
+    A = stack_of_matrices()
+    M = None if M_shape is None else np.random.default_rng(5).standard_normal(M_shape)
+    U, S, V = ooc_svd.svd_lowrank(A, q=4, niter=3, M=M)
+    assert U.shape == (2, 3, 60, 4) and S.shape == (2, 3, 4) and V.shape == (2, 3, 12, 4)
+    broadcast = np.zeros(A.shape) if M is None else np.broadcast_to(M, A.shape)
+    for index in np.ndindex(2, 3):
+        one = ooc_svd.svd_lowrank(A[index], q=4, niter=3, M=broadcast[index])
+        assert_same_factors((U[index], S[index], V[index]), one)
+        np.testing.assert_allclose(S[index], naive.truncated_svd(A[index] - broadcast[index],
+                                                                 4)[1], rtol=1e-8)
+
+
+def test_pca_lowrank_centers_each_matrix_of_a_stack_by_its_own_mean():
+    import dask.array as da
+
+    A = stack_of_matrices() + np.arange(6.0).reshape(2, 3, 1, 1)  # a mean per matrix
+    U, S, V = ooc_svd.pca_lowrank(A, q=3)
+    assert U.shape == (2, 3, 60, 3) and S.shape == (2, 3, 3) and V.shape == (2, 3, 12, 3)
+    for index in np.ndindex(2, 3):
+        assert_same_factors((U[index], S[index], V[index]), ooc_svd.pca_lowrank(A[index], q=3))
+        centered = A[index] - A[index].mean(axis=0)
+        np.testing.assert_allclose(S[index], naive.truncated_svd(centered, 3)[1], rtol=1e-8)
+    lazy = ooc_svd.pca_lowrank(da.from_array(A, chunks=(1, 2, 25, 12)), q=3)
+    for got, want in zip(lazy, (U, S, V), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_a_torch_stack_gives_torch_tensors(monkeypatch):
+    class Placed:
+        def __init__(self, array, device="cpu"):
+            self.array, self.device = array, device
+
+        def to(self, device):
+            return Placed(self.array, device)
+
+    class TorchStandIn:
+        Tensor = TensorStandIn
+        from_numpy = Placed
+
+    A = stack_of_matrices((3,))
+    tensor = TensorStandIn(A, requires_grad=False, dtype="torch.float64")
+    tensor.device = "cuda:0"
+    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
+    U, S, V = ooc_svd.svd_lowrank(tensor, q=2)
+    assert U.device == "cuda:0" and U.array.shape == (3, 60, 2) and V.array.shape == (3, 12, 2)
+    np.testing.assert_allclose(S.array, ooc_svd.svd_lowrank(A, q=2)[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("A_shape", "M_shape", "message"),
+    [((2, 3, 60, 12), (4, 1, 12), r"M of shape \(4, 1, 12\) does not broadcast"),
+     ((3, 60, 12), (2, 3, 60, 12), r"M of shape \(2, 3, 60, 12\) does not broadcast"),
+     ((3, 60, 12), (3, 60, 5), r"M of shape \(60, 5\) does not broadcast to A's shape"),
+     ((0, 60, 12), None, r"A is empty: shape \(0, 60, 12\)")],
+)
+def test_a_stack_refuses_an_m_that_does_not_broadcast(A_shape, M_shape, message):
+    M = None if M_shape is None else np.zeros(M_shape)
+    with pytest.raises(InputError, match=message):
+        ooc_svd.svd_lowrank(np.ones(A_shape), q=2, M=M)
+
+
+def test_svd_takes_one_matrix_and_says_where_stacks_are_taken(tmp_path):
+    import zarr
+
+    stack = zarr.create_array(str(tmp_path / "stack.zarr"), shape=(2, 60, 12), dtype="f8")
+    for A in (np.ones((2, 60, 12)), stack):
+        with pytest.raises(InputError, match=r"a matrix needs 2 \(svd_lowrank and pca_lowrank"):
+            ooc_svd.svd(A, k=2)
+    with pytest.raises(InputError, match="dask.array.from_zarr"):
+        ooc_svd.svd_lowrank(stack, q=2)
+
+
 def full_mean(kind, M, tmp_path):
     """An m x n M held as ``kind``: numpy, a zarr array, a dask array, or torch."""
     if kind == "zarr":
@@ -992,7 +1081,7 @@ def test_bad_arguments_are_named(matrix, kwargs, message):
     [
         (np.array([["a", "b"], ["c", "d"]]), "non-numeric dtype <U1"),
         (np.ones((5, 4), dtype=complex), "complex dtype"),
-        (np.ones(5), "2-dimensional"),
+        (np.ones(5), "has 1 dimensions; a matrix needs 2"),
     ],
 )
 def test_bad_matrices_are_named(A, message):

@@ -256,9 +256,16 @@ def _open_npz(path: str) -> DenseSource:
     )
 
 
+# What a refusal of more than two dimensions adds: where stacks of matrices are taken.
+STACKS_HINT = ("(svd_lowrank and pca_lowrank, as torch's, factor each matrix of a stack "
+               "held as a numpy, torch or dask array; dask.array.from_zarr reads a zarr "
+               "stack lazily)")
+
+
 def zarr_array_source(array: Any, description: str) -> DenseSource:
     if array.ndim != 2:
-        raise InputError(f"{description} has {array.ndim} dimensions; a matrix needs 2")
+        raise InputError(f"{description} has {array.ndim} dimensions; a matrix needs 2"
+                         + (f" {STACKS_HINT}" if array.ndim > 2 else ""))
     try:
         stored = int(array.nbytes_stored())
     except Exception:  # noqa: BLE001 - optional information, not every store can tell
@@ -269,7 +276,8 @@ def zarr_array_source(array: Any, description: str) -> DenseSource:
 
 def _dask_source(array: Any) -> DenseSource:
     if array.ndim != 2:
-        raise InputError(f"dask array has {array.ndim} dimensions; a matrix needs 2")
+        raise InputError(f"dask array has {array.ndim} dimensions; a matrix needs 2"
+                         + (f" {STACKS_HINT}" if array.ndim > 2 else ""))
     if any(np.isnan(c) for c in array.chunks[0]):
         raise InputError("dask array has unknown chunk sizes; call compute_chunk_sizes() first")
     boundaries = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(np.int64)
