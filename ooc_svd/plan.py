@@ -320,6 +320,8 @@ class _Layouts:
         fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
         if self.requested == "auto" and method == "gram":
             fixed = max(fixed, _fixed_bytes(n, width, "exact"))  # room for the fallback
+            reason += ("; should G not resolve sigma_k, the exact method takes over after "
+                       "its pass (one pass more)")
         for depth in (PREFETCH_DEPTH, 1):
             blocks, peak = _block_layout(
                 self.chunk_boundaries, self.chunk_bytes,

@@ -168,9 +168,11 @@ def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
     spectrum = np.r_[np.logspace(0, -9, 8), np.zeros(32)]
     A = naive.matrix_with_spectrum(2000, 40, spectrum, seed=10)
     result = ooc_svd.svd(A, 8)
-    assert result.plan.method == "gram"
+    assert result.plan.method == "gram" and "takes over after its pass" in result.plan.reason
     assert result.method == "exact" and "switched to the exact method" in result.note
     assert result.passes == 3
+    requested = ooc_svd.svd_plan(A, 8, method="gram")  # no fallback, so no pass more
+    assert "takes over" not in requested.describe()
     np.testing.assert_allclose(result.S, spectrum[:8], rtol=1e-6)
     # The same spectrum in float32 data is within the gram method's reach.
     result = ooc_svd.svd(A.astype(np.float32), 8)
