@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import itertools
 import logging
 import math
@@ -74,6 +75,7 @@ from .passes import (
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
+from .sources.csr import CSRBlock
 from .sources.difference import Difference
 from .sources.paths import local_paths, path_marker
 from .store import LeftVectors
@@ -177,6 +179,9 @@ class ClusterPasses:
         self.n = source.shape[1]
         self.sparse = isinstance(source, CSRSource)
         self.scratch = scratch
+        # The workers that connect() found to see the scratch directory: one of them
+        # removes it (one that joined later may not see it).
+        self.scratch_workers = sorted(client.nthreads())
         self.owned = owned  # closed last to first
         self.token = uuid.uuid4().hex[:12]
         self.count = 0  # maps so far: each map's keys carry its number
@@ -203,8 +208,13 @@ class ClusterPasses:
         markers = tuple((path, path_marker(path)) for path in local_paths(source))
         if markers:
             self._check_inputs_reach(markers)
-            # Workers that join later check on their first read.
-            shipped = _CheckedSource(shipped, markers, self.token)
+        # Every worker checks on its first read that it sees the input's files (those that
+        # join later too) and reads the first and last rows as this process does: a store
+        # given by URL is read where it lies, and a worker without access to its chunks
+        # would read zarr's fill value.
+        shipped = _CheckedSource(shipped, markers, source.shape[0],
+                                 edge_rows_digest(source, source.shape[0]),
+                                 source.description, self.token)
         import cloudpickle
 
         blob = cloudpickle.dumps(shipped)
@@ -487,8 +497,9 @@ class ClusterPasses:
         opened."""
         self.sources.clear()
         with contextlib.suppress(Exception):
-            self.client.submit(_remove_tree, self.scratch,
-                               key=self._key("cleanup")).result(timeout=60)
+            self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
+                               workers=self.scratch_workers,
+                               allow_other_workers=True).result(timeout=60)
         for resource in reversed(self.owned):
             with contextlib.suppress(Exception):
                 resource.close()
@@ -609,10 +620,7 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
     if not all(seen.values()):
         client.submit(_remove_tree, directory, pure=False).result()
         missing = sorted(address for address, ok in seen.items() if not ok)
-        raise InputError(
-            f"the scratch directory {base!r} is not shared by all workers ({missing} do not "
-            "see it); pass scratch_dir on a filesystem every worker mounts"
-        )
+        raise InputError(_unshared_scratch(base, f"{missing} do"))
     return directory
 
 
@@ -634,11 +642,20 @@ def shippable_source(source: DenseSource | CSRSource) -> Any:
         difference.subtrahend = shippable_source(source.array.subtrahend) or \
             source.array.subtrahend
         return replace(source, array=difference)
-    if isinstance(source.array, np.memmap) and os.path.exists(source.description):
+    if _opened_npy_file(source):
         return _NpyFile(source.description)
     if isinstance(source.array, np.ndarray):
         return None
     return source
+
+
+def _opened_npy_file(source: DenseSource) -> bool:
+    """Whether the source is an .npy file that ooc_svd memory-mapped from its path (its
+    description), which the workers can open too. A memmap passed as an array is
+    described as 'memmap', and may map a raw file at an offset: its rows are scattered."""
+    filename = getattr(source.array, "filename", None)
+    return isinstance(source.array, np.memmap) and filename is not None and \
+        os.path.exists(source.description) and os.path.samefile(source.description, filename)
 
 
 def group_products(steps: list[tuple[int, int, int]], factors: list[MergeFactors],
@@ -741,24 +758,49 @@ class _GroupRows:
 @dataclass
 class _CheckedSource:
     """A shipped source whose first read in each worker process checks that the input's
-    files look there as they did to the client (``path_marker``): a worker that joined after
-    the check before the first pass would otherwise read a store it lacks as zeros."""
+    files look there as they did to the client (``path_marker``), and that its first and
+    last rows read the same (``edge_rows_digest``): a worker that joined after the check
+    before the first pass, or one that cannot reach a remote store's chunks, would
+    otherwise read what it lacks as zeros."""
 
     source: Any
     markers: tuple[tuple[str, str | None], ...]
+    m: int
+    edge_rows: str
+    description: str
     run: str  # the run's token: each run checks afresh
 
     def read(self, start: int, stop: int) -> Any:
-        key = (self.run, self.markers)
+        key = (self.run, self.markers, self.edge_rows)
         if key not in _INPUTS_SEEN:
+            here = f"a worker on {socket.gethostname()}"
             for path, expected in self.markers:
                 if path_marker(path) != expected:
-                    raise InputError(
-                        _unseen_input(f"a worker on {socket.gethostname()} does", path))
+                    raise InputError(_unseen_input(f"{here} does", path))
+            if edge_rows_digest(self.source, self.m) != self.edge_rows:
+                raise InputError(
+                    f"{here} reads other values than this process does in the first or last "
+                    f"row of the input {self.description!r}: it lacks the store's chunks "
+                    "(zarr reads a missing chunk as its fill value) or sees other data "
+                    "there; give every worker the same view of the input")
             if len(_INPUTS_SEEN) >= 1000:  # a long-lived worker's earlier runs
                 _INPUTS_SEEN.clear()
             _INPUTS_SEEN.add(key)
         return self.source.read(start, stop)
+
+
+def edge_rows_digest(source: Any, m: int) -> str:
+    """A digest of the values of the first and last of the m rows of ``source``."""
+    digest = hashlib.sha256()
+    for start in sorted({0, m - 1}):
+        block = source.read(start, start + 1)
+        parts = (block.data, block.indices, block.indptr) if isinstance(block, CSRBlock) \
+            else (block,)
+        for part in parts:
+            part = np.ascontiguousarray(part)
+            digest.update(f"{part.dtype.str}{part.shape}".encode())
+            digest.update(part.tobytes())
+    return digest.hexdigest()
 
 
 # The (run, markers) this process has checked: a set's add and lookup are atomic, and
@@ -840,7 +882,7 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
                  kernel_spec=("auto", None)) -> _Partial:
     """The streaming TSQR of the group's rows; Q_i, T_i, S_i spilled under global indices."""
     n = X.shape[0]
-    os.makedirs(directory, exist_ok=True)
+    _make_spill_directory(directory)
     stats = BlockStats.zeros(n)
     nbytes = 0
 
@@ -878,6 +920,7 @@ def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
 
 def _left_vectors_group(directory, blocks, first, P, sink):
     """U's rows of one group: the backward sweep over its spill, from its P_g."""
+    _check_scratch_seen(os.path.dirname(directory))
     rows = _GroupRows(sink, blocks[0][0], blocks[-1][1])
     assemble_left_vectors(
         len(blocks),
@@ -936,15 +979,40 @@ def _load(directory: str, name: str, index: int) -> np.ndarray:
     return np.load(_spill_path(directory, name, index), allow_pickle=False)
 
 
+# The file in a run's scratch directory by which each worker tells that it sees it.
+SCRATCH_MARKER = "shared"
+
+
 def _make_scratch(directory: str) -> str:
     # Not makedirs: a mistyped scratch_dir is refused, not created. The directory's name is
     # the run's own, so one that exists was made by this task before a retry.
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory)
-    marker = os.path.join(directory, "shared")
+    marker = os.path.join(directory, SCRATCH_MARKER)
     with open(marker, "w") as file:
         file.write("ooc-svd scratch\n")
     return marker
+
+
+def _make_spill_directory(directory: str) -> None:
+    """Make a final pass's spill directory in the run's scratch directory, which this
+    worker must see (not makedirs: a worker that joined after ``connect`` checked the
+    scratch directory would make a private copy of it, which the others cannot read)."""
+    _check_scratch_seen(os.path.dirname(directory))
+    with contextlib.suppress(FileExistsError):  # made by another group's task
+        os.mkdir(directory)
+
+
+def _check_scratch_seen(scratch: str) -> None:
+    """Refuse to spill to, or read from, a scratch directory this worker does not see."""
+    if not os.path.exists(os.path.join(scratch, SCRATCH_MARKER)):
+        raise InputError(_unshared_scratch(os.path.dirname(scratch),
+                                           f"a worker on {socket.gethostname()} does"))
+
+
+def _unshared_scratch(base: str, workers_do: str) -> str:
+    return (f"the scratch directory {base!r} is not shared by all workers ({workers_do} not "
+            "see it); pass scratch_dir on a filesystem every worker mounts")
 
 
 def _remove_tree(directory: str) -> None:

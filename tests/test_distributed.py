@@ -254,6 +254,13 @@ def test_npy_file_is_opened_by_the_workers(cluster, tmp_path, block_rows, monkey
     source = ooc_svd.sources.open_source(path)
     assert isinstance(ooc_svd.distributed.shippable_source(source), ooc_svd.distributed._NpyFile)
     assert_same_result(ooc_svd.svd(path, 4, client=cluster[1]), ooc_svd.svd(path, 4))
+    # A memmap passed as an array is scattered, even beside a file named as it is described.
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "memmap", np.zeros((1200, 30)))
+    (tmp_path / "memmap.npy").rename(tmp_path / "memmap")
+    mapped = np.load(path, mmap_mode="r")
+    assert ooc_svd.distributed.shippable_source(ooc_svd.sources.open_source(mapped)) is None
+    assert_same_result(ooc_svd.svd(mapped, 4, client=cluster[1]), ooc_svd.svd(path, 4))
 
 
 def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows):
@@ -410,6 +417,37 @@ def test_a_worker_that_sees_another_input_after_the_check_refuses_to_read_it(
                         check_then_change)
     with pytest.raises(InputError, match="a worker on .* does not see the input"):
         ooc_svd.svd(path, 2, client=cluster[1])
+
+
+def test_a_worker_that_does_not_see_the_scratch_directory_refuses_to_spill(
+    cluster, dense_store, monkeypatch
+):
+    """connect() checks the workers present; one that joins later checks before it spills
+    (or reads a spill) instead of making a private copy of the directory. Here the marker
+    by which workers see the directory is removed after the check, so none sees it."""
+    shared = ooc_svd.distributed._shared_scratch
+
+    def check_then_hide(client, scratch_dir):
+        directory = shared(client, scratch_dir)
+        os.remove(os.path.join(directory, ooc_svd.distributed.SCRATCH_MARKER))
+        return directory
+
+    monkeypatch.setattr(ooc_svd.distributed, "_shared_scratch", check_then_hide)
+    with pytest.raises(InputError, match="scratch directory .* not shared by all workers "
+                                         r"\(a worker on .* does not see it\)"):
+        ooc_svd.svd(dense_store, 2, method="randomized", client=cluster[1])
+
+
+def test_a_worker_that_reads_other_values_from_a_url_refuses_them(cluster):
+    """A store given by URL is read where it lies: here an in-memory filesystem that the
+    worker processes hold empty, whose chunks zarr would read as zeros."""
+    A = np.random.default_rng(3).standard_normal((600, 8)) + 1.0
+    url = f"memory://ooc-svd-test-{os.getpid()}/A.zarr"
+    zarr.create_array(url, shape=A.shape, chunks=(100, 8), dtype="f8")[:] = A
+    np.testing.assert_allclose(ooc_svd.svd(url, 2).S, np.linalg.svd(A, compute_uv=False)[:2])
+    with pytest.raises(InputError, match="a worker on .* reads other values .* first or last "
+                                         "row of the input 'memory://"):
+        ooc_svd.svd(url, 2, client=cluster[1])
 
 
 @pytest.mark.parametrize("method", ["randomized", "gram"])
