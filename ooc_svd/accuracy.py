@@ -26,7 +26,7 @@ def spectral_residual_estimate(
     x /= np.linalg.norm(x)
     estimate = 0.0
     for _ in range(iterations):
-        z = residual_power_pass(context, x, lambda a, b: U[a:b], S, V)
+        z = residual_power_pass(context, x, U, S, V)
         norm = float(np.linalg.norm(z))
         if norm == 0:
             return 0.0

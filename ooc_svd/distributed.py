@@ -195,6 +195,7 @@ class ClusterPasses:
         self.total_bytes = source.nbytes
         self.sources = self._place_source(source)
         self._reachable: dict[str, bool] = {}
+        self.shift_bytes = 0  # read for the current pass's shift (``_pass_shift``)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -219,11 +220,7 @@ class ClusterPasses:
 
         blob = cloudpickle.dumps(shipped)
         if len(blob) > MAX_SOURCE_BYTES:
-            raise InputError(
-                f"the {source.kind} input pickles to {format_bytes(len(blob))}, so it carries "
-                "its data rather than a reference to a store; write it to a store (e.g. "
-                "dask.array.to_zarr) and pass that, so that the workers read their own blocks"
-            )
+            raise InputError(_too_large_to_ship(source, len(blob)))
         future = self.client.submit(_unpickle, blob, key=self._key("source"))
         return [future] * len(self.groups)
 
@@ -307,7 +304,8 @@ class ClusterPasses:
     def _pass_shift(self, centering: Centering, name: str) -> np.ndarray:
         """The pass's centering shift, which the local pass takes from its first block.
 
-        Only an unknown mean makes the first block matter; a tiny task reads it then."""
+        Only an unknown mean makes the first block matter (in the first pass): a tiny task
+        reads it then, a read the pass's record counts."""
         if centering.mean_known or self.sparse:
             return centering.shift_for(np.zeros((1, self.n)))  # no block needed
         first = self.groups[0]
@@ -315,11 +313,14 @@ class ClusterPasses:
             _first_block_shift, self.sources[0], first.blocks[0], centering,
             key=self._key(name, "shift", self.count),
         )
-        return future.result()
+        shift, self.shift_bytes = future.result()
+        return shift
 
     def _record(self, context: PassContext, name: str, began: float, nbytes: int) -> None:
-        """A pass's record; ``nbytes``, of its blocks, counted as read (A - M: of A and M)."""
-        read = round(nbytes * context.source.read_factor)
+        """A pass's record; ``nbytes``, of its blocks, counted as read (A - M: of A and M),
+        with the block its shift took."""
+        read = round((nbytes + self.shift_bytes) * context.source.read_factor)
+        self.shift_bytes = 0
         context.records.append(PassRecord(name, time.perf_counter() - began, read))
 
     def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
@@ -415,21 +416,24 @@ class ClusterPasses:
         self.client.submit(_remove_tree, spill.directory,
                            key=self._key("U", "cleanup", self.count)).result()
 
-    def residual_power_pass(self, context: PassContext, X: np.ndarray,
-                            read_u: Callable[[int, int], np.ndarray], S: np.ndarray,
+    def residual_power_pass(self, context: PassContext, X: np.ndarray, U: Any, S: np.ndarray,
                             V: np.ndarray) -> np.ndarray:
-        """U's rows are read by the client and scattered with their group (U is m x k,
-        small next to A); the rest is a power pass."""
+        """A power pass that also reads U's rows: the workers read them from U's zarr store
+        where they all reach it, else the client scatters each group's rows (U is m x k,
+        small next to A, and then in the client's memory already)."""
         began = time.perf_counter()
         shift = self._pass_shift(context.centering, "residual")
-        pieces = [self.client.scatter(np.asarray(read_u(*g.rows), dtype=np.float64), hash=False)
-                  for g in self.groups]
+        if self._reached_by_workers(U):
+            pieces = [(U, 0)] * len(self.groups)
+        else:
+            pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False), g.rows[0])
+                      for g in self.groups]
         operands = [self._put(value, name) for name, value in
                     (("X", X), ("shift", shift), ("S", S), ("V", V))]
         self.count += 1
         leaves = [
             self.client.submit(_residual_group, self.sources[g.index], g.blocks, g.first,
-                               pieces[g.index], *operands, self.depth,
+                               *pieces[g.index], *operands, self.depth,
                                key=self._key("residual", "group", self.count, g.index),
                                kernel_spec=self.kernel_spec)
             for g in self.groups
@@ -449,11 +453,15 @@ class ClusterPasses:
         owner = getattr(store_rows, "__self__", None)
         if not isinstance(owner, LeftVectors):
             return RowSink(None, np.dtype(np.float64), 0)
-        array = owner.array
-        root = getattr(getattr(array, "store", None), "root", None)
-        if isinstance(array, np.ndarray) or root is None or not self._workers_reach(str(root)):
+        if not self._reached_by_workers(owner.array):
             return RowSink(None, owner.dtype, owner.m)
-        return RowSink(array, owner.dtype, owner.m)
+        return RowSink(owner.array, owner.dtype, owner.m)
+
+    def _reached_by_workers(self, array: Any) -> bool:
+        """Whether ``array`` is a zarr array in a local store that every worker reaches."""
+        root = getattr(getattr(array, "store", None), "root", None)
+        return not isinstance(array, np.ndarray) and root is not None and \
+            self._workers_reach(str(root))
 
     def _workers_reach(self, path: str) -> bool:
         """Whether every worker sees the directory ``path`` that this process sees (by a
@@ -808,6 +816,24 @@ def edge_rows_digest(source: Any, m: int) -> str:
 _INPUTS_SEEN: set[tuple[str, tuple]] = set()
 
 
+def _too_large_to_ship(source: DenseSource | CSRSource, size: int) -> str:
+    """Why a source that pickles to ``size`` bytes is refused: it carries data, A's or,
+    for A - M, M's."""
+    import cloudpickle
+
+    if isinstance(source.array, Difference):
+        subtrahend = shippable_source(source.array.subtrahend) or source.array.subtrahend
+        share = len(cloudpickle.dumps(subtrahend))
+        if share > size // 2:
+            return (f"M pickles to {format_bytes(share)}, so it carries its data rather than "
+                    "a reference to a store, too much to ship to the workers; write M to a "
+                    "zarr store and pass that (or a dask array read from it), so that the "
+                    "workers read its blocks")
+    return (f"the {source.kind} input pickles to {format_bytes(size)}, so it carries its "
+            "data rather than a reference to a store; write it to a store (e.g. "
+            "dask.array.to_zarr) and pass that, so that the workers read their own blocks")
+
+
 def _unseen_input(workers_do: str, path: str) -> str:
     return (
         f"{workers_do} not see the input {path!r} as this process does (missing, or other "
@@ -836,8 +862,11 @@ def _blocks(source: Any, blocks: tuple[tuple[int, int], ...], depth: int) -> Ite
     return prefetch_blocks(source, blocks, depth)
 
 
-def _first_block_shift(source: Any, block: tuple[int, int], centering: Centering) -> np.ndarray:
-    return centering.shift_for(source.read(*block))
+def _first_block_shift(source: Any, block: tuple[int, int], centering: Centering
+                       ) -> tuple[np.ndarray, int]:
+    """The shift a pass takes from its first block, and the bytes of the block."""
+    rows = source.read(*block)
+    return centering.shift_for(rows), int(rows.nbytes)
 
 
 def _power_group(source, blocks, first, X, shift, depth,
@@ -901,16 +930,19 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
     return _Partial(tsqr.R, stats, nbytes, BT=tsqr.BT, backends=frozenset([kernels.name]))
 
 
-def _residual_group(source, blocks, first, U, X, shift, S, V, depth,
+def _residual_group(source, blocks, first, U, u_first, X, shift, S, V, depth,
                     kernel_spec=("auto", None)) -> _Partial:
+    """Z = R^T R X over the group's rows; U holds U's rows from row ``u_first`` on (all of
+    U's zarr array, or the group's rows)."""
     n = X.shape[0]
     stats = BlockStats.zeros(n)
     Z = np.zeros(X.shape, order="F")
     SVtX = S[:, None] * (V.T @ X)
-    offset, nbytes = blocks[0][0], 0
+    nbytes = 0
     with _task_kernels(n, kernel_spec) as kernels:
         for start, _, block in _blocks(source, blocks, depth):
-            U_i = U[start - offset : start - offset + block.shape[0]]
+            rows = start - u_first
+            U_i = np.asarray(U[rows : rows + block.shape[0]], dtype=np.float64)
             Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
             Z += kernels.transposed_times(block, start, Y, shift, stats)
             Z -= V @ (S[:, None] * (U_i.T @ Y))

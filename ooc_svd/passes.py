@@ -273,23 +273,24 @@ def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]
 def residual_power_pass(
     context: PassContext,
     X: np.ndarray,
-    read_u: Callable[[int, int], np.ndarray],
+    U: Any,
     S: np.ndarray,
     V: np.ndarray,
 ) -> np.ndarray:
     """Z = R^T R X for R = (A - 1 mu^T) - U diag(S) V^T, in one read of A and of U.
 
-    X : (n, l) float64; ``read_u(start, stop)`` gives U's rows; S : (k,); V : (n, k).
+    X : (n, l) float64; U : (m, k), a numpy or zarr array, read a block's rows at a time;
+    S : (k,); V : (n, k).
     """
     if context.cluster is not None:
-        return context.cluster.residual_power_pass(context, X, read_u, S, V)
+        return context.cluster.residual_power_pass(context, X, U, S, V)
     n, l = X.shape
     Z = np.zeros((n, l), order="F")
     kernels = context.kernels
     stats = BlockStats.zeros(n)
     SVtX = S[:, None] * (V.T @ X)
     for _, start, block, shift in context.read("residual pass"):
-        U_i = np.asarray(read_u(start, start + block.shape[0]), dtype=np.float64)
+        U_i = np.asarray(U[start : start + block.shape[0]], dtype=np.float64)
         Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
         Z += kernels.transposed_times(block, start, Y, shift, stats)
         Z -= V @ (S[:, None] * (U_i.T @ Y))

@@ -174,9 +174,11 @@ def test_dense_store_matches_the_local_run(cluster, dense_store, block_rows, met
     reference = ooc_svd.svd(dense_store, 6, method=method, center=center)
     result = ooc_svd.svd(dense_store, 6, method=method, center=center, client=cluster[1])
     assert len(result.plan.blocks) == M // BLOCK_ROWS
-    # The workers keep no block cache: the plan counts every pass's reads.
+    # The workers keep no block cache: the plan counts every pass's reads, but for the
+    # first block, which a centered run's first pass reads once more for its shift.
     assert result.plan.cached_blocks == 0 < reference.plan.cached_blocks
-    assert result.bytes_read == result.plan.bytes_to_read
+    shift_block = BLOCK_ROWS * N * 8 if center else 0
+    assert result.bytes_read == result.plan.bytes_to_read + shift_block
     # The block Krylov basis amplifies rounding in its last columns: on this matrix the
     # local run's U moves by up to 1e-6 between block sizes of 200 and 2400 rows, as much
     # as between the local and the cluster's summation orders. The other methods agree to
@@ -275,6 +277,32 @@ def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows)
     for function in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):
         local, remote = function(dense_store, 4), function(dense_store, 4, client=cluster[1])
         np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
+
+
+def test_the_spectral_estimate_reads_u_from_its_store_on_the_workers(cluster, dense_store,
+                                                                    tmp_path, monkeypatch):
+    """U in a store every worker reaches is read there; only U held by the client is
+    scattered to the workers, a group's rows each."""
+    reference = ooc_svd.svd(dense_store, 4, spectral_iters=2)
+    client, scattered = cluster[1], []
+    scatter = client.scatter
+    monkeypatch.setattr(client, "scatter", lambda data, **options: scattered.append(data) or
+                        scatter(data, **options))
+    stored = ooc_svd.svd(dense_store, 4, spectral_iters=2, out=str(tmp_path / "result.zarr"),
+                         client=client)
+    assert scattered == []
+    held = ooc_svd.svd(dense_store, 4, spectral_iters=2, client=client)
+    assert sum(piece.shape[0] for piece in scattered) == 2 * M  # one scatter per pass
+    assert all(piece.dtype == reference.U.dtype for piece in scattered)
+    for result in (stored, held):
+        assert result.spectral_error == pytest.approx(reference.spectral_error, rel=1e-10)
+
+
+def test_an_m_in_memory_too_large_to_ship_is_named(cluster, dense_store, monkeypatch):
+    monkeypatch.setattr(ooc_svd.distributed, "MAX_SOURCE_BYTES", 10_000)  # M has 19 kB
+    column = np.arange(float(M))[:, None]
+    with pytest.raises(InputError, match=r"^M pickles to [0-9.]+ kB.*write M to a zarr store"):
+        ooc_svd.svd_lowrank(dense_store, 2, M=column, client=cluster[1])
 
 
 def test_svd_lowrank_with_an_m_by_n_mean_on_the_cluster(cluster, dense_store, tmp_path,
