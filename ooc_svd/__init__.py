@@ -11,6 +11,7 @@ from . import convert  # noqa: E402 - the module: ooc_svd.convert.convert(...), 
 from .accuracy import LowRankFactors  # noqa: E402
 from .api import low_rank_factors, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
 from .errors import (  # noqa: E402
+    CheckpointError,
     InputError,
     MissingDependencyError,
     NonFiniteError,
@@ -23,6 +24,7 @@ from .errors import (  # noqa: E402
 from .result import SVDResult, rank_for_energy  # noqa: E402
 
 __all__ = [
+    "CheckpointError",
     "InputError",
     "LowRankFactors",
     "MissingDependencyError",

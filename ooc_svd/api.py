@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__
 from .accuracy import LowRankFactors, spectral_residual_estimate
 from .centering import Centering
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, holds_a_pass
 from .engine import (
     Factors,
     RankRule,
@@ -30,7 +30,7 @@ from .engine import (
     rank_above,
     rank_for_tolerance,
 )
-from .errors import InputError, OOCSVDError, PlanError, check_int, check_number, check_seed
+from .errors import InputError, PlanError, check_int, check_number, check_seed
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
@@ -215,9 +215,13 @@ dask.array.Array} of shape (m, n)
     NonFiniteError
         NaN or Inf in A; the message names the first offending row.
     StoreNotFoundError, ReadError
-        A missing or unreadable store, or a chunk that cannot be read.
+        A missing or unreadable store, or a chunk that cannot be read. A failed run keeps
+        its checkpoint once it holds a pass, for ``resume``.
     PlanError
         The run cannot fit ``memory_limit``; the message gives the numbers.
+    CheckpointError
+        ``resume`` with a checkpoint of other parameters or input, or one that cannot be
+        read (it is kept).
 
     References
     ----------
@@ -713,11 +717,14 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             spectral = spectral_residual_estimate(
                 context, left.array, factors.S, factors.V, request.spectral_iters, seed
             )
-    except BaseException as error:
+    except BaseException:
+        # A checkpoint that holds a pass stays, whatever the failure: a chunk that could not
+        # be read, or a checkpoint file, may read again (or be replaced), and its passes
+        # are resumed then.
         if writer:
             writer.abort()
-        if isinstance(error, OOCSVDError):
-            saved.remove()  # bad input or an unreadable chunk: nothing worth resuming
+        if saved.directory is not None and not holds_a_pass(saved.directory):
+            saved.remove()
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records,
                              request.tol)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NPZ_READ_ERRORS, InputError
+from .errors import NPZ_READ_ERRORS, CheckpointError, InputError
 
 SCRATCH_LIST = "scratch.txt"
 SCRATCH_PREFIX = "ooc-svd-"  # the names of every scratch directory ooc_svd makes
@@ -40,7 +40,7 @@ class Checkpoint:
             saved = self._read_state(state_path)
             if saved != fingerprint:
                 changed = sorted(key for key in fingerprint if saved.get(key) != fingerprint[key])
-                raise InputError(
+                raise CheckpointError(
                     f"cannot resume: the checkpoint in {directory!r} was made with different "
                     f"{', '.join(changed)}; run without resume to start over"
                 )
@@ -67,8 +67,8 @@ class Checkpoint:
             raise self._unreadable(state_path, "not a fingerprint")
         return saved
 
-    def _unreadable(self, path: str, error: Any) -> InputError:
-        return InputError(f"cannot resume: the checkpoint file {path!r} is unreadable "
+    def _unreadable(self, path: str, error: Any) -> CheckpointError:
+        return CheckpointError(f"cannot resume: the checkpoint file {path!r} is unreadable "
                           f"({error or type(error).__name__}); run without resume to start "
                           "over")
 

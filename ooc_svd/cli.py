@@ -166,6 +166,9 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         )
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(f"{os.path.normpath(out)}.checkpoint")) from None
+    except OOCSVDError as error:
+        raise InputFailure(failure_message(error, f"{os.path.normpath(out)}.checkpoint")) \
+            from None
     summary = {
         "out": out,
         "method": result.method,
@@ -193,6 +196,18 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         click.echo(f"rank {result.rank}, {result.passes} passes on the {result.backend} backend "
                    f"({summary['resumed_passes']} resumed), residual {result.residual:.3e} "
                    f"(relative, Frobenius){spectral}; wrote {out}")
+
+
+def failure_message(error: OOCSVDError, checkpoint: str) -> str:
+    """A failed run's message, and the passes its checkpoint kept (unless the checkpoint
+    itself is what failed)."""
+    from .checkpoint import holds_a_pass
+    from .errors import CheckpointError
+
+    if isinstance(error, CheckpointError) or not holds_a_pass(checkpoint):
+        return str(error)
+    return (f"{error}; the completed passes are kept in {checkpoint}: the same command with "
+            "--resume continues from there")
 
 
 def interrupted_message(checkpoint: str) -> str:

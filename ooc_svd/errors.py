@@ -21,6 +21,11 @@ class InputError(OOCSVDError, ValueError):
     """The input matrix or an argument is unusable; the message names the problem."""
 
 
+class CheckpointError(InputError):
+    """A run cannot resume from its checkpoint (other parameters or input, or a file that
+    cannot be read); the message says how to start over."""
+
+
 class NonFiniteError(InputError):
     """The matrix holds NaN or Inf; the message names the first offending row."""
 

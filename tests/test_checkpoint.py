@@ -155,11 +155,41 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, na
     corrupt = tmp_path / "result.zarr.checkpoint" / name
     assert corrupt.exists()
     corrupt.write_bytes(content)
-    with pytest.raises(InputError, match=f"checkpoint file .*{name}' is unreadable .*run "
-                                         "without resume"):
+    saved = sorted(path.name for path in corrupt.parent.iterdir())
+    with pytest.raises(ooc_svd.CheckpointError, match=f"checkpoint file .*{name}' is "
+                                                      "unreadable .*run without resume"):
         ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    assert sorted(path.name for path in corrupt.parent.iterdir()) == saved  # nothing lost
     result = ooc_svd.svd(A, 3, method="randomized", out=out)  # without resume: a new start
     assert not any(r.name.endswith("(resumed)") for r in result.records)
+
+
+def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeypatch):
+    """A read error in a late pass (a file server's hiccup) loses none of the passes before
+    it: the run resumed reads again from there."""
+    from ooc_svd.errors import ReadError
+
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    reference = ooc_svd.svd(A, 3, method="randomized")
+
+    def unreadable(*args, **kwargs):
+        raise ReadError("cannot read the chunk of rows [0, 300)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", unreadable)
+        with pytest.raises(ReadError):
+            ooc_svd.svd(A, 3, method="randomized", out=out)
+    checkpoint = out + ".checkpoint"
+    from ooc_svd.cli import failure_message
+
+    assert failure_message(ReadError("unreadable"), checkpoint).endswith(
+        f"the completed passes are kept in {checkpoint}: the same command with --resume "
+        "continues from there")
+    result = ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    assert [r.name.endswith("(resumed)") for r in result.records].count(True) == 2
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+    assert failure_message(ReadError("unreadable"), checkpoint) == "unreadable"  # removed
 
 
 def test_a_checkpoint_killed_while_writing_its_state_is_replaced(tmp_path):
