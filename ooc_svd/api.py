@@ -28,7 +28,9 @@ from .engine import (
     krylov_svd,
     randomized_svd,
     rank_above,
+    rank_above_rounding,
     rank_for_tolerance,
+    rounding_unit,
 )
 from .errors import InputError, PlanError, check_int, check_number, check_seed
 from .kernels.backend import CPUKernels
@@ -525,10 +527,14 @@ def low_rank_factors(
 ) -> LowRankFactors:
     """Factor W (m x n) as B @ A with B = U_r diag(S_r) (m x r) and A = V_r^T (r x n).
 
-    The rank follows numpy.linalg.matrix_rank when not given: singular values above
-    rtol * S_max, with rtol = max(m, n) * eps of W's dtype by default. The SVD is exact
-    (TSQR, two reads of W), so the rank is that of the matrix to working precision: a
-    10 x 10 matrix of rank 2 becomes 10 x 2 and 2 x 10 factors, 100 parameters 40.
+    The rank, when not given, counts the singular values above what rounding can make:
+    eps ||W||_F for W's eps (a relative rounding of each value moves no singular value
+    further), and at least numpy.linalg.matrix_rank's max(m, n) eps64 S_max for the float64
+    computation. For float64 data that is numpy's rule; for float32 and float16 data numpy
+    takes max(m, n) eps S_max, which drops real directions of tall matrices (and all of
+    them past 1/eps rows). The SVD is exact (TSQR, two reads of W), so the rank is that of
+    the matrix to working precision: a 10 x 10 matrix of rank 2 becomes 10 x 2 and 2 x 10
+    factors, 100 parameters 40.
 
     Parameters
     ----------
@@ -573,9 +579,10 @@ def low_rank_factors(
         if rank > min(m, n):
             raise InputError(f"rank={rank} exceeds min(m, n) = {min(m, n)}")
         rule = fixed_rank(rank)
+    elif rtol is None:
+        rule = rank_above_rounding(rounding_unit(source.dtype), (m, n))
     else:
-        eps = np.finfo(source.dtype if source.dtype.kind == "f" else np.float64).eps
-        rule = rank_above(max(m, n) * eps if rtol is None else check_number("rtol", rtol))
+        rule = rank_above(check_number("rtol", rtol))
     request = _Request(min(m, n), rule, oversample=0, method="exact", memory_limit=memory_limit,
                        out=out, overwrite=overwrite, write_factors=out is not None)
     result = _run(source, request)

@@ -129,6 +129,18 @@ def difference_rounding(stats: BlockStats, shift: np.ndarray, sparse: bool) -> f
     return DIFFERENCE_ROUNDING * EPS64 * energy
 
 
+def rank_above_rounding(eps: float, shape: tuple[int, int]) -> RankRule:
+    """Singular values above ``rank_tolerance`` of uncentered data whose rounding unit is
+    ``eps`` (at least 1)."""
+
+    def rule(S: np.ndarray, fro2: float, rounding: float | None) -> int:
+        if not S.size or S[0] <= 0:
+            return 1
+        return max(1, int(np.count_nonzero(rank_tolerance(float(S[0]), fro2, shape, eps) < S)))
+
+    return rule
+
+
 def rank_above(rtol: float, max_rank: int | None = None) -> RankRule:
     """numpy.linalg.matrix_rank's rule: singular values above rtol * S_max (at least 1)."""
 
@@ -363,7 +375,8 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         V, W = normalize_signs(V_all[:, :rank], Wt_all[:rank].T)
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape,
-                               rounding_unit(context.source.dtype))
+                               rounding_unit(context.source.dtype),
+                               unshifted_energy(final.stats, final.shift))
     factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
     if rank == min(context.source.shape):
         # All of A's singular values: the residual is zero to the factorization's rounding,
@@ -468,11 +481,26 @@ def rounding_unit(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).eps) if dtype.kind == "f" else EPS64
 
 
-def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float = EPS64) -> int:
-    """Count of singular values above numpy.linalg.matrix_rank's tolerance relative to the
-    first, max(m, n) eps S[0], with ``eps`` the data's rounding unit (``rounding_unit``):
-    float32 data holds directions only down to its own rounding."""
+def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float, data_energy: float
+                   ) -> int:
+    """Count of singular values above ``rank_tolerance`` (``eps``: the data's rounding
+    unit, ``rounding_unit``; ``data_energy``: the squared Frobenius norm of the values as
+    stored, before any centering)."""
     if S.size == 0 or S[0] == 0:
         return 0
-    tolerance = S[0] * max(shape) * eps
-    return int(np.count_nonzero(tolerance < S))
+    return int(np.count_nonzero(rank_tolerance(float(S[0]), data_energy, shape, eps) < S))
+
+
+def rank_tolerance(S_max: float, data_energy: float, shape: tuple[int, int], eps: float
+                   ) -> float:
+    """The largest singular value that rounding can make: that of the data, whose values
+    each rounded by a relative eps move no singular value by more than eps ||A||_F, and
+    that of the float64 computation, numpy.linalg.matrix_rank's max(m, n) eps64 S_max.
+    numpy takes the latter with the data's eps, which for float32 data of more than 1/eps
+    (8.4 million) rows exceeds S_max itself."""
+    return max(eps * float(np.sqrt(max(data_energy, 0.0))), max(shape) * EPS64 * S_max)
+
+
+def unshifted_energy(stats: BlockStats, shift: np.ndarray) -> float:
+    """||A||_F^2 from a pass's totals of A_s = A - 1 shift^T."""
+    return stats.sumsq + 2.0 * float(shift @ stats.colsum) + stats.rows * float(shift @ shift)

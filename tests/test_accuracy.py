@@ -238,6 +238,24 @@ def test_low_rank_factors_follow_matrix_rank(shape, rank, dtype):
     assert loose.rank == np.count_nonzero(0.5 * S[0] < S)
 
 
+def test_the_rank_of_low_precision_data_does_not_vanish_with_many_rows():
+    """numpy's max(m, n) eps S_max reaches S_max at m = 1/eps: float16 data of 1024 rows,
+    float32 data of 8.4 million. The rounding of the values, eps ||W||_F, does not grow
+    with m."""
+    from ooc_svd.engine import numerical_rank, rank_tolerance
+
+    rng = np.random.default_rng(2)
+    W = (rng.standard_normal((2000, 5)) @ rng.standard_normal((5, 50))).astype(np.float16)
+    factors = ooc_svd.low_rank_factors(W)
+    assert factors.rank == 5 and factors.relative_error < 1e-3
+    assert ooc_svd.svd(W, 8, method="exact").numerical_rank == 5
+    # A float32 matrix of 9 million rows and rank 2 (singular values 5195 and 2999)
+    S, shape, eps32 = np.array([5195.0, 2999.0, 1e-4]), (9_000_000, 3), np.finfo("f4").eps
+    assert 1e-4 < rank_tolerance(S[0], float(S @ S), shape, eps32) < 1e-2
+    assert numerical_rank(S, shape, eps32, float(S @ S)) == 2
+    assert max(shape) * eps32 * S[0] > S[0]  # numpy's tolerance: rank 0
+
+
 def test_low_rank_factors_of_a_wide_matrix_in_memory_factor_its_transpose(tmp_path):
     """More than 4096 columns: W^T is factored when W is in memory (dense or sparse); a
     wide W with out, or too wide both ways, is refused naming the limit."""

@@ -153,8 +153,8 @@ def test_rank_deficient_exact_mode_reports_rank():
 
 @pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
 def test_the_numerical_rank_of_float32_data_counts_at_its_own_precision(method):
-    """As numpy's matrix_rank on the float32 array: directions below float32's rounding
-    are noise (every method counted all k of them with float64's eps)."""
+    """Directions below float32's rounding are noise (every method counted all k of them
+    with float64's eps); here numpy's matrix_rank agrees."""
     A = naive.matrix_with_spectrum(1000, 60, np.logspace(0, -1, 7), seed=4).astype(np.float32)
     result = ooc_svd.svd(A, 20, method=method)
     assert result.numerical_rank == np.linalg.matrix_rank(A) == 7
