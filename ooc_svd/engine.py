@@ -57,6 +57,8 @@ RankRule = Callable[[np.ndarray, float, float | None], int]
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
 # accepted up to this bound or the data's own rounding error, whichever is larger.
 GRAM_TOLERANCE = 1e-8
+# What the note of a gram result beyond that bound says (``verify`` reads it).
+GRAM_SHORTFALL = "too small for the gram method's accuracy"
 # A Krylov block's column whose norm falls below this once projected off the basis (of unit
 # columns) adds no direction the basis lacks, beyond rounding: sqrt(eps64) ~ 1.5e-8.
 DEPENDENT_NORM = 1e-7
@@ -356,7 +358,7 @@ def _gram_shortfall(eigenvalues: np.ndarray, rank: int, subtracted: float) -> st
         size = f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is"
     else:  # lost in G's rounding altogether
         size = "sigma_k is"
-    return f"{size} too small for the gram method's accuracy"
+    return f"{size} {GRAM_SHORTFALL}"
 
 
 # ---- shared steps -------------------------------------------------------------------------

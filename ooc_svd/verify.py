@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine import GRAM_SHORTFALL
 from .errors import InputError, StoreNotFoundError, check_int
 from .sources import CSRSource, open_source
 from .store import UNFINISHED
@@ -18,14 +19,17 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     ``samples`` randomly chosen storage chunks of rows.
 
     U is read chunk by chunk, so a U larger than memory is fine. ``ok`` is False when
-    ||U^T U - I||_max or ||V^T V - I||_max (every column) exceeds the tolerance of
-    U's dtype: 10 sqrt(m) eps + 100 eps, the rounding of an m-term float sum. When the
+    ||U^T U - I||_max or ||V^T V - I||_max (every column) exceeds
+    ``orthonormality_tolerance``: the rounding of the float64 sums and of U's values as
+    stored (4 eps of U's dtype; a float32 U moved by 4e-4 in a few rows fails). When the
     samples cover every row, the residual they give is exact, and ``ok`` is also False when
     the function ``residual_agrees`` finds it is not the stored one (reported under that
     name): the result does not belong to this input, or one of them changed. Sampled or
     not, a result of the exact or gram method that leaves these rows a relative residual
     above ``PLAUSIBLE_RESIDUAL`` is no SVD of them (reported as ``residual_plausible``),
-    and ``ok`` is False.
+    and ``ok`` is False; so is a result whose rows a_i V - U_i S exceed, on the rows
+    sampled, the rounding (exact and gram) or the stored residual (the others) that they
+    may reach (``rows_agree``, with ``rows_error`` relative to ||A_c||_F; see ROWS_SLACK).
 
     Without the input, ``ok`` is also False for a store that is not a finished run's
     (``complete``: its attributes are there, the mark of an unfinished write is not, and a
@@ -40,13 +44,12 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     complete = bool(attributes) and UNFINISHED not in group.attrs and \
         ("mean" in group) == bool(attributes.get("centered"))
     m, k = U.shape
-    rows = U.chunks[0]
+    chunk_rows = U.chunks[0]
     gram = np.zeros((k, k))
-    for start in range(0, m, rows):
-        block = U[start : start + rows].astype(np.float64)
+    for start in range(0, m, chunk_rows):
+        block = U[start : start + chunk_rows].astype(np.float64)
         gram += block.T @ block
-    eps = float(np.finfo(U.dtype).eps)
-    tolerance = float(10 * np.sqrt(m) * eps + 100 * eps)
+    tolerance = orthonormality_tolerance(m, U.dtype)
     u_error = float(np.max(np.abs(gram - np.eye(k)), initial=0.0))
     v_error = float(np.max(np.abs(V.T @ V - np.eye(k)), initial=0.0))
     report: dict[str, Any] = {
@@ -75,6 +78,15 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         report["residual_plausible"] = bool(sums.relative2 <= PLAUSIBLE_RESIDUAL**2)
         report["ok"] = report["ok"] and report["residual_plausible"]
     stored = report["stored_residual"]
+    norm = attributes.get("frobenius_norm")
+    if norm and stored is not None:
+        report["rows_error"] = float(np.sqrt(sums.projection2)) / norm
+        allowed = rows_slack(U.dtype, k, norm)
+        if report["method"] not in ("exact", "gram") or \
+                GRAM_SHORTFALL in str(attributes.get("note", "")):
+            allowed = float(np.hypot(allowed, stored * norm))
+        report["rows_agree"] = bool(sums.projection2 <= allowed**2)
+        report["ok"] = report["ok"] and report["rows_agree"]
     if sums.rows == m and stored is not None:
         agrees = residual_agrees(stored, sums, m, mean,
                                  residual_slack(U.dtype, attributes.get("backend")))
@@ -91,6 +103,32 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 # niter=0), so they are not held to it. Sampled rows of a gram result checked against
 # another matrix of its shape measured 1.36.
 PLAUSIBLE_RESIDUAL = 1.1
+
+def orthonormality_tolerance(rows: int, dtype: np.dtype) -> float:
+    """How far from I the Gram matrix of unit columns of ``rows`` values may be: the
+    rounding of the float64 sums (10 sqrt(rows) eps64 + 100 eps64, with room for the
+    factorization's), and of the stored values, a relative eps each (at most 2 eps on a
+    Gram entry of unit columns: 4 eps for room)."""
+    eps64 = float(np.finfo(np.float64).eps)
+    return float(10 * np.sqrt(rows) * eps64 + 100 * eps64 + 4 * np.finfo(dtype).eps)
+
+
+# Row i of U S is q_i Q^T A_c V for the basis Q of the final pass (U = Q W, and B = Q^T A_c =
+# W S V^T), so a_i V - U_i S = e_i V with e_i the part of a_i that Q misses: over all rows,
+# sum |e_i|^2 = ||A_c||^2 - ||Q^T A_c||^2, at most residual^2 ||A_c||^2. The exact and gram
+# methods' Q spans A_c V, e_i V = 0 to rounding: ROWS_SLACK of ||A_c|| (the gram method's
+# error, up to engine.GRAM_TOLERANCE on sigma_k, with room) and the rounding of the stored
+# U and V. A row of U that lost its sign, rows swapped, V's columns swapped, another mean
+# or another input all break it on the rows sampled.
+ROWS_SLACK = 1e-6
+
+
+def rows_slack(dtype: np.dtype, k: int, norm: float) -> float:
+    """What sqrt(sum |a_i V - U_i S|^2) over the sampled rows of an exact or gram result
+    may reach: ROWS_SLACK ||A_c||, and the rounding of U S and of V stored as ``dtype``
+    (sqrt(k) eps ||A_c|| at most), 100 times."""
+    return (ROWS_SLACK + 100 * np.sqrt(k) * float(np.finfo(dtype).eps)) * norm
+
 
 # The slack of ``residual_agrees`` on squared relative residuals: a share of the stored
 # one, and an absolute part. float32's rounding (a stored float32 U, or the float32
@@ -175,6 +213,7 @@ class _Sums:
     norm2: float = 0.0
     rows: int = 0
     sparse: bool = False
+    projection2: float = 0.0  # sum over the rows of |a_i V - U_i S|^2 (a_i of A_c)
 
     @property
     def relative2(self) -> float:
@@ -203,10 +242,14 @@ def _sampled_sums(input_path, U, S, V, mean, samples, seed) -> _Sums:
             difference = block - U_i @ SVt
             sums.residual2 += float(np.sum(difference * difference))
             sums.norm2 += float(np.sum(block * block))
+            projected = block @ V - U_i * S
         else:
-            block_residual2, block_norm2 = _sparse_residual(block.to_scipy(), U_i * S, V, mean)
+            block = block.to_scipy()
+            block_residual2, block_norm2 = _sparse_residual(block, U_i * S, V, mean)
             sums.residual2 += block_residual2
             sums.norm2 += block_norm2
+            projected = block @ V - U_i * S - (0.0 if mean is None else mean @ V)
+        sums.projection2 += float(np.sum(projected * projected))
         sums.rows += stop - start
     return sums
 

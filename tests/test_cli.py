@@ -73,9 +73,16 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
     report = json.loads(done.stdout)
     assert done.returncode == 1 and not report["ok"] and not report["residual_agrees"]
     assert report["u_orthonormality_error"] <= report["tolerance"]
-    sampled = json.loads(ooc_svd_command("check", out, other, "--json").stdout)
+    # Sampled: a_i V - U_i S over the rows sampled exceeds what the stored residual allows
+    done = ooc_svd_command("check", out, other, "--json", check=False)
+    sampled = json.loads(done.stdout)
+    assert done.returncode == 1 and not sampled["ok"] and not sampled["rows_agree"]
     assert sampled["sampled_rows"] == 24000 and "residual_agrees" not in sampled
     assert "residual_plausible" not in sampled  # randomized: rows are not bounded by 1
+    assert sampled["rows_error"] > summary["residual"]
+    sampled = json.loads(ooc_svd_command("check", out, store, "--json").stdout)
+    assert sampled["ok"] and sampled["rows_agree"]
+    assert sampled["rows_error"] <= summary["residual"]
     # A gram result leaves no set of rows a residual above 1: past 1.1, sampled, it fails
     gram = tmp_path / "gram.zarr"
     ooc_svd_command("run", store, "--k", 5, "--out", gram, "--method", "gram")
@@ -145,6 +152,49 @@ def test_check_holds_a_float64_result_to_float64_precision(tmp_path):
     np.save(path, changed)
     report = verify_result(out, path, samples=10**6)
     assert not report["residual_agrees"] and not report["ok"]
+
+
+def corrupt(group, damage):
+    """Apply ``damage`` to a copy of one of a result's arrays, and store it back."""
+    name, change = damage
+    values = group[name][:]
+    group[name][:] = change(values)
+
+
+DAMAGES = {
+    "V's columns 1 and 2 swapped": ("V", lambda V: V[:, [0, 2, 1, 3, 4]]),
+    "the mean off by 0.1": ("mean", lambda mean: mean + 0.1),
+    "U's column 3 negated in rows 100-199": ("U", lambda U: np.concatenate(
+        [U[:100], U[100:200] * [1, 1, 1, -1, 1], U[200:]])),
+    "U's rows 100-199 zeroed in column 3": ("U", lambda U: np.concatenate(
+        [U[:100], U[100:200] * [1, 1, 1, 0, 1], U[200:]])),
+}
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_sampled_check_finds_damaged_factors(tmp_path, method, damage):
+    """Sampled chunks of rows (a quarter of them): a_i V - U_i S on those rows, and the
+    orthonormality of U held to the rounding of its values, catch what the sampled
+    residual alone let through."""
+    import shutil
+
+    import naive
+    import zarr
+
+    from ooc_svd.verify import verify_result
+
+    A = naive.matrix_with_spectrum(8000, 60, 1.0 / np.arange(1, 61), seed=4) + 3.0
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(500, 60), dtype="f4")[:] = A
+    out, bad = str(tmp_path / "good.zarr"), str(tmp_path / "bad.zarr")
+    ooc_svd.svd(path, 5, center=True, method=method, out=out)
+    shutil.copytree(out, bad)
+    corrupt(zarr.open_group(bad), DAMAGES[damage])
+    good = verify_result(out, path, samples=4, seed=1)
+    report = verify_result(bad, path, samples=4, seed=1)
+    assert good["ok"] and good["rows_agree"] and good["sampled_rows"] == 2000
+    assert not report["ok"], report
 
 
 @pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
