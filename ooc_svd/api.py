@@ -52,7 +52,7 @@ from .sources import CSRSource, DenseSource, open_source
 from .sources.dense import STACKS_HINT
 from .sources.difference import sparse_column, subtract
 from .sources.open import is_torch_sparse
-from .sources.paths import files_state, local_paths
+from .sources.paths import files_state, local_paths, stored_chunk_files
 from .store import (
     LeftVectors,
     OutputLock,
@@ -673,6 +673,38 @@ def _run_locks(out_path: str | None, checkpoint: Any):
         raise
 
 
+def _zero_note(result: SVDResult, centering: Centering) -> str:
+    """What a matrix whose values read as zero (or as their mean) says: every singular
+    value is zero."""
+    if result.frobenius_norm > 0:
+        return ""
+    if centering.mode == "none":
+        return "every value of A read as zero (a zarr store's chunks never written do)"
+    return "every row of A read as the mean: A - 1 mu^T is zero"
+
+
+# Listing a store's chunks costs up to 8 s per 100,000 on a local disk (one directory per
+# row of chunks): stores of more chunks are not counted.
+MAX_CHUNKS_COUNTED = 100_000
+
+
+def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
+    """For a zarr array, how many of its storage chunks are absent, which zarr reads as its
+    fill value: chunks of the fill value alone are left out on purpose, but so are those of
+    a store written in part."""
+    array = getattr(source, "array", None)
+    if not type(array).__module__.startswith("zarr") or getattr(array, "shards", None) or \
+            array.nchunks > MAX_CHUNKS_COUNTED:
+        return ""
+    present = stored_chunk_files(array)
+    total = int(array.nchunks)
+    if present is None or present >= total:
+        return ""
+    return (f"{total - present} of the {total} storage chunks of {source.description} are "
+            f"absent, read as the fill value {array.fill_value} (zarr leaves out chunks of "
+            "the fill value alone, and a store written in part lacks the rest)")
+
+
 def _make_directories(path: str) -> list[str]:
     """os.makedirs(path), returning the directories it made, innermost first."""
     missing = []
@@ -735,6 +767,8 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records,
                              request.tol)
+    result.note = "; ".join(filter(None, [result.note, _zero_note(result, centering),
+                                          _absent_chunks_note(source)]))
     # On a cluster, what the workers' kernels ran on ('cpu and cuda' on a mixed one); a run
     # resumed after its last reducing pass saw none of them, and says what it asked for
     result.backend = kernels.name if cluster is None else (

@@ -1187,3 +1187,22 @@ def test_cuda_options_with_the_cpu_backend_are_a_mistake():
     # On 'auto' they wait for a GPU; without one the run is the CPU's.
     result = ooc_svd.svd(A, 3, backend="auto", cuda_options={"streams": 3})
     assert result.backend in ("cpu", "cuda")
+
+
+def test_absent_chunks_and_a_zero_matrix_are_noted(tmp_path):
+    """zarr reads a chunk never written as its fill value: the note counts those chunks,
+    and says when every value read was zero (or every row the mean)."""
+    import zarr
+
+    path = str(tmp_path / "A.zarr")
+    array = zarr.create_array(path, shape=(1000, 20), chunks=(100, 20), dtype="f4")
+    empty = ooc_svd.svd(path, 3)
+    assert np.all(empty.S == 0) and "every value of A read as zero" in empty.note
+    assert "10 of the 10 storage chunks" in empty.note
+    array[:500] = np.random.default_rng(0).standard_normal((500, 20))
+    half = ooc_svd.svd(path, 3)
+    assert "5 of the 10 storage chunks" in half.note and "read as zero" not in half.note
+    array[:] = 1.0
+    constant = ooc_svd.svd(path, 3, center=True)
+    assert constant.note == "every row of A read as the mean: A - 1 mu^T is zero"
+    assert ooc_svd.svd(path, 1).note == ""  # every chunk written
