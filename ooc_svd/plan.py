@@ -36,6 +36,9 @@ METHODS = ("exact", "gram", "randomized", "krylov")  # in order of preference wh
 # "auto" prefers block Krylov to subspace iteration when it costs at most this much more:
 # the same reads, a wider final basis, and far better accuracy on flat spectra.
 KRYLOV_PREMIUM = 1.25
+# ... and the exact and gram methods, whose singular values and vectors are exact to
+# rounding, when they cost at most this much more than the cheapest approximate method.
+EXACT_PREMIUM = 2.0
 # The exact and gram methods keep n x n factors: beyond this width the randomized method
 # is always cheaper.
 MAX_EXACT_COLUMNS = 4096
@@ -607,6 +610,12 @@ def _choose_method(
     elif best != _by_preference(n, costs, None)[0]:  # tol ruled out the cheapest
         why = (f"{best} is the cheapest by the cost model of the methods that resolve "
                f"tol={tol:g} ({predicted})")
+    exact = min(("exact", "gram"), key=costs.__getitem__)
+    if best == "randomized" and n <= MAX_EXACT_COLUMNS and \
+            costs[exact] <= EXACT_PREMIUM * costs["randomized"]:
+        ratio = costs[exact] / costs["randomized"]
+        return exact, (f"{exact} is exact to rounding at {ratio:.2g}x the cost of the cheapest "
+                       f"(up to {EXACT_PREMIUM:g}x is taken for that) ({predicted})")
     affordable = costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]
     if best == "randomized" and tol is None and affordable:
         best = "krylov"

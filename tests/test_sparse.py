@@ -1,5 +1,7 @@
 """Sparse CSR matrices: kernels against dense references, end to end against LAPACK."""
 
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -427,3 +429,16 @@ def test_open_csr_group_validates_the_layout(tmp_path):
     group.create_array("indptr", data=np.array([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="lacks"):
         open_csr_group(group, "bad.zarr")
+
+
+def test_auto_takes_an_exact_method_that_costs_at_most_twice_the_cheapest():
+    """A tall sparse matrix of 300 columns: randomized is a little cheaper by the cost model,
+    gram exact (randomized was 7% off on sigma_2 here)."""
+    A = scipy.sparse.random(1000, 300, density=0.05, random_state=0, format="csr")
+    result = ooc_svd.svd(A, 5)
+    assert result.method in ("exact", "gram") and "exact to rounding at" in result.plan.reason
+    np.testing.assert_allclose(result.S, np.linalg.svd(A.toarray(), compute_uv=False)[:5],
+                               rtol=1e-10)
+    costs = re.findall(r"(\w+) ~([0-9.e-]+) s", result.plan.reason)
+    seconds = {name: float(value) for name, value in costs}
+    assert seconds["randomized"] < seconds[result.method] <= 2 * seconds["randomized"]
