@@ -892,8 +892,11 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
         if k > min(m, n):
             raise InputError(f"k={k} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
         return k, fixed_rank(k), None
-    if not 0 < check_number("tol", tol) < 1:
-        raise InputError(f"tol must be a number between 0 and 1, not {tol!r}")
+    if not isinstance(tol, (bool, np.bool_)) and isinstance(tol, (int, float, np.number)) \
+            and not 0 < tol < 1:
+        raise InputError(f"tol={tol!r} must be a relative residual between 0 and 1 "
+                         "(exclusive)")
+    check_number("tol", tol)
     max_rank = min(m, n) if max_rank is None else check_int("max_rank", max_rank, minimum=1)
     if max_rank > min(m, n):
         raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")

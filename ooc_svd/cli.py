@@ -239,8 +239,12 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
 
     planning = [name for name in PLANNING if given(name)]
     if k is None and tol is None and planning:
-        raise InputFailure(f"{', '.join(planning)} shape the plan of a run: give --k or --tol "
-                           "with them, or leave them out to describe the input alone")
+        names = ", ".join(planning)
+        verb = "shapes" if len(planning) == 1 else "shape"
+        raise InputFailure(f"{names} {verb} the plan of a run: give --k or --tol with "
+                           f"{'it' if len(planning) == 1 else 'them'}, or leave "
+                           f"{'it' if len(planning) == 1 else 'them'} out to describe the "
+                           "input alone")
     options = parse_cuda_options(cuda_options)
     check_cuda_options(options)
     if scheduler is None:

@@ -10,14 +10,21 @@ from .errors import InputError
 
 def parse_bytes(value: int | float | str) -> int:
     """Bytes from an int or a string such as '512MB', '4GB', '2GiB', '1e9'."""
-    if isinstance(value, numbers.Real):  # numpy's numbers too
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise InputError(f"cannot read a memory size from {value!r}; use e.g. '512MB' or '4GB'")
-    number, unit, binary = match.groups()
-    power = "KMGT".index(unit.upper()) + 1 if unit else 0
-    return int(float(number) * (1024 if binary else 1000) ** power)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's too
+        count = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value),
+                             re.IGNORECASE)
+        try:
+            number, unit, binary = match.groups()
+            count = float(number)
+        except (AttributeError, ValueError):  # no match, or no number ('1e', '..')
+            raise InputError(f"cannot read a memory size from {value!r}; use e.g. '512MB' "
+                             "or '4GB'") from None
+        count *= (1024 if binary else 1000) ** ("KMGT".index(unit.upper()) + 1 if unit else 0)
+    if not 1 <= count < float("inf"):
+        raise InputError(f"a memory size must be a positive number of bytes, not {value!r}")
+    return int(count)
 
 
 def format_bytes(count: float) -> str:
