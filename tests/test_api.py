@@ -379,7 +379,7 @@ def test_nan_in_an_m_subtracted_from_the_blocks_is_blamed_on_m(shape):
                                              "first at row 211$"):
         ooc_svd.svd_lowrank(A, q=3, M=M)
     A[5, 5] = np.nan
-    with pytest.raises(NonFiniteError, match="^the matrix holds NaN or Inf .* first at row 5"):
+    with pytest.raises(NonFiniteError, match="^the matrix holds NaN or Inf, first at row 5$"):
         ooc_svd.svd_lowrank(A, q=3, M=np.zeros(shape))
 
 
@@ -1093,7 +1093,7 @@ def test_nan_names_the_rows(zarr_matrix, block_rows, matrix):
     block_rows(100, 30)
     A = matrix.copy()
     A[237, 11] = np.inf
-    with pytest.raises(NonFiniteError, match=r"rows \[200, 300\), first at row 237"):
+    with pytest.raises(NonFiniteError, match=r"^the matrix holds NaN or Inf, first at row 237$"):
         ooc_svd.svd(zarr_matrix(A, chunk_rows=100), 3, memory_limit="4MB", method="randomized")
     with pytest.raises(NonFiniteError, match="first at row 237"):
         ooc_svd.svd(A, 3, method="exact")

@@ -339,7 +339,7 @@ def bad_inputs(tmp_path, store):
     return no_gpu + [
         ("missing store", tmp_path / "absent.zarr", [], "no such file or store"),
         ("k too large", store, ["--k", 41], "k=41 must be at most min(m, n) = 40"),
-        ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf in rows"),
+        ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf, first at row"),
         ("corrupt chunk", corrupt, ["--memory-limit", "6MB"], "chunk of rows [100, 200)"),
         ("wrong format", text, [], "cannot open"),
         ("unknown cuda option", store, ["--cuda-option", "tiles=4"],

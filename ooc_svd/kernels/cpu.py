@@ -146,11 +146,7 @@ def check_finite(rows: np.ndarray, first_row: int) -> None:
     """Raise NonFiniteError naming the first row of ``rows`` holding a NaN or Inf."""
     bad = first_non_finite_row(rows)
     if bad is not None:
-        row = first_row + bad
-        raise NonFiniteError(
-            f"the matrix holds NaN or Inf in rows [{first_row}, {first_row + rows.shape[0]}), "
-            f"first at row {row}"
-        )
+        raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {first_row + bad}")
     raise NonFiniteError(
         f"the squared Frobenius norm of rows [{first_row}, {first_row + rows.shape[0]}) "
         "overflows float64; rescale the matrix"

@@ -283,9 +283,7 @@ def check_finite(block, first_row: int) -> None:
     first, last = first_row, first_row + block.shape[0]
     if bad.size:
         row = first_row + int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
-        raise NonFiniteError(
-            f"the matrix holds NaN or Inf in rows [{first}, {last}), first at row {row}"
-        )
+        raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {row}")
     raise NonFiniteError(
         f"the squared Frobenius norm of rows [{first}, {last}) overflows float64; "
         "rescale the matrix"
