@@ -32,7 +32,14 @@ from .engine import (
     rank_for_tolerance,
     rounding_unit,
 )
-from .errors import InputError, PlanError, check_int, check_number, check_seed
+from .errors import (
+    InputError,
+    OutputExistsError,
+    PlanError,
+    check_int,
+    check_number,
+    check_seed,
+)
 from .kernels.backend import CPUKernels
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
@@ -614,8 +621,8 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         _check_row_shift(request, plan)
     inputs = () if request.out is None else local_paths(source)
     # Absolute: what the workers of a cluster write U into, whatever their working directory
-    out_path = None if request.out is None else os.path.abspath(check_output_path(
-        request.out, request.overwrite, inputs=inputs))
+    out_path = None if request.out is None else os.path.abspath(_checked_output(request,
+                                                                                inputs))
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
@@ -787,6 +794,18 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         result.U = result.store["U"]
     saved.remove()
     return result
+
+
+def _checked_output(request: _Request, inputs: tuple[str, ...]) -> str:
+    """``check_output_path`` of ``out``; with ``resume``, an existing output is said to be
+    a finished run's (a run writes its output last)."""
+    try:
+        return check_output_path(request.out, request.overwrite, inputs=inputs)
+    except OutputExistsError as error:
+        if not request.resume:
+            raise
+        raise OutputExistsError(f"{error}; resume continues a run that did not finish, and a "
+                                "run's output is written last: this one finished") from None
 
 
 def _check_outputs(request: _Request) -> None:

@@ -192,6 +192,15 @@ def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeyp
     assert failure_message(ReadError("unreadable"), checkpoint) == "unreadable"  # removed
 
 
+def test_resuming_a_finished_run_says_it_finished(tmp_path):
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(A, 3, out=out)
+    with pytest.raises(ooc_svd.OutputExistsError, match="exists; pass overwrite=True .*resume "
+                                                        "continues a run that did not finish"):
+        ooc_svd.svd(A, 3, out=out, resume=True)
+
+
 def test_a_checkpoint_killed_while_writing_its_state_is_replaced(tmp_path):
     A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
     checkpoint = tmp_path / "result.zarr.checkpoint"
