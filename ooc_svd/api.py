@@ -989,8 +989,9 @@ def _progress_factory(progress: bool | None):
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
 
     def factory(name: str, total_bytes: int):
-        # Bytes of A, so the bar shows GB/s of the pass and its ETA.
+        # Bytes of A, so the bar shows GB/s of the pass and its ETA. A terminal's bar goes
+        # when its pass ends; a log keeps each pass's last state, at 100%, with its time.
         return tqdm(total=total_bytes, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
-                    leave=False, disable=not enabled, file=sys.stderr)
+                    leave=not sys.stderr.isatty(), disable=not enabled, file=sys.stderr)
 
     return factory

@@ -256,6 +256,9 @@ def test_check_fails_a_store_that_no_finished_run_left(tmp_path):
 def test_progress_bar_only_when_asked(store, tmp_path):
     done = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "r.zarr", "--progress")
     assert "pass" in done.stderr and "B/s" in done.stderr
+    # Not a terminal (a log): each pass's last state stays, complete.
+    states = {line.split(":")[0]: line for line in done.stderr.splitlines() if "pass:" in line}
+    assert states and all("100%" in state for state in states.values()), states
     quiet = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "q.zarr", "--quiet")
     assert quiet.stdout == "" and quiet.stderr == ""
 
