@@ -324,7 +324,8 @@ def _without_staging(error: PlanError, plan_for, backend: str, streams: int) -> 
     if backend == "cuda":
         raise PlanError(f"{error}; the cpu backend's plan fits: the cuda backend's pinned "
                         f"staging buffers ({streams} streams) are what does not; raise "
-                        "memory_limit, or lower cuda_options['streams']") from None
+                        "memory_limit, or lower cuda_options['streams']",
+                        error.needed_bytes) from None
     return plan
 
 

@@ -137,6 +137,27 @@ def test_auto_refuses_with_the_least_limit_that_fits(shape, limit):
         assert getattr(each.value, "needed_bytes", np.inf) >= needed
 
 
+@pytest.mark.parametrize("method", ["auto", "randomized", "krylov"])
+def test_a_sparse_refusal_names_the_least_limit_that_fits(method, monkeypatch):
+    """The sparse power kernel keeps a private accumulator per thread, as many as a quarter
+    of the limit holds: the need is found at the limit it names, not the one refused."""
+    import scipy.sparse
+
+    import ooc_svd.api
+    from ooc_svd.api import svd_plan
+
+    monkeypatch.setattr(ooc_svd.api, "scatter_threads", lambda: 4)
+    A = scipy.sparse.random(20_000, 2_000, density=0.01, format="csr", random_state=0)
+    for limit in (10**5, 10**6, 10**7):
+        with pytest.raises(PlanError) as refused:
+            svd_plan(A, k=10, memory_limit=limit, method=method)
+        needed = refused.value.needed_bytes
+        assert format_bytes(needed) in str(refused.value)
+        assert svd_plan(A, k=10, memory_limit=needed, method=method).predicted_peak_bytes <= needed
+        with pytest.raises(PlanError):
+            svd_plan(A, k=10, memory_limit=needed - 1, method=method)
+
+
 def test_a_refusal_needs_more_than_the_limit_it_refuses():
     """The partly decoded chunks of a sparse store's reads count in the number given."""
     boundaries = regular_boundaries(10_000, 1_000)
