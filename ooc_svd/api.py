@@ -480,7 +480,12 @@ def _each_matrix(A: Any, M: Any, stack: tuple[int, ...], factor) -> tuple[np.nda
         own = index[len(index) - len(lead):] if lead else ()
         M_i = M[tuple(0 if size == 1 else i for size, i in zip(lead, own, strict=True))] \
             if lead else M
-        parts.append(factor(A[index], M_i))
+        try:
+            parts.append(factor(A[index], M_i))
+        except InputError as error:  # which matrix: the message speaks of A[index]
+            error.args = (f"A[{', '.join(map(str, index))}] of the stack: {error}",
+                          *error.args[1:])
+            raise
     return tuple(np.stack(arrays).reshape(stack + arrays[0].shape) for arrays in zip(*parts,
                                                                                     strict=True))
 

@@ -77,7 +77,7 @@ from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.csr import CSRBlock
 from .sources.difference import Difference
-from .sources.paths import local_paths, path_marker
+from .sources.paths import local_paths, path_marker, reads_remote_store
 from .store import LeftVectors
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
@@ -209,13 +209,15 @@ class ClusterPasses:
         markers = tuple((path, path_marker(path)) for path in local_paths(source))
         if markers:
             self._check_inputs_reach(markers)
-        # Every worker checks on its first read that it sees the input's files (those that
-        # join later too) and reads the first and last rows as this process does: a store
-        # given by URL is read where it lies, and a worker without access to its chunks
-        # would read zarr's fill value.
-        shipped = _CheckedSource(shipped, markers, source.shape[0],
-                                 edge_rows_digest(source, source.shape[0]),
-                                 source.description, self.token)
+        # A store given by URL is read where it lies, and a worker without access to its
+        # chunks would read zarr's fill value: its first and last rows are compared (a
+        # chunk read for each, on the client and on each worker).
+        edge_rows = edge_rows_digest(source, source.shape[0]) \
+            if reads_remote_store(source) else None
+        if markers or edge_rows:
+            # Every worker checks on its first read, those that join later too.
+            shipped = _CheckedSource(shipped, markers, source.shape[0], edge_rows,
+                                     source.description, self.token)
         import cloudpickle
 
         blob = cloudpickle.dumps(shipped)
@@ -647,14 +649,18 @@ def shippable_source(source: DenseSource | CSRSource) -> Any:
             return None
         difference = copy.copy(source.array)
         difference.minuend = minuend
-        difference.subtrahend = shippable_source(source.array.subtrahend) or \
-            source.array.subtrahend
+        difference.subtrahend = _shipped_subtrahend(source.array)
         return replace(source, array=difference)
     if _opened_npy_file(source):
         return _NpyFile(source.description)
     if isinstance(source.array, np.ndarray):
         return None
     return source
+
+
+def _shipped_subtrahend(difference: Difference) -> Any:
+    """M of A - M as it ships: as a reference to its store, or its values."""
+    return shippable_source(difference.subtrahend) or difference.subtrahend
 
 
 def _opened_npy_file(source: DenseSource) -> bool:
@@ -774,7 +780,7 @@ class _CheckedSource:
     source: Any
     markers: tuple[tuple[str, str | None], ...]
     m: int
-    edge_rows: str
+    edge_rows: str | None  # None: not compared (no store given by URL)
     description: str
     run: str  # the run's token: each run checks afresh
 
@@ -785,7 +791,8 @@ class _CheckedSource:
             for path, expected in self.markers:
                 if path_marker(path) != expected:
                     raise InputError(_unseen_input(f"{here} does", path))
-            if edge_rows_digest(self.source, self.m) != self.edge_rows:
+            if self.edge_rows is not None and \
+                    edge_rows_digest(self.source, self.m) != self.edge_rows:
                 raise InputError(
                     f"{here} reads other values than this process does in the first or last "
                     f"row of the input {self.description!r}: it lacks the store's chunks "
@@ -822,8 +829,7 @@ def _too_large_to_ship(source: DenseSource | CSRSource, size: int) -> str:
     import cloudpickle
 
     if isinstance(source.array, Difference):
-        subtrahend = shippable_source(source.array.subtrahend) or source.array.subtrahend
-        share = len(cloudpickle.dumps(subtrahend))
+        share = len(cloudpickle.dumps(_shipped_subtrahend(source.array)))
         if share > size // 2:
             return (f"M pickles to {format_bytes(share)}, so it carries its data rather than "
                     "a reference to a store, too much to ship to the workers; write M to a "

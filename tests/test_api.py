@@ -204,13 +204,28 @@ def test_a_torch_stack_gives_torch_tensors(monkeypatch):
     ("A_shape", "M_shape", "message"),
     [((2, 3, 60, 12), (4, 1, 12), r"M of shape \(4, 1, 12\) does not broadcast"),
      ((3, 60, 12), (2, 3, 60, 12), r"M of shape \(2, 3, 60, 12\) does not broadcast"),
-     ((3, 60, 12), (3, 60, 5), r"M of shape \(60, 5\) does not broadcast to A's shape"),
+     ((3, 60, 12), (3, 60, 5),
+      r"^A\[0\] of the stack: M of shape \(60, 5\) does not broadcast to A's shape"),
      ((0, 60, 12), None, r"A is empty: shape \(0, 60, 12\)")],
 )
 def test_a_stack_refuses_an_m_that_does_not_broadcast(A_shape, M_shape, message):
     M = None if M_shape is None else np.zeros(M_shape)
     with pytest.raises(InputError, match=message):
         ooc_svd.svd_lowrank(np.ones(A_shape), q=2, M=M)
+
+
+def test_an_error_in_a_stack_names_the_matrix():
+    import dask.array as da
+
+    A = np.ones((3, 60, 12))
+    A[2, 5, 3] = np.inf
+    with pytest.raises(NonFiniteError, match=r"^A\[2\] of the stack: the matrix holds NaN or "
+                                             "Inf, first at row 5$"):
+        ooc_svd.svd_lowrank(A, q=2)
+    unknown = da.from_array(A, chunks=(1, 60, 12))
+    unknown = unknown[unknown[:, 0, 0] > 0]
+    with pytest.raises(InputError, match="unknown chunk sizes; call compute_chunk_sizes"):
+        ooc_svd.svd_lowrank(unknown, q=2)
 
 
 def test_svd_takes_one_matrix_and_says_where_stacks_are_taken(tmp_path):

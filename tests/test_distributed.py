@@ -466,6 +466,26 @@ def test_a_worker_that_does_not_see_the_scratch_directory_refuses_to_spill(
         ooc_svd.svd(dense_store, 2, method="randomized", client=cluster[1])
 
 
+def test_only_stores_given_by_url_have_their_rows_compared(dense_store, csr_store):
+    """The first and last rows cost a chunk's decoding on the client and on each worker:
+    only a store that local paths cannot check has them compared, and a dask array's
+    graph is computed on the workers alone."""
+    import dask.array as da
+
+    from ooc_svd.sources import open_source
+    from ooc_svd.sources.difference import subtract
+    from ooc_svd.sources.paths import reads_remote_store
+
+    url = f"memory://ooc-svd-test-{os.getpid()}/remote.zarr"
+    zarr.create_array(url, shape=(M, N), chunks=(CHUNK_ROWS, N), dtype="f8")[:] = 1.0
+    assert reads_remote_store(open_source(url))
+    assert not reads_remote_store(open_source(dense_store))
+    assert not reads_remote_store(open_source(csr_store))
+    assert not reads_remote_store(open_source(da.from_zarr(url)))
+    assert not reads_remote_store(subtract(open_source(dense_store), np.ones((M, 1)))[0])
+    assert reads_remote_store(subtract(open_source(dense_store), zarr.open_array(url))[0])
+
+
 def test_a_worker_that_reads_other_values_from_a_url_refuses_them(cluster):
     """A store given by URL is read where it lies: here an in-memory filesystem that the
     worker processes hold empty, whose chunks zarr would read as zeros."""

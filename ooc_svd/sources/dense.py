@@ -275,10 +275,10 @@ def zarr_array_source(array: Any, description: str) -> DenseSource:
 
 
 def _dask_source(array: Any) -> DenseSource:
+    if any(np.isnan(c) for c in array.chunks[0]):  # also a stack's: first
+        raise InputError("dask array has unknown chunk sizes; call compute_chunk_sizes() first")
     if array.ndim != 2:
         raise InputError(f"dask array has {array.ndim} dimensions; a matrix needs 2"
                          + (f" {STACKS_HINT}" if array.ndim > 2 else ""))
-    if any(np.isnan(c) for c in array.chunks[0]):
-        raise InputError("dask array has unknown chunk sizes; call compute_chunk_sizes() first")
     boundaries = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(np.int64)
     return DenseSource(array, boundaries, "dask array", compute_slice=True)

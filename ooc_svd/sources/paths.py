@@ -37,6 +37,20 @@ def local_paths(source: DenseSource | CSRSource) -> tuple[str, ...]:
     return tuple(filter(None, map(_zarr_array_path, nodes)))
 
 
+def reads_remote_store(source: DenseSource | CSRSource) -> bool:
+    """Whether the source reads a zarr store that is not a local directory (a URL, or a
+    store object), which a cluster's workers open where it lies: ``local_paths`` cannot
+    check that they see it. A dask array's graph is its own: not looked into."""
+    array = getattr(source, "array", None)
+    if isinstance(array, Difference):
+        return reads_remote_store(array.minuend) or reads_remote_store(array.subtrahend)
+    if isinstance(source, CSRSource):
+        array = source.data
+    elif source.compute_slice:
+        return False
+    return type(array).__module__.startswith("zarr") and _zarr_array_path(array) is None
+
+
 def files_state(paths: tuple[str, ...]) -> dict[str, str]:
     """For each path (a file, or a directory such as a zarr store), its absolute path and a
     digest of the names, sizes and modification times of its files: rewriting any chunk,
