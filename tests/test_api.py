@@ -179,22 +179,10 @@ def test_pca_lowrank_centers_each_matrix_of_a_stack_by_its_own_mean():
         np.testing.assert_allclose(got, want, atol=1e-12)
 
 
-def test_a_torch_stack_gives_torch_tensors(monkeypatch):
-    class Placed:
-        def __init__(self, array, device="cpu"):
-            self.array, self.device = array, device
-
-        def to(self, device):
-            return Placed(self.array, device)
-
-    class TorchStandIn:
-        Tensor = TensorStandIn
-        from_numpy = Placed
-
+def test_a_torch_stack_gives_torch_tensors(torch_stand_in):
     A = stack_of_matrices((3,))
     tensor = TensorStandIn(A, requires_grad=False, dtype="torch.float64")
     tensor.device = "cuda:0"
-    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
     U, S, V = ooc_svd.svd_lowrank(tensor, q=2)
     assert U.device == "cuda:0" and U.array.shape == (3, 60, 2) and V.array.shape == (3, 12, 2)
     np.testing.assert_allclose(S.array, ooc_svd.svd_lowrank(A, q=2)[1], rtol=1e-12)
@@ -518,23 +506,32 @@ def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):
     assert S.dtype == np.float32
 
 
-def test_torch_inputs_give_torch_tensors_on_their_device(matrix, monkeypatch):
+class PlacedTensor:
+    """A tensor made by torch.from_numpy, then moved to a device."""
+
+    def __init__(self, array, device="cpu"):
+        self.array, self.device = array, device
+
+    def to(self, device):
+        return PlacedTensor(self.array, device)
+
+
+class TorchStandIn:
+    """What ooc_svd uses of the torch module to return tensors."""
+
+    Tensor = TensorStandIn
+    from_numpy = PlacedTensor
+
+
+@pytest.fixture
+def torch_stand_in(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
+
+
+def test_torch_inputs_give_torch_tensors_on_their_device(matrix, torch_stand_in):
     """As torch's functions return them: U, S, V as tensors on the input's device."""
-
-    class Placed:  # a tensor made by from_numpy, then moved
-        def __init__(self, array, device="cpu"):
-            self.array, self.device = array, device
-
-        def to(self, device):
-            return Placed(self.array, device)
-
-    class TorchStandIn:
-        Tensor = TensorStandIn
-        from_numpy = Placed
-
     tensor = TensorStandIn(matrix, requires_grad=False, dtype="torch.float64")
     tensor.device = "cuda:1"
-    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
     for function in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):
         U, S, V = function(tensor, q=3)
         assert {U.device, S.device, V.device} == {"cuda:1"}
