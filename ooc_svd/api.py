@@ -693,7 +693,8 @@ def _zero_note(result: SVDResult, centering: Centering) -> str:
         return ""
     if centering.mode == "none":
         return "every value of A read as zero (a zarr store's chunks never written do)"
-    return "every row of A read as the mean: A - 1 mu^T is zero"
+    subtracted = "the mean" if centering.mode == "mean" else "the row subtracted"
+    return f"every row of A read as {subtracted}: A - 1 mu^T is zero"
 
 
 # Listing a store's chunks costs up to 8 s per 100,000 on a local disk (one directory per
@@ -917,8 +918,8 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
         if k > min(m, n):
             raise InputError(f"k={k} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
         return k, fixed_rank(k), None
-    if not isinstance(tol, (bool, np.bool_)) and isinstance(tol, (int, float, np.number)) \
-            and not 0 < tol < 1:
+    real = (int, float, np.integer, np.floating)
+    if not isinstance(tol, (bool, np.bool_)) and isinstance(tol, real) and not 0 < tol < 1:
         raise InputError(f"tol={tol!r} must be a relative residual between 0 and 1 "
                          "(exclusive)")
     check_number("tol", tol)

@@ -82,8 +82,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     if norm and stored is not None:
         report["rows_error"] = float(np.sqrt(sums.projection2)) / norm
         allowed = rows_slack(U.dtype, k, norm)
-        if report["method"] not in ("exact", "gram") or \
-                GRAM_SHORTFALL in str(attributes.get("note", "")):
+        if not _spans_a_v(report["method"], attributes):
             allowed = float(np.hypot(allowed, stored * norm))
         report["rows_agree"] = bool(sums.projection2 <= allowed**2)
         report["ok"] = report["ok"] and report["rows_agree"]
@@ -104,6 +103,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 # another matrix of its shape measured 1.36.
 PLAUSIBLE_RESIDUAL = 1.1
 
+
 def orthonormality_tolerance(rows: int, dtype: np.dtype) -> float:
     """How far from I the Gram matrix of unit columns of ``rows`` values may be: the
     rounding of the float64 sums (10 sqrt(rows) eps64 + 100 eps64, with room for the
@@ -121,6 +121,15 @@ def orthonormality_tolerance(rows: int, dtype: np.dtype) -> float:
 # U and V. A row of U that lost its sign, rows swapped, V's columns swapped, another mean
 # or another input all break it on the rows sampled.
 ROWS_SLACK = 1e-6
+
+
+def _spans_a_v(method: str | None, attributes: dict) -> bool:
+    """Whether a result's basis spans A_c V to rounding: the exact and gram methods', but
+    for a gram result that says its spectrum was beyond it, and for runs on a GPU (whose
+    products may accumulate in float32)."""
+    return method in ("exact", "gram") and \
+        GRAM_SHORTFALL not in str(attributes.get("note", "")) and \
+        "cuda" not in str(attributes.get("backend", ""))
 
 
 def rows_slack(dtype: np.dtype, k: int, norm: float) -> float:
