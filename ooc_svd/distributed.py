@@ -828,7 +828,7 @@ def _too_large_to_ship(source: DenseSource | CSRSource, size: int) -> str:
     for A - M, M's."""
     import cloudpickle
 
-    if isinstance(source.array, Difference):
+    if isinstance(getattr(source, "array", None), Difference):  # a CSRSource has none
         share = len(cloudpickle.dumps(_shipped_subtrahend(source.array)))
         if share > size // 2:
             return (f"M pickles to {format_bytes(share)}, so it carries its data rather than "
