@@ -540,12 +540,12 @@ def low_rank_factors(
 ) -> LowRankFactors:
     """Factor W (m x n) as B @ A with B = U_r diag(S_r) (m x r) and A = V_r^T (r x n).
 
-    The rank, when not given, counts the singular values above what rounding can make:
-    eps ||W||_F for W's eps (a relative rounding of each value moves no singular value
-    further), and at least numpy.linalg.matrix_rank's max(m, n) eps64 S_max for the float64
-    computation. For float64 data that is numpy's rule; for float32 and float16 data numpy
-    takes max(m, n) eps S_max, which drops real directions of tall matrices (and all of
-    them past 1/eps rows). The SVD is exact (TSQR, two reads of W), so the rank is that of
+    The rank, when not given, counts the singular values above what rounding can make
+    (``engine.rank_tolerance``): numpy.linalg.matrix_rank's max(m, n) eps S_max with W's
+    eps, or eps/2 ||W||_F where that is less (a relative rounding of each value moves no
+    singular value further; numpy's reaches S_max itself past 1/eps rows), and at least
+    max(m, n) eps64 S_max for the float64 computation. For float64 data that is numpy's
+    rule. The SVD is exact (TSQR, two reads of W), so the rank is that of
     the matrix to working precision: a 10 x 10 matrix of rank 2 becomes 10 x 2 and 2 x 10
     factors, 100 parameters 40.
 

@@ -495,12 +495,14 @@ def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float, data_energ
 
 def rank_tolerance(S_max: float, data_energy: float, shape: tuple[int, int], eps: float
                    ) -> float:
-    """The largest singular value that rounding can make: that of the data, whose values
-    each rounded by a relative eps move no singular value by more than eps ||A||_F, and
-    that of the float64 computation, numpy.linalg.matrix_rank's max(m, n) eps64 S_max.
-    numpy takes the latter with the data's eps, which for float32 data of more than 1/eps
-    (8.4 million) rows exceeds S_max itself."""
-    return max(eps * float(np.sqrt(max(data_energy, 0.0))), max(shape) * EPS64 * S_max)
+    """Below it a singular value is rounding. numpy.linalg.matrix_rank takes
+    max(m, n) eps S_max with the data's eps, which for float32 data of more than 1/eps (8.4
+    million) rows exceeds S_max itself; but values each rounded by a relative eps/2 move no
+    singular value by more than eps/2 ||A||_F, so the smaller of the two bounds the data's
+    rounding. The float64 computation's, max(m, n) eps64 S_max, is the floor: for float64
+    data this is numpy's rule."""
+    data = min(eps / 2 * float(np.sqrt(max(data_energy, 0.0))), max(shape) * eps * S_max)
+    return max(data, max(shape) * EPS64 * S_max)
 
 
 def unshifted_energy(stats: BlockStats, shift: np.ndarray) -> float:

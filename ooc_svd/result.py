@@ -52,9 +52,10 @@ class SVDResult:
         that is not a row: from A and M).
     seconds_per_pass : list of float
     numerical_rank : int
-        Singular values above what rounding can make, among those computed: eps ||A||_F
-        for the data's eps (float32's for float32 data; ||A|| before centering), and at
-        least max(m, n) eps64 S[0], numpy.linalg.matrix_rank's tolerance for float64.
+        Singular values above what rounding can make, among those computed:
+        numpy.linalg.matrix_rank's max(m, n) eps S[0] with the data's eps (float32's for
+        float32 data), or eps/2 ||A||_F (before centering) where that is less, and at
+        least max(m, n) eps64 S[0] (``engine.rank_tolerance``).
     method : str
         The method that ran: 'randomized', 'krylov', 'exact' or 'gram' (``note`` says why,
         if it is not the planned one).

@@ -256,6 +256,10 @@ def test_the_rank_of_low_precision_data_does_not_vanish_with_many_rows():
     assert 1e-4 < rank_tolerance(S[0], float(S @ S), shape, eps32) < 1e-2
     assert numerical_rank(S, shape, eps32, float(S @ S)) == 2
     assert max(shape) * eps32 * S[0] > S[0]  # numpy's tolerance: rank 0
+    # Centered float32 data of a mean 1e6 x its spread: ||A||_F is the mean's, numpy's
+    # tolerance the smaller one, and every direction of the spread counts.
+    A = (1e6 + rng.standard_normal((3000, 100))).astype(np.float32)
+    assert ooc_svd.svd(A, 100, center=True, method="exact").numerical_rank == 100
 
 
 def test_low_rank_factors_of_a_wide_matrix_in_memory_factor_its_transpose(tmp_path):
