@@ -601,11 +601,23 @@ def _method_choices(
     best, why = _choose_method(method, n, costs, tol)
     if method != "auto":
         return [(best, why)]
-    fallbacks = [name for name in _by_preference(n, costs, tol) if name != best]
+    order = _by_preference(n, costs, tol)
+    if _krylov_affordable(costs, tol):  # block Krylov before subspace iteration
+        order.insert(order.index("randomized"), "krylov")
+    fallbacks = [name for name in order if name != best]
     return [(best, why)] + [(name, _fallback_reason(name, n, tol)) for name in fallbacks]
 
 
+def _krylov_affordable(costs: dict[str, float], tol: float | None) -> bool:
+    """Whether block Krylov costs at most KRYLOV_PREMIUM times subspace iteration (it does
+    not grow a basis to a tol)."""
+    return tol is None and costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]
+
+
 def _fallback_reason(method: str, n: int, tol: float | None) -> str:
+    if method == "krylov":
+        return (f"block Krylov is the most accurate method that fits at most "
+                f"{KRYLOV_PREMIUM - 1:.0%} more than subspace iteration costs")
     why = f"{method} is the cheapest by the cost model that fits"
     if tol is not None and tol < smallest_tol(method, n):
         why += (f" (it resolves tol={tol:g} only to about {smallest_tol(method, n):.1g}; "
@@ -641,8 +653,7 @@ def _choose_method(
         ratio = costs[exact] / costs["randomized"]
         return exact, (f"{exact} is exact to rounding at {ratio:.2g}x the cost of the cheapest "
                        f"(up to {EXACT_PREMIUM:g}x is taken for that) ({predicted})")
-    affordable = costs["krylov"] <= KRYLOV_PREMIUM * costs["randomized"]
-    if best == "randomized" and tol is None and affordable:
+    if best == "randomized" and _krylov_affordable(costs, tol):
         best = "krylov"
         why = (
             "block Krylov reads A as often as subspace iteration, costs at most "

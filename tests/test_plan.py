@@ -182,3 +182,15 @@ def test_more_cuda_streams_leave_less_room_for_each_block():
     largest = [max(_plan(source, 5, 5, 2, "randomized", "64MB", gpu_streams=streams).block_bytes)
                for streams in (0, 1, 2, 4)]
     assert largest == sorted(largest, reverse=True) and len(set(largest)) == 4
+
+
+def test_auto_falls_back_to_block_krylov_when_the_exact_method_it_prefers_does_not_fit():
+    """gram is preferred at up to twice the cost, but its n x n factors need more than the
+    limit: block Krylov, affordable next to subspace iteration, is taken, not plain
+    subspace iteration."""
+    m, n = 100_000, 2_000
+    boundaries = regular_boundaries(m, 1_000)
+    roomy = make_plan((m, n), 8, boundaries, 10, 10, 2, "auto", 10**10)
+    assert roomy.method in ("exact", "gram") and "exact to rounding at" in roomy.reason
+    tight = make_plan((m, n), 8, boundaries, 10, 10, 2, "auto", 200 * 10**6)
+    assert tight.method == "krylov" and "would need more than memory_limit" in tight.reason
