@@ -34,6 +34,7 @@ from .engine import (
 )
 from .errors import (
     InputError,
+    OOCSVDError,
     OutputExistsError,
     PlanError,
     check_int,
@@ -689,8 +690,8 @@ def _run_locks(out_path: str | None, checkpoint: Any):
 def _zero_note(result: SVDResult, centering: Centering) -> str:
     """What a matrix whose values read as zero (or as their mean) says: every singular
     value is zero."""
-    if result.frobenius_norm > 0:
-        return ""
+    if result.frobenius_norm > 0 or (result.S.size and result.S[0] > 0):
+        return ""  # (a norm of sparse rows centered algebraically may round to zero)
     if centering.mode == "none":
         return "every value of A read as zero (a zarr store's chunks never written do)"
     subtracted = "the mean" if centering.mode == "mean" else "the row subtracted"
@@ -770,14 +771,16 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             spectral = spectral_residual_estimate(
                 context, left.array, factors.S, factors.V, request.spectral_iters, seed
             )
-    except BaseException:
+    except BaseException as error:
         # A checkpoint that holds a pass stays, whatever the failure: a chunk that could not
         # be read, or a checkpoint file, may read again (or be replaced), and its passes
-        # are resumed then.
+        # are resumed then. The error says so (``kept_checkpoint``).
         if writer:
             writer.abort()
         if saved.directory is not None and not holds_a_pass(saved.directory):
             saved.remove()
+        elif saved.directory is not None and isinstance(error, OOCSVDError):
+            error.kept_checkpoint = saved.directory
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records,
                              request.tol)

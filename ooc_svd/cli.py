@@ -167,8 +167,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(f"{os.path.normpath(out)}.checkpoint")) from None
     except OOCSVDError as error:
-        raise InputFailure(failure_message(error, f"{os.path.normpath(out)}.checkpoint")) \
-            from None
+        raise InputFailure(failure_message(error)) from None
     summary = {
         "out": out,
         "method": result.method,
@@ -198,13 +197,11 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
                    f"(relative, Frobenius){spectral}; wrote {out}")
 
 
-def failure_message(error: OOCSVDError, checkpoint: str) -> str:
-    """A failed run's message, and the passes its checkpoint kept (unless the checkpoint
-    itself is what failed)."""
-    from .checkpoint import holds_a_pass
-    from .errors import CheckpointError
-
-    if isinstance(error, CheckpointError) or not holds_a_pass(checkpoint):
+def failure_message(error: OOCSVDError) -> str:
+    """A failed run's message, and where the run kept the passes it completed (an error
+    before any pass, or the checkpoint's own, keeps none)."""
+    checkpoint = getattr(error, "kept_checkpoint", None)
+    if checkpoint is None:
         return str(error)
     return (f"{error}; the completed passes are kept in {checkpoint}: the same command with "
             "--resume continues from there")

@@ -176,20 +176,23 @@ def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeyp
     def unreadable(*args, **kwargs):
         raise ReadError("cannot read the chunk of rows [0, 300)")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(ooc_svd.engine, "tsqr_final_pass", unreadable)
-        with pytest.raises(ReadError):
-            ooc_svd.svd(A, 3, method="randomized", out=out)
-    checkpoint = out + ".checkpoint"
     from ooc_svd.cli import failure_message
 
-    assert failure_message(ReadError("unreadable"), checkpoint).endswith(
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", unreadable)
+        with pytest.raises(ReadError) as failed:
+            ooc_svd.svd(A, 3, method="randomized", out=out)
+    checkpoint = out + ".checkpoint"
+    assert failure_message(failed.value).endswith(
         f"the completed passes are kept in {checkpoint}: the same command with --resume "
         "continues from there")
+    # An error before any pass speaks of no checkpoint, though one is kept from before.
+    with pytest.raises(InputError) as refused:
+        ooc_svd.svd(A, 50, method="randomized", out=out)
+    assert failure_message(refused.value) == str(refused.value)
     result = ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
     assert [r.name.endswith("(resumed)") for r in result.records].count(True) == 2
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
-    assert failure_message(ReadError("unreadable"), checkpoint) == "unreadable"  # removed
 
 
 def test_resuming_a_finished_run_says_it_finished(tmp_path):

@@ -442,3 +442,14 @@ def test_auto_takes_an_exact_method_that_costs_at_most_twice_the_cheapest():
     costs = re.findall(r"(\w+) ~([0-9.e-]+) s", result.plan.reason)
     seconds = {name: float(value) for name, value in costs}
     assert seconds["randomized"] < seconds[result.method] <= 2 * seconds["randomized"]
+
+
+def test_a_norm_lost_to_cancellation_is_not_called_a_zero_matrix():
+    """Sparse rows of a mean 1e9 x their spread, centered algebraically: ||A_c||^2 rounds
+    to zero, but the singular values are not, and the note says the norm is lost, not
+    that A - 1 mu^T is zero."""
+    rng = np.random.default_rng(5)
+    A = 1e9 + rng.standard_normal((2000, 5)) @ rng.standard_normal((5, 50))
+    result = ooc_svd.svd(scipy.sparse.csr_matrix(A), 5, center=True, method="exact")
+    assert result.S[0] > 100 and "centered algebraically" in result.note
+    assert "is zero" not in result.note
