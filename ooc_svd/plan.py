@@ -616,8 +616,8 @@ def _krylov_affordable(costs: dict[str, float], tol: float | None) -> bool:
 
 def _fallback_reason(method: str, n: int, tol: float | None) -> str:
     if method == "krylov":
-        return (f"block Krylov is the most accurate method that fits at most "
-                f"{KRYLOV_PREMIUM - 1:.0%} more than subspace iteration costs")
+        return (f"block Krylov, at most {KRYLOV_PREMIUM - 1:.0%} dearer than subspace "
+                "iteration and far more accurate on flat spectra, is the first that fits")
     why = f"{method} is the cheapest by the cost model that fits"
     if tol is not None and tol < smallest_tol(method, n):
         why += (f" (it resolves tol={tol:g} only to about {smallest_tol(method, n):.1g}; "
