@@ -57,7 +57,7 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
-from .sources.dense import STACKS_HINT
+from .sources.dense import not_a_matrix
 from .sources.difference import sparse_column, subtract
 from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths, stored_chunk_files
@@ -392,13 +392,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
-    stack = _stack_of_matrices(A)
-    if stack:
-        factors = _each_matrix(A, M, stack, lambda A_i, M_i: _svd_lowrank(A_i, q, niter, M_i,
-                                                                           client))
-    else:
-        factors = _svd_lowrank(A, q, niter, M, client)
-    return _like_input(A, factors)
+    return _like_input(A, _per_matrix(A, M, lambda A_i, M_i: _svd_lowrank(A_i, q, niter, M_i,
+                                                                          client)))
 
 
 def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, client: Any
@@ -442,8 +437,7 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
                                        center=center, method=method, client=client))
         return result.U, result.S, result.V
 
-    stack = _stack_of_matrices(A)
-    return _like_input(A, _each_matrix(A, None, stack, factor) if stack else factor(A, None))
+    return _like_input(A, _per_matrix(A, None, factor))
 
 
 def _stack_of_matrices(A: Any) -> tuple[int, ...]:
@@ -463,10 +457,14 @@ def _stack_of_matrices(A: Any) -> tuple[int, ...]:
         return ()
 
 
-def _each_matrix(A: Any, M: Any, stack: tuple[int, ...], factor) -> tuple[np.ndarray, ...]:
-    """``factor(A[i], M[i])`` for every matrix i of the stack A, its results stacked as
-    torch stacks them (U of shape stack + (m, q), ...). M's leading dimensions broadcast to
-    the stack's; an M of at most 2 dimensions goes to every matrix as it is."""
+def _per_matrix(A: Any, M: Any, factor) -> tuple[np.ndarray, ...]:
+    """``factor(A, M)``, or for a stack of matrices (``_stack_of_matrices``) ``factor(A[i],
+    M[i])`` for every matrix i, its results stacked as torch stacks them (U of shape
+    stack + (m, q), ...). M's leading dimensions broadcast to the stack's; an M of at most 2
+    dimensions goes to every matrix as it is."""
+    stack = _stack_of_matrices(A)
+    if not stack:
+        return factor(A, M)
     if 0 in stack:
         raise InputError(f"A is empty: shape {tuple(A.shape)}")
     if isinstance(M, (list, tuple)):
@@ -950,8 +948,7 @@ def _check_q(q: Any, m: int, n: int) -> int:
 def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
     if isinstance(source, DenseSource) and len(source.array.shape) != 2:
         shape = tuple(source.array.shape)
-        raise InputError(f"A of shape {shape} has {len(shape)} dimensions; a matrix needs 2"
-                         + (f" {STACKS_HINT}" if len(shape) > 2 else ""))
+        raise not_a_matrix(f"A of shape {shape}", len(shape))
     kind = source.dtype.kind
     if kind == "c":
         raise InputError(f"complex dtype {source.dtype} is not supported; pass real data")

@@ -256,16 +256,18 @@ def _open_npz(path: str) -> DenseSource:
     )
 
 
-# What a refusal of more than two dimensions adds: where stacks of matrices are taken.
-STACKS_HINT = ("(svd_lowrank and pca_lowrank, as torch's, factor each matrix of a stack "
-               "held as a numpy, torch or dask array; dask.array.from_zarr reads a zarr "
-               "stack lazily)")
+def not_a_matrix(what: str, ndim: int) -> InputError:
+    """The refusal of an input of ``ndim`` != 2 dimensions; beyond two, it says where
+    stacks of matrices are taken."""
+    hint = (" (svd_lowrank and pca_lowrank, as torch's, factor each matrix of a stack held "
+            "as a numpy, torch or dask array; dask.array.from_zarr reads a zarr stack lazily)"
+            if ndim > 2 else "")
+    return InputError(f"{what} has {ndim} dimensions; a matrix needs 2{hint}")
 
 
 def zarr_array_source(array: Any, description: str) -> DenseSource:
     if array.ndim != 2:
-        raise InputError(f"{description} has {array.ndim} dimensions; a matrix needs 2"
-                         + (f" {STACKS_HINT}" if array.ndim > 2 else ""))
+        raise not_a_matrix(description, array.ndim)
     try:
         stored = int(array.nbytes_stored())
     except Exception:  # noqa: BLE001 - optional information, not every store can tell
@@ -278,7 +280,6 @@ def _dask_source(array: Any) -> DenseSource:
     if any(np.isnan(c) for c in array.chunks[0]):  # also a stack's: first
         raise InputError("dask array has unknown chunk sizes; call compute_chunk_sizes() first")
     if array.ndim != 2:
-        raise InputError(f"dask array has {array.ndim} dimensions; a matrix needs 2"
-                         + (f" {STACKS_HINT}" if array.ndim > 2 else ""))
+        raise not_a_matrix("dask array", array.ndim)
     boundaries = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(np.int64)
     return DenseSource(array, boundaries, "dask array", compute_slice=True)
