@@ -136,9 +136,7 @@ def rank_above_rounding(eps: float, shape: tuple[int, int]) -> RankRule:
     ``eps`` (at least 1)."""
 
     def rule(S: np.ndarray, fro2: float, rounding: float | None) -> int:
-        if not S.size or S[0] <= 0:
-            return 1
-        return max(1, int(np.count_nonzero(rank_tolerance(float(S[0]), fro2, shape, eps) < S)))
+        return max(1, numerical_rank(S, shape, eps, fro2))
 
     return rule
 

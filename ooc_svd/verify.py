@@ -129,7 +129,12 @@ def _spans_a_v(method: str | None, attributes: dict) -> bool:
     products may accumulate in float32)."""
     return method in ("exact", "gram") and \
         GRAM_SHORTFALL not in str(attributes.get("note", "")) and \
-        "cuda" not in str(attributes.get("backend", ""))
+        not _ran_on_gpu(attributes.get("backend"))
+
+
+def _ran_on_gpu(backend: str | None) -> bool:
+    """Whether a result's recorded backend ('cuda', 'cpu and cuda', ...) includes a GPU."""
+    return "cuda" in str(backend or "")
 
 
 def rows_slack(dtype: np.dtype, k: int, norm: float) -> float:
@@ -153,7 +158,7 @@ def residual_slack(dtype: np.dtype, backend: str | None) -> tuple[float, float]:
     """(share of the squared stored residual, absolute slack) of ``residual_agrees`` for a
     result of ``dtype`` computed on ``backend``: float32's for float32 results and for GPU
     runs."""
-    single = np.dtype(dtype) == np.float32 or "cuda" in str(backend or "")
+    single = np.dtype(dtype) == np.float32 or _ran_on_gpu(backend)
     return RESIDUAL_SLACK["float32" if single else "float64"]
 
 
