@@ -195,7 +195,6 @@ class ClusterPasses:
         self.total_bytes = source.nbytes
         self.sources = self._place_source(source)
         self._reachable: dict[str, bool] = {}
-        self.shift_bytes = 0  # read for the current pass's shift (``_pass_shift``)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -303,26 +302,25 @@ class ClusterPasses:
         finally:
             bar.close()
 
-    def _pass_shift(self, centering: Centering, name: str) -> np.ndarray:
-        """The pass's centering shift, which the local pass takes from its first block.
+    def _pass_shift(self, centering: Centering, name: str) -> tuple[np.ndarray, int]:
+        """The pass's centering shift, which the local pass takes from its first block, and
+        the bytes read for it.
 
         Only an unknown mean makes the first block matter (in the first pass): a tiny task
         reads it then, a read the pass's record counts."""
         if centering.mean_known or self.sparse:
-            return centering.shift_for(np.zeros((1, self.n)))  # no block needed
+            return centering.shift_for(np.zeros((1, self.n))), 0  # no block needed
         first = self.groups[0]
         future = self.client.submit(
             _first_block_shift, self.sources[0], first.blocks[0], centering,
             key=self._key(name, "shift", self.count),
         )
-        shift, self.shift_bytes = future.result()
-        return shift
+        return future.result()
 
     def _record(self, context: PassContext, name: str, began: float, nbytes: int) -> None:
-        """A pass's record; ``nbytes``, of its blocks, counted as read (A - M: of A and M),
-        with the block its shift took."""
-        read = round((nbytes + self.shift_bytes) * context.source.read_factor)
-        self.shift_bytes = 0
+        """A pass's record; ``nbytes``, of its blocks and its shift's, counted as read
+        (A - M: of A and M)."""
+        read = round(nbytes * context.source.read_factor)
         context.records.append(PassRecord(name, time.perf_counter() - began, read))
 
     def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
@@ -339,32 +337,32 @@ class ClusterPasses:
 
     def fused_power_pass(self, context: PassContext, X: np.ndarray):
         began, centering = time.perf_counter(), context.centering
-        shift = self._pass_shift(centering, "power")
+        shift, shift_bytes = self._pass_shift(centering, "power")
         operands = self._put(X, "X"), self._put(shift, "shift")
         total = self._run_reduction(context, "power", _power_group, _add_partials,
                                     *operands, self.depth)
         Z, stats = total.value, total.stats
         centering.correct_gram(Z, X, shift, stats)
         centering.finish_pass(shift, stats)
-        self._record(context, "power pass", began, total.nbytes)
+        self._record(context, "power pass", began, total.nbytes + shift_bytes)
         return Z, stats, shift
 
     def gram_pass(self, context: PassContext):
         began, centering = time.perf_counter(), context.centering
-        shift = self._pass_shift(centering, "gram")
+        shift, shift_bytes = self._pass_shift(centering, "gram")
         total = self._run_reduction(context, "gram", _gram_group, _add_partials,
                                     self._put(shift, "shift"), self.depth)
         G, stats = total.value, total.stats
         G = np.triu(G) + np.triu(G, 1).T
         centering.correct_gram(G, None, shift, stats)
         centering.finish_pass(shift, stats)
-        self._record(context, "gram pass", began, total.nbytes)
+        self._record(context, "gram pass", began, total.nbytes + shift_bytes)
         return G, stats, shift
 
     def tsqr_r_pass(self, context: PassContext):
         began, centering = time.perf_counter(), context.centering
         append_ones = not centering.mean_known
-        shift = self._pass_shift(centering, "exact")
+        shift, shift_bytes = self._pass_shift(centering, "exact")
         total = self._run_reduction(context, "exact", _r_group, _merge_r,
                                     self._put(shift, "shift"), append_ones, self.depth)
         R, stats = total.value, total.stats
@@ -372,14 +370,14 @@ class ClusterPasses:
         if append_ones:
             R = R[:, : self.n] - np.outer(R[:, self.n], d)
         centering.finish_pass(shift, stats)
-        self._record(context, "exact TSQR pass", began, total.nbytes)
+        self._record(context, "exact TSQR pass", began, total.nbytes + shift_bytes)
         return R, stats, shift
 
     def tsqr_final_pass(self, context: PassContext, X: np.ndarray) -> FinalPassResult:
         began, centering = time.perf_counter(), context.centering
         l = X.shape[1]
         append_ones = not centering.mean_known
-        shift = self._pass_shift(centering, "final")
+        shift, shift_bytes = self._pass_shift(centering, "final")
         directory = os.path.join(self.scratch, f"final-{uuid.uuid4().hex[:8]}")
         steps: list[tuple[int, int, int]] = []
         factor_futures: list[Any] = []
@@ -399,7 +397,7 @@ class ClusterPasses:
         if append_ones:
             BT = BT - np.outer(centering.offset(shift, stats), R[:, l])
         centering.finish_pass(shift, stats)
-        self._record(context, "final pass", began, total.nbytes)
+        self._record(context, "final pass", began, total.nbytes + shift_bytes)
         tsqr = StreamingTSQR(R, total.BT, sum(len(g.blocks) for g in self.groups))
         return FinalPassResult(tsqr, BT, stats, shift, ClusterSpill(directory, steps, factors))
 
@@ -424,7 +422,7 @@ class ClusterPasses:
         where they all reach it, else the client scatters each group's rows (U is m x k,
         small next to A, and then in the client's memory already)."""
         began = time.perf_counter()
-        shift = self._pass_shift(context.centering, "residual")
+        shift, shift_bytes = self._pass_shift(context.centering, "residual")
         if self._reached_by_workers(U):
             pieces = [(U, 0)] * len(self.groups)
         else:
@@ -444,7 +442,7 @@ class ClusterPasses:
         self._wait(context, "residual pass", leaves)
         total = root.result()
         self.backends |= total.backends
-        self._record(context, "residual pass", began, total.nbytes)
+        self._record(context, "residual pass", began, total.nbytes + shift_bytes)
         return total.value
 
     # -- U's rows ---------------------------------------------------------------------------
