@@ -311,6 +311,8 @@ def _plan_run(source: DenseSource | CSRSource, request: _Request, cuda_options: 
     name, reason = _kernel_choice(request.backend, gpu, plan, cuda_options)
     if gpu and name == "cpu":
         plan = plan_for(0)  # no pinned staging buffers after all: room for larger blocks
+    if name == "cpu" and cuda_options:
+        reason += "; the cuda_options are unused"
     return replace(plan, backend=name, backend_reason=reason)
 
 

@@ -106,7 +106,8 @@ class Plan:
     @property
     def bytes_to_read(self) -> int:
         """Bytes read over the run (of A, or of A and M for A - M): every pass, less what
-        the cache serves."""
+        the cache serves. A centered dense run on a cluster reads its first block once more,
+        for the first pass's shift (``result.bytes_read`` counts it)."""
         blocks = self.passes * self.bytes_per_pass - (self.passes - 1) * self.cached_bytes
         return round(self.read_factor * blocks)
 

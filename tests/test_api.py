@@ -1199,6 +1199,8 @@ def test_cuda_options_with_the_cpu_backend_are_a_mistake():
     # On 'auto' they wait for a GPU; without one the run is the CPU's.
     result = ooc_svd.svd(A, 3, backend="auto", cuda_options={"streams": 3})
     assert result.backend in ("cpu", "cuda")
+    if result.backend == "cpu":  # and the plan says that they were not used
+        assert result.plan.backend_reason.endswith("; the cuda_options are unused")
 
 
 def test_absent_chunks_and_a_zero_matrix_are_noted(tmp_path):
