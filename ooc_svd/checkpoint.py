@@ -6,6 +6,8 @@ the result) and one ``.npz`` per completed pass, each written under a temporary 
 renamed, so a kill mid-write leaves the previous state intact. Resuming with other
 parameters or a changed input is refused, since the saved state would not belong to them;
 so is resuming from a file that cannot be read.
+A checkpoint is removed with its ``state.json`` last, so a kill during the removal leaves
+a directory that is still known as a checkpoint (missing passes are computed again).
 The checkpoint also lists the scratch directories its run made (``scratch``): a run killed
 with its Q factors spilled leaves them behind, and the next run with this checkpoint, resumed
 or not, removes them.
@@ -13,6 +15,7 @@ or not, removes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,7 +54,7 @@ class Checkpoint:
         if os.path.lexists(directory) and not os.path.exists(state_path) and not unstarted:
             raise InputError(f"the checkpoint path {directory!r} holds something else than a "
                              "checkpoint; it is not replaced: choose another path")
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_checkpoint_directory(directory)
         os.makedirs(directory, exist_ok=True)
         with open(partial, "w") as file:
             json.dump(fingerprint, file)
@@ -113,7 +116,29 @@ class Checkpoint:
 
     def remove(self) -> None:
         if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_checkpoint_directory(self.directory)
+
+
+def _remove_checkpoint_directory(directory: str) -> None:
+    """Remove a checkpoint directory, its ``state.json`` last: until the directory is
+    empty it is known as a checkpoint, which the next run may replace or resume from."""
+    state_path = os.path.join(directory, "state.json")
+    try:
+        names = os.listdir(directory)
+    except OSError:  # absent, or no directory
+        names = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if path == state_path:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.unlink(state_path)
+    shutil.rmtree(directory, ignore_errors=True)  # what is left: the directory itself
 
 
 def holds_a_pass(directory: str) -> bool:

@@ -103,8 +103,8 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     (neither one of them nor inside or around one: inputs are never modified), and absent
     unless ``overwrite``; even then, only an empty directory or what ooc_svd writes there
     (``REPLACEABLE[replaces]``) is replaced, never an unrelated file or directory. The same
-    holds for ``PATH.partial``, where the output is written first: only an unfinished output
-    is replaced there.
+    holds for ``PATH.partial``, where the output is written first: only what a killed run
+    left is replaced there (``_check_partial``).
     """
     path = os.fspath(out)
     if not path:
@@ -130,7 +130,7 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"the directory of the output {path!r} does not exist")
-    _check_partial(path)
+    _check_partial(path, replaces)
     return path
 
 
@@ -176,12 +176,18 @@ def _replaceable(path: str, is_replaceable) -> bool:
     return bool(is_replaceable(attributes))
 
 
-def _check_partial(path: str) -> str:
+def _check_partial(path: str, replaces: str) -> str:
     """``PATH.partial``, where the output is written, if it is absent or what a killed run
-    left there (which the new output replaces)."""
+    left there (which the new output replaces): an unfinished output, or, with nothing at
+    ``PATH``, a finished one of the kind (a run killed while it renamed its output)."""
     partial = f"{path}.partial"
-    if os.path.lexists(partial) and not _replaceable(
-            partial, lambda attributes: UNFINISHED in attributes):
+    finished = REPLACEABLE[replaces][1]
+
+    def left_by_a_run(attributes: dict) -> bool:
+        return UNFINISHED in attributes or (finished(attributes) and
+                                            not os.path.lexists(path))
+
+    if os.path.lexists(partial) and not _replaceable(partial, left_by_a_run):
         raise OutputExistsError(
             f"{partial!r} exists and is not an unfinished ooc_svd output: outputs are written "
             f"there before they are renamed to {path!r}; remove it yourself or choose another "
@@ -320,7 +326,7 @@ class StagedOutput:
         self.path, self.overwrite, self.replaces = path, overwrite, replaces
         self.own_lock = None if locked else OutputLock(path)
         try:
-            self.partial = _check_partial(path)  # again: another run may have left one
+            self.partial = _check_partial(path, replaces)  # again: another run may have left one
             if os.path.lexists(self.partial):  # what a killed run left
                 shutil.rmtree(self.partial)
         except BaseException:

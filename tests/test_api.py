@@ -799,6 +799,35 @@ def test_a_partial_left_by_a_killed_run_is_replaced_and_anything_else_kept(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["other.zarr.partial", "result.zarr"]
 
 
+def test_a_run_killed_while_it_renames_its_result_is_resumed(tmp_path, matrix, monkeypatch):
+    """Killed between finishing OUT.partial and renaming it: with nothing at OUT, that
+    finished partial is a killed run's, and the next run replaces it (here resuming from the
+    checkpoint); beside an OUT that appeared meanwhile, it is kept."""
+    import ooc_svd.store
+
+    class Killed(BaseException):
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    out = str(tmp_path / "result.zarr")
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.store, "move_into_place", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(matrix, 2, method="randomized", out=out)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr.checkpoint", "result.zarr.partial"]
+    result = ooc_svd.svd(matrix, 2, method="randomized", out=out, resume=True)
+    assert any(record.name.endswith("(resumed)") for record in result.records)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr"]
+
+    os.rename(out, out + ".partial")  # a finished partial, and something at OUT
+    os.mkdir(out)
+    with pytest.raises(OutputExistsError, match="is not an unfinished ooc_svd output"):
+        ooc_svd.svd(matrix, 2, method="randomized", out=out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr", "result.zarr.partial"]
+
+
 def hold_lock(path):
     """A process of its own holding the output lock of ``path`` until its stdin closes."""
     code = ("import sys; from ooc_svd.store import OutputLock; lock = OutputLock(sys.argv[1]); "

@@ -224,3 +224,28 @@ def test_a_dangling_link_inside_the_input_does_not_stop_a_checkpointed_run(tmp_p
     os.symlink(str(tmp_path / "nowhere"), os.path.join(path, "notes"))
     result = ooc_svd.svd(path, 3, method="exact", out=str(tmp_path / "result.zarr"))
     np.testing.assert_allclose(result.S, np.logspace(0, -3, 20)[:3], rtol=1e-12)
+
+
+def test_a_checkpoint_killed_while_it_is_removed_is_still_one(tmp_path, monkeypatch):
+    """A finished run removes its checkpoint, state.json last: killed during the removal,
+    the checkpoint left is still known as one, and the next run replaces it."""
+    import os
+
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    checkpoint = tmp_path / "result.zarr.checkpoint"
+    kill_in_final_pass(A, out, monkeypatch)
+    unlink = os.unlink
+
+    def unlink_then_die(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if os.fspath(path).startswith(str(checkpoint)):
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", unlink_then_die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    assert (checkpoint / "state.json").exists()
+    result = ooc_svd.svd(A, 3, method="randomized", out=out, overwrite=True)
+    assert result.S.shape == (3,) and not checkpoint.exists()
