@@ -33,8 +33,8 @@ from .engine import (
     rounding_unit,
 )
 from .errors import (
+    CheckpointError,
     InputError,
-    OOCSVDError,
     OutputExistsError,
     PlanError,
     check_int,
@@ -773,14 +773,16 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             )
     except BaseException as error:
         # A checkpoint that holds a pass stays, whatever the failure: a chunk that could not
-        # be read, or a checkpoint file, may read again (or be replaced), and its passes
-        # are resumed then. The error says so (``kept_checkpoint``).
+        # be read, or a full disk, may read again (or be freed), and its passes are resumed
+        # then. The error says so (``kept_checkpoint``), unless it is the checkpoint's own.
         if writer:
             writer.abort()
         if saved.directory is not None and not holds_a_pass(saved.directory):
             saved.remove()
-        elif saved.directory is not None and isinstance(error, OOCSVDError):
-            error.kept_checkpoint = saved.directory
+        elif saved.directory is not None and isinstance(error, Exception) and \
+                not isinstance(error, CheckpointError):
+            with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+                error.kept_checkpoint = saved.directory
         raise
     result = assemble_result(left.array, factors, centering, plan, seed, context.records,
                              request.tol)

@@ -1,16 +1,21 @@
 """The ``ooc-svd`` command: a thin layer over the library for cluster nodes.
 
 Exit codes: 0 success; 2 bad usage or bad input (a one-line message, no traceback);
-130 interrupted by Ctrl-C (a run's checkpoint kept); 1 a result that ``check`` finds wrong,
-or an unexpected failure (with its traceback).
+130 interrupted by Ctrl-C (SIGINT), 143 terminated by SIGTERM (a run's checkpoint kept in
+both); 1 a result that ``check`` finds wrong, a failure of the system (an OSError: a full
+disk, a file that cannot be written; one line), or an unexpected failure (with its
+traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import click
@@ -27,33 +32,78 @@ class InputFailure(click.ClickException):
 
 
 class Interrupted(click.ClickException):
-    """Ctrl-C (SIGINT) during a run: exit code 130, with how to continue."""
+    """Ctrl-C (SIGINT) during a command: exit code 130, with how to continue; SIGTERM (a
+    batch scheduler's time limit): 143."""
 
-    exit_code = 130
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class SystemFailure(click.ClickException):
+    """An OSError that is not one of the library's (a full disk, a file that cannot be
+    written): exit code 1, one line naming it."""
+
+    exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that the same cleanup runs: the
+    output being written is removed, the checkpoint kept, the locks released."""
+
+
+def _terminate(signal_number, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises ``Terminated`` while the command runs (in the main thread: Python
+    runs signal handlers there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_signal(interrupt: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped a command: ('interrupted', SIGINT) or ('terminated', SIGTERM)."""
+    if isinstance(interrupt, Terminated):
+        return "terminated (SIGTERM)", signal.SIGTERM
+    return "interrupted", signal.SIGINT
 
 
 def user_errors(command):
-    """Turn the library's own errors into exit code 2 with their one-line message, and
-    Ctrl-C into exit code 130 (an output being written is removed; a run keeps its
-    checkpoint). With --json such a failure is also printed as JSON on stdout (click's own
-    usage errors, before the command runs, are not)."""
+    """Turn the library's own errors into exit code 2 with their one-line message, other
+    OSErrors into exit code 1 with theirs, and Ctrl-C and SIGTERM into exit codes 130 and
+    143 (an output being written is removed; a run keeps its checkpoint). With --json such
+    a failure is also printed as JSON on stdout (click's own usage errors, before the
+    command runs, are not)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except OOCSVDError as error:
             failure = InputFailure(str(error))
-        except click.ClickException as error:  # the commands' own InputFailure, Interrupted
+        except click.ClickException as error:  # the commands' own failures
             failure = error
+        except OSError as error:
+            failure = SystemFailure(failure_message(error))
         except EOFError as error:
             # click would end the program with a bare "Aborted!": an unexpected failure,
             # with its traceback like any other
             raise RuntimeError(f"unexpected end of input: {error}") from error
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             out = kwargs.get("out")
             written = f"; nothing was written as {out}" if out else ""
-            failure = Interrupted(f"interrupted{written}")
+            what, number = interrupted_signal(interrupt)
+            failure = Interrupted(f"{what}{written}", number)
         if kwargs.get("as_json"):
             click.echo(json.dumps({"error": failure.format_message(),
                                    "exit_code": failure.exit_code}))
@@ -164,10 +214,14 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
             scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
             write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
         )
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(f"{os.path.normpath(out)}.checkpoint")) from None
+    except KeyboardInterrupt as interrupt:
+        what, number = interrupted_signal(interrupt)
+        checkpoint = f"{os.path.normpath(out)}.checkpoint"
+        raise Interrupted(interrupted_message(what, checkpoint), number) from None
     except OOCSVDError as error:
         raise InputFailure(failure_message(error)) from None
+    except OSError as error:
+        raise SystemFailure(failure_message(error)) from None
     summary = {
         "out": out,
         "method": result.method,
@@ -197,23 +251,26 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
                    f"(relative, Frobenius){spectral}; wrote {out}")
 
 
-def failure_message(error: OOCSVDError) -> str:
+def failure_message(error: Exception) -> str:
     """A failed run's message, and where the run kept the passes it completed (an error
-    before any pass, or the checkpoint's own, keeps none)."""
+    before any pass, or the checkpoint's own, keeps none). An OSError not the library's
+    is named by its type, as Python names it."""
     checkpoint = getattr(error, "kept_checkpoint", None)
+    if not isinstance(error, OOCSVDError):
+        error = f"{type(error).__name__}: {error}"
     if checkpoint is None:
         return str(error)
     return (f"{error}; the completed passes are kept in {checkpoint}: the same command with "
             "--resume continues from there")
 
 
-def interrupted_message(checkpoint: str) -> str:
-    """What an interrupted run kept, and how to go on from there."""
+def interrupted_message(what: str, checkpoint: str) -> str:
+    """What an interrupted (or terminated) run kept, and how to go on from there."""
     from .checkpoint import holds_a_pass
 
     if not holds_a_pass(checkpoint):
-        return "interrupted before a pass was complete; nothing was kept to resume from"
-    return (f"interrupted; the completed passes are kept in {checkpoint}: the same command "
+        return f"{what} before a pass was complete; nothing was kept to resume from"
+    return (f"{what}; the completed passes are kept in {checkpoint}: the same command "
             "with --resume continues from there")
 
 

@@ -78,7 +78,7 @@ from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.csr import CSRBlock
 from .sources.difference import Difference
 from .sources.paths import local_paths, path_marker, reads_remote_store
-from .store import LeftVectors
+from .store import LeftVectors, spill_failure
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
 
@@ -1006,8 +1006,11 @@ def _save(directory: str, name: str, index: int, array: np.ndarray) -> None:
     half a file."""
     path = _spill_path(directory, name, index)
     partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
-    with open(partial, "wb") as file:
-        np.save(file, array, allow_pickle=False)
+    try:
+        with open(partial, "wb") as file:
+            np.save(file, array, allow_pickle=False)
+    except OSError as error:
+        raise spill_failure(directory, error) from error
     os.replace(partial, path)
 
 

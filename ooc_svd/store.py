@@ -47,8 +47,11 @@ class QSpill:
     def write(self, name: str, index: int, array: np.ndarray) -> None:
         if self.kept is not None:
             self.kept[name, index] = array
-        else:
+            return
+        try:
             np.save(self._path(name, index), array, allow_pickle=False)
+        except OSError as error:
+            raise spill_failure(self.directory, error) from error
 
     def write_block(self, index: int, Q_i: np.ndarray, merge: Any) -> None:
         """Block ``index`` of the final pass: Q_i and its merge factors (a
@@ -73,6 +76,13 @@ class QSpill:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def spill_failure(directory: str, error: OSError) -> OSError:
+    """A failed write of spilled factors (numpy's message for a full disk names no file),
+    naming the scratch directory."""
+    return OSError(f"cannot spill the final pass's factors into {directory} (scratch_dir, "
+                   f"--scratch-dir): {error}")
 
 
 def _ooc_svd_csr(attributes: dict) -> bool:

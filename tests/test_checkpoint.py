@@ -157,8 +157,11 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, na
     corrupt.write_bytes(content)
     saved = sorted(path.name for path in corrupt.parent.iterdir())
     with pytest.raises(ooc_svd.CheckpointError, match=f"checkpoint file .*{name}' is "
-                                                      "unreadable .*run without resume"):
+                                                      "unreadable .*run without resume") as refused:
         ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    from ooc_svd.cli import failure_message
+
+    assert failure_message(refused.value) == str(refused.value)  # no advice to resume
     assert sorted(path.name for path in corrupt.parent.iterdir()) == saved  # nothing lost
     result = ooc_svd.svd(A, 3, method="randomized", out=out)  # without resume: a new start
     assert not any(r.name.endswith("(resumed)") for r in result.records)

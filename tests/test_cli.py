@@ -462,10 +462,79 @@ def test_json_failures_are_json_on_stdout(store, tmp_path):
     assert failure["error"] in done.stderr
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(store, tmp_path, monkeypatch):
+    """A batch scheduler's time limit sends SIGTERM: exit code 143, the checkpoint kept and
+    said so, no partial output or lock left; the run resumes from there."""
+    from click.testing import CliRunner
+
+    import ooc_svd.engine
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "r.zarr")
+    args = ["run", store, "--k", "3", "--method", "randomized", "--out", out, "--json"]
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises before this ends
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", terminated)
+        done = CliRunner().invoke(main, args)
+    assert done.exit_code == 143, done.output
+    failure = json.loads(done.output.splitlines()[0])
+    assert failure["exit_code"] == 143
+    assert failure["error"].startswith(f"terminated (SIGTERM); the completed passes are kept "
+                                       f"in {out}.checkpoint")
+    assert sorted(os.listdir(tmp_path)) == ["r.zarr.checkpoint"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+    done = CliRunner().invoke(main, [*args, "--resume"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["resumed_passes"] == 2
+
+
+def test_a_failure_of_the_system_is_one_line_that_keeps_the_passes(store, tmp_path,
+                                                                 monkeypatch):
+    """A full disk is no bug: exit code 1 with one line (JSON with --json), and the
+    checkpoint kept for --resume."""
+    from click.testing import CliRunner
+
+    import ooc_svd.engine
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "r.zarr")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", disk_full)
+        done = CliRunner().invoke(main, ["run", store, "--k", "3", "--method", "randomized",
+                                         "--out", out, "--json"])
+    assert done.exit_code == 1, done.output
+    failure = json.loads(done.output.splitlines()[0])
+    assert failure == {"error": f"OSError: [Errno 28] No space left on device; the completed "
+                                f"passes are kept in {out}.checkpoint: the same command with "
+                                "--resume continues from there", "exit_code": 1}
+
+
+def test_a_failed_spill_names_the_scratch_directory(tmp_path, monkeypatch):
+    import ooc_svd.store
+
+    def short_write(*args, **kwargs):
+        raise OSError("200000 requested and 104432 written")  # numpy's, on a full disk
+
+    with ooc_svd.store.QSpill(str(tmp_path)) as spill:
+        monkeypatch.setattr(ooc_svd.store.np, "save", short_write)
+        with pytest.raises(OSError, match=f"cannot spill the final pass's factors into "
+                                          f"{spill.directory} .*: 200000 requested"):
+            spill.write("Q", 0, np.ones((3, 2)))
+
+
 def test_an_interrupt_says_what_it_kept():
     from ooc_svd.cli import interrupted_message
 
-    assert "nothing was kept" in interrupted_message("/no/such/result.zarr.checkpoint")
+    assert "nothing was kept" in interrupted_message("interrupted",
+                                                   "/no/such/result.zarr.checkpoint")
 
 
 @pytest.mark.parametrize(
