@@ -65,6 +65,7 @@ from .store import (
     LeftVectors,
     OutputLock,
     ResultWriter,
+    check_apart_from_inputs,
     check_output_path,
     check_scratch_dir,
     paths_overlap,
@@ -626,13 +627,16 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     plan = _plan_run(source, request, cuda_options)
     if request.row_shift is not None:
         _check_row_shift(request, plan)
-    inputs = () if request.out is None else local_paths(source)
+    inputs = local_paths(source)
     # Absolute: what the workers of a cluster write U into, whatever their working directory
     out_path = None if request.out is None else os.path.abspath(_checked_output(request,
                                                                                 inputs))
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
+    for what, path in (("checkpoint", checkpoint), ("scratch_dir", request.scratch_dir)):
+        if path is not None:
+            check_apart_from_inputs(what, path, inputs)
     with _run_locks(out_path, checkpoint):
         if out_path is not None:  # again, locked: a run that held the lock may have written it
             check_output_path(out_path, request.overwrite, inputs=inputs)

@@ -122,10 +122,8 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
-    for source in filter(None, map(local_path, inputs)):
-        if paths_overlap(path, source):
-            raise InputError(f"output {path!r} overlaps the input {source!r}, which is never "
-                             "modified: choose another output path")
+    check_apart_from_inputs("output", path, inputs)
+    check_apart_from_inputs("output", f"{path}.partial", inputs, where_written=True)
     if os.path.lexists(path):
         if not overwrite:
             raise OutputExistsError(
@@ -142,6 +140,19 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
         raise InputError(f"the directory of the output {path!r} does not exist")
     _check_partial(path, replaces)
     return path
+
+
+def check_apart_from_inputs(what: str, path: str | os.PathLike, inputs: tuple[str, ...],
+                            where_written: bool = False) -> None:
+    """Refuse a path a run writes (and removes) that is one of the ``inputs`` (paths or
+    ``file://`` URLs), or inside or around one: inputs are never modified. With
+    ``where_written``, ``path`` is where the output is written first (``PATH.partial``)."""
+    for source in filter(None, map(local_path, inputs)):
+        if paths_overlap(path, source):
+            written = f" (where it is written first: {os.fspath(path)!r})" if where_written \
+                else f" {os.fspath(path)!r}"
+            raise InputError(f"{what}{written} overlaps the input {source!r}, which is never "
+                             f"modified: choose another {what} path")
 
 
 def check_scratch_dir(path: str | os.PathLike) -> None:

@@ -735,6 +735,25 @@ def test_overwrite_replaces_only_a_result_and_never_an_input(tmp_path, zarr_matr
     assert sorted(os.listdir(tmp_path / "result.zarr")) == ["S", "U", "V", "zarr.json"]
 
 
+def test_an_input_where_the_run_writes_its_partial_checkpoint_or_spill_is_refused(
+        tmp_path, zarr_matrix, matrix):
+    """A run replaces OUT.partial and OUT.checkpoint, and spills into scratch_dir: an input
+    there would be deleted, or written into."""
+    path = zarr_matrix(matrix, name="out.zarr.partial/A", chunk_rows=100)
+    before = tree_digest(path)
+    out = str(tmp_path / "out.zarr")
+    with pytest.raises(InputError, match=r"output \(where it is written first: .*out.zarr"
+                                         r".partial'\) overlaps the input"):
+        ooc_svd.svd(path, 3, out=out)
+    checkpointed = zarr_matrix(matrix, name="run.checkpoint/A", chunk_rows=100)
+    with pytest.raises(InputError, match="checkpoint '.*run.checkpoint' overlaps the input"):
+        ooc_svd.svd(checkpointed, 3, checkpoint=str(tmp_path / "run.checkpoint"))
+    with pytest.raises(InputError, match="scratch_dir .* overlaps the input"):
+        ooc_svd.svd(path, 3, scratch_dir=path)
+    assert tree_digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["out.zarr.partial", "run.checkpoint"]
+
+
 def test_an_input_opened_by_the_caller_is_protected_too(tmp_path, matrix):
     import zarr
 
