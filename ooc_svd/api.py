@@ -239,7 +239,7 @@ dask.array.Array} of shape (m, n)
     N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
     SIAM Review 53(2), 2011.
     """
-    source, m, n = _open_matrix(A)
+    source, m, n = open_matrix(A)
     k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
@@ -273,7 +273,7 @@ def svd_plan(
     kernels would run. With ``client``, the plan of a run on that cluster, which is not
     contacted: its workers keep no block cache and choose their own kernels.
     """
-    source, m, n = _open_matrix(A)
+    source, m, n = open_matrix(A)
     k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
@@ -402,7 +402,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
 def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, client: Any
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """svd_lowrank of one matrix, as numpy arrays."""
-    source, m, n = _open_matrix(A)
+    source, m, n = open_matrix(A)
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
     q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
@@ -434,7 +434,7 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     also says how a stack of matrices (*, m, n) is taken: each is centered by its own mean.
     """
     def factor(A_i: Any, _: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        source, m, n = _open_matrix(A_i)
+        source, m, n = open_matrix(A_i)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
         result = _run(source, _Request(rank, fixed_rank(rank), oversample=0, niter=niter,
                                        center=center, method=method, client=client))
@@ -573,7 +573,7 @@ def low_rank_factors(
         B, A, the rank, the parameter counts before (m n) and after (r (m + n)), and the
         relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
     """
-    source, m, n = _open_matrix(W)
+    source, m, n = open_matrix(W)
     if n > MAX_EXACT_COLUMNS:
         # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
         transposed = _in_memory_transpose(source) if m <= MAX_EXACT_COLUMNS else None
@@ -938,7 +938,7 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
     return max_rank, rank_for_tolerance(float(tol), max_rank), float(tol)
 
 
-def _open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:
+def open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:
     """The source of A and its shape, after checking that it is a usable matrix."""
     source = open_source(A)
     m, n = _check_matrix(source)

@@ -287,9 +287,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     """Describe INPUT and the plan of a run on it here, without reading its data: the
     method, passes, blocks, memory and where the kernels would run (with --backend auto,
     the GPU when one is usable with the memory free), from the same options as ``run``."""
-    from .api import svd_plan
+    from .api import open_matrix, svd_plan
     from .kernels.cuda_backend import check_cuda_options
-    from .sources import open_source
 
     planning = [name for name in PLANNING if given(name)]
     if k is None and tol is None and planning:
@@ -303,7 +302,7 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     check_cuda_options(options)
     if scheduler is None:
         check_backend(backend)
-    source = open_source(input_path)  # opened once: a sparse .npz is loaded whole
+    source, _, _ = open_matrix(input_path)  # opened once: a sparse .npz is loaded whole
     report = {
         "input": input_path,
         "format": source.kind,

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from .api import open_matrix
 from .engine import GRAM_SHORTFALL
-from .errors import InputError, StoreNotFoundError, check_int
-from .sources import CSRSource, open_source
+from .errors import InputError, ReadError, StoreNotFoundError, check_int
+from .sources import CSRSource
 from .store import UNFINISHED
 
 
@@ -39,15 +40,20 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     """
     check_int("samples", samples, minimum=1)
     group = _open_result(result_path)
-    U, S, V = group["U"], group["S"][:].astype(np.float64), group["V"][:].astype(np.float64)
-    attributes = dict(group.attrs.get("ooc_svd", {}))
+    U = group["U"]
+    S, V = (_read_result(group[name], name, result_path).astype(np.float64)
+            for name in ("S", "V"))
+    attributes = group.attrs.get("ooc_svd", {})
+    attributes = dict(attributes) if isinstance(attributes, dict) else {}  # else incomplete
+    has_mean = _has_array(group, "mean", result_path)
     complete = bool(attributes) and UNFINISHED not in group.attrs and \
-        ("mean" in group) == bool(attributes.get("centered"))
+        has_mean == bool(attributes.get("centered"))
     m, k = U.shape
     chunk_rows = U.chunks[0]
     gram = np.zeros((k, k))
     for start in range(0, m, chunk_rows):
-        block = U[start : start + chunk_rows].astype(np.float64)
+        block = _read_result(U, "U", result_path, slice(start, start + chunk_rows))
+        block = block.astype(np.float64)
         gram += block.T @ block
     tolerance = orthonormality_tolerance(m, U.dtype)
     u_error = float(np.max(np.abs(gram - np.eye(k)), initial=0.0))
@@ -64,14 +70,15 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         "complete": complete,
         "ok": bool(u_error <= tolerance and v_error <= tolerance and complete),
     }
-    mean = group["mean"][:].astype(np.float64) if "mean" in group else None
+    mean = _read_result(group["mean"], "mean", result_path).astype(np.float64) \
+        if has_mean else None
     energy = _energy_agrees(S, group["S"].dtype, attributes, (m, V.shape[0]), mean)
     if energy is not None:
         report["singular_values_agree"] = energy
         report["ok"] = report["ok"] and energy
     if input_path is None:
         return report
-    sums = _sampled_sums(input_path, U, S, V, mean, samples, seed)
+    sums = _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed)
     report["sampled_rows"] = sums.rows
     report["sampled_residual"] = float(np.sqrt(sums.relative2))
     if report["method"] in ("exact", "gram"):
@@ -212,11 +219,35 @@ def _open_result(path: str) -> Any:
     except zarr.errors.ContainsArrayError:
         raise InputError(f"{path!r} is a zarr array, not an ooc_svd result store (the group "
                          "that run --out writes)") from None
-    missing = [name for name in ("U", "S", "V") if name not in group]
+    except Exception as error:  # noqa: BLE001 - zarr raises several types for damaged stores
+        raise ReadError(f"cannot open the result store {path!r}: {type(error).__name__}: "
+                        f"{error}") from None
+    missing = [name for name in ("U", "S", "V") if not _has_array(group, name, path)]
     if missing:
         raise InputError(f"{path!r} is not an ooc_svd result store: it has no "
                          f"{', '.join(missing)}")
     return group
+
+
+def _has_array(group: Any, name: str, path: str) -> bool:
+    """Whether the result group holds ``name``; its metadata, unreadable, is named."""
+    try:
+        group[name]
+    except KeyError:
+        return False
+    except Exception as error:  # noqa: BLE001 - as above
+        raise ReadError(f"cannot open {name} of the result store {path!r}: "
+                        f"{type(error).__name__}: {error}") from None
+    return True
+
+
+def _read_result(array: Any, name: str, path: str, rows: slice = slice(None)) -> np.ndarray:
+    """Rows of one of a result's arrays; a chunk that cannot be read is named."""
+    try:
+        return np.asarray(array[rows])
+    except Exception as error:  # noqa: BLE001 - re-raised with what failed
+        raise ReadError(f"cannot read {name}[{rows.start or 0}:{rows.stop or len(array)}] "
+                        f"of the result {path!r}: {type(error).__name__}: {error}") from None
 
 
 @dataclass
@@ -234,9 +265,9 @@ class _Sums:
         return self.residual2 / self.norm2 if self.norm2 > 0 else 0.0
 
 
-def _sampled_sums(input_path, U, S, V, mean, samples, seed) -> _Sums:
+def _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed) -> _Sums:
     """The residual's sums over ``samples`` randomly chosen storage chunks of rows."""
-    source = open_source(input_path)
+    source, _, _ = open_matrix(input_path)
     if source.shape != (U.shape[0], V.shape[0]):
         raise InputError(
             f"input shape {source.shape} does not match the result's {(U.shape[0], V.shape[0])}"
@@ -248,7 +279,7 @@ def _sampled_sums(input_path, U, S, V, mean, samples, seed) -> _Sums:
     for index in np.sort(chosen):
         start, stop = int(boundaries[index]), int(boundaries[index + 1])
         block = source.read(start, stop)
-        U_i = U[start:stop].astype(np.float64)
+        U_i = _read_result(U, "U", result_path, slice(start, stop)).astype(np.float64)
         if isinstance(block, np.ndarray):
             block = block.astype(np.float64)
             if mean is not None:

@@ -320,6 +320,60 @@ def test_check_of_an_input_instead_of_a_result_is_a_one_line_error(store, tmp_pa
         assert done.exit_code == 2 and message in done.output, done.output
 
 
+def test_check_of_a_damaged_result_names_what_it_cannot_read(store, tmp_path):
+    """A truncated chunk of U, unreadable metadata, an attribute that is not the run's:
+    one line each (or a store found incomplete), never a traceback."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    out = tmp_path / "r.zarr"
+    ooc_svd_command("run", store, "--k", 3, "--out", out, "--quiet")
+
+    def damaged(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        damage(copy)
+        return str(copy)
+
+    def truncate_a_chunk(copy):
+        chunk = next(path for path in (copy / "U").rglob("*") if path.is_file()
+                     and path.name != "zarr.json")
+        chunk.write_bytes(chunk.read_bytes()[:20])
+
+    cases = [
+        (damaged("chunk.zarr", truncate_a_chunk), "cannot read U[", ""),
+        (damaged("group.zarr", lambda copy: (copy / "zarr.json").write_text("{")),
+         "cannot open the result store", ""),
+        (damaged("meta.zarr", lambda copy: (copy / "V" / "zarr.json").write_text("{")),
+         "cannot open V of the result store", ""),
+    ]
+    for path, message, _ in cases:
+        done = CliRunner().invoke(main, ["check", path, store, "--json"])
+        assert done.exit_code == 2, done.output
+        assert message in json.loads(done.output.splitlines()[0])["error"]
+    foreign = damaged("foreign.zarr", lambda copy: None)
+    zarr.open_group(foreign, mode="r+").attrs["ooc_svd"] = "not the run's"
+    done = CliRunner().invoke(main, ["check", foreign, "--json"])
+    assert done.exit_code == 1 and json.loads(done.output)["complete"] is False
+
+
+def test_info_of_a_non_numeric_input_is_refused_as_run_refuses_it(tmp_path):
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    path = str(tmp_path / "words.zarr")
+    zarr.create_array(path, shape=(4, 2), dtype=str)
+    for command in (["info", path, "--json"], ["run", path, "--k", "1", "--out",
+                                               str(tmp_path / "r.zarr"), "--json"]):
+        done = CliRunner().invoke(main, command)
+        assert done.exit_code == 2, done.output
+        assert "non-numeric dtype" in json.loads(done.output.splitlines()[0])["error"]
+
+
 def bad_inputs(tmp_path, store):
     """(name, INPUT, extra args, message) for inputs that must give exit code 2."""
     nan_store = tmp_path / "nan.zarr"
