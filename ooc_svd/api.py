@@ -149,12 +149,13 @@ dask.array.Array} of shape (m, n)
         'exact': TSQR of A (an n x n R, n <= 4096), then the final pass over A V_k for U, S
         and V; singular values accurate to eps * sigma_1.
         'gram': G = A^T A by dsyrk, its eigendecomposition, and the same final pass; the
-        fastest for small n, with V_k's span accurate to eps * (sigma_1 / sigma_k)^2
-        (squared conditioning; below float32 data's own rounding for sigma_k > 1e-8
-        sigma_1).
+        fastest for small n, with V_k's span accurate to about
+        eps * sigma_1^2 / (sigma_k^2 - sigma_k+1^2), where the exact method's is
+        eps * sigma_1 / (sigma_k - sigma_k+1): squared conditioning.
         'auto' picks the cheapest by a cost model and says why in ``result.plan.reason``;
-        when it picks 'gram' and the spectrum is too ill-conditioned for it, it finishes with
-        'exact' (one more read) and says so in ``result.note``.
+        when it picks 'gram' and the spectrum is too ill-conditioned for it (sigma_k
+        known to less than 1e-8 relative, or the data's rounding unit if larger), it
+        finishes with 'exact' (one more read) and says so in ``result.note``.
     seed : int, default=0
         Seed of the counter-based generator of the test matrix, in [0, 2**64); the same
         seed gives the same result for any chunking or block size.

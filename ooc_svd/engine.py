@@ -55,7 +55,7 @@ AllocateU = Callable[[int], RowSink]  # rank -> where U's rows go
 RankRule = Callable[[np.ndarray, float, float | None], int]
 
 # The gram method's relative error on sigma_k, about eps * (sigma_1 / sigma_k)^2, is
-# accepted up to this bound or the data's own rounding error, whichever is larger.
+# accepted up to this bound or the data's rounding unit, whichever is larger.
 GRAM_TOLERANCE = 1e-8
 # What the note of a gram result beyond that bound says (``verify`` reads it).
 GRAM_SHORTFALL = "too small for the gram method's accuracy"
@@ -304,11 +304,10 @@ def gram_svd(
     G is accumulated in float64 by dsyrk, the fastest of the products, so this is the
     cheapest method for small n. Forming G squares the condition number: its eigenvalues
     give sigma_j to about eps * sigma_1^2 / sigma_j (sqrt(eps) * sigma_1 at worst), and
-    its eigenvectors span V_k to about eps * (sigma_1 / sigma_k)^2. The final pass
-    recomputes S from the projection of A onto span(A V_k), as accurately as that span
-    allows. For float32 data both errors are far below the data's own rounding for any
-    sigma_k > 1e-8 sigma_1; for ill-conditioned float64 data the exact method (TSQR)
-    keeps eps * sigma_1.
+    its eigenvectors span V_k to about eps * sigma_1^2 / (sigma_k^2 - sigma_k+1^2). The
+    final pass recomputes S from the projection of A onto span(A V_k), as accurately as
+    that span allows. For ill-conditioned data the exact method (TSQR) keeps
+    eps * sigma_1.
 
     A spectrum too ill-conditioned for G (``gram_is_accurate``, against ``data_eps``, the
     data's own rounding unit, 0 for integers) switches to the exact method with
@@ -444,17 +443,20 @@ def _stats_of(state: dict) -> tuple[BlockStats, np.ndarray]:
 def gram_is_accurate(eigenvalues: np.ndarray, k: int, data_eps: float,
                      subtracted: float = 0.0) -> bool:
     """Whether eps * (sigma_1 / sigma_k)^2, the gram method's relative error on sigma_k,
-    stays below GRAM_TOLERANCE or the data's own rounding error data_eps * sigma_1 / sigma_k.
+    stays below GRAM_TOLERANCE or the data's rounding unit ``data_eps``, whichever is larger.
     ``subtracted``: what was taken off G's norm after it was summed (m ||d||^2 of a mean
     found in the pass), whose rounding G keeps.
+
+    Not the data's rounding relative to ||A||_2 (data_eps sigma_1 / sigma_k): each value is
+    rounded relative to itself, so on columns of very different scales the exact method
+    finds sigma_k to about data_eps even where data_eps sigma_1 exceeds it, and G does not.
     """
     if eigenvalues[0] <= 0:
         return True  # A = 0: every method returns zeros
     if eigenvalues[k - 1] <= 0:
         return False
-    ratio = np.sqrt(eigenvalues[0] / eigenvalues[k - 1])
     error = EPS64 * (eigenvalues[0] + subtracted) / eigenvalues[k - 1]
-    return error <= max(GRAM_TOLERANCE, data_eps * ratio)
+    return error <= max(GRAM_TOLERANCE, data_eps)
 
 
 def orthonormal_columns(Z: np.ndarray) -> np.ndarray:

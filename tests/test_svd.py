@@ -174,9 +174,27 @@ def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
     requested = ooc_svd.svd_plan(A, 8, method="gram")  # no fallback, so no pass more
     assert "takes over" not in requested.describe()
     np.testing.assert_allclose(result.S, spectrum[:8], rtol=1e-6)
-    # The same spectrum in float32 data is within the gram method's reach.
+    # float32 data is held to its own rounding unit, relative to sigma_k (see the next test)
     result = ooc_svd.svd(A.astype(np.float32), 8)
+    assert result.method == "exact" and result.passes == 3
+    modest = naive.matrix_with_spectrum(2000, 40, np.logspace(0, -4, 40), seed=10)
+    result = ooc_svd.svd(modest.astype(np.float32), 8)  # sigma_1 / sigma_8 ~ 8
     assert result.method == "gram" and result.passes == 2 and result.note == ""
+
+
+def test_auto_does_not_keep_gram_on_float32_columns_of_very_different_scales():
+    """float32 values are rounded each relative to itself: with one column 1e8 times and
+    one 1e-8 times the others, the exact method finds sigma_2 and sigma_3 to float32's
+    precision, far below eps32 * sigma_1, and G cannot."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((2000, 10))
+    A[:, 0] *= 1e8
+    A[:, 1] *= 1e-8
+    A = A.astype(np.float32)
+    reference = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:3]
+    result = ooc_svd.svd(A, 3)
+    assert result.method == "exact" and "switched to the exact method" in result.note
+    np.testing.assert_allclose(result.S, reference, rtol=1e-6)
     well_conditioned = ooc_svd.svd(naive.matrix_with_spectrum(2000, 40, np.logspace(0, -2, 40)), 8)
     assert well_conditioned.method == "gram" and well_conditioned.passes == 2
 
