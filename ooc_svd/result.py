@@ -137,9 +137,13 @@ def rank_for_energy(S: Any, total_energy: float, fraction: float) -> int:
     """
     if not 0 < fraction <= 1:
         raise InputError(f"fraction must be in (0, 1], not {fraction!r}")
-    energy = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
-    # A relative slack of a few ulps, so fraction=1 is reached by a complete spectrum.
-    reached = np.flatnonzero(energy >= fraction * total_energy * (1 - 1e-12))
+    S = np.asarray(S)
+    energy = np.cumsum(S.astype(np.float64) ** 2)
+    # A relative slack of a few ulps (of S as stored: a float32 S's squares are each off by
+    # up to eps32), so fraction=1 is reached by a complete spectrum.
+    stored_eps = float(np.finfo(S.dtype).eps) if S.dtype.kind == "f" else 0.0
+    slack = max(1e-12, 4 * stored_eps)
+    reached = np.flatnonzero(energy >= fraction * total_energy * (1 - slack))
     if reached.size == 0:
         held = energy[-1] / total_energy if total_energy > 0 and energy.size else 0.0
         raise InputError(
@@ -190,8 +194,14 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, or
     when the residual is within the method's rounding of it (``rounding``: how far the
     relative residual may be off), so that meeting it is not confirmed. (The few eps of
-    slack: the rank rule summed the same squares in another order.)"""
-    if tol is None or residual**2 + rounding**2 <= tol**2 + 4 * EPS64:
+    slack: the rank rule summed the same squares in another order, to a few eps of what
+    they sum to: the trailing singular values' squares for the exact and gram methods, to
+    a few eps of tol^2; ||A||^2 - sum S^2 for the others, to a few eps of ||A||^2, 1 in
+    these relative units.)"""
+    if tol is None:
+        return ""
+    summed = tol**2 if method in ("exact", "gram") else 1.0
+    if residual**2 + rounding**2 <= tol**2 + 4 * EPS64 * summed:
         return ""
     at_cap = rank >= cap
     at = f"at rank {rank}, the cap" if at_cap else f"at rank {rank}"

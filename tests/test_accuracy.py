@@ -80,6 +80,19 @@ def test_a_tol_below_the_methods_rounding_is_not_blamed_on_the_cap():
     assert exact.rank == 25 and exact.residual <= 1e-10 and exact.note == ""
 
 
+def test_an_exact_residual_far_above_a_tiny_tol_at_the_cap_is_said():
+    """The exact method resolves residuals to a few eps: stopped at the cap with a residual
+    5000 times tol=1e-12, it says so (a slack of 4 eps in squared units, absolute, once hid
+    every residual below 3e-8)."""
+    A = naive.matrix_with_spectrum(600, 40, np.logspace(0, -12, 40), seed=3)
+    result = ooc_svd.svd(A, tol=1e-12, max_rank=27, method="exact")
+    assert result.rank == 27 and result.residual > 1e3 * 1e-12
+    assert f"the residual {result.residual:.3g} exceeds tol=1e-12 at rank 27, the cap" \
+        in result.note
+    full = ooc_svd.svd(A, tol=1e-12, max_rank=40, method="exact")
+    assert full.residual <= 1e-12 and full.note == ""
+
+
 def test_a_tol_within_the_randomized_methods_rounding_takes_the_cap():
     """The randomized method measures its residual as ||A||^2 - sum S^2, whose rounding
     leaves relative residuals below about 1.5e-5 unresolved: it stopped at an arbitrary rank
@@ -202,6 +215,9 @@ def test_explained_variance_and_rank_for_energy():
     with pytest.raises(InputError, match="recompute with tol="):
         few.rank_for_energy(0.999)
     assert rank_for_energy([2.0, 1.0], 5.0, 1.0) == 2
+    # A complete float32 spectrum holds all the energy, to its squares' rounding.
+    single = np.random.default_rng(0).standard_normal((500, 20)).astype(np.float32)
+    assert ooc_svd.svd(single, 20, method="exact").rank_for_energy(1.0) == 20
     # The advised tol keeps at least the fraction: rounded down (sqrt(0.05) = 0.2236...).
     with pytest.raises(InputError, match=r"recompute with tol=0\.223 to"):
         rank_for_energy([1.0], 2.0, 0.95)
