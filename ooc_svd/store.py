@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -400,6 +401,9 @@ def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: st
     os.rename(partial, final_path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):  # a file in it that could not be removed
+            warnings.warn(f"the output replaced at {final_path!r} could not be removed "
+                          f"entirely: what is left of it is {old!r}", stacklevel=2)
 
 
 class ResultWriter:

@@ -818,6 +818,17 @@ def test_a_partial_left_by_a_killed_run_is_replaced_and_anything_else_kept(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["other.zarr.partial", "result.zarr"]
 
 
+def test_an_old_result_that_cannot_be_removed_is_named(tmp_path, matrix, monkeypatch):
+    import ooc_svd.store
+
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(matrix, 2, out=out)
+    monkeypatch.setattr(ooc_svd.store.shutil, "rmtree", lambda path, **kwargs: None)
+    with pytest.warns(UserWarning, match="could not be removed entirely: what is left of it "
+                                         "is '.*result.zarr.old-"):
+        ooc_svd.svd(matrix, 2, out=out, overwrite=True)
+
+
 def test_a_run_killed_while_it_renames_its_result_is_resumed(tmp_path, matrix, monkeypatch):
     """Killed between finishing OUT.partial and renaming it: with nothing at OUT, that
     finished partial is a killed run's, and the next run replaces it (here resuming from the
