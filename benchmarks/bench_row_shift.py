@@ -21,7 +21,7 @@ import time
 import numpy as np
 import scipy.sparse
 
-from ooc_svd.api import _open_matrix, _Request, _run
+from ooc_svd.api import open_matrix, _Request, _run
 from ooc_svd.engine import fixed_rank
 from ooc_svd.sources.difference import sparse_column, subtract
 
@@ -42,7 +42,7 @@ def main() -> None:
     A = scipy.sparse.random(m, n, density=args.nnz / (m * n), random_state=rng, format="csr",
                             dtype=np.float32)
     M = (A.sum(axis=1) / n).A  # the rows' means, as a (m, 1) column
-    source = _open_matrix(A)[0]
+    source = open_matrix(A)[0]
 
     def by_the_kernels():
         result = _run(source, _Request(args.q, fixed_rank(args.q), oversample=0,

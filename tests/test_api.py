@@ -340,20 +340,20 @@ def test_an_expanded_column_of_m_is_read_as_that_column(matrix):
 
 
 def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram():
-    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.api import open_matrix, _Request, _run
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import sparse_column
 
     A = scipy.sparse.random(300, 5000, density=0.01, random_state=2, format="csr")
     column = 1.0 + np.random.default_rng(8).standard_normal((300, 1))
-    source = _open_matrix(A)[0]
+    source = open_matrix(A)[0]
     request = _Request(5, fixed_rank(5), oversample=10, niter=2, method="krylov",
                        row_shift=sparse_column(source, column))
     result = _run(source, request)
     reference = ooc_svd.svd(A.toarray() - column, 5, niter=2, method="krylov")
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
     assert result.frobenius_norm == pytest.approx(reference.frobenius_norm, rel=1e-12)
-    small = _open_matrix(A[:, :300].tocsr())[0]
+    small = open_matrix(A[:, :300].tocsr())[0]
     with pytest.raises(InputError, match="needs the randomized or Krylov method, not 'gram'"):
         _run(small, _Request(5, fixed_rank(5), method="gram",
                              row_shift=sparse_column(small, column)))
@@ -415,7 +415,7 @@ def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):
 def test_a_minus_m_counts_the_bytes_of_a_and_m_it_reads(sparse):
     """The plan's bytes to read, and a run's bytes read, are A's and M's, not those of the
     difference the kernels see (a float32 A with a float64 M reads three times more)."""
-    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.api import open_matrix, _Request, _run
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import subtract
 
@@ -424,9 +424,9 @@ def test_a_minus_m_counts_the_bytes_of_a_and_m_it_reads(sparse):
     if sparse:
         A = scipy.sparse.random(3000, 40, density=0.1, random_state=6, format="csr",
                                 dtype=np.float32)
-    a_bytes = _open_matrix(A)[0].nbytes  # a sparse block's indptr is int64
+    a_bytes = open_matrix(A)[0].nbytes  # a sparse block's indptr is int64
     for M in (rng.standard_normal((3000, 40)), rng.standard_normal((3000, 1))):
-        source, _ = subtract(_open_matrix(A)[0], M)
+        source, _ = subtract(open_matrix(A)[0], M)
         request = _Request(3, fixed_rank(3), oversample=2, niter=2, method="randomized")
         result = _run(source, request)
         assert result.plan.cached_blocks == 0 and result.passes == 3

@@ -123,7 +123,7 @@ def test_a_minus_m_read_block_by_block_stays_under_the_limit(tmp_path, zarr_matr
     """svd_lowrank's m x n M: each read holds A's block, M's block and their difference."""
     import zarr
 
-    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.api import open_matrix, _Request, _run
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import subtract
 
@@ -134,7 +134,7 @@ def test_a_minus_m_read_block_by_block_stays_under_the_limit(tmp_path, zarr_matr
     limit = 5_000_000
 
     def run():
-        source, mean = subtract(_open_matrix(paths[0])[0], zarr.open_array(paths[1], mode="r"))
+        source, mean = subtract(open_matrix(paths[0])[0], zarr.open_array(paths[1], mode="r"))
         request = _Request(4, fixed_rank(4), oversample=4, niter=1, mean=mean, method="randomized",
                            memory_limit=limit, out=str(tmp_path / "U.zarr"), overwrite=True)
         return _run(source, request)

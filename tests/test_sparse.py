@@ -124,11 +124,11 @@ def test_a_column_of_m_over_many_blocks_of_a_store(tmp_path, monkeypatch):
     column = 2.0 + np.random.default_rng(6).standard_normal((600, 1))
     monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 4096)
     monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
-    from ooc_svd.api import _open_matrix, _Request, _run
+    from ooc_svd.api import open_matrix, _Request, _run
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import sparse_column
 
-    source = _open_matrix(path)[0]
+    source = open_matrix(path)[0]
     result = _run(source, _Request(5, fixed_rank(5), oversample=0, niter=2,
                                    method="randomized", row_shift=sparse_column(source, column)))
     assert len(result.plan.blocks) > 5
