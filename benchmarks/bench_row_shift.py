@@ -21,7 +21,7 @@ import time
 import numpy as np
 import scipy.sparse
 
-from ooc_svd.api import open_matrix, _Request, _run
+from ooc_svd.api import _Request, _run, open_matrix
 from ooc_svd.engine import fixed_rank
 from ooc_svd.sources.difference import sparse_column, subtract
 

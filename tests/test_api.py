@@ -340,7 +340,7 @@ def test_an_expanded_column_of_m_is_read_as_that_column(matrix):
 
 
 def test_a_column_taken_by_the_kernels_works_with_block_krylov_and_not_with_gram():
-    from ooc_svd.api import open_matrix, _Request, _run
+    from ooc_svd.api import _Request, _run, open_matrix
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import sparse_column
 
@@ -415,7 +415,7 @@ def test_a_minus_m_of_a_sparse_a_is_cut_finer_than_its_units(tmp_path):
 def test_a_minus_m_counts_the_bytes_of_a_and_m_it_reads(sparse):
     """The plan's bytes to read, and a run's bytes read, are A's and M's, not those of the
     difference the kernels see (a float32 A with a float64 M reads three times more)."""
-    from ooc_svd.api import open_matrix, _Request, _run
+    from ooc_svd.api import _Request, _run, open_matrix
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import subtract
 

@@ -123,7 +123,7 @@ def test_a_minus_m_read_block_by_block_stays_under_the_limit(tmp_path, zarr_matr
     """svd_lowrank's m x n M: each read holds A's block, M's block and their difference."""
     import zarr
 
-    from ooc_svd.api import open_matrix, _Request, _run
+    from ooc_svd.api import _Request, _run, open_matrix
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import subtract
 

@@ -124,7 +124,7 @@ def test_a_column_of_m_over_many_blocks_of_a_store(tmp_path, monkeypatch):
     column = 2.0 + np.random.default_rng(6).standard_normal((600, 1))
     monkeypatch.setattr(ooc_svd.sources.csr, "UNIT_BYTES", 4096)
     monkeypatch.setattr(ooc_svd.plan, "MAX_BLOCK_BYTES", 20_000)
-    from ooc_svd.api import open_matrix, _Request, _run
+    from ooc_svd.api import _Request, _run, open_matrix
     from ooc_svd.engine import fixed_rank
     from ooc_svd.sources.difference import sparse_column
 
