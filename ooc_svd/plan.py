@@ -264,7 +264,7 @@ def _least_refusal(refusals: list[PlanError], methods: list[str]) -> PlanError:
     if least == 0:
         return refusals[0]
     return PlanError(f"{refusals[least]} ({methods[0]}, the method 'auto' prefers, would "
-                     f"need {format_bytes(needs[0])})", needs[least])
+                     f"need {format_bytes(needs[0], round_up=True)})", needs[least])
 
 
 @dataclass(frozen=True)
@@ -319,25 +319,23 @@ class _Layouts:
         # for exact and gram the k columns of V_k that their final pass takes.
         width = {"krylov": self.krylov_width, "exact": min(self.k, m, n),
                  "gram": min(self.k, m, n)}.get(method, l)
-        copies = 0
-        if nnz is not None and method in ("randomized", "krylov"):
-            # The power kernel's private accumulators may take a quarter of the limit at most.
-            copies = min(self.scatter_copies, max(1, limit // 4 // (8 * n * (l + 1))))
-        fixed = _fixed_bytes(n, width, method) + 8 * copies * n * (l + 1)
+        fixed = _fixed_bytes(n, width, method)
         if self.requested == "auto" and method == "gram":
             fixed = max(fixed, _fixed_bytes(n, width, "exact"))  # room for the fallback
             reason += ("; should G not resolve sigma_k, the exact method takes over after "
                        "its pass (one pass more)")
-        for depth in (PREFETCH_DEPTH, 1):
-            blocks, peak = _block_layout(
-                self.chunk_boundaries, self.chunk_bytes,
-                n * self.itemsize if nnz is None else None, width,
-                fixed + depth * self.read_overhead_bytes, limit, depth, self.staging_blocks,
-                self.staging_matrices, depth * self.read_row_overhead, max_block_bytes,
-            )
-            if peak <= limit:
+        # The sparse power kernel's private accumulators may take a quarter of the limit at
+        # most, and are halved where the blocks do not fit beside them, down to one.
+        copies = 0
+        if nnz is not None and method in ("randomized", "krylov"):
+            copies = min(self.scatter_copies, max(1, limit // 4 // (8 * n * (l + 1))))
+        while True:
+            blocks, peak, depth = self._blocks_under(fixed + 8 * copies * n * (l + 1), width,
+                                                     max_block_bytes)
+            if peak <= limit or copies <= 1:
                 break
-        else:
+            copies //= 2
+        if peak > limit:
             if find_need:
                 peak = self._least_limit(method, reason, max_block_bytes, peak)
             raise self._refusal(method, width, blocks, peak)
@@ -354,6 +352,21 @@ class _Layouts:
             return _with_spill_in_memory(plan)
         cached = _blocks_that_fit(plan.block_bytes, limit - peak)
         return _with_spill_in_memory(replace(plan, cached_blocks=cached))
+
+    def _blocks_under(self, fixed: int, width: int, max_block_bytes: int):
+        """(blocks, peak, read-ahead depth) of the layout beside ``fixed`` bytes of working
+        set: reading ahead as far as the limit allows, else one block."""
+        for depth in (PREFETCH_DEPTH, 1):
+            blocks, peak = _block_layout(
+                self.chunk_boundaries, self.chunk_bytes,
+                None if self.nnz is not None else self.shape[1] * self.itemsize, width,
+                fixed + depth * self.read_overhead_bytes, self.memory_limit, depth,
+                self.staging_blocks, self.staging_matrices, depth * self.read_row_overhead,
+                max_block_bytes,
+            )
+            if peak <= self.memory_limit:
+                break
+        return blocks, peak, depth
 
     def _least_limit(self, method: str, reason: str, max_block_bytes: int, peak: int) -> int:
         """The least limit under which ``method`` fits: the peak refused under this one, or
@@ -397,7 +410,7 @@ class _Layouts:
                 f"memory_limit {limit} is too small for the {method} method on a {m} x {n} "
                 f"matrix: its working set ({arrays}{decoded}) and the smallest block it can "
                 f"read need "
-                f"{format_bytes(peak)}{hint}", peak
+                f"{format_bytes(peak, round_up=True)}{hint}", peak
             )
         largest = int(np.argmax(self.chunk_bytes))
         rows = int(self.chunk_boundaries[largest + 1] - self.chunk_boundaries[largest])
@@ -407,12 +420,13 @@ class _Layouts:
                 f"memory_limit {limit} cannot hold a block of {rows} sparse rows ({raw} raw) "
                 f"with the read-ahead, the partly decoded storage chunks "
                 f"({format_bytes(overhead)} per read) and the working set (needs "
-                f"{format_bytes(peak)}); raise memory_limit or write the store with fewer "
-                "non-zeros per chunk (ooc-svd convert --chunk-nnz)", peak
+                f"{format_bytes(peak, round_up=True)}); raise memory_limit or write the store "
+                "with fewer non-zeros per chunk (ooc-svd convert --chunk-nnz)", peak
             )
         return PlanError(
             f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) "
-            f"with the read-ahead and working set (needs {format_bytes(peak)}); raise "
+            f"with the read-ahead and working set (needs {format_bytes(peak, round_up=True)}); "
+            "raise "
             "memory_limit or rechunk the store by rows", peak
         )
 

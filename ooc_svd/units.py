@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 
@@ -27,11 +28,21 @@ def parse_bytes(value: int | float | str) -> int:
     return int(count)
 
 
-def format_bytes(count: float) -> str:
+def format_bytes(count: float, round_up: bool = False) -> str:
     """'512 kB', '6.9 MB', '1.07 GB': three digits in the decimal units that memory limits
-    are read in."""
+    are read in; with ``round_up`` (a memory need), rounded up, so that a limit of what is
+    shown is enough."""
     for unit in ("B", "kB", "MB", "GB"):
-        if float(f"{count:.3g}") < 1000:
-            return f"{count:.3g} {unit}"
+        shown = _three_digits(count, round_up)
+        if shown < 1000:
+            return f"{shown:.3g} {unit}"
         count /= 1000
-    return f"{count:.3g} TB"
+    return f"{_three_digits(count, round_up):.3g} TB"
+
+
+def _three_digits(count: float, round_up: bool) -> float:
+    shown = float(f"{count:.3g}")
+    if round_up and shown < count:
+        step = 10.0 ** (math.floor(math.log10(count)) - 2)  # the third digit's
+        shown = float(f"{shown + step:.3g}")
+    return shown

@@ -128,7 +128,7 @@ def test_auto_refuses_with_the_least_limit_that_fits(shape, limit):
         svd_plan(A, k=10, memory_limit=limit)
     needed = refused.value.needed_bytes
     assert needed > limit
-    assert format_bytes(needed) in str(refused.value)
+    assert format_bytes(needed, round_up=True) in str(refused.value)
     fits = svd_plan(A, k=10, memory_limit=needed)
     assert fits.predicted_peak_bytes <= needed
     for method in ("exact", "gram", "randomized", "krylov"):
@@ -152,10 +152,32 @@ def test_a_sparse_refusal_names_the_least_limit_that_fits(method, monkeypatch):
         with pytest.raises(PlanError) as refused:
             svd_plan(A, k=10, memory_limit=limit, method=method)
         needed = refused.value.needed_bytes
-        assert format_bytes(needed) in str(refused.value)
+        assert format_bytes(needed, round_up=True) in str(refused.value)
         assert svd_plan(A, k=10, memory_limit=needed, method=method).predicted_peak_bytes <= needed
         with pytest.raises(PlanError):
             svd_plan(A, k=10, memory_limit=needed - 1, method=method)
+
+
+def test_a_larger_limit_never_refuses_a_sparse_plan_that_a_smaller_one_takes(monkeypatch):
+    """A limit that allows one more private accumulator (a quarter of it) than its blocks
+    leave room for takes fewer accumulators: it was refused, where a smaller limit with
+    fewer of them fitted."""
+    import scipy.sparse
+
+    import ooc_svd.api
+    from ooc_svd.api import svd_plan
+
+    monkeypatch.setattr(ooc_svd.api, "scatter_threads", lambda: 8)
+    A = scipy.sparse.random(20_000, 100_000, density=1e-4, format="csr", random_state=0)
+    def fits(limit: int) -> bool:
+        try:
+            svd_plan(A, k=20, memory_limit=limit, method="randomized")
+        except PlanError:
+            return False
+        return True
+
+    taken = [fits(int(limit)) for limit in np.geomspace(5e7, 5e8, 200)]
+    assert True in taken and all(taken[taken.index(True):])
 
 
 def test_a_refusal_needs_more_than_the_limit_it_refuses():
