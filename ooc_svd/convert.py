@@ -30,9 +30,12 @@ pattern input becomes float32, exact for integers up to 2**24 (counts); pass
 
 from __future__ import annotations
 
+import functools
+import gzip
 import inspect
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -223,6 +226,27 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
     return _write_csr(target, readers, {"input": f"scipy.sparse {kind}", "format": kind})
 
 
+# What a damaged input file raises as it is read: a gzip or zip stream cut short or
+# corrupt (a truncated .mtx.gz, an .npz with a bad CRC).
+DAMAGED_FILE_ERRORS = (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error)
+
+
+def _names_damaged_files(converter: Callable[..., Any]) -> Callable[..., Any]:
+    """A converter whose input, damaged, is an InputError naming the file, not a traceback
+    from the decompressor (the partial output is removed as for any error)."""
+
+    @functools.wraps(converter)
+    def converting(path, out, **options):
+        try:
+            return converter(path, out, **options)
+        except DAMAGED_FILE_ERRORS as error:
+            raise InputError(f"cannot read {os.fspath(path)!r}: {type(error).__name__}: "
+                             f"{error}") from error
+
+    return converting
+
+
+@_names_damaged_files
 def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
@@ -254,6 +278,9 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                        memory_limit=memory_limit)
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
             return from_scipy(load_npz(path), out, **options)
+        if layout in ("csr", "csc") and not {"indptr", "indices"} <= names:
+            raise InputError(f"{path!r} is a {layout} .npz without indptr and indices (it "
+                             f"holds {sorted(names)})")
         data = NpyMemberReader(archive, "data", path)
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
                          **options)
@@ -286,6 +313,7 @@ def _npz_entries(path: str, layout: str, shape: tuple[int, int],
     return entries
 
 
+@_names_damaged_files
 def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
@@ -336,6 +364,7 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     )
 
 
+@_names_damaged_files
 def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "X",
               dtype: Any = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
               memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
@@ -352,7 +381,11 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StoreNotFoundError(f"no such file: {path!r}")
-    with h5py.File(path, "r") as file:
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:  # not HDF5, or truncated
+        raise InputError(f"cannot open {path!r} as an HDF5 file: {error}") from None
+    with file:
         layout, shape, data = _h5_sparse_group(file, group, path, h5py)
         target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,

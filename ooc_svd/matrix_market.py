@@ -56,7 +56,8 @@ def open_binary(path: str):
     """The file, decompressed on the fly when it ends in .gz."""
     if not os.path.isfile(path):
         raise StoreNotFoundError(f"no such file: {path!r}")
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    gzipped = path.lower().endswith(".gz")
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115
 
 
 def read_header(file, path: str) -> MatrixMarketHeader:

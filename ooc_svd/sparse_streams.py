@@ -37,7 +37,7 @@ class SlicedReader:
             raise InputError(f"{self.name} holds {self.size} values; the matrix needs {stop}")
         values = np.asarray(self.array[self.position : stop])
         self.position = stop
-        return values
+        return native_order(values)
 
 
 class NpyMemberReader:
@@ -63,7 +63,13 @@ class NpyMemberReader:
         if len(raw) != count * self.dtype.itemsize:
             raise InputError(f"{self.name} ends before its {self.size} values (truncated file?)")
         self.position += count
-        return np.frombuffer(raw, dtype=self.dtype)
+        return native_order(np.frombuffer(raw, dtype=self.dtype))
+
+
+def native_order(values: np.ndarray) -> np.ndarray:
+    """``values`` in the machine's byte order, which numba compiles for (big-endian data,
+    as zarr v2 stores and .npy files may hold, is swapped)."""
+    return values.astype(values.dtype.newbyteorder("="), copy=False)
 
 
 Reader = SlicedReader | NpyMemberReader

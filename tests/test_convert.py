@@ -390,6 +390,59 @@ def test_h5ad_csr_group_round_trips(tmp_path, old_attributes):
     assert group.attrs["ooc_svd_source"]["row_sorted"] is True
 
 
+def test_damaged_or_misnamed_files_are_named_not_a_traceback(tmp_path):
+    """A gzip stream cut short or not gzip at all, an .npz with a bad checksum or without
+    indptr, a file that is no HDF5: InputErrors naming the file, nothing written. An
+    upper-case suffix is read as its lower-case one."""
+    A = with_gaps(m=300, n=40, seed=12)
+    plain = tmp_path / "A.mtx"
+    scipy.io.mmwrite(plain, A.tocoo())
+    zipped = tmp_path / "A.mtx.gz"
+    with open(plain, "rb") as source, gzip.open(zipped, "wb") as target:
+        target.write(source.read())
+    upper = tmp_path / "B.MTX.GZ"
+    upper.write_bytes(zipped.read_bytes())
+    assert_same_csr(read_back(convert(upper, tmp_path / "B.zarr")), A)
+    truncated = tmp_path / "T.mtx.gz"
+    truncated.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    not_gzip = tmp_path / "N.mtx.gz"
+    not_gzip.write_bytes(plain.read_bytes())
+    npz = tmp_path / "C.npz"
+    sp.save_npz(npz, A.tocsr(), compressed=True)
+    corrupt = tmp_path / "corrupt.npz"
+    damaged = bytearray(npz.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(damaged))
+    without_indptr = tmp_path / "noindptr.npz"
+    np.savez(without_indptr, format=np.array(b"csr"), shape=np.array(A.shape), data=A.data,
+             indices=A.tocsr().indices)
+    cases = [(truncated, "cannot read .*T.mtx.gz'"), (not_gzip, "cannot read .*N.mtx.gz'"),
+             (corrupt, "corrupt.npz"), (without_indptr, "without indptr and indices")]
+    junk = tmp_path / "junk.h5ad"
+    junk.write_bytes(b"not hdf5 at all")
+    try:
+        import h5py  # noqa: F401 - the hdf5 extra
+        cases.append((junk, "cannot open .*junk.h5ad' as an HDF5 file"))
+    except ImportError:
+        pass
+    for path, message in cases:
+        with pytest.raises(InputError, match=message):
+            convert(path, tmp_path / "out.zarr", **SMALL)
+        assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+
+
+def test_a_big_endian_csr_group_converts(tmp_path):
+    """zarr v2 stores may hold big-endian indices, which numba cannot take as they are."""
+    A = with_gaps(m=200, n=30, seed=14)
+    group = zarr.open_group(str(tmp_path / "B.zarr"), mode="w", zarr_format=2)
+    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": list(A.shape)})
+    group.create_array("indptr", data=A.indptr.astype(">i8"))
+    group.create_array("indices", data=A.indices.astype(">i4"))
+    group.create_array("data", data=A.data.astype(">f8"))
+    assert_same_csr(read_back(convert(str(tmp_path / "B.zarr"), tmp_path / "out.zarr")), A)
+
+
 def test_h5ad_refusals(tmp_path):
     path = write_h5_sparse(tmp_path / "A.h5ad", with_gaps(seed=13))
     with pytest.raises(InputError, match="dense dataset"):

@@ -453,3 +453,24 @@ def test_a_norm_lost_to_cancellation_is_not_called_a_zero_matrix():
     result = ooc_svd.svd(scipy.sparse.csr_matrix(A), 5, center=True, method="exact")
     assert result.S[0] > 100 and "centered algebraically" in result.note
     assert "is zero" not in result.note
+
+
+def test_malformed_scipy_arrays_and_csr_attributes_are_refused_by_name(tmp_path):
+    """scipy does not check the arrays a matrix is built from; a CSR group's shape
+    attribute is read as it is stored."""
+    import zarr
+
+    from ooc_svd.errors import InputError, ReadError
+
+    decreasing = scipy.sparse.csr_matrix(
+        (np.array([1.0, 2.0, 3.0]), np.array([0, 1, 0]), np.array([0, 2, 1, 3])), shape=(3, 2))
+    with pytest.raises(ReadError, match="rows \\[0, 3\\) of scipy.sparse csr_matrix are "
+                                        "corrupt: indptr decreases"):
+        ooc_svd.svd(decreasing, 1)
+    A = scipy.sparse.random(40, 10, density=0.3, format="csr", random_state=3)
+    path = str(tmp_path / "A.zarr")
+    ooc_svd.convert.from_scipy(A, path)
+    for shape in ("40x10", [40, 10, 1], None, [40.0, 10]):
+        zarr.open_group(path, mode="r+").attrs["shape"] = shape
+        with pytest.raises(InputError, match="the shape attribute must be two integers"):
+            ooc_svd.svd(path, 1)

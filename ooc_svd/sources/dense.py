@@ -48,7 +48,7 @@ class DenseSource:
             return self.array.kind
         if self.compute_slice:
             return "dask"
-        if isinstance(self.array, np.memmap) or self.description.endswith(".npy"):
+        if isinstance(self.array, np.memmap) or self.description.lower().endswith(".npy"):
             return "npy"
         if isinstance(self.array, np.ndarray):
             return "numpy"
@@ -203,9 +203,9 @@ def _open_path(path: str) -> DenseSource:
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
         raise StoreNotFoundError(f"no such file or store: {path!r}")
-    if path.endswith(".npz"):
+    if path.lower().endswith(".npz"):
         return _open_npz(path)
-    if path.endswith(".npy"):
+    if path.lower().endswith(".npy"):
         if not _has_npy_header(path):
             raise StoreNotFoundError(f"{path!r} is not a .npy file (it lacks the NumPy header)")
         try:

@@ -40,7 +40,7 @@ def open_source(A: Any) -> DenseSource | CSRSource:
             # What the workers of a cluster can name. Not normalized: 'link/..' is where
             # the link's target lies, as the filesystem resolves it
             path = A = os.path.join(os.getcwd(), path)
-        if path.endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
+        if path.lower().endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
             return csr_source_from_scipy(load_npz(path), path)
