@@ -709,20 +709,40 @@ MAX_CHUNKS_COUNTED = 100_000
 
 
 def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
-    """For a zarr array, how many of its storage chunks are absent, which zarr reads as its
-    fill value: chunks of the fill value alone are left out on purpose, but so are those of
-    a store written in part."""
-    array = getattr(source, "array", None)
+    """For a zarr array (or a CSR group's three), how many of its storage chunks are
+    absent, which zarr reads as its fill value: chunks of the fill value alone are left out
+    on purpose, but so are those of a store written in part."""
+    if isinstance(source, CSRSource):
+        arrays = {"indptr": source.indptr, "indices": source.indices, "data": source.data}
+    else:
+        arrays = {"": getattr(source, "array", None)}
+    counts = {name: _absent_chunks(array) for name, array in arrays.items()}
+    absent = {name: count for name, count in counts.items() if count and count[0]}
+    if not absent:
+        return ""
+    if isinstance(source, CSRSource):
+        where = ", ".join(f"{absent_count} of the {total} of {name}"
+                          for name, (absent_count, total) in absent.items())
+        return (f"storage chunks of {source.description} are absent ({where}), read as "
+                "their arrays' fill value: zarr leaves out chunks of the fill value alone, "
+                "and a store written in part lacks the rest")
+    (absent_count, total), = absent.values()
+    return (f"{absent_count} of the {total} storage chunks of {source.description} are "
+            f"absent, read as the fill value {arrays[''].fill_value} (zarr leaves out chunks "
+            "of the fill value alone, and a store written in part lacks the rest)")
+
+
+def _absent_chunks(array: Any) -> tuple[int, int] | None:
+    """(absent chunks, chunks) of an unsharded zarr array on a local store of up to
+    MAX_CHUNKS_COUNTED chunks; None for anything else."""
     if not type(array).__module__.startswith("zarr") or getattr(array, "shards", None) or \
             array.nchunks > MAX_CHUNKS_COUNTED:
-        return ""
+        return None
     present = stored_chunk_files(array)
+    if present is None:
+        return None
     total = int(array.nchunks)
-    if present is None or present >= total:
-        return ""
-    return (f"{total - present} of the {total} storage chunks of {source.description} are "
-            f"absent, read as the fill value {array.fill_value} (zarr leaves out chunks of "
-            "the fill value alone, and a store written in part lacks the rest)")
+    return max(total - present, 0), total
 
 
 def _make_directories(path: str) -> list[str]:

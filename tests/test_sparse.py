@@ -474,3 +474,18 @@ def test_malformed_scipy_arrays_and_csr_attributes_are_refused_by_name(tmp_path)
         zarr.open_group(path, mode="r+").attrs["shape"] = shape
         with pytest.raises(InputError, match="the shape attribute must be two integers"):
             ooc_svd.svd(path, 1)
+
+
+def test_absent_chunks_of_a_csr_store_are_noted(tmp_path):
+    """zarr reads a lost chunk of data or indices as the fill value, as it does a dense
+    store's: the note counts them, per array."""
+    import os
+
+    A = scipy.sparse.random(2000, 300, density=0.05, format="csr", random_state=0)
+    path = str(tmp_path / "A.zarr")
+    ooc_svd.convert.from_scipy(A, path, chunk_nnz=1000)
+    assert ooc_svd.svd(path, 3).note == ""
+    chunks = sorted(os.listdir(os.path.join(path, "data", "c")))
+    os.remove(os.path.join(path, "data", "c", chunks[3]))
+    note = ooc_svd.svd(path, 3).note
+    assert f"storage chunks of {path} are absent (1 of the {len(chunks)} of data)" in note
