@@ -168,7 +168,11 @@ def test_a_larger_limit_never_refuses_a_sparse_plan_that_a_smaller_one_takes(mon
     from ooc_svd.api import svd_plan
 
     monkeypatch.setattr(ooc_svd.api, "scatter_threads", lambda: 8)
-    A = scipy.sparse.random(20_000, 100_000, density=1e-4, format="csr", random_state=0)
+    # (scipy.sparse.random draws from all m n positions: 16 GB for this shape)
+    rng = np.random.default_rng(0)
+    rows, columns = rng.integers(0, 20_000, 200_000), rng.integers(0, 100_000, 200_000)
+    A = scipy.sparse.csr_matrix((np.ones(200_000), (rows, columns)), shape=(20_000, 100_000))
+
     def fits(limit: int) -> bool:
         try:
             svd_plan(A, k=20, memory_limit=limit, method="randomized")
