@@ -59,7 +59,7 @@ from distributed import WorkerPlugin
 
 from .centering import Centering
 from .errors import InputError
-from .kernels.backend import CPUKernels, Kernels
+from .kernels.backend import CPUKernels, Kernels, aborted_on_error
 from .kernels.cpu import BlockStats, SubBlocks, gram_block, stacked_rows
 from .kernels.cuda_backend import (
     CUDAUnavailableError,
@@ -925,8 +925,8 @@ def _final_group(source, blocks, first, X, shift, append_ones, directory, depth,
             _save(directory, "T", first + i, merge.T)
             _save(directory, "S", first + i, merge.S)
 
-    with _task_kernels(n, kernel_spec) as kernels:
-        sweep = kernels.final_sweep(X, stats, append_ones, spill)
+    with _task_kernels(n, kernel_spec) as kernels, \
+            aborted_on_error(kernels.final_sweep(X, stats, append_ones, spill)) as sweep:
         for start, _, block in _blocks(source, blocks, depth):
             sweep.add(block, start, shift)
             nbytes += block.nbytes

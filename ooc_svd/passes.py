@@ -23,7 +23,7 @@ import numpy as np
 
 from .centering import Centering
 from .checkpoint import Checkpoint
-from .kernels.backend import Kernels
+from .kernels.backend import Kernels, aborted_on_error
 from .kernels.cpu import (
     BlockStats,
     SubBlocks,
@@ -177,11 +177,14 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     l = X.shape[1]
     append_ones = not context.centering.mean_known
     stats = BlockStats.zeros(X.shape[0])
-    sweep = context.kernels.final_sweep(X, stats, append_ones, spill.write_block)
     shift = None
-    for _, start, block, shift in context.read("final pass"):
-        sweep.add(block, start, shift)
-    tsqr = sweep.result()
+    # An error between blocks (one that cannot be read) stops the sweep before the caller
+    # closes the spill: a GPU's sweep hands blocks to the spill from a thread of its own.
+    with aborted_on_error(context.kernels.final_sweep(X, stats, append_ones,
+                                                      spill.write_block)) as sweep:
+        for _, start, block, shift in context.read("final pass"):
+            sweep.add(block, start, shift)
+        tsqr = sweep.result()
     BT = tsqr.BT
     d = context.centering.offset(shift, stats)
     if append_ones:

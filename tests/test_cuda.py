@@ -544,6 +544,36 @@ def test_final_sweep_on_one_stream(kind):
     check_final_sweep(kind, np.float64, np.int32, True, False, True, streams=1)
 
 
+@on_device
+def test_an_error_between_blocks_stops_the_final_sweeps_deliveries():
+    """The final sweep hands Q_i to the spill from a thread of its own, a block later; a
+    read error between blocks aborts it (``aborted_on_error``), which waits for the spill
+    calls begun and drops the rest, so the caller may close the spill: none comes after."""
+    from ooc_svd.kernels.backend import aborted_on_error
+
+    rows, n, l = (8, 9, 5) if SIMULATED else (3000, 257, 30)
+    X, _, _ = operands(n, l, 3 * rows)
+    kernels = CUDAKernels(n, streams=2)
+    calls, closed = [], []
+
+    def slow_spill(index, Q_i, merge):
+        time.sleep(0.2)
+        calls.append((index, bool(closed)))
+
+    try:
+        with pytest.raises(OSError, match="a chunk that cannot be read"), \
+                aborted_on_error(kernels.final_sweep(X, BlockStats.zeros(n), False,
+                                                     slow_spill)) as sweep:
+            for i in range(3):
+                sweep.add(dense_block(rows, n, np.float64, seed=i), i * rows, np.zeros(n))
+            raise OSError("a chunk that cannot be read")
+        closed.append(True)  # the caller closes the spill here
+        time.sleep(0.5)
+    finally:
+        kernels.close()
+    assert calls and all(not after_close for _, after_close in calls)
+
+
 def check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, streams):
     """B^T stays on the device: Q R = [A_s X, 1], Q orthonormal, B^T = A_s^T Q, with
     blocks shorter than l (R grows; factored on the host) and an empty block."""
@@ -647,9 +677,10 @@ def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
     else:
         whole.data[whole.indptr[10]] = np.nan
     spilled = []
-    sweep = cuda_kernels(kind, 6).final_sweep(np.ones((6, 2), order="F"),
-                                              BlockStats.zeros(6), False,
-                                              lambda *block: spilled.append(block))
+    kernels = cuda_kernels(kind, 6)
+    lanes = list(kernels.streams)
+    sweep = kernels.final_sweep(np.ones((6, 2), order="F"), BlockStats.zeros(6), False,
+                                lambda *block: spilled.append(block))
     with pytest.raises(NonFiniteError, match=r"NaN or Inf in rows \[1010, 1020\)"):
         for start, block in blocks:
             sweep.add(block, 1000 + start, np.zeros(6))
@@ -657,6 +688,12 @@ def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
     # Nothing of the bad block reached the spill (the block before it may have: the
     # spill gets each block a block later, from the delivery thread).
     assert [i for i, _, _ in spilled] in ([], [0])
+    # The failed sweep (which an error's traceback may keep) holds no buffers once the
+    # backend is closed: device memory and pinned pages go back.
+    kernels.close()
+    for lane in lanes:
+        assert lane.host is None and lane.device is None
+        assert not lane.device_scratch and not lane.host_scratch and not lane.arrays
 
 
 @on_device

@@ -20,7 +20,8 @@ or Inf raises ``NonFiniteError`` naming rows of the matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -47,6 +48,21 @@ class FinalSweep(Protocol):
     def result(self) -> StreamingTSQR:
         """R and B^T (n, r) float64 F-order of all blocks, every block spilled, the
         sweep's stats complete."""
+
+    def abort(self) -> None:
+        """Stop after an error of the caller's (a block it could not read): no spill call
+        comes after this returns, so the caller may close the spill."""
+
+
+@contextmanager
+def aborted_on_error(sweep: FinalSweep) -> Iterator[FinalSweep]:
+    """The final sweep, aborted (``FinalSweep.abort``) if the caller's work with it raises,
+    before the error leaves the block."""
+    try:
+        yield sweep
+    except BaseException:
+        sweep.abort()
+        raise
 
 
 class Kernels(Protocol):
@@ -170,3 +186,6 @@ class HostFinalSweep:
         if self.tsqr.BT is not None:  # C^T of a single block may be C-ordered
             self.tsqr.BT = np.asfortranarray(self.tsqr.BT)
         return self.tsqr
+
+    def abort(self) -> None:
+        """Nothing to wait for: each block is spilled within its ``add``."""

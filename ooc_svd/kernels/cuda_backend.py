@@ -53,7 +53,7 @@ import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -497,9 +497,12 @@ class CUDAKernels:
         return type(block)(copies[0], copies[1], copies[2], block.n_cols)
 
     def close(self) -> None:
-        """Release the staging buffers and the copy threads."""
-        self.streams = []
+        """Release the staging buffers, device and pinned, and the copy threads: also
+        those that a failed sweep, still referenced by its error's traceback, reaches."""
         self.delivery.shutdown()  # first: a queued delivery still copies on the copier
+        for lane in self.streams:
+            lane.release()
+        self.streams = []
         self.copier.close()
 
     def upload(self, lane: _StagingStream, block) -> list:
@@ -812,15 +815,19 @@ class CUDAFinalSweep(_DeviceSweep):
         while self.deliveries and self.deliveries[0].done():
             self.deliveries.pop(0).result()  # raises what the spill raised
 
+    def abort(self) -> None:
+        """Stop the deliveries not yet begun, and wait for those begun: the caller closes
+        the spill after this, and no spill call may come after."""
+        self.failed = True
+        futures_wait(self.deliveries)
+
     @contextmanager
     def _settling_deliveries(self):
-        """On an error, wait for the deliveries already handed over before raising it:
-        the caller closes the spill then, and no spill call may come after."""
+        """An error of the sweep's own aborts it before it reaches the caller."""
         try:
             yield
         except BaseException:
-            self.failed = True
-            futures_wait(self.deliveries)
+            self.abort()
             raise
 
     def _deliver(self) -> None:
@@ -1029,6 +1036,15 @@ class _StagingStream:
         self.arrays: list = []
         self.in_flight: list = []  # page-locked parts the device may still be reading
         self.delivery: Future | None = None  # the final pass's last Q_i from this lane
+
+    def release(self) -> None:
+        """Let go of the stream's buffers, once its queued work is done (a device in error
+        may refuse to wait: they are let go all the same)."""
+        with suppress(Exception):
+            self.stream.synchronize()
+        self.host, self.device, self.holds, self.holds_x = None, None, None, None
+        self.device_scratch, self.host_scratch = {}, {}
+        self.factors, self.arrays, self.in_flight = [], [], []
 
     def await_delivery(self) -> None:
         """Wait until the final pass's last Q_i from this lane is spilled (its pinned
