@@ -223,9 +223,10 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     """
     if rows is None:
         rows = block_bytes // (4 * max(n, 1))
-    # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i);
+    # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i) and
+    # the small factors of its QR and merges (G, R, T and S, of l + 1 columns at most);
     # once, X and the two buffers of B^T (or X and Z), and the column sums.
-    per_stream = block_bytes + 3 * 8 * rows * l
+    per_stream = block_bytes + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2
     if columns:
         # The values and their int32 rows (no more than the block's values and indices)
         # and three int64 arrays of n + 1: counts, starts and cursor.
