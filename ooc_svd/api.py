@@ -636,9 +636,10 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     checkpoint = request.checkpoint
     if checkpoint is None and out_path is not None:
         checkpoint = f"{out_path}.checkpoint"
-    for what, path in (("checkpoint", checkpoint), ("scratch_dir", request.scratch_dir)):
-        if path is not None:
-            check_apart_from_inputs(what, path, inputs)
+    if checkpoint is not None:  # removed whole when the run ends
+        check_apart_from_inputs("checkpoint", checkpoint, inputs)
+    if request.scratch_dir is not None:  # the spill goes into a directory of its own there
+        check_apart_from_inputs("scratch_dir", request.scratch_dir, inputs, around=False)
     with _run_locks(out_path, checkpoint):
         if out_path is not None:  # again, locked: a run that held the lock may have written it
             check_output_path(out_path, request.overwrite, inputs=inputs)
@@ -714,7 +715,9 @@ def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
     absent, which zarr reads as its fill value: chunks of the fill value alone are left out
     on purpose, but so are those of a store written in part."""
     if isinstance(source, CSRSource):
-        arrays = {"indptr": source.indptr, "indices": source.indices, "data": source.data}
+        # (indptr's lost chunks read as zeros, which a later chunk's pointers then
+        # contradict: a read refuses the block)
+        arrays = {"indices": source.indices, "data": source.data}
     else:
         arrays = {"": getattr(source, "array", None)}
     counts = {name: _absent_chunks(array) for name, array in arrays.items()}
@@ -725,8 +728,10 @@ def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
         where = ", ".join(f"{absent_count} of the {total} of {name}"
                           for name, (absent_count, total) in absent.items())
         return (f"storage chunks of {source.description} are absent ({where}), read as "
-                "their arrays' fill value: zarr leaves out chunks of the fill value alone, "
-                "and a store written in part lacks the rest")
+                "their arrays' fill value: zarr leaves out chunks of the fill value alone "
+                "unless asked to keep them (ooc_svd's stores keep them; elsewhere, indices "
+                "all in column 0 and data of explicit zeros), and a store written in part "
+                "lacks the rest")
     (absent_count, total), = absent.values()
     return (f"{absent_count} of the {total} storage chunks of {source.description} are "
             f"absent, read as the fill value {arrays[''].fill_value} (zarr leaves out chunks "

@@ -144,12 +144,13 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
 
 
 def check_apart_from_inputs(what: str, path: str | os.PathLike, inputs: tuple[str, ...],
-                            where_written: bool = False) -> None:
+                            where_written: bool = False, around: bool = True) -> None:
     """Refuse a path a run writes (and removes) that is one of the ``inputs`` (paths or
-    ``file://`` URLs), or inside or around one: inputs are never modified. With
-    ``where_written``, ``path`` is where the output is written first (``PATH.partial``)."""
+    ``file://`` URLs), or inside one, or (``around``: a path removed whole) around one:
+    inputs are never modified. With ``where_written``, ``path`` is where the output is
+    written first (``PATH.partial``)."""
     for source in filter(None, map(local_path, inputs)):
-        if paths_overlap(path, source):
+        if path_within(path, source) or (around and path_within(source, path)):
             written = f" (where it is written first: {os.fspath(path)!r})" if where_written \
                 else f" {os.fspath(path)!r}"
             raise InputError(f"{what}{written} overlaps the input {source!r}, which is never "
@@ -175,8 +176,13 @@ def local_path(name: str) -> str | None:
 
 def paths_overlap(path: str | os.PathLike, other: str | os.PathLike) -> bool:
     """Whether two local paths are the same, or one lies inside the other."""
+    return path_within(path, other) or path_within(other, path)
+
+
+def path_within(path: str | os.PathLike, other: str | os.PathLike) -> bool:
+    """Whether the local path ``path`` is ``other`` or lies inside it."""
     a, b = os.path.realpath(path), os.path.realpath(other)
-    return os.path.commonpath([a, b]) in (a, b)
+    return os.path.commonpath([a, b]) == b
 
 
 def _may_replace(path: str, replaces: str) -> bool:

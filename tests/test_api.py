@@ -750,6 +750,8 @@ def test_an_input_where_the_run_writes_its_partial_checkpoint_or_spill_is_refuse
         ooc_svd.svd(checkpointed, 3, checkpoint=str(tmp_path / "run.checkpoint"))
     with pytest.raises(InputError, match="scratch_dir .* overlaps the input"):
         ooc_svd.svd(path, 3, scratch_dir=path)
+    # A scratch_dir around the input is fine: the spill has a directory of its own there
+    assert ooc_svd.svd(path, 3, scratch_dir=str(tmp_path)).rank == 3
     assert tree_digest(path) == before
     assert sorted(os.listdir(tmp_path)) == ["out.zarr.partial", "run.checkpoint"]
 
