@@ -67,7 +67,9 @@ def sigterm_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler not set from Python (an embedding program's), which Python
+        # cannot set back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def interrupted_signal(interrupt: KeyboardInterrupt) -> tuple[str, int]:
@@ -90,7 +92,7 @@ def user_errors(command):
             with sigterm_as_interrupt():
                 return command(*args, **kwargs)
         except OOCSVDError as error:
-            failure = InputFailure(str(error))
+            failure = InputFailure(failure_message(error))
         except click.ClickException as error:  # the commands' own failures
             failure = error
         except OSError as error:
@@ -218,10 +220,6 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         what, number = interrupted_signal(interrupt)
         checkpoint = f"{os.path.normpath(out)}.checkpoint"
         raise Interrupted(interrupted_message(what, checkpoint), number) from None
-    except OOCSVDError as error:
-        raise InputFailure(failure_message(error)) from None
-    except OSError as error:
-        raise SystemFailure(failure_message(error)) from None
     summary = {
         "out": out,
         "method": result.method,

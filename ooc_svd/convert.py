@@ -53,7 +53,7 @@ from .coordinates import (
 from .errors import InputError, MissingDependencyError, StoreNotFoundError
 from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
-from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter
+from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter, stored_shape
 from .sources.open import load_npz
 from .sparse_streams import (
     NpyMemberReader,
@@ -416,7 +416,7 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     if layout is None or "shape" not in group.attrs or missing:
         raise InputError(f"{path!r} is not a sparse matrix group (encoding-type {encoding!r},"
                          f" shape {group.attrs.get('shape')}, missing arrays {missing})")
-    shape = tuple(int(s) for s in group.attrs["shape"])
+    shape = stored_shape(group.attrs["shape"], repr(path))
     target = _target(out, shape, group["data"].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                      source_path=path)

@@ -25,7 +25,7 @@ def parse_bytes(value: int | float | str) -> int:
         count *= (1024 if binary else 1000) ** ("KMGT".index(unit.upper()) + 1 if unit else 0)
     if not 1 <= count < float("inf"):
         raise InputError(f"a memory size must be a positive number of bytes, not {value!r}")
-    return int(count)
+    return round(count)  # '16.4MB' is 16,400,000 bytes, not 16,399,999
 
 
 def format_bytes(count: float, round_up: bool = False) -> str:

@@ -505,6 +505,9 @@ def test_zarr_refusals(tmp_path):
         for given in (path, f"file://{path}", f"file://{relative}"):
             with pytest.raises(InputError, match="overlaps the input"):
                 from_zarr(given, out, overwrite=True)
+    zarr.open_group(path, mode="r+").attrs["shape"] = "600x90"
+    with pytest.raises(InputError, match="the shape attribute must be two integers"):
+        convert(path, tmp_path / "out.zarr")
     dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")
     with pytest.raises(InputError, match="not a sparse group"):
         convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")

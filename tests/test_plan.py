@@ -20,6 +20,17 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
+def test_a_need_shown_rounded_up_is_a_limit_that_holds_it():
+    """What a refusal shows as the need, read back as a memory limit, is at least the need:
+    on every three-digit value of each unit, and just above and below it."""
+    for exponent in range(10):
+        for digits in range(100, 1000):
+            exact = digits * 10**exponent
+            for need in (exact - 1, exact, exact + 1):
+                if need > 0:
+                    assert parse_bytes(format_bytes(need, round_up=True)) >= need
+
+
 @pytest.mark.parametrize("value", [-5, 0, 0.5, "0MB", "1e", "..", "-1GB", float("nan"),
                                    float("inf"), True, "many"])
 def test_parse_bytes_refuses_what_is_no_positive_size(value):

@@ -223,7 +223,7 @@ def _check_block(pointers, indices, n: int, start: int, stop: int, description: 
         raise ReadError(f"rows [{start}, {stop}) of {description} are corrupt: {what}")
 
 
-def _stored_shape(shape: Any, description: str) -> tuple[int, int]:
+def stored_shape(shape: Any, description: str) -> tuple[int, int]:
     """A CSR group's ``shape`` attribute as (m, n); refused unless two integers >= 0."""
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and
             all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
@@ -247,7 +247,7 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
             f"{description} is not a complete CSR group: it lacks "
             f"{missing + ([] if 'shape' in group.attrs else ['the shape attribute'])}"
         )
-    m, n = _stored_shape(group.attrs["shape"], description)
+    m, n = stored_shape(group.attrs["shape"], description)
     indptr, indices, data = group["indptr"], group["indices"], group["data"]
     if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
         raise InputError(f"{description}: indptr and indices must be integers, not "
@@ -284,7 +284,8 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
         csr = type(csr)((csr.data.astype(values), csr.indices.astype(indices), csr.indptr),
                         shape=csr.shape)
     # scipy does not check the arrays of a matrix built from them, and canonicalizing
-    # fails on a decreasing indptr with a C++ message
+    # fails on a decreasing indptr with a C++ message (checked once, with m-long
+    # temporaries while it runs)
     _check_block(csr.indptr, csr.indices, csr.shape[1], 0, csr.shape[0],
                  description or f"scipy.sparse {kind}")
     if not csr.has_canonical_format:
