@@ -200,8 +200,12 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
     these relative units.)"""
     if tol is None:
         return ""
-    summed = tol**2 if method in ("exact", "gram") else 1.0
-    if residual**2 + rounding**2 <= tol**2 + 4 * EPS64 * summed:
+    tail_summed = method in ("exact", "gram")
+    summed = tol**2 if tail_summed else 1.0
+    # The others' rank rule never takes a tol within twice their rounding
+    # (``engine.meets_tol``): they stopped at the cap, whatever their residual.
+    unresolved = not tail_summed and tol < 2 * rounding
+    if not unresolved and residual**2 + rounding**2 <= tol**2 + 4 * EPS64 * summed:
         return ""
     at_cap = rank >= cap
     at = f"at rank {rank}, the cap" if at_cap else f"at rank {rank}"
