@@ -225,8 +225,7 @@ dask.array.Array} of shape (m, n)
     InputError
         Bad arguments, a non-numeric dtype, k out of range, a mean of the wrong shape.
     NonFiniteError
-        NaN or Inf in A; the message names the first offending row (on a GPU, the
-        rows of its block).
+        NaN or Inf in A; the message names the first offending row.
     StoreNotFoundError, ReadError
         A missing or unreadable store, or a chunk that cannot be read. A failed run keeps
         its checkpoint once it holds a pass, for ``resume``.

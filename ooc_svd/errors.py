@@ -27,7 +27,12 @@ class CheckpointError(InputError):
 
 
 class NonFiniteError(InputError):
-    """The matrix holds NaN or Inf; the message names the first offending row."""
+    """The matrix holds NaN or Inf; the message names the first offending row. ``rows``:
+    the range of rows it lies in, where only that is known (a GPU's block)."""
+
+    def __init__(self, message: str, rows: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.rows = rows
 
 
 class StoreNotFoundError(OOCSVDError, FileNotFoundError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,11 +24,13 @@ import numpy as np
 
 from .centering import Centering
 from .checkpoint import Checkpoint
+from .errors import NonFiniteError
 from .kernels.backend import Kernels, aborted_on_error
 from .kernels.cpu import (
     BlockStats,
     SubBlocks,
     blas_threads,
+    first_non_finite_row,
     gram_block,
     stacked_rows,
     widen_into,
@@ -97,6 +100,21 @@ class PassContext:
         self.checkpoint.save(name, state | extra)
         return state
 
+    @contextmanager
+    def naming_the_row(self):
+        """A NaN or Inf that the kernels place in a range of rows only (a GPU's, which
+        flags a block and says so after the pass) is named by its first row, as the CPU's
+        kernels name it: the range is read again, a storage chunk at a time."""
+        try:
+            yield
+        except NonFiniteError as error:
+            if error.rows is None:
+                raise
+            row = first_non_finite_row_in(self.source, *error.rows)
+            if row is None:  # (not there on a second read: the range it is)
+                raise
+            raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {row}") from error
+
     def read(self, name: str):
         """Yield (index, start, block, shift) over all blocks in order, timing the pass and
         showing progress. The shift is the pass's centering shift, fixed by its first block.
@@ -136,6 +154,25 @@ class PassContext:
         self.records.append(PassRecord(name, time.perf_counter() - began, read))
 
 
+def first_non_finite_row_in(source: DenseSource | CSRSource, start: int, stop: int
+                            ) -> int | None:
+    """The first of rows [start, stop) of ``source`` holding a NaN or Inf, read a storage
+    chunk at a time (within the memory the block took); None if none does."""
+    inside = source.chunk_rows[(source.chunk_rows > start) & (source.chunk_rows < stop)]
+    edges = [start, *inside.tolist(), stop]
+    for first, last in zip(edges[:-1], edges[1:], strict=True):
+        rows = source.read(first, last)
+        if isinstance(rows, np.ndarray):
+            bad = first_non_finite_row(rows)
+        else:  # a CSR block: the row of its first non-finite value
+            values = np.flatnonzero(~np.isfinite(rows.data))
+            bad = None if values.size == 0 else \
+                int(np.searchsorted(rows.indptr, values[0], side="right") - 1)
+        if bad is not None:
+            return first + bad
+    return None
+
+
 def fused_power_pass(
     context: PassContext, X: np.ndarray
 ) -> tuple[np.ndarray, BlockStats, np.ndarray]:
@@ -148,9 +185,10 @@ def fused_power_pass(
     stats = BlockStats.zeros(X.shape[0])
     sweep = context.kernels.power_sweep(X, stats)
     shift = None
-    for _, start, block, shift in context.read("power pass"):
-        sweep.add(block, start, shift)
-    Z = sweep.result()
+    with context.naming_the_row():
+        for _, start, block, shift in context.read("power pass"):
+            sweep.add(block, start, shift)
+        Z = sweep.result()
     context.centering.correct_gram(Z, X, shift, stats)
     context.centering.finish_pass(shift, stats)
     return Z, stats, shift
@@ -180,8 +218,9 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
     shift = None
     # An error between blocks (one that cannot be read) stops the sweep before the caller
     # closes the spill: a GPU's sweep hands blocks to the spill from a thread of its own.
-    with aborted_on_error(context.kernels.final_sweep(X, stats, append_ones,
-                                                      spill.write_block)) as sweep:
+    with context.naming_the_row(), \
+            aborted_on_error(context.kernels.final_sweep(X, stats, append_ones,
+                                                         spill.write_block)) as sweep:
         for _, start, block, shift in context.read("final pass"):
             sweep.add(block, start, shift)
         tsqr = sweep.result()
@@ -292,9 +331,10 @@ def residual_power_pass(
     kernels = context.kernels
     stats = BlockStats.zeros(n)
     SVtX = S[:, None] * (V.T @ X)
-    for _, start, block, shift in context.read("residual pass"):
-        U_i = np.asarray(U[start : start + block.shape[0]], dtype=np.float64)
-        Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
-        Z += kernels.transposed_times(block, start, Y, shift, stats)
-        Z -= V @ (S[:, None] * (U_i.T @ Y))
+    with context.naming_the_row():
+        for _, start, block, shift in context.read("residual pass"):
+            U_i = np.asarray(U[start : start + block.shape[0]], dtype=np.float64)
+            Y = kernels.times(block, start, X, shift, stats) - U_i @ SVtX
+            Z += kernels.transposed_times(block, start, Y, shift, stats)
+            Z -= V @ (S[:, None] * (U_i.T @ Y))
     return Z

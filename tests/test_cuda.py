@@ -697,6 +697,29 @@ def test_final_sweep_names_the_rows_of_a_non_finite_block(kind):
 
 
 @on_device
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_run_names_the_row_of_a_nan_as_the_cpu_backend_does(kind, tmp_path):
+    """The device flags the block; the pass reads its rows again to name the first one
+    holding the NaN."""
+    import scipy.sparse
+    import zarr
+
+    import ooc_svd
+
+    A = np.random.default_rng(2).standard_normal((23, 5))
+    A[13, 2] = np.nan
+    if kind == "dense":
+        path = str(tmp_path / "A.zarr")
+        zarr.create_array(path, shape=A.shape, chunks=(4, 5), dtype="f8")[:] = A
+    else:
+        path = scipy.sparse.csr_matrix(A)
+    for backend in ("cpu", "cuda"):
+        with pytest.raises(NonFiniteError, match="NaN or Inf, first at row 13"):
+            ooc_svd.svd(path, 2, method="randomized", niter=1, backend=backend,
+                        memory_limit="1.2MB")
+
+
+@on_device
 def test_float32_accumulation_is_close_to_float64():
     rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
     block = dense_block(rows, n, np.float32)

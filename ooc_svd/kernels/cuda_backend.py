@@ -27,7 +27,8 @@ The final pass (``CUDAFinalSweep``) keeps B^T on the device the same way and fac
 Y_i there too, by CholeskyQR rounds whose small Cholesky factors the host computes
 (``factor_on_device``), while the next block is copied (see its docstring).
 
-Device memory: per stream one block and up to three b x l matrices (Y_i, Q_i, Q_i S), and
+Device memory: per stream one block, up to three b x l matrices (Y_i, Q_i, Q_i S) and the
+small factors of the final pass's QR and merges, and
 with ``csr_transposed='columns'`` the block's column order; once, X and Z or the two
 buffers of B^T (n x l), and the column sums. ``device_bytes`` gives the total for the
 planner.
@@ -35,8 +36,9 @@ planner.
 A NaN or Inf is found by the kernels, which record a flag and the sum of squares of every
 block in its own slot on the device; ``result()`` reads the slots once and raises
 ``NonFiniteError`` naming the rows of the first offending block (a sweep never waits for a
-block, so it cannot name the row inside it). ``times`` and ``transposed_times`` are
-synchronous and raise at once.
+block, so it cannot name the row inside it; the pass reads those rows again to name it,
+``passes.PassContext.naming_the_row``). ``times`` and ``transposed_times`` are synchronous
+and raise at once.
 
 The CSR centering shift is applied algebraically, as on the CPU: the kernels compute
 Z += A^T (A X - 1 s^T X) and the column sums and sum of squares of A, and the host turns
@@ -1012,7 +1014,8 @@ def raise_if_not_finite(records: np.ndarray, rows: list[tuple[int, int]]) -> Non
     index = min(bad, key=lambda i: rows[i][0])
     first, count = rows[index]
     if records[index, 1] != 0:
-        raise NonFiniteError(f"the matrix holds NaN or Inf in rows [{first}, {first + count})")
+        raise NonFiniteError(f"the matrix holds NaN or Inf in rows [{first}, {first + count})",
+                             rows=(first, first + count))
     raise NonFiniteError(
         f"the squared Frobenius norm of rows [{first}, {first + count}) overflows float64; "
         "rescale the matrix"
