@@ -426,8 +426,7 @@ class _Layouts:
         return PlanError(
             f"memory_limit {limit} cannot hold one storage chunk of {rows} rows ({raw} raw) "
             f"with the read-ahead and working set (needs {format_bytes(peak, round_up=True)}); "
-            "raise "
-            "memory_limit or rechunk the store by rows", peak
+            "raise memory_limit or rechunk the store by rows", peak
         )
 
 

@@ -226,7 +226,8 @@ def _check_block(pointers, indices, n: int, start: int, stop: int, description: 
 def stored_shape(shape: Any, description: str) -> tuple[int, int]:
     """A CSR group's ``shape`` attribute as (m, n); refused unless two integers >= 0."""
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and
-            all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0
+                for s in shape)):
         raise InputError(f"{description}: the shape attribute must be two integers [m, n], "
                          f"not {shape!r}")
     return int(shape[0]), int(shape[1])
