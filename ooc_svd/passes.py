@@ -35,7 +35,9 @@ from .kernels.cpu import (
     stacked_rows,
     widen_into,
 )
+from .kernels.csr import first_non_finite_row as first_non_finite_csr_row
 from .sources import CSRSource, DenseSource, prefetch_blocks
+from .sources.dense import chunk_edges
 from .store import QSpill
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 
@@ -158,16 +160,11 @@ def first_non_finite_row_in(source: DenseSource | CSRSource, start: int, stop: i
                             ) -> int | None:
     """The first of rows [start, stop) of ``source`` holding a NaN or Inf, read a storage
     chunk at a time (within the memory the block took); None if none does."""
-    inside = source.chunk_rows[(source.chunk_rows > start) & (source.chunk_rows < stop)]
-    edges = [start, *inside.tolist(), stop]
+    edges = chunk_edges(source.chunk_rows, start, stop)
     for first, last in zip(edges[:-1], edges[1:], strict=True):
         rows = source.read(first, last)
-        if isinstance(rows, np.ndarray):
-            bad = first_non_finite_row(rows)
-        else:  # a CSR block: the row of its first non-finite value
-            values = np.flatnonzero(~np.isfinite(rows.data))
-            bad = None if values.size == 0 else \
-                int(np.searchsorted(rows.indptr, values[0], side="right") - 1)
+        bad = first_non_finite_row(rows) if isinstance(rows, np.ndarray) else \
+            first_non_finite_csr_row(rows)
         if bad is not None:
             return first + bad
     return None

@@ -277,13 +277,20 @@ def densify_into(block, first_row: int, shift: np.ndarray, out: np.ndarray,
     add_block_totals(block, first_row, shift, stats)
 
 
+def first_non_finite_row(block) -> int | None:
+    """The index of the first row of a CSR block holding a NaN or Inf, or None."""
+    bad = np.flatnonzero(~np.isfinite(block.data))
+    if bad.size == 0:
+        return None
+    return int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
+
+
 def check_finite(block, first_row: int) -> None:
     """Raise NonFiniteError naming the first row of a CSR block holding a NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(block.data))
+    bad = first_non_finite_row(block)
     first, last = first_row, first_row + block.shape[0]
-    if bad.size:
-        row = first_row + int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
-        raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {row}")
+    if bad is not None:
+        raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {first_row + bad}")
     raise NonFiniteError(
         f"the squared Frobenius norm of rows [{first}, {last}) overflows float64; "
         "rescale the matrix"

@@ -126,8 +126,7 @@ class DenseSource:
 
     def _failing_chunk(self, start: int, stop: int, error: Exception):
         """Narrow a failed block read down to its first unreadable chunk, for the message."""
-        inside = self.chunk_rows[(self.chunk_rows > start) & (self.chunk_rows < stop)]
-        edges = [start, *inside.tolist(), stop]
+        edges = chunk_edges(self.chunk_rows, start, stop)
         if len(edges) > 2 and len(edges) <= 1025:
             for first, last in zip(edges[:-1], edges[1:], strict=True):
                 try:
@@ -135,6 +134,13 @@ class DenseSource:
                 except Exception as exc:  # noqa: BLE001, PERF203 - error path: the one we report
                     return first, last, exc
         return start, stop, error
+
+
+def chunk_edges(chunk_rows: np.ndarray, start: int, stop: int) -> list[int]:
+    """start, the chunk boundaries strictly between start and stop, and stop: the rows
+    [start, stop) cut into (parts of) storage chunks."""
+    inside = chunk_rows[(chunk_rows > start) & (chunk_rows < stop)]
+    return [start, *inside.tolist(), stop]
 
 
 def regular_boundaries(m: int, rows_per_chunk: int) -> np.ndarray:
