@@ -710,42 +710,39 @@ MAX_CHUNKS_COUNTED = 100_000
 
 
 def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
-    """For a zarr array (or a CSR group's three), how many of its storage chunks are
-    absent, which zarr reads as its fill value: chunks of the fill value alone are left out
-    on purpose, but so are those of a store written in part."""
+    """For a zarr array (or a CSR group's indices and data), how many of its storage chunks
+    are absent, which zarr reads as its fill value: chunks of the fill value alone are left
+    out on purpose, but so are those of a store written in part."""
     if isinstance(source, CSRSource):
         # (indptr's lost chunks read as zeros, which a later chunk's pointers then
         # contradict: a read refuses the block)
-        arrays = {"indices": source.indices, "data": source.data}
-    else:
-        arrays = {"": getattr(source, "array", None)}
-    counts = {name: _absent_chunks(array) for name, array in arrays.items()}
-    absent = {name: count for name, count in counts.items() if count and count[0]}
-    if not absent:
-        return ""
-    if isinstance(source, CSRSource):
-        where = ", ".join(f"{absent_count} of the {total} of {name}"
-                          for name, (absent_count, total) in absent.items())
+        counts = {name: _absent_chunks(getattr(source, name)) for name in ("indices", "data")}
+        where = ", ".join(f"{absent} of the {total} of {name}"
+                          for name, (absent, total) in counts.items() if absent)
+        if not where:
+            return ""
         return (f"storage chunks of {source.description} are absent ({where}), read as "
                 "their arrays' fill value: zarr leaves out chunks of the fill value alone "
                 "unless asked to keep them (ooc_svd's stores keep them; elsewhere, indices "
                 "all in column 0 and data of explicit zeros), and a store written in part "
                 "lacks the rest")
-    (absent_count, total), = absent.values()
-    return (f"{absent_count} of the {total} storage chunks of {source.description} are "
-            f"absent, read as the fill value {arrays[''].fill_value} (zarr leaves out chunks "
-            "of the fill value alone, and a store written in part lacks the rest)")
+    absent, total = _absent_chunks(source.array)
+    if not absent:
+        return ""
+    return (f"{absent} of the {total} storage chunks of {source.description} are absent, "
+            f"read as the fill value {source.array.fill_value} (zarr leaves out chunks of the "
+            "fill value alone, and a store written in part lacks the rest)")
 
 
-def _absent_chunks(array: Any) -> tuple[int, int] | None:
+def _absent_chunks(array: Any) -> tuple[int, int]:
     """(absent chunks, chunks) of an unsharded zarr array on a local store of up to
-    MAX_CHUNKS_COUNTED chunks; None for anything else."""
+    MAX_CHUNKS_COUNTED chunks; (0, 0), nothing counted, for anything else."""
     if not type(array).__module__.startswith("zarr") or getattr(array, "shards", None) or \
             array.nchunks > MAX_CHUNKS_COUNTED:
-        return None
+        return 0, 0
     present = stored_chunk_files(array)
     if present is None:
-        return None
+        return 0, 0
     total = int(array.nchunks)
     return max(total - present, 0), total
 
