@@ -310,10 +310,11 @@ class _Layouts:
                 plan = smaller
         return plan
 
-    def layout(self, method: str, reason: str, max_block_bytes: int,
-               find_need: bool = True) -> Plan:
+    def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes; a
-        refusal's need is the least limit that fits (``find_need``)."""
+        refusal's need is the least limit that fits: that of the smallest block beside one
+        private accumulator, which any larger limit also takes, since the accumulators it
+        would allow are halved down to one where they do not fit."""
         (m, n), l, nnz, limit = self.shape, self.l, self.nnz, self.memory_limit
         # Memory follows the widest basis the method holds: (q + 1) l for block Krylov, and
         # for exact and gram the k columns of V_k that their final pass takes.
@@ -336,8 +337,6 @@ class _Layouts:
                 break
             copies //= 2
         if peak > limit:
-            if find_need:
-                peak = self._least_limit(method, reason, max_block_bytes, peak)
             raise self._refusal(method, width, blocks, peak)
         spill = _spill_bytes(m, width, len(blocks))
         growth = -(-l // GROWTH_BLOCK) if self.fixed_accuracy and method == "randomized" else 0
@@ -367,27 +366,6 @@ class _Layouts:
             if peak <= self.memory_limit:
                 break
         return blocks, peak, depth
-
-    def _least_limit(self, method: str, reason: str, max_block_bytes: int, peak: int) -> int:
-        """The least limit under which ``method`` fits: the peak refused under this one, or
-        more where a larger limit holds more (the sparse power kernel's private accumulators
-        grow with it, up to one per thread)."""
-        for _ in range(2 * self.scatter_copies + 2):
-            more = self._need_under(peak, method, reason, max_block_bytes)
-            if more is None:
-                break
-            peak = max(more, peak + 1)
-        return peak
-
-    def _need_under(self, limit: int, method: str, reason: str, max_block_bytes: int
-                    ) -> int | None:
-        """None if ``method`` fits under ``limit``, else what it needs there."""
-        try:
-            replace(self, memory_limit=limit).layout(method, reason, max_block_bytes,
-                                                     find_need=False)
-        except PlanError as refusal:
-            return refusal.needed_bytes
-        return None
 
     def _refusal(self, method: str, width: int, blocks, peak: int) -> PlanError:
         """Why no layout of ``method`` fits the limit, with the numbers and the way out."""
