@@ -628,7 +628,11 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     plan = _plan_run(source, request, cuda_options)
     if request.row_shift is not None:
         _check_row_shift(request, plan)
-    inputs = local_paths(source)
+    # The local paths A is read from, kept apart from the paths the run writes, and
+    # fingerprinted by its checkpoint: looked for (a walk of a dask graph) only where the
+    # run writes to a path.
+    writes = (request.out, request.checkpoint, request.scratch_dir) != (None, None, None)
+    inputs = local_paths(source) if writes else ()
     # Absolute: what the workers of a cluster write U into, whatever their working directory
     out_path = None if request.out is None else os.path.abspath(_checked_output(request,
                                                                                 inputs))
@@ -652,7 +656,7 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         try:
             cluster = _connect_cluster(request, source, plan, cuda_options)
             return _run_passes(source, request, plan, centering, seed, out_path, checkpoint,
-                               kernels, cluster)
+                               inputs, kernels, cluster)
         finally:
             if cluster is not None:
                 cluster.close()
@@ -765,8 +769,10 @@ def _remove_empty_directories(directories: list[str]) -> None:
 
 
 def _run_passes(source, request: _Request, plan: Plan, centering: Centering, seed: int,
-                out_path: str | None, checkpoint: Any, kernels, cluster) -> SVDResult:
-    """The passes of a planned run, with its checkpoint and output store (both locked)."""
+                out_path: str | None, checkpoint: Any, inputs: tuple[str, ...], kernels,
+                cluster) -> SVDResult:
+    """The passes of a planned run, with its checkpoint and output store (both locked);
+    ``inputs``: the local paths A is read from (``local_paths``)."""
     m, n = source.shape
     fingerprint = {
         "input": source.description, "shape": [m, n], "dtype": str(source.dtype),
@@ -775,7 +781,7 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
         "centering": centering.mode, "mean": centering.fingerprint(), "version": __version__,
     }
     if checkpoint is not None:  # resuming on a rewritten input would mix two matrices' passes
-        fingerprint["input files"] = files_state(local_paths(source))
+        fingerprint["input files"] = files_state(inputs)
         if fingerprint["input files"]:  # the files themselves, however the path is spelled
             fingerprint["input"] = sorted(fingerprint["input files"])
     saved = Checkpoint(
