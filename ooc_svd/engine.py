@@ -495,14 +495,28 @@ def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float, data_energ
 
 def rank_tolerance(S_max: float, data_energy: float, shape: tuple[int, int], eps: float
                    ) -> float:
-    """Below it a singular value is rounding. numpy.linalg.matrix_rank takes
-    max(m, n) eps S_max with the data's eps, which for float32 data of more than 1/eps (8.4
-    million) rows exceeds S_max itself; but values each rounded by a relative eps/2 move no
-    singular value by more than eps/2 ||A||_F, so the smaller of the two bounds the data's
-    rounding. The float64 computation's, max(m, n) eps64 S_max, is the floor: for float64
-    data this is numpy's rule."""
-    data = min(eps / 2 * float(np.sqrt(max(data_energy, 0.0))), max(shape) * eps * S_max)
-    return max(data, max(shape) * EPS64 * S_max)
+    """Below it a singular value is rounding (S_max: the largest singular value of the
+    matrix factored, centered or not; ``data_energy``: ||A||_F^2 of the values as stored).
+
+    numpy.linalg.matrix_rank takes max(m, n) eps S_max with the data's eps, which for
+    float32 data of more than 1/eps (8.4 million) rows exceeds S_max itself; but values each
+    rounded by a relative eps/2 move no singular value by more than eps/2 ||A||_F, so the
+    smaller of the two bounds the data's rounding. The float64 computation's, max(m, n)
+    eps64 S_max, is the floor: for float64 data this is numpy's rule.
+
+    Centered data's S_max can be far below ||A||_F (a mean of 1e6 and a spread of 1), and
+    the rounding of the stored values is not centered away: it is relative to the values.
+    Two more floors, which never exceed the ones above on uncentered data, keep it out of
+    the count. Errors of at most eps/2 of each value, of standard deviation at most eps/sqrt(12)
+    of it, make an m x n matrix of norm about eps/sqrt(12) rms (sqrt(m) + sqrt(n)), rms =
+    ||A||_F / sqrt(m n): eps/2 rms (sqrt(m) + sqrt(n)) with room. And the centering, in
+    float64, rounds each value and the mean by eps64/2 of them: eps64 ||A||_F."""
+    m, n = shape
+    norm = float(np.sqrt(max(data_energy, 0.0)))
+    data = min(eps / 2 * norm, max(shape) * eps * S_max)
+    rms = norm / np.sqrt(m * n) if m * n else 0.0
+    stored_rounding = eps / 2 * rms * (np.sqrt(m) + np.sqrt(n))
+    return float(max(data, stored_rounding, EPS64 * norm, max(shape) * EPS64 * S_max))
 
 
 def unshifted_energy(stats: BlockStats, shift: np.ndarray) -> float:

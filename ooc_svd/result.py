@@ -55,7 +55,11 @@ class SVDResult:
         Singular values above what rounding can make, among those computed:
         numpy.linalg.matrix_rank's max(m, n) eps S[0] with the data's eps (float32's for
         float32 data), or eps/2 ||A||_F (before centering) where that is less, and at
-        least max(m, n) eps64 S[0] (``engine.rank_tolerance``).
+        least max(m, n) eps64 S[0] (``engine.rank_tolerance``). Centered, also at least
+        what rounding the stored values made, which centering does not remove:
+        eps/2 rms (sqrt(m) + sqrt(n)) for the rms of A's values, and eps64 ||A||_F (a
+        rank-10 float64 matrix plus 1e6 counts 10, where numpy's rule on A - 1 mu^T
+        counts every column).
     method : str
         The method that ran: 'randomized', 'krylov', 'exact' or 'gram' (``note`` says why,
         if it is not the planned one).

@@ -278,6 +278,30 @@ def test_the_rank_of_low_precision_data_does_not_vanish_with_many_rows():
     assert ooc_svd.svd(A, 100, center=True, method="exact").numerical_rank == 100
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_numerical_rank_of_centered_data_leaves_out_the_rounding_of_its_values(dtype):
+    """A rank-5 spread on a mean of 1e6: rounding the stored values (0.06 apart in float32,
+    1.2e-10 in float64) and the float64 centering make directions that numpy's rule on the
+    centered matrix, relative to its S_max of the spread, counts as rank."""
+    from ooc_svd.engine import rank_tolerance, rounding_unit
+
+    rng = np.random.default_rng(3)
+    m, n, rank = 1000, 40, 5
+    A = (1e6 + rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))).astype(dtype)
+    result = ooc_svd.svd(A, n, center=True, method="exact")
+    centered = A.astype(np.float64) - A.astype(np.float64).mean(axis=0)
+    assert np.linalg.matrix_rank(centered) == n  # numpy counts the rounding
+    assert result.numerical_rank == rank
+    # Uncentered, the added floors are below the other bounds and change nothing.
+    S = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+    energy = float(np.sum(A.astype(np.float64) ** 2))
+    eps, eps64 = rounding_unit(A.dtype), np.finfo(np.float64).eps
+    uncentered = max(min(eps / 2 * np.sqrt(energy), max(m, n) * eps * S[0]),
+                     max(m, n) * eps64 * S[0])
+    assert rank_tolerance(S[0], energy, (m, n), eps) == pytest.approx(uncentered, rel=1e-12)
+    assert ooc_svd.svd(A, n, method="exact").numerical_rank == rank + 1  # and the mean
+
+
 def test_low_rank_factors_of_a_wide_matrix_in_memory_factor_its_transpose(tmp_path):
     """More than 4096 columns: W^T is factored when W is in memory (dense or sparse); a
     wide W with out, or too wide both ways, is refused naming the limit."""
