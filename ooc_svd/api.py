@@ -370,8 +370,11 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         time (each with the same seed)
     q : int, default=6
         Size of the subspace and number of triplets returned: min(q, m, n), as torch's.
+        At least 1: torch returns empty factors for q=0, which is refused here as a
+        likely mistake.
     niter : int, default=2
-        Subspace iterations.
+        Subspace iterations, at least 0 (torch runs none for a negative niter; it is
+        refused here).
     M : array_like, optional
         What to subtract, broadcast to A's shape as torch does (for a stack, M's leading
         dimensions broadcast to A's, and each matrix takes its own): a row ((n,), (1, n), a
