@@ -590,7 +590,10 @@ def _client_from(client: Any) -> tuple[Any, list[Any]]:
         # Checked first: a Client made from a malformed address fails, and then spends a
         # minute closing itself on garbage collection, with a traceback.
         get_address_host_port(client)
-        made = Client(client, timeout=30, set_as_default=False)
+        # The wait for the scheduler is dask's configured one
+        # (distributed.comm.timeouts.connect), which a job whose scheduler starts slowly
+        # can raise.
+        made = Client(client, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as error:
         raise InputError(f"cannot connect to the scheduler at {client!r}: {error}") from error
     return made, [made]
