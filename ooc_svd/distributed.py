@@ -50,6 +50,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -500,14 +501,27 @@ class ClusterPasses:
 
     # -- teardown ---------------------------------------------------------------------------
 
+    def _remove_scratch(self) -> None:
+        """Remove the scratch directory by a worker; with none left (they all died or
+        left), by the client where it sees the directory, or else name it in a warning."""
+        with contextlib.suppress(Exception):
+            if self.client.nthreads():
+                self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
+                                   workers=self.scratch_workers,
+                                   allow_other_workers=True).result(timeout=60)
+                return
+        seen = os.path.isdir(self.scratch)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        if not seen or os.path.exists(self.scratch):
+            warnings.warn(f"no worker was left to remove the scratch directory "
+                          f"{self.scratch!r} (the spilled Q factors): remove it by hand",
+                          RuntimeWarning, stacklevel=2)
+
     def close(self) -> None:
         """Release the input's pieces, remove the scratch directory, close what ``connect``
         opened."""
         self.sources.clear()
-        with contextlib.suppress(Exception):
-            self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
-                               workers=self.scratch_workers,
-                               allow_other_workers=True).result(timeout=60)
+        self._remove_scratch()
         for resource in reversed(self.owned):
             with contextlib.suppress(Exception):
                 resource.close()

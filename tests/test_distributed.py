@@ -466,6 +466,38 @@ def test_a_worker_that_does_not_see_the_scratch_directory_refuses_to_spill(
         ooc_svd.svd(dense_store, 2, method="randomized", client=cluster[1])
 
 
+def test_the_client_removes_the_scratch_directory_when_no_worker_is_left(
+    dense_store, monkeypatch, tmp_path
+):
+    """Every worker gone by the end of the run (killed, or retired by the cluster): the
+    client removes the scratch directory where it sees it, and names it where it cannot."""
+    import time
+
+    close = ooc_svd.distributed.ClusterPasses.close
+    for removable in (True, False):
+        scratch = tmp_path / f"scratch-{removable}"
+        scratch.mkdir()
+        if not removable:
+            monkeypatch.setattr(ooc_svd.distributed.shutil, "rmtree", lambda *a, **k: None)
+        with local_cluster() as cluster, Client(cluster) as client:
+
+            def close_after_the_workers_left(self, cluster=cluster):
+                cluster.scale(0)
+                while self.client.nthreads():
+                    time.sleep(0.1)
+                close(self)
+
+            monkeypatch.setattr(ooc_svd.distributed.ClusterPasses, "close",
+                                close_after_the_workers_left)
+            if removable:
+                ooc_svd.svd(dense_store, 2, client=client, scratch_dir=str(scratch))
+                assert list(scratch.iterdir()) == []
+            else:
+                with pytest.warns(RuntimeWarning, match="no worker was left to remove the "
+                                  f"scratch directory '{scratch}/ooc-svd-cluster-"):
+                    ooc_svd.svd(dense_store, 2, client=client, scratch_dir=str(scratch))
+
+
 def test_only_stores_given_by_url_have_their_rows_compared(dense_store, csr_store):
     """The first and last rows cost a chunk's decoding on the client and on each worker:
     only a store that local paths cannot check has them compared, and a dask array's
