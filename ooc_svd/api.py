@@ -130,7 +130,8 @@ dask.array.Array} of shape (m, n)
         'auto' prefers the methods that resolve tol (exact resolves any), and
         ``result.note`` says when a tol is not confirmed.
     max_rank : int, optional
-        Cap on the rank in fixed-accuracy mode; min(m, n) by default. A rank capped here is
+        Cap on the rank in fixed-accuracy mode; min(m, n) by default, and at most (a larger
+        cap is taken as min(m, n), as ``svd_lowrank`` takes q). A rank capped here is
         as accurate as the same k would give: the randomized basis is oversampled beyond it.
     oversample : int, default=10
         Extra basis vectors: the basis has l = k + oversample columns.
@@ -950,7 +951,9 @@ def _compute(context: PassContext, plan: Plan, request: _Request, seed: int,
 def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, float | None]:
     """(rank to plan for, rank rule, tol as a float) from svd's k / tol / max_rank,
     validated."""
-    if (k is None) == (tol is None):
+    if k is not None and tol is not None:
+        raise InputError("give k (a rank) or tol (a relative Frobenius residual), not both")
+    if k is None and tol is None:
         raise InputError("give either k (a rank) or tol (a relative Frobenius residual)")
     if k is not None:
         if max_rank is not None:
@@ -964,9 +967,9 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
         raise InputError(f"tol={tol!r} must be a relative residual between 0 and 1 "
                          "(exclusive)")
     check_number("tol", tol)
-    max_rank = min(m, n) if max_rank is None else check_int("max_rank", max_rank, minimum=1)
-    if max_rank > min(m, n):
-        raise InputError(f"max_rank={max_rank} exceeds min(m, n) = {min(m, n)}")
+    # A cap beyond min(m, n) caps nothing: the rank cannot exceed min(m, n) anyway.
+    max_rank = min(m, n) if max_rank is None else \
+        min(check_int("max_rank", max_rank, minimum=1), m, n)
     return max_rank, rank_for_tolerance(float(tol), max_rank), float(tol)
 
 

@@ -183,7 +183,7 @@ def test_tolerance_arguments_are_checked():
     A = np.random.default_rng(0).standard_normal((50, 10))
     for kwargs, message in [
         ({}, "give either k"),
-        ({"k": 3, "tol": 0.1}, "give either k"),
+        ({"k": 3, "tol": 0.1}, "give k .* or tol .*, not both"),
         ({"tol": 1.5}, r"tol=1.5 must be a relative residual between 0 and 1 \(exclusive\)"),
         ({"tol": 0}, r"tol=0 must be a relative residual between 0 and 1"),
         ({"tol": -1.0}, r"tol=-1.0 must be a relative residual between 0 and 1"),
@@ -191,12 +191,14 @@ def test_tolerance_arguments_are_checked():
         ({"tol": True}, "tol must be a number, not True"),
         ({"tol": "0.1"}, "tol must be a number, not '0.1'"),
         ({"tol": float("nan")}, r"tol=nan must be a relative residual between 0 and 1"),
-        ({"tol": 0.1, "max_rank": 11}, "max_rank=11 exceeds min"),
+        ({"tol": 0.1, "max_rank": 0}, "max_rank=0 must be >= 1"),
         ({"k": 3, "max_rank": 4}, "max_rank applies to the fixed-accuracy mode"),
         ({"tol": 0.1, "method": "krylov"}, "tol .* works with 'exact', 'gram' and 'randomized'"),
     ]:
         with pytest.raises(InputError, match=message):
             ooc_svd.svd(A, **kwargs)
+    # A cap beyond min(m, n) = 10 is that: the rank of the whole spectrum if tol needs it.
+    assert ooc_svd.svd(A, tol=1e-9, max_rank=11).rank == 10
 
 
 def test_explained_variance_and_rank_for_energy():

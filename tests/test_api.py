@@ -1155,11 +1155,26 @@ def test_bad_arguments_are_named(matrix, kwargs, message):
         (np.array([["a", "b"], ["c", "d"]]), "non-numeric dtype <U1"),
         (np.ones((5, 4), dtype=complex), "complex dtype"),
         (np.ones(5), "has 1 dimensions; a matrix needs 2"),
+        (np.array(3.0), r"A of shape \(\) has 0 dimensions; a matrix needs 2"),
+        (np.float64(3.0), "has 0 dimensions"),
     ],
 )
 def test_bad_matrices_are_named(A, message):
     with pytest.raises(InputError, match=message):
         ooc_svd.svd(A, 1)
+
+
+def test_a_dask_array_of_sparse_chunks_is_refused_by_name():
+    """Its blocks would reach numpy as arrays of sparse matrices, which numpy cannot
+    convert: the refusal says where sparse matrices are read instead."""
+    import dask.array as da
+    import scipy.sparse
+
+    A = da.from_array(scipy.sparse.random(300, 20, density=0.1, format="csr", random_state=0),
+                      chunks=(50, 20), asarray=False)
+    with pytest.raises(InputError, match="dask array of scipy.sparse.* chunks is not "
+                                         "supported.*pass a scipy.sparse matrix itself"):
+        ooc_svd.svd(A, 3)
 
 
 def test_nan_names_the_rows(zarr_matrix, block_rows, matrix):
@@ -1201,7 +1216,9 @@ def test_a_group_is_not_a_matrix(tmp_path):
 
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     group.create_array("X", shape=(10, 4), dtype="f8")
-    with pytest.raises(InputError, match=r"not an array or a CSR matrix \(its arrays: \[.X.\]\)"):
+    group.create_group("layers")
+    with pytest.raises(InputError, match=r"not an array or a CSR matrix \(its arrays: \[.X.\]; "
+                                         r"its groups: \[.layers.\]\)"):
         ooc_svd.svd(str(tmp_path / "g.zarr"), 2)
 
 

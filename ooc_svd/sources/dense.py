@@ -152,6 +152,8 @@ def regular_boundaries(m: int, rows_per_chunk: int) -> np.ndarray:
 def in_memory_boundaries(shape: tuple[int, ...], itemsize: int) -> np.ndarray:
     """Nominal 1 MB chunks for arrays without storage chunks, so blocks can be any size
     without a boundary per row."""
+    if not shape:  # refused here, as the rows it would cut do not exist
+        raise not_a_matrix("A of shape ()", 0)
     row_bytes = max(int(np.prod(shape[1:])) * itemsize, 1)
     return regular_boundaries(shape[0], max(1, (1 << 20) // row_bytes))
 
@@ -225,10 +227,10 @@ def _open_path(path: str) -> DenseSource:
 
     node = open_zarr_node(path)
     if not isinstance(node, zarr.Array):
-        names = sorted(node.array_keys())
+        arrays, groups = sorted(node.array_keys()), sorted(node.group_keys())
         raise InputError(
-            f"{path!r} is a zarr group, not an array (its arrays: {names}); "
-            "pass the array's path, e.g. store.zarr/X"
+            f"{path!r} is a zarr group, not an array (its arrays: {arrays}; its groups: "
+            f"{groups}); pass the array's path, e.g. store.zarr/X"
         )
     return zarr_array_source(node, path)
 
@@ -287,5 +289,13 @@ def _dask_source(array: Any) -> DenseSource:
         raise InputError("dask array has unknown chunk sizes; call compute_chunk_sizes() first")
     if array.ndim != 2:
         raise not_a_matrix("dask array", array.ndim)
+    meta = getattr(array, "_meta", None)  # the type of its chunks
+    if meta is not None and not isinstance(meta, np.ndarray):
+        raise InputError(
+            f"a dask array of {type(meta).__module__}.{type(meta).__name__} chunks is not "
+            "supported (a dask array's blocks are read as numpy arrays); pass a "
+            "scipy.sparse matrix itself, or convert the matrix to a CSR store (ooc-svd "
+            "convert) for out-of-core runs"
+        )
     boundaries = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(np.int64)
     return DenseSource(array, boundaries, "dask array", compute_slice=True)

@@ -98,10 +98,10 @@ def _open_group(group: Any, description: str) -> CSRSource:
             f"{description} is a CSC matrix; ooc_svd streams rows: write it as CSR "
             "(ooc-svd convert), or pass its transpose stored as CSR and swap U and V"
         )
-    names = sorted(group.array_keys())
+    arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
     raise InputError(
-        f"{description} is a zarr group, not an array or a CSR matrix (its arrays: {names}); "
-        "pass the array's path, e.g. store.zarr/X"
+        f"{description} is a zarr group, not an array or a CSR matrix (its arrays: {arrays}; "
+        f"its groups: {groups}); pass the path of the array or CSR group, e.g. store.zarr/X"
     )
 
 
