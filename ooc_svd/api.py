@@ -361,7 +361,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
-                client: Any = None):
+                method: str = "auto", client: Any = None):
     """torch.svd_lowrank's semantics out of core: ``U, S, V`` of A - M, q triplets.
 
     Parameters
@@ -375,7 +375,12 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         likely mistake.
     niter : int, default=2
         Subspace iterations, at least 0 (torch runs none for a negative niter; it is
-        refused here).
+        refused here), of the randomized and Krylov methods.
+    method : str, default='auto'
+        Keyword only, beyond torch's signature: as in :func:`svd`. 'auto' may take the
+        exact or gram method (for at most 4096 columns, where it costs at most twice the
+        cheapest approximate one), which needs no niter, or block Krylov; 'randomized' is
+        torch's method.
     M : array_like, optional
         What to subtract, broadcast to A's shape as torch does (for a stack, M's leading
         dimensions broadcast to A's, and each matrix takes its own): a row ((n,), (1, n), a
@@ -401,10 +406,10 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         attached to autograd); float32 for float32 and half-precision data.
     """
     return _like_input(A, _per_matrix(A, M, lambda A_i, M_i: _svd_lowrank(A_i, q, niter, M_i,
-                                                                          client)))
+                                                                          method, client)))
 
 
-def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, client: Any
+def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, method: str, client: Any
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """svd_lowrank of one matrix, as numpy arrays."""
     source, m, n = open_matrix(A)
@@ -422,7 +427,7 @@ def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, client: Any
         if column is None:
             source, mean = subtract(source, M)
     result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
-                                   client=client, row_shift=column))
+                                   method=method, client=client, row_shift=column))
     return result.U, result.S, result.V
 
 

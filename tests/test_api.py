@@ -135,6 +135,17 @@ def test_svd_lowrank_defaults_and_mean(matrix):
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
 
 
+def test_svd_lowrank_runs_the_method_asked_for(matrix):
+    """'randomized' is torch's algorithm, q columns and no oversampling, niter iterations:
+    the same triplets as svd's with those settings, and as far from the exact ones."""
+    U, S, V = ooc_svd.svd_lowrank(matrix, q=4, niter=1, method="randomized")
+    same = ooc_svd.svd(matrix, 4, oversample=0, niter=1, method="randomized")
+    assert_same_factors((U, S, V), (same.U, same.S, same.V))
+    exact = ooc_svd.svd_lowrank(matrix, q=4, method="exact")
+    assert_same_factors(exact, naive.truncated_svd(matrix, 4))
+    assert np.abs(S - exact[1]).max() > 1e-6 * S[0]  # one iteration, no oversampling
+
+
 def stack_of_matrices(shape=(2, 3), m=60, n=12):
     """Matrices of different spectra, stacked: shape + (m, n)."""
     matrices = [naive.matrix_with_spectrum(m, n, np.logspace(0, -1 - i, n), seed=i)
