@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels.cpu import BlockStats
+from .kernels.cpu import BlockStats, check_total_finite
 from .sources.csr import is_sparse_block
 
 
@@ -63,7 +63,9 @@ class Centering:
         return stats.colsum / stats.rows
 
     def finish_pass(self, shift: np.ndarray, stats: BlockStats) -> None:
-        """Record the column mean once a full pass has seen every row."""
+        """Once a full pass has seen every row: check its totals (``check_total_finite``)
+        and record the column mean."""
+        check_total_finite(stats)
         if self.mode == "mean" and self.mean is None:
             self.mean = shift + stats.colsum / stats.rows
 

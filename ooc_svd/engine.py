@@ -169,6 +169,10 @@ def power_iterates(context: PassContext, plan: Plan, seed: int):
     Each pass is checkpointed, so a resumed run takes its completed iterates from disk.
     """
     X = gaussian_test_matrix(context.source.shape[1], plan.basis_size, seed)
+    # Unit columns: A^T A X is then at most ||A||_2^2 <= ||A||_F^2, finite wherever the
+    # pass's sum of squares is (Gaussian columns, of norm about sqrt(n), overflowed it for
+    # ||A||_F near 1e154). The span, hence the method, is the same.
+    X /= np.linalg.norm(X, axis=0)
     yield X
     for j in range(plan.niter):
         state = context.resumable(

@@ -1210,6 +1210,21 @@ def test_a_matrix_whose_squares_underflow_is_named_not_mistaken(matrix, method):
         assert ooc_svd.svd(A, 3, method=method, center=True).S[0] < 1e-10
 
 
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "krylov"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_squared_norm_that_overflows_only_in_total_is_named(method, sparse):
+    """Entries of 3e151 square to 9e302: a sub-block's sum is finite, the matrix's (2.7e308)
+    is not. Left unchecked, the residual came out NaN (or Z overflowed into an unnamed
+    error), depending on how the blocks fell."""
+    A = np.full((30_000, 10), 3e151)
+    A[::2] *= -1
+    if sparse:
+        A = scipy.sparse.csr_matrix(A)
+    with pytest.raises(NonFiniteError, match="Frobenius norm .*overflows float64.*rescale"):
+        ooc_svd.svd(A, 3, method=method)
+    ooc_svd.svd(A / 2, 3, method=method)  # a total of 6.8e307 is fine
+
+
 def test_missing_and_unreadable_stores(tmp_path):
     with pytest.raises(StoreNotFoundError, match="no such file or store"):
         ooc_svd.svd(str(tmp_path / "absent.zarr"), 2)

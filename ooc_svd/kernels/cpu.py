@@ -153,6 +153,18 @@ def check_finite(rows: np.ndarray, first_row: int) -> None:
     )
 
 
+def check_total_finite(stats: BlockStats) -> None:
+    """Raise NonFiniteError when a pass's sum of squares overflowed float64 only as its
+    blocks were added up (each block's own sum is checked as it is read): entries of 3e151
+    pass that check and make an infinite ||A||_F^2, a NaN residual, and, in A^T A X, an
+    infinite Z."""
+    if not np.isfinite(stats.sumsq):
+        raise NonFiniteError(
+            "the squared Frobenius norm of the matrix overflows float64 (||A||_F is above "
+            "about 1.3e154); rescale the matrix"
+        )
+
+
 def sub_times(sub: np.ndarray, X: np.ndarray) -> np.ndarray:
     """sub @ X as a Fortran-ordered (rows, l) float64 array.
 
