@@ -317,6 +317,46 @@ def test_csr_store_and_npz_give_the_in_memory_result(tmp_path):
         assert subspace_distance(result.V, reference.V) < 1e-5
 
 
+class CountedReads:
+    """A zarr array whose reads are counted."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, 0
+
+    def __getattr__(self, name):
+        return getattr(self.array, name)
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.array[key]
+
+
+def test_blocks_smaller_than_a_storage_chunk_decode_it_once(tmp_path):
+    """A compressed chunk is decoded whole: blocks read in order, many to a chunk, take it
+    from the one decoded last instead of decoding it again for each block. A copy of the
+    source (a worker's) keeps no chunk of the original's."""
+    import pickle
+    from dataclasses import replace
+
+    A = sparse_with_decay(3000, 70, 0.05, 0.1, dtype=np.float32, seed=7)
+    group = write_csr_store(str(tmp_path / "A.zarr"), A, chunk_nnz=4000)
+    source = open_csr_group(group, "A")
+    counted = {name: CountedReads(getattr(source, name))
+               for name in ("indptr", "indices", "data")}
+    source = replace(source, **counted)
+    blocks = [source.read(start, min(start + 40, 3000)) for start in range(0, 3000, 40)]
+    for name, array in counted.items():
+        assert array.reads == -(-array.shape[0] // array.chunks[0]), name
+    read = scipy.sparse.vstack([block.to_scipy() for block in blocks])
+    assert (read != A).nnz == 0
+    shipped = open_csr_group(group, "A")
+    shipped.read(0, 40)
+    assert pickle.loads(pickle.dumps(shipped)).latest_chunks._latest == {}
+    source.read(3000 - 40, 3000)  # the chunks decoded last, again
+    assert [array.reads for array in counted.values()] == \
+        [-(-array.shape[0] // array.chunks[0]) for array in counted.values()]
+
+
 def with_repeats(A):
     """A's non-zeros stored each as two entries of the same column, rows unsorted: the same
     matrix, not in canonical CSR order."""
