@@ -629,6 +629,10 @@ def _in_memory_transpose(source: DenseSource | CSRSource) -> Any:
 
 def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     m, n = source.shape
+    if request.scratch_dir is not None:
+        # Absolute, as out is: a cluster's workers make theirs in the client's directory
+        # whatever their working directory, and the checkpoint names the same one.
+        request = replace(request, scratch_dir=os.path.abspath(os.fspath(request.scratch_dir)))
     seed = check_seed(request.seed)
     centering = _make_centering(n, request.center, request.mean)
     _check_outputs(request)

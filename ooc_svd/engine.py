@@ -28,6 +28,7 @@ allocated, so U is never larger than the rank returned.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -367,8 +368,7 @@ def _gram_shortfall(eigenvalues: np.ndarray, rank: int, subtracted: float) -> st
 
 def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) -> Factors:
     """Streaming TSQR of A X with B = Q^T A, the SVD of B, and U = Q W by the backward sweep."""
-    with QSpill(scratch_dir, in_memory=plan.spill_in_memory) as spill:
-        context.checkpoint.scratch(spill.directory)  # for a run after a kill to remove
+    with _local_spill(context, plan, scratch_dir) as spill:
         final = tsqr_final_pass(context, X, spill)
         V_all, S_all, Wt_all = scipy.linalg.svd(final.BT, full_matrices=False)
         fro2 = _representable(context.centering.frobenius_squared(final.shift, final.stats),
@@ -387,6 +387,18 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         factors.trailing_energy = 0.0
         factors.residual_rounding = (RESIDUAL_ROUNDING * EPS64) ** 2 * fro2
     return factors
+
+
+@contextlib.contextmanager
+def _local_spill(context, plan, scratch_dir):
+    """The Q spill of a final pass run here; None on a cluster, whose workers spill into a
+    directory of their own (one the client may not reach)."""
+    if context.cluster is not None:
+        yield None
+        return
+    with QSpill(scratch_dir, in_memory=plan.spill_in_memory) as spill:
+        context.checkpoint.scratch(spill.directory)  # for a run after a kill to remove
+        yield spill
 
 
 def _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, method,

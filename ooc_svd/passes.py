@@ -200,8 +200,10 @@ class FinalPassResult:
     cluster_spill: Any = None  # on a cluster: where its groups spilled their factors
 
 
-def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> FinalPassResult:
-    """Streaming TSQR of Y = A X accumulating B = Q^T A; the Q_i go to ``spill``.
+def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill | None
+                    ) -> FinalPassResult:
+    """Streaming TSQR of Y = A X accumulating B = Q^T A; the Q_i go to ``spill`` (None on
+    a cluster, whose workers spill their own).
 
     When the column mean is still unknown (no power pass ran), Y gets a column of ones:
     Q then spans 1 as well, Q^T 1 is R's last column, and B is corrected afterwards to
@@ -230,7 +232,7 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill) -> Final
 
 
 def left_vectors_sweep(
-    context: PassContext, final: FinalPassResult, spill: QSpill, W: np.ndarray,
+    context: PassContext, final: FinalPassResult, spill: QSpill | None, W: np.ndarray,
     store_rows: Callable[[int, np.ndarray], None],
 ) -> None:
     """U = Q W (Q of the final pass, W (r, k)) by one backward sweep over the spilled Q_i

@@ -466,6 +466,28 @@ def test_a_worker_that_does_not_see_the_scratch_directory_refuses_to_spill(
         ooc_svd.svd(dense_store, 2, method="randomized", client=cluster[1])
 
 
+def test_the_client_makes_no_spill_of_its_own_and_names_scratch_dir_absolutely(
+    cluster, dense_store, monkeypatch, tmp_path
+):
+    """The workers spill; the client, which may not reach scratch_dir (a compute node's
+    /scratch seen from a login node), made an unused spill there and failed where it could
+    not. A relative scratch_dir is the client's, whatever the workers' directory."""
+    methods = ("randomized", "exact")
+    references = [ooc_svd.svd(dense_store, 3, method=method) for method in methods]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scratch").mkdir()
+
+    def no_spill_here(*args, **kwargs):
+        raise AssertionError("the client made a spill")
+
+    monkeypatch.setattr(ooc_svd.engine, "QSpill", no_spill_here)
+    for method, reference in zip(methods, references, strict=True):
+        result = ooc_svd.svd(dense_store, 3, method=method, client=cluster[1],
+                             scratch_dir="scratch", memory_limit="4MB")
+        assert_same_result(result, reference)
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
 def test_the_client_removes_the_scratch_directory_when_no_worker_is_left(
     dense_store, monkeypatch, tmp_path
 ):
