@@ -52,6 +52,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError  # a lost dependency's, in distributed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -203,6 +204,7 @@ class ClusterPasses:
         """One future per group of what its task reads from: the source itself, shipped
         once as a task (recomputable), or the group's rows scattered from memory."""
         shipped = shippable_source(source)
+        self.scattered = shipped is None
         if shipped is None:
             return [self.client.scatter(_RowPiece(g.rows[0], source.read(*g.rows)), hash=False)
                     for g in self.groups]
@@ -296,10 +298,19 @@ class ClusterPasses:
         bar = context.progress(name, self.total_bytes)
         group_of = {leaf.key: g for g, leaf in enumerate(leaves)}
         completed = as_completed(leaves, loop=self.client.loop)
-        leaves.clear()  # each result is released once its parent in the tree holds it
+        # Each result is released once its parent in the tree holds it: only the futures
+        # of the groups not finished yet are kept, to cancel them on an error.
+        unfinished = {leaf.key: leaf for leaf in leaves}
+        leaves.clear()
         try:
             for leaf in completed:
+                del unfinished[leaf.key]
+                if leaf.status == "error":
+                    leaf.result()  # raised now, not after every other group has run
                 bar.update(self.group_bytes[group_of[leaf.key]])
+        except BaseException:
+            _let_go(completed, unfinished)
+            raise
         finally:
             bar.close()
 
@@ -327,10 +338,31 @@ class ClusterPasses:
     def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
                        *args: Any, **reduce_options: Any) -> _Partial:
         """Map ``task`` over the groups, reduce with ``combine``, return the root's result."""
-        leaves = self._map(name, task, *args)
+        return self._reduced(context, name, self._map(name, task, *args), combine,
+                             **reduce_options)
+
+    def _reduced(self, context: PassContext, name: str, leaves: list[Any], combine: Callable,
+                 **reduce_options: Any) -> _Partial:
+        """The result of the reduction of the pass's ``leaves`` with ``combine``.
+
+        On an error or an interrupt the root is cancelled and the groups not finished are
+        let go (``_let_go``), so that what has not started never runs. A piece of
+        scattered in-memory input lost with its worker cannot be recomputed: that is
+        said."""
         root = self._reduce(name, leaves, combine, **reduce_options)
-        self._wait(context, f"{name} pass", leaves)
-        result = root.result()
+        try:
+            self._wait(context, f"{name} pass", leaves)
+            result = root.result()
+        except BaseException as error:
+            with contextlib.suppress(Exception):
+                self.client.cancel([root])
+            if self.scattered and isinstance(error, CancelledError):
+                raise InputError(
+                    "a worker holding rows of the in-memory input was lost, and rows "
+                    "scattered from memory cannot be recomputed: write the matrix to a "
+                    "store (zarr, .npy) for a run that survives a lost worker"
+                ) from None
+            raise
         self.backends |= result.backends
         return result
 
@@ -439,10 +471,7 @@ class ClusterPasses:
                                kernel_spec=self.kernel_spec)
             for g in self.groups
         ]
-        root = self._reduce("residual", leaves, _add_partials)
-        self._wait(context, "residual pass", leaves)
-        total = root.result()
-        self.backends |= total.backends
+        total = self._reduced(context, "residual", leaves, _add_partials)
         self._record(context, "residual pass", began, total.nbytes + shift_bytes)
         return total.value
 
@@ -491,12 +520,18 @@ class ClusterPasses:
 
         nbytes = 0
         completed = as_completed(futures, loop=self.client.loop, with_results=True)
+        unfinished = {future.key: future for future in futures}
         futures.clear()
-        for _, (read, pieces, backends) in completed:
-            for start, rows in pieces:
-                store_rows(start, rows)
-            nbytes += read
-            self.backends |= backends
+        try:
+            for future, (read, pieces, backends) in completed:
+                del unfinished[future.key]
+                for start, rows in pieces:
+                    store_rows(start, rows)
+                nbytes += read
+                self.backends |= backends
+        except BaseException:
+            _let_go(completed, unfinished)
+            raise
         return nbytes
 
     # -- teardown ---------------------------------------------------------------------------
@@ -1069,6 +1104,19 @@ def _check_scratch_seen(scratch: str) -> None:
 def _unshared_scratch(base: str, workers_do: str) -> str:
     return (f"the scratch directory {base!r} is not shared by all workers ({workers_do} not "
             "see it); pass scratch_dir on a filesystem every worker mounts")
+
+
+def _let_go(completed: Any, unfinished: dict[str, Any]) -> None:
+    """Release the futures of a pass that failed or was interrupted whose tasks have not
+    finished, and empty ``completed`` (an ``as_completed``, which holds them too): a task
+    that nothing wants is not started. Those not started would read A for a run that
+    failed, on a cluster that may serve others, and hold up the cleanup queued behind them.
+    (Released, not cancelled: the scheduler fails to cancel a task whose dependents no
+    client wants, as the merges of a reduction.)"""
+    completed.clear()
+    for future in unfinished.values():
+        with contextlib.suppress(Exception):
+            future.release()
 
 
 def _remove_tree(directory: str) -> None:

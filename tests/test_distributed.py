@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import naive
 import numpy as np
@@ -573,6 +574,27 @@ def test_no_block_of_a_reaches_the_scheduler(cluster, tmp_path, block_rows, meth
     assert 0 < sizes.largest_task < block_bytes / 8
 
 
+class KillAfterFirstGroup(SchedulerPlugin):
+    """After the first group of the pass ``pass_name`` finishes, SIGKILL a worker."""
+
+    def __init__(self, scheduler, pids, pass_name):
+        self.scheduler, self.pids, self.pass_name = scheduler, pids, pass_name
+        self.killed, self.removed = None, 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if self.killed or finish != "memory" or f"-{self.pass_name}-group-" not in str(key):
+            return
+        done = [w.address for w in self.scheduler.tasks[key].who_has]
+        busy = [w.address for w in self.scheduler.workers.values() if w.processing]
+        # Prefer a worker in the middle of another group; else the one holding a result.
+        victim = ([w for w in busy if w not in done] or busy or done)[0]
+        self.killed = victim
+        os.kill(self.pids[victim], signal.SIGKILL)
+
+    def remove_worker(self, scheduler, worker, **kwargs):
+        self.removed += 1
+
+
 @pytest.mark.parametrize("pass_name", ["power", "final"])
 def test_a_worker_killed_mid_pass_is_replaced_and_the_result_is_unchanged(
     dense_store, block_rows, monkeypatch, pass_name
@@ -584,32 +606,70 @@ def test_a_worker_killed_mid_pass_is_replaced_and_the_result_is_unchanged(
     monkeypatch.setattr(ooc_svd.distributed, "GROUPS_PER_THREAD", 6)  # 12 groups, 2 workers
     options = {"k": 5, "center": True, "method": "randomized"}
     reference = ooc_svd.svd(dense_store, **options)
-
-    class KillAfterFirstGroup(SchedulerPlugin):
-        def __init__(self, scheduler, pids):
-            self.scheduler, self.pids = scheduler, pids
-            self.killed, self.removed = None, 0
-
-        def transition(self, key, start, finish, *args, **kwargs):
-            if self.killed or finish != "memory" or f"-{pass_name}-group-" not in str(key):
-                return
-            done = [w.address for w in self.scheduler.tasks[key].who_has]
-            busy = [w.address for w in self.scheduler.workers.values() if w.processing]
-            # Prefer a worker in the middle of another group; else the one holding a result.
-            victim = ([w for w in busy if w not in done] or busy or done)[0]
-            self.killed = victim
-            os.kill(self.pids[victim], signal.SIGKILL)
-
-        def remove_worker(self, scheduler, worker, **kwargs):
-            self.removed += 1
-
     with local_cluster() as cluster, Client(cluster) as client:
-        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid))
+        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid), pass_name)
         cluster.scheduler.add_plugin(plugin)
         result = ooc_svd.svd(dense_store, **options, client=client)
         assert plugin.killed is not None and plugin.removed >= 1
         client.wait_for_workers(2, timeout=60)  # the nanny brought it back
     assert_same_result(result, reference)
+
+
+def test_a_lost_worker_holding_scattered_rows_is_named(dense_store, block_rows, monkeypatch):
+    """Rows scattered from memory are lost with their worker, and dask cannot recompute
+    them: one line says so and what to do, where dask's error was 'lost dependencies'."""
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "GROUPS_PER_THREAD", 6)
+    monkeypatch.setattr(ooc_svd.sources.dense, "in_memory_boundaries",
+                        lambda shape, itemsize: np.arange(0, shape[0] + 1, CHUNK_ROWS))
+    A = zarr.open_array(dense_store, mode="r")[:]
+    with local_cluster() as cluster, Client(cluster) as client:
+        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid), "power")
+        cluster.scheduler.add_plugin(plugin)
+        with pytest.raises(InputError, match="a worker holding rows of the in-memory input "
+                                             "was lost.*write the matrix to a store"):
+            ooc_svd.svd(A, 5, method="randomized", client=client)
+        assert plugin.killed is not None
+
+
+def slow_rows(block):
+    """A dask block that takes a second to read."""
+    time.sleep(1)
+    return block
+
+
+class FinishedGroups(SchedulerPlugin):
+    """Counts the groups of passes that ran to the end."""
+
+    def __init__(self):
+        self.finished = 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        self.finished += "-group-" in str(key) and finish == "memory"
+
+
+def test_an_interrupted_pass_leaves_none_of_its_groups_to_run(block_rows, monkeypatch):
+    """Ctrl-C (or SIGTERM) in the first pass: the groups not started are let go, not run
+    for a run that has ended (the interrupt waited for all of them, behind which the
+    scratch cleanup was queued, and they read A on a cluster that may serve others)."""
+    import _thread
+    import threading
+
+    import dask.array as da
+
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "GROUPS_PER_THREAD", 6)  # 12 groups, 2 threads
+    A = da.from_array(np.ones((M, N)), chunks=(BLOCK_ROWS, N)).map_blocks(slow_rows)
+    with local_cluster() as cluster, Client(cluster) as client:
+        plugin = FinishedGroups()
+        cluster.scheduler.add_plugin(plugin)
+        threading.Timer(1.5, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            ooc_svd.svd(A, 3, method="randomized", client=client)
+        time.sleep(3)  # the groups running at the interrupt finish; no other starts
+        # 2 at a time, 1 s each: at most 2 done at the interrupt and the 2 running then,
+        # where the others ran on (8 or more done by now).
+        assert plugin.finished <= 4
 
 
 def test_cli_runs_on_a_local_cluster(dense_store, tmp_path):
