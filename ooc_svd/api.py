@@ -405,8 +405,9 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
-    return _like_input(A, _per_matrix(A, M, lambda A_i, M_i: _svd_lowrank(A_i, q, niter, M_i,
-                                                                          method, client)))
+    with _one_client_for_a_stack(A, client) as client:
+        return _like_input(A, _per_matrix(A, M, lambda A_i, M_i: _svd_lowrank(
+            A_i, q, niter, M_i, method, client)))
 
 
 def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, method: str, client: Any
@@ -450,7 +451,26 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
                                        center=center, method=method, client=client))
         return result.U, result.S, result.V
 
-    return _like_input(A, _per_matrix(A, None, factor))
+    with _one_client_for_a_stack(A, client) as client:
+        return _like_input(A, _per_matrix(A, None, factor))
+
+
+@contextlib.contextmanager
+def _one_client_for_a_stack(A: Any, client: Any):
+    """``client``, or for a stack of matrices and a client given as a string, one Client
+    that every matrix's run shares: ``local:N`` started a LocalCluster for each."""
+    if not (isinstance(client, str) and _stack_of_matrices(A)):
+        yield client
+        return
+    from .distributed import client_from
+
+    made, opened = client_from(client)
+    try:
+        yield made
+    finally:
+        for resource in reversed(opened):
+            with contextlib.suppress(Exception):
+                resource.close()
 
 
 def _stack_of_matrices(A: Any) -> tuple[int, ...]:

@@ -572,10 +572,10 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     The scratch directory, ``scratch_dir`` or the system's temporary directory, must be one
     that every worker reaches (a shared filesystem on a multi-node cluster): checked here.
     """
-    client, owned = _client_from(client)
+    client, owned = client_from(client)
     scratch = None
     try:
-        client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        _wait_for_a_worker(client)
         if backend == "cuda":
             _check_worker_gpus(client)
         scratch = _shared_scratch(client, scratch_dir)
@@ -608,7 +608,20 @@ class QuietTaskErrors(WorkerPlugin):
         logging.getLogger("distributed.worker").removeFilter(_without_task_errors)
 
 
-def _client_from(client: Any) -> tuple[Any, list[Any]]:
+def _wait_for_a_worker(client: Any) -> None:
+    """Wait up to WORKER_TIMEOUT_S for the cluster's first worker; InputError, naming the
+    scheduler, where none comes."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+    except TimeoutError:
+        address = getattr(client.scheduler, "address", None) or "the scheduler"
+        raise InputError(f"no worker joined the scheduler at {address} within "
+                         f"{WORKER_TIMEOUT_S} s: start workers for it (dask worker "
+                         f"{address})") from None
+
+
+def client_from(client: Any) -> tuple[Any, list[Any]]:
+    """(a Client for ``client``, what was opened for it, to close last to first)."""
     from distributed import Client, LocalCluster
 
     if isinstance(client, Client):
