@@ -159,7 +159,9 @@ dask.array.Array} of shape (m, n)
         finishes with 'exact' (one more read) and says so in ``result.note``.
     seed : int, default=0
         Seed of the counter-based generator of the test matrix, in [0, 2**64); the same
-        seed gives the same result for any chunking or block size.
+        seed gives the same result for any chunking, block size or thread count, to
+        rounding (sums taken in another order) and within ``numerical_rank`` (past it the
+        columns of U and V complete the basis, and any completion is one).
     memory_limit : int or str, default='1GB'
         Bound on the working set (blocks in flight, n x l factors). An in-memory U (m x k)
         comes on top: give ``out`` when U itself is too large for memory.
