@@ -137,7 +137,7 @@ def rank_above_rounding(eps: float, shape: tuple[int, int]) -> RankRule:
     ``eps`` (at least 1)."""
 
     def rule(S: np.ndarray, fro2: float, rounding: float | None) -> int:
-        return max(1, numerical_rank(S, shape, eps, fro2))
+        return max(1, numerical_rank(S, shape, eps, float(np.sqrt(fro2))))
 
     return rule
 
@@ -379,7 +379,7 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
         left_vectors_sweep(context, final, spill, W, allocate_u(rank))
     numerical = numerical_rank(S_all[:rank], context.source.shape,
                                rounding_unit(context.source.dtype),
-                               unshifted_energy(final.stats, final.shift))
+                               unshifted_norm(final.stats, final.shift))
     factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
     if rank == min(context.source.shape):
         # All of A's singular values: the residual is zero to the factorization's rounding,
@@ -499,20 +499,20 @@ def rounding_unit(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).eps) if dtype.kind == "f" else EPS64
 
 
-def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float, data_energy: float
+def numerical_rank(S: np.ndarray, shape: tuple[int, int], eps: float, data_norm: float
                    ) -> int:
     """Count of singular values above ``rank_tolerance`` (``eps``: the data's rounding
-    unit, ``rounding_unit``; ``data_energy``: the squared Frobenius norm of the values as
-    stored, before any centering)."""
+    unit, ``rounding_unit``; ``data_norm``: the Frobenius norm of the values as stored,
+    before any centering)."""
     if S.size == 0 or S[0] == 0:
         return 0
-    return int(np.count_nonzero(rank_tolerance(float(S[0]), data_energy, shape, eps) < S))
+    return int(np.count_nonzero(rank_tolerance(float(S[0]), data_norm, shape, eps) < S))
 
 
-def rank_tolerance(S_max: float, data_energy: float, shape: tuple[int, int], eps: float
+def rank_tolerance(S_max: float, data_norm: float, shape: tuple[int, int], eps: float
                    ) -> float:
     """Below it a singular value is rounding (S_max: the largest singular value of the
-    matrix factored, centered or not; ``data_energy``: ||A||_F^2 of the values as stored).
+    matrix factored, centered or not; ``data_norm``: ||A||_F of the values as stored).
 
     numpy.linalg.matrix_rank takes max(m, n) eps S_max with the data's eps, which for
     float32 data of more than 1/eps (8.4 million) rows exceeds S_max itself; but values each
@@ -523,18 +523,24 @@ def rank_tolerance(S_max: float, data_energy: float, shape: tuple[int, int], eps
     Centered data's S_max can be far below ||A||_F (a mean of 1e6 and a spread of 1), and
     the rounding of the stored values is not centered away: it is relative to the values.
     Two more floors, which never exceed the ones above on uncentered data, keep it out of
-    the count. Errors of at most eps/2 of each value, of standard deviation at most eps/sqrt(12)
-    of it, make an m x n matrix of norm about eps/sqrt(12) rms (sqrt(m) + sqrt(n)), rms =
-    ||A||_F / sqrt(m n): eps/2 rms (sqrt(m) + sqrt(n)) with room. And the centering, in
-    float64, rounds each value and the mean by eps64/2 of them: eps64 ||A||_F."""
+    the count. Errors of at most eps/2 of each value, of standard deviation at most
+    eps/sqrt(12) of it, make an m x n matrix of norm about eps/sqrt(12) rms (sqrt(m) +
+    sqrt(n)), rms = ||A||_F / sqrt(m n): eps/2 rms (sqrt(m) + sqrt(n)) with room, and at
+    most the bound eps/2 ||A||_F. And the centering, in float64, rounds each value and the
+    mean by eps64/2 of them: eps64 ||A||_F."""
     m, n = shape
-    norm = float(np.sqrt(max(data_energy, 0.0)))
-    data = min(eps / 2 * norm, max(shape) * eps * S_max)
-    rms = norm / np.sqrt(m * n) if m * n else 0.0
-    stored_rounding = eps / 2 * rms * (np.sqrt(m) + np.sqrt(n))
-    return float(max(data, stored_rounding, EPS64 * norm, max(shape) * EPS64 * S_max))
+    data = min(eps / 2 * data_norm, max(shape) * eps * S_max)
+    rms = data_norm / np.sqrt(m * n) if m * n else 0.0
+    stored_rounding = min(eps / 2 * rms * (np.sqrt(m) + np.sqrt(n)), eps / 2 * data_norm)
+    return float(max(data, stored_rounding, EPS64 * data_norm, max(shape) * EPS64 * S_max))
 
 
-def unshifted_energy(stats: BlockStats, shift: np.ndarray) -> float:
-    """||A||_F^2 from a pass's totals of A_s = A - 1 shift^T."""
-    return stats.sumsq + 2.0 * float(shift @ stats.colsum) + stats.rows * float(shift @ shift)
+def unshifted_norm(stats: BlockStats, shift: np.ndarray) -> float:
+    """||A||_F from a pass's totals of A_s = A - 1 shift^T: ||A_s||^2 + 2 shift^T colsum +
+    m ||shift||^2, summed in units of the shift's largest entry, as m ||shift||^2 may
+    overflow where ||A||_F does not (a mean of 1e153 over 2000 rows)."""
+    scale = max(float(np.max(np.abs(shift), initial=0.0)), 1.0)
+    unit_shift = shift / scale
+    energy = stats.sumsq / scale / scale + 2.0 * float(unit_shift @ (stats.colsum / scale)) + \
+        stats.rows * float(unit_shift @ unit_shift)
+    return scale * float(np.sqrt(max(energy, 0.0)))

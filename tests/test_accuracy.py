@@ -271,8 +271,8 @@ def test_the_rank_of_low_precision_data_does_not_vanish_with_many_rows():
     assert ooc_svd.svd(W, 8, method="exact").numerical_rank == 5
     # A float32 matrix of 9 million rows and rank 2 (singular values 5195 and 2999)
     S, shape, eps32 = np.array([5195.0, 2999.0, 1e-4]), (9_000_000, 3), np.finfo("f4").eps
-    assert 1e-4 < rank_tolerance(S[0], float(S @ S), shape, eps32) < 1e-2
-    assert numerical_rank(S, shape, eps32, float(S @ S)) == 2
+    assert 1e-4 < rank_tolerance(S[0], float(np.sqrt(S @ S)), shape, eps32) < 1e-2
+    assert numerical_rank(S, shape, eps32, float(np.sqrt(S @ S))) == 2
     assert max(shape) * eps32 * S[0] > S[0]  # numpy's tolerance: rank 0
     # Centered float32 data of a mean 1e6 x its spread: ||A||_F is the mean's, numpy's
     # tolerance the smaller one, and every direction of the spread counts.
@@ -294,14 +294,19 @@ def test_the_numerical_rank_of_centered_data_leaves_out_the_rounding_of_its_valu
     centered = A.astype(np.float64) - A.astype(np.float64).mean(axis=0)
     assert np.linalg.matrix_rank(centered) == n  # numpy counts the rounding
     assert result.numerical_rank == rank
-    # Uncentered, the added floors are below the other bounds and change nothing.
-    S = np.linalg.svd(A.astype(np.float64), compute_uv=False)
-    energy = float(np.sum(A.astype(np.float64) ** 2))
-    eps, eps64 = rounding_unit(A.dtype), np.finfo(np.float64).eps
-    uncentered = max(min(eps / 2 * np.sqrt(energy), max(m, n) * eps * S[0]),
-                     max(m, n) * eps64 * S[0])
-    assert rank_tolerance(S[0], energy, (m, n), eps) == pytest.approx(uncentered, rel=1e-12)
     assert ooc_svd.svd(A, n, method="exact").numerical_rank == rank + 1  # and the mean
+    if dtype == np.float64:  # the same at 1e153, whose m ||mu||^2 overflows float64
+        huge = (A - 1e6) * 1e147 + 1e153
+        assert ooc_svd.svd(huge, 8, center=True, method="exact").numerical_rank == rank
+    # Uncentered, the added floors are below the other bounds and change nothing, on
+    # small shapes too (where sqrt(m) + sqrt(n) exceeds sqrt(m n)).
+    eps, eps64 = rounding_unit(A.dtype), np.finfo(np.float64).eps
+    for W in (A, A[:2, :2], A[:3, :3], A[:8, :2], A[:, :1]):
+        S = np.linalg.svd(W.astype(np.float64), compute_uv=False)
+        norm, shape = float(np.linalg.norm(W.astype(np.float64))), W.shape
+        uncentered = max(min(eps / 2 * norm, max(shape) * eps * S[0]),
+                         max(shape) * eps64 * S[0])
+        assert rank_tolerance(S[0], norm, shape, eps) == pytest.approx(uncentered, rel=1e-12)
 
 
 def test_low_rank_factors_of_a_wide_matrix_in_memory_factor_its_transpose(tmp_path):
