@@ -357,6 +357,32 @@ def test_blocks_smaller_than_a_storage_chunk_decode_it_once(tmp_path):
         [-(-array.shape[0] // array.chunks[0]) for array in counted.values()]
 
 
+def test_latest_chunks_reads_any_range_as_one_slice_would(tmp_path):
+    """Ranges within a chunk, across several, empty, at the ragged end, in any order: the
+    values of one slice; chunks covered whole are read in one slice per read, not one
+    chunk at a time (zarr decodes a slice's chunks concurrently)."""
+    import zarr
+
+    from ooc_svd.sources.csr import LatestChunks
+
+    values = np.arange(1003, dtype=">i4")  # big-endian, as a zarr v2 store may hold
+    array = CountedReads(zarr.create_array(str(tmp_path / "a.zarr"), shape=values.shape,
+                                           chunks=(100,), dtype=values.dtype))
+    array.array[:] = values
+    latest = LatestChunks()
+    rng = np.random.default_rng(0)
+    ranges = [(0, 0), (0, 1003), (1000, 1003), (1003, 1003), (99, 101), (100, 300),
+              (250, 250), (5, 950)] + [tuple(sorted(rng.integers(0, 1004, 2)))
+                                       for _ in range(200)]
+    for start, stop in ranges:
+        read = latest.read("a", array, int(start), int(stop), np.dtype(np.int64))
+        assert read.dtype == np.int64
+        np.testing.assert_array_equal(read, values[start:stop])
+    array.reads = 0
+    latest.read("a", array, 150, 950, np.dtype(np.int64))  # parts of 2 chunks, 7 whole
+    assert array.reads == 3
+
+
 def with_repeats(A):
     """A's non-zeros stored each as two entries of the same column, rows unsorted: the same
     matrix, not in canonical CSR order."""

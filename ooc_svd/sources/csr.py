@@ -93,7 +93,9 @@ class LatestChunks:
     A compressed chunk is decoded whole, and blocks are often smaller than the chunks of
     ``indices`` and ``data`` (2**20 non-zeros as written here): each block decoded the
     chunks it touched again, 11 times each per pass for 31 blocks over 3 chunks. Blocks are
-    read in order, so the next one mostly starts in the chunk the last one ended in.
+    read in order, so the next one mostly starts in the chunk the last one ended in. Only
+    chunks a read covers in part go through here; those it covers whole are read in one
+    slice, which zarr fetches and decodes concurrently.
 
     Shared by the reader threads: a chunk is decoded outside the lock, and two readers may
     decode the same one at once, at most one per reader. Not pickled: a worker starts
@@ -111,14 +113,24 @@ class LatestChunks:
         self.__init__()
 
     def read(self, name: str, array: Any, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        """``array[start:stop]`` as ``dtype``, a storage chunk of ``array`` at a time."""
-        size = int(array.chunks[0])
+        """``array[start:stop]`` as ``dtype``: the chunks it covers in part through the
+        one kept, those it covers whole in one read."""
+        size, length = int(array.chunks[0]), int(array.shape[0])
         out = np.empty(stop - start, dtype)
-        for index in range(start // size, -(-stop // size)):
-            chunk_start = index * size
+        position = start
+        while position < stop:
+            index = position // size
+            chunk_start, chunk_stop = index * size, min((index + 1) * size, length)
+            if position == chunk_start and stop >= chunk_stop:  # whole chunks from here
+                whole_stop = stop if stop % size == 0 or stop == length else stop // size * size
+                out[position - start : whole_stop - start] = array[position:whole_stop]
+                position = whole_stop
+                continue
             chunk = self._chunk(name, array, index, chunk_start, size)
-            low, high = max(start, chunk_start), min(stop, chunk_start + size)
-            out[low - start : high - start] = chunk[low - chunk_start : high - chunk_start]
+            high = min(stop, chunk_stop)
+            out[position - start : high - start] = chunk[position - chunk_start :
+                                                         high - chunk_start]
+            position = high
         return out
 
     def _chunk(self, name: str, array: Any, index: int, chunk_start: int, size: int
