@@ -407,9 +407,11 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
-    with _one_client_for_a_stack(A, client) as client:
-        return _like_input(A, _per_matrix(A, M, lambda A_i, M_i: _svd_lowrank(
-            A_i, q, niter, M_i, method, client)))
+    if q is not None:  # checked before a stack's cluster is started
+        check_int("q", q, minimum=1)
+    check_int("niter", niter, minimum=0)
+    return _like_input(A, _per_matrix(A, M, client, lambda A_i, M_i, client: _svd_lowrank(
+        A_i, q, niter, M_i, method, client)))
 
 
 def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, method: str, client: Any
@@ -446,22 +448,24 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
     torch tensors on A's device when A is a torch tensor, as in :func:`svd_lowrank`, which
     also says how a stack of matrices (*, m, n) is taken: each is centered by its own mean.
     """
-    def factor(A_i: Any, _: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def factor(A_i: Any, _: None, client: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         source, m, n = open_matrix(A_i)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
         result = _run(source, _Request(rank, fixed_rank(rank), oversample=0, niter=niter,
                                        center=center, method=method, client=client))
         return result.U, result.S, result.V
 
-    with _one_client_for_a_stack(A, client) as client:
-        return _like_input(A, _per_matrix(A, None, factor))
+    if q is not None:  # checked before a stack's cluster is started
+        check_int("q", q, minimum=1)
+    check_int("niter", niter, minimum=0)
+    return _like_input(A, _per_matrix(A, None, client, factor))
 
 
 @contextlib.contextmanager
-def _one_client_for_a_stack(A: Any, client: Any):
-    """``client``, or for a stack of matrices and a client given as a string, one Client
-    that every matrix's run shares: ``local:N`` started a LocalCluster for each."""
-    if not (isinstance(client, str) and _stack_of_matrices(A)):
+def _one_client(client: Any):
+    """``client``, or for a client given as a string, one Client that the runs of every
+    matrix of a stack share: ``local:N`` started a LocalCluster for each."""
+    if not isinstance(client, str):
         yield client
         return
     from .distributed import client_from
@@ -492,14 +496,15 @@ def _stack_of_matrices(A: Any) -> tuple[int, ...]:
         return ()
 
 
-def _per_matrix(A: Any, M: Any, factor) -> tuple[np.ndarray, ...]:
-    """``factor(A, M)``, or for a stack of matrices (``_stack_of_matrices``) ``factor(A[i],
-    M[i])`` for every matrix i, its results stacked as torch stacks them (U of shape
-    stack + (m, q), ...). M's leading dimensions broadcast to the stack's; an M of at most 2
-    dimensions goes to every matrix as it is."""
+def _per_matrix(A: Any, M: Any, client: Any, factor) -> tuple[np.ndarray, ...]:
+    """``factor(A, M, client)``, or for a stack of matrices (``_stack_of_matrices``)
+    ``factor(A[i], M[i], client)`` for every matrix i, on one client (``_one_client``), its
+    results stacked as torch stacks them (U of shape stack + (m, q), ...). M's leading
+    dimensions broadcast to the stack's; an M of at most 2 dimensions goes to every matrix
+    as it is."""
     stack = _stack_of_matrices(A)
     if not stack:
-        return factor(A, M)
+        return factor(A, M, client)
     if 0 in stack:
         raise InputError(f"A is empty: shape {tuple(A.shape)}")
     if isinstance(M, (list, tuple)):
@@ -510,16 +515,17 @@ def _per_matrix(A: Any, M: Any, factor) -> tuple[np.ndarray, ...]:
         raise InputError(f"M of shape {tuple(M.shape)} does not broadcast to A's shape "
                          f"{tuple(A.shape)}")
     parts = []
-    for index in np.ndindex(*stack):
-        own = index[len(index) - len(lead):] if lead else ()
-        M_i = M[tuple(0 if size == 1 else i for size, i in zip(lead, own, strict=True))] \
-            if lead else M
-        try:
-            parts.append(factor(A[index], M_i))
-        except InputError as error:  # which matrix: the message speaks of A[index]
-            error.args = (f"A[{', '.join(map(str, index))}] of the stack: {error}",
-                          *error.args[1:])
-            raise
+    with _one_client(client) as client:
+        for index in np.ndindex(*stack):
+            own = index[len(index) - len(lead):] if lead else ()
+            M_i = M[tuple(0 if size == 1 else i for size, i in zip(lead, own, strict=True))] \
+                if lead else M
+            try:
+                parts.append(factor(A[index], M_i, client))
+            except InputError as error:  # which matrix: the message speaks of A[index]
+                error.args = (f"A[{', '.join(map(str, index))}] of the stack: {error}",
+                              *error.args[1:])
+                raise
     return tuple(np.stack(arrays).reshape(stack + arrays[0].shape) for arrays in zip(*parts,
                                                                                     strict=True))
 

@@ -305,7 +305,7 @@ class ClusterPasses:
         try:
             for leaf in completed:
                 del unfinished[leaf.key]
-                if leaf.status == "error":
+                if leaf.status in ("error", "cancelled"):
                     leaf.result()  # raised now, not after every other group has run
                 bar.update(self.group_bytes[group_of[leaf.key]])
         except BaseException:
@@ -537,20 +537,24 @@ class ClusterPasses:
     # -- teardown ---------------------------------------------------------------------------
 
     def _remove_scratch(self) -> None:
-        """Remove the scratch directory by a worker; with none left (they all died or
-        left), by the client where it sees the directory, or else name it in a warning."""
-        with contextlib.suppress(Exception):
+        """Remove the scratch directory by a worker; where none is left (they all died or
+        left) or none did it within a minute, by the client where it sees the directory,
+        or else name it in a warning."""
+        why = "no worker was left to remove it"
+        try:
             if self.client.nthreads():
                 self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
                                    workers=self.scratch_workers,
                                    allow_other_workers=True).result(timeout=60)
                 return
+        except Exception as error:  # noqa: BLE001 - any failure: the client tries
+            why = f"the workers did not remove it ({type(error).__name__}: {error})"
         seen = os.path.isdir(self.scratch)
         shutil.rmtree(self.scratch, ignore_errors=True)
         if not seen or os.path.exists(self.scratch):
-            warnings.warn(f"no worker was left to remove the scratch directory "
-                          f"{self.scratch!r} (the spilled Q factors): remove it by hand",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the scratch directory {self.scratch!r} (the spilled Q factors) "
+                          f"may be left: {why}, and this process cannot reach it; remove it "
+                          "by hand", RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
         """Release the input's pieces, remove the scratch directory, close what ``connect``

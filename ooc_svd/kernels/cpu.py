@@ -160,8 +160,9 @@ def check_total_finite(stats: BlockStats) -> None:
     infinite Z."""
     if not np.isfinite(stats.sumsq):
         raise NonFiniteError(
-            "the squared Frobenius norm of the matrix overflows float64 (||A||_F is above "
-            "about 1.3e154); rescale the matrix"
+            "the squared Frobenius norm of the matrix overflows float64 (||A||_F, or when "
+            "centered that of A less an estimate of its mean, is above about 1.3e154); "
+            "rescale the matrix"
         )
 
 
