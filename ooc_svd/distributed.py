@@ -154,11 +154,13 @@ def row_groups(blocks: tuple[tuple[int, int], ...], count: int) -> list[RowGroup
 @dataclass
 class ClusterSpill:
     """Where a final pass left its factors: the groups' spill directory and the tree's merges
-    (``steps``: (node, left, right) ids, leaves are the groups 0..G-1) with their factors."""
+    (``steps``: (node, left, right) ids, leaves are the groups 0..G-1) with their factors;
+    ``groups``, those of the pass, which the U sweep takes as they were."""
 
     directory: str
     steps: list[tuple[int, int, int]]
     factors: list[MergeFactors]
+    groups: list[RowGroup]
 
 
 class ClusterPasses:
@@ -189,14 +191,30 @@ class ClusterPasses:
         self.count = 0  # maps so far: each map's keys carry its number
         self.operands = itertools.count()
         self.depth = plan.prefetch_depth
-        threads = sum(client.nthreads().values())
-        self.groups = row_groups(plan.blocks, GROUPS_PER_THREAD * max(threads, 1))
-        sizes = np.asarray(plan.block_bytes or [0] * len(plan.blocks), dtype=np.int64)
-        self.group_bytes = [int(sizes[g.first : g.first + len(g.blocks)].sum())
-                            for g in self.groups]
+        self.blocks = plan.blocks
+        self.block_bytes = np.asarray(plan.block_bytes or [0] * len(plan.blocks),
+                                      dtype=np.int64)
+        self._group_for(sum(client.nthreads().values()))
         self.total_bytes = source.nbytes
         self.sources = self._place_source(source)
         self._reachable: dict[str, bool] = {}
+
+    def _group_for(self, threads: int) -> None:
+        """Cut the blocks into GROUPS_PER_THREAD groups per thread."""
+        self.groups = row_groups(self.blocks, GROUPS_PER_THREAD * max(threads, 1))
+        self.group_bytes = [int(self.block_bytes[g.first : g.first + len(g.blocks)].sum())
+                            for g in self.groups]
+
+    def _regroup(self) -> None:
+        """Before a pass: groups for the threads the cluster has now, so that workers that
+        joined since the run began (an adaptive cluster, jobs of a batch system that start
+        minutes apart) take their share. Rows scattered from memory stay in the groups they
+        were scattered for."""
+        if self.scattered:
+            return
+        with contextlib.suppress(Exception):  # a cluster that cannot say keeps its groups
+            self._group_for(sum(self.client.nthreads().values()))
+            self.sources = [self.sources[0]] * len(self.groups)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -369,6 +387,7 @@ class ClusterPasses:
     # -- the passes -----------------------------------------------------------------------
 
     def fused_power_pass(self, context: PassContext, X: np.ndarray):
+        self._regroup()
         began, centering = time.perf_counter(), context.centering
         shift, shift_bytes = self._pass_shift(centering, "power")
         operands = self._put(X, "X"), self._put(shift, "shift")
@@ -381,6 +400,7 @@ class ClusterPasses:
         return Z, stats, shift
 
     def gram_pass(self, context: PassContext):
+        self._regroup()
         began, centering = time.perf_counter(), context.centering
         shift, shift_bytes = self._pass_shift(centering, "gram")
         total = self._run_reduction(context, "gram", _gram_group, _add_partials,
@@ -393,6 +413,7 @@ class ClusterPasses:
         return G, stats, shift
 
     def tsqr_r_pass(self, context: PassContext):
+        self._regroup()
         began, centering = time.perf_counter(), context.centering
         append_ones = not centering.mean_known
         shift, shift_bytes = self._pass_shift(centering, "exact")
@@ -407,6 +428,7 @@ class ClusterPasses:
         return R, stats, shift
 
     def tsqr_final_pass(self, context: PassContext, X: np.ndarray) -> FinalPassResult:
+        self._regroup()
         began, centering = time.perf_counter(), context.centering
         l = X.shape[1]
         append_ones = not centering.mean_known
@@ -432,18 +454,19 @@ class ClusterPasses:
         centering.finish_pass(shift, stats)
         self._record(context, "final pass", began, total.nbytes + shift_bytes)
         tsqr = StreamingTSQR(R, total.BT, sum(len(g.blocks) for g in self.groups))
-        return FinalPassResult(tsqr, BT, stats, shift, ClusterSpill(directory, steps, factors))
+        return FinalPassResult(tsqr, BT, stats, shift,
+                               ClusterSpill(directory, steps, factors, list(self.groups)))
 
     def left_vectors_sweep(self, context: PassContext, final: FinalPassResult, W: np.ndarray,
                            store_rows: Callable[[int, np.ndarray], None]) -> None:
         spill: ClusterSpill = final.cluster_spill
-        P = group_products(spill.steps, spill.factors, W, len(self.groups))
+        P = group_products(spill.steps, spill.factors, W, len(spill.groups))
         sink = self._row_sink(store_rows)
         self.count += 1
         futures = [
             self.client.submit(_left_vectors_group, spill.directory, g.blocks, g.first,
                                P[g.index], sink, key=self._key("U", "group", self.count, g.index))
-            for g in self.groups
+            for g in spill.groups
         ]
         self._store_returned_rows(futures, store_rows)
         self.client.submit(_remove_tree, spill.directory,
@@ -454,6 +477,7 @@ class ClusterPasses:
         """A power pass that also reads U's rows: the workers read them from U's zarr store
         where they all reach it, else the client scatters each group's rows (U is m x k,
         small next to A, and then in the client's memory already)."""
+        self._regroup()
         began = time.perf_counter()
         shift, shift_bytes = self._pass_shift(context.centering, "residual")
         if self._reached_by_workers(U):

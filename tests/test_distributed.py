@@ -650,6 +650,48 @@ def test_a_worker_killed_mid_pass_is_replaced_and_the_result_is_unchanged(
     assert_same_result(result, reference)
 
 
+class GroupsPerPass(SchedulerPlugin):
+    """The groups of each map of the run, by the map's number in their keys."""
+
+    def __init__(self):
+        self.groups = {}
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        parts = str(key).split("-")  # ooc-svd-NAME-group-COUNT-INDEX-TOKEN
+        if finish == "processing" and len(parts) == 7 and parts[3] == "group":
+            self.groups.setdefault((int(parts[4]), parts[2]), set()).add(int(parts[5]))
+
+
+def test_workers_that_join_a_run_take_a_share_of_its_next_passes(dense_store, block_rows,
+                                                                  monkeypatch):
+    """A cluster that grows after the first pass (an adaptive one, or batch jobs that start
+    apart): the passes after it are cut into groups for the threads there then, and the
+    result is the local run's. The U sweep keeps the final pass's groups."""
+    block_rows(BLOCK_ROWS // 2, N)  # 24 blocks
+    options = {"k": 5, "center": True, "method": "randomized", "niter": 2}
+    reference = ooc_svd.svd(dense_store, **options)
+    first_pass = ooc_svd.distributed.ClusterPasses.fused_power_pass
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+
+        def grow_after_the_first_pass(self, context, X):
+            result = first_pass(self, context, X)
+            if len(client.nthreads()) == 1:
+                cluster.scale(3)
+                client.wait_for_workers(3, timeout=60)
+            return result
+
+        monkeypatch.setattr(ooc_svd.distributed.ClusterPasses, "fused_power_pass",
+                            grow_after_the_first_pass)
+        plugin = GroupsPerPass()
+        cluster.scheduler.add_plugin(plugin)
+        result = ooc_svd.svd(dense_store, **options, client=client)
+    counts = [len(groups) for _, groups in sorted(plugin.groups.items())]
+    names = [name for _, name in sorted(plugin.groups)]
+    assert names == ["power", "power", "final", "U"] and counts == [4, 12, 12, 12]
+    assert_same_result(result, reference)
+
+
 def test_a_lost_worker_holding_scattered_rows_is_named(dense_store, block_rows, monkeypatch):
     """Rows scattered from memory are lost with their worker, and dask cannot recompute
     them: one line says so and what to do, where dask's error was 'lost dependencies'."""
