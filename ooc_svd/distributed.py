@@ -5,9 +5,11 @@ runs unchanged (``PassContext.cluster`` selects them). A pass
 
 1. puts its small operands on the cluster once (X, the centering shift: O(n l) through the
    scheduler, as tasks, so a lost copy is recomputed);
-2. maps one task over each group of consecutive row blocks: the worker opens the store and
-   reads the group's blocks one at a time (with the plan's read-ahead), so per-task memory is
-   a single node's working set and A never travels through the client or the scheduler;
+2. maps one task over each group of consecutive row blocks (GROUPS_PER_THREAD per thread
+   the cluster has when the pass starts, so that workers that join during a run take part):
+   the worker opens the store and reads the group's blocks one at a time (with the plan's
+   read-ahead), so per-task memory is a single node's working set and A never travels
+   through the client or the scheduler;
 3. reduces the groups' partial results pairwise, a tree of depth ceil(log2(groups)): Z and
    the pass's totals (power pass), G (gram), R factors (exact), (R, B^T) pairs (final pass).
 
@@ -31,8 +33,9 @@ rounding for any number of workers: Omega depends only on the seed, and each pas
 shift is fixed by the first block before the map.
 
 In-memory inputs (numpy arrays, scipy.sparse matrices) are scattered to the workers once per
-run, one piece of rows per group; such pieces cannot be recomputed, so a lost worker fails
-a run on in-memory data (write the matrix to a store for that). Stores (zarr, CSR zarr, .npy
+run, one piece of rows per group (the groups of the run's start, then); such pieces cannot be
+recomputed, so a lost worker fails a run on in-memory data (write the matrix to a store for
+that). Stores (zarr, CSR zarr, .npy
 files, dask arrays read from stores) are opened by the workers themselves.
 """
 
