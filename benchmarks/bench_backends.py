@@ -82,6 +82,12 @@ def main() -> None:
     from ooc_svd.sources import open_source
 
     args = parse_args()
+    from ooc_svd.kernels.cuda_backend import cuda_available
+
+    usable, why_not = cuda_available()
+    if not usable:  # before the store is generated and read
+        raise SystemExit(f"bench_backends.py compares the cuda backend with the cpu one, "
+                         f"and needs a usable NVIDIA GPU: {why_not}")
     runs = {"cpu": ("cpu", None), "cuda": ("cuda", None)}
     cuda_options = parse_cuda_options(tuple(args.cuda_option))
     if cuda_options:

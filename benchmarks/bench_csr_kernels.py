@@ -9,9 +9,10 @@ in memory. This times the kernels of ``ooc_svd.kernels.csr`` that prefetch those
 fused power kernel and Y = A X) on the same block, for each prefetch distance (``ahead``
 non-zeros; 0 turns prefetching off), in one process, with uniform columns (exponent 0)
 and column j drawn with probability ~ (j + 1) ** -exponent.
-Also, for scale, the power kernel on a block whose columns all lie in the first 256, whose
-rows of X and Z stay in cache: what the arithmetic alone allows. Prints M non-zeros/s,
-best of --repeats, and each rate's ratio to ahead = 0.
+Also, for scale, the power kernel on a block whose columns all lie in the first 256 (or
+all --cols, if fewer), whose rows of X and Z stay in cache: what the arithmetic alone
+allows. Prints M non-zeros/s, best of --repeats, and each rate's ratio to the first --ahead
+(0 by default: no prefetching).
 """
 
 from __future__ import annotations
@@ -80,19 +81,21 @@ def main() -> None:
     args = parse_args()
     l = args.basis
     print(f"{args.rows} rows x {args.cols} columns, {args.row_nnz} non-zeros a row, l = {l}, "
-          f"{numba.get_num_threads()} threads; M non-zeros/s (ratio to ahead = 0)\n")
+          f"{numba.get_num_threads()} threads; M non-zeros/s (ratio to ahead = "
+          f"{args.ahead[0]})\n")
     print("| columns | kernel | " + " | ".join(f"ahead {a}" for a in args.ahead) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in args.ahead) + " |")
     cases = [(f"~ (j+1)^-{e:g}" if e else "uniform", block(args.rows, args.cols,
                                                               args.row_nnz, e))
              for e in args.column_exponents]
     data, _, indptr = cases[0][1]
-    cached = np.random.default_rng(2).integers(0, 256, data.size).astype(np.int32)
-    cases.append(("first 256 only (in cache)", (data, np.sort(cached.reshape(
+    first = min(256, args.cols)  # columns whose rows of X and Z stay in cache
+    cached = np.random.default_rng(2).integers(0, first, data.size).astype(np.int32)
+    cases.append((f"first {first} only (in cache)", (data, np.sort(cached.reshape(
         args.rows, args.row_nnz), axis=1).reshape(-1), indptr)))
     for label, (data, indices, indptr) in cases:
         calls = kernel_calls(data, indices, indptr, args.cols, l)
-        if label.startswith("first 256"):
+        if label.startswith("first "):
             calls = {"power (fused)": calls["power (fused)"]}
         for name, call in calls.items():
             rates = [data.size / best_of(lambda c=call, a=ahead: c(a), args.repeats) / 1e6

@@ -411,6 +411,11 @@ def cupy_seconds(cupy, function, repeats) -> float:
 
 def main() -> None:
     args = parse_args()
+    from ooc_svd.kernels.cuda_backend import cuda_available
+
+    usable, why_not = cuda_available()
+    if not usable:
+        raise SystemExit(f"bench_cuda.py needs a usable NVIDIA GPU: {why_not}")
     from numba import cuda
 
     from ooc_svd.kernels.cuda_backend import CUDAKernels

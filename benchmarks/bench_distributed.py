@@ -27,7 +27,7 @@ import numpy as np
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, help="zarr array (generated if missing)")
-    parser.add_argument("--shape", type=int, nargs=2, default=(1_000_000, 256), metavar="M N")
+    parser.add_argument("--shape", type=int, nargs=2, default=(1_000_000, 256), metavar=("M", "N"))
     parser.add_argument("--chunk-rows", type=int, default=25_000)
     parser.add_argument("--decay", type=float, default=0.05)
     parser.add_argument("--k", type=int, default=20)
@@ -133,11 +133,13 @@ def main() -> None:
 
     import dask
     import distributed
+    import zarr
 
     import ooc_svd
 
-    m, n = args.shape
-    print(f"\n{m} x {n} float32 ({m * n * 4 / 1e9:.2f} GB raw), k={args.k}, "
+    array = zarr.open_array(args.store, mode="r")  # an existing store's, whatever --shape says
+    (m, n), dtype = array.shape, array.dtype
+    print(f"\n{m} x {n} {dtype} ({array.nbytes / 1e9:.2f} GB raw), k={args.k}, "
           f"oversample={args.oversample}, niter={args.niter}; {os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}; ooc_svd {ooc_svd.__version__}, "
           f"dask {dask.__version__}, distributed {distributed.__version__}")

@@ -18,18 +18,30 @@ import time
 
 import ooc_svd
 
+METADATA_KEYS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+
+def array_of_chunk(key: str) -> str | None:
+    """The array (its path in the store, '' for a root array) whose chunk ``key`` is, or
+    None for metadata: zarr 3 keys are ARRAY/c/0/1 (c/0/1 at the root), zarr 2 keys
+    ARRAY/0.1."""
+    parts = key.split("/")
+    if parts[-1] in METADATA_KEYS:
+        return None
+    return "/".join(parts[: parts.index("c")] if "c" in parts else parts[:-1])
+
 
 def count_chunk_reads() -> collections.Counter:
-    """Count the chunk reads of local zarr stores by the name of their array's directory."""
+    """Count the chunk reads of local zarr stores, by array."""
     import zarr.storage
 
     counts: collections.Counter = collections.Counter()
     get = zarr.storage.LocalStore.get
 
     async def counted_get(self, key, *args, **kwargs):
-        parts = key.split("/")
-        if parts[-1] != "zarr.json":
-            counts[parts[0] if len(parts) > 1 and parts[1] == "c" else ""] += 1
+        array = array_of_chunk(key)
+        if array is not None:
+            counts[array] += 1
         return await get(self, key, *args, **kwargs)
 
     zarr.storage.LocalStore.get = counted_get
@@ -66,13 +78,14 @@ def main() -> None:
     began = time.perf_counter()
     result = ooc_svd.svd(args.store, args.k, method=args.method, niter=args.niter,
                          oversample=args.oversample, memory_limit=args.memory_limit, seed=0)
+    run_counts = collections.Counter(counts) if counts is not None else None  # not ours
     seconds = " ".join(f"{s:.2f}" for s in result.seconds_per_pass)
     print(f"{ooc_svd.__file__} on {platform.node()}: {args.method}, total "
           f"{time.perf_counter() - began:.1f} s, passes {seconds} s, "
           f"S[0] {result.S[0]:.6g}, S[-1] {result.S[-1]:.6g}, {len(result.plan.blocks)} blocks")
-    if counts is not None:
+    if run_counts is not None:
         print(f"chunk reads per chunk per pass: "
-              f"{reads_per_chunk(args.store, counts, result.passes)}")
+              f"{reads_per_chunk(args.store, run_counts, result.passes)}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def run_contender(name: str, args: argparse.Namespace) -> dict:
         from ooc_svd.sources import open_source, prefetch_blocks
 
         source = open_source(args.store)
-        plan = ooc_svd.svd_plan(args.store, k, memory_limit=args.memory_limit)
+        # The blocks of the ooc contenders' runs (their oversample; method as ooc_randomized)
+        plan = ooc_svd.svd_plan(args.store, k, oversample=args.oversample,
+                                method="randomized", memory_limit=args.memory_limit)
         for _ in prefetch_blocks(source, plan.blocks, depth=plan.prefetch_depth):
             pass
         result["passes"] = 1
@@ -165,7 +167,8 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--niter", type=int, default=4)
     parser.add_argument("--memory-limit", default="1GB")
-    parser.add_argument("--only", nargs="*", default=None, help="contenders to run")
+    parser.add_argument("--only", nargs="*", default=None, choices=CONTENDERS,
+                        help="contenders to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -210,7 +213,7 @@ def report(args, results: dict) -> str:
     ]
     for name, r in results.items():
         passes = r.get("passes")
-        per_pass = "-"
+        per_pass = "1.00" if name == "read" else "-"  # the unit of the column
         if "seconds_per_pass" in r and read:
             per_pass = " ".join(f"{s / read:.2f}" for s in r["seconds_per_pass"])
         err = f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-"
