@@ -31,6 +31,13 @@ def best_of(function, repeats: int = 5) -> float:
     return min(times)
 
 
+def householder_flops(rows: int, cols: int) -> float:
+    """Flops of the Householder QR of a rows x cols matrix (R only): 2 m n^2 - 2 n^3 / 3
+    with m >= n the longer side and n the shorter."""
+    m, n = max(rows, cols), min(rows, cols)
+    return 2.0 * m * n * n - 2 / 3 * n**3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
@@ -71,7 +78,7 @@ def main() -> None:
             ("dsyrk G += A^T A, incl. widening", best_of(gram), b * n * 4, 1.0 * b * n * n,
              plan.SYRK_FLOPS_PER_S),
             (f"Householder QR of {wide.shape[0]} x {n}", best_of(householder),
-             wide.nbytes, 2.0 * wide.shape[0] * n * n - 2 / 3 * n**3, plan.QR_FLOPS_PER_S),
+             wide.nbytes, householder_flops(*wide.shape), plan.QR_FLOPS_PER_S),
         ]
     print(f"block {b} x {n} float32, basis l={l}, BLAS threads={args.threads}\n")
     print("| kernel | seconds | GB/s of input | GFLOP/s | cost model GFLOP/s |")

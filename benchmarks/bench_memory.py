@@ -49,7 +49,7 @@ def measured(arguments: list[str], extra_env: dict[str, str]) -> tuple[float, fl
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{arguments} failed with exit code {child.returncode}")
-    return time.perf_counter() - began, usage.ru_maxrss / 1e3
+    return time.perf_counter() - began, usage.ru_maxrss * 1024 / 1e6  # KiB to MB
 
 
 def predicted_peak(store: str, method: str, limit: str) -> str:
