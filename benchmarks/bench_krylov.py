@@ -12,7 +12,7 @@ at tol=0 on a float64 copy, i.e. to float64 precision.
 For ooc_svd a pass is a read of the store; for scipy's svds (ARPACK) each product with A or
 A^T counts as one pass, since out of core each would be a read; scikit-learn's
 randomized_svd makes 2 n_iter + 2 products. Error: max relative error of the top-k singular
-values against the eigenvalues of A^T A accumulated in float64.
+values against that reference.
 """
 
 from __future__ import annotations
