@@ -163,7 +163,7 @@ def main() -> None:
     import zarr
 
     array = zarr.open_array(args.store, mode="r")
-    args.shape, args.dtype = list(array.shape), array.dtype  # an existing store's
+    args.shape, args.dtype = list(array.shape), str(array.dtype)  # an existing store's
     matrix_bytes = array.nbytes
     stored = array.nbytes_stored()
     reference = reference_singular_values(args.store, args.k)
