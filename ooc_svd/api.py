@@ -468,15 +468,13 @@ def _one_client(client: Any):
     if not isinstance(client, str):
         yield client
         return
-    from .distributed import client_from
+    from .distributed import client_from, close_opened
 
     made, opened = client_from(client)
     try:
         yield made
     finally:
-        for resource in reversed(opened):
-            with contextlib.suppress(Exception):
-                resource.close()
+        close_opened(opened)
 
 
 def _stack_of_matrices(A: Any) -> tuple[int, ...]:

@@ -588,9 +588,7 @@ class ClusterPasses:
         opened."""
         self.sources.clear()
         self._remove_scratch()
-        for resource in reversed(self.owned):
-            with contextlib.suppress(Exception):
-                resource.close()
+        close_opened(self.owned)
 
 
 def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
@@ -615,9 +613,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
         if scratch is not None:
             with contextlib.suppress(Exception):
                 client.submit(_remove_tree, scratch, pure=False).result(timeout=60)
-        for resource in reversed(owned):
-            with contextlib.suppress(Exception):
-                resource.close()
+        close_opened(owned)
         raise
 
 
@@ -649,6 +645,13 @@ def _wait_for_a_worker(client: Any) -> None:
         raise InputError(f"no worker joined the scheduler at {address} within "
                          f"{WORKER_TIMEOUT_S} s: start workers for it (dask worker "
                          f"{address})") from None
+
+
+def close_opened(resources: list[Any]) -> None:
+    """Close what ``client_from`` opened, last to first, each whatever the others do."""
+    for resource in reversed(resources):
+        with contextlib.suppress(Exception):
+            resource.close()
 
 
 def client_from(client: Any) -> tuple[Any, list[Any]]:
