@@ -407,9 +407,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
-    if q is not None:  # checked before a stack's cluster is started
-        check_int("q", q, minimum=1)
-    check_int("niter", niter, minimum=0)
+    _check_q_and_niter(q, niter)
     return _like_input(A, _per_matrix(A, M, client, lambda A_i, M_i, client: _svd_lowrank(
         A_i, q, niter, M_i, method, client)))
 
@@ -455,10 +453,16 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 
                                        center=center, method=method, client=client))
         return result.U, result.S, result.V
 
-    if q is not None:  # checked before a stack's cluster is started
+    _check_q_and_niter(q, niter)
+    return _like_input(A, _per_matrix(A, None, client, factor))
+
+
+def _check_q_and_niter(q: Any, niter: Any) -> None:
+    """The torch functions' q and niter, checked before a stack's cluster is started (each
+    matrix's run checks q against its shape)."""
+    if q is not None:
         check_int("q", q, minimum=1)
     check_int("niter", niter, minimum=0)
-    return _like_input(A, _per_matrix(A, None, client, factor))
 
 
 @contextlib.contextmanager

@@ -250,7 +250,7 @@ class CSRSource:
         """One of the arrays' [start, stop) as ``dtype``: through ``latest_chunks`` for a
         chunked store, as a view where it can be for arrays in memory."""
         array = getattr(self, name)
-        if getattr(array, "chunks", None) is None or isinstance(array, np.ndarray):
+        if getattr(array, "chunks", None) is None:  # numpy's arrays have no chunks
             return np.asarray(array[start:stop], dtype=dtype)
         return self.latest_chunks.read(name, array, start, stop, dtype)
 
