@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--max-niter", type=int, default=6)
     parser.add_argument("--sparse", action="store_true", help="a sparse CSR store")
     parser.add_argument("--nnz", type=int, default=38_000_000, help="non-zeros (sparse)")
-    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
-                                                       "krylov_accuracy.png"))
+    parser.add_argument("--plot", default=None,
+                        help="also draw the curves into this PNG (needs matplotlib)")
     args = parser.parse_args()
     A, S_exact = load_matrix(args)
     k, p = args.k, args.oversample
@@ -133,7 +133,8 @@ def main() -> None:
     for name, points in curves.items():
         for passes, err in points:
             print(f"| {name} | {passes} | {err:.1e} |")
-    plot(curves, args.plot, title)
+    if args.plot:
+        plot(curves, args.plot, title)
 
 
 def plot(curves, path: str, title: str) -> None:
