@@ -93,8 +93,10 @@ GROUPS_PER_THREAD = 4
 # A source is shipped to the workers pickled; past this size it holds data, not a reference
 # to a store (e.g. a dask array built from an in-memory numpy array).
 MAX_SOURCE_BYTES = 8 << 20
-# Seconds to wait for the first worker of a cluster.
-WORKER_TIMEOUT_S = 120
+# How long to wait for the first worker of a cluster, unless dask's configuration sets
+# WORKER_TIMEOUT_KEY (a batch system may start the workers long after the scheduler).
+WORKER_TIMEOUT = "120s"
+WORKER_TIMEOUT_KEY = "ooc-svd.worker-timeout"
 LOCAL_PREFIX = "local:"
 
 
@@ -636,15 +638,38 @@ class QuietTaskErrors(WorkerPlugin):
 
 
 def _wait_for_a_worker(client: Any) -> None:
-    """Wait up to WORKER_TIMEOUT_S for the cluster's first worker; InputError, naming the
-    scheduler, where none comes."""
+    """Wait for the cluster's first worker as long as ``worker_timeout`` says; InputError,
+    naming the scheduler, where none comes."""
+    seconds = worker_timeout()
     try:
-        client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        client.wait_for_workers(1, timeout=seconds)
     except TimeoutError:
         address = getattr(client.scheduler, "address", None) or "the scheduler"
         raise InputError(f"no worker joined the scheduler at {address} within "
-                         f"{WORKER_TIMEOUT_S} s: start workers for it (dask worker "
-                         f"{address})") from None
+                         f"{seconds:g} s: start workers for it (dask worker {address}), "
+                         f"or wait longer ({WORKER_TIMEOUT_KEY} in dask's configuration, "
+                         "e.g. DASK_OOC_SVD__WORKER_TIMEOUT=30m)") from None
+
+
+def worker_timeout() -> float:
+    """Seconds to wait for a cluster's first worker: dask's configuration value
+    WORKER_TIMEOUT_KEY (seconds, or a duration such as '30m'), or
+    WORKER_TIMEOUT. InputError for a value that is neither, or not positive."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get(WORKER_TIMEOUT_KEY, WORKER_TIMEOUT)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        try:
+            seconds = float(parse_timedelta(str(value), default="s"))
+        except (ValueError, KeyError, IndexError) as error:  # dask's for a malformed one
+            raise InputError(f"{WORKER_TIMEOUT_KEY} must be a duration such as 600 or "
+                             f"'30m', not {value!r}") from error
+    if not seconds > 0:
+        raise InputError(f"{WORKER_TIMEOUT_KEY} must be positive, not {value!r}")
+    return seconds
 
 
 def close_opened(resources: list[Any]) -> None:

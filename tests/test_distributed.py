@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import naive
 import numpy as np
 import pytest
@@ -306,13 +307,21 @@ def test_an_m_in_memory_too_large_to_ship_is_named(cluster, dense_store, monkeyp
         ooc_svd.svd_lowrank(dense_store, 2, M=column, client=cluster[1])
 
 
-def test_a_scheduler_without_workers_is_named(dense_store, monkeypatch):
-    monkeypatch.setattr(ooc_svd.distributed, "WORKER_TIMEOUT_S", 1)
+def test_a_scheduler_without_workers_is_named(dense_store):
+    """The wait for a first worker is dask's configuration value ooc-svd.worker-timeout."""
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client, \
+            dask.config.set({"ooc-svd.worker-timeout": "1.5s"}), \
             pytest.raises(InputError, match=f"no worker joined the scheduler at "
-                                            f"{cluster.scheduler_address} within 1 s"):
+                                            f"{cluster.scheduler_address} within 1.5 s"):
         ooc_svd.svd(dense_store, 2, client=client)
+
+
+@pytest.mark.parametrize("value", ["soon", 0, -3])
+def test_a_malformed_worker_timeout_is_refused(value):
+    with dask.config.set({"ooc-svd.worker-timeout": value}), \
+            pytest.raises(InputError, match="^ooc-svd.worker-timeout must be"):
+        ooc_svd.distributed.worker_timeout()
 
 
 def test_a_stack_of_matrices_runs_on_one_local_cluster(monkeypatch):
