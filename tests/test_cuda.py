@@ -986,6 +986,35 @@ def test_svd_with_the_cuda_backend_matches_the_cpu_backend(kind, method, cuda_op
 
 
 @on_device
+@pytest.mark.parametrize(("kind", "cuda_options"), [
+    ("dense", {"accumulate": "float32"}),
+    ("csr", {"accumulate": "float32", "csr_transposed": "columns"}),
+])
+def test_float32_accumulation_keeps_the_residual_of_its_own_factors(kind, cuda_options):
+    """The residual is ||A||^2 less ||B||^2, B = Q^T A from the final pass: B summed in
+    float32 tiles would leave rounding of eps32 ||A||^2 in it, here far above the
+    residual itself. U, S and V may lose a little to float32; the residual must stay that
+    of the factors returned."""
+    import scipy.sparse
+
+    import ooc_svd
+
+    rows, n = (60, 16) if SIMULATED else (3000, 200)
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((rows, 3)) @ rng.standard_normal((3, n)) + 100.0
+    A += 1e-4 * rng.standard_normal((rows, n))
+    if kind == "csr":
+        A = scipy.sparse.csr_matrix(A)
+    # k = 4: the mean's direction and the rank-3 part, leaving the 1e-4 noise, about 1e-6
+    result = ooc_svd.svd(A, 4, method="randomized", niter=1, oversample=2, seed=4,
+                         backend="cuda", cuda_options=cuda_options)
+    dense = A.toarray() if kind == "csr" else A
+    actual = np.linalg.norm(dense - (result.U * result.S) @ result.V.T) / np.linalg.norm(dense)
+    assert actual < 1e-5
+    assert result.residual == pytest.approx(actual, rel=1e-2)
+
+
+@on_device
 @pytest.mark.parametrize("kind", ["dense", "csr"])
 def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_path):
     import scipy.sparse

@@ -55,6 +55,8 @@ Products are accumulated in float64 by default. ``accumulate='float32'`` does th
 arithmetic in float32 (Z is still summed in float64 across tiles): it loses directions
 below about sqrt(eps32) ~ 3e-4 of sigma_1 (Z = A^T A X squares the spectrum) and is meant
 for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most non-datacenter parts).
+The final pass's B^T = A^T Q uses the float64 kernels whatever ``accumulate`` is, since
+the residual is ||A||^2 - ||B||^2.
 Dense tiles are centered before they are rounded, so the loss is relative to A - shift; a
 CSR block's products are summed before the shift is applied, so there a column mean much
 larger than the values' spread costs accuracy in float32.

@@ -289,7 +289,8 @@ class CUDAKernels:
         Columns of the matrix.
     accumulate : {'float64', 'float32'}, default='float64'
         Type of the in-tile sums (see ``kernels.cuda``); float32 loses the directions below
-        about 3e-4 sigma_1 and is for GPUs with a small float64 rate.
+        about 3e-4 sigma_1 and is for GPUs with a small float64 rate. A^T Q, B^T of the
+        final pass, is summed in float64 either way.
     streams : int, default=2
         CUDA streams, each with one pinned and one device buffer of a block.
     copy_threads : int, optional
@@ -328,6 +329,11 @@ class CUDAKernels:
         self.n = n
         self.csr_transposed = csr_transposed
         self.kernels = device_kernels.BlockKernels(accumulate, geometry)
+        # B = Q^T A (the final pass's A^T Q) is summed in float64 whatever ``accumulate``
+        # is: the residual is ||A||^2 - ||B||^2, which float32 tiles would leave about
+        # eps32 ||A||^2 off, far above a small residual.
+        self.float64_kernels = (self.kernels if accumulate == "float64"
+                                else device_kernels.BlockKernels("float64", geometry))
         self.streams = [_StagingStream(cuda) for _ in range(max(1, streams))]
         self.copier = _HostCopier(copy_threads or min(8, os.cpu_count() or 1))
         # The final pass hands each Q_i to the spill from this thread, in block order.
@@ -397,7 +403,8 @@ class CUDAKernels:
         if is_sparse_block(block):
             self.csr_transposed_times(lane, arrays, device_Q, CT)
         else:
-            self.kernels.dense_transposed(lane.stream, *arrays, device_shift, device_Q, CT)
+            self.float64_kernels.dense_transposed(lane.stream, *arrays, device_shift,
+                                                  device_Q, CT)
         self._add_totals(lane, block, arrays, device_shift, first_row, shift, stats)
         result = self.fortran_home(CT, lane.stream, spare=lane.scratch("C", l, n).reshape(-1))
         if is_sparse_block(block):
@@ -407,13 +414,14 @@ class CUDAKernels:
     def csr_transposed_times(self, lane: _StagingStream, arrays: list, Y, Z,
                              columns: tuple | None = None) -> None:
         """Enqueue Z += A^T Y for the CSR block on ``lane`` (its device ``arrays``), by
-        ``csr_transposed``; ``columns``: the block already in column order (``to_columns``)."""
+        ``csr_transposed``; ``columns``: the block already in column order (``to_columns``).
+        In float64 whatever ``accumulate`` is: Z is a final pass's B^T."""
         if self.csr_transposed == "scatter":
-            self.kernels.csr_transposed(lane.stream, *arrays, Y, Z)
+            self.float64_kernels.csr_transposed(lane.stream, *arrays, Y, Z)
             return
         if columns is None:
             columns = self.to_columns(lane, arrays)
-        self.kernels.columns_times(lane.stream, *columns, Y, Z)
+        self.float64_kernels.columns_times(lane.stream, *columns, Y, Z)
 
     def to_columns(self, lane: _StagingStream, arrays: list) -> tuple:
         """Enqueue the reordering of the CSR block on ``lane`` by columns, into the lane's
@@ -911,7 +919,8 @@ class CUDAFinalSweep(_DeviceSweep):
         if P is not None and self.sparse:
             self.backend.csr_transposed_times(lane, block.arrays, P, target, block.columns)
         elif P is not None:
-            kernels.dense_transposed(stream, block.arrays[0], self.device_shift, P, target)
+            self.backend.float64_kernels.dense_transposed(stream, block.arrays[0],
+                                                          self.device_shift, P, target)
         self.updated.record(stream)
         self.BT = target
 
