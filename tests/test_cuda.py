@@ -829,6 +829,29 @@ def test_unusable_gpu_gets_a_clear_error():
     assert issubclass(CUDAUnavailableError, InputError)
 
 
+@pytest.mark.skipif(SIMULATED, reason="the simulator has no CUDA compiler")
+def test_a_gpu_older_than_the_compiler_targets_is_not_usable():
+    """NVRTC 13 builds for compute capability 7.5 and up: a V100 (7.0) would fail at the
+    first launch, so it is no usable GPU ('auto' takes the CPU, 'cuda' says why)."""
+    from types import SimpleNamespace
+
+    from numba.cuda.cudadrv.nvrtc import get_lowest_supported_cc
+
+    from ooc_svd.kernels.cuda_backend import capability_shortfall
+
+    def gpu_of(capability):
+        device = SimpleNamespace(compute_capability=capability)
+        return SimpleNamespace(get_current_device=lambda: device)
+
+    lowest = get_lowest_supported_cc()
+    older = (lowest[0] - 1, 0)
+    assert capability_shortfall(gpu_of(older)) == (
+        f"the GPU's compute capability {older[0]}.0 is below {lowest[0]}.{lowest[1]}, the "
+        "lowest that the installed CUDA compiler (NVRTC) targets")
+    assert capability_shortfall(gpu_of(tuple(lowest))) == ""
+    assert capability_shortfall(gpu_of((9, 0))) == ""
+
+
 @pytest.mark.skipif(driver_library_loads(), reason="an NVIDIA driver library loads here")
 def test_auto_backend_does_not_import_numba_cuda_without_a_driver():
     """Looking for a GPU costs microseconds, not the second of importing numba.cuda."""

@@ -121,7 +121,26 @@ def cuda_available(allow_simulator: bool = True) -> tuple[bool, str]:
         return False, "the CUDA compiler library (NVVM) was not found; reinstall the cuda extra"
     if len(cuda.gpus) == 0:
         return False, "the NVIDIA driver sees no CUDA device"
-    return True, ""
+    shortfall = capability_shortfall(cuda)
+    return (False, shortfall) if shortfall else (True, "")
+
+
+def capability_shortfall(cuda: Any) -> str:
+    """'' when the installed CUDA compiler builds kernels for the current GPU, else why
+    not: NVRTC 13 targets compute capability 7.5 and up, so on an older GPU (a V100, a
+    P100) the first launch would fail, where 'auto' should take the CPU."""
+    try:
+        from numba.cuda.cudadrv.nvrtc import get_lowest_supported_cc
+
+        lowest = tuple(get_lowest_supported_cc())
+    except Exception:  # a numba-cuda without it, or NVRTC not answering: the launch decides
+        return ""
+    capability = tuple(cuda.get_current_device().compute_capability)
+    if capability >= lowest:
+        return ""
+    return (f"the GPU's compute capability {capability[0]}.{capability[1]} is below "
+            f"{lowest[0]}.{lowest[1]}, the lowest that the installed CUDA compiler (NVRTC) "
+            "targets")
 
 
 def driver_library_loads() -> bool:
