@@ -720,6 +720,31 @@ def test_a_run_names_the_row_of_a_nan_as_the_cpu_backend_does(kind, tmp_path):
 
 
 @on_device
+@pytest.mark.skipif(SIMULATED, reason="the simulator has no device memory to count")
+def test_closed_kernels_give_their_device_memory_back():
+    """numba queues frees until 10 are pending or a fifth of the device is: without
+    flushing that queue, a closed run's buffers stayed taken for the driver."""
+    from numba import cuda
+
+    def driver_free():  # the driver's count, without device_memory's flush
+        return cuda.current_context().get_memory_info()[0]
+
+    rows, n, l = 200_000, 256, 30  # a 205 MB block on each of the two streams
+    X, shift, _ = operands(n, l, rows)
+    cuda.current_context().deallocations.clear()
+    before = driver_free()
+    kernels = CUDAKernels(n)
+    sweep = kernels.power_sweep(X, BlockStats.zeros(n))
+    for seed in range(2):
+        sweep.add(dense_block(rows, n, np.float32, seed), 0, shift)
+    sweep.result()
+    assert driver_free() < before - 300e6
+    del sweep  # as a run lets go of each pass's sweep, before closing its kernels
+    kernels.close()
+    assert driver_free() > before - 50e6
+
+
+@on_device
 def test_float32_accumulation_is_close_to_float64():
     rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
     block = dense_block(rows, n, np.float32)

@@ -294,9 +294,20 @@ def device_memory() -> tuple[int, int]:
     """(free, total) bytes of the current device's memory."""
     from numba import cuda
 
+    free_deferred(cuda)  # memory let go but still queued counts as free
     free, total = cuda.current_context().get_memory_info()
     # The simulator reports unlimited (infinite) memory.
     return int(min(free, 2**62)), int(min(total, 2**62))
+
+
+def free_deferred(cuda: Any) -> None:
+    """Free now the device and page-locked memory that numba queued for freeing: it
+    empties its queue only past 10 entries or a fifth of the device's memory, or when an
+    allocation fails, so memory let go would otherwise stay taken, for the driver's count
+    of free memory and for other libraries in the process."""
+    deallocations = getattr(cuda.current_context(), "deallocations", None)  # simulator: none
+    if deallocations is not None:
+        deallocations.clear()
 
 
 class CUDAKernels:
@@ -534,6 +545,8 @@ class CUDAKernels:
             lane.release()
         self.streams = []
         self.copier.close()
+        with suppress(Exception):  # a device in error may refuse; closing goes on
+            free_deferred(self.cuda)
 
     def upload(self, lane: _StagingStream, block) -> list:
         """Start copying a block to ``lane``'s device buffer; its device arrays (A, or data,
@@ -1104,6 +1117,7 @@ class _StagingStream:
             # The old buffers (and views of them) go first: with the new ones beside them
             # the stream would hold two blocks, where the plan counts one.
             self.arrays, self.holds, self.device, self.host = [], None, None, None
+            free_deferred(self.cuda)
             self.host = None if direct else self.cuda.pinned_array(total, dtype=np.uint8)
             self.device = self.cuda.device_array(total, dtype=np.uint8)
         if after is not None and after is not self.staged:
