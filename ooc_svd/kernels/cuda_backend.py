@@ -603,8 +603,8 @@ class _DeviceSweep:
         self.device_X = backend.matrix_to_device(self.X, setup)
         self.colsum = cuda.device_array(X.shape[0])
         backend.kernels.zero(setup, self.colsum)
+        self.records = _BlockRecords(cuda, setup)
         setup.synchronize()
-        self.records = _BlockRecords(cuda)
         self.shift: np.ndarray | None = None
         self.sparse: bool | None = None
         self.rows = 0
@@ -621,8 +621,12 @@ class _DeviceSweep:
         if self.sparse is None:
             self.sparse = is_sparse_block(block)
             self.shift = np.asarray(shift, dtype=np.float64)
-            self.device_shift = cuda.to_device(self.shift)
-            self.device_sX = cuda.to_device(self.shift @ self.X)
+            setup = self.backend.streams[0].stream
+            self.device_shift = cuda.to_device(self.shift, setup)
+            self.device_sX = cuda.to_device(self.shift @ self.X, setup)
+            # Waited for, not left to the legacy default stream's ordering of the copies
+            # before the lanes' kernels, which a per-thread default stream does not keep.
+            setup.synchronize()
         elif is_sparse_block(block) != self.sparse:
             raise TypeError("a sweep takes dense blocks or CSR blocks, not both")
         elif shift is not self.shift and not np.array_equal(shift, self.shift):
@@ -927,7 +931,7 @@ class CUDAFinalSweep(_DeviceSweep):
         """Enqueue B^T <- B^T T + A_s,i^T (Q_i S) on the block's stream (for the first
         block, T has no rows and S = I), for Q_i of ``shape`` on the device, or on the host
         (``Q_i``), whence it is uploaded."""
-        cuda, kernels = self.backend.cuda, self.backend.kernels
+        kernels = self.backend.kernels
         lane, stream = block.lane, block.lane.stream
         rows, r_i = shape
         T = np.zeros((0, r_i)) if merge is None else merge.T
@@ -938,16 +942,14 @@ class CUDAFinalSweep(_DeviceSweep):
             np.copyto(host_Q, Q_i)
             P = lane.scratch("Q", rows, r_i)
             P.copy_to_device(host_Q, stream=stream)
-        # The lane holds the small factors' device copies until its next block.
-        lane.factors = [cuda.to_device(np.ascontiguousarray(T), stream)]
+        device_T = lane.small_to_device("T", T)
         if rows and merge is not None:
-            lane.factors.append(cuda.to_device(np.ascontiguousarray(merge.S), stream))
             Q_dev, P = P, lane.scratch("P", rows, r_new)
-            kernels.small_product(stream, Q_dev, lane.factors[1], P)
+            kernels.small_product(stream, Q_dev, lane.small_to_device("S", merge.S), P)
         self.updated.wait(stream)  # the previous update, on the other stream
         n = self.X.shape[0]
         target = self.buffers[self.tsqr.blocks % 2][: n * r_new].reshape(n, r_new)
-        kernels.small_product(stream, self.BT, lane.factors[0], target)
+        kernels.small_product(stream, self.BT, device_T, target)
         if P is not None and self.sparse:
             self.backend.csr_transposed_times(lane, block.arrays, P, target, block.columns)
         elif P is not None:
@@ -1075,7 +1077,7 @@ class _StagingStream:
         self.device = None
         self.device_scratch: dict[str, Any] = {}
         self.host_scratch: dict[str, np.ndarray] = {}
-        self.factors: list = []  # small device arrays the queued work still reads
+        self.small_copied: dict[str, Any] = {}  # name -> event after its latest copy
         self.holds: weakref.ref | None = None  # the block `times` left in `device`
         self.holds_x: weakref.ref | None = None  # the X whose copy `times` left in "X"
         self.arrays: list = []
@@ -1089,7 +1091,7 @@ class _StagingStream:
             self.stream.synchronize()
         self.host, self.device, self.holds, self.holds_x = None, None, None, None
         self.device_scratch, self.host_scratch = {}, {}
-        self.factors, self.arrays, self.in_flight = [], [], []
+        self.arrays, self.in_flight = [], []
 
     def await_delivery(self) -> None:
         """Wait until the final pass's last Q_i from this lane is spilled (its pinned
@@ -1152,6 +1154,22 @@ class _StagingStream:
             self.device_scratch[name] = buffer
         return buffer[:size].reshape(rows, cols)
 
+    def small_to_device(self, name: str, M: np.ndarray):
+        """A small float64 matrix in the device scratch ``name``, copied on this stream
+        through the page-locked buffer of that name. Where a fresh device array per block
+        would be freed later in numba's batches, each free waiting for the whole device."""
+        copied = self.small_copied.get(name)
+        if copied is not None:
+            copied.synchronize()  # the buffer's last copy is done (long since, as a rule)
+        device = self.scratch(name, *M.shape)
+        if M.size:
+            host = self.pinned(name, *M.shape)
+            np.copyto(host, M)
+            device.copy_to_device(host, stream=self.stream)
+            copied = self.small_copied.setdefault(name, self.cuda.event())
+            copied.record(self.stream)
+        return device
+
     def pinned(self, name: str, rows: int, cols: int) -> np.ndarray:
         """A (rows, cols) float64 page-locked host matrix, one per ``name``, for copies
         between the host and this stream's work; grown as ``scratch``."""
@@ -1167,9 +1185,10 @@ class _BlockRecords:
     """One device slot [sum of squares, NaN/Inf flag] per block of a sweep, with the rows
     each belongs to; read back once, at the end."""
 
-    def __init__(self, cuda):
+    def __init__(self, cuda, stream):
+        """The slots are zeroed on ``stream``, which the caller synchronizes."""
         self.cuda = cuda
-        self.device = cuda.to_device(np.zeros((RECORD_CAPACITY, 2)))
+        self.device = cuda.to_device(np.zeros((RECORD_CAPACITY, 2)), stream)
         self.rows: list[tuple[int, int]] = []
 
     def slot(self, first_row: int, count: int):
@@ -1177,6 +1196,7 @@ class _BlockRecords:
             self.cuda.synchronize()  # kernels on every stream may still write the old slots
             grown = self.cuda.to_device(np.zeros((2 * len(self.rows), 2)))
             grown[: len(self.rows)].copy_to_device(self.device)
+            self.cuda.synchronize()  # the copies landed before any stream writes a slot
             self.device = grown
         self.rows.append((first_row, count))
         return self.device[len(self.rows) - 1]
