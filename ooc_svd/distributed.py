@@ -51,6 +51,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -115,21 +116,43 @@ def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = N
     return kernels or CPUKernels(n, scatter_copies)
 
 
+# One task at a time on a process's GPU: each task's CUDA kernels hold a block's buffers
+# per stream on the device, which the plan counts once (tasks on several threads of a
+# worker would each hold them, and each check the free memory before the others took
+# theirs), and a GPU pass is bound by the host-to-device copy, which they would share.
+_GPU_TURN = threading.Lock()
+
+
 @contextlib.contextmanager
 def _task_kernels(n: int, spec: tuple) -> Iterator[Kernels]:
     """``worker_kernels(n, *spec)`` for one task (``ClusterPasses.kernel_spec``), released
-    when it ends (a GPU's buffers). numba's parallel kernels get the worker's threads, not
+    when it ends (a GPU's buffers); a task on the GPU waits for the process's other GPU
+    tasks to end (``_GPU_TURN``). numba's parallel kernels get the worker's threads, not
     every core of the node."""
     import numba
     from distributed import get_worker
 
     with contextlib.suppress(ValueError):  # not on a worker: keep numba's threads
         numba.set_num_threads(min(get_worker().state.nthreads, numba.config.NUMBA_NUM_THREADS))
-    kernels = worker_kernels(n, *spec)
+    backend = spec[0]
+    turn = _GPU_TURN if backend != "cpu" else None
+    if turn is not None:
+        turn.acquire()
+    try:
+        kernels = worker_kernels(n, *spec)
+    except BaseException:
+        if turn is not None:
+            turn.release()
+        raise
+    if turn is not None and kernels.name != "cuda":  # 'auto' left the task to the CPU
+        turn.release()
+        turn = None
     try:
         yield kernels
     finally:
         kernels.close()
+        if turn is not None:
+            turn.release()
 
 
 # ---- the client side ------------------------------------------------------------------------

@@ -1092,6 +1092,50 @@ def test_cached_blocks_go_to_page_locked_memory_and_change_nothing(kind, tmp_pat
 
 
 @on_device
+def test_a_workers_threads_take_turns_on_its_gpu(monkeypatch, tmp_path, block_rows):
+    """A worker with several threads runs one GPU task at a time: each task's kernels
+    hold a block's buffers per stream, which the plan counts once."""
+    import threading
+
+    import zarr
+    from distributed import Client, LocalCluster
+
+    import ooc_svd
+    from ooc_svd.kernels import cuda_backend
+
+    open_now, most, lock = [0], [0], threading.Lock()
+    original_init, original_close = cuda_backend.CUDAKernels.__init__, \
+        cuda_backend.CUDAKernels.close
+
+    def counted_init(self, n, **options):
+        original_init(self, n, **options)
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+        time.sleep(0.05)  # room for another thread's task to start beside this one
+
+    def counted_close(self):
+        with lock:
+            open_now[0] -= 1
+        original_close(self)
+
+    monkeypatch.setattr(cuda_backend.CUDAKernels, "__init__", counted_init)
+    monkeypatch.setattr(cuda_backend.CUDAKernels, "close", counted_close)
+    block_rows(6, 6)  # 8 blocks, in 8 groups for the 3 threads
+    A = naive.matrix_with_spectrum(48, 6, np.logspace(0, -3, 6), seed=2)
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(6, 6), dtype=A.dtype)[:] = A
+    options = dict(method="randomized", niter=1, oversample=2, seed=3)
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        gpu = ooc_svd.svd(path, 3, backend="cuda", client=client, **options)
+    cpu = ooc_svd.svd(path, 3, backend="cpu", **options)
+    assert len(gpu.plan.blocks) == 8
+    assert gpu.backend == "cuda" and most[0] == 1 and open_now[0] == 0
+    np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-10)
+
+
+@on_device
 def test_cuda_options_reach_the_kernels_here_and_on_workers(monkeypatch):
     """svd's cuda_options become CUDAKernels keywords (float32 accumulation stays close to
     the CPU's float64); a worker's kernels take the same options."""
