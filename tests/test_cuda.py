@@ -854,6 +854,22 @@ def test_unusable_gpu_gets_a_clear_error():
     assert issubclass(CUDAUnavailableError, InputError)
 
 
+@pytest.mark.parametrize(("shape", "message"), [
+    ({"threads_x": 64, "threads_y": 32, "out_cols": 64}, "2048 threads per block exceeds"),
+    ({"lanes": 32, "groups": 64}, "lanes \\* groups = 2048 threads per block"),
+    ({"scan_threads": 2048}, "scan_threads = 2048 threads"),
+    ({"tile": 128, "depth": 64}, "the dense tiles take 82944 bytes of shared memory"),
+    ({"lanes": 64}, "lanes must be at most 32"),
+    ({"tile": 48}, "must be a power of two"),
+])
+def test_a_geometry_beyond_what_a_launch_allows_is_refused(shape, message):
+    from ooc_svd.kernels.cuda import DEFAULT_GEOMETRY, SIMULATOR_GEOMETRY, Geometry
+
+    with pytest.raises(ValueError, match=message):
+        Geometry(**shape)
+    assert Geometry() == DEFAULT_GEOMETRY and SIMULATOR_GEOMETRY.tile == 4
+
+
 @pytest.mark.skipif(SIMULATED, reason="the simulator has no CUDA compiler")
 def test_a_gpu_older_than_the_compiler_targets_is_not_usable():
     """NVRTC 13 builds for compute capability 7.5 and up: a V100 (7.0) would fail at the

@@ -79,6 +79,8 @@ from numba import config, cuda
 ACCUMULATE = {"float64": np.float64, "float32": np.float32}
 # Threads of a warp: a CSR row group (``Geometry.lanes``) lies inside one.
 WARP = 32
+MAX_THREADS_PER_BLOCK = 1024
+MAX_STATIC_SHARED_BYTES = 48 * 1024
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,20 @@ class Geometry:
         if self.lanes > WARP:
             raise ValueError(f"Geometry.lanes must be at most {WARP} (a row group shares "
                              f"its non-zeros by warp shuffles), not {self.lanes}")
+        blocks = {"threads_x * threads_y": self.threads_x * self.threads_y,
+                  "lanes * groups": self.lanes * self.groups,
+                  "stats_threads": self.stats_threads, "scan_threads": self.scan_threads}
+        for name, threads in blocks.items():
+            if threads > MAX_THREADS_PER_BLOCK:
+                raise ValueError(f"Geometry: {name} = {threads} threads per block exceeds "
+                                 f"CUDA's {MAX_THREADS_PER_BLOCK}")
+        # The tiled products' shared tiles, in float64 at most: (tile x depth + 1), the
+        # padding against bank conflicts, and (depth x out_cols).
+        shared = 8 * (self.tile * (self.depth + 1) + self.depth * self.out_cols)
+        if shared > MAX_STATIC_SHARED_BYTES:
+            raise ValueError(f"Geometry: the dense tiles take {shared} bytes of shared "
+                             f"memory, beyond the {MAX_STATIC_SHARED_BYTES} a kernel may "
+                             "declare statically")
 
 
 DEFAULT_GEOMETRY = Geometry()
