@@ -949,10 +949,10 @@ def test_pinned_staging_buffers_that_do_not_fit_are_named_or_left_to_the_cpu(mon
 def test_device_bytes_counts_every_stream_buffer():
     n, l, block = 1000, 30, 64 << 20
     rows = block // (4 * n)
-    # A block, Y_i, Q_i, Q_i S and four small factors per stream; X, the two buffers of
-    # B^T and colsum once.
-    per_stream = block + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2
-    assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (3 * n * l + n)
+    # A block, Y_i, Q_i, Q_i S, four small factors and an int64 indptr per stream; X, the
+    # two buffers of B^T, colsum and the shift once.
+    per_stream = block + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2 + 8 * (rows + 1)
+    assert device_bytes(n, l, block) >= 2 * per_stream + 8 * (3 * n * l + 2 * n)
     assert device_bytes(n, l, block, streams=3) - device_bytes(n, l, block) == per_stream
     assert device_bytes(n, l, block, rows=10) < device_bytes(n, l, block)
     # The column order: a second copy of the block, and counts, starts and cursor.

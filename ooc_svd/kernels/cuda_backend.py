@@ -244,15 +244,16 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     """
     if rows is None:
         rows = block_bytes // (4 * max(n, 1))
-    # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i) and
-    # the small factors of its QR and merges (G, R, T and S, of l + 1 columns at most);
-    # once, X and the two buffers of B^T (or X and Z), and the column sums.
-    per_stream = block_bytes + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2
+    # Per stream, the final pass's Y_i, Q_i and Q_i S (the power pass needs only Y_i), the
+    # small factors of its QR and merges (G, R, T and S, of l + 1 columns at most), and a
+    # CSR block's indptr widened to int64; once, X and the two buffers of B^T (or X and
+    # Z), the column sums and the shift.
+    per_stream = block_bytes + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2 + 8 * (rows + 1)
     if columns:
         # The values and their int32 rows (no more than the block's values and indices)
         # and three int64 arrays of n + 1: counts, starts and cursor.
         per_stream += block_bytes + 3 * 8 * (n + 1)
-    return streams * per_stream + 8 * (3 * n * l + n) + 16 * RECORD_CAPACITY
+    return streams * per_stream + 8 * (3 * n * l + 2 * n) + 16 * RECORD_CAPACITY
 
 
 @dataclass(frozen=True)
