@@ -462,7 +462,8 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
 @click.argument("result_path", metavar="RESULT")
 @click.argument("input_path", metavar="[INPUT]", required=False)
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Row blocks of INPUT sampled for the residual estimate.")
+              help="Row blocks of INPUT sampled for the residual estimate (more where a "
+                   "randomized or Krylov result's residual is large, up to all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @user_errors
 def check(result_path, input_path, samples, as_json) -> None:

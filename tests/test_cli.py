@@ -197,6 +197,32 @@ def test_a_sampled_check_finds_damaged_factors(tmp_path, method, damage):
     assert not report["ok"], report
 
 
+@pytest.mark.parametrize("method", ["randomized", "krylov"])
+def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(tmp_path,
+                                                                              method):
+    """a_i V - U_i S may reach the stored residual over the rows sampled: where a few
+    chunks hold less of the result's energy than that, another input of the same
+    spectrum passed. The check samples chunks until they hold twice the residual's
+    energy (or all of them, then the residual is exact)."""
+    import naive
+    import zarr
+
+    from ooc_svd.verify import verify_result
+
+    paths = []
+    for seed in (4, 5):
+        A = naive.matrix_with_spectrum(8000, 60, 0.97 ** np.arange(60), seed=seed)
+        paths.append(str(tmp_path / f"A{seed}.zarr"))
+        zarr.create_array(paths[-1], shape=A.shape, chunks=(500, 60), dtype="f8")[:] = A
+    out = str(tmp_path / "result.zarr")
+    result = ooc_svd.svd(paths[0], 5, method=method, niter=1, out=out)
+    assert 0.4 < result.residual < 0.9
+    own = verify_result(out, paths[0], samples=2, seed=1)
+    other = verify_result(out, paths[1], samples=2, seed=1)
+    assert own["ok"] and own["sampled_rows"] > 1000, own
+    assert not other["ok"], other
+
+
 @pytest.mark.parametrize("method", ["exact", "gram", "randomized"])
 def test_check_passes_results_of_repeated_values_whose_squares_drift(tmp_path, method):
     """The kernels sum the squares one value at a time per thread or sub-block: on 1e5
