@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import InputError
 from .sources.csr import CSRWriter
+from .store import SCRATCH_PREFIX
 
 # Rows per appended block: bounds the indptr of a block however few entries the rows hold.
 MAX_BLOCK_ROWS = 1 << 20
@@ -192,7 +193,8 @@ def write_bucketed(chunks: Iterable[EntryChunk], writer: CSRWriter, n_rows: int,
     ``budget_entries`` bounds the entries sorted at once; ``expected_entries`` (an estimate)
     sets the first split into buckets.
     """
-    directory = tempfile.mkdtemp(prefix="ooc-svd-buckets-", dir=scratch_dir)
+    directory = tempfile.mkdtemp(prefix=SCRATCH_PREFIX + "buckets-", dir=scratch_dir)
+    writer.output.record_scratch(directory)  # for the next writer, should this one be killed
     try:
         buckets = _RowBuckets(directory, 0, n_rows,
                               bucket_count(expected_entries, n_rows, budget_entries), has_values)
@@ -203,6 +205,7 @@ def write_bucketed(chunks: Iterable[EntryChunk], writer: CSRWriter, n_rows: int,
                    for bucket in buckets.buckets)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        writer.output.forget_scratch()
 
 
 def _write_bucket(buckets: _RowBuckets, bucket: _Bucket, writer: CSRWriter,

@@ -88,13 +88,16 @@ def read_header(file, path: str) -> MatrixMarketHeader:
             raise InputError(f"{path!r} ends before its size line")
         if line.strip() and not line.startswith(b"%"):
             break
+    text = line.decode("latin-1").strip()
     try:
-        m, n, entries = (int(word) for word in line.split())
+        m, n, entries = (int(word) for word in text.split())
     except ValueError:
-        raise InputError(f"{path!r}: the size line {line.strip()!r} is not 'ROWS COLUMNS "
+        raise InputError(f"{path!r}: the size line {text!r} is not 'ROWS COLUMNS "
                          "ENTRIES'") from None
     if min(m, n, entries) < 0:
-        raise InputError(f"{path!r}: negative size in {line.strip()!r}")
+        raise InputError(f"{path!r}: negative size in {text!r}")
+    if max(m, n, entries) > np.iinfo(np.int64).max:  # an index array could not hold it
+        raise InputError(f"{path!r}: the size line {text!r} exceeds 2**63 - 1")
     if symmetry != "general" and m != n:
         raise InputError(f"{path!r}: a {symmetry} matrix must be square, not {m} x {n}")
     return MatrixMarketHeader((m, n), entries, "real" if field == "double" else field,

@@ -9,6 +9,7 @@ second run on the same path is refused instead of replacing the first one's part
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -342,6 +343,25 @@ def _same_file(file, path: str) -> bool:
         return False
 
 
+# The file in a partial output that names its writer's scratch directory, and the prefix of
+# such directories' names (``tempfile.mkdtemp(prefix=SCRATCH_PREFIX + ...)``).
+SCRATCH_RECORD = ".ooc-svd-scratch"
+SCRATCH_PREFIX = "ooc-svd-"
+
+
+def _remove_recorded_scratch(partial: str) -> None:
+    """Remove the scratch directory that a killed writer of ``partial`` recorded there,
+    if it is still one of ours."""
+    try:
+        with open(os.path.join(partial, SCRATCH_RECORD)) as file:
+            directory = file.read().strip()
+    except OSError:
+        return
+    if os.path.basename(directory).startswith(SCRATCH_PREFIX) and os.path.isdir(directory) \
+            and not os.path.islink(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class StagedOutput:
     """An output written under ``PATH.partial``, marked unfinished (``mark``: the attributes
     to create its zarr node with), and renamed to ``PATH`` by ``commit``, with ``PATH`` locked
@@ -356,12 +376,24 @@ class StagedOutput:
         try:
             self.partial = _check_partial(path, replaces)  # again: another run may have left one
             if os.path.lexists(self.partial):  # what a killed run left
+                _remove_recorded_scratch(self.partial)
                 shutil.rmtree(self.partial)
         except BaseException:
             self._release()
             raise
         self.mark = {UNFINISHED: replaces}
         self.committed = False
+
+    def record_scratch(self, directory: str) -> None:
+        """Note in the partial output a scratch directory that the writer removes when it is
+        done: should the writer be killed first, the next one to replace the partial removes
+        it (``_remove_recorded_scratch``)."""
+        with open(os.path.join(self.partial, SCRATCH_RECORD), "w") as file:
+            file.write(os.path.abspath(directory))
+
+    def forget_scratch(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.partial, SCRATCH_RECORD))
 
     def commit(self, node: Any, attributes: dict[str, Any]) -> None:
         """Give the complete output its final attributes, without the mark, and rename it

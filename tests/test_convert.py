@@ -197,6 +197,34 @@ def test_mtx_unsorted_file_is_bucketed(tmp_path):
     assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
 
 
+def test_convert_of_a_dense_array_says_it_needs_none(tmp_path):
+    with pytest.raises(InputError, match="not ndarray \\(a dense array needs no conversion"):
+        convert(np.ones((3, 3)), tmp_path / "out.zarr")
+
+
+def test_a_killed_bucketed_convert_leaves_no_scratch_after_the_next(tmp_path):
+    """A convert killed while bucketing (no chance to clean up) left its bucket files in
+    the scratch directory; the next convert to the same output removes them with the
+    killed one's partial output, which recorded where they were."""
+    A = sp.random(3000, 400, density=0.02, format="coo", random_state=7)
+    order = np.random.default_rng(7).permutation(A.nnz)
+    A = sp.coo_matrix((A.data[order], (A.row[order], A.col[order])), shape=A.shape)
+    path, out, scratch = tmp_path / "A.mtx", tmp_path / "A.zarr", tmp_path / "scratch"
+    scipy.io.mmwrite(path, A)
+    scratch.mkdir()
+    killed = ("import os, ooc_svd.coordinates as c\n"
+              "c._write_bucket = lambda *args: os._exit(9)  # killed, no clean-up\n"
+              "from ooc_svd.convert import from_mtx\n"
+              f"from_mtx({str(path)!r}, {str(out)!r}, scratch_dir={str(scratch)!r}, "
+              f"**{SMALL!r})\n")
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    assert [p.name[:16] for p in scratch.iterdir()] == ["ooc-svd-buckets-"]
+    group = from_mtx(path, out, scratch_dir=scratch, **SMALL)
+    assert list(scratch.iterdir()) == [] and ".ooc-svd-scratch" not in os.listdir(out)
+    assert_same_csr(read_back(group), scipy.io.mmread(path), np.float64)
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -316,6 +344,12 @@ def test_mtx_gzip_and_header_variations(tmp_path):
         ("%%MatrixMarket matrix coordinate real general\n3 3 3\n1 1 1\n", "announces 3"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 1\n2 2 2\n", "more entries"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 abc\n", "line 3"),
+        ("%%MatrixMarket matrix coordinate real general\n99999999999999999999 3 1\n1 1 1\n",
+         "the size line '99999999999999999999 3 1' exceeds 2\\*\\*63 - 1"),
+        ("%%MatrixMarket matrix coordinate real general\n3 -3 1\n1 1 1\n",
+         "negative size in '3 -3 1'$"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3\n1 1 1\n",
+         "the size line '3 3' is not"),
     ],
 )
 def test_mtx_refusals_name_the_problem(tmp_path, content, message):
@@ -324,6 +358,33 @@ def test_mtx_refusals_name_the_problem(tmp_path, content, message):
     with pytest.raises(InputError, match=message):
         from_mtx(path, tmp_path / "out.zarr")
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("source", ["mtx", "npz"])
+def test_a_value_beyond_float32_is_refused_not_stored_as_inf(tmp_path, source):
+    """Integer and pattern files become float32 by default, and --dtype float32 narrows
+    float64: a finite value beyond float32's range would be stored as Inf, which the run
+    would then report as bad data."""
+    import scipy.sparse
+
+    from ooc_svd.convert import convert
+
+    if source == "mtx":
+        path = tmp_path / "A.mtx"
+        path.write_text("%%MatrixMarket matrix coordinate integer general\n3 2 2\n"
+                        "1 1 5\n3 2 1000000000000000000000000000000000000000\n")
+        options = {}
+    else:
+        path = tmp_path / "A.npz"
+        scipy.sparse.save_npz(path, scipy.sparse.csr_matrix(
+            np.array([[5.0, 0.0], [0.0, 0.0], [0.0, 1e39]])))
+        options = {"dtype": "float32"}
+    with pytest.raises(InputError, match=r"the value 1e\+39 of row 2 lies beyond the range "
+                                         r"of float32: store float64 values"):
+        convert(path, tmp_path / "out.zarr", **options)
+    assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+    wide = read_back(convert(path, tmp_path / "out.zarr", dtype="float64"))
+    assert wide.data.dtype == np.float64 and wide[2, 1] == 1e39
 
 
 def malformed_npz(path, **arrays):

@@ -484,11 +484,27 @@ class CSRWriter:
             raise InputError("indptr does not match the number of indices and values")
         if count and (indices.min() < 0 or indices.max() >= self.n_cols):
             raise InputError(f"a column index lies outside [0, {self.n_cols})")
+        values = self._narrowed(np.asarray(data), indptr)
         self.columns["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
         self.columns["indices"].append(indices)
-        self.columns["data"].append(np.asarray(data, dtype=self.dtype))
+        self.columns["data"].append(values)
         self.rows += indptr.size - 1
         self.nnz += count
+
+    def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+        """``data`` as the store's dtype; InputError, naming the row, for a finite value
+        beyond its range (float32's 3.4e38), which would be stored as Inf."""
+        with np.errstate(over="ignore"):
+            values = data.astype(self.dtype, copy=False)
+        if data.dtype.kind != "f" or data.dtype.itemsize <= values.dtype.itemsize:
+            return values  # no float narrowed (integers of up to 64 bits fit float32's range)
+        overflowed = np.flatnonzero(np.isinf(values) & np.isfinite(data))
+        if overflowed.size:
+            position = int(overflowed[0])
+            row = self.rows + int(np.searchsorted(indptr - indptr[0], position, side="right")) - 1
+            raise InputError(f"the value {data[position]} of row {row} lies beyond the range of "
+                             f"{self.dtype}: store float64 values (convert --dtype float64)")
+        return values
 
     def close(self) -> Any:
         """Flush, write the attributes, rename into place; return the group opened read-only."""
