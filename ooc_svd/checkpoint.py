@@ -84,15 +84,23 @@ class Checkpoint:
         path = self._path(name)
         try:  # the file opened here, so that it is closed whatever np.load raises
             with open(path, "rb") as file, np.load(file, allow_pickle=False) as saved:
-                return {key: saved[key] for key in saved.files}
+                arrays = {key: saved[key] for key in saved.files}
         except NPZ_READ_ERRORS as error:
             raise self._unreadable(path, error) from None
+        problem = _manifest_problem(arrays)
+        if problem:
+            raise self._unreadable(path, problem)
+        return arrays
 
     def save(self, name: str, arrays: dict[str, Any]) -> None:
+        """Save a step's state with a manifest of its arrays' shapes and dtypes, which
+        ``load`` checks, with their finiteness, before a resumed run uses them."""
         if self.directory is None:
             return
+        arrays = {key: np.asarray(value) for key, value in arrays.items()}
+        manifest = {key: [list(value.shape), value.dtype.str] for key, value in arrays.items()}
         partial = self._path(name) + ".partial.npz"
-        np.savez(partial, **arrays)
+        np.savez(partial, **arrays, **{MANIFEST: np.array(json.dumps(manifest))})
         os.replace(partial, self._path(name))
 
     def scratch(self, path: str | None) -> None:
@@ -117,6 +125,27 @@ class Checkpoint:
     def remove(self) -> None:
         if self.directory is not None:
             _remove_checkpoint_directory(self.directory)
+
+
+# The entry of a step's file that lists its arrays: {name: [shape, dtype]}.
+MANIFEST = "__manifest__"
+
+
+def _manifest_problem(arrays: dict[str, np.ndarray]) -> str:
+    """What makes a loaded step's arrays unfit to resume from, or '': its manifest lacking
+    or not matching them (another file put in its place, or one edited), or a value that
+    is not finite (the runs save finite states only)."""
+    try:
+        manifest = json.loads(str(arrays.pop(MANIFEST)))
+    except (KeyError, ValueError):
+        return "no manifest of its arrays"
+    found = {key: [list(value.shape), value.dtype.str] for key, value in arrays.items()}
+    if found != manifest:
+        return f"its arrays {found} are not those it lists, {manifest}"
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"{key} holds NaN or Inf"
+    return ""
 
 
 def _remove_checkpoint_directory(directory: str) -> None:

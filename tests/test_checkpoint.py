@@ -167,6 +167,32 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, na
     assert not any(r.name.endswith("(resumed)") for r in result.records)
 
 
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda saved: saved | {"X": saved["X"][:, :2]}, "are not those it lists"),
+    (lambda saved: {key: value for key, value in saved.items() if key != "X"},
+     "are not those it lists"),
+    (lambda saved: saved | {"X": np.where(saved["X"] > 0, np.nan, saved["X"])},
+     "X holds NaN or Inf"),
+    (lambda saved: {key: value for key, value in saved.items() if key != "__manifest__"},
+     "no manifest of its arrays"),
+])
+def test_a_checkpoint_whose_arrays_were_changed_is_refused(tmp_path, monkeypatch, edit,
+                                                          problem):
+    """A readable step file whose arrays are not those the run saved (another file, or
+    one edited): a basis of 2 columns became a rank-2 result of a k=3 run, a missing or
+    NaN basis a traceback."""
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+    kill_in_final_pass(A, out, monkeypatch)
+    path = tmp_path / "result.zarr.checkpoint" / "power1.npz"
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    np.savez(path, **edit(arrays))
+    with pytest.raises(ooc_svd.CheckpointError, match=f"power1.npz' is unreadable \\(.*"
+                                                      f"{problem}.*run without resume"):
+        ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+
+
 def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeypatch):
     """A read error in a late pass (a file server's hiccup) loses none of the passes before
     it: the run resumed reads again from there."""
