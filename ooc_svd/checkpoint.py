@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,13 @@ class Checkpoint:
                 changed = sorted(key for key in fingerprint if saved.get(key) != fingerprint[key])
                 raise CheckpointError(
                     f"cannot resume: the checkpoint in {directory!r} was made with different "
-                    f"{', '.join(changed)}; run without resume to start over"
+                    f"{'; '.join(_difference(key, saved, fingerprint) for key in changed)}; "
+                    "run without resume to start over"
                 )
             return
+        if resume:
+            warnings.warn(f"no checkpoint at {directory!r} to resume: the run starts from its "
+                          "first pass", stacklevel=2)
         # Empty, or holding only the state a run killed before its first rename was writing
         unstarted = os.path.isdir(directory) and \
             set(os.listdir(directory)) <= {os.path.basename(partial)}
@@ -125,6 +130,23 @@ class Checkpoint:
     def remove(self) -> None:
         if self.directory is not None:
             _remove_checkpoint_directory(self.directory)
+
+
+# What the run's settings in a checkpoint's fingerprint are, where the key does not say
+BY_NAME = {"basis_size": "basis size (k + oversample)", "niter": "niter (power iterations)"}
+
+
+def _difference(key: str, saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """One entry of a fingerprint that changed, in words: the setting and both values, or
+    the input files that changed (rewritten, moved or replaced)."""
+    before, after = saved.get(key), now[key]
+    if key == "input files" and isinstance(before, dict):
+        changed = sorted(path for path in set(before) | set(after)
+                         if before.get(path) != after.get(path))
+        return f"input files ({', '.join(changed)} changed since)"
+    if key in ("input", "mean") or isinstance(after, (dict, list)) and len(str(after)) > 80:
+        return key  # long descriptions or digests: the name says enough
+    return f"{BY_NAME.get(key, key)} ({before!r} then, {after!r} now)"
 
 
 # The entry of a step's file that lists its arrays: {name: [shape, dtype]}.

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import click
 
@@ -173,6 +174,13 @@ def check_backend(backend: str) -> None:
 @click.version_option(__version__, prog_name="ooc-svd")
 def main() -> None:
     """Truncated SVD and PCA of matrices too large for memory, in q + 1 reads."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's other messages: its text, not the source line that
+    raised it."""
+    return f"Warning: {message}\n"
 
 
 @main.command()

@@ -798,3 +798,12 @@ def test_an_empty_or_malformed_npz_input_is_a_one_line_error(tmp_path):
         done = CliRunner().invoke(main, ["info", str(path)])
         assert done.exit_code == 2 and message in done.output, done.output
         assert not os.path.exists(out)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(store, tmp_path):
+    """A mistyped --out with --resume would otherwise recompute every pass without a word;
+    the warning is one line, as the command's other messages."""
+    out = tmp_path / "result.zarr"
+    done = ooc_svd_command("run", store, "--k", 3, "--out", out, "--resume", "--quiet")
+    assert done.stderr == (f"Warning: no checkpoint at '{out}.checkpoint' to resume: the run "
+                           "starts from its first pass\n")
