@@ -271,9 +271,11 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                              "not format, shape and data)")
         layout = _small_array(archive, "format").item()
         layout = layout.decode("ascii") if isinstance(layout, bytes) else str(layout)
-        shape = tuple(int(s) for s in _small_array(archive, "shape").reshape(-1))
-        if len(shape) != 2:
-            raise InputError(f"{path!r} holds a sparse matrix of shape {shape}, not 2-D")
+        stored = _small_array(archive, "shape").reshape(-1)
+        if stored.size != 2:
+            raise InputError(f"{path!r} holds a sparse matrix of shape {tuple(stored)}, "
+                             "not 2-D")
+        shape = stored_shape(stored.tolist(), repr(path))
         options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
                        memory_limit=memory_limit)
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
