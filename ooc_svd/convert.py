@@ -273,7 +273,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         layout = layout.decode("ascii") if isinstance(layout, bytes) else str(layout)
         stored = _small_array(archive, "shape").reshape(-1)
         if stored.size != 2:
-            raise InputError(f"{path!r} holds a sparse matrix of shape {tuple(stored)}, "
+            raise InputError(f"{path!r} holds a sparse matrix of shape {tuple(stored.tolist())}, "
                              "not 2-D")
         shape = stored_shape(stored.tolist(), repr(path))
         options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
