@@ -719,6 +719,25 @@ def test_a_run_names_the_row_of_a_nan_as_the_cpu_backend_does(kind, tmp_path):
                         memory_limit="1.2MB")
 
 
+def test_free_deferred_flushes_the_memory_managers_queue_and_the_contexts():
+    """numba queues frees of device and page-locked memory with the context's memory
+    manager, and of streams, events and modules with the context itself."""
+    from types import SimpleNamespace
+
+    from ooc_svd.kernels.cuda_backend import free_deferred
+
+    flushed = []
+
+    def queue(name):
+        return SimpleNamespace(clear=lambda: flushed.append(name))
+
+    context = SimpleNamespace(memory_manager=SimpleNamespace(deallocations=queue("memory")),
+                              deallocations=queue("context"))
+    free_deferred(SimpleNamespace(current_context=lambda: context))
+    assert flushed == ["memory", "context"]
+    free_deferred(SimpleNamespace(current_context=lambda: SimpleNamespace()))  # simulator's
+
+
 @on_device
 @pytest.mark.skipif(SIMULATED, reason="the simulator has no device memory to count")
 def test_closed_kernels_give_their_device_memory_back():
@@ -726,12 +745,14 @@ def test_closed_kernels_give_their_device_memory_back():
     flushing that queue, a closed run's buffers stayed taken for the driver."""
     from numba import cuda
 
+    from ooc_svd.kernels.cuda_backend import free_deferred
+
     def driver_free():  # the driver's count, without device_memory's flush
         return cuda.current_context().get_memory_info()[0]
 
     rows, n, l = 200_000, 256, 30  # a 205 MB block on each of the two streams
     X, shift, _ = operands(n, l, rows)
-    cuda.current_context().deallocations.clear()
+    free_deferred(cuda)
     before = driver_free()
     kernels = CUDAKernels(n)
     sweep = kernels.power_sweep(X, BlockStats.zeros(n))

@@ -306,9 +306,13 @@ def free_deferred(cuda: Any) -> None:
     empties its queue only past 10 entries or a fifth of the device's memory, or when an
     allocation fails, so memory let go would otherwise stay taken, for the driver's count
     of free memory and for other libraries in the process."""
-    deallocations = getattr(cuda.current_context(), "deallocations", None)  # simulator: none
-    if deallocations is not None:
-        deallocations.clear()
+    context = cuda.current_context()
+    # Memory goes to its memory manager's queue (streams, events and modules to the
+    # context's); the simulator has neither, a plugin manager maybe not the first.
+    for owner in (getattr(context, "memory_manager", None), context):
+        deallocations = getattr(owner, "deallocations", None)
+        if deallocations is not None:
+            deallocations.clear()
 
 
 class CUDAKernels:
