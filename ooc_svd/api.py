@@ -58,7 +58,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.dense import not_a_matrix
-from .sources.difference import sparse_column, subtract
+from .sources.difference import sparse_column, subtract, transposed
 from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths, stored_chunk_files
 from .store import (
@@ -362,8 +362,9 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      staging_matrices=2 * gpu_streams)
 
 
-def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
-                method: str = "auto", client: Any = None):
+def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None, *,
+                method: str = "auto", seed: int = 0, memory_limit: int | str | None = None,
+                client: Any = None):
     """torch.svd_lowrank's semantics out of core: ``U, S, V`` of A - M, q triplets.
 
     Parameters
@@ -374,15 +375,22 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
     q : int, default=6
         Size of the subspace and number of triplets returned: min(q, m, n), as torch's.
         At least 1: torch returns empty factors for q=0, which is refused here as a
-        likely mistake.
+        likely mistake. An empty A (m or n zero) gives empty factors, as torch's.
     niter : int, default=2
         Subspace iterations, at least 0 (torch runs none for a negative niter; it is
-        refused here), of the randomized and Krylov methods.
+        refused here), of the randomized and Krylov methods; None is 2, as in torch.
     method : str, default='auto'
         Keyword only, beyond torch's signature: as in :func:`svd`. 'auto' may take the
         exact or gram method (for at most 4096 columns, where it costs at most twice the
         cheapest approximate one), which needs no niter, or block Krylov; 'randomized' is
         torch's method.
+    seed, memory_limit : optional
+        Keyword only, as in :func:`svd`: the same seed gives the same result (torch draws
+        from its global generator instead; ``torch.manual_seed`` has no effect here).
+    A wide A held in memory (m < n: numpy, torch or scipy.sparse) is factored as A^T, as
+    torch does, so that the n x q arrays are the short side's; so is A - M for an M held in
+    memory (but a sparse A^T of at most 4096 columns whose M^T is not a row, which would be
+    densified).
     M : array_like, optional
         What to subtract, broadcast to A's shape as torch does (for a stack, M's leading
         dimensions broadcast to A's, and each matrix takes its own): a row ((n,), (1, n), a
@@ -407,18 +415,43 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int = 2, M: Any = None, *,
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
     """
+    niter = 2 if niter is None else niter
     _check_q_and_niter(q, niter)
+    options = _TorchOptions(method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(A, M, client, lambda A_i, M_i, client: _svd_lowrank(
-        A_i, q, niter, M_i, method, client)))
+        open_matrix(A_i, allow_empty=True)[0], q, niter, M_i, replace(options, client=client))))
 
 
-def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, method: str, client: Any
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class _TorchOptions:
+    """The torch functions' keywords beyond torch's signature, for each matrix's run."""
+
+    method: str
+    seed: int
+    memory_limit: int | str | None
+    client: Any
+
+    def request(self, q: int, niter: int, **fields: Any) -> _Request:
+        return _Request(q, fixed_rank(q), oversample=0, niter=niter, method=self.method,
+                        seed=self.seed, memory_limit=self.memory_limit, client=self.client,
+                        **fields)
+
+
+def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: Any,
+                 options: _TorchOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """svd_lowrank of one matrix, as numpy arrays."""
-    source, m, n = open_matrix(A)
+    m, n = source.shape
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
     q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
+    if q == 0:
+        return _empty_factors(source)
+    flipped = _wide_as_tall(source, M, options.client)
+    if flipped is not None:
+        A_T, M_T = flipped
+        U, S, V = _svd_lowrank(open_matrix(A_T)[0], q, niter, M_T, options)
+        return V, S, U
+    client = options.client
     mean = column = None
     if M is not None:
         # Beyond MAX_EXACT_COLUMNS the exact and gram methods, which need the blocks of
@@ -429,32 +462,82 @@ def _svd_lowrank(A: Any, q: int | None, niter: int, M: Any, method: str, client:
             column = sparse_column(source, M)
         if column is None:
             source, mean = subtract(source, M)
-    result = _run(source, _Request(q, fixed_rank(q), oversample=0, niter=niter, mean=mean,
-                                   method=method, client=client, row_shift=column))
+    result = _run(source, options.request(q, niter, mean=mean, row_shift=column))
     return result.U, result.S, result.V
 
 
-def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int = 2, *,
-                method: str = "auto", client: Any = None):
+def _wide_as_tall(source: DenseSource | CSRSource, M: Any, client: Any) -> tuple | None:
+    """(A^T, M^T) for a wide A (m < n) to factor as torch does, its transpose: a tall
+    matrix, whose n x q arrays are the short side's (a 1000 x 10^6 A needed gigabytes of
+    them). None for an A or an M not held in memory (a store's transpose would be read by
+    columns), and for a sparse A^T of at most MAX_EXACT_COLUMNS columns whose M^T is not a
+    row: A^T - M^T would be densified, where A - M keeps A's sparsity."""
+    m, n = source.shape
+    if m >= n:
+        return None
+    A_T = _in_memory_transpose(source)
+    if A_T is None or M is None:
+        return None if A_T is None else (A_T, None)
+    M_T = transposed(M, (m, n))
+    if M_T is None:
+        return None
+    keeps_sparsity = M_T.strides[0] == 0 or (m > MAX_EXACT_COLUMNS and client is None)
+    if isinstance(source, CSRSource) and not keeps_sparsity:
+        return None
+    return A_T, M_T
+
+
+def _empty_factors(source: DenseSource | CSRSource) -> tuple[np.ndarray, ...]:
+    """U (m, 0), S (0,), V (n, 0) of an empty A, as torch gives them."""
+    m, n = source.shape
+    dtype = _result_dtype(source.dtype)
+    return np.zeros((m, 0), dtype), np.zeros(0, dtype), np.zeros((n, 0), dtype)
+
+
+def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | None = 2, *,
+                method: str = "auto", seed: int = 0, memory_limit: int | str | None = None,
+                client: Any = None):
     """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
 
-    q defaults to min(6, m, n). Centering is implicit: huge inputs are never densified or
-    copied. The principal directions are the columns of V, and the explained variances are
-    S**2 / (m - 1). ``method`` (keyword only, beyond torch's signature) is as in
-    :func:`svd`; 'krylov' is the accurate choice for flat spectra at the same reads.
-    ``client`` runs it on a dask.distributed cluster, as in :func:`svd`. U, S, V are
-    torch tensors on A's device when A is a torch tensor, as in :func:`svd_lowrank`, which
-    also says how a stack of matrices (*, m, n) is taken: each is centered by its own mean.
+    q defaults to min(6, m, n) (empty factors for an empty A, as torch gives). Centering is
+    implicit: huge inputs are never densified or copied. The principal directions are the
+    columns of V, and the explained variances are S**2 / (m - 1). ``method``, ``seed`` and
+    ``memory_limit`` (keyword only, beyond torch's signature) are as in :func:`svd`;
+    'krylov' is the accurate choice for flat spectra at the same reads. ``client`` runs it
+    on a dask.distributed cluster, as in :func:`svd`. U, S, V are torch tensors on A's
+    device when A is a torch tensor, as in :func:`svd_lowrank`, which also says how a stack
+    of matrices (*, m, n) is taken (each is centered by its own mean), how a wide A is
+    factored (centered A^T less the column of means), and what niter=None means.
     """
     def factor(A_i: Any, _: None, client: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        source, m, n = open_matrix(A_i)
+        source, m, n = open_matrix(A_i, allow_empty=True)
+        if q is None and min(m, n) == 0:
+            return _empty_factors(source)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
-        result = _run(source, _Request(rank, fixed_rank(rank), oversample=0, niter=niter,
-                                       center=center, method=method, client=client))
+        run = replace(options, client=client)
+        if m < n and _checked_center(center):
+            # A wide A in memory is factored as A^T less the column of A's means, as
+            # torch factors it; its means cost no pass over data already in memory.
+            means = _column_means(source)
+            if means is not None and _wide_as_tall(source, means, client) is not None:
+                return _svd_lowrank(source, rank, niter, means, run)
+        elif m < n:
+            return _svd_lowrank(source, rank, niter, None, run)
+        result = _run(source, run.request(rank, niter, center=center))
         return result.U, result.S, result.V
 
+    niter = 2 if niter is None else niter
     _check_q_and_niter(q, niter)
+    options = _TorchOptions(method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(A, None, client, factor))
+
+
+def _column_means(source: DenseSource | CSRSource) -> np.ndarray | None:
+    """Column means in float64 of an A held in memory; None for one in a store."""
+    A = _in_memory_transpose(source)
+    if A is None:
+        return None
+    return np.asarray(A.T.mean(axis=0, dtype=np.float64)).reshape(-1)
 
 
 def _check_q_and_niter(q: Any, niter: Any) -> None:
@@ -1012,10 +1095,11 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
     return max_rank, rank_for_tolerance(float(tol), max_rank), float(tol)
 
 
-def open_matrix(A: Any) -> tuple[DenseSource | CSRSource, int, int]:
-    """The source of A and its shape, after checking that it is a usable matrix."""
+def open_matrix(A: Any, allow_empty: bool = False) -> tuple[DenseSource | CSRSource, int, int]:
+    """The source of A and its shape, after checking that it is a usable matrix (and not
+    empty, unless ``allow_empty``)."""
     source = open_source(A)
-    m, n = _check_matrix(source)
+    m, n = _check_matrix(source, allow_empty)
     return source, m, n
 
 
@@ -1027,7 +1111,8 @@ def _check_q(q: Any, m: int, n: int) -> int:
     return q
 
 
-def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
+def _check_matrix(source: DenseSource | CSRSource, allow_empty: bool = False
+                  ) -> tuple[int, int]:
     if isinstance(source, DenseSource) and len(source.array.shape) != 2:
         shape = tuple(source.array.shape)
         raise not_a_matrix(f"A of shape {shape}", len(shape))
@@ -1037,14 +1122,19 @@ def _check_matrix(source: DenseSource | CSRSource) -> tuple[int, int]:
     if kind not in "biuf":
         raise InputError(f"A has non-numeric dtype {source.dtype}; a real numeric dtype is needed")
     m, n = source.shape
-    if m == 0 or n == 0:
+    if (m == 0 or n == 0) and not allow_empty:
         raise InputError(f"A is empty: shape {(m, n)}")
     return m, n
 
 
-def _make_centering(n: int, center: bool, mean: Any) -> Centering:
+def _checked_center(center: Any) -> bool:
     if not isinstance(center, (bool, np.bool_)):  # center='no' would center
         raise InputError(f"center must be True or False, not {center!r}")
+    return bool(center)
+
+
+def _make_centering(n: int, center: bool, mean: Any) -> Centering:
+    center = _checked_center(center)
     if mean is None:
         return Centering(n, "mean" if center else "none")
     if center:

@@ -11,7 +11,14 @@ import pytest
 import scipy.sparse
 
 import ooc_svd
-from ooc_svd import InputError, NonFiniteError, OutputExistsError, ReadError, StoreNotFoundError
+from ooc_svd import (
+    InputError,
+    NonFiniteError,
+    OutputExistsError,
+    PlanError,
+    ReadError,
+    StoreNotFoundError,
+)
 
 
 @pytest.fixture
@@ -293,12 +300,12 @@ def test_svd_lowrank_takes_a_column_from_a_sparse_a_without_densifying(kind, tmp
                                                                       monkeypatch):
     """A - c 1^T of a sparse A of more than 4096 columns by rank-one corrections: the
     randomized method's result on the dense difference, to rounding, with no block of A
-    densified."""
+    densified. (Tall: a wide A in memory is factored as its transpose.)"""
     from ooc_svd.sources.difference import Difference
 
     rng = np.random.default_rng(7)
-    A = scipy.sparse.random(300, 5000, density=0.01, random_state=1, format="csr")
-    column = 3.0 + rng.standard_normal((300, 1))  # a large offset: B is mostly c 1^T
+    A = scipy.sparse.random(4200, 4100, density=0.003, random_state=1, format="csr")
+    column = 3.0 + rng.standard_normal((4200, 1))  # a large offset: B is mostly c 1^T
     column[17] = 0.0
     M = full_mean(kind, column, tmp_path)
 
@@ -646,6 +653,67 @@ def test_svd_lowrank_q_beyond_the_smaller_dimension_gives_all_triplets_as_torch(
         ooc_svd.svd_lowrank(A, q=0)
     with pytest.raises(InputError, match="q=4 must be at most"):  # torch's pca_lowrank too
         ooc_svd.pca_lowrank(A, q=4)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_functions_factor_a_wide_a_as_its_transpose(sparse):
+    """As torch does for m < n: the n x q arrays of a 150 x 300,000 sparse A do not fit
+    40 MB; its transpose's, 150 x q, do. With M (A - M as A^T - M^T) and centered too. The
+    exact method, which needs an n x n factor, tells the transpose was factored."""
+    m, n, q = 150, 300_000, 10
+    rng = np.random.default_rng(3)
+    columns = rng.integers(0, n, 40 * m)
+    A = scipy.sparse.csr_matrix((rng.standard_normal(40 * m) + 1.0,
+                                 (np.repeat(np.arange(m), 40), columns)), shape=(m, n))
+    if not sparse:
+        A = A[:, : 20_000].toarray()
+    n = A.shape[1]
+    column = rng.standard_normal((m, 1))
+    B = A - column if not sparse else None
+
+    def exact(matrix):  # the singular values of a short-wide matrix, from its m x m Gram
+        gram = matrix @ matrix.T
+        gram = gram.toarray() if scipy.sparse.issparse(gram) else gram
+        return np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1][:q], 0, None))
+
+    limit = "40MB"
+    assert ooc_svd.svd_lowrank(A, q=q, memory_limit=limit)[2].shape == (n, q)  # 'auto'
+    U, S, V = ooc_svd.svd_lowrank(A, q=q, method="exact", memory_limit=limit)
+    assert U.shape == (m, q) and V.shape == (n, q)
+    np.testing.assert_allclose(S, exact(A), rtol=1e-6)
+    np.testing.assert_allclose(U.T @ (A @ V), np.diag(S), atol=1e-8 * S[0])
+    if not sparse:
+        _, S_M, _ = ooc_svd.svd_lowrank(A, q=q, M=column, method="exact", memory_limit=limit)
+        np.testing.assert_allclose(S_M, exact(B), rtol=1e-6)
+        centered = A - A.mean(axis=0)
+        U, S, V = ooc_svd.pca_lowrank(A, q=q, method="exact", memory_limit=limit)
+        np.testing.assert_allclose(S, exact(centered), rtol=1e-6)
+        np.testing.assert_allclose(U.T @ (centered @ V), np.diag(S), atol=1e-8 * S[0])
+    else:
+        with pytest.raises(PlanError, match="memory_limit 40 MB is too small"):
+            ooc_svd.svd(A, q, oversample=0, memory_limit=limit)  # A, not its transpose
+
+
+def test_torch_functions_take_a_seed_none_for_niter_and_empty_matrices(matrix):
+    """torch's niter=None is 2; its global generator is no seed here (seed is a keyword);
+    an empty A gives empty factors, as torch gives them."""
+    def run(**options):
+        return ooc_svd.svd_lowrank(matrix, q=3, method="randomized", niter=0, **options)[1]
+
+    np.testing.assert_array_equal(run(seed=5), run(seed=5))
+    assert not np.array_equal(run(seed=5), run(seed=6))
+    np.testing.assert_array_equal(run(), run(seed=0))
+    np.testing.assert_array_equal(ooc_svd.svd_lowrank(matrix, q=3, niter=None)[1],
+                                  ooc_svd.svd_lowrank(matrix, q=3, niter=2)[1])
+    for shape in [(0, 5), (5, 0), (0, 0)]:
+        for function in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):
+            U, S, V = function(np.zeros(shape, np.float32))
+            assert (U.shape, S.shape, V.shape) == ((shape[0], 0), (0,), (shape[1], 0))
+            assert U.dtype == S.dtype == V.dtype == np.float32
+    U, S, V = ooc_svd.svd_lowrank(np.zeros((2, 0, 4)))  # a stack of empty matrices
+    assert (U.shape, S.shape, V.shape) == ((2, 0, 0), (2, 0), (2, 4, 0))
+    with pytest.raises(InputError, match="q=3 must be at most min"):
+        ooc_svd.pca_lowrank(np.zeros((0, 5)), q=3)
 
 
 def test_pca_lowrank(matrix):

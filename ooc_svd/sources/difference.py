@@ -57,6 +57,25 @@ def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None
     return open_dense_source(_repeated_column(M))
 
 
+def transposed(M: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """(M broadcast to ``shape``)^T as a numpy view, for an M held in memory (numpy, torch,
+    a number or a sequence): what A^T - M^T subtracts. None for M in a store or a dask
+    array, or one that is not a finite real array broadcasting to ``shape`` (which the run
+    on A itself then refuses by name, and names the rows of a NaN)."""
+    module = type(M).__module__
+    in_memory = isinstance(M, (np.ndarray, int, float, np.number, list, tuple)) or \
+        (module.startswith("torch") and not is_torch_sparse(M))
+    if not in_memory:
+        return None
+    try:
+        array = np.asarray(_as_array(M) if hasattr(M, "shape") else M)
+        if array.dtype.kind not in "biuf" or not np.isfinite(array).all():
+            return None
+        return np.broadcast_to(array, shape).T
+    except (ValueError, TypeError):
+        return None
+
+
 def _checked(M: Any, shape: tuple[int, int]) -> tuple[Any, tuple[int, ...]]:
     """M as an array (``_as_array``) and its shape as given, once checked to hold real
     numbers and, before a view is narrowed to the row or column it repeats, to broadcast to
