@@ -1,7 +1,8 @@
 """CUDA kernels and backend against the references in naive.py and the CPU backend.
 
 The tests marked ``gpu`` run natively on a machine with a CUDA GPU (``pytest -m gpu``).
-Elsewhere ``test_gpu_tests_under_the_simulator`` runs the same tests in a subprocess with
+Elsewhere ``test_gpu_tests_under_the_simulator`` runs the same tests (but those marked
+``native_gpu``, which measure the device itself) in a subprocess with
 NUMBA_ENABLE_CUDASIM=1 (the variable is read when numba is imported, which this process has
 done already), where the backend picks tiny thread blocks so that every tile edge and loop is
 exercised on tiny inputs. The simulator does not prove that a kernel compiles, so
@@ -739,6 +740,7 @@ def test_free_deferred_flushes_the_memory_managers_queue_and_the_contexts():
 
 
 @on_device
+@pytest.mark.native_gpu
 @pytest.mark.skipif(SIMULATED, reason="the simulator has no device memory to count")
 def test_closed_kernels_give_their_device_memory_back():
     """numba queues frees until 10 are pending or a fifth of the device is: without
@@ -822,7 +824,8 @@ def test_sweep_rejects_a_second_shift_or_kind():
 def test_gpu_tests_under_the_simulator():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, "-m", "gpu and not native_gpu", "-q", "-p",
+         "no:cacheprovider"],
         env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
         timeout=300,
     )
