@@ -616,6 +616,21 @@ def test_torch_sparse_tensors_are_read_as_csr(matrix):
         ooc_svd.svd(SparseTensorStandIn(A, "bsr"), 4)
     with pytest.raises(InputError, match="M must be dense"):
         ooc_svd.svd_lowrank(A, q=3, M=SparseTensorStandIn(A, "csr"))
+
+    class Hybrid(SparseTensorStandIn):  # one sparse dimension, values of 40 numbers each
+        __module__ = "torch"
+
+        def coalesce(self):
+            return self
+
+        def values(self):
+            return TensorStandIn(np.ones((2, 40)), dtype="torch.float64")
+
+        def indices(self):
+            return self.part(np.array([[0, 2]]))
+
+    with pytest.raises(InputError, match="a hybrid torch sparse tensor"):
+        ooc_svd.svd_lowrank(Hybrid(A.tocoo(), "coo"), q=3)
     with pytest.raises(InputError, match="not the path 'M.zarr'"):
         ooc_svd.svd_lowrank(matrix, q=3, M="M.zarr")
 

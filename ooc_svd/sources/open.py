@@ -68,8 +68,9 @@ def torch_sparse_to_scipy(tensor: Any) -> Any:
     tensor = tensor.detach().cpu()
     if layout == "torch.sparse_coo":
         tensor = tensor.coalesce()
+        values = _sparse_values(tensor)  # first: a hybrid tensor has one row of indices
         rows, columns = _torch_array(tensor.indices())
-        return scipy.sparse.csr_matrix((_sparse_values(tensor), (rows, columns)), shape=shape)
+        return scipy.sparse.csr_matrix((values, (rows, columns)), shape=shape)
     if layout == "torch.sparse_csr":
         return scipy.sparse.csr_matrix((_sparse_values(tensor), _torch_array(tensor.col_indices()),
                                         _torch_array(tensor.crow_indices())), shape=shape)
