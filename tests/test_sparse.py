@@ -142,10 +142,20 @@ def test_a_column_of_m_over_many_blocks_of_a_store(tmp_path, monkeypatch):
     np.testing.assert_allclose(S, reference.S, rtol=0, atol=scale)
 
 
-def test_a_column_of_m_that_overflows_float64_is_named():
-    A = scipy.sparse.random(300, 5000, density=0.01, random_state=1, format="csr")
+@pytest.mark.parametrize("shape", [(300, 5000), (4200, 4100)])  # A^T less a row; A less c
+def test_a_column_of_m_that_overflows_float64_is_named(shape):
+    A = scipy.sparse.random(*shape, density=0.002, random_state=1, format="csr")
     with pytest.raises(NonFiniteError, match="overflow.* rescale the matrix"):
-        ooc_svd.svd_lowrank(A, q=3, M=np.full((300, 1), 1e160))
+        ooc_svd.svd_lowrank(A, q=3, M=np.full((shape[0], 1), 1e160))
+
+
+@pytest.mark.parametrize("method", ["randomized", "krylov", "exact", "gram"])
+def test_a_mean_that_overflows_float64_is_named_without_numpy_warnings(method):
+    """A sparse A is centered algebraically: its totals less those of the shift, which
+    overflow here; the pass's end names that (the suite turns warnings into errors)."""
+    A = scipy.sparse.random(300, 500, density=0.01, random_state=1, format="csr")
+    with pytest.raises(NonFiniteError, match="overflows float64"):
+        ooc_svd.svd(A, 3, mean=np.full(500, 1e160), method=method)
 
 
 def test_csr_kernels_on_an_empty_block_and_a_single_value():

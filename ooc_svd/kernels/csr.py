@@ -207,7 +207,10 @@ class CSRPowerSweep:
         Z = np.asfortranarray(self.Z_parts.sum(axis=0))
         if self.shift is None:
             return Z
-        Z -= np.outer(self.shift, self.ysum_parts.sum(axis=0))
+        # A shift too large for float64 overflows here; the pass's total sum of squares,
+        # checked when it ends (cpu.check_total_finite), names that as a NonFiniteError.
+        with np.errstate(over="ignore", invalid="ignore"):
+            Z -= np.outer(self.shift, self.ysum_parts.sum(axis=0))
         _add_shifted_totals(self.stats, self.colsum_parts.sum(axis=0), self.sumsq, self.rows,
                             self.shift)
         return Z
@@ -264,9 +267,12 @@ def _column_range_sweep(block, first_row, Q, CT) -> tuple[float, np.ndarray]:
 
 def _add_shifted_totals(stats: BlockStats, colsum: np.ndarray, sumsq: float, rows: int,
                         shift: np.ndarray) -> None:
-    """Totals of A_s = A - 1 s^T from those of A (see the module docstring)."""
-    stats.colsum += colsum - rows * shift
-    stats.sumsq += sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift)
+    """Totals of A_s = A - 1 s^T from those of A (see the module docstring); a shift too
+    large for float64 leaves them infinite, which the pass's end names
+    (``cpu.check_total_finite``)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        stats.colsum += colsum - rows * shift
+        stats.sumsq += sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift)
     stats.rows += rows
 
 
