@@ -768,6 +768,19 @@ def test_closed_kernels_give_their_device_memory_back():
 
 
 @on_device
+def test_a_mean_that_overflows_float64_is_named_without_numpy_warnings():
+    """CSR blocks' totals are shifted on the host; an overflowing shift ends in the pass's
+    NonFiniteError (the suite turns numpy's warnings into errors)."""
+    import scipy.sparse
+
+    import ooc_svd
+
+    A = scipy.sparse.random(60, 20, density=0.1, random_state=1, format="csr")
+    with pytest.raises(NonFiniteError, match="overflows float64"):
+        ooc_svd.svd(A, 3, mean=np.full(20, 1e160), method="randomized", backend="cuda")
+
+
+@on_device
 def test_float32_accumulation_is_close_to_float64():
     rows, n, l = (13, 9, 5) if SIMULATED else (2000, 300, 30)
     block = dense_block(rows, n, np.float32)

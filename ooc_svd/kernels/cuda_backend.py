@@ -1048,9 +1048,11 @@ def _gram(kernels: Any, lane: _StagingStream, V: Any, width: int) -> np.ndarray:
 
 def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
                    ) -> tuple[np.ndarray, float]:
-    """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows)."""
-    return (colsum - rows * shift,
-            sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift))
+    """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows);
+    infinite for a shift too large for float64, which the pass's end names."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (colsum - rows * shift,
+                sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift))
 
 
 def raise_if_not_finite(records: np.ndarray, rows: list[tuple[int, int]]) -> None:
