@@ -387,10 +387,6 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     seed, memory_limit : optional
         Keyword only, as in :func:`svd`: the same seed gives the same result (torch draws
         from its global generator instead; ``torch.manual_seed`` has no effect here).
-    A wide A held in memory (m < n: numpy, torch or scipy.sparse) is factored as A^T, as
-    torch does, so that the n x q arrays are the short side's; so is A - M for an M held in
-    memory (but a sparse A^T of at most 4096 columns whose M^T is not a row, which would be
-    densified).
     M : array_like, optional
         What to subtract, broadcast to A's shape as torch does (for a stack, M's leading
         dimensions broadcast to A's, and each matrix takes its own): a row ((n,), (1, n), a
@@ -414,10 +410,17 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     V : ndarray of shape (*, n, q)
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
         attached to autograd); float32 for float32 and half-precision data.
+
+    Notes
+    -----
+    A wide A held in memory (m < n: a numpy, torch or scipy.sparse matrix, not a .npy file
+    or a store) is factored as A^T, as torch does, so that the n x q arrays are the short
+    side's; so is A - M for an M held in memory, but for a sparse A whose M^T would not be
+    a row of A^T where A^T has at most 4096 columns (or on a cluster): A^T - M^T would be
+    densified, where A - M keeps A's sparsity. A sparse A^T is made CSR, a copy of A that
+    ``memory_limit`` does not count.
     """
-    niter = 2 if niter is None else niter
-    _check_q_and_niter(q, niter)
-    options = _TorchOptions(method, seed, memory_limit, client)
+    niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(A, M, client, lambda A_i, M_i, client: _svd_lowrank(
         open_matrix(A_i, allow_empty=True)[0], q, niter, M_i, replace(options, client=client))))
 
@@ -469,22 +472,25 @@ def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: 
 def _wide_as_tall(source: DenseSource | CSRSource, M: Any, client: Any) -> tuple | None:
     """(A^T, M^T) for a wide A (m < n) to factor as torch does, its transpose: a tall
     matrix, whose n x q arrays are the short side's (a 1000 x 10^6 A needed gigabytes of
-    them). None for an A or an M not held in memory (a store's transpose would be read by
-    columns), and for a sparse A^T of at most MAX_EXACT_COLUMNS columns whose M^T is not a
-    row: A^T - M^T would be densified, where A - M keeps A's sparsity."""
+    them). None for an A or an M not held in memory (the transpose of a store or a .npy
+    file would be read by columns, and a cluster's workers could no longer read A from its
+    path), and for a sparse A^T of at most MAX_EXACT_COLUMNS columns whose M^T is not a row
+    (or on a cluster, whatever its columns): A^T - M^T would be densified, where A - M keeps
+    A's sparsity. The sparse A^T is converted to CSR by the run, a copy of A."""
     m, n = source.shape
-    if m >= n:
+    on_disk = isinstance(source, DenseSource) and source.kind == "npy"
+    if m >= n or on_disk:
         return None
+    M_T = None
+    if M is not None:
+        M_T = transposed(M, (m, n))
+        if M_T is None:
+            return None
+        keeps_sparsity = M_T.strides[0] == 0 or (m > MAX_EXACT_COLUMNS and client is None)
+        if isinstance(source, CSRSource) and not keeps_sparsity:
+            return None
     A_T = _in_memory_transpose(source)
-    if A_T is None or M is None:
-        return None if A_T is None else (A_T, None)
-    M_T = transposed(M, (m, n))
-    if M_T is None:
-        return None
-    keeps_sparsity = M_T.strides[0] == 0 or (m > MAX_EXACT_COLUMNS and client is None)
-    if isinstance(source, CSRSource) and not keeps_sparsity:
-        return None
-    return A_T, M_T
+    return None if A_T is None else (A_T, M_T)
 
 
 def _empty_factors(source: DenseSource | CSRSource) -> tuple[np.ndarray, ...]:
@@ -515,37 +521,36 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
             return _empty_factors(source)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
         run = replace(options, client=client)
-        if m < n and _checked_center(center):
-            # A wide A in memory is factored as A^T less the column of A's means, as
-            # torch factors it; its means cost no pass over data already in memory.
-            means = _column_means(source)
-            if means is not None and _wide_as_tall(source, means, client) is not None:
-                return _svd_lowrank(source, rank, niter, means, run)
+        # A wide A in memory is factored as A^T less the column of A's means, as torch
+        # factors it; whether it is, a row stands in for the means to tell, before they are
+        # computed (from memory: no pass over a store).
+        if m < n and _checked_center(center) and \
+                _wide_as_tall(source, np.zeros(n), client) is not None:
+            return _svd_lowrank(source, rank, niter, _column_means(source), run)
         elif m < n:
             return _svd_lowrank(source, rank, niter, None, run)
         result = _run(source, run.request(rank, niter, center=center))
         return result.U, result.S, result.V
 
-    niter = 2 if niter is None else niter
-    _check_q_and_niter(q, niter)
-    options = _TorchOptions(method, seed, memory_limit, client)
+    niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(A, None, client, factor))
 
 
-def _column_means(source: DenseSource | CSRSource) -> np.ndarray | None:
-    """Column means in float64 of an A held in memory; None for one in a store."""
-    A = _in_memory_transpose(source)
-    if A is None:
-        return None
-    return np.asarray(A.T.mean(axis=0, dtype=np.float64)).reshape(-1)
+def _column_means(source: DenseSource | CSRSource) -> np.ndarray:
+    """Column means in float64 of an A held in memory (``_wide_as_tall`` took it)."""
+    return np.asarray(_in_memory_transpose(source).T.mean(axis=0, dtype=np.float64)).reshape(-1)
 
 
-def _check_q_and_niter(q: Any, niter: Any) -> None:
-    """The torch functions' q and niter, checked before a stack's cluster is started (each
-    matrix's run checks q against its shape)."""
+def _torch_keywords(q: Any, niter: Any, method: str, seed: int, memory_limit: Any,
+                    client: Any) -> tuple[int, _TorchOptions]:
+    """The torch functions' niter (None is 2, as torch reads it) and their runs' options,
+    q and niter checked before a stack's cluster is started (each matrix's run checks q
+    against its shape)."""
+    niter = 2 if niter is None else niter
     if q is not None:
         check_int("q", q, minimum=1)
     check_int("niter", niter, minimum=0)
+    return niter, _TorchOptions(method, seed, memory_limit, client)
 
 
 @contextlib.contextmanager

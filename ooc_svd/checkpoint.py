@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from .errors import NPZ_READ_ERRORS, CheckpointError, InputError
+from .store import remove_scratch_directory
 
 SCRATCH_LIST = "scratch.txt"
-SCRATCH_PREFIX = "ooc-svd-"  # the names of every scratch directory ooc_svd makes
 
 
 class Checkpoint:
@@ -124,8 +124,7 @@ class Checkpoint:
         except OSError:
             return
         for path in filter(None, paths):
-            if os.path.basename(path).startswith(SCRATCH_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
+            remove_scratch_directory(path)
 
     def remove(self) -> None:
         if self.directory is not None:

@@ -172,9 +172,11 @@ def check_backend(backend: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ooc-svd")
-def main() -> None:
+@click.pass_context
+def main(context: click.Context) -> None:
     """Truncated SVD and PCA of matrices too large for memory, in q + 1 reads."""
-    warnings.formatwarning = _one_line_warning
+    shown_as, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    context.call_on_close(lambda: setattr(warnings, "formatwarning", shown_as))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -471,7 +473,8 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
 @click.argument("input_path", metavar="[INPUT]", required=False)
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
               help="Row blocks of INPUT sampled for the residual estimate (more where a "
-                   "randomized or Krylov result's residual is large, up to all).")
+                   "randomized or Krylov result's residual needs them to tell another input; "
+                   "rows_conclusive says whether they could).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @user_errors
 def check(result_path, input_path, samples, as_json) -> None:

@@ -496,9 +496,11 @@ def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
     if scipy.sparse.issparse(input):
         converter = from_scipy
     elif not isinstance(input, (str, os.PathLike)):
+        dense = isinstance(input, np.ndarray) or type(input).__module__.startswith("torch")
         raise InputError(f"convert takes a scipy.sparse matrix or a file or store path, not "
-                         f"{type(input).__name__} (a dense array needs no conversion: svd "
-                         "reads numpy arrays, .npy files and zarr arrays)")
+                         f"{type(input).__name__}" + (" (a dense array needs no conversion: svd "
+                                                      "reads numpy and torch arrays)"
+                                                      if dense else ""))
     elif os.path.isdir(input):
         converter = from_zarr
     else:

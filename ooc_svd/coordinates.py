@@ -194,8 +194,8 @@ def write_bucketed(chunks: Iterable[EntryChunk], writer: CSRWriter, n_rows: int,
     sets the first split into buckets.
     """
     directory = tempfile.mkdtemp(prefix=SCRATCH_PREFIX + "buckets-", dir=scratch_dir)
-    writer.output.record_scratch(directory)  # for the next writer, should this one be killed
     try:
+        writer.output.record_scratch(directory)  # for the next writer, should this be killed
         buckets = _RowBuckets(directory, 0, n_rows,
                               bucket_count(expected_entries, n_rows, budget_entries), has_values)
         for chunk in chunks:

@@ -150,9 +150,11 @@ def _task_kernels(n: int, spec: tuple) -> Iterator[Kernels]:
     try:
         yield kernels
     finally:
-        kernels.close()
-        if turn is not None:
-            turn.release()
+        try:
+            kernels.close()
+        finally:  # whatever closing raised: the worker's later GPU tasks wait for it
+            if turn is not None:
+                turn.release()
 
 
 # ---- the client side ------------------------------------------------------------------------

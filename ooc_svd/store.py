@@ -27,6 +27,10 @@ try:
 except ImportError:  # Windows: outputs are not locked
     fcntl = None
 
+# The start of the name of every scratch directory ooc_svd makes: what a later run may
+# remove of those that a killed one recorded.
+SCRATCH_PREFIX = "ooc-svd-"
+
 
 class QSpill:
     """Per-block TSQR factors written to scratch files and read back once by the U sweep:
@@ -40,7 +44,7 @@ class QSpill:
     def __init__(self, scratch_dir: str | None = None, in_memory: bool = False):
         self.kept: dict[tuple[str, int], np.ndarray] | None = {} if in_memory else None
         self.directory = None if in_memory else tempfile.mkdtemp(
-            prefix="ooc-svd-spill-", dir=scratch_dir
+            prefix=SCRATCH_PREFIX + "spill-", dir=scratch_dir
         )
 
     def _path(self, name: str, index: int) -> str:
@@ -343,10 +347,8 @@ def _same_file(file, path: str) -> bool:
         return False
 
 
-# The file in a partial output that names its writer's scratch directory, and the prefix of
-# such directories' names (``tempfile.mkdtemp(prefix=SCRATCH_PREFIX + ...)``).
+# The file in a partial output that names its writer's scratch directory.
 SCRATCH_RECORD = ".ooc-svd-scratch"
-SCRATCH_PREFIX = "ooc-svd-"
 
 
 def _remove_recorded_scratch(partial: str) -> None:
@@ -357,9 +359,15 @@ def _remove_recorded_scratch(partial: str) -> None:
             directory = file.read().strip()
     except OSError:
         return
-    if os.path.basename(directory).startswith(SCRATCH_PREFIX) and os.path.isdir(directory) \
-            and not os.path.islink(directory):
-        shutil.rmtree(directory, ignore_errors=True)
+    remove_scratch_directory(directory)
+
+
+def remove_scratch_directory(path: str) -> None:
+    """Remove a scratch directory that a killed run recorded, if it is one that ooc_svd
+    makes (by its name; not a link), whatever the record says."""
+    if os.path.basename(path).startswith(SCRATCH_PREFIX) and os.path.isdir(path) and \
+            not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class StagedOutput:

@@ -17,8 +17,11 @@ from .store import UNFINISHED
 def verify_result(result_path: str, input_path: str | None = None, samples: int = 8,
                   seed: int = 0) -> dict[str, Any]:
     """Measure how orthonormal U and V are; with the input, estimate the residual on
-    ``samples`` randomly chosen storage chunks of rows, or more for a result of the
-    randomized or Krylov method with a large residual (``TELLING_FACTOR``), up to all.
+    ``samples`` randomly chosen storage chunks of rows, or more for a result whose basis
+    need not span A_c V (randomized, Krylov, a GPU's, or a gram result beyond its
+    accuracy) until they hold TELLING_FACTOR times its residual's energy. Where no sample
+    can (a residual above about 0.58), ``rows_conclusive`` is False: the rows sampled
+    could not tell another input; samples of every chunk can, by the exact residual.
 
     U is read chunk by chunk, so a U larger than memory is fine. ``ok`` is False when
     ||U^T U - I||_max or ||V^T V - I||_max (every column) exceeds
@@ -80,10 +83,15 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     if input_path is None:
         return report
     stored, norm = report["stored_residual"], attributes.get("frobenius_norm")
+    spans = _spans_a_v(report["method"], attributes)
     enough = None  # the captured energy that the sampled rows must hold, if any
-    if norm and stored is not None and not _spans_a_v(report["method"], attributes):
+    if norm and stored is not None and not spans:
         enough = TELLING_FACTOR * (stored * norm) ** 2
-    sums = _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed, enough)
+    # All rows hold (1 - residual^2) ||A_c||^2 of it: past a residual of about 0.58 no
+    # sample holds enough, and only all of them (the exact residual) can tell.
+    reachable = enough is not None and enough < (1.0 - stored**2) * norm**2
+    sums = _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed,
+                         enough if reachable else None)
     report["sampled_rows"] = sums.rows
     report["sampled_residual"] = float(np.sqrt(sums.relative2))
     if report["method"] in ("exact", "gram"):
@@ -96,6 +104,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
             allowed = float(np.hypot(allowed, stored * norm))
         report["rows_agree"] = bool(sums.projection2 <= allowed**2)
         report["ok"] = report["ok"] and report["rows_agree"]
+        # Whether another input would have failed the rows sampled (or the residual of all)
+        report["rows_conclusive"] = bool(spans or sums.rows == m or
+                                         sums.captured2 >= (enough or 0.0))
     if sums.rows == m and stored is not None:
         agrees = residual_agrees(stored, sums, m, mean,
                                  residual_slack(U.dtype, attributes.get("backend")))

@@ -709,6 +709,20 @@ def test_torch_functions_factor_a_wide_a_as_its_transpose(sparse):
             ooc_svd.svd(A, q, oversample=0, memory_limit=limit)  # A, not its transpose
 
 
+def test_a_wide_npy_file_is_read_by_rows_not_transposed(tmp_path):
+    """Its transpose would read the file by columns on every pass (and a cluster could no
+    longer ship it by path): the exact method, which needs an n x n factor, is refused for
+    the file and runs on the same matrix in memory, as its transpose."""
+    A = np.random.default_rng(1).standard_normal((50, 5000))
+    path = str(tmp_path / "wide.npy")
+    np.save(path, A)
+    for stored in (path, np.load(path, mmap_mode="r")):
+        with pytest.raises(InputError, match="needs an n x n factor"):
+            ooc_svd.svd_lowrank(stored, q=3, method="exact")
+    S = ooc_svd.svd_lowrank(np.load(path), q=3, method="exact")[1]
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-12)
+
+
 def test_torch_functions_take_a_seed_none_for_niter_and_empty_matrices(matrix):
     """torch's niter=None is 2; its global generator is no seed here (seed is a keyword);
     an empty A gives empty factors, as torch gives them."""

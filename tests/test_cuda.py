@@ -919,7 +919,7 @@ def test_a_gpu_older_than_the_compiler_targets_is_not_usable():
 
     def gpu_of(capability):
         device = SimpleNamespace(compute_capability=capability)
-        return SimpleNamespace(get_current_device=lambda: device)
+        return SimpleNamespace(gpus=[device])
 
     lowest = get_lowest_supported_cc()
     older = (lowest[0] - 1, 0)
@@ -1186,6 +1186,22 @@ def test_a_workers_threads_take_turns_on_its_gpu(monkeypatch, tmp_path, block_ro
     assert len(gpu.plan.blocks) == 8
     assert gpu.backend == "cuda" and most[0] == 1 and open_now[0] == 0
     np.testing.assert_allclose(gpu.S, cpu.S, rtol=1e-10)
+
+
+@on_device
+def test_a_gpu_task_whose_kernels_fail_to_close_lets_the_next_one_run(monkeypatch):
+    from ooc_svd import distributed
+    from ooc_svd.kernels import cuda_backend
+
+    def failing_close(self):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(cuda_backend.CUDAKernels, "close", failing_close)
+    with pytest.raises(RuntimeError, match="the device is gone"), \
+            distributed._task_kernels(6, ("cuda", None, None, None)) as kernels:
+        assert kernels.name == "cuda"
+    assert distributed._GPU_TURN.acquire(blocking=False)  # not left held
+    distributed._GPU_TURN.release()
 
 
 @on_device

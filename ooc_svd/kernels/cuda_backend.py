@@ -135,7 +135,9 @@ def capability_shortfall(cuda: Any) -> str:
         lowest = tuple(get_lowest_supported_cc())
     except Exception:  # a numba-cuda without it, or NVRTC not answering: the launch decides
         return ""
-    capability = tuple(cuda.get_current_device().compute_capability)
+    # The device that numba opens unless a program selects another, read without
+    # creating a context (which takes device memory) in a process that only asks.
+    capability = tuple(cuda.gpus[0].compute_capability)
     if capability >= lowest:
         return ""
     return (f"the GPU's compute capability {capability[0]}.{capability[1]} is below "
@@ -1098,7 +1100,7 @@ class _StagingStream:
             self.stream.synchronize()
         self.host, self.device, self.holds, self.holds_x = None, None, None, None
         self.device_scratch, self.host_scratch = {}, {}
-        self.arrays, self.in_flight = [], []
+        self.arrays, self.in_flight, self.small_copied = [], [], {}
 
     def await_delivery(self) -> None:
         """Wait until the final pass's last Q_i from this lane is spilled (its pinned
@@ -1173,7 +1175,8 @@ class _StagingStream:
             host = self.pinned(name, *M.shape)
             np.copyto(host, M)
             device.copy_to_device(host, stream=self.stream)
-            copied = self.small_copied.setdefault(name, self.cuda.event())
+            if copied is None:
+                copied = self.small_copied[name] = self.cuda.event()
             copied.record(self.stream)
         return device
 
