@@ -20,4 +20,6 @@ sparse=example_data/sparse_200000x20000.zarr
 .venv/bin/ooc-svd info "$sparse" --k 10 --method krylov --niter 4 --memory-limit 500MB
 .venv/bin/ooc-svd run "$sparse" --k 10 --center --method krylov --niter 4 \
     --memory-limit 500MB --out example_data/sparse_result.zarr --overwrite --progress
-.venv/bin/ooc-svd check example_data/sparse_result.zarr "$sparse"
+# Its residual (about 0.92: a flat spectrum) hides another input from sampled rows; this
+# small store is checked whole instead, against its exact residual.
+.venv/bin/ooc-svd check example_data/sparse_result.zarr "$sparse" --samples 1000
