@@ -527,8 +527,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
         if m < n and _checked_center(center) and \
                 _wide_as_tall(source, np.zeros(n), client) is not None:
             return _svd_lowrank(source, rank, niter, _column_means(source), run)
-        elif m < n:
-            return _svd_lowrank(source, rank, niter, None, run)
+        if m < n and not center:
+            return _svd_lowrank(source, rank, niter, None, run)  # flipped where it can be
         result = _run(source, run.request(rank, niter, center=center))
         return result.U, result.S, result.V
 

@@ -709,6 +709,28 @@ def test_torch_functions_factor_a_wide_a_as_its_transpose(sparse):
             ooc_svd.svd(A, q, oversample=0, memory_limit=limit)  # A, not its transpose
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pca_lowrank_centers_a_wide_a_whether_or_not_it_is_transposed(sparse, tmp_path):
+    """A wide sparse A of at most 4096 rows keeps its rows (A^T less a column would be
+    densified), a wide .npy file too; both are centered as a transposed one is."""
+    A = scipy.sparse.random(60, 3000, density=0.02, random_state=2, format="csr") * 4 + \
+        scipy.sparse.random(60, 3000, density=0.001, random_state=3, format="csr") * 100
+    if not sparse:
+        A = A.toarray()
+        np.save(tmp_path / "wide.npy", A)
+    dense = A.toarray() if sparse else A
+    centered = dense - dense.mean(axis=0)
+    exact = np.linalg.svd(centered, compute_uv=False)[:4]
+    inputs = [A] + ([] if sparse else [str(tmp_path / "wide.npy")])
+    for matrix in inputs:
+        U, S, V = ooc_svd.pca_lowrank(matrix, q=4, method="exact")
+        np.testing.assert_allclose(S, exact, rtol=1e-6)
+        np.testing.assert_allclose(U.T @ centered @ V, np.diag(S), atol=1e-6 * S[0])
+        _, uncentered, _ = ooc_svd.pca_lowrank(matrix, q=4, center=False, method="exact")
+        np.testing.assert_allclose(uncentered, np.linalg.svd(dense, compute_uv=False)[:4],
+                                   rtol=1e-6)
+
+
 def test_a_wide_npy_file_is_read_by_rows_not_transposed(tmp_path):
     """Its transpose would read the file by columns on every pass (and a cluster could no
     longer ship it by path): the exact method, which needs an n x n factor, is refused for
