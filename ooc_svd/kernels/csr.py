@@ -267,13 +267,21 @@ def _column_range_sweep(block, first_row, Q, CT) -> tuple[float, np.ndarray]:
 
 def _add_shifted_totals(stats: BlockStats, colsum: np.ndarray, sumsq: float, rows: int,
                         shift: np.ndarray) -> None:
-    """Totals of A_s = A - 1 s^T from those of A (see the module docstring); a shift too
-    large for float64 leaves them infinite, which the pass's end names
-    (``cpu.check_total_finite``)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        stats.colsum += colsum - rows * shift
-        stats.sumsq += sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift)
+    """Add the totals of A_s = A - 1 s^T, from those of A, to ``stats``."""
+    colsum, sumsq = shifted_totals(colsum, sumsq, rows, shift)
+    stats.colsum += colsum
+    stats.sumsq += sumsq
     stats.rows += rows
+
+
+def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
+                   ) -> tuple[np.ndarray, float]:
+    """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows;
+    see the module docstring); infinite for a shift too large for float64, which the
+    pass's end names (``cpu.check_total_finite``)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (colsum - rows * shift,
+                sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift))
 
 
 def densify_into(block, first_row: int, shift: np.ndarray, out: np.ndarray,

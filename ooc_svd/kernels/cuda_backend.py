@@ -68,6 +68,7 @@ from ..tsqr import MergeFactors, StreamingTSQR, local_qr
 from ..units import format_bytes
 from .backend import SpillBlock
 from .cpu import BlockStats, subtract_outer
+from .csr import shifted_totals
 
 STREAMS = 2
 # The accumulation types of the kernels (``kernels.cuda.ACCUMULATE``), named here to check
@@ -1046,15 +1047,6 @@ def _gram(kernels: Any, lane: _StagingStream, V: Any, width: int) -> np.ndarray:
     lane.stream.synchronize()
     upper = np.triu(G)
     return upper + np.triu(upper, 1).T
-
-
-def shifted_totals(colsum: np.ndarray, sumsq: float, rows: int, shift: np.ndarray
-                   ) -> tuple[np.ndarray, float]:
-    """Column sums and sum of squares of A_s = A - 1 s^T from those of A (``rows`` rows);
-    infinite for a shift too large for float64, which the pass's end names."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return (colsum - rows * shift,
-                sumsq - 2.0 * float(shift @ colsum) + rows * float(shift @ shift))
 
 
 def raise_if_not_finite(records: np.ndarray, rows: list[tuple[int, int]]) -> None:
