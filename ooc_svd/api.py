@@ -538,7 +538,7 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
 
 def _column_means(source: DenseSource | CSRSource) -> np.ndarray:
     """Column means in float64 of an A held in memory (``_wide_as_tall`` took it)."""
-    return np.asarray(_in_memory_transpose(source).T.mean(axis=0, dtype=np.float64)).reshape(-1)
+    return np.asarray(_in_memory(source).mean(axis=0, dtype=np.float64)).reshape(-1)
 
 
 def _torch_keywords(q: Any, niter: Any, method: str, seed: int, memory_limit: Any,
@@ -738,10 +738,17 @@ def low_rank_factors(
 def _in_memory_transpose(source: DenseSource | CSRSource) -> Any:
     """The transpose of a matrix held in memory (numpy, torch, scipy.sparse), else None:
     a store's or a dask array's transpose would be read by columns."""
+    matrix = _in_memory(source)
+    return None if matrix is None else matrix.T
+
+
+def _in_memory(source: DenseSource | CSRSource) -> Any:
+    """The matrix itself, a numpy array or scipy.sparse CSR matrix, where it is held in
+    memory (numpy, torch, scipy.sparse), else None."""
     if isinstance(source, DenseSource) and not source.decodes:
-        return np.asarray(source.array).T
+        return np.asarray(source.array)
     if isinstance(source, CSRSource) and isinstance(source.data, np.ndarray):
-        return source.read(0, source.shape[0]).to_scipy().T
+        return source.read(0, source.shape[0]).to_scipy()
     return None
 
 
