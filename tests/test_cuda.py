@@ -6,8 +6,8 @@ Elsewhere ``test_gpu_tests_under_the_simulator`` runs the same tests (but those 
 NUMBA_ENABLE_CUDASIM=1 (the variable is read when numba is imported, which this process has
 done already), where the backend picks tiny thread blocks so that every tile edge and loop is
 exercised on tiny inputs. The simulator does not prove that a kernel compiles, so
-``test_kernels_compile_to_ptx`` compiles every kernel for sm_80 and sm_90, which needs
-numba-cuda but no GPU.
+``test_kernels_compile_to_ptx`` compiles every kernel for sm_80 and sm_90 and assembles it
+to check its registers, which needs numba-cuda but no GPU.
 """
 
 import os
@@ -867,9 +867,12 @@ def test_kernels_compile_to_ptx(cc, monkeypatch):
         compiled = device_kernels._compile.__wrapped__(device_kernels.ACCUMULATE[accumulate],
                                                        device_kernels.DEFAULT_GEOMETRY)
         for name, signature in device_kernels.example_signatures(data, index).items():
-            ptx, _ = cuda.compile_ptx(getattr(compiled, name).py_func, signature, cc=cc)
+            kernel = getattr(compiled, name)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc,
+                                      launch_bounds=kernel.targetoptions["launch_bounds"])
             assert f".target sm_{cc[0]}{cc[1]}" in ptx, name
             assert ".local" not in ptx, f"{name} keeps its register tiles in local memory"
+            check_occupancy(name, ptx, cc)
     # What zero() launches: clear on float64 arrays.
     compiled = device_kernels._compile.__wrapped__(np.float64, device_kernels.DEFAULT_GEOMETRY)
     ptx, _ = cuda.compile_ptx(compiled.clear.py_func, "void(float64[::1])", cc=cc)
@@ -881,6 +884,54 @@ def test_kernels_compile_to_ptx(cc, monkeypatch):
     for name in ("csr_power", "csr_times", "csr_transposed"):
         ptx, _ = cuda.compile_ptx(getattr(narrow, name).py_func, signatures[name], cc=cc)
         assert "shfl.sync" in ptx, name
+
+
+def check_occupancy(name: str, ptx: str, cc: tuple[int, int]):
+    """Assemble ``ptx`` for ``cc`` as the driver would (nvJitLink, shipped with
+    numba-cuda[cu13]) and check that the kernel spills no registers and that enough of its
+    thread blocks fit on a multiprocessor: ``DENSE_TILE_BLOCKS`` of the dense tiled
+    products (the launch bound), 2 of the others but the scan, which runs one block."""
+    import re
+
+    from cuda.bindings import nvjitlink
+
+    from ooc_svd.kernels import cuda as device_kernels
+
+    handle = nvjitlink.create(2, [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"])
+    try:
+        code = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, code, len(code), name)
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    log = log.decode()
+    registers = int(re.findall(r"[Uu]sed (\d+) registers", log)[-1])
+    shared = int((re.findall(r"(\d+) bytes smem", log) or ["0"])[-1])
+    assert re.search(r"\b0 bytes spill stores", log), f"{name} spills registers:\n{log}"
+
+    g = device_kernels.DEFAULT_GEOMETRY
+    if name in ("dense_times", "dense_transposed"):
+        threads, wanted = g.threads_x * g.threads_y, device_kernels.DENSE_TILE_BLOCKS
+        assert f".minnctapersm {wanted}" in ptx, f"{name} lost its launch bounds"
+    elif name == "column_starts":
+        threads, wanted = g.scan_threads, 1
+    elif name in ("csr_power", "csr_times", "csr_transposed", "csr_to_columns",
+                  "columns_times"):
+        threads, wanted = g.lanes * g.groups, 2
+    else:
+        threads, wanted = g.stats_threads, 2
+    # sm_80 and sm_90: 65536 registers, 2048 threads and 32 blocks per multiprocessor,
+    # registers allocated per warp in units of 256, 1 KiB of shared memory reserved per block.
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // 256) * 256
+    shared_per_multiprocessor = {8: 164, 9: 228}[cc[0]] * 1024
+    fit = min((65536 // per_warp) // warps, 2048 // threads, 32,
+              shared_per_multiprocessor // (shared + 1024))
+    assert fit >= wanted, (f"{name}: {fit} blocks of {threads} threads fit a multiprocessor "
+                           f"({registers} registers, {shared} bytes of shared memory), "
+                           f"not {wanted}")
 
 
 @pytest.mark.skipif(USABLE, reason="a CUDA device is usable here")

@@ -61,6 +61,14 @@ Dense tiles are centered before they are rounded, so the loss is relative to A -
 CSR block's products are summed before the shift is applied, so there a column mean much
 larger than the values' spread costs accuracy in float32.
 
+Occupancy. Registers a thread, assembled by nvJitLink 13.5 for sm_80 / sm_90 (float64
+accumulation, float32 values and int32 indices), and the blocks of 256 threads that fit a
+multiprocessor: dense tiles 128 / 128 (2 / 2, by launch bounds), CSR power 114 / 59 (2 / 4),
+CSR products 80 / 48 (3 / 5), ``gram`` 72 / 63 (3 / 4), all others at most 48 / 56 (5 / 4).
+The CSR power kernel bounded to 4 blocks on sm_80 spills 96 bytes a thread; whether that
+beats 2 blocks without spills is not measured (it needs an A100). Grid-stride and split-K
+launches size their grids by threads, not by these counts (see ``BlockKernels._resident``).
+
 Kernels are built per (accumulation type, ``Geometry``) by ``BlockKernels``; a small
 geometry keeps the simulator (``NUMBA_ENABLE_CUDASIM=1``) fast in tests.
 """
@@ -81,6 +89,13 @@ ACCUMULATE = {"float64": np.float64, "float32": np.float32}
 WARP = 32
 MAX_THREADS_PER_BLOCK = 1024
 MAX_STATIC_SHARED_BYTES = 48 * 1024
+# Thread blocks of the dense tiled products that must fit on a multiprocessor at once.
+# Their register tiles take 128 registers a thread (sm_80 and sm_90, 256 threads, float64
+# accumulation), the most at which two blocks share a multiprocessor's 65536 registers; a
+# bound of 2 makes the compiler keep to that rather than leave one block of 8 warps, too
+# few to hide the loads of the next tile. See "Occupancy" in the module docstring for the
+# others; ``tests/test_cuda.py`` assembles every kernel and checks both.
+DENSE_TILE_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -299,10 +314,15 @@ class BlockKernels:
         self._launch(name, grid, (g.lanes, g.groups), stream, data, indices, indptr, *rest)
 
     def _resident(self, threads_per_block: int) -> int:
-        """Blocks that grid-stride and split-K kernels launch: as many as fill every
-        multiprocessor. Measured on an H100 with blocks of 256 threads: the CSR power kernel
-        ran at 34, 36 and 39 GB/s of A with 2, 4 and 8 blocks per multiprocessor (its loads
-        and atomics need many warps in flight); the dense products did not change."""
+        """Blocks that grid-stride and split-K kernels launch: as many as a multiprocessor
+        has threads for. Registers hold fewer at once (see "Occupancy" in the module
+        docstring), so the grid runs in waves (4 of the dense tiles, 2 of the CSR power
+        kernel on an H100), and later waves even out rows of uneven lengths. Measured on an
+        H100 with blocks of 256 threads: the CSR power kernel (4 resident) ran at 34, 36 and
+        39 GB/s of A with grids of 2, 4 and 8 blocks per multiprocessor; the dense products
+        did not change. The split-K products pay for the extra chunks with one atomic per
+        output entry and chunk, against a multiply-add per row of the chunk: Z += A^T Y
+        with n = 1024 splits a block of 262 144 rows into chunks of about 4 000 on an H100."""
         per_multiprocessor = self.threads_per_multiprocessor // threads_per_block
         return self.multiprocessors * max(1, per_multiprocessor)
 
@@ -759,4 +779,11 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
     kernels = (dense_times, dense_transposed, dense_totals, csr_power, csr_times,
                csr_transposed, csr_totals, clear, column_counts, column_starts,
                csr_to_columns, columns_times, transpose, small_product, gram, solve_rows)
-    return SimpleNamespace(**{kernel.__name__: cuda.jit(kernel) for kernel in kernels})
+
+    def jit(kernel):
+        # The simulator takes no launch bounds.
+        if kernel in (dense_times, dense_transposed) and not config.ENABLE_CUDASIM:
+            return cuda.jit(kernel, launch_bounds=(threads, DENSE_TILE_BLOCKS))
+        return cuda.jit(kernel)
+
+    return SimpleNamespace(**{kernel.__name__: jit(kernel) for kernel in kernels})
