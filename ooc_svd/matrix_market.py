@@ -288,11 +288,16 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
     """The block's entries, once its lines, indices and count are found valid."""
     stats, text = parsed.stats, parsed.text
     if stats[FAILED_AT] >= 0:
-        failed = int(stats[FAILED_AT])
-        line = bytes(text[failed:]).split(b"\n", 1)[0].decode("latin-1").strip()
-        number = progress.lines + bytes(text[:failed]).count(b"\n") + 1
+        number, line = _line_at(text, int(stats[FAILED_AT]), progress)
         raise InputError(f"{path!r}, line {number}: {line!r} is not 'ROW COLUMN"
                          f"{' VALUE' if header.has_values else ''}'")
+    values = parsed.chunk.values
+    if header.field == "integer" and values is not None:
+        fractional = np.flatnonzero(values != np.trunc(values))  # NaN, 1.5 (Inf passes)
+        if fractional.size:
+            number, line = _line_at(text, _entry_offset(text, int(fractional[0])), progress)
+            raise InputError(f"{path!r}, line {number}: {line!r} holds a value that is not "
+                             "an integer, in a file whose header says 'integer'")
     progress.lines += int(stats[LINES])
     progress.entries += parsed.chunk.rows.size
     if progress.entries > header.entries:
@@ -305,6 +310,25 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
             raise InputError(f"{path!r}: a {name} index ({low if low < 1 else high}) lies "
                              f"outside 1..{bound} (shape {m} x {n})")
     return _with_mirrors(parsed.chunk, header.symmetry)
+
+
+def _line_at(text: memoryview, offset: int, progress: _Progress) -> tuple[int, str]:
+    """(number in the file, text) of the line of ``text`` that starts at byte ``offset``."""
+    line = bytes(text[offset:]).split(b"\n", 1)[0].decode("latin-1").strip()
+    return progress.lines + bytes(text[:offset]).count(b"\n") + 1, line
+
+
+def _entry_offset(text: memoryview, entry: int) -> int:
+    """Where the line of the ``entry``-th entry of ``text`` starts, past blank and comment
+    lines as ``parse_entry_lines`` skips them (only for an error message: it is slow)."""
+    offset, seen = 0, -1
+    for line in bytes(text).split(b"\n"):
+        if line.strip() and not line.lstrip().startswith(b"%"):
+            seen += 1
+            if seen == entry:
+                return offset
+        offset += len(line) + 1
+    raise ValueError(f"no entry {entry} in the block")
 
 
 def _with_mirrors(chunk: EntryChunk, symmetry: str) -> EntryChunk:

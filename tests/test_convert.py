@@ -344,6 +344,10 @@ def test_mtx_gzip_and_header_variations(tmp_path):
         ("%%MatrixMarket matrix coordinate real general\n3 3 3\n1 1 1\n", "announces 3"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 1\n2 2 2\n", "more entries"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 abc\n", "line 3"),
+        ("%%MatrixMarket matrix coordinate integer general\n3 3 3\n1 1 2\n% note\n\n"
+         "2 2 1.5\n3 3 1\n", "line 6: '2 2 1.5' holds a value that is not an integer"),
+        ("%%MatrixMarket matrix coordinate integer general\n3 3 1\n1 1 nan\n",
+         "line 3: '1 1 nan' holds a value that is not an integer"),
         ("%%MatrixMarket matrix coordinate real general\n99999999999999999999 3 1\n1 1 1\n",
          "the size line '99999999999999999999 3 1' exceeds 2\\*\\*63 - 1"),
         ("%%MatrixMarket matrix coordinate real general\n3 -3 1\n1 1 1\n",
