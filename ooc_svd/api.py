@@ -58,7 +58,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.dense import not_a_matrix
-from .sources.difference import sparse_column, subtract, transposed
+from .sources.difference import check_subtrahend, sparse_column, subtract, transposed
 from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths, stored_chunk_files
 from .store import (
@@ -448,6 +448,8 @@ def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: 
     # no wider).
     q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
     if q == 0:
+        if M is not None:  # torch's A - M refuses it too
+            check_subtrahend(M, (m, n))
         return _empty_factors(source)
     flipped = _wide_as_tall(source, M, options.client)
     if flipped is not None:

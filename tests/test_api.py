@@ -761,6 +761,11 @@ def test_torch_functions_take_a_seed_none_for_niter_and_empty_matrices(matrix):
             U, S, V = function(np.zeros(shape, np.float32))
             assert (U.shape, S.shape, V.shape) == ((shape[0], 0), (0,), (shape[1], 0))
             assert U.dtype == S.dtype == V.dtype == np.float32
+    U, S, V = ooc_svd.svd_lowrank(np.zeros((0, 5)), M=np.ones(5))
+    assert (U.shape, S.shape, V.shape) == ((0, 0), (0,), (5, 0))
+    with pytest.raises(InputError, match=r"M of shape \(3, 5\) does not broadcast to A's "
+                                         r"shape \(0, 5\)"):
+        ooc_svd.svd_lowrank(np.zeros((0, 5)), M=np.ones((3, 5)))
     U, S, V = ooc_svd.svd_lowrank(np.zeros((2, 0, 4)))  # a stack of empty matrices
     assert (U.shape, S.shape, V.shape) == ((2, 0, 0), (2, 0), (2, 4, 0))
     with pytest.raises(InputError, match="q=3 must be at most min"):

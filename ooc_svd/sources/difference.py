@@ -38,6 +38,12 @@ def subtract(source: DenseSource | CSRSource, M: Any) -> tuple[DenseSource | CSR
                        decodes=source.decodes or subtrahend.decodes), None
 
 
+def check_subtrahend(M: Any, shape: tuple[int, int]) -> None:
+    """Refuse an M that does not broadcast to A's ``shape`` or holds no real numbers, as
+    ``subtract`` does: for an A whose factors need no run (an empty one)."""
+    _checked(M, shape)
+
+
 def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None:
     """M's source when A is sparse and M a column of shape (m, 1), m > 1, or an m x n view
     that repeats one, whose A - M the kernels form by rank-one corrections
