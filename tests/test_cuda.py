@@ -744,7 +744,9 @@ def test_free_deferred_flushes_the_memory_managers_queue_and_the_contexts():
 @pytest.mark.skipif(SIMULATED, reason="the simulator has no device memory to count")
 def test_closed_kernels_give_their_device_memory_back():
     """numba queues frees until 10 are pending or a fifth of the device is: without
-    flushing that queue, a closed run's buffers stayed taken for the driver."""
+    flushing that queue, a closed run's buffers stayed taken for the driver. The sweeps stay
+    referenced, as a cluster task's do when it closes its kernels: their own arrays (X, Z
+    and B^T, 0.5-1 GB each for 4 million columns) are let go with their results."""
     from numba import cuda
 
     from ooc_svd.kernels.cuda_backend import free_deferred
@@ -762,7 +764,19 @@ def test_closed_kernels_give_their_device_memory_back():
         sweep.add(dense_block(rows, n, np.float32, seed), 0, shift)
     sweep.result()
     assert driver_free() < before - 300e6
-    del sweep  # as a run lets go of each pass's sweep, before closing its kernels
+    kernels.close()
+    assert driver_free() > before - 50e6
+
+    n = 4_000_000
+    X = np.random.default_rng(0).standard_normal((n, l))
+    block = csr_block(100, n // 1000, np.float32, np.int32)
+    block = CSRBlock(block.data, block.indices * 1000, block.indptr, n)
+    kernels = CUDAKernels(n)
+    power, final = (kernels.power_sweep(X, BlockStats.zeros(n)),
+                    kernels.final_sweep(X, BlockStats.zeros(n), True, lambda *_: None))
+    for sweep in (power, final):
+        sweep.add(block, 0, np.zeros(n))
+        sweep.result()
     kernels.close()
     assert driver_free() > before - 50e6
 

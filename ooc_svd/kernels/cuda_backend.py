@@ -640,6 +640,13 @@ class _DeviceSweep:
         elif shift is not self.shift and not np.array_equal(shift, self.shift):
             raise ValueError("a pass keeps one centering shift for all its blocks")
 
+    def _let_go_of_device(self, *names: str) -> None:
+        """Drop the sweep's device arrays (these and ``names``) once its result is home.
+        A cluster task closes its kernels while its sweep is still referenced; held until
+        then, they were queued for freeing after the close's flush and stayed taken."""
+        for name in ("device_X", "colsum", "records", "device_shift", "device_sX", *names):
+            setattr(self, name, None)
+
     def _add_sweep_totals(self) -> np.ndarray:
         """Wait for the device, raise NonFiniteError for a block with NaN or Inf, and add
         the sweep's totals of A_s to ``stats``; returns the column sums of A_s."""
@@ -704,6 +711,7 @@ class CUDAPowerSweep(_DeviceSweep):
                                       spare=self.device_X.reshape(-1))
         if self.sparse:
             subtract_outer(Z, self.shift, colsum @ self.X)
+        self._let_go_of_device("Z")
         return Z
 
 
@@ -818,6 +826,7 @@ class CUDAFinalSweep(_DeviceSweep):
         if self.sparse and BT.size:
             subtract_outer(BT, self.shift, self.ones_part)
         self.tsqr.BT = BT
+        self._let_go_of_device("buffers", "BT")
         return self.tsqr
 
     def _start(self, block, first_row: int, lane: _StagingStream) -> _PendingBlock:
