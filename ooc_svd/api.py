@@ -55,6 +55,7 @@ from .kernels.cuda_backend import (
 from .kernels.row_shift import RowShiftKernels
 from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
+from .progress import progress_bars
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, open_source
 from .sources.dense import not_a_matrix
@@ -931,7 +932,7 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
     left = LeftVectors(writer, m, _result_dtype(source.dtype), plan.block_rows)
     context = PassContext(
         source, kernels, plan.blocks, plan.prefetch_depth, centering,
-        _progress_factory(request.progress), [], saved, plan.cached_blocks,
+        progress_bars(request.progress), [], saved, plan.cached_blocks,
     )
     context.cluster = cluster
     if cluster is not None:
@@ -1176,15 +1177,3 @@ def _result_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
-def _progress_factory(progress: bool | None):
-    from tqdm import tqdm
-
-    enabled = sys.stderr.isatty() if progress is None else bool(progress)
-
-    def factory(name: str, total_bytes: int):
-        # Bytes of A, so the bar shows GB/s of the pass and its ETA. A terminal's bar goes
-        # when its pass ends; a log keeps each pass's last state, at 100%, with its time.
-        return tqdm(total=total_bytes, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
-                    leave=not sys.stderr.isatty(), disable=not enabled, file=sys.stderr)
-
-    return factory

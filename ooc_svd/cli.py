@@ -442,10 +442,11 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
 @click.option("--scratch-dir", default=None,
               help="Where entries out of row order are bucketed [default: system temp].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--quiet", is_flag=True, help="Print nothing on success, and no progress bars.")
+@click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
 @user_errors
 def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir, overwrite,
-            quiet) -> None:
+            quiet, progress) -> None:
     """Convert a sparse matrix to the CSR layout on zarr at OUT, with bounded memory.
 
     INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz), an HDF5
@@ -458,7 +459,8 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
     options = {name: value for name, value in given.items() if value is not None}
     started = time.perf_counter()
     written = convert_matrix(input_path, out, dtype=dtype, memory_limit=memory_limit,
-                             overwrite=overwrite, **options)
+                             overwrite=overwrite,
+                             progress=False if quiet else (True if progress else None), **options)
     if not quiet:
         source = written.attrs.get("ooc_svd_source", {})
         buckets = source.get("buckets")

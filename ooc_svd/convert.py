@@ -53,6 +53,7 @@ from .coordinates import (
 from .errors import InputError, MissingDependencyError, StoreNotFoundError
 from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
+from .progress import progress_bars
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter, stored_shape
 from .sources.open import load_npz
 from .sparse_streams import (
@@ -81,10 +82,21 @@ class _Target:
     overwrite: bool
     memory_limit: int  # what the conversion may use besides the writer's chunks
     scratch_dir: str | None = None
+    progress: bool | None = None  # bars on stderr; None: when it is a terminal
 
     def writer(self) -> CSRWriter:
+        bars = progress_bars(self.progress)
         return CSRWriter(self.out, self.shape[1], self.dtype, chunk_nnz=self.chunk_nnz,
-                         overwrite=self.overwrite)
+                         overwrite=self.overwrite,
+                         progress=lambda: bars("rows", self.shape[0], unit=" rows"))
+
+    def counted(self, chunks: Iterator[EntryChunk], expected: int) -> Iterator[EntryChunk]:
+        """``chunks``, with a bar of the entries that went by (``expected`` of them)."""
+        with progress_bars(self.progress)("entries into buckets", expected,
+                                          unit=" entries") as bar:
+            for chunk in chunks:
+                yield chunk
+                bar.update(chunk.rows.size)
 
     @property
     def text_bytes(self) -> int:
@@ -106,8 +118,8 @@ class _Target:
 
 def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *, dtype: Any,
             chunk_nnz: int, overwrite: bool, memory_limit: int | str,
-            scratch_dir: str | os.PathLike | None = None, source_path: str | None = None
-            ) -> _Target:
+            scratch_dir: str | os.PathLike | None = None, source_path: str | None = None,
+            progress: bool | None = None) -> _Target:
     """Validate the options before any long work (``source_path``: the input's file or
     store, which ``out`` may not touch)."""
     path = check_output_path(out, overwrite, replaces="csr",
@@ -128,7 +140,7 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
             f"{chunk_nnz}): raise the limit or lower chunk_nnz"
         )
     return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,
-                   None if scratch_dir is None else os.fspath(scratch_dir))
+                   None if scratch_dir is None else os.fspath(scratch_dir), progress)
 
 
 def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:
@@ -184,14 +196,15 @@ def _write_coordinates(target: _Target, entries: Callable[[], Iterator[EntryChun
             else:
                 return _finish(writer, target, {**provenance, "row_sorted": True})
     with target.writer() as writer, closing(entries()) as chunks:
-        buckets = write_bucketed(chunks, writer, target.shape[0], expected,
+        buckets = write_bucketed(target.counted(chunks, expected), writer, target.shape[0],
+                                 expected,
                                  target.sort_entries, has_values, target.scratch_dir)
         return _finish(writer, target, {**provenance, "row_sorted": False, "buckets": buckets})
 
 
 def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
                chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-               overwrite: bool = False) -> Any:
+               overwrite: bool = False, progress: bool | None = None) -> Any:
     """Write a scipy.sparse matrix or array to the CSR layout at ``out``.
 
     Parameters
@@ -208,6 +221,8 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
         Bounds the rows copied per block.
     overwrite : bool, default=False
         Replace an existing ``out`` (else ``OutputExistsError``).
+    progress : bool, optional
+        A progress bar of the rows written, on stderr; default: when stderr is a terminal.
 
     Returns
     -------
@@ -219,7 +234,7 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
         raise InputError(f"expected a 2-D scipy.sparse matrix, not {type(matrix).__name__}")
     kind = type(matrix).__name__
     target = _target(out, matrix.shape, matrix.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
-                     overwrite=overwrite, memory_limit=memory_limit)
+                     overwrite=overwrite, memory_limit=memory_limit, progress=progress)
     csr = matrix if matrix.format == "csr" else matrix.tocsr()
     readers = (SlicedReader(csr.indptr, "indptr"), SlicedReader(csr.indices, "indices"),
                SlicedReader(csr.data, "data"))
@@ -249,7 +264,8 @@ def _names_damaged_files(converter: Callable[..., Any]) -> Callable[..., Any]:
 @_names_damaged_files
 def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             progress: bool | None = None) -> Any:
     """Write a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) to the CSR layout at ``out``.
 
     CSR arrays are read from the archive front to back, decompressed as they are read; COO
@@ -277,7 +293,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                              "not 2-D")
         shape = stored_shape(stored.tolist(), repr(path))
         options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
-                       memory_limit=memory_limit)
+                       memory_limit=memory_limit, progress=progress)
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
             return from_scipy(load_npz(path), out, **options)
         if layout in ("csr", "csc") and not {"indptr", "indices"} <= names:
@@ -318,7 +334,8 @@ def _npz_entries(path: str, layout: str, shape: tuple[int, int],
 @_names_damaged_files
 def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+             scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             progress: bool | None = None) -> Any:
     """Write a Matrix Market coordinate file (``.mtx``, or gzipped ``.mtx.gz``) to the CSR
     layout at ``out``.
 
@@ -340,6 +357,9 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         system's temp directory.
     overwrite : bool, default=False
         Replace an existing ``out`` (else ``OutputExistsError``).
+    progress : bool, optional
+        Progress bars on stderr, of the rows written and of the entries put into buckets;
+        default: when stderr is a terminal.
 
     Returns
     -------
@@ -359,7 +379,7 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     source = {"real": np.float64, "integer": np.int64}.get(header.field)
     target = _target(out, header.shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                     source_path=path)
+                     source_path=path, progress=progress)
     return _write_coordinates(
         target, lambda: read_entry_chunks(path, target.text_bytes), header.expanded_entries,
         header.has_values, {"input": path, "format": header.describe()},
@@ -371,7 +391,8 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
 def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "X",
               dtype: Any = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
               memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
+              progress: bool | None = None) -> Any:
     """Write a sparse matrix stored in an HDF5 file (AnnData ``.h5ad``) to the CSR layout.
 
     ``group`` names an HDF5 group in AnnData's sparse layout: datasets ``data``, ``indices``,
@@ -392,7 +413,7 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
         layout, shape, data = _h5_sparse_group(file, group, path, h5py)
         target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                         source_path=path)
+                         source_path=path, progress=progress)
         provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
         return _write_sparse_group(file[group], f"{path}:{group}", layout, shape, target,
                                    provenance)
@@ -400,7 +421,8 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
 
 def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
               chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
+              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
+              progress: bool | None = None) -> Any:
     """Rewrite a sparse zarr group (AnnData's layout, ``csr_matrix`` or ``csc_matrix``,
     zarr format 2 or 3) in the CSR layout: to rechunk a CSR store (``chunk_nnz``: smaller
     storage chunks make smaller blocks, for a lower memory limit), to change its value dtype,
@@ -422,7 +444,7 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     shape = stored_shape(group.attrs["shape"], repr(path))
     target = _target(out, shape, group["data"].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                     source_path=path)
+                     source_path=path, progress=progress)
     provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
     return _write_sparse_group(group, path, layout, shape, target, provenance)
 

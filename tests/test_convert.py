@@ -627,6 +627,32 @@ def test_convert_command_writes_and_refuses_existing_output(tmp_path):
     assert_same_csr(read_back(zarr.open_group(str(out), mode="r")), A, np.float32)
     again = ooc_svd_command("convert", path, out, "--quiet")
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    quiet = ooc_svd_command("convert", path, tmp_path / "B.zarr", "--quiet", "--progress")
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
+
+
+@pytest.mark.parametrize("order", ["rows", "shuffled"])
+def test_convert_shows_its_progress_when_asked(tmp_path, order):
+    """A bar of the rows written; entries out of row order first go into buckets, with a
+    bar of their own. Stderr is no terminal here: each bar's last state stays, complete."""
+    A = with_gaps(m=3000, n=60, seed=15).tocoo()
+    if order == "shuffled":
+        shuffle = np.random.default_rng(0).permutation(A.nnz)
+        A = sp.coo_matrix((A.data[shuffle], (A.row[shuffle], A.col[shuffle])), shape=A.shape)
+    path = tmp_path / "A.mtx"
+    scipy.io.mmwrite(path, A)
+    done = ooc_svd_command("convert", path, tmp_path / "A.zarr", "--progress")
+    assert done.returncode == 0, done.stderr
+    states = [state for state in done.stderr.replace("\r", "\n").splitlines() if state]
+    bars = {state.split(":")[0]: state for state in states}
+    expected = {"rows": "3.00k/3.00k"}
+    if order == "shuffled":
+        expected["entries into buckets"] = f"{A.nnz / 1000:.2f}k/{A.nnz / 1000:.2f}k"
+    assert set(bars) == set(expected), states
+    for name, counts in expected.items():
+        assert "100%" in bars[name] and counts in bars[name], bars[name]
+    silent = ooc_svd_command("convert", path, tmp_path / "B.zarr")
+    assert silent.returncode == 0 and silent.stderr == ""
 
 
 def test_generate_density_writes_a_csr_store(tmp_path):

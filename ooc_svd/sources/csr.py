@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -424,12 +425,15 @@ class CSRWriter:
 
     Appended rows are buffered and written in whole storage chunks. The group is written
     under ``PATH.partial`` and renamed to ``PATH`` by ``close()``, so a failed conversion
-    never leaves a half matrix under the requested name.
+    never leaves a half matrix under the requested name. ``progress``: a callable that
+    makes a progress bar (tqdm's ``update`` and ``close``) when the first rows arrive,
+    updated with the rows appended and closed with the writer.
     """
 
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
                  chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
-                 compression_level: int = 3, replaces: str = "csr"):
+                 compression_level: int = 3, replaces: str = "csr",
+                 progress: Callable[[], Any] | None = None):
         import zarr
         from zarr.codecs import ZstdCodec
 
@@ -467,6 +471,7 @@ class CSRWriter:
             raise
         self.rows = 0
         self.nnz = 0
+        self.make_bar, self.bar = progress, None
 
     def append(self, block: Any) -> None:
         """Append rows: a ``CSRBlock`` or a scipy.sparse matrix with n_cols columns."""
@@ -490,6 +495,9 @@ class CSRWriter:
         self.columns["data"].append(values)
         self.rows += indptr.size - 1
         self.nnz += count
+        if self.make_bar is not None:
+            self.bar = self.bar or self.make_bar()
+            self.bar.update(indptr.size - 1)
 
     def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
         """``data`` as the store's dtype; InputError, naming the row, for a finite value
@@ -516,10 +524,17 @@ class CSRWriter:
             column.flush()
         self.output.commit(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
                                         "ooc_svd_csr": {"version": __version__}})
+        self._close_bar()
         return zarr.open_group(self.path, mode="r")
 
     def abort(self) -> None:
+        self._close_bar()
         self.output.abort()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def __enter__(self) -> CSRWriter:
         return self
