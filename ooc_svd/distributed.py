@@ -911,9 +911,21 @@ class _GroupRows:
         a, b = max(start, self.first), min(stop, self.last)
         if a < b:
             self.sink.array[a:b] = rows[a - start : b - start]
+            _check_output_kept(self.sink.array)
         for lo, hi in ((start, min(stop, self.first)), (max(start, self.last), stop)):
             if lo < hi:
                 self.returned.append((lo, rows[lo - start : hi - start]))
+
+
+def _check_output_kept(array: Any) -> None:
+    """After a task wrote rows into the output's U: if the run has ended meanwhile (an
+    error or an interrupt removed its unfinished output, while this task ran on), remove
+    what the write made again, chunk files in directories that zarr recreated without their
+    metadata, which would block the next run's ``resume`` and ``overwrite``; and stop."""
+    root = os.fspath(array.store.root)
+    if not os.path.exists(os.path.join(root, "zarr.json")):
+        shutil.rmtree(root, ignore_errors=True)
+        raise CancelledError(f"the run writing {root!r} has ended")
 
 
 @dataclass

@@ -166,6 +166,30 @@ def test_workers_write_only_chunks_wholly_inside_their_rows(start, stop, owned):
     assert sink.owned_rows(start, stop) == owned
 
 
+def test_rows_written_after_the_run_ended_are_removed_with_its_output(tmp_path):
+    """A group task of U's sweep that runs on after the run failed or was interrupted (dask
+    cannot stop a running task) wrote its rows into the output that the run had removed:
+    zarr recreated the directories, chunk files without metadata, and the next run was
+    refused, resume and overwrite alike. The task removes them again."""
+    from concurrent.futures import CancelledError
+
+    from ooc_svd.distributed import _GroupRows
+    from ooc_svd.store import LeftVectors, ResultWriter, check_output_path
+
+    out = str(tmp_path / "result.zarr")
+    writer = ResultWriter(out, overwrite=False)
+    left = LeftVectors(writer, 1000, np.dtype(np.float64), 100)
+    left.allocate(3)
+    rows = _GroupRows(RowSink(left.array, np.dtype(np.float64), 1000), 0, 1000)
+    rows.add(0, np.ones((100, 3)))  # while the run goes on
+    assert os.path.exists(os.path.join(writer.output.partial, "U", "c", "0", "0"))
+    writer.abort()
+    with pytest.raises(CancelledError, match="has ended"):
+        rows.add(100, np.ones((100, 3)))
+    assert not os.path.exists(writer.output.partial)
+    assert check_output_path(out, overwrite=False) == os.path.abspath(out)
+
+
 # ---- on a LocalCluster ----------------------------------------------------------------------
 
 
