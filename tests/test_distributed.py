@@ -166,6 +166,24 @@ def test_workers_write_only_chunks_wholly_inside_their_rows(start, stop, owned):
     assert sink.owned_rows(start, stop) == owned
 
 
+def test_a_copy_of_a_store_without_some_chunks_is_told_apart(dense_store, tmp_path):
+    """What a worker's view of the input is compared by: a copy that lacks chunk files,
+    with the same metadata (an interrupted rsync -a), would read them as zeros."""
+    import shutil
+
+    from ooc_svd.sources.paths import path_marker
+
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(dense_store, copy, copy_function=shutil.copy2)  # times kept
+    os.utime(copy, ns=(os.stat(dense_store).st_atime_ns, os.stat(dense_store).st_mtime_ns))
+    assert path_marker(copy) == path_marker(dense_store)
+    chunk = next(os.path.join(root, files[0]) for root, _, files in os.walk(copy)
+                 if files and "zarr.json" not in files)
+    os.remove(chunk)
+    assert path_marker(copy) != path_marker(dense_store)
+    assert path_marker(str(tmp_path / "absent")) is None
+
+
 def test_rows_written_after_the_run_ended_are_removed_with_its_output(tmp_path):
     """A group task of U's sweep that runs on after the run failed or was interrupted (dask
     cannot stop a running task) wrote its rows into the output that the run had removed:

@@ -62,7 +62,9 @@ def path_marker(path: str) -> str | None:
     """What tells the files at ``path`` from others of that name, cheaply (a cluster's
     workers compare it with the client's): the size and modification time of a file, or of
     each file directly in a directory (a zarr store's metadata), with the directory's entry
-    names. None when nothing is there."""
+    names and the number of files under it, listed but not opened or stat'ed: a copy that
+    lacks chunk files (an interrupted rsync, a network filesystem's stale listing) would read
+    them as zeros. None when nothing is there."""
     if not os.path.exists(path):
         return None
     if not os.path.isdir(path):
@@ -73,6 +75,8 @@ def path_marker(path: str) -> str | None:
         full = os.path.join(path, name)
         if os.path.isfile(full):
             digest.update(_digest(full).encode())
+    files = sum(len(files) for _, _, files in os.walk(path))
+    digest.update(f"\0{files} files".encode())
     return digest.hexdigest()
 
 
