@@ -12,6 +12,7 @@ from .accuracy import LowRankFactors  # noqa: E402
 from .api import low_rank_factors, pca_lowrank, svd, svd_lowrank, svd_plan  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
+    ClusterError,
     InputError,
     MissingDependencyError,
     NonFiniteError,
@@ -25,6 +26,7 @@ from .result import SVDResult, rank_for_energy  # noqa: E402
 
 __all__ = [
     "CheckpointError",
+    "ClusterError",
     "InputError",
     "LowRankFactors",
     "MissingDependencyError",

@@ -64,7 +64,7 @@ import numpy as np
 from distributed import WorkerPlugin
 
 from .centering import Centering
-from .errors import InputError
+from .errors import ClusterError, InputError
 from .kernels.backend import CPUKernels, Kernels, aborted_on_error
 from .kernels.cpu import BlockStats, SubBlocks, gram_block, stacked_rows
 from .kernels.cuda_backend import (
@@ -98,6 +98,10 @@ MAX_SOURCE_BYTES = 8 << 20
 # WORKER_TIMEOUT_KEY (a batch system may start the workers long after the scheduler).
 WORKER_TIMEOUT = "120s"
 WORKER_TIMEOUT_KEY = "ooc-svd.worker-timeout"
+# Runs of the residual pass again after a worker holding rows of U scattered to it was lost.
+SCATTERED_RETRIES = 2
+# How often a run that waits on its tasks counts the cluster's workers (``_watched``).
+WORKER_CHECK_SECONDS = 2.0
 LOCAL_PREFIX = "local:"
 
 
@@ -351,7 +355,7 @@ class ClusterPasses:
         unfinished = {leaf.key: leaf for leaf in leaves}
         leaves.clear()
         try:
-            for leaf in completed:
+            for leaf in self._watched(completed):
                 del unfinished[leaf.key]
                 if leaf.status in ("error", "cancelled"):
                     leaf.result()  # raised now, not after every other group has run
@@ -361,6 +365,47 @@ class ClusterPasses:
             raise
         finally:
             bar.close()
+
+    def _watched(self, completed: Any) -> Iterator[Any]:
+        """What ``completed`` (an ``as_completed``) yields, as it comes. While nothing
+        comes, the cluster's workers are counted every WORKER_CHECK_SECONDS: dask waits
+        without end for a worker to run what the last one left, so a cluster without any
+        for ``worker_timeout()`` seconds ends the run (ClusterError)."""
+        alone_since, checked = None, time.monotonic()
+        while not completed.is_empty():
+            if completed.has_ready():
+                yield next(completed)
+                continue
+            time.sleep(0.02)
+            now = time.monotonic()
+            if now - checked >= WORKER_CHECK_SECONDS:
+                checked = now
+                alone_since = self._without_workers_since(alone_since, now)
+
+    def _without_workers_since(self, since: float | None, now: float) -> float | None:
+        """When the cluster was last seen without workers (None: it has some now)."""
+        try:
+            workers = len(self.client.nthreads())
+        except Exception:  # noqa: BLE001 - a lost scheduler: dask cancels the futures
+            return since
+        if workers:
+            return None
+        since = now if since is None else since
+        timeout = worker_timeout()
+        if now - since >= timeout:
+            raise ClusterError(
+                f"the cluster has had no worker for {timeout:g} s (they died or left) while "
+                f"the run's tasks wait: start workers for it, or wait longer "
+                f"({WORKER_TIMEOUT_KEY} in dask's configuration)")
+        return since
+
+    def _result(self, future: Any) -> Any:
+        """``future.result()``, waited for as ``_watched`` waits."""
+        from distributed import as_completed
+
+        for _ in self._watched(as_completed([future], loop=self.client.loop)):
+            pass
+        return future.result()
 
     def _pass_shift(self, centering: Centering, name: str) -> tuple[np.ndarray, int]:
         """The pass's centering shift, which the local pass takes from its first block, and
@@ -375,7 +420,7 @@ class ClusterPasses:
             _first_block_shift, self.sources[0], first.blocks[0], centering,
             key=self._key(name, "shift", self.count),
         )
-        return future.result()
+        return self._result(future)
 
     def _record(self, context: PassContext, name: str, began: float, nbytes: int) -> None:
         """A pass's record; ``nbytes``, of its blocks and its shift's, counted as read
@@ -400,7 +445,7 @@ class ClusterPasses:
         root = self._reduce(name, leaves, combine, **reduce_options)
         try:
             self._wait(context, f"{name} pass", leaves)
-            result = root.result()
+            result = self._result(root)
         except BaseException as error:
             with contextlib.suppress(Exception):
                 self.client.cancel([root])
@@ -410,6 +455,9 @@ class ClusterPasses:
                     "scattered from memory cannot be recomputed: write the matrix to a "
                     "store (zarr, .npy) for a run that survives a lost worker"
                 ) from None
+            failure = _cluster_failure(error)
+            if failure is not None:
+                raise failure from error
             raise
         self.backends |= result.backends
         return result
@@ -499,24 +547,38 @@ class ClusterPasses:
             for g in spill.groups
         ]
         self._store_returned_rows(futures, store_rows)
-        self.client.submit(_remove_tree, spill.directory,
-                           key=self._key("U", "cleanup", self.count)).result()
+        self._result(self.client.submit(_remove_tree, spill.directory,
+                                        key=self._key("U", "cleanup", self.count)))
 
     def residual_power_pass(self, context: PassContext, X: np.ndarray, U: Any, S: np.ndarray,
                             V: np.ndarray) -> np.ndarray:
         """A power pass that also reads U's rows: the workers read them from U's zarr store
         where they all reach it, else the client scatters each group's rows (U is m x k,
-        small next to A, and then in the client's memory already)."""
+        small next to A, and then in the client's memory already). Scattered rows lost
+        with a worker cannot be recomputed: the pass is run again, with rows scattered
+        afresh, up to SCATTERED_RETRIES times."""
         self._regroup()
         began = time.perf_counter()
         shift, shift_bytes = self._pass_shift(context.centering, "residual")
-        if self._reached_by_workers(U):
-            pieces = [(U, 0)] * len(self.groups)
-        else:
-            pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False), g.rows[0])
-                      for g in self.groups]
         operands = [self._put(value, name) for name, value in
                     (("X", X), ("shift", shift), ("S", S), ("V", V))]
+        if self._reached_by_workers(U):
+            total = self._residual_groups(context, [(U, 0)] * len(self.groups), operands)
+        else:
+            for attempt in range(SCATTERED_RETRIES + 1):
+                pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False),
+                           g.rows[0]) for g in self.groups]
+                try:
+                    total = self._residual_groups(context, pieces, operands)
+                    break
+                except CancelledError:  # a worker holding a piece of U was lost
+                    if attempt == SCATTERED_RETRIES:
+                        raise
+        self._record(context, "residual pass", began, total.nbytes + shift_bytes)
+        return total.value
+
+    def _residual_groups(self, context: PassContext, pieces: list[tuple[Any, int]],
+                         operands: list[Any]) -> _Partial:
         self.count += 1
         leaves = [
             self.client.submit(_residual_group, self.sources[g.index], g.blocks, g.first,
@@ -525,9 +587,7 @@ class ClusterPasses:
                                kernel_spec=self.kernel_spec)
             for g in self.groups
         ]
-        total = self._reduced(context, "residual", leaves, _add_partials)
-        self._record(context, "residual pass", began, total.nbytes + shift_bytes)
-        return total.value
+        return self._reduced(context, "residual", leaves, _add_partials)
 
     # -- U's rows ---------------------------------------------------------------------------
 
@@ -577,14 +637,17 @@ class ClusterPasses:
         unfinished = {future.key: future for future in futures}
         futures.clear()
         try:
-            for future, (read, pieces, backends) in completed:
+            for future, (read, pieces, backends) in self._watched(completed):
                 del unfinished[future.key]
                 for start, rows in pieces:
                     store_rows(start, rows)
                 nbytes += read
                 self.backends |= backends
-        except BaseException:
+        except BaseException as error:
             _let_go(completed, unfinished)
+            failure = _cluster_failure(error)
+            if failure is not None:
+                raise failure from error
             raise
         return nbytes
 
@@ -632,6 +695,8 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     scratch = None
     try:
         _wait_for_a_worker(client)
+        _check_worker_package(client)
+        _check_worker_memory(client, plan)
         if backend == "cuda":
             _check_worker_gpus(client)
         scratch = _shared_scratch(client, scratch_dir)
@@ -666,6 +731,8 @@ def _wait_for_a_worker(client: Any) -> None:
     """Wait for the cluster's first worker as long as ``worker_timeout`` says; InputError,
     naming the scheduler, where none comes."""
     seconds = worker_timeout()
+    if client.status in ("closing", "closed"):
+        raise InputError(f"the dask client is {client.status}: pass an open one")
     try:
         client.wait_for_workers(1, timeout=seconds)
     except TimeoutError:
@@ -674,6 +741,36 @@ def _wait_for_a_worker(client: Any) -> None:
                          f"{seconds:g} s: start workers for it (dask worker {address}), "
                          f"or wait longer ({WORKER_TIMEOUT_KEY} in dask's configuration, "
                          "e.g. DASK_OOC_SVD__WORKER_TIMEOUT=30m)") from None
+
+
+def _check_worker_package(client: Any) -> None:
+    """Refuse workers that cannot import ooc_svd (each task would fail to unpickle): asked
+    through the standard library, which a worker without the package can run."""
+    from importlib.metadata import version
+
+    found = client.run(version, "ooc_svd", on_error="return")
+    missing = sorted(address for address, got in found.items() if not isinstance(got, str))
+    if missing:
+        raise InputError(f"the workers {missing} do not have ooc_svd installed: install it "
+                         "where the workers run (the same version as here)")
+
+
+def _check_worker_memory(client: Any, plan: Plan) -> None:
+    """Refuse a run whose tasks, one per thread of a worker, would hold more than that
+    worker's memory limit: dask would kill the worker in each pass, and then the run. (A
+    worker that joins later is not checked; one without a limit never is.)"""
+    short = []
+    for address, worker in client.scheduler_info(n_workers=-1)["workers"].items():
+        limit, threads = int(worker.get("memory_limit") or 0), int(worker.get("nthreads", 1))
+        if limit and plan.predicted_peak_bytes * threads > limit:
+            short.append(f"{address} ({threads} thread{'s' * (threads > 1)}, "
+                         f"{format_bytes(limit)})")
+    if short:
+        raise InputError(
+            f"each task of the run holds up to {format_bytes(plan.predicted_peak_bytes)} (its "
+            f"plan for memory_limit={format_bytes(plan.memory_limit)}), one task per thread, "
+            f"beyond the memory limit of the workers {', '.join(short)}: pass a lower "
+            "memory_limit, or start workers with more memory or fewer threads")
 
 
 def worker_timeout() -> float:
@@ -775,7 +872,12 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
                          f"{error}") from None
     seen = client.run(os.path.exists, marker)
     if not all(seen.values()):
-        client.submit(_remove_tree, directory, pure=False).result()
+        # By a worker that sees it (any other would leave it: it made the marker), and by
+        # this process where it sees it.
+        seeing = [address for address, ok in seen.items() if ok]
+        with contextlib.suppress(Exception):
+            client.submit(_remove_tree, directory, pure=False, workers=seeing).result(timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
         missing = sorted(address for address, ok in seen.items() if not ok)
         raise InputError(_unshared_scratch(base, f"{missing} do"))
     return directory
@@ -1226,6 +1328,22 @@ def _let_go(completed: Any, unfinished: dict[str, Any]) -> None:
     for future in unfinished.values():
         with contextlib.suppress(Exception):
             future.release()
+
+
+def _cluster_failure(error: BaseException) -> ClusterError | None:
+    """A task whose workers all died running it, or the scheduler lost, as the run reports
+    it, in one line; None for any other ``error``."""
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(error, KilledWorker):
+        return ClusterError(
+            f"{error} Most often a worker ran out of memory: each task holds up to the "
+            "run's memory_limit, and a worker's tasks together must fit in its own memory "
+            "limit (start workers with fewer threads or more memory, or pass a lower "
+            "memory_limit)")
+    if isinstance(error, CancelledError) and "scheduler-connection-lost" in str(error):
+        return ClusterError("the connection to the dask scheduler was lost during the run")
+    return None
 
 
 def _remove_tree(directory: str) -> None:

@@ -56,6 +56,11 @@ class OutputExistsError(OOCSVDError, FileExistsError):
     """The output store exists and ``overwrite`` was not given."""
 
 
+class ClusterError(OOCSVDError, RuntimeError):
+    """A dask cluster could not finish the run: no worker left, a task whose workers all
+    died running it (out of memory, most often), or the scheduler lost."""
+
+
 class MissingDependencyError(OOCSVDError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -23,7 +23,7 @@ import ooc_svd.engine
 import ooc_svd.plan
 import ooc_svd.sources.csr
 import ooc_svd.sources.dense
-from ooc_svd import InputError
+from ooc_svd import ClusterError, InputError
 from ooc_svd.distributed import RowSink, group_products, row_groups, tree_depth
 from ooc_svd.sources.csr import CSRWriter
 from ooc_svd.tsqr import StreamingTSQR, assemble_left_vectors, local_qr
@@ -758,6 +758,138 @@ def test_a_lost_worker_holding_scattered_rows_is_named(dense_store, block_rows, 
                                              "was lost.*write the matrix to a store"):
             ooc_svd.svd(A, 5, method="randomized", client=client)
         assert plugin.killed is not None
+
+
+def test_a_lost_worker_holding_scattered_rows_of_u_is_recomputed(dense_store, block_rows,
+                                                                 monkeypatch):
+    """The spectral estimate's pass reads U's rows, scattered from the client when no store
+    of U reaches the workers: a worker lost with some of them runs the pass again, with
+    rows scattered afresh, where dask's error was 'already forgotten'."""
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "GROUPS_PER_THREAD", 6)
+    options = {"k": 4, "method": "randomized", "spectral_iters": 1}
+    reference = ooc_svd.svd(dense_store, **options)
+    with local_cluster() as cluster, Client(cluster) as client:
+        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid), "residual")
+        cluster.scheduler.add_plugin(plugin)
+        result = ooc_svd.svd(dense_store, **options, client=client)
+        assert plugin.killed is not None
+    assert_same_result(result, reference)
+    assert result.spectral_error == pytest.approx(reference.spectral_error, rel=1e-10)
+
+
+def test_a_task_whose_workers_die_running_it_is_named_in_one_line(dense_store, block_rows):
+    """dask's KilledWorker (a task lost with as many workers as it may, most often out of
+    memory) ends the run with one line that says what to change."""
+    block_rows(BLOCK_ROWS, N)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            local_cluster() as cluster, Client(cluster) as client:
+        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid), "power")
+        cluster.scheduler.add_plugin(plugin)
+        with pytest.raises(ClusterError, match="on 1 different workers.* Most often a worker "
+                                               "ran out of memory"):
+            ooc_svd.svd(dense_store, 4, method="randomized", client=client)
+
+
+class CloseWorkersAfterFirstGroup(SchedulerPlugin):
+    """After the first group of a power pass finishes, close every worker (in-process)."""
+
+    def __init__(self, cluster):
+        self.cluster, self.closed = cluster, False
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if not self.closed and finish == "memory" and "-power-group-" in str(key):
+            import asyncio
+
+            self.closed = True
+            for worker in list(self.cluster.workers.values()):
+                asyncio.ensure_future(worker.close())
+
+
+def test_a_run_whose_last_worker_left_ends_after_the_worker_timeout(dense_store, block_rows,
+                                                                      monkeypatch):
+    """dask waits without end for a worker to run what the last one left: the run counts
+    the workers while it waits, and ends when there has been none for
+    ooc-svd.worker-timeout."""
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "WORKER_CHECK_SECONDS", 0.2)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client, \
+            dask.config.set({"ooc-svd.worker-timeout": "1s"}):
+        plugin = CloseWorkersAfterFirstGroup(cluster)
+        cluster.scheduler.add_plugin(plugin)
+        began = time.monotonic()
+        with pytest.raises(ClusterError, match="the cluster has had no worker for 1 s"):
+            ooc_svd.svd(dense_store, 3, method="randomized", client=client)
+        assert plugin.closed and time.monotonic() - began < 30
+
+
+def test_workers_with_too_little_memory_for_the_plan_are_refused(dense_store):
+    """Each task holds up to the plan's peak, one per thread: workers whose memory limit
+    that exceeds are refused by name before the first pass (dask would kill them)."""
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, memory_limit="1MB",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        address = next(iter(client.nthreads()))
+        with pytest.raises(InputError, match=f"beyond the memory limit of the workers "
+                                             f"{address} \\(2 threads, 1 MB\\)"):
+            ooc_svd.svd(dense_store, 3, client=client)
+
+
+def test_workers_without_the_package_are_named(cluster, monkeypatch):
+    """Asked by distribution name: each task of a worker without ooc_svd would fail to
+    unpickle, with dask's traceback."""
+    import importlib.metadata
+
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: version(f"{name}-absent" if name == "ooc_svd" else name))
+    # client.run pickles the function by reference: the workers look up the real one,
+    # which finds the package, so the stand-in runs here, as it would on the workers.
+    client = cluster[1]
+    monkeypatch.setattr(client, "run", lambda function, *args, **options: {
+        address: _called(function, *args) for address in client.nthreads()})
+    with pytest.raises(InputError, match=r"the workers \['tcp://.*'\] do not have ooc_svd "
+                                         "installed"):
+        ooc_svd.distributed._check_worker_package(client)
+
+
+def _called(function, *args):
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001 - as client.run(on_error='return') gives it
+        return error
+
+
+def test_a_closed_client_is_named():
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        client = Client(cluster)
+        client.close()
+        with pytest.raises(InputError, match="the dask client is closed"):
+            ooc_svd.svd(np.ones((20, 4)), 2, client=client)
+
+
+def test_an_unshared_scratch_directory_is_removed_by_a_worker_that_sees_it(tmp_path):
+    """The refused run's directory is removed where it was made (a worker that does not
+    see it could not), and by the client where it sees it."""
+    from concurrent.futures import Future
+
+    class Client:
+        def __init__(self):
+            self.removed_on = []
+
+        def submit(self, function, *args, workers=None, **options):
+            self.removed_on += workers or []
+            future = Future()
+            future.set_result(function(*args))
+            return future
+
+        def run(self, function, *args):
+            return {"tcp://a:1": True, "tcp://b:2": False}
+
+    client = Client()
+    with pytest.raises(InputError, match=r"\['tcp://b:2'\] do not see it"):
+        ooc_svd.distributed._shared_scratch(client, str(tmp_path))
+    assert client.removed_on == ["tcp://a:1"] and list(tmp_path.iterdir()) == []
 
 
 def slow_rows(block):
