@@ -481,12 +481,24 @@ def orthonormal_columns(Z: np.ndarray) -> np.ndarray:
     return np.asfortranarray(Q)
 
 
+# Entries of a column of V within this fraction of its largest magnitude count as its
+# largest: far above the rounding that differs between block layouts, backends and methods
+# (about 1e-12), far below any real difference between entries.
+SIGN_TIE = 1e-6
+
+
 def normalize_signs(V: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flip singular pairs so the largest-magnitude entry of each column of V is positive.
+    """Flip singular pairs so that in each column of V the first entry of the largest
+    magnitude is positive.
 
     Applied the same way on every backend, so results compare without sign juggling.
+    Entries within SIGN_TIE of the largest magnitude count as largest: the pairs of equal
+    magnitude and opposite signs that centering makes (a one-hot feature's two columns)
+    would otherwise take their sign from the last bit of rounding.
     """
-    rows = np.argmax(np.abs(V), axis=0)
+    magnitudes = np.abs(V)
+    largest = magnitudes >= (1 - SIGN_TIE) * magnitudes.max(axis=0, initial=0.0)
+    rows = np.argmax(largest, axis=0)  # the first True
     signs = np.sign(V[rows, np.arange(V.shape[1])])
     signs[signs == 0] = 1.0
     return V * signs, W * signs

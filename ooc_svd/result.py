@@ -31,7 +31,7 @@ class SVDResult:
         Singular values, descending.
     V : ndarray of shape (n, k)
         Right singular vectors (not transposed, as in torch). The largest-magnitude entry of
-        each column is positive.
+        each column is positive (the first, of entries within 1e-6 of the largest).
     mean : ndarray of shape (n,) or None
         The subtracted mean, when centered: float64 whatever the data's dtype, as it was
         subtracted (a float32 copy of a mean of 1e6 is off by about 0.03, which changes a

@@ -110,6 +110,30 @@ def test_same_seed_same_result_for_any_block_size(zarr_matrix, block_rows):
         np.testing.assert_allclose(other.U, reference.U, rtol=0, atol=1e-10)
 
 
+def test_signs_do_not_follow_rounding_where_entries_of_v_tie(block_rows):
+    """Centering makes a one-hot feature's two columns exact negatives, so V's largest
+    entries come in pairs of opposite signs: the sign rule takes the first of them, where
+    the largest by a last bit followed the block layout and the method."""
+    rng = np.random.default_rng(0)
+    m = 40_000
+    x = (rng.random(m) < 0.3).astype(np.float64)
+    A = np.column_stack([x, 1 - x, 0.1 * rng.standard_normal((m, 3))])
+    results = []
+    for method in ("exact", "gram", "randomized"):
+        for rows in (m, 3000, 1000):
+            block_rows(rows, 5)
+            results.append(ooc_svd.svd(A, 2, center=True, method=method))
+    first = results[0]
+    assert first.V[0, 0] > 0 and first.V[1, 0] == pytest.approx(-first.V[0, 0])
+    for result in results[1:]:
+        np.testing.assert_allclose(result.V, first.V, atol=1e-8)
+        np.testing.assert_allclose(result.U[:100], first.U[:100], atol=1e-8)
+    # Within the tie tolerance the first entry decides; beyond it, the largest.
+    V = np.array([[0.5, 0.5], [-0.5 * (1 + 1e-13), -0.5 * (1 + 1e-5)]])
+    signed, _ = ooc_svd.engine.normalize_signs(V, np.ones((3, 2)))
+    np.testing.assert_array_equal(np.sign(signed), [[1, -1], [-1, 1]])
+
+
 def test_seed_matters_and_power_iterations_help():
     A = naive.matrix_with_spectrum(800, 100, 1.0 / np.arange(1, 101), seed=5)
     _, S_exact, _ = naive.truncated_svd(A, 10)
