@@ -193,6 +193,37 @@ def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: floa
             f"order {error:.0e} or more")
 
 
+# Below this fraction of sigma_1 a power pass's product A^T (A X), in float64, rounds a
+# direction away: its square falls below the rounding of sigma_1^2 (sqrt(eps) ~ 1.5e-8).
+POWER_FLOOR = 1e-7
+
+
+def _power_floor_note(values: np.ndarray, plan: Plan, method: str) -> str:
+    """The randomized and Krylov power passes sharpen the directions of singular values
+    above about POWER_FLOOR sigma_1 only: said when the result has some below (``values``:
+    those above the data's rounding), which have the accuracy of niter=0."""
+    if method not in ("randomized", "krylov") or plan.niter == 0 or not values.size or \
+            values[0] <= 0:
+        return ""
+    below = np.flatnonzero(values < POWER_FLOOR * values[0])
+    if not below.size:
+        return ""
+    return (f"sigma_{int(below[0]) + 1} and those after it lie below {POWER_FLOOR:g} sigma_1, "
+            "where the power passes' products A^T A X round their directions away: they "
+            "have the accuracy of niter=0 (method='exact' resolves them)")
+
+
+def _residual_floor_note(residual: float, rounding: float, applies: bool) -> str:
+    """A residual found as ||A||^2 - sum S^2 below that difference's rounding: 0.0 is no
+    exact factorization. ``applies`` in fixed-rank mode (fixed-accuracy mode's note says it
+    otherwise) when every singular value found is above the data's rounding (else the
+    factors hold all of A that is not rounding, and the residual is that small)."""
+    if not applies or residual >= rounding:
+        return ""
+    return (f"the residual {residual:.2g} lies within the rounding of ||A||_F^2 - sum S^2 "
+            f"(about {rounding:.1g} of ||A||_F): it is at most about that")
+
+
 def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
                     method: str, cap: int, n: int) -> str:
     """Say when fixed-accuracy mode stopped at its rank cap short of the tolerance, or
@@ -236,6 +267,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
     dtype = U.dtype
     fro2 = factors.frobenius_squared
     residual2 = factors.trailing_energy
+    difference = residual2 is None  # ||A||^2 - sum S^2, with its rounding
     if residual2 is None:
         residual2 = max(fro2 - float(np.sum(factors.S**2)), 0.0)
     residual = float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0
@@ -256,7 +288,10 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         note="; ".join(filter(None, [
             factors.note, _cancellation_note(centering, plan, factors.method, fro2),
             _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
-                            plan.k, plan.shape[1])])),
+                            plan.k, plan.shape[1]),
+            _power_floor_note(factors.S[:factors.numerical_rank], plan, factors.method),
+            _residual_floor_note(residual, rounding, difference and tol is None
+                                 and factors.numerical_rank == factors.S.size)])),
         plan=plan,
         seed=seed,
         records=records,

@@ -134,6 +134,29 @@ def test_signs_do_not_follow_rounding_where_entries_of_v_tie(block_rows):
     np.testing.assert_array_equal(np.sign(signed), [[1, -1], [-1, 1]])
 
 
+def test_notes_say_what_the_power_passes_and_the_residual_cannot_resolve():
+    """Singular values below about 1e-7 sigma_1 are rounded away in A^T A X (they keep the
+    accuracy of niter=0), and a residual found as ||A||^2 - sum S^2 below its rounding
+    (here 0.0 for a true 3e-9) is no exact factorization: both are said. Neither is said
+    for a tail above the floor, for exact, or for data of lower rank than k."""
+    rng = np.random.default_rng(3)
+    m, n, k = 3000, 200, 6
+    U = np.linalg.qr(rng.standard_normal((m, n)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    for scale, said in ((1e-9, True), (1e-4, False)):
+        A = (U * np.r_[1.0, scale * np.logspace(0, -3, n - 1)]) @ V.T
+        for method in ("randomized", "krylov"):
+            note = ooc_svd.svd(A, k, method=method, niter=2).note
+            assert ("sigma_2 and those after it lie below 1e-07 sigma_1" in note) == said
+            assert ("lies within the rounding of ||A||_F^2 - sum S^2" in note) == said
+        assert "sigma_2 and those" not in ooc_svd.svd(A, k, method="randomized", niter=0).note
+        exact = ooc_svd.svd(A, k, method="exact")
+        assert exact.note == "" and exact.residual == pytest.approx(
+            np.linalg.norm(A - (exact.U * exact.S) @ exact.V.T) / np.linalg.norm(A), rel=1e-3)
+    low_rank = rng.standard_normal((500, 5)) @ rng.standard_normal((5, 40))
+    assert ooc_svd.svd(low_rank, 8, method="randomized").note == ""
+
+
 def test_seed_matters_and_power_iterations_help():
     A = naive.matrix_with_spectrum(800, 100, 1.0 / np.arange(1, 101), seed=5)
     _, S_exact, _ = naive.truncated_svd(A, 10)
