@@ -83,11 +83,12 @@ class _Target:
     memory_limit: int  # what the conversion may use besides the writer's chunks
     scratch_dir: str | None = None
     progress: bool | None = None  # bars on stderr; None: when it is a terminal
+    integers: bool = False  # the source's values are integers
 
     def writer(self) -> CSRWriter:
         bars = progress_bars(self.progress)
         return CSRWriter(self.out, self.shape[1], self.dtype, chunk_nnz=self.chunk_nnz,
-                         overwrite=self.overwrite,
+                         overwrite=self.overwrite, integers=self.integers,
                          progress=lambda: bars("rows", self.shape[0], unit=" rows"))
 
     def counted(self, chunks: Iterator[EntryChunk], expected: int) -> Iterator[EntryChunk]:
@@ -139,8 +140,9 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
             f"{format_bytes(writer_bytes)} ({WRITER_CHUNKS} storage chunks of chunk_nnz="
             f"{chunk_nnz}): raise the limit or lower chunk_nnz"
         )
+    integers = source_dtype is not None and np.dtype(source_dtype).kind in "iub"
     return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,
-                   None if scratch_dir is None else os.fspath(scratch_dir), progress)
+                   None if scratch_dir is None else os.fspath(scratch_dir), progress, integers)
 
 
 def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:

@@ -391,6 +391,31 @@ def test_a_value_beyond_float32_is_refused_not_stored_as_inf(tmp_path, source):
     assert wide.data.dtype == np.float64 and wide[2, 1] == 1e39
 
 
+@pytest.mark.parametrize("source", ["mtx", "npz"])
+def test_integers_that_float32_rounds_are_warned_of(tmp_path, source):
+    """Integer data becomes float32 by default, exact up to 2**24: a larger value is
+    rounded, which a warning names with its row (float64 keeps it)."""
+    import scipy.sparse
+
+    from ooc_svd.convert import convert
+
+    if source == "mtx":
+        path = tmp_path / "A.mtx"
+        path.write_text("%%MatrixMarket matrix coordinate integer general\n3 2 3\n"
+                        "1 1 5\n3 1 16777216\n3 2 123456789\n")
+    else:
+        path = tmp_path / "A.npz"
+        scipy.sparse.save_npz(path, scipy.sparse.csr_matrix(
+            np.array([[5, 0], [0, 0], [16777216, 123456789]], dtype=np.int64)))
+    with pytest.warns(RuntimeWarning, match=r"integer values beyond 2\*\*24 are rounded in "
+                                            r"float32 \(the first, 123456789 of row 2, is "
+                                            r"stored as 123456792\): store float64 values"):
+        rounded = read_back(convert(path, tmp_path / "out.zarr"))
+    assert rounded[2, 1] == 123456792
+    exact = read_back(convert(path, tmp_path / "exact.zarr", dtype="float64"))
+    assert exact[2, 1] == 123456789 and exact[2, 0] == 16777216
+
+
 def malformed_npz(path, **arrays):
     """An archive as scipy.sparse.save_npz writes one, with ``arrays`` replaced."""
     members = {"format": np.array(b"csr"), "shape": np.array([3, 4]),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -427,13 +428,15 @@ class CSRWriter:
     under ``PATH.partial`` and renamed to ``PATH`` by ``close()``, so a failed conversion
     never leaves a half matrix under the requested name. ``progress``: a callable that
     makes a progress bar (tqdm's ``update`` and ``close``) when the first rows arrive,
-    updated with the rows appended and closed with the writer.
+    updated with the rows appended and closed with the writer. ``integers``: the values
+    are integers (a Matrix Market integer file's, parsed as float64), and a warning names
+    the first that the store's dtype rounds, as for values of an integer dtype.
     """
 
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
                  chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
                  compression_level: int = 3, replaces: str = "csr",
-                 progress: Callable[[], Any] | None = None):
+                 progress: Callable[[], Any] | None = None, integers: bool = False):
         import zarr
         from zarr.codecs import ZstdCodec
 
@@ -472,6 +475,8 @@ class CSRWriter:
         self.rows = 0
         self.nnz = 0
         self.make_bar, self.bar = progress, None
+        self.integers = integers  # the values are integers, whatever their dtype
+        self.warned_of_rounding = False
 
     def append(self, block: Any) -> None:
         """Append rows: a ``CSRBlock`` or a scipy.sparse matrix with n_cols columns."""
@@ -501,18 +506,48 @@ class CSRWriter:
 
     def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
         """``data`` as the store's dtype; InputError, naming the row, for a finite value
-        beyond its range (float32's 3.4e38), which would be stored as Inf."""
+        beyond its range (float32's 3.4e38), which would be stored as Inf; a warning for
+        integers it rounds."""
         with np.errstate(over="ignore"):
             values = data.astype(self.dtype, copy=False)
-        if data.dtype.kind != "f" or data.dtype.itemsize <= values.dtype.itemsize:
-            return values  # no float narrowed (integers of up to 64 bits fit float32's range)
-        overflowed = np.flatnonzero(np.isinf(values) & np.isfinite(data))
-        if overflowed.size:
-            position = int(overflowed[0])
-            row = self.rows + int(np.searchsorted(indptr - indptr[0], position, side="right")) - 1
-            raise InputError(f"the value {data[position]} of row {row} lies beyond the range of "
-                             f"{self.dtype}: store float64 values (convert --dtype float64)")
+        # Integers of up to 64 bits fit float32's range: only a float can overflow.
+        if data.dtype.kind == "f" and data.dtype.itemsize > values.dtype.itemsize:
+            overflowed = np.flatnonzero(np.isinf(values) & np.isfinite(data))
+            if overflowed.size:
+                position = int(overflowed[0])
+                raise InputError(f"the value {data[position]} of row "
+                                 f"{self._row_of(position, indptr)} lies beyond the range of "
+                                 f"{self.dtype}: store float64 values (convert --dtype "
+                                 "float64)")
+        if data.dtype.kind in "iu" or self.integers:
+            self._warn_of_rounded_integers(data, values, indptr)
         return values
+
+    def _row_of(self, position: int, indptr: np.ndarray) -> int:
+        """The row of the store that the appended value at ``position`` lies in."""
+        return self.rows + int(np.searchsorted(indptr - indptr[0], position, side="right")) - 1
+
+    def _warn_of_rounded_integers(self, data: np.ndarray, values: np.ndarray,
+                                  indptr: np.ndarray) -> None:
+        """Warn, once, of the first integer that the store's dtype cannot hold exactly
+        (beyond 2**24 in float32, 2**53 in float64)."""
+        if self.warned_of_rounding or not data.size:
+            return
+        exact = 1 << (np.finfo(self.dtype).nmant + 1)
+        if -exact <= int(data.min()) and int(data.max()) <= exact:
+            return
+        with np.errstate(invalid="ignore"):  # a uint64 near 2**64, rounded up beyond it
+            changed = np.flatnonzero(values.astype(data.dtype) != data)
+        if not changed.size:
+            return
+        self.warned_of_rounding = True
+        position = int(changed[0])
+        row = self._row_of(position, indptr)
+        hint = ": store float64 values (convert --dtype float64)" if self.dtype == np.float32 \
+            else ""
+        warnings.warn(f"integer values beyond 2**{exact.bit_length() - 1} are rounded in "
+                      f"{self.dtype} (the first, {data[position]:.17g} of row {row}, is stored as "
+                      f"{values[position]:.17g}){hint}", RuntimeWarning, stacklevel=2)
 
     def close(self) -> Any:
         """Flush, write the attributes, rename into place; return the group opened read-only."""
