@@ -293,7 +293,7 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
                          f"{' VALUE' if header.has_values else ''}'")
     values = parsed.chunk.values
     if header.field == "integer" and values is not None:
-        fractional = np.flatnonzero(values != np.trunc(values))  # NaN, 1.5 (Inf passes)
+        fractional = np.flatnonzero(~np.isfinite(values) | (values != np.trunc(values)))
         if fractional.size:
             number, line = _line_at(text, _entry_offset(text, int(fractional[0])), progress)
             raise InputError(f"{path!r}, line {number}: {line!r} holds a value that is not "

@@ -348,6 +348,8 @@ def test_mtx_gzip_and_header_variations(tmp_path):
          "2 2 1.5\n3 3 1\n", "line 6: '2 2 1.5' holds a value that is not an integer"),
         ("%%MatrixMarket matrix coordinate integer general\n3 3 1\n1 1 nan\n",
          "line 3: '1 1 nan' holds a value that is not an integer"),
+        ("%%MatrixMarket matrix coordinate integer general\n3 3 2\n1 1 3\n2 2 -inf\n",
+         "line 4: '2 2 -inf' holds a value that is not an integer"),
         ("%%MatrixMarket matrix coordinate real general\n99999999999999999999 3 1\n1 1 1\n",
          "the size line '99999999999999999999 3 1' exceeds 2\\*\\*63 - 1"),
         ("%%MatrixMarket matrix coordinate real general\n3 -3 1\n1 1 1\n",

@@ -534,7 +534,7 @@ class CSRWriter:
         if self.warned_of_rounding or not data.size:
             return
         exact = 1 << (np.finfo(self.dtype).nmant + 1)
-        if -exact <= int(data.min()) and int(data.max()) <= exact:
+        if -exact <= data.min() and data.max() <= exact:  # numpy's comparisons: ints and Inf
             return
         with np.errstate(invalid="ignore"):  # a uint64 near 2**64, rounded up beyond it
             changed = np.flatnonzero(values.astype(data.dtype) != data)
