@@ -743,13 +743,17 @@ def _wait_for_a_worker(client: Any) -> None:
                          "e.g. DASK_OOC_SVD__WORKER_TIMEOUT=30m)") from None
 
 
-def _check_worker_package(client: Any) -> None:
-    """Refuse workers that cannot import ooc_svd (each task would fail to unpickle): asked
-    through the standard library, which a worker without the package can run."""
-    from importlib.metadata import version
+# Whether ooc_svd can be imported, as an expression for the builtin ``eval``: a worker
+# without the package can run that (not a function of the package, which it could not
+# unpickle), and it finds the package however it is there (installed, editable, or on
+# PYTHONPATH without metadata).
+_IMPORTABLE = "__import__('importlib.util').util.find_spec('ooc_svd') is not None"
 
-    found = client.run(version, "ooc_svd", on_error="return")
-    missing = sorted(address for address, got in found.items() if not isinstance(got, str))
+
+def _check_worker_package(client: Any) -> None:
+    """Refuse workers that cannot import ooc_svd: each task would fail to unpickle."""
+    found = client.run(eval, _IMPORTABLE)
+    missing = sorted(address for address, importable in found.items() if not importable)
     if missing:
         raise InputError(f"the workers {missing} do not have ooc_svd installed: install it "
                          "where the workers run (the same version as here)")
