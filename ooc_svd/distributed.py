@@ -400,12 +400,19 @@ class ClusterPasses:
         return since
 
     def _result(self, future: Any) -> Any:
-        """``future.result()``, waited for as ``_watched`` waits."""
+        """``future.result()``, waited for as ``_watched`` waits; its failure as
+        ``_cluster_failure`` tells it."""
         from distributed import as_completed
 
-        for _ in self._watched(as_completed([future], loop=self.client.loop)):
-            pass
-        return future.result()
+        try:
+            for _ in self._watched(as_completed([future], loop=self.client.loop)):
+                pass
+            return future.result()
+        except Exception as error:
+            failure = _cluster_failure(error)
+            if failure is not None:
+                raise failure from error
+            raise
 
     def _pass_shift(self, centering: Centering, name: str) -> tuple[np.ndarray, int]:
         """The pass's centering shift, which the local pass takes from its first block, and
@@ -449,15 +456,15 @@ class ClusterPasses:
         except BaseException as error:
             with contextlib.suppress(Exception):
                 self.client.cancel([root])
+            failure = _cluster_failure(error)
+            if failure is not None:
+                raise failure from error
             if self.scattered and isinstance(error, CancelledError):
                 raise InputError(
                     "a worker holding rows of the in-memory input was lost, and rows "
                     "scattered from memory cannot be recomputed: write the matrix to a "
                     "store (zarr, .npy) for a run that survives a lost worker"
                 ) from None
-            failure = _cluster_failure(error)
-            if failure is not None:
-                raise failure from error
             raise
         self.backends |= result.backends
         return result
@@ -637,7 +644,10 @@ class ClusterPasses:
         unfinished = {future.key: future for future in futures}
         futures.clear()
         try:
-            for future, (read, pieces, backends) in self._watched(completed):
+            for future, outcome in self._watched(completed):
+                if isinstance(outcome, BaseException):  # cancelled: as_completed gives it
+                    raise outcome
+                read, pieces, backends = outcome
                 del unfinished[future.key]
                 for start, rows in pieces:
                     store_rows(start, rows)
@@ -696,7 +706,6 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     try:
         _wait_for_a_worker(client)
         _check_worker_package(client)
-        _check_worker_memory(client, plan)
         if backend == "cuda":
             _check_worker_gpus(client)
         scratch = _shared_scratch(client, scratch_dir)
@@ -755,26 +764,8 @@ def _check_worker_package(client: Any) -> None:
     found = client.run(eval, _IMPORTABLE)
     missing = sorted(address for address, importable in found.items() if not importable)
     if missing:
-        raise InputError(f"the workers {missing} do not have ooc_svd installed: install it "
-                         "where the workers run (the same version as here)")
-
-
-def _check_worker_memory(client: Any, plan: Plan) -> None:
-    """Refuse a run whose tasks, one per thread of a worker, would hold more than that
-    worker's memory limit: dask would kill the worker in each pass, and then the run. (A
-    worker that joins later is not checked; one without a limit never is.)"""
-    short = []
-    for address, worker in client.scheduler_info(n_workers=-1)["workers"].items():
-        limit, threads = int(worker.get("memory_limit") or 0), int(worker.get("nthreads", 1))
-        if limit and plan.predicted_peak_bytes * threads > limit:
-            short.append(f"{address} ({threads} thread{'s' * (threads > 1)}, "
-                         f"{format_bytes(limit)})")
-    if short:
-        raise InputError(
-            f"each task of the run holds up to {format_bytes(plan.predicted_peak_bytes)} (its "
-            f"plan for memory_limit={format_bytes(plan.memory_limit)}), one task per thread, "
-            f"beyond the memory limit of the workers {', '.join(short)}: pass a lower "
-            "memory_limit, or start workers with more memory or fewer threads")
+        raise InputError(f"the workers {missing} cannot import ooc_svd: install it where "
+                         "the workers run")
 
 
 def worker_timeout() -> float:
@@ -879,8 +870,10 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
         # By a worker that sees it (any other would leave it: it made the marker), and by
         # this process where it sees it.
         seeing = [address for address, ok in seen.items() if ok]
-        with contextlib.suppress(Exception):
-            client.submit(_remove_tree, directory, pure=False, workers=seeing).result(timeout=60)
+        if seeing:  # else the worker that made it has left
+            with contextlib.suppress(Exception):
+                client.submit(_remove_tree, directory, pure=False,
+                              workers=seeing).result(timeout=60)
         shutil.rmtree(directory, ignore_errors=True)
         missing = sorted(address for address, ok in seen.items() if not ok)
         raise InputError(_unshared_scratch(base, f"{missing} do"))

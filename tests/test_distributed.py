@@ -824,17 +824,6 @@ def test_a_run_whose_last_worker_left_ends_after_the_worker_timeout(dense_store,
         assert plugin.closed and time.monotonic() - began < 30
 
 
-def test_workers_with_too_little_memory_for_the_plan_are_refused(dense_store):
-    """Each task holds up to the plan's peak, one per thread: workers whose memory limit
-    that exceeds are refused by name before the first pass (dask would kill them)."""
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, memory_limit="1MB",
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        address = next(iter(client.nthreads()))
-        with pytest.raises(InputError, match=f"beyond the memory limit of the workers "
-                                             f"{address} \\(2 threads, 1 MB\\)"):
-            ooc_svd.svd(dense_store, 3, client=client)
-
-
 def test_workers_without_the_package_are_named(cluster, monkeypatch):
     """Each task of a worker without ooc_svd would fail to unpickle, with dask's traceback.
     The workers here have it; one whose search finds nothing stands for one without."""
@@ -843,9 +832,39 @@ def test_workers_without_the_package_are_named(cluster, monkeypatch):
     monkeypatch.setattr(ooc_svd.distributed, "_IMPORTABLE",
                         "__import__('importlib.util').util.find_spec('ooc_svd_absent') "
                         "is not None")
-    with pytest.raises(InputError, match=r"the workers \['tcp://.*', 'tcp://.*'\] do not "
-                                         "have ooc_svd installed"):
+    with pytest.raises(InputError, match=r"the workers \['tcp://.*', 'tcp://.*'\] cannot "
+                                         "import ooc_svd"):
         ooc_svd.distributed._check_worker_package(client)
+
+
+@pytest.mark.parametrize("wait", ["reduced", "rows", "result"])
+def test_a_lost_scheduler_is_named_whatever_the_run_waits_on(cluster, wait):
+    """A future cancelled for a lost scheduler (as the client cancels them all then) ends
+    the run with one line, whether it is a pass's leaf, a group of U's rows (whose
+    as_completed hands the cancellation over as a result) or a single task."""
+    from ooc_svd.distributed import ClusterPasses, _add_partials
+
+    client = cluster[1]
+    passes = ClusterPasses.__new__(ClusterPasses)  # what waiting needs: the client
+    passes.client, passes.backends, passes.scattered = client, set(), True
+    passes.total_bytes, passes.group_bytes, passes.count = 1, [1], 0
+    passes.token = "test"
+    future = client.submit(time.sleep, 30, pure=False)
+    future.cancel(reason="scheduler-connection-lost")
+    context = type("Context", (), {"progress": lambda self, name, total: disabled_bar()})()
+    with pytest.raises(ClusterError, match="the connection to the dask scheduler was lost"):
+        if wait == "reduced":  # the in-memory input's own message must not take it
+            passes._reduced(context, "power", [future], _add_partials)
+        elif wait == "rows":
+            passes._store_returned_rows([future], lambda start, rows: None)
+        else:
+            passes._result(future)
+
+
+def disabled_bar():
+    from ooc_svd.progress import progress_bars
+
+    return progress_bars(False)("pass", 1)
 
 
 def test_a_closed_client_is_named():
