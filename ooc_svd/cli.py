@@ -442,7 +442,8 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
 @click.option("--scratch-dir", default=None,
               help="Where entries out of row order are bucketed [default: system temp].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--quiet", is_flag=True, help="Print nothing on success, and no progress bars.")
+@click.option("--quiet", is_flag=True,
+              help="No summary and no progress bars (warnings still show).")
 @click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
 @user_errors
 def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir, overwrite,

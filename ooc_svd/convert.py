@@ -98,6 +98,8 @@ class _Target:
             for chunk in chunks:
                 yield chunk
                 bar.update(chunk.rows.size)
+            bar.total = bar.n  # ``expected`` counts a symmetric file's diagonal twice
+            bar.refresh()
 
     @property
     def text_bytes(self) -> int:

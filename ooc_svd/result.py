@@ -208,9 +208,10 @@ def _power_floor_note(values: np.ndarray, plan: Plan, method: str) -> str:
     below = np.flatnonzero(values < POWER_FLOOR * values[0])
     if not below.size:
         return ""
+    remedy = " (method='exact' resolves them)" if plan.shape[1] <= MAX_EXACT_COLUMNS else ""
     return (f"sigma_{int(below[0]) + 1} and those after it lie below {POWER_FLOOR:g} sigma_1, "
             "where the power passes' products A^T A X round their directions away: they "
-            "have the accuracy of niter=0 (method='exact' resolves them)")
+            f"have the accuracy of niter=0{remedy}")
 
 
 def _residual_floor_note(residual: float, rounding: float, applies: bool) -> str:

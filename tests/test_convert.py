@@ -658,23 +658,34 @@ def test_convert_command_writes_and_refuses_existing_output(tmp_path):
     assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
 
 
-@pytest.mark.parametrize("order", ["rows", "shuffled"])
+@pytest.mark.parametrize("order", ["rows", "shuffled", "symmetric"])
 def test_convert_shows_its_progress_when_asked(tmp_path, order):
     """A bar of the rows written; entries out of row order first go into buckets, with a
-    bar of their own. Stderr is no terminal here: each bar's last state stays, complete."""
+    bar of their own (for a symmetric file, of the entries with their mirrors, which the
+    header's count bounds). Stderr is no terminal here: each bar's last state stays,
+    complete."""
     A = with_gaps(m=3000, n=60, seed=15).tocoo()
     if order == "shuffled":
         shuffle = np.random.default_rng(0).permutation(A.nnz)
         A = sp.coo_matrix((A.data[shuffle], (A.row[shuffle], A.col[shuffle])), shape=A.shape)
+    if order == "symmetric":  # a full diagonal: half the file's entries are not mirrored
+        square = sp.random(3000, 3000, density=3e-4, random_state=15, format="csr")
+        A = (square + square.T + sp.identity(3000)).tocoo()
     path = tmp_path / "A.mtx"
-    scipy.io.mmwrite(path, A)
+    scipy.io.mmwrite(path, A, symmetry="symmetric" if order == "symmetric" else None)
     done = ooc_svd_command("convert", path, tmp_path / "A.zarr", "--progress")
     assert done.returncode == 0, done.stderr
     states = [state for state in done.stderr.replace("\r", "\n").splitlines() if state]
     bars = {state.split(":")[0]: state for state in states}
-    expected = {"rows": "3.00k/3.00k"}
-    if order == "shuffled":
-        expected["entries into buckets"] = f"{A.nnz / 1000:.2f}k/{A.nnz / 1000:.2f}k"
+    from tqdm import tqdm
+
+    def counts(total):  # as the bar writes "done/total"
+        return f"{tqdm.format_sizeof(total, divisor=1000)}/" \
+            f"{tqdm.format_sizeof(total, divisor=1000)}"
+
+    expected = {"rows": counts(A.shape[0])}
+    if order != "rows":
+        expected["entries into buckets"] = counts(A.nnz)
     assert set(bars) == set(expected), states
     for name, counts in expected.items():
         assert "100%" in bars[name] and counts in bars[name], bars[name]

@@ -155,6 +155,11 @@ def test_notes_say_what_the_power_passes_and_the_residual_cannot_resolve():
             np.linalg.norm(A - (exact.U * exact.S) @ exact.V.T) / np.linalg.norm(A), rel=1e-3)
     low_rank = rng.standard_normal((500, 5)) @ rng.standard_normal((5, 40))
     assert ooc_svd.svd(low_rank, 8, method="randomized").note == ""
+    # Where the exact method is out of reach (n > 4096), the note does not offer it.
+    wide = np.outer(rng.standard_normal(300), rng.standard_normal(5000))
+    wide += 1e-10 * np.abs(wide).max() * rng.standard_normal(wide.shape)
+    note = ooc_svd.svd(wide, 3, method="randomized").note
+    assert "sigma_2 and those after it lie below" in note and "exact" not in note
 
 
 def test_seed_matters_and_power_iterations_help():

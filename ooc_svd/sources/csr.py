@@ -429,8 +429,8 @@ class CSRWriter:
     never leaves a half matrix under the requested name. ``progress``: a callable that
     makes a progress bar (tqdm's ``update`` and ``close``) when the first rows arrive,
     updated with the rows appended and closed with the writer. ``integers``: the values
-    are integers (a Matrix Market integer file's, parsed as float64), and a warning names
-    the first that the store's dtype rounds, as for values of an integer dtype.
+    are integers (a Matrix Market integer file's, parsed as float64, exact up to 2**53), and
+    a warning names the first that the store's dtype rounds, as for an integer dtype.
     """
 
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
@@ -545,8 +545,9 @@ class CSRWriter:
         row = self._row_of(position, indptr)
         hint = ": store float64 values (convert --dtype float64)" if self.dtype == np.float32 \
             else ""
+        given = int(data[position]) if data.dtype.kind in "iu" else f"{data[position]:.17g}"
         warnings.warn(f"integer values beyond 2**{exact.bit_length() - 1} are rounded in "
-                      f"{self.dtype} (the first, {data[position]:.17g} of row {row}, is stored as "
+                      f"{self.dtype} (the first, {given} of row {row}, is stored as "
                       f"{values[position]:.17g}){hint}", RuntimeWarning, stacklevel=2)
 
     def close(self) -> Any:
