@@ -348,7 +348,8 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     path : a coordinate file with real, integer or pattern values, and general, symmetric or
         skew-symmetric symmetry (the mirrored entries are written out). Complex values and
         the dense ``array`` format are refused, and so is a value with a fraction (or NaN,
-        or Inf) in an integer file.
+        or Inf) in an integer file; one beyond 2**53 there, which float64 may round, is
+        warned of.
     out : path of the zarr group to write.
     dtype : {None, 'float32', 'float64'}, default=None
         None: float64 for real files, float32 for integer and pattern files.

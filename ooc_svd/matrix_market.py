@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +27,8 @@ from .float_parse import is_blank, is_separator, parse_float
 from .threaded import map_in_order, read_ahead
 
 FIELDS = ("real", "double", "integer", "pattern")
+# Integers up to this magnitude are exact in float64, as which all values are read.
+FLOAT64_EXACT_INTEGERS = 2**53
 SYMMETRIES = ("general", "symmetric", "skew-symmetric")
 
 
@@ -208,6 +211,7 @@ class _Parsed:
 class _Progress:
     lines: int  # lines of the file before the next block
     entries: int = 0
+    warned: bool = False  # of integers beyond float64's exact range
 
 
 def read_entry_chunks(path: str, chunk_bytes: int, threads: int = 2) -> Iterator[EntryChunk]:
@@ -298,6 +302,14 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
             number, line = _line_at(text, _entry_offset(text, int(fractional[0])), progress)
             raise InputError(f"{path!r}, line {number}: {line!r} holds a value that is not "
                              "an integer, in a file whose header says 'integer'")
+        # 2**53 + 1 reads as 2**53: a value of that magnitude may have been rounded.
+        beyond = np.flatnonzero(np.abs(values) >= FLOAT64_EXACT_INTEGERS)
+        if beyond.size and not progress.warned:
+            progress.warned = True
+            number, line = _line_at(text, _entry_offset(text, int(beyond[0])), progress)
+            warnings.warn(f"{path!r}, line {number}: {line!r} holds an integer beyond 2**53, "
+                          "read to the nearest float64, which may round it (as it may others "
+                          "of the file)", RuntimeWarning, stacklevel=2)
     progress.lines += int(stats[LINES])
     progress.entries += parsed.chunk.rows.size
     if progress.entries > header.entries:

@@ -370,7 +370,10 @@ def test_mtx_refusals_name_the_problem(tmp_path, content, message):
 def test_a_value_beyond_float32_is_refused_not_stored_as_inf(tmp_path, source):
     """Integer and pattern files become float32 by default, and --dtype float32 narrows
     float64: a finite value beyond float32's range would be stored as Inf, which the run
-    would then report as bad data."""
+    would then report as bad data. (The integer file's 1e39, beyond 2**53, is also warned
+    of as read to the nearest float64.)"""
+    import contextlib
+
     import scipy.sparse
 
     from ooc_svd.convert import convert
@@ -385,11 +388,18 @@ def test_a_value_beyond_float32_is_refused_not_stored_as_inf(tmp_path, source):
         scipy.sparse.save_npz(path, scipy.sparse.csr_matrix(
             np.array([[5.0, 0.0], [0.0, 0.0], [0.0, 1e39]])))
         options = {"dtype": "float32"}
+    def read_as_float64():
+        if source == "npz":
+            return contextlib.nullcontext()
+        return pytest.warns(RuntimeWarning, match="holds an integer beyond 2\\*\\*53")
+
     with pytest.raises(InputError, match=r"the value 1e\+39 of row 2 lies beyond the range "
-                                         r"of float32: store float64 values"):
+                                         r"of float32: store float64 values"), \
+            read_as_float64():
         convert(path, tmp_path / "out.zarr", **options)
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
-    wide = read_back(convert(path, tmp_path / "out.zarr", dtype="float64"))
+    with read_as_float64():
+        wide = read_back(convert(path, tmp_path / "out.zarr", dtype="float64"))
     assert wide.data.dtype == np.float64 and wide[2, 1] == 1e39
 
 
@@ -416,6 +426,21 @@ def test_integers_that_float32_rounds_are_warned_of(tmp_path, source):
     assert rounded[2, 1] == 123456792
     exact = read_back(convert(path, tmp_path / "exact.zarr", dtype="float64"))
     assert exact[2, 1] == 123456789 and exact[2, 0] == 16777216
+
+
+def test_matrix_market_integers_beyond_float64s_exact_range_are_warned_of(tmp_path):
+    """Values are read as float64, whose integers are exact up to 2**53: a larger one in an
+    integer file is named, once, since float64 may round it (2**53 + 1 becomes 2**53)."""
+    from ooc_svd.convert import convert
+
+    path = tmp_path / "A.mtx"
+    path.write_text("%%MatrixMarket matrix coordinate integer general\n3 2 3\n"
+                    f"1 1 {2**53 - 1}\n3 1 {2**53 + 1}\n3 2 {-2**60}\n")
+    with pytest.warns(RuntimeWarning, match=f"line 4: '3 1 {2**53 + 1}' holds an integer "
+                                            "beyond 2\\*\\*53") as caught:
+        stored = read_back(convert(path, tmp_path / "out.zarr", dtype="float64"))
+    assert len(caught) == 1 and stored[0, 0] == 2**53 - 1
+    assert stored[2, 0] == 2**53 and stored[2, 1] == -2**60
 
 
 def malformed_npz(path, **arrays):
