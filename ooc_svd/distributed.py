@@ -401,18 +401,13 @@ class ClusterPasses:
 
     def _result(self, future: Any) -> Any:
         """``future.result()``, waited for as ``_watched`` waits; its failure as
-        ``_cluster_failure`` tells it."""
+        ``_cluster_failures_named`` tells it."""
         from distributed import as_completed
 
-        try:
+        with _cluster_failures_named():
             for _ in self._watched(as_completed([future], loop=self.client.loop)):
                 pass
             return future.result()
-        except Exception as error:
-            failure = _cluster_failure(error)
-            if failure is not None:
-                raise failure from error
-            raise
 
     def _pass_shift(self, centering: Centering, name: str) -> tuple[np.ndarray, int]:
         """The pass's centering shift, which the local pass takes from its first block, and
@@ -451,14 +446,12 @@ class ClusterPasses:
         said."""
         root = self._reduce(name, leaves, combine, **reduce_options)
         try:
-            self._wait(context, f"{name} pass", leaves)
-            result = self._result(root)
+            with _cluster_failures_named():  # before the in-memory input's own message
+                self._wait(context, f"{name} pass", leaves)
+                result = self._result(root)
         except BaseException as error:
             with contextlib.suppress(Exception):
                 self.client.cancel([root])
-            failure = _cluster_failure(error)
-            if failure is not None:
-                raise failure from error
             if self.scattered and isinstance(error, CancelledError):
                 raise InputError(
                     "a worker holding rows of the in-memory input was lost, and rows "
@@ -644,20 +637,18 @@ class ClusterPasses:
         unfinished = {future.key: future for future in futures}
         futures.clear()
         try:
-            for future, outcome in self._watched(completed):
-                if isinstance(outcome, BaseException):  # cancelled: as_completed gives it
-                    raise outcome
-                read, pieces, backends = outcome
-                del unfinished[future.key]
-                for start, rows in pieces:
-                    store_rows(start, rows)
-                nbytes += read
-                self.backends |= backends
-        except BaseException as error:
+            with _cluster_failures_named():
+                for future, outcome in self._watched(completed):
+                    if isinstance(outcome, BaseException):  # cancelled: as_completed gives it
+                        raise outcome
+                    read, pieces, backends = outcome
+                    del unfinished[future.key]
+                    for start, rows in pieces:
+                        store_rows(start, rows)
+                    nbytes += read
+                    self.backends |= backends
+        except BaseException:
             _let_go(completed, unfinished)
-            failure = _cluster_failure(error)
-            if failure is not None:
-                raise failure from error
             raise
         return nbytes
 
@@ -1325,6 +1316,18 @@ def _let_go(completed: Any, unfinished: dict[str, Any]) -> None:
     for future in unfinished.values():
         with contextlib.suppress(Exception):
             future.release()
+
+
+@contextlib.contextmanager
+def _cluster_failures_named() -> Iterator[None]:
+    """Raise what ``_cluster_failure`` makes of an error of the block, or the error itself."""
+    try:
+        yield
+    except Exception as error:
+        failure = _cluster_failure(error)
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def _cluster_failure(error: BaseException) -> ClusterError | None:
