@@ -295,21 +295,8 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
         number, line = _line_at(text, int(stats[FAILED_AT]), progress)
         raise InputError(f"{path!r}, line {number}: {line!r} is not 'ROW COLUMN"
                          f"{' VALUE' if header.has_values else ''}'")
-    values = parsed.chunk.values
-    if header.field == "integer" and values is not None:
-        fractional = np.flatnonzero(~np.isfinite(values) | (values != np.trunc(values)))
-        if fractional.size:
-            number, line = _line_at(text, _entry_offset(text, int(fractional[0])), progress)
-            raise InputError(f"{path!r}, line {number}: {line!r} holds a value that is not "
-                             "an integer, in a file whose header says 'integer'")
-        # 2**53 + 1 reads as 2**53: a value of that magnitude may have been rounded.
-        beyond = np.flatnonzero(np.abs(values) >= FLOAT64_EXACT_INTEGERS)
-        if beyond.size and not progress.warned:
-            progress.warned = True
-            number, line = _line_at(text, _entry_offset(text, int(beyond[0])), progress)
-            warnings.warn(f"{path!r}, line {number}: {line!r} holds an integer beyond 2**53, "
-                          "read to the nearest float64, which may round it (as it may others "
-                          "of the file)", RuntimeWarning, stacklevel=2)
+    if header.field == "integer":
+        _check_integers(parsed, path, progress)
     progress.lines += int(stats[LINES])
     progress.entries += parsed.chunk.rows.size
     if progress.entries > header.entries:
@@ -322,6 +309,29 @@ def _checked(parsed: _Parsed, header: MatrixMarketHeader, path: str,
             raise InputError(f"{path!r}: a {name} index ({low if low < 1 else high}) lies "
                              f"outside 1..{bound} (shape {m} x {n})")
     return _with_mirrors(parsed.chunk, header.symmetry)
+
+
+def _check_integers(parsed: _Parsed, path: str, progress: _Progress) -> None:
+    """Refuse a value of an integer file's block that is not an integer, naming its line;
+    warn, once a file, of one beyond float64's exact integers, as which it was read."""
+    values = parsed.chunk.values
+
+    def first_line(entries: np.ndarray) -> tuple[int, str]:
+        return _line_at(parsed.text, _entry_offset(parsed.text, int(entries[0])), progress)
+
+    fractional = np.flatnonzero(~np.isfinite(values) | (values != np.trunc(values)))
+    if fractional.size:
+        number, line = first_line(fractional)
+        raise InputError(f"{path!r}, line {number}: {line!r} holds a value that is not an "
+                         "integer, in a file whose header says 'integer'")
+    # 2**53 + 1 reads as 2**53: a value of that magnitude may have been rounded.
+    beyond = np.flatnonzero(np.abs(values) >= FLOAT64_EXACT_INTEGERS)
+    if beyond.size and not progress.warned:
+        progress.warned = True
+        number, line = first_line(beyond)
+        warnings.warn(f"{path!r}, line {number}: {line!r} holds an integer beyond 2**53, "
+                      "read to the nearest float64, which may round it (as it may others of "
+                      "the file)", RuntimeWarning, stacklevel=3)
 
 
 def _line_at(text: memoryview, offset: int, progress: _Progress) -> tuple[int, str]:
