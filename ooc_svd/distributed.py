@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import itertools
 import logging
 import math
@@ -368,35 +369,38 @@ class ClusterPasses:
 
     def _watched(self, completed: Any) -> Iterator[Any]:
         """What ``completed`` (an ``as_completed``) yields, as it comes. While nothing
-        comes, the cluster's workers are counted every WORKER_CHECK_SECONDS: dask waits
-        without end for a worker to run what the last one left, so a cluster without any
-        for ``worker_timeout()`` seconds ends the run (ClusterError)."""
-        alone_since, checked = None, time.monotonic()
+        comes, the cluster's workers are looked at every WORKER_CHECK_SECONDS: dask waits
+        without end for a worker to run what the last one left, or for a worker paused
+        for memory to resume, so a cluster that can run nothing (``_stall``) for
+        ``worker_timeout()`` seconds, with nothing coming, ends the run (ClusterError)."""
+        stalled_since, checked = None, time.monotonic()
         while not completed.is_empty():
             if completed.has_ready():
+                stalled_since = None
                 yield next(completed)
                 continue
             time.sleep(0.02)
             now = time.monotonic()
             if now - checked >= WORKER_CHECK_SECONDS:
                 checked = now
-                alone_since = self._without_workers_since(alone_since, now)
+                stalled_since = self._stalled_since(stalled_since, now)
 
-    def _without_workers_since(self, since: float | None, now: float) -> float | None:
-        """When the cluster was last seen without workers (None: it has some now)."""
+    def _stalled_since(self, since: float | None, now: float) -> float | None:
+        """When the cluster was first seen, in this wait, unable to run anything (None: it
+        can now); ClusterError once that has lasted ``worker_timeout()`` seconds."""
         try:
-            workers = len(self.client.nthreads())
+            stall = _stall(_workers_info(self.client))
         except Exception:  # noqa: BLE001 - a lost scheduler: dask cancels the futures
             return since
-        if workers:
+        if stall is None:
             return None
         since = now if since is None else since
         timeout = worker_timeout()
         if now - since >= timeout:
             raise ClusterError(
-                f"the cluster has had no worker for {timeout:g} s (they died or left) while "
-                f"the run's tasks wait: start workers for it, or wait longer "
-                f"({WORKER_TIMEOUT_KEY} in dask's configuration)")
+                f"the cluster has had {stall} for {timeout:g} s while the run's tasks wait: "
+                f"{STALL_ADVICE[stall]}, or wait longer ({WORKER_TIMEOUT_KEY} in dask's "
+                "configuration)")
         return since
 
     def _result(self, future: Any) -> Any:
@@ -655,16 +659,17 @@ class ClusterPasses:
     # -- teardown ---------------------------------------------------------------------------
 
     def _remove_scratch(self) -> None:
-        """Remove the scratch directory by a worker; where none is left (they all died or
-        left) or none did it within a minute, by the client where it sees the directory,
-        or else name it in a warning."""
-        why = "no worker was left to remove it"
+        """Remove the scratch directory by a worker; where none can run it (they all died,
+        left or are paused for memory: ``_stall``) or none did it within a minute, by the
+        client where it sees the directory, or else name it in a warning."""
         try:
-            if self.client.nthreads():
+            stall = _stall(_workers_info(self.client))
+            if stall is None:
                 self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
                                    workers=self.scratch_workers,
                                    allow_other_workers=True).result(timeout=60)
                 return
+            why = f"the cluster has {stall}"
         except Exception as error:  # noqa: BLE001 - any failure: the client tries
             why = f"the workers did not remove it ({type(error).__name__}: {error})"
         seen = os.path.isdir(self.scratch)
@@ -725,6 +730,36 @@ class QuietTaskErrors(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         logging.getLogger("distributed.worker").removeFilter(_without_task_errors)
+
+
+NO_WORKER = "no worker"
+ALL_PAUSED = "every worker paused for memory and running no task"
+STALL_ADVICE = {
+    NO_WORKER: "they died or left; start workers for it",
+    ALL_PAUSED: ("a worker pauses above distributed.worker.memory.pause of its memory "
+                 "limit; give the workers more memory, fewer threads, or the run a "
+                 "smaller memory_limit"),
+}
+
+
+def _workers_info(client: Any) -> dict[str, dict]:
+    """The scheduler's description of every worker (dask since 2025 describes only the
+    first five unless asked for all)."""
+    if "n_workers" in inspect.signature(client.scheduler_info).parameters:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    return client.scheduler_info()["workers"]
+
+
+def _stall(workers: dict[str, dict]) -> str | None:
+    """Why a cluster with these workers can run no task (NO_WORKER, ALL_PAUSED), or None
+    where it can. A paused worker still finishes the tasks it runs (and may resume)."""
+    if not workers:
+        return NO_WORKER
+    for worker in workers.values():
+        running_tasks = worker.get("metrics", {}).get("task_counts", {}).get("executing", 0)
+        if worker.get("status") != "paused" or running_tasks:
+            return None
+    return ALL_PAUSED
 
 
 def _wait_for_a_worker(client: Any) -> None:

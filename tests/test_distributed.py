@@ -602,8 +602,8 @@ def test_the_client_removes_the_scratch_directory_when_no_worker_is_left(
                 assert list(scratch.iterdir()) == []
             else:
                 with pytest.warns(RuntimeWarning, match=f"the scratch directory '{scratch}/"
-                                  "ooc-svd-cluster-.*' .* may be left: no worker was left to "
-                                  "remove it, and this process cannot reach it"):
+                                  "ooc-svd-cluster-.*' .* may be left: the cluster has no worker, "
+                                  "and this process cannot reach it"):
                     ooc_svd.svd(dense_store, 2, client=client, scratch_dir=str(scratch))
 
 
@@ -791,19 +791,31 @@ def test_a_task_whose_workers_die_running_it_is_named_in_one_line(dense_store, b
             ooc_svd.svd(dense_store, 4, method="randomized", client=client)
 
 
-class CloseWorkersAfterFirstGroup(SchedulerPlugin):
-    """After the first group of a power pass finishes, close every worker (in-process)."""
+class AfterFirstGroup(SchedulerPlugin):
+    """After the first group of a power pass finishes, do ``to_each`` to every worker
+    (in-process)."""
 
-    def __init__(self, cluster):
-        self.cluster, self.closed = cluster, False
+    def __init__(self, cluster, to_each):
+        self.cluster, self.to_each, self.done = cluster, to_each, False
 
     def transition(self, key, start, finish, *args, **kwargs):
-        if not self.closed and finish == "memory" and "-power-group-" in str(key):
-            import asyncio
-
-            self.closed = True
+        if not self.done and finish == "memory" and "-power-group-" in str(key):
+            self.done = True
             for worker in list(self.cluster.workers.values()):
-                asyncio.ensure_future(worker.close())
+                self.to_each(worker)
+
+
+def close(worker):
+    import asyncio
+
+    asyncio.ensure_future(worker.close())
+
+
+def pause(worker):
+    """What a worker's memory monitor does above distributed.worker.memory.pause."""
+    from distributed.core import Status
+
+    worker.status = Status.paused
 
 
 def test_a_run_whose_last_worker_left_ends_after_the_worker_timeout(dense_store, block_rows,
@@ -816,12 +828,48 @@ def test_a_run_whose_last_worker_left_ends_after_the_worker_timeout(dense_store,
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=":0") as cluster, Client(cluster) as client, \
             dask.config.set({"ooc-svd.worker-timeout": "1s"}):
-        plugin = CloseWorkersAfterFirstGroup(cluster)
+        plugin = AfterFirstGroup(cluster, close)
         cluster.scheduler.add_plugin(plugin)
         began = time.monotonic()
         with pytest.raises(ClusterError, match="the cluster has had no worker for 1 s"):
             ooc_svd.svd(dense_store, 3, method="randomized", client=client)
-        assert plugin.closed and time.monotonic() - began < 30
+        assert plugin.done and time.monotonic() - began < 30
+
+
+def test_a_run_whose_workers_all_stay_paused_ends_after_the_worker_timeout(
+        dense_store, block_rows, monkeypatch):
+    """A worker paused for memory starts no task until it resumes, and dask waits for that
+    without end: a run whose workers have all been paused, running nothing, for
+    ooc-svd.worker-timeout ends. (No memory limit here: the monitor would resume them.)"""
+    block_rows(BLOCK_ROWS, N)
+    monkeypatch.setattr(ooc_svd.distributed, "WORKER_CHECK_SECONDS", 0.2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, memory_limit=0,
+                      dashboard_address=":0") as cluster, Client(cluster) as client, \
+            dask.config.set({"ooc-svd.worker-timeout": "1s"}):
+        plugin = AfterFirstGroup(cluster, pause)
+        cluster.scheduler.add_plugin(plugin)
+        began = time.monotonic()
+        with pytest.raises(ClusterError, match="the cluster has had every worker paused for "
+                                               "memory and running no task for 1 s"):
+            ooc_svd.svd(dense_store, 3, method="randomized", client=client)
+        assert plugin.done and time.monotonic() - began < 30
+
+
+@pytest.mark.parametrize("workers, stall", [
+    ({}, "no worker"),
+    ({"a": {"status": "running", "metrics": {"task_counts": {}}}}, None),
+    ({"a": {"status": "paused", "metrics": {"task_counts": {}}},
+      "b": {"status": "paused", "metrics": {"task_counts": {"memory": 3}}}},
+     "every worker paused for memory and running no task"),
+    ({"a": {"status": "paused", "metrics": {"task_counts": {"executing": 1}}},
+      "b": {"status": "paused", "metrics": {"task_counts": {}}}}, None),
+    ({"a": {"status": "paused", "metrics": {"task_counts": {}}},
+      "b": {"status": "running", "metrics": {"task_counts": {}}}}, None),
+])
+def test_a_cluster_stalls_only_where_no_worker_can_run_a_task(workers, stall):
+    """A paused worker that still runs a task frees its memory when it ends, and may
+    resume: only a cluster where no worker runs or can start a task has stalled."""
+    assert ooc_svd.distributed._stall(workers) == stall
 
 
 def test_workers_without_the_package_are_named(cluster, monkeypatch):
