@@ -414,9 +414,11 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
 
     Notes
     -----
-    A wide A held in memory (m < n: a numpy, torch or scipy.sparse matrix, not a .npy file
-    or a store) is factored as A^T, as torch does, so that the n x q arrays are the short
-    side's; so is A - M for an M held in memory, but for a sparse A whose M^T would not be
+    A wide A held in memory (m < n: a numpy, torch or scipy.sparse matrix, not a dask array,
+    a .npy file or a store, whose A^T would read every chunk for each block) is factored as
+    A^T, as torch does, so that the n x q arrays are the short side's, and the random
+    sketch is A^T's: a randomized or Krylov result differs from that of the same values in
+    a store. So is A - M for an M held in memory, but for a sparse A whose M^T would not be
     a row of A^T where A^T has at most 4096 columns (or on a cluster): A^T - M^T would be
     densified, where A - M keeps A's sparsity. A sparse A^T is made CSR, a copy of A that
     ``memory_limit`` does not count.

@@ -98,6 +98,9 @@ class Plan:
     backend: str = ""
     backend_reason: str = ""
     tol: float | None = None  # fixed-accuracy mode's tolerance; k is then the rank cap
+    # The method 'auto' preferred and the memory it would have needed, where that exceeded
+    # memory_limit and another method was taken.
+    preferred: tuple[str, int] | None = None
 
     @property
     def cached_bytes(self) -> int:
@@ -249,8 +252,11 @@ def make_plan(
             refusals.append(error)
             continue
         if refusals:  # 'auto' fell back to a method that fits
-            plan = replace(plan, reason=f"{plan.reason}; {choices[0][0]} would need more "
-                                        "than memory_limit")
+            preferred, needed = choices[0][0], refusals[0].needed_bytes
+            plan = replace(plan, preferred=(preferred, needed),
+                           reason=f"{plan.reason}; {preferred} would need "
+                                  f"{format_bytes(needed, round_up=True)}, more than "
+                                  "memory_limit")
         return replace(plan, tol=tol)
     raise _least_refusal(refusals, [name for name, _ in choices])
 

@@ -15,6 +15,7 @@ from .errors import InputError
 from .passes import PassRecord
 from .plan import EPS64, MAX_EXACT_COLUMNS, Plan, smallest_tol
 from .sources import CSRSource, DenseSource
+from .units import format_bytes
 
 
 @dataclass
@@ -214,6 +215,21 @@ def _power_floor_note(values: np.ndarray, plan: Plan, method: str) -> str:
             f"have the accuracy of niter=0{remedy}")
 
 
+def _fallback_note(plan: Plan, method: str, rank: int) -> str:
+    """Where 'auto' took another method than it preferred for lack of memory: a run with
+    a larger limit, or another chunking or block size, may take the preferred one, and
+    give another result (of another accuracy), so that runs compare only at a fixed
+    method. Not said where the basis spans all of A's rows or columns (its ``rank``
+    triplets, or the basis of l columns): every method then gives the exact SVD."""
+    if plan.preferred is None or max(rank, plan.basis_size) >= min(plan.shape):
+        return ""
+    preferred, needed = plan.preferred
+    return (f"method 'auto' preferred {preferred}, which would need "
+            f"{format_bytes(needed, round_up=True)} (memory_limit is "
+            f"{format_bytes(plan.memory_limit)}), and ran {method}: a run with more memory "
+            "may run it and give another result; fix method= to compare runs")
+
+
 def _residual_floor_note(residual: float, rounding: float, applies: bool) -> str:
     """A residual found as ||A||^2 - sum S^2 below that difference's rounding: 0.0 is no
     exact factorization. ``applies`` in fixed-rank mode (fixed-accuracy mode's note says it
@@ -291,6 +307,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
             _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
                             plan.k, plan.shape[1]),
             _power_floor_note(factors.S[:factors.numerical_rank], plan, factors.method),
+            _fallback_note(plan, factors.method, factors.S.size),
             _residual_floor_note(residual, rounding, difference and tol is None
                                  and factors.numerical_rank == factors.S.size)])),
         plan=plan,

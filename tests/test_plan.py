@@ -76,13 +76,19 @@ def test_auto_explains_its_choice():
 
 def test_auto_falls_back_to_a_method_that_fits_the_limit():
     """gram is the cheapest here but needs n x n arrays (auto's, room for the fallback to
-    exact too); under a tighter limit, auto takes randomized rather than refusing. A
-    requested method is never replaced."""
+    exact too); under a tighter limit, auto takes randomized rather than refusing, and
+    names what gram would need: as the limit, that is enough for it. A requested method is
+    never replaced."""
     roomy = plan(shape=(200_000, 256), chunk=1000, limit=10**9)
     tight = plan(shape=(200_000, 256), chunk=1000, limit=10**7)
     assert roomy.method == "gram" and tight.method == "randomized"
-    assert tight.reason.endswith("gram would need more than memory_limit")
-    assert tight.predicted_peak_bytes <= 10**7
+    assert roomy.preferred is None and tight.preferred[0] == "gram"
+    needed = tight.preferred[1]
+    assert tight.reason.endswith(f"gram would need {format_bytes(needed, round_up=True)}, "
+                                 "more than memory_limit")
+    assert tight.predicted_peak_bytes <= 10**7 < needed
+    enough = plan(shape=(200_000, 256), chunk=1000, limit=needed)
+    assert enough.method == "gram" and enough.preferred is None
     assert plan(shape=(200_000, 256), chunk=1000, method="gram", limit=10**7).method == "gram"
     with pytest.raises(PlanError, match="cannot hold one storage chunk"):
         plan(shape=(200_000, 256), chunk=1000, method="exact", limit=10**7)
@@ -230,4 +236,4 @@ def test_auto_falls_back_to_block_krylov_when_the_exact_method_it_prefers_does_n
     roomy = make_plan((m, n), 8, boundaries, 10, 10, 2, "auto", 10**10)
     assert roomy.method in ("exact", "gram") and "exact to rounding at" in roomy.reason
     tight = make_plan((m, n), 8, boundaries, 10, 10, 2, "auto", 200 * 10**6)
-    assert tight.method == "krylov" and "would need more than memory_limit" in tight.reason
+    assert tight.method == "krylov" and "more than memory_limit" in tight.reason

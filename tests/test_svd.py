@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import ooc_svd
+from ooc_svd.units import format_bytes
 
 M, N = 700, 120
 
@@ -160,6 +161,24 @@ def test_notes_say_what_the_power_passes_and_the_residual_cannot_resolve():
     wide += 1e-10 * np.abs(wide).max() * rng.standard_normal(wide.shape)
     note = ooc_svd.svd(wide, 3, method="randomized").note
     assert "sigma_2 and those after it lie below" in note and "exact" not in note
+
+
+def test_a_method_auto_took_for_lack_of_memory_is_said(zarr_matrix):
+    """'auto' prefers gram here; in chunks of 1000 rows its need exceeds the limit and it
+    runs randomized, in chunks of 7 it fits: the chunking alone changes the result, as
+    the note says (and how much memory gram needs). (Where the basis spans every row or
+    column, it is not said: test_accuracy's fall back to the randomized method.)"""
+    A = naive.matrix_with_spectrum(3000, 300, 0.98 ** np.arange(300), seed=0)
+    large = ooc_svd.svd(zarr_matrix(A, chunk_rows=1000, name="large.zarr"), 10,
+                        memory_limit="12MB")
+    small = ooc_svd.svd(zarr_matrix(A, chunk_rows=7, name="small.zarr"), 10,
+                        memory_limit="12MB")
+    assert (large.method, small.method) == ("randomized", "gram")
+    needed = format_bytes(large.plan.preferred[1], round_up=True)
+    assert f"method 'auto' preferred gram, which would need {needed} (memory_limit is " \
+           "12 MB), and ran randomized" in large.note
+    assert small.note == "" and small.plan.preferred is None
+    np.testing.assert_allclose(small.S, np.linalg.svd(A, compute_uv=False)[:10], rtol=1e-12)
 
 
 def test_seed_matters_and_power_iterations_help():
