@@ -352,7 +352,9 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      oversample, niter, method, limit, spectral_iters=spectral_iters,
                      tol=tol, cacheable=cache_blocks and source.decodes,
                      chunk_bytes=source.chunk_bytes if sparse else None,
-                     nnz=source.nnz if sparse else None, scatter_copies=scatter_threads(),
+                     nnz=source.nnz if sparse else None,
+                     row_pairs=source.row_pairs if sparse else 0.0,
+                     scatter_copies=scatter_threads(),
                      read_overhead_bytes=source.read_overhead_bytes,
                      read_row_overhead=source.read_row_overhead,
                      read_factor=source.read_factor,
@@ -808,7 +810,7 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
 
 def _check_row_shift(request: _Request, plan: Plan) -> None:
     """A column taken by the kernels (``kernels.row_shift``) reaches the local kernels of the
-    randomized and Krylov passes only: the exact and gram methods densify blocks of A, a
+    randomized and Krylov passes only: the exact and gram methods' kernels do not take it, a
     cluster's workers have kernels of their own, and a checkpoint does not record c."""
     if plan.method not in ("randomized", "krylov"):
         raise InputError(f"a column of M taken from a sparse A needs the randomized or "

@@ -336,6 +336,8 @@ def gram_svd(
     # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more.
     d = context.centering.offset(shift, stats)
     subtracted = 0.0 if d is None else stats.rows * float(d @ d)
+    if plan.sparse:  # a sparse block's shift too is subtracted from G after the products
+        subtracted += stats.rows * float(shift @ shift)
     accurate = gram_is_accurate(eigenvalues, rank, data_eps, subtracted)
     if not accurate and fallback:
         factors = exact_svd(context, plan, allocate_u, scratch_dir, rank_rule)

@@ -22,9 +22,15 @@ from .units import format_bytes
 READ_BYTES_PER_S = 400e6
 GEMM_FLOPS_PER_S = 12e9
 # Multiply-adds per second of the CSR kernels per column of X (a gather or scatter per
-# non-zero, memory-bound), and of densifying CSR rows for the exact and gram methods.
+# non-zero, memory-bound), and of densifying CSR rows for the exact method (and gram, where
+# rows are dense enough: ``sparse_gram_pays``).
 CSR_FLOPS_PER_S = 1.5e9
 SYRK_FLOPS_PER_S = 30e9
+# The sparse Gram kernel: products of pairs of a row's non-zeros a second (measured on two
+# cores: 0.75e8 for n = 4096, whose G misses the cache, to 3.7e8 for n = 1000), and rows a
+# second (each thread looks for its columns in every row).
+SPARSE_GRAM_PAIRS_PER_S = 1e8
+SPARSE_GRAM_ROWS_PER_S = 3e7
 # LAPACK dgeqrt (compact WY) on the exact method's 4n x n stacks; the final pass's narrow
 # blocks (b x l, l ~ 30) factor about 3x slower, which the model leaves out.
 QR_FLOPS_PER_S = 15e9
@@ -198,6 +204,7 @@ def make_plan(
     cacheable: bool = False,
     chunk_bytes: np.ndarray | None = None,
     nnz: int | None = None,
+    row_pairs: float = 0.0,
     scatter_copies: int = 1,
     read_overhead_bytes: int = 0,
     read_row_overhead: int = 0,
@@ -213,7 +220,8 @@ def make_plan(
     ``cacheable`` (reading costs I/O or decoding), the memory the working set leaves under
     the limit keeps leading blocks after their first read, for the later passes.
 
-    A sparse matrix gives ``nnz`` and the raw bytes of each unit between ``chunk_boundaries``
+    A sparse matrix gives ``nnz``, the pairs of non-zeros that share a row (``row_pairs``:
+    its Gram matrix's cost) and the raw bytes of each unit between ``chunk_boundaries``
     (``chunk_bytes``); its power kernel holds up to ``scatter_copies`` (one per thread)
     private n x l accumulators, fewer when they would take over a quarter of the limit.
     Each read in flight may also decode ``read_overhead_bytes`` beyond its block (the
@@ -231,9 +239,10 @@ def make_plan(
     if chunk_bytes is None:
         chunk_bytes = np.diff(chunk_boundaries) * n * itemsize
     work = _Work(m, n, int(np.sum(chunk_bytes)), nnz)
+    gram = gram_seconds(m, n, None if nnz is None else row_pairs)
     costs = {
-        "exact": work.two_pass_seconds(k, 2.5 * m * n * n / QR_FLOPS_PER_S),
-        "gram": work.two_pass_seconds(k, m * n * n / SYRK_FLOPS_PER_S),
+        "exact": work.two_pass_seconds(k, 2.5 * m * n * n / QR_FLOPS_PER_S, densify=True),
+        "gram": work.two_pass_seconds(k, gram, densify=False),
         "randomized": work.randomized_seconds(l, l, niter),
         "krylov": work.randomized_seconds(l, krylov_width, niter),
     }
@@ -531,6 +540,28 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     return max(factoring + SUB_BLOCK_BYTES, final_pass)
 
 
+def gram_seconds(rows: int, n: int, row_pairs: float | None) -> float:
+    """Seconds to add the Gram matrix of ``rows`` rows: dense rows by dsyrk, sparse ones
+    (``row_pairs``: the pairs of non-zeros that share a row) by the cheaper of the sparse
+    kernel and densifying them for dsyrk (``sparse_gram_pays``)."""
+    densified = rows * n * n / SYRK_FLOPS_PER_S
+    if row_pairs is None:
+        return densified
+    return min(_sparse_gram_seconds(rows, row_pairs), densified + rows * n / CSR_FLOPS_PER_S)
+
+
+def sparse_gram_pays(rows: int, n: int, row_pairs: float) -> bool:
+    """Whether the sparse Gram kernel beats densifying these CSR rows for dsyrk: a row of
+    r non-zeros costs it r (r + 1) / 2 products, where densified it costs n^2 / 2 in
+    dsyrk, which runs about 300x faster a product."""
+    return _sparse_gram_seconds(rows, row_pairs) < gram_seconds(rows, n, None) + \
+        rows * n / CSR_FLOPS_PER_S
+
+
+def _sparse_gram_seconds(rows: int, row_pairs: float) -> float:
+    return row_pairs / SPARSE_GRAM_PAIRS_PER_S + rows / SPARSE_GRAM_ROWS_PER_S
+
+
 @dataclass(frozen=True)
 class _Work:
     """What a pass over A costs to read and to multiply by one column."""
@@ -551,12 +582,13 @@ class _Work:
         read = (niter + 1) * self.pass_bytes / READ_BYTES_PER_S
         return read + self.product_seconds(niter * 2 * l) + self.final_pass_seconds(final)
 
-    def two_pass_seconds(self, k: int, factor_seconds: float) -> float:
-        """A pass that factors A (TSQR or Gram; sparse rows are densified in cache-sized
-        pieces), then the final pass with the k columns of V_k."""
-        densify = 0 if self.nnz is None else self.m * self.n / CSR_FLOPS_PER_S
+    def two_pass_seconds(self, k: int, factor_seconds: float, densify: bool) -> float:
+        """A pass that factors A (TSQR, whose sparse rows are densified in cache-sized
+        pieces where ``densify``, or Gram), then the final pass with the k columns of
+        V_k."""
+        densified = self.m * self.n / CSR_FLOPS_PER_S if densify and self.nnz is not None else 0
         read = 2 * self.pass_bytes / READ_BYTES_PER_S
-        return read + densify + factor_seconds + self.final_pass_seconds(k)
+        return read + densified + factor_seconds + self.final_pass_seconds(k)
 
     def final_pass_seconds(self, width: int) -> float:
         """Compute of the final pass (reading aside): A X and B = Q^T A, the streaming TSQR

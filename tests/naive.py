@@ -57,6 +57,18 @@ def csr_block_products(A, X, Q, shift):
     return As.T @ (As @ X), As @ X, As.T @ Q, As.sum(axis=0), float(np.sum(As * As))
 
 
+def csr_gram(A, shift):
+    """Upper triangle of A_s^T A_s for a CSR block A (scipy.sparse), A_s = dense(A) - 1
+    shift^T, entry by entry, as the sum over the rows of products of their values."""
+    As = A.toarray().astype(np.float64) - shift
+    n = As.shape[1]
+    G = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            G[i, j] = sum(float(row[i]) * float(row[j]) for row in As)
+    return G
+
+
 def sparse_with_decay(m, n, density, decay, dtype=np.float64, seed=0):
     """A random sparse m x n CSR matrix whose columns are scaled by exp(-decay * j), so its
     spectrum decays; a few empty rows are left in."""

@@ -206,10 +206,19 @@ def gram_block(
     stats: BlockStats,
     subs: SubBlocks,
 ) -> None:
-    """Upper triangle of G += A_s^T A_s for one row block (dsyrk, in place).
+    """Upper triangle of G += A_s^T A_s for one row block (dsyrk, in place; a CSR block by
+    the pairs of each row's non-zeros where that beats densifying it: ``sparse_gram_pays``).
 
     G : (n, n) float64 F-order; only its upper triangle is meaningful.
     """
+    if is_sparse_block(block):
+        from ..plan import sparse_gram_pays
+        from ..sources.csr import row_pairs
+        from .csr import gram_into
+
+        if sparse_gram_pays(block.shape[0], block.shape[1], row_pairs(block.indptr)):
+            gram_into(block, first_row, shift, G, stats)
+            return
     for _, _, sub in subs.sweep(block, first_row, shift, stats):
         result = dsyrk(1.0, sub.T, beta=1.0, c=G, overwrite_c=1)
         if result is not G:  # dsyrk copies only if G is not Fortran-ordered float64

@@ -143,6 +143,49 @@ def csr_column_range_kernel(data, indices, indptr, column_bounds, Q, CT, colsum)
     return sumsq.sum()
 
 
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=SUM_FASTMATH)
+def csr_gram_kernel(data, indices, indptr, column_bounds, G, colsum):
+    """Upper triangle of G += A^T A and colsum += column sums of A; returns the sum of
+    squares of A. Each row's columns must increase (blocks are read so).
+
+    A row adds v_p v_q to G[j_p, j_q] for each pair of its non-zeros p <= q: about
+    nnz_row^2 / 2 products, where densifying the row costs n^2. Thread t owns the columns
+    [column_bounds[t], column_bounds[t + 1]) of G and adds only the pairs whose later
+    non-zero falls there (found by bisection in the row), so no two threads write the same
+    entry. G : (n, n) float64 F-order (a column is contiguous); colsum : (n,).
+    """
+    threads = column_bounds.size - 1
+    sumsq = np.zeros(threads)
+    for t in numba.prange(threads):
+        first, last = column_bounds[t], column_bounds[t + 1]
+        total = 0.0
+        for i in range(indptr.size - 1):
+            start, end = indptr[i], indptr[i + 1]
+            q = start + np.searchsorted(indices[start:end], first)
+            while q < end and indices[q] < last:
+                j = indices[q]
+                value = np.float64(data[q])
+                colsum[j] += value
+                total += value * value
+                for p in range(start, q + 1):
+                    G[indices[p], j] += np.float64(data[p]) * value
+                q += 1
+        sumsq[t] = total
+    return sumsq.sum()
+
+
+@numba.njit(nogil=True, cache=True)
+def csr_gram_pairs(indices, indptr, n):
+    """The pairs ``csr_gram_kernel`` adds into each column of G: a non-zero pairs with
+    itself and those before it in its row."""
+    pairs = np.zeros(n)
+    for i in range(indptr.size - 1):
+        start = indptr[i]
+        for p in range(start, indptr[i + 1]):
+            pairs[indices[p]] += p - start + 1
+    return pairs
+
+
 @numba.njit(nogil=True, cache=True)
 def csr_densify_kernel(data, indices, indptr, shift, out):
     """out = dense(A) - 1 shift^T for a few rows (cache-sized sub-blocks of small n)."""
@@ -158,9 +201,11 @@ def scatter_threads() -> int:
     return numba.get_num_threads()
 
 
-def column_bounds(indices: np.ndarray, n: int, threads: int) -> np.ndarray:
-    """Column boundaries that give each thread about the same number of non-zeros."""
-    counts = np.cumsum(np.bincount(indices, minlength=n))
+def column_bounds(indices: np.ndarray, n: int, threads: int,
+                  work: np.ndarray | None = None) -> np.ndarray:
+    """Column boundaries that give each thread about the same number of non-zeros (or the
+    same sum of the columns' ``work``)."""
+    counts = np.cumsum(np.bincount(indices, minlength=n) if work is None else work)
     targets = np.linspace(0, counts[-1] if n else 0, threads + 1)[1:-1]
     inner = np.searchsorted(counts, targets, side="left") + 1
     return np.concatenate([[0], np.minimum(inner, n), [n]]).astype(np.int64)
@@ -252,6 +297,26 @@ def add_block_totals(block, first_row: int, shift: np.ndarray, stats: BlockStats
     sumsq, colsum = _column_range_sweep(block, first_row, np.zeros((block.shape[0], 0)),
                                         np.zeros((n, 0)))
     _add_shifted_totals(stats, colsum, sumsq, block.shape[0], shift)
+
+
+def gram_into(block, first_row: int, shift: np.ndarray, G: np.ndarray,
+              stats: BlockStats) -> None:
+    """Upper triangle of G += A_s^T A_s for one block, A_s = A - 1 s^T, from the pairs of
+    each row's non-zeros (``csr_gram_kernel``): A_s^T A_s = A^T A - s c^T - c s^T + b s s^T
+    with c the column sums of A, the shift applied algebraically as in the other kernels.
+    G : (n, n) float64 F-order."""
+    n = block.shape[1]
+    bounds = column_bounds(block.indices, n, scatter_threads(),
+                           work=csr_gram_pairs(block.indices, block.indptr, n))
+    colsum = np.zeros(n)
+    sumsq = csr_gram_kernel(block.data, block.indices, block.indptr, bounds, G, colsum)
+    if not np.isfinite(sumsq):
+        check_finite(block, first_row)
+    rows = block.shape[0]
+    if shift.any():
+        subtract_outer(G, shift, colsum - 0.5 * rows * shift)
+        subtract_outer(G, colsum - 0.5 * rows * shift, shift)
+    _add_shifted_totals(stats, colsum, sumsq, rows, shift)
 
 
 def _column_range_sweep(block, first_row, Q, CT) -> tuple[float, np.ndarray]:

@@ -168,6 +168,7 @@ class CSRSource:
     decodes: bool = True
     format_kind: str = "csr"
     canonical: bool = False  # every row's columns known to increase: ``read`` checks none
+    row_pairs: float = 0.0  # pairs of non-zeros in a row, summed over the rows
     # Of zarr arrays; each copy (``dataclasses.replace``) has its own.
     latest_chunks: LatestChunks = field(default_factory=LatestChunks, init=False, repr=False,
                                         compare=False)
@@ -335,7 +336,8 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
             f"{description}: inconsistent CSR arrays (indptr {indptr.shape} for {m} rows, "
             f"indices {indices.shape}, data {data.shape})"
         )
-    boundaries, pointers = _stream_unit_boundaries(indptr, _entry_bytes(data, indices))
+    boundaries, pointers, row_pairs = _stream_unit_boundaries(indptr,
+                                                              _entry_bytes(data, indices))
     stored = None
     with contextlib.suppress(Exception):  # optional information, not every store can tell
         stored = sum(int(a.nbytes_stored()) for a in (indptr, indices, data))
@@ -346,6 +348,7 @@ def open_csr_group(group: Any, description: str) -> CSRSource:
         indptr, indices, data, (m, n), description, boundaries,
         _unit_bytes(boundaries, pointers, _entry_bytes(data, indices)),
         nnz, stored, format_kind=f"csr (zarr v{group.metadata.zarr_format})",
+        row_pairs=row_pairs,
     )
 
 
@@ -372,11 +375,11 @@ def csr_source_from_scipy(matrix: Any, description: str | None = None) -> CSRSou
     entry = _entry_bytes(csr.data, csr.indices)
     # indptr in pieces, as from a store: no m-long arrays beside the matrix (reads widen
     # each block's pointers to int64).
-    boundaries, pointers = _stream_unit_boundaries(csr.indptr, entry)
+    boundaries, pointers, row_pairs = _stream_unit_boundaries(csr.indptr, entry)
     return CSRSource(
         csr.indptr, csr.indices, csr.data, csr.shape, description or f"scipy.sparse {kind}",
         boundaries, _unit_bytes(boundaries, pointers, entry), int(csr.nnz),
-        decodes=False, format_kind="scipy.sparse", canonical=True,
+        decodes=False, format_kind="scipy.sparse", canonical=True, row_pairs=row_pairs,
     )
 
 
@@ -401,24 +404,35 @@ def _unit_cuts(pointers: np.ndarray, first_row: int, entry_bytes: int) -> np.nda
                                      [pointers.size - 1]]))
 
 
-def _stream_unit_boundaries(indptr: Any, entry_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+def _stream_unit_boundaries(indptr: Any, entry_bytes: int
+                            ) -> tuple[np.ndarray, np.ndarray, float]:
     """Unit boundaries and indptr at them, reading indptr a piece at a time (whole storage
-    chunks, when it has them), so planning holds O(number of units) values, not m."""
+    chunks, when it has them), so planning holds O(number of units) values, not m; and the
+    pairs of non-zeros that share a row, sum r (r + 1) / 2 over the rows' lengths r (what
+    the Gram matrix costs, ``kernels.csr.csr_gram_kernel``)."""
     m = indptr.shape[0] - 1
     chunks = getattr(indptr, "chunks", None)
     step = 1 << 16 if chunks is None else min(max(int(chunks[0]), 1 << 16), 1 << 20)
-    boundaries, pointers = [], []
+    boundaries, pointers, pairs = [], [], 0.0
     # Pieces overlap by one entry, so a piece's last row boundary is the next one's first.
     for start in range(0, max(m, 1), step):
         piece = np.asarray(indptr[start : min(start + step, m) + 1], dtype=np.int64)
         cuts = _unit_cuts(piece, start, entry_bytes)
         boundaries.append(start + cuts)
         pointers.append(piece[cuts])
+        pairs += row_pairs(piece)
     boundaries, first = np.unique(np.concatenate(boundaries), return_index=True)
     pointers = np.concatenate(pointers)[first]
     if boundaries[-1] != m or pointers[0] != 0 or np.any(np.diff(pointers) < 0):
         raise InputError("indptr must start at 0 and never decrease")
-    return boundaries, pointers
+    return boundaries, pointers, pairs
+
+
+def row_pairs(indptr: np.ndarray) -> float:
+    """The pairs of non-zeros that share a row: sum r (r + 1) / 2 over the rows' lengths r
+    (of the rows that ``indptr`` bounds)."""
+    lengths = np.diff(indptr).astype(np.float64)
+    return float(lengths @ (lengths + 1.0)) / 2
 
 
 class CSRWriter:
