@@ -109,6 +109,10 @@ REPLACEABLE = {
 }
 # The attribute that marks an output still being written under PATH.partial.
 UNFINISHED = "ooc_svd_unfinished"
+# The name a finished output was renamed to: one found under ``NAME.partial`` that names
+# NAME is a run's whose rename did not happen, and the next run replaces it; one named
+# so by a user (an output at ``NAME.partial`` itself) is not.
+STAGED_FOR = "ooc_svd_staged_for"
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "result",
@@ -217,8 +221,10 @@ def _check_partial(path: str, replaces: str) -> str:
     finished = REPLACEABLE[replaces][1]
 
     def left_by_a_run(attributes: dict) -> bool:
-        return UNFINISHED in attributes or (finished(attributes) and
-                                            not os.path.lexists(path))
+        renamed_to = attributes.get(STAGED_FOR)
+        return UNFINISHED in attributes or (
+            finished(attributes) and renamed_to == os.path.basename(os.path.abspath(path))
+            and not os.path.lexists(path))
 
     if os.path.lexists(partial) and not _replaceable(partial, left_by_a_run):
         raise OutputExistsError(
@@ -409,7 +415,8 @@ class StagedOutput:
         try:
             kept = {key: value for key, value in node.attrs.asdict().items()
                     if key != UNFINISHED}
-            node.attrs.put({**kept, **attributes})
+            node.attrs.put({**kept, **attributes,
+                            STAGED_FOR: os.path.basename(os.path.abspath(self.path))})
             self.committed = True
             move_into_place(self.partial, self.path, self.overwrite, self.replaces)
         finally:

@@ -995,6 +995,18 @@ def test_a_run_killed_while_it_renames_its_result_is_resumed(tmp_path, matrix, m
     assert sorted(os.listdir(tmp_path)) == ["result.zarr", "result.zarr.partial"]
 
 
+def test_a_result_named_like_a_partial_by_its_user_is_kept(tmp_path, matrix):
+    """A finished result at X.partial is a killed run's only where it was made for X: a
+    run's own output named X.partial is another result, not replaced by a run on X."""
+    import zarr
+
+    named = str(tmp_path / "result.zarr.partial")
+    ooc_svd.svd(matrix, 3, out=named)
+    with pytest.raises(OutputExistsError, match="is not an unfinished ooc_svd output"):
+        ooc_svd.svd(matrix, 2, out=str(tmp_path / "result.zarr"))
+    assert zarr.open_group(named, mode="r")["S"].shape == (3,)
+
+
 def hold_lock(path):
     """A process of its own holding the output lock of ``path`` until its stdin closes."""
     code = ("import sys; from ooc_svd.store import OutputLock; lock = OutputLock(sys.argv[1]); "
