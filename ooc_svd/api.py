@@ -949,10 +949,24 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             spectral = spectral_residual_estimate(
                 context, left.array, factors.S, factors.V, request.spectral_iters, seed
             )
+        result = assemble_result(left.array, factors, centering, plan, seed, context.records,
+                                 request.tol)
+        result.note = "; ".join(filter(None, [result.note, _zero_note(result, centering),
+                                              _absent_chunks_note(source)]))
+        # On a cluster, what the workers' kernels ran on ('cpu and cuda' on a mixed one); a
+        # run resumed after its last reducing pass saw none of them, and says what it asked
+        # for
+        result.backend = kernels.name if cluster is None else (
+            " and ".join(sorted(cluster.backends)) or f"{request.backend} on the workers")
+        result.spectral_error = spectral
+        if writer:
+            _write_result(writer, result, left.array, request.write_factors,
+                          provenance(result, source, time.perf_counter() - began))
     except BaseException as error:
         # A checkpoint that holds a pass stays, whatever the failure: a chunk that could not
         # be read, or a full disk, may read again (or be freed), and its passes are resumed
         # then. The error says so (``kept_checkpoint``), unless it is the checkpoint's own.
+        # An output not yet renamed into place is removed (``abort``).
         if writer:
             writer.abort()
         if saved.directory is not None and not holds_a_pass(saved.directory):
@@ -962,28 +976,22 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             with contextlib.suppress(AttributeError):  # an exception type without a __dict__
                 error.kept_checkpoint = saved.directory
         raise
-    result = assemble_result(left.array, factors, centering, plan, seed, context.records,
-                             request.tol)
-    result.note = "; ".join(filter(None, [result.note, _zero_note(result, centering),
-                                          _absent_chunks_note(source)]))
-    # On a cluster, what the workers' kernels ran on ('cpu and cuda' on a mixed one); a run
-    # resumed after its last reducing pass saw none of them, and says what it asked for
-    result.backend = kernels.name if cluster is None else (
-        " and ".join(sorted(cluster.backends)) or f"{request.backend} on the workers")
-    result.spectral_error = spectral
-    if writer:
-        arrays = {"S": result.S, "V": result.V}
-        if result.mean is not None:
-            arrays["mean"] = result.mean
-        if request.write_factors:
-            writer.write_scaled_rows("B", left.array, result.S)
-            arrays["A"] = np.ascontiguousarray(result.V.T)
-        result.store = writer.finish(
-            arrays, provenance(result, source, time.perf_counter() - began)
-        )
-        result.U = result.store["U"]
     saved.remove()
     return result
+
+
+def _write_result(writer: ResultWriter, result: SVDResult, U: Any, write_factors: bool,
+                  attributes: dict) -> None:
+    """S, V, the mean (and with ``write_factors``, B = U diag(S) and A = V^T) beside U in
+    the output, which is then renamed into place; ``result`` then reads U from there."""
+    arrays = {"S": result.S, "V": result.V}
+    if result.mean is not None:
+        arrays["mean"] = result.mean
+    if write_factors:
+        writer.write_scaled_rows("B", U, result.S)
+        arrays["A"] = np.ascontiguousarray(result.V.T)
+    result.store = writer.finish(arrays, attributes)
+    result.U = result.store["U"]
 
 
 def _checked_output(request: _Request, inputs: tuple[str, ...]) -> str:

@@ -995,6 +995,24 @@ def test_a_run_killed_while_it_renames_its_result_is_resumed(tmp_path, matrix, m
     assert sorted(os.listdir(tmp_path)) == ["result.zarr", "result.zarr.partial"]
 
 
+@pytest.mark.parametrize("failing", ["write_scaled_rows", "finish"])
+def test_a_failure_while_s_v_and_b_are_written_removes_the_partial_and_keeps_passes(
+        tmp_path, matrix, monkeypatch, failing):
+    """After the last pass, writing B, S, V and the attributes may still fail (a full disk,
+    a signal): the output being written is removed, and the checkpoint kept, as for U."""
+    import ooc_svd.store
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ooc_svd.store.ResultWriter, failing, full)
+    out = str(tmp_path / "result.zarr")
+    with pytest.raises(OSError) as failed:
+        ooc_svd.svd(matrix, 2, method="randomized", out=out, write_factors=True)
+    assert failed.value.kept_checkpoint == out + ".checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["result.zarr.checkpoint"]
+
+
 def test_a_result_named_like_a_partial_by_its_user_is_kept(tmp_path, matrix):
     """A finished result at X.partial is a killed run's only where it was made for X: a
     run's own output named X.partial is another result, not replaced by a run on X."""
