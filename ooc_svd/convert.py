@@ -317,7 +317,13 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
 
 def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
     with archive.open(f"{name}.npy") as file:
-        return np.lib.format.read_array(file, allow_pickle=False)
+        try:
+            return np.lib.format.read_array(file, allow_pickle=False)
+        except ValueError as error:  # an object array, which only unpickling would read
+            raise InputError(f"the member {name!r} of {archive.filename!r} cannot be read "
+                             f"without unpickling ({error}); save the matrix with "
+                             "scipy.sparse.save_npz") from None
+
 
 
 def _npz_entries(path: str, layout: str, shape: tuple[int, int],

@@ -280,7 +280,9 @@ def _parse_text(text: memoryview, has_values: bool) -> _Parsed:
 
 def _python_float(token: bytes) -> float | None:
     """Python's float of a token the fast parser leaves alone (inf, nan, > 19 digits), or
-    None if it is not a number."""
+    None if it is not a number (Python's digit grouping, 1_000, is none in the format)."""
+    if b"_" in token:
+        return None
     try:
         return float(token.replace(b"d", b"e").replace(b"D", b"e"))  # Fortran's exponent
     except ValueError:

@@ -344,6 +344,10 @@ def test_mtx_gzip_and_header_variations(tmp_path):
         ("%%MatrixMarket matrix coordinate real general\n3 3 3\n1 1 1\n", "announces 3"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 1\n2 2 2\n", "more entries"),
         ("%%MatrixMarket matrix coordinate real general\n3 3 1\n1 1 abc\n", "line 3"),
+        # Python's float() reads digit grouping; the format has none.
+        ("%%MatrixMarket matrix coordinate real general\n3 3 2\n1 1 1\n2 2 2_5.0_1\n",
+         "line 4"),
+        ("%%MatrixMarket matrix coordinate integer general\n3 3 1\n1 1 1_000\n", "line 3"),
         ("%%MatrixMarket matrix coordinate integer general\n3 3 3\n1 1 2\n% note\n\n"
          "2 2 1.5\n3 3 1\n", "line 6: '2 2 1.5' holds a value that is not an integer"),
         ("%%MatrixMarket matrix coordinate integer general\n3 3 1\n1 1 nan\n",
@@ -459,6 +463,8 @@ def malformed_npz(path, **arrays):
     ({"format": np.array(b"xyz")}, "cannot read .*bad.npz' as a scipy.sparse .npz"),
     ({"indptr": np.array([0, 3, 2, 4])}, "indptr in .*bad.npz decreases between positions 1 "
                                          "and 2"),
+    ({"format": np.array("csr", dtype=object)}, "the member 'format' of '.*bad.npz' cannot "
+                                                "be read without unpickling"),
 ])
 def test_npz_refusals_name_the_file_and_the_problem(tmp_path, arrays, message):
     path = malformed_npz(tmp_path / "bad.npz", **arrays)
