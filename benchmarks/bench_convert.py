@@ -26,7 +26,7 @@ import sys
 import time
 
 import numpy as np
-from harness import peak_rss_bytes
+from harness import parse_or_answer_child, peak_rss_bytes
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -114,11 +114,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit", default="1GB", help="ooc_svd.convert's")
     parser.add_argument("--only", nargs="*", default=None, choices=CONTENDERS)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_contender(args.child, args)))
+    args = parse_or_answer_child(parser, run_contender)
+    if args is None:
         return
     began = time.perf_counter()
     generate(args.dir, tuple(args.shape), args.nnz, args.seed)

@@ -24,7 +24,7 @@ import sys
 import time
 
 import numpy as np
-from harness import peak_rss_bytes, run_contenders
+from harness import parse_or_answer_child, peak_rss_bytes, run_contenders
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -170,11 +170,8 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="1GB")
     parser.add_argument("--only", nargs="*", default=None, choices=CONTENDERS,
                         help="contenders to run")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_contender(args.child, args)))
+    args = parse_or_answer_child(parser, run_contender)
+    if args is None:
         return
     if not os.path.exists(args.store):
         from ooc_svd.synthetic import write_sparse_matrix

@@ -3,9 +3,22 @@ script (``--child NAME``), so that its peak RSS is its own."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+
+
+def parse_or_answer_child(parser, run_contender):
+    """The arguments, with the --child (a contender run by ``run_contenders``) and --json
+    options every benchmark takes; a child run prints its results (JSON) and gives None."""
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_contender(args.child, args)))
+        return None
+    return args
 
 
 def run_contenders(script: str, names, args, available) -> dict[str, dict]:
