@@ -751,7 +751,7 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
     import zarr
 
     import ooc_svd.synthetic
-    from ooc_svd.store import UNFINISHED
+    from ooc_svd.store import STAGED_FOR, UNFINISHED
     from ooc_svd.synthetic import write_dense_matrix
 
     out = tmp_path / "g.zarr"
@@ -783,7 +783,8 @@ def test_generate_interrupted_leaves_nothing_and_a_killed_one_is_replaced(tmp_pa
                       attributes={UNFINISHED: "synthetic"})  # what SIGKILL leaves
     array = write_dense_matrix(out, (100, 10), chunk_rows=20)
     assert os.listdir(tmp_path) == ["g.zarr"]
-    assert set(array.attrs) == {"ooc_svd_synthetic"} and np.abs(array[:]).min() > 0
+    assert set(array.attrs) == {"ooc_svd_synthetic", STAGED_FOR}  # no UNFINISHED mark
+    assert np.abs(array[:]).min() > 0
 
 
 def test_an_empty_or_malformed_npz_input_is_a_one_line_error(tmp_path):
