@@ -15,19 +15,15 @@ import time
 import numpy as np
 import scipy.sparse
 
-from ooc_svd.kernels.cpu import BlockStats, SubBlocks
+from ooc_svd.kernels.cpu import BlockStats, SubBlocks, densified_gram_block
 from ooc_svd.kernels.csr import gram_into
 from ooc_svd.sources.csr import CSRBlock, row_pairs
 
 
 def densified_gram(block: CSRBlock, G: np.ndarray) -> None:
     """What gram_block does with rows too dense for the pairs kernel."""
-    from scipy.linalg.blas import dsyrk
-
     n = block.shape[1]
-    subs = SubBlocks(n)
-    for _, _, sub in subs.sweep(block, 0, np.zeros(n), BlockStats.zeros(n)):
-        dsyrk(1.0, sub.T, beta=1.0, c=G, overwrite_c=1)
+    densified_gram_block(block, 0, np.zeros(n), G, BlockStats.zeros(n), SubBlocks(n))
 
 
 def timed(function, block: CSRBlock) -> tuple[float, np.ndarray]:

@@ -544,22 +544,24 @@ def gram_seconds(rows: int, n: int, row_pairs: float | None) -> float:
     """Seconds to add the Gram matrix of ``rows`` rows: dense rows by dsyrk, sparse ones
     (``row_pairs``: the pairs of non-zeros that share a row) by the cheaper of the sparse
     kernel and densifying them for dsyrk (``sparse_gram_pays``)."""
-    densified = rows * n * n / SYRK_FLOPS_PER_S
     if row_pairs is None:
-        return densified
-    return min(_sparse_gram_seconds(rows, row_pairs), densified + rows * n / CSR_FLOPS_PER_S)
+        return rows * n * n / SYRK_FLOPS_PER_S
+    return min(_sparse_gram_seconds(rows, row_pairs), _densified_gram_seconds(rows, n))
 
 
 def sparse_gram_pays(rows: int, n: int, row_pairs: float) -> bool:
     """Whether the sparse Gram kernel beats densifying these CSR rows for dsyrk: a row of
     r non-zeros costs it r (r + 1) / 2 products, where densified it costs n^2 / 2 in
     dsyrk, which runs about 300x faster a product."""
-    return _sparse_gram_seconds(rows, row_pairs) < gram_seconds(rows, n, None) + \
-        rows * n / CSR_FLOPS_PER_S
+    return _sparse_gram_seconds(rows, row_pairs) < _densified_gram_seconds(rows, n)
 
 
 def _sparse_gram_seconds(rows: int, row_pairs: float) -> float:
     return row_pairs / SPARSE_GRAM_PAIRS_PER_S + rows / SPARSE_GRAM_ROWS_PER_S
+
+
+def _densified_gram_seconds(rows: int, n: int) -> float:
+    return rows * n / CSR_FLOPS_PER_S + gram_seconds(rows, n, None)
 
 
 @dataclass(frozen=True)

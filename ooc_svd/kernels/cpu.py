@@ -219,6 +219,18 @@ def gram_block(
         if sparse_gram_pays(block.shape[0], block.shape[1], row_pairs(block.indptr)):
             gram_into(block, first_row, shift, G, stats)
             return
+    densified_gram_block(block, first_row, shift, G, stats, subs)
+
+
+def densified_gram_block(
+    block: np.ndarray,
+    first_row: int,
+    shift: np.ndarray,
+    G: np.ndarray,
+    stats: BlockStats,
+    subs: SubBlocks,
+) -> None:
+    """``gram_block`` by dsyrk on widened (or, for a CSR block, densified) sub-blocks."""
     for _, _, sub in subs.sweep(block, first_row, shift, stats):
         result = dsyrk(1.0, sub.T, beta=1.0, c=G, overwrite_c=1)
         if result is not G:  # dsyrk copies only if G is not Fortran-ordered float64
