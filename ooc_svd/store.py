@@ -424,13 +424,53 @@ class StagedOutput:
 
     def abort(self) -> None:
         """Remove an output that will not be complete (not one whose rename was refused)."""
-        if not self.committed:
-            shutil.rmtree(self.partial, ignore_errors=True)
-        self._release()
+        try:
+            if not self.committed:
+                # Writes that an interrupt cut short here go on in zarr's thread: removed
+                # before they end, they would leave chunk files in a partial output with
+                # no mark, which every later run refuses.
+                wait_for_zarr_writes()
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if self.own_lock is not None:
             self.own_lock.release()
+
+
+# How long an aborted output waits for zarr's writes in flight to end (they end in well under
+# a second unless the storage hangs).
+ZARR_WRITES_WAIT_S = 60.0
+
+
+def wait_for_zarr_writes(timeout: float = ZARR_WRITES_WAIT_S) -> None:
+    """Wait for the operations that zarr's event loop runs (on its own thread) to end.
+
+    zarr runs a store's reads and writes there for the calling thread, which waits: when
+    the caller is interrupted (Ctrl-C, SIGTERM raised in the main thread), the operation
+    goes on without it. The loop is zarr's internal one (``zarr.core.sync``); a zarr
+    without it, or a loop not running, has nothing to wait for.
+    """
+    import asyncio
+
+    try:
+        from zarr.core import sync
+    except ImportError:
+        return
+    loop = getattr(sync, "loop", [None])[0]
+    if loop is None or not loop.is_running() or \
+            threading.current_thread() is getattr(sync, "iothread", [None])[0]:
+        return
+
+    async def others_ended() -> None:
+        running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    future = asyncio.run_coroutine_threadsafe(others_ended(), loop)
+    with contextlib.suppress(TimeoutError):
+        future.result(timeout + 1.0)
 
 
 def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:

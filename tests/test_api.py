@@ -1025,6 +1025,32 @@ def test_a_result_named_like_a_partial_by_its_user_is_kept(tmp_path, matrix):
     assert zarr.open_group(named, mode="r")["S"].shape == (3,)
 
 
+def test_an_aborted_output_waits_for_the_writes_zarr_still_runs(tmp_path):
+    """An interrupt cuts short the caller of a zarr write, not the write, which goes on in
+    zarr's thread: the output is removed after it ends, not before (when the write would
+    leave its chunk file in a partial output that every later run refuses)."""
+    import asyncio
+
+    import zarr
+    from zarr.core.sync import _get_loop
+
+    from ooc_svd.store import StagedOutput
+
+    output = StagedOutput(str(tmp_path / "matrix.zarr"), overwrite=False, replaces="synthetic")
+    zarr.open_group(output.partial, mode="w", attributes=output.mark)
+
+    async def late_chunk_write():
+        await asyncio.sleep(0.5)
+        os.makedirs(os.path.join(output.partial, "c", "0"), exist_ok=True)
+        with open(os.path.join(output.partial, "c", "0", "0"), "wb") as chunk:
+            chunk.write(b"\0")
+
+    in_flight = asyncio.run_coroutine_threadsafe(late_chunk_write(), _get_loop())
+    output.abort()
+    in_flight.result(timeout=10)
+    assert os.listdir(tmp_path) == []
+
+
 def hold_lock(path):
     """A process of its own holding the output lock of ``path`` until its stdin closes."""
     code = ("import sys; from ooc_svd.store import OutputLock; lock = OutputLock(sys.argv[1]); "
