@@ -7,7 +7,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from queue import Empty, Queue
+from queue import Full, Queue
 from typing import Any, TypeVar
 
 Result = TypeVar("Result")
@@ -37,20 +37,33 @@ def read_ahead(items: Iterator[Result], depth: int = 1) -> Iterator[Result]:
     For a sequential producer that releases the GIL (file reads, gunzip): it runs beside the
     consumer instead of in turn with it. Errors are raised where the item would have come;
     closing the generator stops the producer at its next item.
+
+    Closing never touches the queue: Ctrl-C raised in the consumer while it held the
+    queue's lock (between the lock's acquire and the ``with`` that releases it) can leave
+    that lock held for good, and a close that waited on the queue would then hang. The
+    producer looks at ``stop`` between timed puts instead, and one stuck on the lock is
+    left behind after PRODUCER_STOP_S (a daemon thread: it does not keep Python alive).
     """
     queue: Queue = Queue(maxsize=max(int(depth), 1))
     stop = threading.Event()
     done = object()
 
+    def hand_over(entry: tuple[Any, BaseException | None]) -> bool:
+        """Put ``entry`` in the queue once there is room; False if the consumer stopped."""
+        while not stop.is_set():
+            with contextlib.suppress(Full):
+                queue.put(entry, timeout=0.05)
+                return True
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                if stop.is_set():
+                if not hand_over((item, None)):
                     return
-                queue.put((item, None))
-            queue.put((done, None))
+            hand_over((done, None))
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            queue.put((done, error))
+            hand_over((done, error))
 
     producer = threading.Thread(target=produce, name="ooc-svd-read-ahead", daemon=True)
     producer.start()
@@ -64,7 +77,9 @@ def read_ahead(items: Iterator[Result], depth: int = 1) -> Iterator[Result]:
             yield item
     finally:
         stop.set()
-        while producer.is_alive():  # unblock a producer waiting on a full queue
-            with contextlib.suppress(Empty):
-                queue.get(timeout=0.01)
-        producer.join()
+        producer.join(PRODUCER_STOP_S)
+
+
+# How long closing ``read_ahead`` waits for its producer to end: the item it is reading,
+# then at most one timed put.
+PRODUCER_STOP_S = 10.0

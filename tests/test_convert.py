@@ -321,6 +321,30 @@ def test_read_ahead_keeps_order_raises_in_place_and_stops_when_closed():
     assert got == [0, 1, 2, 3, 4]
 
 
+def test_closing_read_ahead_ends_even_when_an_interrupt_left_the_queue_locked(monkeypatch):
+    """Ctrl-C raised in the consumer just after it took the queue's lock can leave that lock
+    held: closing the stream (what Ctrl-C does next) then must not wait on the queue."""
+    import queue
+    import threading
+
+    import ooc_svd.threaded
+
+    class LeftLocked(queue.Queue):
+        def get(self, *args, **kwargs):
+            item = super().get(*args, **kwargs)
+            self.mutex.acquire()  # as an interrupt between acquire and release leaves it
+            return item
+
+    monkeypatch.setattr(ooc_svd.threaded, "Queue", LeftLocked)
+    monkeypatch.setattr(ooc_svd.threaded, "PRODUCER_STOP_S", 0.2)
+    stream = ooc_svd.threaded.read_ahead(iter(range(1000)))
+    assert next(stream) == 0
+    closing = threading.Thread(target=stream.close, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive()
+
+
 def test_mtx_gzip_and_header_variations(tmp_path):
     A = with_gaps(m=300, n=40, seed=10)
     plain = tmp_path / "A.mtx"
