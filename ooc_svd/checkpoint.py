@@ -59,7 +59,7 @@ class Checkpoint:
         if os.path.lexists(directory) and not os.path.exists(state_path) and not unstarted:
             raise InputError(f"the checkpoint path {directory!r} holds something else than a "
                              "checkpoint; it is not replaced: choose another path")
-        _remove_checkpoint_directory(directory)
+        remove_checkpoint(directory)
         os.makedirs(directory, exist_ok=True)
         with open(partial, "w") as file:
             json.dump(fingerprint, file)
@@ -128,7 +128,7 @@ class Checkpoint:
 
     def remove(self) -> None:
         if self.directory is not None:
-            _remove_checkpoint_directory(self.directory)
+            remove_checkpoint(self.directory)
 
 
 # What the run's settings in a checkpoint's fingerprint are, where the key does not say
@@ -169,9 +169,10 @@ def _manifest_problem(arrays: dict[str, np.ndarray]) -> str:
     return ""
 
 
-def _remove_checkpoint_directory(directory: str) -> None:
+def remove_checkpoint(directory: str) -> None:
     """Remove a checkpoint directory, its ``state.json`` last: until the directory is
-    empty it is known as a checkpoint, which the next run may replace or resume from."""
+    empty it is known as a checkpoint, which the next run may replace or resume from.
+    Nothing (or not a directory) at ``directory``: nothing to remove."""
     state_path = os.path.join(directory, "state.json")
     try:
         names = os.listdir(directory)

@@ -73,6 +73,23 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def path_identity(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of what is at ``path`` (not followed, if a link); None if nothing."""
+    try:
+        status = os.lstat(path) if path else None
+    except OSError:
+        return None
+    return None if status is None else (status.st_dev, status.st_ino)
+
+
+def renamed_into_place(out: str, before: tuple[int, int] | None) -> bool:
+    """Whether a command interrupted at its very end had already renamed its complete output
+    to ``out``: something is there that was not (``before``: ``path_identity`` when the
+    command began). Nothing else writes ``out`` meanwhile: the command holds its lock."""
+    now = path_identity(out)
+    return now is not None and now != before
+
+
 def interrupted_signal(interrupt: KeyboardInterrupt) -> tuple[str, int]:
     """What stopped a command: ('interrupted', SIGINT) or ('terminated', SIGTERM)."""
     if isinstance(interrupt, Terminated):
@@ -89,6 +106,8 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        out = kwargs.get("out")
+        before = path_identity(out)
         try:
             with sigterm_as_interrupt():
                 return command(*args, **kwargs)
@@ -103,10 +122,12 @@ def user_errors(command):
             # with its traceback like any other
             raise RuntimeError(f"unexpected end of input: {error}") from error
         except KeyboardInterrupt as interrupt:
-            out = kwargs.get("out")
-            written = f"; nothing was written as {out}" if out else ""
             what, number = interrupted_signal(interrupt)
-            failure = Interrupted(f"{what}{written}", number)
+            if out and renamed_into_place(out, before):
+                failure = Interrupted(f"{what} after {out} was complete: it is written", number)
+            else:
+                written = f"; nothing was written as {out}" if out else ""
+                failure = Interrupted(f"{what}{written}", number)
         if kwargs.get("as_json"):
             click.echo(json.dumps({"error": failure.format_message(),
                                    "exit_code": failure.exit_code}))
@@ -212,12 +233,14 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     Give --k, or --tol for the smallest rank that reaches a relative Frobenius residual.
     """
     from .api import svd
+    from .checkpoint import remove_checkpoint
     from .kernels.cuda_backend import check_cuda_options
 
     options = parse_cuda_options(cuda_options)
     check_cuda_options(options)  # a mistyped option before the search for a GPU
     if scheduler is None:  # on a cluster, the workers' GPUs count, not this machine's
         check_backend(backend)
+    before = path_identity(out)
     try:
         result = svd(
             input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
@@ -229,6 +252,10 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     except KeyboardInterrupt as interrupt:
         what, number = interrupted_signal(interrupt)
         checkpoint = f"{os.path.normpath(out)}.checkpoint"
+        if renamed_into_place(out, before):  # while its checkpoint was removed
+            remove_checkpoint(checkpoint)
+            raise Interrupted(f"{what} after {out} was complete: it is written", number) \
+                from None
         raise Interrupted(interrupted_message(what, checkpoint), number) from None
     summary = {
         "out": out,

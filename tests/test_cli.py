@@ -581,6 +581,60 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(store, tmp_path, monke
     assert json.loads(done.output)["resumed_passes"] == 2
 
 
+def test_sigterm_after_the_result_was_renamed_into_place_says_it_is_complete(
+        store, tmp_path, monkeypatch):
+    """SIGTERM while the checkpoint is removed, after the output was renamed into place:
+    the result is there and said to be, and the rest of the checkpoint is removed."""
+    from click.testing import CliRunner
+
+    import ooc_svd.checkpoint
+    from ooc_svd.cli import Terminated, main
+
+    out = str(tmp_path / "r.zarr")
+    removing = ooc_svd.checkpoint.Checkpoint.remove
+
+    def cut_short(checkpoint):
+        os.remove(os.path.join(checkpoint.directory, "state.json"))  # a part of it
+        raise Terminated
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.checkpoint.Checkpoint, "remove", cut_short)
+        done = CliRunner().invoke(main, ["run", store, "--k", "3", "--method", "randomized",
+                                         "--out", out])
+    assert done.exit_code == 143, done.output
+    assert f"terminated (SIGTERM) after {out} was complete: it is written" in done.output
+    assert sorted(os.listdir(tmp_path)) == ["r.zarr"]
+    assert ooc_svd.checkpoint.Checkpoint.remove is removing
+    assert ooc_svd_command("check", out, store).returncode == 0
+
+
+def test_an_interrupted_convert_or_generate_says_whether_its_output_was_written(
+        tmp_path, monkeypatch):
+    """Ctrl-C after the output was renamed into place (while its lock is released) leaves
+    a complete output, which the message names; before that, nothing."""
+    from click.testing import CliRunner
+
+    import ooc_svd.store
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "g.zarr")
+    renaming = ooc_svd.store.move_into_place
+
+    def interrupted_after(*args, **kwargs):
+        renaming(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ooc_svd.store, "move_into_place", interrupted_after)
+    args = ["generate", out, "--shape", "100", "10", "--chunk", "20"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 130, done.output
+    assert f"interrupted after {out} was complete: it is written" in done.output
+    assert sorted(os.listdir(tmp_path)) == ["g.zarr"]
+    # the same output again, replaced: the old one was there before, this one is new
+    done = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert done.exit_code == 130 and "was complete: it is written" in done.output
+
+
 def test_a_failure_of_the_system_is_one_line_that_keeps_the_passes(store, tmp_path,
                                                                  monkeypatch):
     """A full disk is no bug: exit code 1 with one line (JSON with --json), and the
