@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NPZ_READ_ERRORS, CheckpointError, InputError
-from .store import remove_scratch_directory
+from .store import naming_write_failures, remove_scratch_directory
 
 SCRATCH_LIST = "scratch.txt"
 
@@ -61,7 +61,7 @@ class Checkpoint:
                              "checkpoint; it is not replaced: choose another path")
         remove_checkpoint(directory)
         os.makedirs(directory, exist_ok=True)
-        with open(partial, "w") as file:
+        with naming_write_failures(f"the checkpoint {directory}"), open(partial, "w") as file:
             json.dump(fingerprint, file)
         os.replace(partial, state_path)
 
@@ -105,7 +105,8 @@ class Checkpoint:
         arrays = {key: np.asarray(value) for key, value in arrays.items()}
         manifest = {key: [list(value.shape), value.dtype.str] for key, value in arrays.items()}
         partial = self._path(name) + ".partial.npz"
-        np.savez(partial, **arrays, **{MANIFEST: np.array(json.dumps(manifest))})
+        with naming_write_failures(f"the checkpoint {self.directory}"):
+            np.savez(partial, **arrays, **{MANIFEST: np.array(json.dumps(manifest))})
         os.replace(partial, self._path(name))
 
     def scratch(self, path: str | None) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InputError
 from .sources.csr import CSRWriter
-from .store import SCRATCH_PREFIX
+from .store import SCRATCH_PREFIX, naming_write_failures
 
 # Rows per appended block: bounds the indptr of a block however few entries the rows hold.
 MAX_BLOCK_ROWS = 1 << 20
@@ -168,7 +168,9 @@ class _RowBuckets:
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for index in np.flatnonzero(counts).tolist():
             bucket = self.buckets[index]
-            with open(bucket.path, "ab") as file:
+            with naming_write_failures(f"the entries sorted into {os.path.dirname(bucket.path)}"
+                                       " (scratch_dir, --scratch-dir)"), \
+                    open(bucket.path, "ab") as file:
                 records[bounds[index] : bounds[index + 1]].tofile(file)
             bucket.entries += int(counts[index])
 

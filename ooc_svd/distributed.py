@@ -85,7 +85,7 @@ from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.csr import CSRBlock
 from .sources.difference import Difference
 from .sources.paths import local_paths, path_marker, reads_remote_store
-from .store import LeftVectors, spill_failure
+from .store import LeftVectors, naming_write_failures, spill_failure
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
 
@@ -1035,7 +1035,8 @@ class _GroupRows:
         stop = start + rows.shape[0]
         a, b = max(start, self.first), min(stop, self.last)
         if a < b:
-            self.sink.array[a:b] = rows[a - start : b - start]
+            with naming_write_failures(os.fspath(self.sink.array.store.root)):
+                self.sink.array[a:b] = rows[a - start : b - start]
             _check_output_kept(self.sink.array)
         for lo, hi in ((start, min(stop, self.first)), (max(start, self.last), stop)):
             if lo < hi:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OOCSVDError, OutputExistsError
 
 try:
     import fcntl
@@ -85,10 +85,33 @@ class QSpill:
 
 
 def spill_failure(directory: str, error: OSError) -> OSError:
-    """A failed write of spilled factors (numpy's message for a full disk names no file),
-    naming the scratch directory."""
-    return OSError(f"cannot spill the final pass's factors into {directory} (scratch_dir, "
-                   f"--scratch-dir): {error}")
+    """A failed write of spilled factors, naming the scratch directory."""
+    return write_failure(f"the final pass's factors into {directory} (scratch_dir, "
+                         "--scratch-dir)", error)
+
+
+def write_failure(what: str, error: OSError) -> OSError:
+    """A failed write that names no file, naming ``what`` was written (and where): a full
+    disk's errors name none, zarr's ``[Errno 28] No space left on device`` and numpy's
+    "N requested and M written" alike. The errno is kept; an error that names its file, or
+    one of ooc_svd's own, is returned as it is."""
+    if error.filename is not None or isinstance(error, OOCSVDError):
+        return error
+    failure = OSError(f"cannot write {what}: {error}")
+    failure.errno = error.errno
+    return failure
+
+
+@contextlib.contextmanager
+def naming_write_failures(what: str):
+    """Raise the OSErrors of the writes inside as ``write_failure(what, error)``."""
+    try:
+        yield
+    except OSError as error:
+        failure = write_failure(what, error)
+        if failure is error:
+            raise
+        raise failure from error
 
 
 def _ooc_svd_csr(attributes: dict) -> bool:
@@ -397,6 +420,11 @@ class StagedOutput:
             raise
         self.mark = {UNFINISHED: replaces}
         self.committed = False
+        self.description = f"{path} (written first as {self.partial})"
+
+    def writing(self):
+        """A context in which a failed write names the output (``naming_write_failures``)."""
+        return naming_write_failures(self.description)
 
     def record_scratch(self, directory: str) -> None:
         """Note in the partial output a scratch directory that the writer removes when it is
@@ -415,8 +443,9 @@ class StagedOutput:
         try:
             kept = {key: value for key, value in node.attrs.asdict().items()
                     if key != UNFINISHED}
-            node.attrs.put({**kept, **attributes,
-                            STAGED_FOR: os.path.basename(os.path.abspath(self.path))})
+            with self.writing():
+                node.attrs.put({**kept, **attributes,
+                                STAGED_FOR: os.path.basename(os.path.abspath(self.path))})
             self.committed = True
             move_into_place(self.partial, self.path, self.overwrite, self.replaces)
         finally:
@@ -506,28 +535,33 @@ class ResultWriter:
         import zarr
 
         self.output = StagedOutput(out, overwrite, "result", locked)
-        self.group = zarr.open_group(self.output.partial, mode="w",
-                                     attributes=self.output.mark)
+        with self.output.writing():
+            self.group = zarr.open_group(self.output.partial, mode="w",
+                                         attributes=self.output.mark)
 
     def create_rows_array(self, name: str, shape: tuple[int, int], dtype: np.dtype,
                           rows_per_chunk: int) -> Any:
         """An (m, k) array written block by block, chunked like the input's blocks."""
         rows = max(min(rows_per_chunk, shape[0]), 1)
-        return self.group.create_array(name, shape=shape, chunks=(rows, max(shape[1], 1)),
-                                       dtype=dtype)
+        with self.output.writing():
+            return self.group.create_array(name, shape=shape, chunks=(rows, max(shape[1], 1)),
+                                           dtype=dtype)
 
     def write_scaled_rows(self, name: str, U: Any, S: np.ndarray) -> None:
         """name = U diag(S), written chunk by chunk (U may be larger than memory)."""
         target = self.create_rows_array(name, U.shape, U.dtype, U.chunks[0])
         for start in range(0, U.shape[0], U.chunks[0]):
-            target[start : start + U.chunks[0]] = U[start : start + U.chunks[0]] * S
+            rows = U[start : start + U.chunks[0]] * S
+            with self.output.writing():
+                target[start : start + U.chunks[0]] = rows
 
     def finish(self, arrays: dict[str, np.ndarray], attributes: dict[str, Any]) -> Any:
         """Write the small arrays and attributes, rename into place, return the opened group."""
         import zarr
 
-        for name, values in arrays.items():
-            self.group.create_array(name, data=np.asarray(values))
+        with self.output.writing():
+            for name, values in arrays.items():
+                self.group.create_array(name, data=np.asarray(values))
         self.output.commit(self.group, attributes)
         return zarr.open_group(self.output.path, mode="r")
 
@@ -558,4 +592,8 @@ class LeftVectors:
         return self.store
 
     def store(self, start: int, rows: np.ndarray) -> None:
-        self.array[start : start + rows.shape[0]] = rows
+        if self.writer is None:
+            self.array[start : start + rows.shape[0]] = rows
+            return
+        with self.writer.output.writing():
+            self.array[start : start + rows.shape[0]] = rows

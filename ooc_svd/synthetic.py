@@ -110,17 +110,20 @@ def write_dense_matrix(
     left_rows, exact = _left_factor(m, r, seed)
     output = StagedOutput(path, overwrite, "synthetic")
     try:
-        array = zarr.create_array(
-            output.partial,
-            shape=(m, n),
-            chunks=(min(chunk_rows, m), n),
-            dtype=dtype,
-            compressors=ZstdCodec(level=compression_level),
-            attributes=output.mark,
-        )
+        with output.writing():
+            array = zarr.create_array(
+                output.partial,
+                shape=(m, n),
+                chunks=(min(chunk_rows, m), n),
+                dtype=dtype,
+                compressors=ZstdCodec(level=compression_level),
+                attributes=output.mark,
+            )
         for start in range(0, m, chunk_rows):
             stop = min(start + chunk_rows, m)
-            array[start:stop] = (left_rows(start, stop) @ scaled_vt).astype(dtype)
+            rows = (left_rows(start, stop) @ scaled_vt).astype(dtype)
+            with output.writing():
+                array[start:stop] = rows
         output.commit(array, {"ooc_svd_synthetic": {
             "kind": "dense",
             "singular_values": s.tolist(),

@@ -668,9 +668,51 @@ def test_a_failed_spill_names_the_scratch_directory(tmp_path, monkeypatch):
 
     with ooc_svd.store.QSpill(str(tmp_path)) as spill:
         monkeypatch.setattr(ooc_svd.store.np, "save", short_write)
-        with pytest.raises(OSError, match=f"cannot spill the final pass's factors into "
+        with pytest.raises(OSError, match=f"cannot write the final pass's factors into "
                                           f"{spill.directory} .*: 200000 requested"):
             spill.write("Q", 0, np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("command", ["generate", "convert", "run"])
+def test_a_full_disk_names_the_output_it_could_not_write(command, store, tmp_path,
+                                                          monkeypatch):
+    """zarr's writes on a full disk fail with an OSError that names no file: the one line
+    names the output, and keeps the errno."""
+    import scipy.sparse
+    import zarr
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+
+    out = str(tmp_path / "out.zarr")
+    if command == "convert":
+        scipy.sparse.save_npz(tmp_path / "A.npz", scipy.sparse.random(50, 20, density=0.2,
+                                                                      format="csr", rng=1))
+    args = {"generate": ["generate", out, "--shape", "100", "10"],
+            "convert": ["convert", str(tmp_path / "A.npz"), out],
+            "run": ["run", store, "--k", "3", "--method", "randomized", "--out", out]}[command]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", disk_full)
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 1, done.output
+    assert done.output.startswith(f"Error: OSError: cannot write {out} (written first as "
+                                  f"{out}.partial): [Errno 28] No space left on device"), \
+        done.output
+    assert not os.path.exists(out + ".partial")
+
+
+def test_write_failure_keeps_the_errno_and_what_names_its_file():
+    from ooc_svd.errors import OutputExistsError
+    from ooc_svd.store import write_failure
+
+    named = write_failure("the checkpoint c", OSError(28, "No space left on device"))
+    assert (str(named), named.errno) == (
+        "cannot write the checkpoint c: [Errno 28] No space left on device", 28)
+    for kept in (OSError(13, "Permission denied", "/a/file"), OutputExistsError("exists")):
+        assert write_failure("x", kept) is kept
 
 
 def test_an_interrupt_says_what_it_kept():

@@ -466,8 +466,9 @@ class CSRWriter:
         index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
         self.output = StagedOutput(self.path, overwrite, replaces)
         try:
-            self.group = zarr.open_group(self.output.partial, mode="w",
-                                         attributes=self.output.mark)
+            with self.output.writing():
+                self.group = zarr.open_group(self.output.partial, mode="w",
+                                             attributes=self.output.mark)
             compressor = ZstdCodec(level=compression_level)
 
             def create(name, array_dtype, chunk):
@@ -477,12 +478,13 @@ class CSRWriter:
                                                dtype=array_dtype, compressors=compressor,
                                                config={"write_empty_chunks": True})
 
-            self.columns = {
-                "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
-                "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
-                "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
-            }
-            self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
+            with self.output.writing():
+                self.columns = {
+                    "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
+                    "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
+                    "data": _ChunkedColumn(create("data", self.dtype, chunk_nnz)),
+                }
+                self.columns["indptr"].append(np.zeros(1, dtype=np.int64))
         except BaseException:
             self.output.abort()
             raise
@@ -509,9 +511,10 @@ class CSRWriter:
         if count and (indices.min() < 0 or indices.max() >= self.n_cols):
             raise InputError(f"a column index lies outside [0, {self.n_cols})")
         values = self._narrowed(np.asarray(data), indptr)
-        self.columns["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
-        self.columns["indices"].append(indices)
-        self.columns["data"].append(values)
+        with self.output.writing():
+            self.columns["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
+            self.columns["indices"].append(indices)
+            self.columns["data"].append(values)
         self.rows += indptr.size - 1
         self.nnz += count
         if self.make_bar is not None:
@@ -570,8 +573,9 @@ class CSRWriter:
 
         from .. import __version__
 
-        for column in self.columns.values():
-            column.flush()
+        with self.output.writing():
+            for column in self.columns.values():
+                column.flush()
         self.output.commit(self.group, {**ENCODING, "shape": [self.rows, self.n_cols],
                                         "ooc_svd_csr": {"version": __version__}})
         self._close_bar()
