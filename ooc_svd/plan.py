@@ -212,6 +212,7 @@ def make_plan(
     staging_matrices: int = 0,
     spectral_iters: int = 0,
     read_factor: float = 1.0,
+    storage_chunks: bool = True,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -232,6 +233,8 @@ def make_plan(
     pinned copies of Y_i and Q_i in the final pass). ``spectral_iters`` reads of A follow
     the SVD's for the spectral error estimate, within the same working set. Each byte of a
     block costs ``read_factor`` bytes read (more than one for A - M: A's and M's bytes).
+    ``storage_chunks``: the units between ``chunk_boundaries`` are a store's chunks, which a
+    refusal may advise to rewrite (not those of an array in memory or an .npy file).
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -250,7 +253,7 @@ def make_plan(
         (m, n), itemsize, np.asarray(chunk_boundaries), np.asarray(chunk_bytes), k, l, niter,
         krylov_width, method, memory_limit, tol is not None, cacheable, nnz, scatter_copies,
         read_overhead_bytes, read_row_overhead, staging_blocks, staging_matrices,
-        spectral_iters, read_factor,
+        spectral_iters, read_factor, storage_chunks,
     )
     choices = _method_choices(method, n, costs, tol)
     refusals: list[PlanError] = []
@@ -307,6 +310,7 @@ class _Layouts:
     staging_matrices: int
     spectral_iters: int
     read_factor: float
+    storage_chunks: bool
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
@@ -408,6 +412,13 @@ class _Layouts:
         largest = int(np.argmax(self.chunk_bytes))
         rows = int(self.chunk_boundaries[largest + 1] - self.chunk_boundaries[largest])
         raw = format_bytes(self.chunk_bytes[largest])
+        if not self.storage_chunks:  # no store to rewrite: the least it reads at a time
+            kind = "sparse rows" if self.nnz is not None else "rows"
+            return PlanError(
+                f"memory_limit {limit} cannot hold a block of {rows} {kind} ({raw} raw, the "
+                f"least it reads at a time) with the read-ahead and working set (needs "
+                f"{format_bytes(peak, round_up=True)}); raise memory_limit", peak
+            )
         if self.nnz is not None:
             return PlanError(
                 f"memory_limit {limit} cannot hold a block of {rows} sparse rows ({raw} raw) "

@@ -201,6 +201,22 @@ def test_a_larger_limit_never_refuses_a_sparse_plan_that_a_smaller_one_takes(mon
     assert True in taken and all(taken[taken.index(True):])
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_refusal_for_an_array_in_memory_does_not_speak_of_a_store(sparse):
+    """An array in memory (or an .npy file) has no storage chunks to rewrite: the refusal
+    names the least it reads at a time and asks for memory."""
+    import scipy.sparse
+
+    from ooc_svd.api import svd_plan
+
+    A = scipy.sparse.random(20_000, 200, density=0.05, format="csr", rng=1)
+    with pytest.raises(PlanError) as refused:
+        svd_plan(A if sparse else A.toarray(), k=10, method="gram", memory_limit="3MB")
+    message = str(refused.value)
+    assert "the least it reads at a time" in message and message.endswith("raise memory_limit")
+    assert "store" not in message and "chunk" not in message
+
+
 def test_a_refusal_needs_more_than_the_limit_it_refuses():
     """The partly decoded chunks of a sparse store's reads count in the number given."""
     boundaries = regular_boundaries(10_000, 1_000)
