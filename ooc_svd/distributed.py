@@ -1257,7 +1257,8 @@ def _left_vectors_group(directory, blocks, first, P, sink):
 
 
 def _merged_stats(a: BlockStats, b: BlockStats) -> BlockStats:
-    return BlockStats(a.colsum + b.colsum, a.sumsq + b.sumsq, a.rows + b.rows)
+    return BlockStats(a.colsum + b.colsum, a.sumsq + b.sumsq, a.rows + b.rows,
+                      a.shifted_after + b.shifted_after)
 
 
 def _add_partials(a: _Partial, b: _Partial) -> _Partial:

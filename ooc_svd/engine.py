@@ -83,6 +83,10 @@ class Factors:
     # How far the squared residual (in ||A||_F^2's units) may be off by rounding; every
     # method sets it (that of ||A||_F^2 - sum S^2, or of the trailing energy).
     residual_rounding: float | None = None
+    # gram: a shift was taken off G after its sums (a mean found in the pass, or a sparse
+    # block's shift summed by pairs of non-zeros), so that S, U and V carry the rounding
+    # of the uncentered A's (``result._cancellation_note``).
+    shifted_after_sums: bool = False
 
 
 # ---- rank rules ---------------------------------------------------------------------------
@@ -333,11 +337,10 @@ def gram_svd(
     V = np.asfortranarray(eigenvectors[:, :rank])
     del eigenvectors
     # A mean found in the pass is subtracted from G afterwards (sparse blocks are shifted by
-    # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more.
+    # zero): G's rounding then scales with the uncentered ||A||^2, m ||d||^2 more; so does
+    # the shift of sparse blocks summed by pairs of non-zeros (not of densified ones).
     d = context.centering.offset(shift, stats)
-    subtracted = 0.0 if d is None else stats.rows * float(d @ d)
-    if plan.sparse:  # a sparse block's shift too is subtracted from G after the products
-        subtracted += stats.rows * float(shift @ shift)
+    subtracted = (0.0 if d is None else stats.rows * float(d @ d)) + stats.shifted_after
     accurate = gram_is_accurate(eigenvalues, rank, data_eps, subtracted)
     if not accurate and fallback:
         factors = exact_svd(context, plan, allocate_u, scratch_dir, rank_rule)
@@ -348,6 +351,7 @@ def gram_svd(
     error = RESIDUAL_ROUNDING * EPS64 * (max(float(eigenvalues[0]), 0.0) + subtracted)
     factors = _final_pass_over_v(context, plan, V, S_all, allocate_u, scratch_dir, "gram",
                                  (S_all.size - rank) * error)
+    factors.shifted_after_sums = subtracted > 0
     if not accurate:
         factors.note = (f"{_gram_shortfall(eigenvalues, rank, subtracted)}: the trailing "
                         "singular values and vectors may be far off; method='exact' keeps "
@@ -450,11 +454,12 @@ def _project_out(X: np.ndarray, basis: np.ndarray) -> np.ndarray:
 def _factor_state(factor: np.ndarray, stats: BlockStats, shift: np.ndarray) -> dict:
     """What a factoring pass leaves for the rest of the run, as arrays to checkpoint."""
     return {"factor": factor, "colsum": stats.colsum, "sumsq": stats.sumsq,
-            "rows": stats.rows, "shift": shift}
+            "rows": stats.rows, "shifted_after": stats.shifted_after, "shift": shift}
 
 
 def _stats_of(state: dict) -> tuple[BlockStats, np.ndarray]:
-    stats = BlockStats(state["colsum"], float(state["sumsq"]), int(state["rows"]))
+    stats = BlockStats(state["colsum"], float(state["sumsq"]), int(state["rows"]),
+                       float(state["shifted_after"]))
     return stats, state["shift"]
 
 

@@ -172,23 +172,29 @@ def _tol_for(fraction: float) -> str:
     return f"recompute with tol={np.floor(tol * 10**digits) / 10**digits:.3g} to find the rank"
 
 
-def _cancellation_note(centering: Centering, plan: Plan, method: str, fro2: float) -> str:
+def _cancellation_note(centering: Centering, plan: Plan, factors: Factors, fro2: float) -> str:
     """Sparse blocks are centered algebraically (sums of A, then minus those of 1 mu^T), so
     the squared norm, hence the residual and explained variance, carry a relative rounding
     error of about eps ||1 mu^T||_F^2 / ||A - 1 mu^T||_F^2: said when it is not small.
     S, U and V keep their accuracy (each product is corrected before any sum of squares),
-    except from gram with the mean found in its pass, which corrects G after its sums
-    (method='auto' then switches to exact; engine.gram_svd)."""
+    except from gram where it corrected G after its sums (``Factors.shifted_after_sums``:
+    the mean found in its pass, or one given and taken off by the pairs kernel), where
+    method='auto' switches to exact (engine.gram_svd)."""
     if not plan.sparse or centering.mean is None or not np.any(centering.mean):
         return ""
+    lost = "the Frobenius norm, residual and explained variance"
+    if factors.shifted_after_sums:
+        lost = "the singular values and vectors, " + lost
+    if fro2 <= 0:
+        if not factors.S.size or factors.S[0] <= 0:
+            return ""  # every row read as the mean, which api._zero_note says
+        return ("the centered matrix's squared norm rounds to zero next to the mean's rows, "
+                f"and sparse blocks are centered algebraically: {lost} are lost")
     energy = plan.shape[0] * float(centering.mean @ centering.mean)
-    ratio = energy / fro2 if fro2 > 0 else np.inf
+    ratio = energy / fro2
     error = float(np.finfo(np.float64).eps) * ratio
     if error <= CANCELLATION_NOTE_ERROR:
         return ""
-    lost = "the Frobenius norm, residual and explained variance"
-    if method == "gram" and centering.mode == "mean":
-        lost = "the singular values and vectors, " + lost
     return (f"the mean's rows hold {ratio:.1e} times the energy of the centered matrix, and "
             f"sparse blocks are centered algebraically: {lost} carry a relative error of "
             f"order {error:.0e} or more")
@@ -303,7 +309,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         numerical_rank=factors.numerical_rank,
         method=factors.method,
         note="; ".join(filter(None, [
-            factors.note, _cancellation_note(centering, plan, factors.method, fro2),
+            factors.note, _cancellation_note(centering, plan, factors, fro2),
             _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
                             plan.k, plan.shape[1]),
             _power_floor_note(factors.S[:factors.numerical_rank], plan, factors.method),

@@ -589,7 +589,45 @@ def test_a_norm_lost_to_cancellation_is_not_called_a_zero_matrix():
     A = 1e9 + rng.standard_normal((2000, 5)) @ rng.standard_normal((5, 50))
     result = ooc_svd.svd(scipy.sparse.csr_matrix(A), 5, center=True, method="exact")
     assert result.S[0] > 100 and "centered algebraically" in result.note
-    assert "is zero" not in result.note
+    assert "is zero" not in result.note and "Frobenius norm, residual" in result.note
+
+
+def test_a_centered_sparse_matrix_that_is_exactly_zero_gets_the_zero_note_alone():
+    rows = scipy.sparse.random(1, 500, density=0.02, rng=1, format="csr")
+    for method in ("gram", "exact", "randomized"):
+        result = ooc_svd.svd(rows, 1, center=True, method=method)
+        assert result.note == "every row of A read as the mean: A - 1 mu^T is zero"
+
+
+@pytest.mark.parametrize("n", [30, 200])
+def test_gram_counts_a_given_mean_against_its_accuracy_where_the_pairs_kernel_took_it(n):
+    """A given mean is taken off sparse blocks before dsyrk where they are densified (no
+    cancellation: G is accurate), but after the products where the pairs kernel sums them
+    (G keeps the rounding of the uncentered A): only then is gram short of accuracy, and
+    'auto' pays the exact method's extra pass."""
+    from ooc_svd.plan import sparse_gram_pays
+    from ooc_svd.sources.csr import row_pairs
+
+    rng = np.random.default_rng(0)
+    A = scipy.sparse.random(3000, n, density=0.05, rng=4, format="lil")
+    A[:, 0] = (1e6 + 0.01 * rng.standard_normal(3000))[:, None]  # a mean 1e8 its spread
+    A = A.tocsr()
+    mean = np.asarray(A.mean(axis=0)).ravel()
+    S_ref = np.linalg.svd(A.toarray() - mean, compute_uv=False)[:5]
+    pairs = sparse_gram_pays(*A.shape, row_pairs(A.indptr))
+    assert pairs == (n == 200)  # one block, by either path
+    gram = ooc_svd.svd(A, 5, mean=mean, method="gram")
+    auto = ooc_svd.svd(A, 5, mean=mean)
+    np.testing.assert_allclose(auto.S, S_ref, rtol=1e-10)
+    if pairs:
+        assert "too small for the gram method's accuracy" in gram.note
+        assert "the singular values and vectors, the Frobenius norm" in gram.note
+        assert (auto.method, auto.passes) == ("exact", 3)
+    else:
+        np.testing.assert_allclose(gram.S, S_ref, rtol=1e-10)
+        assert "gram method's accuracy" not in gram.note
+        assert "singular values and vectors" not in gram.note
+        assert (auto.method, auto.passes) == ("gram", 2)
 
 
 def test_malformed_scipy_arrays_and_csr_attributes_are_refused_by_name(tmp_path):

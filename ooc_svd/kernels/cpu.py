@@ -78,6 +78,10 @@ class BlockStats:
     colsum: np.ndarray  # (n,) float64
     sumsq: float = 0.0
     rows: int = 0
+    # The sum of rows * ||shift||^2 over the blocks whose shift was taken off G after the
+    # products were summed (the CSR pairs kernel, ``csr.gram_into``), whose rounding G
+    # keeps: gram's accuracy check counts it.
+    shifted_after: float = 0.0
 
     @classmethod
     def zeros(cls, n: int) -> BlockStats:

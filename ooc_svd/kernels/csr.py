@@ -316,6 +316,8 @@ def gram_into(block, first_row: int, shift: np.ndarray, G: np.ndarray,
     if shift.any():
         subtract_outer(G, shift, colsum - 0.5 * rows * shift)
         subtract_outer(G, colsum - 0.5 * rows * shift, shift)
+        with np.errstate(over="ignore"):  # an overflow: the pass's end names it
+            stats.shifted_after += rows * float(shift @ shift)
     _add_shifted_totals(stats, colsum, sumsq, rows, shift)
 
 
