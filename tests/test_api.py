@@ -1390,6 +1390,18 @@ def test_a_matrix_whose_squares_underflow_is_named_not_mistaken(matrix, method):
         assert ooc_svd.svd(A, 3, method=method, center=True).S[0] < 1e-10
 
 
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_an_input_refused_after_a_pass_keeps_no_checkpoint_to_resume(tmp_path, matrix,
+                                                                     method):
+    """Found too small for float64 once its passes are done: resumed, the same input fails
+    the same way, so its passes are not kept, and the error does not offer them."""
+    out = str(tmp_path / "result.zarr")
+    with pytest.raises(NonFiniteError, match="too small for float64") as refused:
+        ooc_svd.svd(matrix * 1e-200, 3, method=method, out=out)
+    assert not hasattr(refused.value, "kept_checkpoint")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("method", ["exact", "gram", "randomized", "krylov"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_a_squared_norm_that_overflows_only_in_total_is_named(method, sparse):
