@@ -6,6 +6,7 @@ They validate their arguments, plan the run, and hand trusted arguments to the e
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -868,34 +869,41 @@ def _absent_chunks_note(source: DenseSource | CSRSource) -> str:
         # (indptr's lost chunks read as zeros, which a later chunk's pointers then
         # contradict: a read refuses the block)
         counts = {name: _absent_chunks(getattr(source, name)) for name in ("indices", "data")}
-        where = ", ".join(f"{absent} of the {total} of {name}"
-                          for name, (absent, total) in counts.items() if absent)
+        where = ", ".join(f"{absent} of the {total} {unit} of {name}"
+                          for name, (absent, total, unit) in counts.items() if absent)
         if not where:
             return ""
-        return (f"storage chunks of {source.description} are absent ({where}), read as "
+        return (f"chunks of {source.description} are absent ({where}), read as "
                 "their arrays' fill value: zarr leaves out chunks of the fill value alone "
                 "unless asked to keep them (ooc_svd's stores keep them; elsewhere, indices "
                 "all in column 0 and data of explicit zeros), and a store written in part "
                 "lacks the rest")
-    absent, total = _absent_chunks(source.array)
+    absent, total, unit = _absent_chunks(source.array)
     if not absent:
         return ""
-    return (f"{absent} of the {total} storage chunks of {source.description} are absent, "
+    return (f"{absent} of the {total} {unit} of {source.description} are absent, "
             f"read as the fill value {source.array.fill_value} (zarr leaves out chunks of the "
             "fill value alone, and a store written in part lacks the rest)")
 
 
-def _absent_chunks(array: Any) -> tuple[int, int]:
-    """(absent chunks, chunks) of an unsharded zarr array on a local store of up to
-    MAX_CHUNKS_COUNTED chunks; (0, 0), nothing counted, for anything else."""
-    if not type(array).__module__.startswith("zarr") or getattr(array, "shards", None) or \
-            array.nchunks > MAX_CHUNKS_COUNTED:
-        return 0, 0
-    present = stored_chunk_files(array)
+def _absent_chunks(array: Any) -> tuple[int, int, str]:
+    """(absent, total, what they are) of the files of a zarr array's chunks on a local
+    store, up to MAX_CHUNKS_COUNTED of them: storage chunks, or for a sharded array its
+    shards (the chunks absent inside a shard are told by its index, not counted here);
+    nothing counted, (0, 0, ''), for anything else."""
+    if not type(array).__module__.startswith("zarr"):
+        return 0, 0, ""
+    shards = getattr(array, "shards", None)
+    if shards:
+        total = math.prod(-(-size // shard)
+                          for size, shard in zip(array.shape, shards, strict=True))
+        unit = "shards (files of storage chunks)"
+    else:
+        total, unit = int(array.nchunks), "storage chunks"
+    present = stored_chunk_files(array) if total <= MAX_CHUNKS_COUNTED else None
     if present is None:
-        return 0, 0
-    total = int(array.nchunks)
-    return max(total - present, 0), total
+        return 0, 0, ""
+    return max(total - present, 0), total, unit
 
 
 def _make_directories(path: str) -> list[str]:

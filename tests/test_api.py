@@ -1516,3 +1516,7 @@ def test_absent_chunks_and_a_zero_matrix_are_noted(tmp_path):
     constant = ooc_svd.svd(path, 3, center=True)
     assert constant.note == "every row of A read as the mean: A - 1 mu^T is zero"
     assert ooc_svd.svd(path, 1).note == ""  # every chunk written
+    sharded = zarr.create_array(str(tmp_path / "S.zarr"), shape=(1000, 20), chunks=(50, 20),
+                                shards=(200, 20), dtype="f4")
+    sharded[:400] = 1.0
+    assert "3 of the 5 shards (files of storage chunks)" in ooc_svd.svd(sharded, 1).note

@@ -663,4 +663,5 @@ def test_absent_chunks_of_a_csr_store_are_noted(tmp_path):
     chunks = sorted(os.listdir(os.path.join(path, "data", "c")))
     os.remove(os.path.join(path, "data", "c", chunks[3]))
     note = ooc_svd.svd(path, 3).note
-    assert f"storage chunks of {path} are absent (1 of the {len(chunks)} of data)" in note
+    assert f"chunks of {path} are absent (1 of the {len(chunks)} storage chunks of data)" \
+        in note

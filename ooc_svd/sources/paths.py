@@ -115,10 +115,10 @@ ZARR_METADATA_FILES = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata
 
 
 def stored_chunk_files(array: Any) -> int | None:
-    """How many chunk files an unsharded zarr array on a local store holds (its directory's
-    files but the metadata), or None for another store. Counted by name, as os.walk lists
-    them: zarr's nchunks_initialized asks the store for each chunk in turn (70 s for
-    100,000 chunks on a local disk)."""
+    """How many chunk files (a sharded array's: shard files) a zarr array on a local store
+    holds (its directory's files but the metadata), or None for another store. Counted by
+    name, as os.walk lists them: zarr's nchunks_initialized asks the store for each chunk
+    in turn (70 s for 100,000 chunks on a local disk)."""
     path = _zarr_array_path(array)
     if path is None or not os.path.isdir(path):
         return None
