@@ -327,14 +327,15 @@ class OutputLock:
 
 def _locked_file(path: str, what: str, busy: OutputExistsError):
     """The lock file at ``path``, opened, locked and marked; ``busy`` if another process
-    holds it."""
+    holds it. One that cannot be created (a directory not writable) is a file that cannot
+    be written: an OSError of its errno, naming it."""
     while True:
         try:
             # Undecodable bytes are read as U+FFFD: not the mark, so refused below.
             file = open(path, "a+", errors="replace")  # noqa: SIM115 - until release()
         except OSError as error:
-            raise InputError(f"cannot create the lock file {path!r} beside the {what}: "
-                             f"{error.strerror}") from None
+            raise OSError(error.errno, f"cannot create the lock file beside the {what} "
+                                       f"({error.strerror})", path) from None
         try:
             if _lock_and_mark(file, path, busy):
                 return file
