@@ -63,7 +63,7 @@ from .sparse_streams import (
     csc_entry_chunks,
     write_csr_stream,
 )
-from .store import check_output_path, check_scratch_dir
+from .store import check_apart_from_inputs, check_output_path, check_scratch_dir
 from .units import format_bytes, parse_bytes
 
 # The writer holds about this many storage chunks of indices and data at once: the tail being
@@ -125,12 +125,14 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
             progress: bool | None = None) -> _Target:
     """Validate the options before any long work (``source_path``: the input's file or
     store, which ``out`` may not touch)."""
-    path = check_output_path(out, overwrite, replaces="csr",
-                             inputs=() if source_path is None else (source_path,))
+    inputs = () if source_path is None else (source_path,)
+    path = check_output_path(out, overwrite, replaces="csr", inputs=inputs)
     if chunk_nnz < 1:
         raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
     if scratch_dir is not None:
         check_scratch_dir(scratch_dir)
+        # its buckets go into a directory of their own there, removed at the end
+        check_apart_from_inputs("scratch_dir", scratch_dir, inputs, around=False)
     m, n = (int(s) for s in shape)
     value_dtype = output_dtype(source_dtype, dtype)
     index_bytes = 4 if n <= np.iinfo(np.int32).max else 8
@@ -232,17 +234,25 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
     -------
     zarr.Group, opened read-only.
     """
+    kind = type(matrix).__name__
+    return _from_scipy(matrix, out, {"input": f"scipy.sparse {kind}", "format": kind},
+                       dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
+                       memory_limit=memory_limit, progress=progress)
+
+
+def _from_scipy(matrix: Any, out: str | os.PathLike, provenance: dict[str, Any],
+                source_path: str | None = None, **options) -> Any:
+    """``from_scipy``, of a matrix read from the file ``source_path`` (if any), which
+    ``out`` may not touch."""
     import scipy.sparse
 
     if not scipy.sparse.issparse(matrix) or matrix.ndim != 2:
         raise InputError(f"expected a 2-D scipy.sparse matrix, not {type(matrix).__name__}")
-    kind = type(matrix).__name__
-    target = _target(out, matrix.shape, matrix.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
-                     overwrite=overwrite, memory_limit=memory_limit, progress=progress)
+    target = _target(out, matrix.shape, matrix.dtype, source_path=source_path, **options)
     csr = matrix if matrix.format == "csr" else matrix.tocsr()
     readers = (SlicedReader(csr.indptr, "indptr"), SlicedReader(csr.indices, "indices"),
                SlicedReader(csr.data, "data"))
-    return _write_csr(target, readers, {"input": f"scipy.sparse {kind}", "format": kind})
+    return _write_csr(target, readers, provenance)
 
 
 # What a damaged input file raises as it is read: a gzip or zip stream cut short or
@@ -298,15 +308,16 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         shape = stored_shape(stored.tolist(), repr(path))
         options = dict(dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
                        memory_limit=memory_limit, progress=progress)
+        provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
-            return from_scipy(load_npz(path), out, **options)
+            # (BSR, DIA, COO of coords: loaded whole by scipy)
+            return _from_scipy(load_npz(path), out, provenance, source_path=path, **options)
         if layout in ("csr", "csc") and not {"indptr", "indices"} <= names:
             raise InputError(f"{path!r} is a {layout} .npz without indptr and indices (it "
                              f"holds {sorted(names)})")
         data = NpyMemberReader(archive, "data", path)
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
                          **options)
-        provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
         if layout == "csr":
             readers = (NpyMemberReader(archive, "indptr", path),
                        NpyMemberReader(archive, "indices", path), data)

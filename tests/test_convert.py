@@ -135,6 +135,32 @@ def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
     assert scipy.io.mmread(mtx).nnz == A.nnz
 
 
+@pytest.mark.parametrize("layout", ["bsr", "dia", "coo"])
+def test_an_npz_that_scipy_loads_whole_is_not_overwritten_by_its_own_output(tmp_path, layout):
+    """BSR, DIA and a COO of coords go through scipy's load_npz: the output may still not
+    lie around the input, which overwrite would remove with it."""
+    store = str(tmp_path / "A.zarr")
+    from_scipy(with_gaps(seed=3), store)
+    A = scipy.sparse.random(20, 20, density=0.2, format=layout, rng=1)
+    if layout == "coo":
+        A = scipy.sparse.coo_array(A)  # saved with coords, not row and col
+    inside = os.path.join(store, "in.npz")
+    scipy.sparse.save_npz(inside, A)
+    with pytest.raises(InputError, match="overlaps the input"):
+        convert(inside, store, overwrite=True)
+    assert_same_csr(scipy.sparse.load_npz(inside).tocsr(), A.tocsr())
+    group = convert(inside, tmp_path / "B.zarr")
+    assert group.attrs["ooc_svd_source"]["input"] == inside
+    assert_same_csr(read_back(group), A.tocsr(), np.float64)
+
+
+def test_a_scratch_dir_inside_the_input_is_refused(tmp_path):
+    path = write_zarr_sparse(tmp_path / "A.zarr", with_gaps(seed=17), layout="csc")
+    with pytest.raises(InputError, match="scratch_dir .* overlaps the input"):
+        convert(path, tmp_path / "B.zarr", scratch_dir=path)
+    assert sorted(os.listdir(tmp_path)) == ["A.zarr"]
+
+
 def test_a_store_appearing_at_out_during_a_conversion_is_kept(tmp_path):
     from ooc_svd.sources.csr import CSRWriter
 
