@@ -83,22 +83,24 @@ def read_header(file, path: str) -> MatrixMarketHeader:
     if symmetry not in SYMMETRIES:
         raise InputError(f"{path!r}: {symmetry} Matrix Market symmetry is not supported "
                          f"(one of {', '.join(SYMMETRIES)})")
+    if field == "pattern" and symmetry == "skew-symmetric":  # an entry's mirror is its negative
+        raise InputError(f"{path!r}: a pattern matrix cannot be skew-symmetric (the Matrix "
+                         "Market format does not allow it: a pattern holds no signs)")
     lines = 1
     while True:
         line = file.readline()
         lines += 1
         if not line:
             raise InputError(f"{path!r} ends before its size line")
-        if line.strip() and not line.startswith(b"%"):
+        if line.strip() and not line.lstrip().startswith(b"%"):
             break
     text = line.decode("latin-1").strip()
-    try:
-        m, n, entries = (int(word) for word in text.split())
-    except ValueError:
+    words = text.split()
+    # Digits only: Python's int() also takes '+3', '1_000' and other scripts' digits
+    if len(words) != 3 or not all(word.isascii() and word.isdigit() for word in words):
         raise InputError(f"{path!r}: the size line {text!r} is not 'ROWS COLUMNS "
-                         "ENTRIES'") from None
-    if min(m, n, entries) < 0:
-        raise InputError(f"{path!r}: negative size in {text!r}")
+                         "ENTRIES' (three integers >= 0)")
+    m, n, entries = (int(word) for word in words)
     if max(m, n, entries) > np.iinfo(np.int64).max:  # an index array could not hold it
         raise InputError(f"{path!r}: the size line {text!r} exceeds 2**63 - 1")
     if symmetry != "general" and m != n:

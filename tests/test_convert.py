@@ -407,9 +407,15 @@ def test_mtx_gzip_and_header_variations(tmp_path):
         ("%%MatrixMarket matrix coordinate real general\n99999999999999999999 3 1\n1 1 1\n",
          "the size line '99999999999999999999 3 1' exceeds 2\\*\\*63 - 1"),
         ("%%MatrixMarket matrix coordinate real general\n3 -3 1\n1 1 1\n",
-         "negative size in '3 -3 1'$"),
+         r"the size line '3 -3 1' is not 'ROWS COLUMNS ENTRIES' \(three integers >= 0\)$"),
         ("%%MatrixMarket matrix coordinate real general\n3 3\n1 1 1\n",
          "the size line '3 3' is not"),
+        ("%%MatrixMarket matrix coordinate real general\n+3 3 1\n1 1 1\n",
+         "the size line '\\+3 3 1' is not"),
+        ("%%MatrixMarket matrix coordinate real general\n3 3 0_1\n1 1 1\n",
+         "the size line '3 3 0_1' is not"),
+        ("%%MatrixMarket matrix coordinate pattern skew-symmetric\n3 3 1\n2 1\n",
+         "a pattern matrix cannot be skew-symmetric"),
     ],
 )
 def test_mtx_refusals_name_the_problem(tmp_path, content, message):
@@ -418,6 +424,14 @@ def test_mtx_refusals_name_the_problem(tmp_path, content, message):
     with pytest.raises(InputError, match=message):
         from_mtx(path, tmp_path / "out.zarr")
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
+
+
+def test_an_indented_comment_before_the_size_line_is_a_comment(tmp_path):
+    path = tmp_path / "A.mtx"
+    path.write_text("%%MatrixMarket matrix coordinate real general\n  % indented note\n"
+                    "\t%\n3 2 2\n1 1 5\n3 2 -1\n")
+    expected = scipy.sparse.csr_matrix(([5.0, -1.0], ([0, 2], [0, 1])), shape=(3, 2))
+    assert_same_csr(read_back(from_mtx(path, tmp_path / "A.zarr")), expected)
 
 
 @pytest.mark.parametrize("source", ["mtx", "npz"])
