@@ -123,9 +123,12 @@ def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
 
 
 def _canonical_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
+    """Rows with their columns in order, repeated ones summed in float64, as the other
+    layouts' entries are (and not in the input's dtype, where int8 or float16 would wrap
+    or round, or a bool saturate)."""
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise InputError(f"a column index lies outside [0, {n_cols})")
-    data, indices, indptr = canonical_rows(indptr, indices, data, n_cols)
+    data, indices, indptr = canonical_rows(indptr, indices, data, n_cols, np.float64)
     return indptr, indices, data
 
 

@@ -426,6 +426,30 @@ def test_mtx_refusals_name_the_problem(tmp_path, content, message):
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("values", "dtype"), [
+    ([100, 100, 7], np.int8), ([200, 100, 7], np.uint8), ([True, True, True], np.bool_),
+    ([2.0**24, 1.0, 1.0], np.float32), ([1000.0, 60000.0, 0.5], np.float16)])
+def test_repeated_columns_of_csr_input_are_summed_in_float64(tmp_path, values, dtype):
+    """A CSR input's repeated columns are summed as COO and Matrix Market entries are, in
+    float64: not in the input's dtype, where int8 wraps, a bool saturates, float32 rounds
+    (and scipy refuses float16)."""
+    import scipy.sparse
+
+    data = np.array(values, dtype=dtype)
+    unsorted = scipy.sparse.csr_matrix((data, [1, 1, 0], [0, 3, 3]), shape=(2, 3))
+    path = tmp_path / "A.npz"
+    scipy.sparse.save_npz(path, unsorted, compressed=False)
+    summed = np.array(values, dtype=np.float64)
+    expected = scipy.sparse.csr_matrix(([summed[2], summed[0] + summed[1]], [0, 1], [0, 2, 2]),
+                                       shape=(2, 3))
+    for source in (path, tmp_path / "A.zarr"):
+        if source != path:  # the same rows as a zarr CSR group
+            write_zarr_sparse(source, unsorted)
+        group = convert(source, tmp_path / f"{source.stem}-{source.suffix[1:]}.zarr",
+                        dtype="float64")
+        assert_same_csr(read_back(group), expected, np.float64)
+
+
 def test_an_indented_comment_before_the_size_line_is_a_comment(tmp_path):
     path = tmp_path / "A.mtx"
     path.write_text("%%MatrixMarket matrix coordinate real general\n  % indented note\n"

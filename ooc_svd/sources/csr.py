@@ -258,17 +258,18 @@ class CSRSource:
         return self.latest_chunks.read(name, array, start, stop, dtype)
 
 
-def canonical_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def canonical_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int,
+                   sum_dtype: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data, indices, indptr) of the rows with each row's columns increasing and repeated
-    columns summed: the arrays given when they are so already, else new ones; the arrays
-    given are never modified."""
+    columns summed (in ``sum_dtype``, default data's own): the arrays given when they are so
+    already, else new ones; the arrays given are never modified."""
     import scipy.sparse
 
     if _columns_increase(indptr, indices):
         return data, indices, indptr
     shape = (indptr.size - 1, n_cols)
-    block = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, copy=True)
+    values = data if sum_dtype is None else data.astype(sum_dtype)
+    block = scipy.sparse.csr_matrix((values, indices, indptr), shape=shape, copy=True)
     block.sum_duplicates()
     return block.data, block.indices, block.indptr.astype(np.int64, copy=False)
 
