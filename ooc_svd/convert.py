@@ -299,8 +299,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         if not {"format", "shape", "data"} <= names:
             raise InputError(f"{path!r} is not a scipy.sparse .npz (it holds {sorted(names)}, "
                              "not format, shape and data)")
-        layout = _small_array(archive, "format").item()
-        layout = layout.decode("ascii") if isinstance(layout, bytes) else str(layout)
+        layout = _npz_format(_small_array(archive, "format"), path)
         stored = _small_array(archive, "shape").reshape(-1)
         if stored.size != 2:
             raise InputError(f"{path!r} holds a sparse matrix of shape {tuple(stored.tolist())}, "
@@ -324,6 +323,20 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
             return _write_csr(target, readers, provenance)
         return _write_coordinates(target, _npz_entries(path, layout, shape, target),
                                   data.size, True, provenance)
+
+
+# The formats scipy.sparse.save_npz writes (and load_npz reads)
+NPZ_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
+
+
+def _npz_format(stored: np.ndarray, path: str) -> str:
+    """The ``format`` member of a scipy.sparse .npz: one of NPZ_FORMATS, else InputError."""
+    layout = stored.item() if stored.size == 1 and stored.dtype.kind in "SU" else None
+    layout = layout.decode("ascii", "replace") if isinstance(layout, bytes) else layout
+    if layout not in NPZ_FORMATS:
+        raise InputError(f"{path!r} is not a scipy.sparse .npz: its format member "
+                         f"{stored.tolist()!r} is not one of {', '.join(NPZ_FORMATS)}")
+    return layout
 
 
 def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -432,13 +445,13 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
     except OSError as error:  # not HDF5, or truncated
         raise InputError(f"cannot open {path!r} as an HDF5 file: {error}") from None
     with file:
-        layout, shape, data = _h5_sparse_group(file, group, path, h5py)
-        target = _target(out, shape, data.dtype, dtype=dtype, chunk_nnz=chunk_nnz,
+        layout, shape = _h5_sparse_group(file, group, path, h5py)
+        readers = _sparse_group_readers(file[group], f"{path}:{group}")
+        target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                          source_path=path, progress=progress)
         provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
-        return _write_sparse_group(file[group], f"{path}:{group}", layout, shape, target,
-                                   provenance)
+        return _write_sparse_group(readers, layout, shape, target, provenance)
 
 
 def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
@@ -464,20 +477,26 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
         raise InputError(f"{path!r} is not a sparse matrix group (encoding-type {encoding!r},"
                          f" shape {group.attrs.get('shape')}, missing arrays {missing})")
     shape = stored_shape(group.attrs["shape"], repr(path))
-    target = _target(out, shape, group["data"].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
+    readers = _sparse_group_readers(group, path)
+    target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                      source_path=path, progress=progress)
     provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
-    return _write_sparse_group(group, path, layout, shape, target, provenance)
+    return _write_sparse_group(readers, layout, shape, target, provenance)
 
 
-def _write_sparse_group(node: Any, name: str, layout: str, shape: tuple[int, int],
-                        target: _Target, provenance: dict[str, Any]) -> Any:
-    """Write an AnnData-style sparse group (HDF5 or zarr: ``data``, ``indices`` and
-    ``indptr`` arrays) to ``target``: CSR a block of rows at a time, CSC through buckets of
-    rows."""
-    readers = tuple(SlicedReader(node[array], f"{name}/{array}")
-                    for array in ("indptr", "indices", "data"))
+def _sparse_group_readers(node: Any, name: str) -> tuple[SlicedReader, ...]:
+    """Readers of the ``indptr``, ``indices`` and ``data`` arrays of an AnnData-style sparse
+    group (HDF5 or zarr), each refused unless it is a 1-D numeric array."""
+    return tuple(SlicedReader(node[array], f"{name}/{array}")
+                 for array in ("indptr", "indices", "data"))
+
+
+def _write_sparse_group(readers: tuple[SlicedReader, ...], layout: str,
+                        shape: tuple[int, int], target: _Target,
+                        provenance: dict[str, Any]) -> Any:
+    """Write an AnnData-style sparse group (``_sparse_group_readers``) to ``target``: CSR a
+    block of rows at a time, CSC through buckets of rows."""
     if layout == "csr":
         return _write_csr(target, readers, provenance)
 
@@ -499,8 +518,8 @@ def _import_h5py():
     return h5py
 
 
-def _h5_sparse_group(file: Any, group: str, path: str, h5py: Any) -> tuple[str, tuple, Any]:
-    """(layout 'csr' or 'csc', shape, data dataset) of an AnnData-style sparse group."""
+def _h5_sparse_group(file: Any, group: str, path: str, h5py: Any) -> tuple[str, tuple]:
+    """(layout 'csr' or 'csc', shape) of an AnnData-style sparse group."""
     if group not in file:
         raise InputError(f"{path!r} has no {group!r}; its top level holds {sorted(file.keys())}")
     node = file[group]
@@ -517,7 +536,9 @@ def _h5_sparse_group(file: Any, group: str, path: str, h5py: Any) -> tuple[str, 
     missing = [name for name in ("data", "indices", "indptr") if name not in node]
     if missing:
         raise InputError(f"{path!r}: the sparse group {group!r} lacks {missing}")
-    return layout, tuple(int(s) for s in shape), node["data"]
+    listed = np.asarray(shape)  # h5py reads an attribute as a numpy array or scalar
+    return layout, stored_shape(listed.tolist() if listed.ndim == 1 else shape,
+                                f"{path!r}: {group!r}")
 
 
 def _text(value: Any) -> str:

@@ -26,9 +26,14 @@ class SlicedReader:
     """Reads a 1-D array (numpy, h5py, zarr: anything sliceable) front to back."""
 
     def __init__(self, array: Any, name: str):
+        shape, dtype = getattr(array, "shape", None), getattr(array, "dtype", None)
+        if shape is None or dtype is None or len(shape) != 1 or \
+                np.dtype(dtype).kind not in "biuf":
+            raise InputError(f"{name} is not a 1-D array of numbers (shape {shape}, dtype "
+                             f"{dtype})")
         self.array, self.name = array, name
-        self.size = int(array.shape[0])
-        self.dtype = np.dtype(array.dtype)
+        self.size = int(shape[0])
+        self.dtype = np.dtype(dtype)
         self.position = 0
 
     def take(self, count: int) -> np.ndarray:

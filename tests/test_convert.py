@@ -3,6 +3,7 @@ refusals, the ``convert`` and ``generate --density`` commands, and the sparse ge
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -836,3 +837,47 @@ def test_a_scratch_dir_that_is_not_a_directory_is_refused_before_any_work(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["A.npz", "file"]
     group = from_npz(tmp_path / "A.npz", tmp_path / "A.zarr", scratch_dir=tmp_path, **SMALL)
     np.testing.assert_array_equal(read_back(group).toarray(), matrix.toarray())
+
+
+@pytest.mark.parametrize(("shape", "shown"), [
+    (3, "3"), ([3, 3, 3], "[3, 3, 3]"), ("3,3", "'3,3'"), ([3.7, 3.2], "[3.7, 3.2]"),
+    ([-2, 4], "[-2, 4]")])
+def test_an_hdf5_shape_attribute_that_is_not_two_integers_is_refused(tmp_path, shape, shown):
+    """Not truncated (3.7 read as 3) nor a traceback."""
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "A.h5ad"
+    write_h5_sparse(path, with_gaps(m=5, n=4, seed=2))
+    with h5py.File(path, "r+") as file:
+        file["X"].attrs["shape"] = shape
+    with pytest.raises(InputError, match=r"the shape attribute must be two integers \[m, n\], "
+                                         f"not .*{re.escape(shown)}"):
+        convert(path, tmp_path / "B.zarr")
+
+
+def test_sparse_group_members_that_are_not_1d_arrays_of_numbers_are_refused(tmp_path):
+    A = with_gaps(m=5, n=4, seed=2)
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "A.h5ad"
+    write_h5_sparse(path, A)
+    with h5py.File(path, "r+") as file:
+        del file["X/data"]
+        file["X/data"] = A.data.reshape(-1, 1)
+    with pytest.raises(InputError, match=r"X/data is not a 1-D array of numbers \(shape "):
+        convert(path, tmp_path / "B.zarr")
+    store = write_zarr_sparse(tmp_path / "A.zarr", A)
+    group = zarr.open_group(store, mode="r+")
+    del group["data"]
+    group.create_group("data")
+    with pytest.raises(InputError, match="A.zarr/data is not a 1-D array of numbers"):
+        convert(store, tmp_path / "C.zarr")
+    assert sorted(os.listdir(tmp_path)) == ["A.h5ad", "A.zarr"]
+
+
+@pytest.mark.parametrize("stored", [np.array(["csr", "csc"]), np.array(5), np.array("lil")])
+def test_an_npz_format_member_scipy_does_not_write_is_refused(tmp_path, stored):
+    A = with_gaps(m=5, n=4, seed=2)
+    path = tmp_path / "A.npz"
+    np.savez(path, format=stored, shape=np.array(A.shape), data=A.data, indices=A.indices,
+             indptr=A.indptr)
+    with pytest.raises(InputError, match="is not a scipy.sparse .npz: its format member"):
+        convert(path, tmp_path / "B.zarr")
