@@ -55,7 +55,7 @@ from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter, stored_shape
-from .sources.open import load_npz
+from .sources.open import load_npz, npz_format
 from .sparse_streams import (
     NpyMemberReader,
     SlicedReader,
@@ -299,7 +299,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         if not {"format", "shape", "data"} <= names:
             raise InputError(f"{path!r} is not a scipy.sparse .npz (it holds {sorted(names)}, "
                              "not format, shape and data)")
-        layout = _npz_format(_small_array(archive, "format"), path)
+        layout = npz_format(_small_array(archive, "format"), path)
         stored = _small_array(archive, "shape").reshape(-1)
         if stored.size != 2:
             raise InputError(f"{path!r} holds a sparse matrix of shape {tuple(stored.tolist())}, "
@@ -323,20 +323,6 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
             return _write_csr(target, readers, provenance)
         return _write_coordinates(target, _npz_entries(path, layout, shape, target),
                                   data.size, True, provenance)
-
-
-# The formats scipy.sparse.save_npz writes (and load_npz reads)
-NPZ_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
-
-
-def _npz_format(stored: np.ndarray, path: str) -> str:
-    """The ``format`` member of a scipy.sparse .npz: one of NPZ_FORMATS, else InputError."""
-    layout = stored.item() if stored.size == 1 and stored.dtype.kind in "SU" else None
-    layout = layout.decode("ascii", "replace") if isinstance(layout, bytes) else layout
-    if layout not in NPZ_FORMATS:
-        raise InputError(f"{path!r} is not a scipy.sparse .npz: its format member "
-                         f"{stored.tolist()!r} is not one of {', '.join(NPZ_FORMATS)}")
-    return layout
 
 
 def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:

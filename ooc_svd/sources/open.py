@@ -123,13 +123,31 @@ def _is_sparse_npz(path: str) -> bool:
                                  f"{exc or type(exc).__name__}") from exc
 
 
+# The formats scipy.sparse.save_npz writes (and load_npz reads)
+NPZ_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
+
+
+def npz_format(stored: np.ndarray, path: str) -> str:
+    """The ``format`` member of a scipy.sparse .npz: one of NPZ_FORMATS, else InputError."""
+    layout = stored.item() if stored.size == 1 and stored.dtype.kind in "SU" else None
+    layout = layout.decode("ascii", "replace") if isinstance(layout, bytes) else layout
+    if layout not in NPZ_FORMATS:
+        raise InputError(f"{path!r} is not a scipy.sparse .npz: its format member "
+                         f"{stored.tolist()!r} is not one of {', '.join(NPZ_FORMATS)}")
+    return layout
+
+
 def load_npz(path: str) -> Any:
     """scipy.sparse.load_npz, with a malformed archive's error naming the file."""
     import scipy.sparse
 
     try:
+        with np.load(path, allow_pickle=False) as archive:  # scipy fails on a format it
+            npz_format(archive["format"], path)             # does not write
         matrix = scipy.sparse.load_npz(path)
-    except (*NPZ_READ_ERRORS, KeyError) as exc:  # KeyError: a format scipy does not know
+    except InputError:
+        raise
+    except (*NPZ_READ_ERRORS, KeyError) as exc:
         raise InputError(f"cannot read {path!r} as a scipy.sparse .npz: "
                          f"{exc or type(exc).__name__}") from exc
     if matrix.ndim != 2:
