@@ -166,6 +166,11 @@ def is_exponent_mark(byte):
     return byte == 101 or byte == 69 or byte == 100 or byte == 68
 
 
+# Beyond this written exponent (1e17) a number is 0 or Inf whatever its digits: a file
+# holds fewer than 1e17 of them.
+EXPONENT_CAP = 10**17
+
+
 @numba.njit(nogil=True, cache=True)
 def parse_float(buffer, position):
     """Parse the decimal number at ``position`` of a uint8 buffer.
@@ -212,7 +217,9 @@ def parse_float(buffer, position):
             position += 1
         first_digit, written = position, 0
         while position < size and 48 <= buffer[position] <= 57:
-            if written < 100000:
+            # Capped where no digit count can bring the number back into float64's range,
+            # and far below int64's: a million digits shift the exponent by a million.
+            if written < EXPONENT_CAP:
                 written = written * 10 + (buffer[position] - 48)
             position += 1
         seen_digit &= position > first_digit
