@@ -884,3 +884,16 @@ def test_an_npz_format_member_scipy_does_not_write_is_refused(tmp_path, stored):
              indptr=A.indptr)
     with pytest.raises(InputError, match="is not a scipy.sparse .npz: its format member"):
         convert(path, tmp_path / "B.zarr")
+
+
+def test_a_nan_or_inf_in_the_input_is_stored_with_a_warning(tmp_path):
+    """As scipy reads it, but said once, with its row: a run on the store refuses it."""
+    path = write_mtx(tmp_path / "A.mtx", ["1 1 1", "2 2 inf", "3 1 nan"], "real general",
+                     (3, 3))
+    with pytest.warns(RuntimeWarning, match=r"holds NaN or Inf, stored as it is \(the first, "
+                                            r"inf in row 1\): a run on the store refuses it"):
+        group = from_mtx(path, tmp_path / "A.zarr")
+    stored = read_back(group).toarray()
+    assert stored[1, 1] == np.inf and np.isnan(stored[2, 0])
+    with pytest.raises(ooc_svd.errors.NonFiniteError, match="row 1"):
+        ooc_svd.svd(str(tmp_path / "A.zarr"), 1)

@@ -494,6 +494,7 @@ class CSRWriter:
         self.make_bar, self.bar = progress, None
         self.integers = integers  # the values are integers, whatever their dtype
         self.warned_of_rounding = False
+        self.warned_of_non_finite = False
 
     def append(self, block: Any) -> None:
         """Append rows: a ``CSRBlock`` or a scipy.sparse matrix with n_cols columns."""
@@ -539,7 +540,18 @@ class CSRWriter:
                                  "float64)")
         if data.dtype.kind in "iu" or self.integers:
             self._warn_of_rounded_integers(data, values, indptr)
+        self._warn_of_non_finite(values, indptr)
         return values
+
+    def _warn_of_non_finite(self, values: np.ndarray, indptr: np.ndarray) -> None:
+        """Warn, once, of a NaN or Inf stored (as the input holds it): a run refuses it."""
+        if self.warned_of_non_finite or np.isfinite(values).all():
+            return
+        self.warned_of_non_finite = True
+        position = int(np.flatnonzero(~np.isfinite(values))[0])
+        warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
+                      f"{values[position]} in row {self._row_of(position, indptr)}): a run "
+                      "on the store refuses it", RuntimeWarning, stacklevel=2)
 
     def _row_of(self, position: int, indptr: np.ndarray) -> int:
         """The row of the store that the appended value at ``position`` lies in."""
