@@ -36,6 +36,7 @@ from .engine import (
 from .errors import (
     CheckpointError,
     InputError,
+    NonFiniteError,
     OutputExistsError,
     PlanError,
     check_int,
@@ -43,6 +44,8 @@ from .errors import (
     check_seed,
 )
 from .kernels.backend import CPUKernels
+from .kernels.cpu import first_non_finite_row
+from .kernels.csr import first_non_finite_row as first_non_finite_sparse_row
 from .kernels.csr import scatter_threads
 from .kernels.cuda_backend import (
     STREAMS,
@@ -58,7 +61,7 @@ from .passes import PassContext
 from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .progress import progress_bars
 from .result import SVDResult, assemble_result, provenance
-from .sources import CSRSource, DenseSource, open_source
+from .sources import CSRSource, DenseSource, is_sparse_block, open_source
 from .sources.dense import not_a_matrix
 from .sources.difference import check_subtrahend, sparse_column, subtract, transposed
 from .sources.open import is_torch_sparse
@@ -429,8 +432,11 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     ``memory_limit`` does not count.
     """
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
-    return _like_input(A, _per_matrix(A, M, client, lambda A_i, M_i, client: _svd_lowrank(
-        open_matrix(A_i, allow_empty=True)[0], q, niter, M_i, replace(options, client=client))))
+    return _like_input(A, _per_matrix(
+        A, M, client,
+        lambda A_i, M_i, client: _svd_lowrank(open_matrix(A_i, allow_empty=True)[0], q, niter,
+                                              M_i, replace(options, client=client)),
+        lambda m, n: min(6 if q is None else q, m, n)))
 
 
 @dataclass(frozen=True)
@@ -462,7 +468,10 @@ def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: 
     flipped = _wide_as_tall(source, M, options.client)
     if flipped is not None:
         A_T, M_T = flipped
-        U, S, V = _svd_lowrank(open_matrix(A_T)[0], q, niter, M_T, options)
+        try:
+            U, S, V = _svd_lowrank(open_matrix(A_T)[0], q, niter, M_T, options)
+        except InputError as error:
+            raise _said_of_a(error, source) from None
         return V, S, U
     client = options.client
     mean = column = None
@@ -503,6 +512,29 @@ def _wide_as_tall(source: DenseSource | CSRSource, M: Any, client: Any) -> tuple
     return None if A_T is None else (A_T, M_T)
 
 
+def _said_of_a(error: InputError, source: DenseSource | CSRSource) -> InputError:
+    """An error of the run on A^T (``_wide_as_tall``) as said of A, held in memory: a NaN
+    or Inf by its row of A (A^T's rows are A's columns); anything else (a memory limit, a
+    shape) noted as of A^T."""
+    if isinstance(error, NonFiniteError):
+        named = _non_finite_row_error(source)
+        if named is not None:
+            return named
+    error.args = (f"{error} (of A^T: a wide A held in memory is factored through its "
+                  "transpose, as torch factors it)",)
+    return error
+
+
+def _non_finite_row_error(source: DenseSource | CSRSource) -> NonFiniteError | None:
+    """The NonFiniteError naming the first row of A, held in memory, that holds a NaN or
+    Inf; None if none does. (A pass over A: only on the way to an error.)"""
+    block = source.read(0, source.shape[0])  # the matrix itself
+    bad = (first_non_finite_sparse_row if is_sparse_block(block) else
+           first_non_finite_row)(block)
+    return None if bad is None else \
+        NonFiniteError(f"the matrix holds NaN or Inf, first at row {bad}")
+
+
 def _empty_factors(source: DenseSource | CSRSource) -> tuple[np.ndarray, ...]:
     """U (m, 0), S (0,), V (n, 0) of an empty A, as torch gives them."""
     m, n = source.shape
@@ -515,7 +547,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
                 client: Any = None):
     """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
 
-    q defaults to min(6, m, n) (empty factors for an empty A, as torch gives). Centering is
+    q defaults to min(6, m, n) (empty factors for an empty A, as torch gives); q=0, which
+    torch takes, is refused, as by :func:`svd_lowrank`. Centering is
     implicit: huge inputs are never densified or copied. The principal directions are the
     columns of V, and the explained variances are S**2 / (m - 1). ``method``, ``seed`` and
     ``memory_limit`` (keyword only, beyond torch's signature) are as in :func:`svd`;
@@ -543,12 +576,18 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
         return result.U, result.S, result.V
 
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
-    return _like_input(A, _per_matrix(A, None, client, factor))
+    return _like_input(A, _per_matrix(
+        A, None, client, factor, lambda m, n: min(6, m, n) if q is None else _check_q(q, m, n)))
 
 
 def _column_means(source: DenseSource | CSRSource) -> np.ndarray:
-    """Column means in float64 of an A held in memory (``_wide_as_tall`` took it)."""
-    return np.asarray(_in_memory(source).mean(axis=0, dtype=np.float64)).reshape(-1)
+    """Column means in float64 of an A held in memory (``_wide_as_tall`` took it); a NaN or
+    Inf among them is A's, named by its row."""
+    means = np.asarray(_in_memory(source).mean(axis=0, dtype=np.float64)).reshape(-1)
+    if not np.isfinite(means).all():
+        raise _non_finite_row_error(source) or NonFiniteError(
+            "the column means of the matrix overflow float64; rescale the matrix")
+    return means
 
 
 def _torch_keywords(q: Any, niter: Any, method: str, seed: int, memory_limit: Any,
@@ -596,17 +635,16 @@ def _stack_of_matrices(A: Any) -> tuple[int, ...]:
         return ()
 
 
-def _per_matrix(A: Any, M: Any, client: Any, factor) -> tuple[np.ndarray, ...]:
+def _per_matrix(A: Any, M: Any, client: Any, factor, width) -> tuple[np.ndarray, ...]:
     """``factor(A, M, client)``, or for a stack of matrices (``_stack_of_matrices``)
     ``factor(A[i], M[i], client)`` for every matrix i, on one client (``_one_client``), its
     results stacked as torch stacks them (U of shape stack + (m, q), ...). M's leading
     dimensions broadcast to the stack's; an M of at most 2 dimensions goes to every matrix
-    as it is."""
+    as it is. A stack of no matrix gives empty factors of ``width(m, n)`` columns each, as
+    torch gives them."""
     stack = _stack_of_matrices(A)
     if not stack:
         return factor(A, M, client)
-    if 0 in stack:
-        raise InputError(f"A is empty: shape {tuple(A.shape)}")
     if isinstance(M, (list, tuple)):
         M = np.asarray(M)
     lead = tuple(getattr(M, "shape", ()))[:-2]
@@ -614,6 +652,8 @@ def _per_matrix(A: Any, M: Any, client: Any, factor) -> tuple[np.ndarray, ...]:
                                       zip(lead[::-1], stack[::-1], strict=False)):
         raise InputError(f"M of shape {tuple(M.shape)} does not broadcast to A's shape "
                          f"{tuple(A.shape)}")
+    if 0 in stack:
+        return _empty_stack_factors(A, stack, width)
     parts = []
     with _one_client(client) as client:
         for index in np.ndindex(*stack):
@@ -628,6 +668,16 @@ def _per_matrix(A: Any, M: Any, client: Any, factor) -> tuple[np.ndarray, ...]:
                 raise
     return tuple(np.stack(arrays).reshape(stack + arrays[0].shape) for arrays in zip(*parts,
                                                                                     strict=True))
+
+
+def _empty_stack_factors(A: Any, stack: tuple[int, ...], width) -> tuple[np.ndarray, ...]:
+    """U (stack, m, q), S (stack, q), V (stack, n, q) with q = ``width(m, n)``, of a stack
+    of no matrix, in the dtype its matrices' factors would have."""
+    m, n = (int(size) for size in A.shape[-2:])
+    q = width(m, n)
+    dtype = _result_dtype(open_matrix(A.reshape(0, n), allow_empty=True)[0].dtype)
+    return (np.zeros(stack + (m, q), dtype), np.zeros(stack + (q,), dtype),
+            np.zeros(stack + (n, q), dtype))
 
 
 def _like_input(A: Any, arrays: tuple[np.ndarray, ...]) -> tuple:

@@ -212,12 +212,51 @@ def test_a_torch_stack_gives_torch_tensors(torch_stand_in):
      ((3, 60, 12), (2, 3, 60, 12), r"M of shape \(2, 3, 60, 12\) does not broadcast"),
      ((3, 60, 12), (3, 60, 5),
       r"^A\[0\] of the stack: M of shape \(60, 5\) does not broadcast to A's shape"),
-     ((0, 60, 12), None, r"A is empty: shape \(0, 60, 12\)")],
+     ((0, 60, 12), (2, 1, 12), r"M of shape \(2, 1, 12\) does not broadcast")],
 )
 def test_a_stack_refuses_an_m_that_does_not_broadcast(A_shape, M_shape, message):
     M = None if M_shape is None else np.zeros(M_shape)
     with pytest.raises(InputError, match=message):
         ooc_svd.svd_lowrank(np.ones(A_shape), q=2, M=M)
+
+
+@pytest.mark.parametrize("function", ["svd_lowrank", "pca_lowrank"])
+def test_a_stack_of_no_matrix_gives_empty_factors_as_torch(function):
+    """torch gives U (0, m, q), S (0, q), V (0, n, q), as for the stack's matrices."""
+    import dask.array as da
+
+    factor = getattr(ooc_svd, function)
+    for A in (np.zeros((0, 60, 12), np.float32), da.zeros((2, 0, 60, 12))):
+        U, S, V = factor(A, q=3)
+        stack = A.shape[:-2]
+        assert (U.shape, S.shape, V.shape) == (stack + (60, 3), stack + (3,), stack + (12, 3))
+        assert U.dtype == S.dtype == V.dtype == A.dtype
+    assert factor(np.zeros((0, 60, 12)))[1].shape == (0, 6)
+    if function == "pca_lowrank":  # as for any of its matrices
+        with pytest.raises(InputError, match=r"q=13 must be at most min\(m, n\) = 12"):
+            factor(np.zeros((0, 60, 12)), q=13)
+    else:
+        assert factor(np.zeros((0, 60, 12)), q=13)[1].shape == (0, 12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_wide_a_factored_through_its_transpose_is_spoken_of_as_a(sparse):
+    """A^T's rows are A's columns: a NaN is named by its row of A, and other refusals say
+    they are of A^T."""
+    B = np.random.default_rng(0).standard_normal((10, 30))
+    B[7, 25] = np.nan
+    A = scipy.sparse.csr_matrix(B) if sparse else B
+    calls = [lambda: ooc_svd.svd_lowrank(A), lambda: ooc_svd.svd_lowrank(A, M=np.ones(30)),
+             lambda: ooc_svd.pca_lowrank(A, center=False)]
+    if not sparse:  # (a sparse wide A is centered without its transpose)
+        calls.append(lambda: ooc_svd.pca_lowrank(A))  # whose column means hold the NaN
+    for call in calls:
+        with pytest.raises(NonFiniteError, match=r"^the matrix holds NaN or Inf, first at row "
+                                                 r"7$"):
+            call()
+    with pytest.raises(PlanError, match=r"on a 300 x 20 matrix.*\(of A\^T: a wide A held in "
+                                        "memory is factored through its transpose"):
+        ooc_svd.svd_lowrank(np.zeros((20, 300)), memory_limit="10KB")
 
 
 def test_an_error_in_a_stack_names_the_matrix():
