@@ -1023,17 +1023,16 @@ def _run_passes(source, request: _Request, plan: Plan, centering: Centering, see
             _write_result(writer, result, left.array, request.write_factors,
                           provenance(result, source, time.perf_counter() - began))
     except BaseException as error:
-        # A checkpoint that holds a pass stays: a chunk that could not be read, or a full
-        # disk, may read again (or be freed), and its passes are resumed then. The error
-        # says so (``kept_checkpoint``), unless it is the checkpoint's own. Not for an
-        # input that cannot be used (a NaN, values too small for float64, an index out of
-        # range): resumed on the same input, it fails the same way, and a changed input is
-        # not resumed. An output not yet renamed into place is removed (``abort``).
+        # A checkpoint that holds a pass stays: a chunk that could not be read, a full
+        # disk, a worker that cannot see the input or a busy GPU may be fixed, and its
+        # passes are resumed then. The error says so (``kept_checkpoint``), unless it is
+        # the checkpoint's own. Not for values that cannot be used (a NaN, values too small
+        # or too large for float64): resumed on the same input, they fail the same way, and
+        # a changed input is not resumed. An output not yet renamed into place is removed
+        # (``abort``).
         if writer:
             writer.abort()
-        unusable_input = isinstance(error, InputError) and \
-            not isinstance(error, CheckpointError)
-        if saved.directory is not None and (unusable_input or
+        if saved.directory is not None and (isinstance(error, NonFiniteError) or
                                             not holds_a_pass(saved.directory)):
             saved.remove()
         elif saved.directory is not None and isinstance(error, Exception) and \

@@ -324,6 +324,8 @@ def gram_svd(
     """
     state = context.resumable("gram", lambda: _factor_state(*gram_pass(context)))
     stats, shift = _stats_of(state)
+    if plan.sparse and "shifted_after" not in state:  # resumed from an older checkpoint:
+        stats.shifted_after = stats.rows * float(shift @ shift)  # all of it, as it counted
     # As in exact_svd, G and its eigenvectors are let go before any further pass.
     eigenvalues, eigenvectors = scipy.linalg.eigh(state.pop("factor"), overwrite_a=True,
                                                   check_finite=False)
@@ -458,8 +460,9 @@ def _factor_state(factor: np.ndarray, stats: BlockStats, shift: np.ndarray) -> d
 
 
 def _stats_of(state: dict) -> tuple[BlockStats, np.ndarray]:
+    # (a checkpoint written before shifted_after was recorded lacks it: see gram_svd)
     stats = BlockStats(state["colsum"], float(state["sumsq"]), int(state["rows"]),
-                       float(state["shifted_after"]))
+                       float(state.get("shifted_after", 0.0)))
     return stats, state["shift"]
 
 

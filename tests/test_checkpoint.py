@@ -197,6 +197,36 @@ def test_a_checkpoint_whose_arrays_were_changed_is_refused(tmp_path, monkeypatch
         ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
 
 
+@pytest.mark.parametrize("method", ["gram", "exact"])
+def test_a_checkpoint_saved_before_shifted_after_was_recorded_resumes(tmp_path, monkeypatch,
+                                                                       method):
+    """The factoring pass's state of an earlier version lacks ``shifted_after``: resumed as
+    it counted then (all of a sparse shift), not a KeyError."""
+    import json
+
+    import scipy.sparse
+
+    A = scipy.sparse.random(3000, 40, density=0.05, format="csr", rng=3)
+    mean = np.asarray(A.mean(axis=0)).ravel()
+    out = str(tmp_path / "result.zarr")
+    reference = ooc_svd.svd(A, 3, method=method, mean=mean)
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "_final_pass_over_v", die)
+        with pytest.raises(Killed):
+            ooc_svd.svd(A, 3, method=method, mean=mean, out=out)
+    name = "gram" if method == "gram" else "tsqr"
+    path = tmp_path / "result.zarr.checkpoint" / f"{name}.npz"
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files if key != "shifted_after"}
+    manifest = json.loads(str(arrays["__manifest__"]))
+    del manifest["shifted_after"]
+    arrays["__manifest__"] = np.array(json.dumps(manifest))
+    np.savez(path, **arrays)
+    result = ooc_svd.svd(A, 3, method=method, mean=mean, out=out, resume=True)
+    assert any(r.name.endswith("(resumed)") for r in result.records)
+    np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+
+
 def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeypatch):
     """A read error in a late pass (a file server's hiccup) loses none of the passes before
     it: the run resumed reads again from there."""
@@ -226,6 +256,29 @@ def test_a_run_that_fails_to_read_a_chunk_keeps_its_checkpoint(tmp_path, monkeyp
     result = ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
     assert [r.name.endswith("(resumed)") for r in result.records].count(True) == 2
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
+
+
+@pytest.mark.parametrize("refusal", [
+    InputError("a worker cannot read the input 'A.zarr' as this process does"),
+    ooc_svd.PlanError("the GPU of worker tcp://10.0.0.2 has 1 GB free; the run needs 3 GB")])
+def test_a_mid_run_refusal_of_the_setting_not_the_values_keeps_the_checkpoint(
+        tmp_path, monkeypatch, refusal):
+    """A cluster's worker that cannot see the input, or a GPU busy for the moment, is
+    fixed outside the run, whose passes are then resumed: only values that cannot be used
+    (a NonFiniteError) drop them."""
+    A = naive.matrix_with_spectrum(300, 20, np.logspace(0, -3, 20), seed=1)
+    out = str(tmp_path / "result.zarr")
+
+    def refused(*args, **kwargs):
+        raise refusal
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ooc_svd.engine, "tsqr_final_pass", refused)
+        with pytest.raises(type(refusal)) as failed:
+            ooc_svd.svd(A, 3, method="randomized", out=out)
+    assert failed.value.kept_checkpoint == out + ".checkpoint"
+    result = ooc_svd.svd(A, 3, method="randomized", out=out, resume=True)
+    assert [r.name.endswith("(resumed)") for r in result.records].count(True) == 2
 
 
 def test_resuming_a_finished_run_says_it_finished(tmp_path):
