@@ -458,9 +458,12 @@ class StagedOutput:
             if not self.committed:
                 # Writes that an interrupt cut short here go on in zarr's thread: removed
                 # before they end, they would leave chunk files in a partial output with
-                # no mark, which every later run refuses.
-                wait_for_zarr_writes()
-                shutil.rmtree(self.partial, ignore_errors=True)
+                # no mark, which every later run refuses. (A second interrupt while it
+                # waits still removes what is there.)
+                try:
+                    wait_for_zarr_writes()
+                finally:
+                    shutil.rmtree(self.partial, ignore_errors=True)
         finally:
             self._release()
 
@@ -469,9 +472,10 @@ class StagedOutput:
             self.own_lock.release()
 
 
-# How long an aborted output waits for zarr's writes in flight to end (they end in well under
-# a second unless the storage hangs).
-ZARR_WRITES_WAIT_S = 60.0
+# How long an aborted output waits for zarr's operations in flight to end: a chunk's write
+# ends in well under a second, but the operations waited for include reads of the input,
+# which a slow network store may hold up; beyond this, Ctrl-C would seem ignored.
+ZARR_WRITES_WAIT_S = 15.0
 
 
 def wait_for_zarr_writes(timeout: float = ZARR_WRITES_WAIT_S) -> None:
@@ -479,10 +483,12 @@ def wait_for_zarr_writes(timeout: float = ZARR_WRITES_WAIT_S) -> None:
 
     zarr runs a store's reads and writes there for the calling thread, which waits: when
     the caller is interrupted (Ctrl-C, SIGTERM raised in the main thread), the operation
-    goes on without it. The loop is zarr's internal one (``zarr.core.sync``); a zarr
-    without it, or a loop not running, has nothing to wait for.
+    goes on without it. Those running when this is called are waited for, not those that
+    start later nor another caller's wait. The loop is zarr's internal one
+    (``zarr.core.sync``); a zarr without it, or a loop not running, has nothing to wait for.
     """
     import asyncio
+    import concurrent.futures
 
     try:
         from zarr.core import sync
@@ -492,15 +498,20 @@ def wait_for_zarr_writes(timeout: float = ZARR_WRITES_WAIT_S) -> None:
     if loop is None or not loop.is_running() or \
             threading.current_thread() is getattr(sync, "iothread", [None])[0]:
         return
-
-    async def others_ended() -> None:
-        running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        if running:
-            await asyncio.wait(running, timeout=timeout)
-
-    future = asyncio.run_coroutine_threadsafe(others_ended(), loop)
-    with contextlib.suppress(TimeoutError):
+    future = asyncio.run_coroutine_threadsafe(_operations_ended(timeout), loop)
+    # (concurrent.futures' TimeoutError: the builtin one only from Python 3.11 on)
+    with contextlib.suppress(concurrent.futures.TimeoutError):
         future.result(timeout + 1.0)
+
+
+async def _operations_ended(timeout: float) -> None:
+    """Wait for the tasks running on this loop, but for this one and other such waits."""
+    import asyncio
+
+    running = [task for task in asyncio.all_tasks()
+               if getattr(task.get_coro(), "cr_code", None) is not _operations_ended.__code__]
+    if running:
+        await asyncio.wait(running, timeout=timeout)
 
 
 def move_into_place(partial: str, final_path: str, overwrite: bool, replaces: str) -> None:

@@ -1090,6 +1090,31 @@ def test_an_aborted_output_waits_for_the_writes_zarr_still_runs(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_two_aborts_at_once_wait_for_the_writes_not_for_each_other():
+    """Each wait leaves out the other's (and so ends with the writes it waits for)."""
+    import asyncio
+    import threading
+    import time
+
+    from zarr.core.sync import _get_loop
+
+    from ooc_svd.store import wait_for_zarr_writes
+
+    async def busy():  # holds the loop, so both waits are queued before either looks
+        time.sleep(0.5)
+
+    write = asyncio.run_coroutine_threadsafe(asyncio.sleep(1.0), _get_loop())
+    asyncio.run_coroutine_threadsafe(busy(), _get_loop())
+    began = time.perf_counter()
+    waits = [threading.Thread(target=wait_for_zarr_writes, kwargs={"timeout": 30})
+             for _ in range(2)]
+    for wait in waits:
+        wait.start()
+    for wait in waits:
+        wait.join(timeout=60)
+    assert write.done() and time.perf_counter() - began < 15
+
+
 def hold_lock(path):
     """A process of its own holding the output lock of ``path`` until its stdin closes."""
     code = ("import sys; from ooc_svd.store import OutputLock; lock = OutputLock(sys.argv[1]); "
