@@ -91,7 +91,12 @@ def renamed_into_place(out: str, before: tuple[int, int] | None) -> bool:
 
 
 def interrupted_signal(interrupt: KeyboardInterrupt) -> tuple[str, int]:
-    """What stopped a command: ('interrupted', SIGINT) or ('terminated', SIGTERM)."""
+    """What stopped a command: ('interrupted', SIGINT) or ('terminated', SIGTERM).
+
+    The command ends there: zarr's calls that the interrupt cut short between making a
+    coroutine and handing it to zarr's loop leave it unawaited, which Python would warn of
+    as it exits; that noise is silenced."""
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
     if isinstance(interrupt, Terminated):
         return "terminated (SIGTERM)", signal.SIGTERM
     return "interrupted", signal.SIGINT
