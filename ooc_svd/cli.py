@@ -515,9 +515,11 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
 def check(result_path, input_path, samples, as_json) -> None:
     """Verify a result store: orthonormal U and V, and (with INPUT) a sampled residual.
 
-    Exits 1 when U or V is not orthonormal to the precision of its dtype, when the samples
-    cover all of INPUT and its exact residual is not the stored one, or when a result of
-    the exact or gram method leaves the sampled rows a relative residual above 1.1.
+    Exits 1 when U or V is not orthonormal to the precision of its dtype, when the store
+    is not a finished run's, when S is not descending or does not hold the energy the run
+    measured, when the rows sampled give a_i V - U_i S beyond what the method allows or (exact
+    and gram) a relative residual above 1.1, and when the samples cover all of INPUT and
+    its exact residual is not the stored one or U^T A_c V is not diag(S).
     """
     from .verify import verify_result
 

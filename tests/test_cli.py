@@ -154,6 +154,74 @@ def test_check_holds_a_float64_result_to_float64_precision(tmp_path):
     assert not report["residual_agrees"] and not report["ok"]
 
 
+FULL_COVERAGE_DAMAGES = {
+    "S[0] and S[1] swapped": ("S", lambda S: S[[1, 0, 2, 3, 4]]),
+    "V's columns 0 and 1 turned by 0.1 rad": ("V", lambda V: np.column_stack(
+        [np.cos(0.1) * V[:, 0] - np.sin(0.1) * V[:, 1],
+         np.sin(0.1) * V[:, 0] + np.cos(0.1) * V[:, 1], V[:, 2:]])),
+    "the mean zeroed": ("mean", np.zeros_like),
+}
+
+
+@pytest.mark.parametrize("damage", list(FULL_COVERAGE_DAMAGES))
+def test_a_float32_result_checked_on_all_rows_is_held_to_its_rounding(tmp_path, damage):
+    """Every method leaves U^T A_c V = diag(S), and a CPU run's float32 residual is exact
+    to the rounding of U: a 2% slack (meant for a GPU's float32 sums) let these through."""
+    import shutil
+
+    import naive
+    import zarr
+
+    from ooc_svd.verify import verify_result
+
+    A = naive.matrix_with_spectrum(4000, 40, np.logspace(0, -1, 40), seed=5) + 2.0
+    path = str(tmp_path / "A.zarr")
+    zarr.create_array(path, shape=A.shape, chunks=(500, 40), dtype="f4")[:] = A
+    out, bad = str(tmp_path / "good.zarr"), str(tmp_path / "bad.zarr")
+    ooc_svd.svd(path, 5, center=True, method="randomized", out=out)
+    shutil.copytree(out, bad)
+    corrupt(zarr.open_group(bad), FULL_COVERAGE_DAMAGES[damage])
+    good = verify_result(out, path, samples=10**6)
+    assert good["ok"] and good["projection_agrees"] and good["projection_error"] < 1e-6
+    assert not verify_result(bad, path, samples=10**6)["ok"]
+
+
+def test_check_wants_s_descending_and_arrays_that_fit_together(tmp_path):
+    import zarr
+
+    from ooc_svd.errors import InputError
+    from ooc_svd.verify import verify_result
+
+    A = np.random.default_rng(6).standard_normal((300, 20))
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(A, 4, out=out, center=True)
+    group = zarr.open_group(out, mode="r+")
+    group["S"][:] = group["S"][:][::-1]  # the same energy: only the order tells
+    report = verify_result(out)
+    assert not report["singular_values_ordered"] and not report["ok"]
+    del group["mean"]
+    group.create_array("mean", data=np.zeros(19))
+    with pytest.raises(InputError, match=r"its arrays do not fit together \(U \(300, 4\), S "
+                                         r"\(4,\), V \(20, 4\), mean \(19,\);"):
+        verify_result(out)
+
+
+def test_check_takes_a_centered_float32_sparse_result_of_a_large_mean(tmp_path):
+    """Sums of a float32 CSR block in float64 (numpy's are float32's), and the run's norm
+    allowed its algebraic centering's rounding: a correct result is not failed."""
+    import scipy.sparse
+
+    from ooc_svd.convert import from_scipy
+    from ooc_svd.verify import verify_result
+
+    values = 1000 + 0.03 * np.random.default_rng(0).standard_normal((20000, 50))
+    path, out = str(tmp_path / "A.zarr"), str(tmp_path / "result.zarr")
+    from_scipy(scipy.sparse.csr_matrix(values.astype(np.float32)), path)
+    ooc_svd.svd(path, 5, center=True, method="exact", out=out)
+    report = verify_result(out, path, samples=10**6)
+    assert report["ok"] and report["singular_values_agree"] and report["residual_agrees"]
+
+
 def corrupt(group, damage):
     """Apply ``damage`` to a copy of one of a result's arrays, and store it back."""
     name, change = damage
