@@ -49,6 +49,7 @@ def test_generate_info_run_check_match_the_api(store, tmp_path):
                                       "--json").stdout)
     assert info["format"] == "zarr v3" and info["shape"] == [30000, 40]
     assert info["chunks"] == [3000, 40] and info["passes"] == 3 and info["bytes_raw"] == 4800000
+    assert info["cached_blocks"] >= 1 and 0 < info["cached_bytes"] <= info["bytes_raw"]
 
     out = tmp_path / "result.zarr"
     done = ooc_svd_command("run", store, "--k", 5, "--out", out, "--center", "--method",
