@@ -40,7 +40,8 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
 
     Arrays that do not fit together (U (m, k), S (k,), V (n, k), the mean (n,)) are an
     InputError. Without the input, ``ok`` is also False for S not descending or negative
-    (``singular_values_ordered``), for a store that is not a finished run's
+    (``singular_values_ordered``), for factors B and A that are not U diag(S) and V^T
+    (``factors_agree``), for a store that is not a finished run's
     (``complete``: its attributes are there, the mark of an unfinished write is not, and a
     centered result has its mean) and for singular values whose energy is not the one the
     run measured (``singular_values_agree``: sum S^2 = ||A_c||^2 (1 - residual^2), which
@@ -61,11 +62,16 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         if has_mean else None
     _check_shapes(result_path, U.shape, S, V, mean)
     chunk_rows = U.chunks[0]
+    B = group["B"] if _has_array(group, "B", result_path) else None
     gram = np.zeros((k, k))
+    factor_error = 0.0  # of B = U diag(S), relative to S[0]
     for start in range(0, m, chunk_rows):
-        block = _read_result(U, "U", result_path, slice(start, start + chunk_rows))
-        block = block.astype(np.float64)
+        rows = slice(start, start + chunk_rows)
+        block = _read_result(U, "U", result_path, rows).astype(np.float64)
         gram += block.T @ block
+        if B is not None:
+            scaled = _read_result(B, "B", result_path, rows).astype(np.float64)
+            factor_error = max(factor_error, _largest(scaled - block * S))
     tolerance = orthonormality_tolerance(m, U.dtype)
     u_error = float(np.max(np.abs(gram - np.eye(k)), initial=0.0))
     v_error = float(np.max(np.abs(V.T @ V - np.eye(k)), initial=0.0))
@@ -85,6 +91,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     report["singular_values_ordered"] = bool(np.all(np.isfinite(S)) and np.all(S >= 0) and
                                              np.all(np.diff(S) <= 0))
     report["ok"] = report["ok"] and report["singular_values_ordered"]
+    if B is not None or _has_array(group, "A", result_path):
+        report["factors_agree"] = _factors_agree(group, result_path, U.dtype, S, V,
+                                                 factor_error, B is not None)
+        report["ok"] = report["ok"] and report["factors_agree"]
     energy = _energy_agrees(S, group["S"].dtype, attributes, (m, V.shape[0]), mean)
     if energy is not None:
         report["singular_values_agree"] = energy
@@ -131,6 +141,24 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
             error <= projection_slack(U.dtype, k, attributes.get("backend")) * scale)
         report["ok"] = report["ok"] and report["projection_agrees"]
     return report
+
+
+def _largest(values: np.ndarray) -> float:
+    return float(np.max(np.abs(values), initial=0.0))
+
+
+def _factors_agree(group: Any, path: str, dtype: np.dtype, S: np.ndarray, V: np.ndarray,
+                   factor_error: float, has_b: bool) -> bool:
+    """Whether the factors that ``write_factors`` adds are B = U diag(S) (``factor_error``,
+    found as U was read) and A = V^T, to the rounding of their stored values: both, or
+    neither, is there."""
+    if not (has_b and _has_array(group, "A", path)):
+        return False
+    A = _read_result(group["A"], "A", path).astype(np.float64)
+    rounding = 4 * float(np.finfo(dtype).eps)
+    scale = float(S[0]) if S.size else 0.0
+    return bool(A.shape == V.T.shape and _largest(A - V.T) <= rounding and
+                factor_error <= rounding * scale)
 
 
 def _check_shapes(path: str, U_shape: tuple[int, int], S: np.ndarray, V: np.ndarray,

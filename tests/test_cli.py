@@ -207,6 +207,27 @@ def test_check_wants_s_descending_and_arrays_that_fit_together(tmp_path):
         verify_result(out)
 
 
+def test_check_holds_the_factors_to_u_s_and_v(tmp_path):
+    """B = U diag(S) and A = V^T, written with write_factors, to their stored rounding."""
+    import shutil
+
+    import zarr
+
+    from ooc_svd.verify import verify_result
+
+    A = np.random.default_rng(1).standard_normal((3000, 30)).astype(np.float32)
+    out = str(tmp_path / "result.zarr")
+    ooc_svd.svd(A, 5, out=out, write_factors=True)
+    assert verify_result(out)["factors_agree"] and verify_result(out)["ok"]
+    for name, change in (("B", lambda B: np.concatenate([0 * B[:500], B[500:]])),
+                         ("A", lambda factor: 2 * factor)):
+        bad = str(tmp_path / f"bad-{name}.zarr")
+        shutil.copytree(out, bad)
+        corrupt(zarr.open_group(bad), (name, change))
+        report = verify_result(bad)
+        assert not report["factors_agree"] and not report["ok"]
+
+
 def test_check_takes_a_centered_float32_sparse_result_of_a_large_mean(tmp_path):
     """Sums of a float32 CSR block in float64 (numpy's are float32's), and the run's norm
     allowed its algebraic centering's rounding: a correct result is not failed."""
