@@ -87,7 +87,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         "complete": complete,
         "ok": bool(u_error <= tolerance and v_error <= tolerance and complete),
     }
-    # B: S as every method leaves it, its values descending and none negative
+    # S as every method leaves it: descending, none negative
     report["singular_values_ordered"] = bool(np.all(np.isfinite(S)) and np.all(S >= 0) and
                                              np.all(np.diff(S) <= 0))
     report["ok"] = report["ok"] and report["singular_values_ordered"]
@@ -150,8 +150,8 @@ def _largest(values: np.ndarray) -> float:
 def _factors_agree(group: Any, path: str, dtype: np.dtype, S: np.ndarray, V: np.ndarray,
                    factor_error: float, has_b: bool) -> bool:
     """Whether the factors that ``write_factors`` adds are B = U diag(S) (``factor_error``,
-    found as U was read) and A = V^T, to the rounding of their stored values: both, or
-    neither, is there."""
+    found as U was read) and A = V^T, to the rounding of their stored values; False when
+    only one of them is there."""
     if not (has_b and _has_array(group, "A", path)):
         return False
     A = _read_result(group["A"], "A", path).astype(np.float64)
