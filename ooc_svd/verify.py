@@ -387,13 +387,7 @@ def _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed,
         U_i = _read_result(U, "U", result_path, slice(start, stop)).astype(np.float64)
         sums.captured2 += float(np.sum((U_i * S) ** 2))
         if isinstance(block, np.ndarray):
-            block = block.astype(np.float64)
-            if mean is not None:
-                block -= mean
-            difference = block - U_i @ SVt
-            sums.residual2 += float(np.sum(difference * difference))
-            sums.norm2 += float(np.sum(block * block))
-            rows_v = block @ V
+            rows_v = _add_dense_sums(sums, block, U_i, SVt, V, mean)
         else:
             block = block.to_scipy()
             block_residual2, block_norm2 = _sparse_residual(block, U_i * S, V, mean)
@@ -405,6 +399,28 @@ def _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed,
         sums.projection2 += float(np.sum(projected * projected))
         sums.rows += stop - start
     return sums
+
+
+# Rows of a dense chunk widened to float64 at a time: the check's temporaries (the widened
+# rows and their difference from U S V^T) stay within a few of these, whatever the chunk.
+SUB_BLOCK_BYTES = 16 << 20
+
+
+def _add_dense_sums(sums: _Sums, block: np.ndarray, U_i: np.ndarray, SVt: np.ndarray,
+                    V: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """Add a dense chunk's ||A_c - U S V^T||^2 and ||A_c||^2 to ``sums``, a sub-block of
+    rows at a time; return its rows A_c V."""
+    step = max(1, SUB_BLOCK_BYTES // (8 * max(block.shape[1], 1)))
+    rows_v = np.empty((block.shape[0], V.shape[1]))
+    for r0 in range(0, block.shape[0], step):
+        part = block[r0 : r0 + step].astype(np.float64)
+        if mean is not None:
+            part -= mean
+        difference = part - U_i[r0 : r0 + step] @ SVt
+        sums.residual2 += float(np.sum(difference * difference))
+        sums.norm2 += float(np.sum(part * part))
+        rows_v[r0 : r0 + step] = part @ V
+    return rows_v
 
 
 def _sparse_residual(A, US, V, mean) -> tuple[float, float]:
