@@ -145,6 +145,7 @@ class _RowBuckets:
         count = max(1, min(count, stop - start))
         self.span = -(-(stop - start) // count)  # rows per bucket
         self.start = start
+        self.directory = directory
         self.has_values = has_values
         self.record = np.dtype([("row", "<i8"), ("col", "<i8")]
                                + ([("value", "<f8")] if has_values else []))
@@ -166,13 +167,13 @@ class _RowBuckets:
             records["value"] = values[order]
         counts = np.bincount(ids, minlength=len(self.buckets))
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        for index in np.flatnonzero(counts).tolist():
-            bucket = self.buckets[index]
-            with naming_write_failures(f"the entries sorted into {os.path.dirname(bucket.path)}"
-                                       " (scratch_dir, --scratch-dir)"), \
-                    open(bucket.path, "ab") as file:
-                records[bounds[index] : bounds[index + 1]].tofile(file)
-            bucket.entries += int(counts[index])
+        with naming_write_failures(f"the entries sorted into {self.directory} (scratch_dir, "
+                                   "--scratch-dir)"):
+            for index in np.flatnonzero(counts).tolist():
+                bucket = self.buckets[index]
+                with open(bucket.path, "ab") as file:
+                    records[bounds[index] : bounds[index + 1]].tofile(file)
+                bucket.entries += int(counts[index])
 
     def read(self, bucket: _Bucket, offset: int = 0, count: int = -1) -> np.ndarray:
         if bucket.entries == 0:

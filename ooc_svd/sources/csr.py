@@ -466,20 +466,19 @@ class CSRWriter:
             raise InputError(f"CSR stores hold float32 or float64 values, not {self.dtype}")
         index_dtype = np.int32 if self.n_cols <= np.iinfo(np.int32).max else np.int64
         self.output = StagedOutput(self.path, overwrite, replaces)
+
+        def create(name, array_dtype, chunk):
+            # Every chunk stored, zeros too (zarr leaves those out by default): a chunk
+            # absent from a store written here is one lost (``api._absent_chunks_note``)
+            return self.group.create_array(name, shape=(0,), chunks=(chunk,),
+                                           dtype=array_dtype, compressors=compressor,
+                                           config={"write_empty_chunks": True})
+
         try:
+            compressor = ZstdCodec(level=compression_level)
             with self.output.writing():
                 self.group = zarr.open_group(self.output.partial, mode="w",
                                              attributes=self.output.mark)
-            compressor = ZstdCodec(level=compression_level)
-
-            def create(name, array_dtype, chunk):
-                # Every chunk stored, zeros too (zarr leaves those out by default): a chunk
-                # absent from a store written here is one lost (``api._absent_chunks_note``)
-                return self.group.create_array(name, shape=(0,), chunks=(chunk,),
-                                               dtype=array_dtype, compressors=compressor,
-                                               config={"write_empty_chunks": True})
-
-            with self.output.writing():
                 self.columns = {
                     "indptr": _ChunkedColumn(create("indptr", np.int64, 1 << 16)),
                     "indices": _ChunkedColumn(create("indices", index_dtype, chunk_nnz)),
