@@ -85,7 +85,7 @@ from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.csr import CSRBlock
 from .sources.difference import Difference
 from .sources.paths import local_paths, path_marker, reads_remote_store
-from .store import LeftVectors, naming_write_failures, spill_failure
+from .store import LeftVectors, naming_write_failures, spilling
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
 
@@ -1294,11 +1294,8 @@ def _save(directory: str, name: str, index: int, array: np.ndarray) -> None:
     half a file."""
     path = _spill_path(directory, name, index)
     partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        with open(partial, "wb") as file:
-            np.save(file, array, allow_pickle=False)
-    except OSError as error:
-        raise spill_failure(directory, error) from error
+    with spilling(directory), open(partial, "wb") as file:
+        np.save(file, array, allow_pickle=False)
     os.replace(partial, path)
 
 

@@ -54,10 +54,8 @@ class QSpill:
         if self.kept is not None:
             self.kept[name, index] = array
             return
-        try:
+        with spilling(self.directory):
             np.save(self._path(name, index), array, allow_pickle=False)
-        except OSError as error:
-            raise spill_failure(self.directory, error) from error
 
     def write_block(self, index: int, Q_i: np.ndarray, merge: Any) -> None:
         """Block ``index`` of the final pass: Q_i and its merge factors (a
@@ -84,10 +82,10 @@ class QSpill:
         self.close()
 
 
-def spill_failure(directory: str, error: OSError) -> OSError:
-    """A failed write of spilled factors, naming the scratch directory."""
-    return write_failure(f"the final pass's factors into {directory} (scratch_dir, "
-                         "--scratch-dir)", error)
+def spilling(directory: str):
+    """A context in which a failed write of spilled factors names the scratch directory."""
+    return naming_write_failures(f"the final pass's factors into {directory} (scratch_dir, "
+                                 "--scratch-dir)")
 
 
 def write_failure(what: str, error: OSError) -> OSError:
