@@ -9,13 +9,11 @@ traceback).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 
@@ -23,6 +21,7 @@ import click
 
 from . import __version__
 from .errors import OOCSVDError
+from .interrupts import Terminated, raise_if_lost, signals_as_interrupts
 from .units import format_bytes
 
 
@@ -46,31 +45,6 @@ class SystemFailure(click.ClickException):
     written): exit code 1, one line naming it."""
 
     exit_code = 1
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C is, so that the same cleanup runs: the
-    output being written is removed, the checkpoint kept, the locks released."""
-
-
-def _terminate(signal_number, frame) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises ``Terminated`` while the command runs (in the main thread: Python
-    runs signal handlers there only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        # None: a handler not set from Python (an embedding program's), which Python
-        # cannot set back; the default then
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def path_identity(path: str | None) -> tuple[int, int] | None:
@@ -114,8 +88,10 @@ def user_errors(command):
         out = kwargs.get("out")
         before = path_identity(out)
         try:
-            with sigterm_as_interrupt():
-                return command(*args, **kwargs)
+            with signals_as_interrupts():
+                done = command(*args, **kwargs)
+                raise_if_lost()  # one a finalizer dropped after the last block
+                return done
         except OOCSVDError as error:
             failure = InputFailure(failure_message(error))
         except click.ClickException as error:  # the commands' own failures
@@ -254,6 +230,7 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
             scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
             write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
         )
+        raise_if_lost()
     except KeyboardInterrupt as interrupt:
         what, number = interrupted_signal(interrupt)
         checkpoint = f"{os.path.normpath(out)}.checkpoint"

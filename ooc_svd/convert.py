@@ -51,6 +51,7 @@ from .coordinates import (
     write_row_sorted,
 )
 from .errors import InputError, MissingDependencyError, StoreNotFoundError
+from .interrupts import raise_if_lost
 from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
@@ -98,6 +99,7 @@ class _Target:
             for chunk in chunks:
                 yield chunk
                 bar.update(chunk.rows.size)
+                raise_if_lost()
             bar.total = bar.n  # ``expected`` counts a symmetric file's diagonal twice
             bar.refresh()
 

@@ -66,6 +66,7 @@ from distributed import WorkerPlugin
 
 from .centering import Centering
 from .errors import ClusterError, InputError
+from .interrupts import raise_if_lost
 from .kernels.backend import CPUKernels, Kernels, aborted_on_error
 from .kernels.cpu import BlockStats, SubBlocks, gram_block, stacked_rows
 from .kernels.cuda_backend import (
@@ -380,6 +381,7 @@ class ClusterPasses:
                 yield next(completed)
                 continue
             time.sleep(0.02)
+            raise_if_lost()
             now = time.monotonic()
             if now - checked >= WORKER_CHECK_SECONDS:
                 checked = now

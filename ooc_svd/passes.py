@@ -25,6 +25,7 @@ import numpy as np
 from .centering import Centering
 from .checkpoint import Checkpoint
 from .errors import NonFiniteError
+from .interrupts import raise_if_lost
 from .kernels.backend import Kernels, aborted_on_error
 from .kernels.cpu import (
     BlockStats,
@@ -147,6 +148,7 @@ class PassContext:
                     shift = self.centering.shift_for(block)
                 yield index, start, block, shift
                 bar.update(block.nbytes)
+                raise_if_lost()
         finally:
             stream.close()
             bar.close()

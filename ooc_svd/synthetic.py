@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from .errors import InputError, check_number, check_seed
+from .interrupts import raise_if_lost
 from .sketch import philox_generator
 from .threaded import map_in_order
 
@@ -124,6 +125,7 @@ def write_dense_matrix(
             rows = (left_rows(start, stop) @ scaled_vt).astype(dtype)
             with output.writing():
                 array[start:stop] = rows
+            raise_if_lost()
         output.commit(array, {"ooc_svd_synthetic": {
             "kind": "dense",
             "singular_values": s.tolist(),

@@ -1,5 +1,6 @@
 """The ooc-svd command, run in subprocesses on generated stores."""
 
+import contextlib
 import json
 import os
 import signal
@@ -669,6 +670,63 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(store, tmp_path, monke
     done = CliRunner().invoke(main, [*args, "--resume"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["resumed_passes"] == 2
+
+
+class SignalledInFinalizer:
+    """Sends a signal to this process from its finalizer, whose handler then runs inside
+    the finalizer: Python prints the handler's exception as ignored and drops it."""
+
+    def __init__(self, signal_number):
+        self.signal_number = signal_number
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signal_number)
+        for _ in range(100_000):  # the handler runs at one of these bytecodes
+            pass
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_whose_exception_a_finalizer_dropped_still_stops_the_run(
+        store, tmp_path, monkeypatch, signal_number):
+    """The signal is raised again after the block it came in: the run stops there, in its
+    first pass (exit 143 or 130), and does not go on to its end."""
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+    from ooc_svd.interrupts import Terminated
+    from ooc_svd.passes import PassContext
+
+    reading = PassContext.read
+
+    def signalled_after_the_first_block(context, name):
+        blocks = reading(context, name)
+        yield next(blocks)
+        SignalledInFinalizer(signal_number)  # dropped at once: its finalizer runs
+        yield from blocks
+
+    dropped = []
+    out = str(tmp_path / "r.zarr")
+    with monkeypatch.context() as patch:
+        patch.setattr(PassContext, "read", signalled_after_the_first_block)
+        patch.setattr(sys, "unraisablehook", lambda raised: dropped.append(raised.exc_type))
+        done = CliRunner().invoke(main, ["run", store, "--k", "3", "--out", out])
+    assert dropped == [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
+    assert done.exit_code == 128 + signal_number, done.output
+    assert "before a pass was complete; nothing was kept to resume from" in done.output
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_lost_signal_is_raised_again_only_while_a_command_runs():
+    from ooc_svd import interrupts
+
+    interrupts.raise_if_lost()  # nothing received
+    with pytest.raises(interrupts.Terminated), interrupts.signals_as_interrupts():
+        with contextlib.suppress(interrupts.Terminated):  # as a finalizer would
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        interrupts.raise_if_lost()
+    interrupts.raise_if_lost()  # forgotten once the command ended
 
 
 def test_sigterm_after_the_result_was_renamed_into_place_says_it_is_complete(

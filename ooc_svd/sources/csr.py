@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from ..errors import InputError, ReadError
+from ..interrupts import raise_if_lost
 from .dtypes import block_dtype
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
@@ -521,6 +522,7 @@ class CSRWriter:
         if self.make_bar is not None:
             self.bar = self.bar or self.make_bar()
             self.bar.update(indptr.size - 1)
+        raise_if_lost()
 
     def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
         """``data`` as the store's dtype; InputError, naming the row, for a finite value
