@@ -95,7 +95,7 @@ class Plan:
     cached_blocks: int = 0  # leading blocks kept in memory after the first pass
     spill_in_memory: bool = False  # the final pass's Q factors fit under the limit
     block_bytes: tuple[int, ...] = ()  # raw bytes of each block (values, indices, indptr)
-    sparse: bool = False
+    nnz: int | None = None  # non-zeros of a sparse A; None: a dense A
     scatter_copies: int = 0  # private n x l accumulators of the sparse power kernel
     spectral_iters: int = 0  # reads of A after the SVD for the spectral error estimate
     read_factor: float = 1.0  # bytes read per byte of block (A - M reads A's and M's)
@@ -107,6 +107,10 @@ class Plan:
     # The method 'auto' preferred and the memory it would have needed, where that exceeded
     # memory_limit and another method was taken.
     preferred: tuple[str, int] | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.nnz is not None
 
     @property
     def cached_bytes(self) -> int:
@@ -363,7 +367,7 @@ class _Layouts:
             (m, n), self.itemsize, self.k, l, self.niter, method, reason, blocks, depth, limit,
             peak, spill, growth, self.krylov_width if method == "krylov" else 0,
             block_bytes=_bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
-            sparse=nnz is not None, scatter_copies=copies, spectral_iters=self.spectral_iters,
+            nnz=nnz, scatter_copies=copies, spectral_iters=self.spectral_iters,
             read_factor=self.read_factor,
         )
         if not self.cacheable or plan.passes < 2:

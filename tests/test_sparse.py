@@ -341,6 +341,8 @@ def test_a_mean_that_dwarfs_the_spread_is_noted_when_it_costs_accuracy(offset):
     if offset > 1e4:
         assert "centered algebraically" in result.note
         assert norm_error > 1e-5  # what the note warns of is real
+        said = float(re.search(r"relative error of up to about (\S+) ", result.note)[1])
+        assert 2 * norm_error < said < 1e3 * norm_error  # (of the squared norm)
     else:
         assert result.note == "" and norm_error < 1e-8
     assert ooc_svd.svd(dense, 5, center=True, niter=4, method="randomized").note == ""
