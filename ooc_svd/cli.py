@@ -494,10 +494,12 @@ def check(result_path, input_path, samples, as_json) -> None:
     """Verify a result store: orthonormal U and V, and (with INPUT) a sampled residual.
 
     Exits 1 when U or V is not orthonormal to the precision of its dtype, when the store
-    is not a finished run's, when S is not descending or does not hold the energy the run
-    measured, when the rows sampled give a_i V - U_i S beyond what the method allows or (exact
-    and gram) a relative residual above 1.1, and when the samples cover all of INPUT and
-    its exact residual is not the stored one or U^T A_c V is not diag(S).
+    is not a finished run's or its attributes do not describe its arrays, when S is not
+    descending or does not hold the energy the run measured, when the rows sampled give
+    a_i V - U_i S beyond what the method allows or (exact and gram) a relative residual
+    above 1.1, and when the samples cover all of INPUT and its exact residual is not the
+    stored one or U^T A_c V is not diag(S). A warning on stderr says when the rows sampled
+    could not tell another input (rows_conclusive: False).
     """
     from .verify import verify_result
 
@@ -507,6 +509,10 @@ def check(result_path, input_path, samples, as_json) -> None:
     else:
         for key, value in report.items():
             click.echo(f"{key}: {value}")
+    if report.get("rows_conclusive") is False:
+        click.echo(f"warning: the rows sampled could not tell another input from {input_path} "
+                   f"(rows_conclusive: False); --samples {report['input_chunks']} checks every "
+                   "chunk", err=True)
     if not report["ok"]:
         sys.exit(1)
 

@@ -43,7 +43,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     (``singular_values_ordered``), for factors B and A that are not U diag(S) and V^T
     (``factors_agree``), for a store that is not a finished run's
     (``complete``: its attributes are there, the mark of an unfinished write is not, and a
-    centered result has its mean) and for singular values whose energy is not the one the
+    centered result has its mean), for attributes that do not describe these arrays
+    (``attributes_agree``: the shape and rank, a known method, a residual and norm that
+    are numbers) and for singular values whose energy is not the one the
     run measured (``singular_values_agree``: sum S^2 = ||A_c||^2 (1 - residual^2), which
     a lost or damaged chunk of S breaks).
     """
@@ -55,8 +57,8 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     attributes = group.attrs.get("ooc_svd", {})
     attributes = dict(attributes) if isinstance(attributes, dict) else {}  # else incomplete
     has_mean = _has_array(group, "mean", result_path)
-    complete = bool(attributes) and UNFINISHED not in group.attrs and \
-        has_mean == bool(attributes.get("centered"))
+    complete = all(name in attributes for name in RESULT_ATTRIBUTES) and \
+        UNFINISHED not in group.attrs and has_mean == bool(attributes.get("centered"))
     m, k = U.shape
     mean = _read_result(group["mean"], "mean", result_path).astype(np.float64) \
         if has_mean else None
@@ -85,8 +87,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         "v_orthonormality_error": v_error,
         "tolerance": tolerance,
         "complete": complete,
-        "ok": bool(u_error <= tolerance and v_error <= tolerance and complete),
+        "attributes_agree": _attributes_agree(attributes, (m, V.shape[0]), k),
     }
+    report["ok"] = bool(u_error <= tolerance and v_error <= tolerance and complete and
+                        report["attributes_agree"])
     # S as every method leaves it: descending, none negative
     report["singular_values_ordered"] = bool(np.all(np.isfinite(S)) and np.all(S >= 0) and
                                              np.all(np.diff(S) <= 0))
@@ -112,6 +116,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     sums = _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed,
                          enough if reachable else None)
     report["sampled_rows"] = sums.rows
+    report["input_chunks"] = sums.chunks
     report["sampled_residual"] = float(np.sqrt(sums.relative2))
     if report["method"] in ("exact", "gram"):
         report["residual_plausible"] = bool(sums.relative2 <= PLAUSIBLE_RESIDUAL**2)
@@ -141,6 +146,28 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
             error <= projection_slack(U.dtype, k, attributes.get("backend")) * scale)
         report["ok"] = report["ok"] and report["projection_agrees"]
     return report
+
+
+# What every finished run writes, and the checks read: without one of them a check would be
+# skipped or loosened (the residual's, the energy's), so its store counts as incomplete.
+RESULT_ATTRIBUTES = ("shape", "rank", "method", "centered", "residual", "frobenius_norm")
+
+
+def _attributes_agree(attributes: dict, shape: tuple[int, int], k: int) -> bool:
+    """Whether the attributes that the checks read describe these arrays: the shape and
+    rank of U, S and V, a known method, and a residual and norm that are numbers (a missing
+    one is ``complete``'s concern)."""
+    from .plan import METHODS
+
+    def number(name: str) -> bool:
+        value = attributes.get(name, 0.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            0.0 <= value < np.inf
+
+    return bool(attributes.get("shape", list(shape)) == list(shape) and
+                attributes.get("rank", k) == k and
+                attributes.get("method", "exact") in METHODS and
+                number("residual") and number("frobenius_norm"))
 
 
 def _largest(values: np.ndarray) -> float:
@@ -356,6 +383,7 @@ class _Sums:
     residual2: float = 0.0
     norm2: float = 0.0
     rows: int = 0
+    chunks: int = 0  # the input's storage chunks of rows (sampled or not)
     sparse: bool = False
     projection2: float = 0.0  # sum over the rows of |a_i V - U_i S|^2 (a_i of A_c)
     captured2: float = 0.0  # sum over the rows of |U_i S|^2
@@ -377,7 +405,7 @@ def _sampled_sums(input_path, result_path, U, S, V, mean, samples, seed,
         )
     boundaries = source.chunk_rows
     order = np.random.default_rng(seed).permutation(len(boundaries) - 1)
-    sums = _Sums(sparse=isinstance(source, CSRSource))
+    sums = _Sums(sparse=isinstance(source, CSRSource), chunks=len(boundaries) - 1)
     SVt = S[:, None] * V.T
     for count, index in enumerate(order):
         if count >= samples and (enough is None or sums.captured2 >= enough):

@@ -319,7 +319,10 @@ def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(t
         else:
             assert own["sampled_rows"] == 1000 and not own["rows_conclusive"], own
             assert other["ok"] and not other["rows_conclusive"], other
-            every = verify_result(out, paths[1], samples=16)
+            done = ooc_svd_command("check", out, paths[1], "--samples", 2)
+            assert f"could not tell another input from {paths[1]} (rows_conclusive: False); " \
+                   "--samples 16 checks every chunk" in done.stderr
+            every = verify_result(out, paths[1], samples=other["input_chunks"])
             assert not every["ok"] and every["rows_conclusive"], every
 
 
@@ -377,6 +380,40 @@ def test_check_fails_a_store_that_no_finished_run_left(tmp_path):
         assert not report["ok"] and not report["complete"], name
     report = verify_result(damaged["no S chunk"])
     assert not report["ok"] and report["complete"] and not report["singular_values_agree"]
+    assert report["attributes_agree"]
+
+
+@pytest.mark.parametrize("edit", [
+    {"residual": None}, {"frobenius_norm": None}, {"method": None}, {"shape": None},
+    {"residual": float("nan")}, {"frobenius_norm": -1.0}, {"method": "magic"},
+    {"shape": [601, 20]}, {"rank": 4}, {"residual": "0.1"},
+])
+def test_check_fails_a_result_whose_attributes_were_removed_or_edited(tmp_path, edit):
+    """The attributes the checks read (None: removed) must be there and describe the
+    arrays: a removed residual or norm would skip the energy check, an edited one loosen
+    it, and a store of another shape or rank is not the run that they describe."""
+    import naive
+    import zarr
+
+    from ooc_svd.verify import verify_result
+
+    A = naive.matrix_with_spectrum(600, 20, np.logspace(0, -2, 20), seed=13)
+    out = str(tmp_path / "r.zarr")
+    ooc_svd.svd(A, 5, out=out)
+    report = verify_result(out)
+    assert report["ok"] and report["complete"] and report["attributes_agree"]
+    group = zarr.open_group(out, mode="r+")
+    attributes = dict(group.attrs["ooc_svd"])
+    for name, value in edit.items():
+        if value is None:
+            del attributes[name]
+        else:
+            attributes[name] = value
+    group.attrs["ooc_svd"] = attributes
+    report = verify_result(out)
+    assert not report["ok"]
+    removed = None in edit.values()
+    assert report["complete"] is not removed and report["attributes_agree"] is removed
 
 
 def test_progress_bar_only_when_asked(store, tmp_path):
