@@ -1048,6 +1048,35 @@ def test_pinned_staging_buffers_that_do_not_fit_are_named_or_left_to_the_cpu(mon
     assert "staging" not in str(refused.value)  # the cpu plan does not fit either
 
 
+def test_a_gpu_whose_context_cannot_be_created_is_left_to_the_cpu_or_named(monkeypatch):
+    """A GPU that passes ``cuda_available`` (which creates no context) may still refuse
+    one: held by another process in exclusive-process mode, or with its memory full.
+    'auto' then runs on the CPU and says why; 'cuda' is refused in one line."""
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    import ooc_svd
+    from ooc_svd import api
+    from ooc_svd.kernels import cuda_backend
+
+    def held_elsewhere():
+        raise CudaAPIError(46, "Call to cuDevicePrimaryCtxRetain results in "
+                               "CUDA_ERROR_DEVICE_UNAVAILABLE")
+
+    monkeypatch.setattr(api, "cuda_available", lambda allow_simulator=True: (True, ""))
+    monkeypatch.setattr(cuda_backend, "cuda_available", lambda allow_simulator=True: (True, ""))
+    monkeypatch.setattr(cuda, "current_context", held_elsewhere)
+    A = np.random.default_rng(0).standard_normal((200, 20)).astype(np.float32)
+    plan = ooc_svd.svd_plan(A, 3, backend="auto", method="randomized")
+    assert plan.backend == "cpu"
+    assert "the GPU's CUDA context could not be created ([46] Call to " \
+           "cuDevicePrimaryCtxRetain results in CUDA_ERROR_DEVICE_UNAVAILABLE): another " \
+           "process may hold the GPU (exclusive-process mode)" in plan.backend_reason
+    with pytest.raises(CUDAUnavailableError, match="the cuda backend needs a usable NVIDIA "
+                                                   "GPU: the GPU's CUDA context could not"):
+        ooc_svd.svd_plan(A, 3, backend="cuda", method="randomized")
+
+
 def test_device_bytes_counts_every_stream_buffer():
     n, l, block = 1000, 30, 64 << 20
     rows = block // (4 * n)

@@ -162,9 +162,29 @@ def require_cuda() -> None:
     """Raise ``CUDAUnavailableError`` unless the CUDA backend can run here."""
     usable, reason = cuda_available()
     if not usable:
-        raise CUDAUnavailableError(
-            f"the cuda backend needs a usable NVIDIA GPU: {reason}; use the cpu backend"
-        )
+        raise _unavailable(reason)
+
+
+def _unavailable(reason: str) -> CUDAUnavailableError:
+    return CUDAUnavailableError(
+        f"the cuda backend needs a usable NVIDIA GPU: {reason}; use the cpu backend")
+
+
+def context_failure() -> str:
+    """'' once the current GPU's CUDA context exists, else why it cannot be created: a GPU
+    in exclusive-process mode that another process holds, or one whose memory is full,
+    passes ``cuda_available``, which creates none (it takes device memory)."""
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import CudaAPIError
+    from numba.cuda.cudadrv.error import CudaSupportError
+
+    try:
+        cuda.current_context()
+    except (CudaAPIError, CudaSupportError) as error:
+        return (f"the GPU's CUDA context could not be created ({' '.join(str(error).split())}"
+                "): another process may hold the GPU (exclusive-process mode), or its memory "
+                "is full")
+    return ""
 
 
 def gpu_kernels(n: int, backend: str, need: DeviceNeed | None,
@@ -183,11 +203,17 @@ def why_not_gpu(backend: str, need: DeviceNeed | None) -> str:
     for its free memory creates the CUDA context)."""
     if backend == "cuda":
         require_cuda()
+        reason = context_failure()
+        if reason:
+            raise _unavailable(reason)
         if need is not None:
             need.check()
         return ""
     usable, reason = cuda_available(allow_simulator=False)
     if not usable:
+        return reason
+    reason = context_failure()
+    if reason:
         return reason
     if need is not None and not need.fits():
         return need.shortfall()
