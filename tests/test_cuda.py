@@ -1087,8 +1087,12 @@ def test_device_bytes_counts_every_stream_buffer():
     assert device_bytes(n, l, block, streams=3) - device_bytes(n, l, block) == per_stream
     assert device_bytes(n, l, block, rows=10) < device_bytes(n, l, block)
     # The column order: a second copy of the block, and counts, starts and cursor.
+    # (float32 values and int32 rows, where the block may hold as little as a one-byte
+    # index a value: 8 bytes of the column order for 5 of the block)
     assert (device_bytes(n, l, block, columns=True) - device_bytes(n, l, block)
-            == 2 * (block + 3 * 8 * (n + 1)))
+            == 2 * (-(-block * 8 // 5) + 3 * 8 * (n + 1)))
+    assert (device_bytes(n, l, block, columns=True, value_bytes=8) -
+            device_bytes(n, l, block) == 2 * (-(-block * 12 // 9) + 3 * 8 * (n + 1)))
 
 
 def test_device_need_counts_the_rows_of_narrow_blocks():

@@ -51,10 +51,14 @@ float64 atomic adds per non-zero; the gathers alone run at about 160, the scatte
 atomics are the rest), about the copy's rate; 7 when column j is drawn with probability
 ~ 1 / (j + 1), where the adds into the popular columns' rows of Z wait for one another.
 
-Products are accumulated in float64 by default. ``accumulate='float32'`` does the in-tile
-arithmetic in float32 (Z is still summed in float64 across tiles): it loses directions
-below about sqrt(eps32) ~ 3e-4 of sigma_1 (Z = A^T A X squares the spectrum) and is meant
-for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most non-datacenter parts).
+Products are accumulated in float64 by default. ``accumulate='float32'`` keeps a thread's
+running sums in float32: Y_i = A_i X over a row's n columns (dense tiles and CSR rows
+alike), and Z over a split-K chunk of rows (thousands; a whole block once n passes about
+67k), whose partial sums are added to Z in float64. A sum of N float32 terms rounds to
+about sqrt(N) eps32 of its size, so it loses directions below about sqrt(eps32) ~ 3e-4 of
+sigma_1 (Z = A^T A X squares the spectrum), and more as those sums grow (about 2e-3 at
+N = 4000). It is meant for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most
+non-datacenter parts).
 The final pass's B^T = A^T Q uses the float64 kernels whatever ``accumulate`` is, since
 the residual is ||A||^2 - ||B||^2.
 Dense tiles are centered before they are rounded, so the loss is relative to A - shift; a

@@ -261,7 +261,7 @@ def check_cuda_options(options: Any) -> dict[str, Any]:
 
 
 def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
-                 streams: int = STREAMS, columns: bool = False) -> int:
+                 streams: int = STREAMS, columns: bool = False, value_bytes: int = 4) -> int:
     """Device memory a pass holds for blocks of at most ``block_bytes`` bytes.
 
     ``rows`` bounds the rows of a block (Y is rows x l); by default, that of a float32
@@ -269,7 +269,7 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     float32 ones, and Y, Q_i and Q_i S grow with the rows) and for CSR blocks (the scatter
     power sweep needs no Y, but the final pass does). ``l`` is the widest basis used (Krylov's
     is (q + 1) l). ``columns``: CSR blocks are also reordered by columns on the device
-    (``csr_transposed='columns'``).
+    (``csr_transposed='columns'``), with values of ``value_bytes`` each.
     """
     if rows is None:
         rows = block_bytes // (4 * max(n, 1))
@@ -279,9 +279,11 @@ def device_bytes(n: int, l: int, block_bytes: int, rows: int | None = None,
     # Z), the column sums and the shift.
     per_stream = block_bytes + 3 * 8 * rows * l + 4 * 8 * (l + 1) ** 2 + 8 * (rows + 1)
     if columns:
-        # The values and their int32 rows (no more than the block's values and indices)
-        # and three int64 arrays of n + 1: counts, starts and cursor.
-        per_stream += block_bytes + 3 * 8 * (n + 1)
+        # The values and their int32 rows: (v + 4) bytes a non-zero where the block holds
+        # at least v + 1 (indices of a byte or more, written by other tools); and three
+        # int64 arrays of n + 1: counts, starts and cursor.
+        entry = value_bytes + 4
+        per_stream += -(-block_bytes * entry // (entry - 3)) + 3 * 8 * (n + 1)
     return streams * per_stream + 8 * (3 * n * l + 2 * n) + 16 * RECORD_CAPACITY
 
 
@@ -300,7 +302,8 @@ class DeviceNeed:
         width = max(plan.basis_size, plan.krylov_width) + 1  # the final pass's ones column
         columns = plan.sparse and cuda_options.get("csr_transposed") == "columns"
         needed = device_bytes(n, width, max(plan.block_bytes), rows=plan.block_rows,
-                              streams=cuda_options.get("streams", STREAMS), columns=columns)
+                              streams=cuda_options.get("streams", STREAMS), columns=columns,
+                              value_bytes=plan.itemsize)
         return cls(needed, max(plan.block_bytes), width)
 
     def fits(self) -> bool:
@@ -352,8 +355,9 @@ class CUDAKernels:
     n : int
         Columns of the matrix.
     accumulate : {'float64', 'float32'}, default='float64'
-        Type of the in-tile sums (see ``kernels.cuda``); float32 loses the directions below
-        about 3e-4 sigma_1 and is for GPUs with a small float64 rate. A^T Q, B^T of the
+        Type of the kernels' running sums (a row's over its columns, Z's over a chunk of
+        rows; see ``kernels.cuda``); float32 loses the directions below about 3e-4 sigma_1,
+        more on long sums, and is for GPUs with a small float64 rate. A^T Q, B^T of the
         final pass, is summed in float64 either way.
     streams : int, default=2
         CUDA streams, each with one pinned and one device buffer of a block.
