@@ -367,6 +367,7 @@ def plan_report(plan) -> dict:
         "method": plan.method,
         "reason": plan.reason,
         "passes": plan.passes,
+        "most_passes": plan.most_passes,  # gram's switch to the exact method counted
         "spectral_iters": plan.spectral_iters,
         "bytes_to_read": plan.bytes_to_read,
         "cached_blocks": plan.cached_blocks,

@@ -107,6 +107,9 @@ class Plan:
     # The method 'auto' preferred and the memory it would have needed, where that exceeded
     # memory_limit and another method was taken.
     preferred: tuple[str, int] | None = None
+    # 'auto' took gram, which switches to exact, one pass more, where G does not resolve
+    # sigma_k (engine.gram_svd)
+    exact_fallback: bool = False
 
     @property
     def sparse(self) -> bool:
@@ -130,6 +133,11 @@ class Plan:
         gram; for the fixed-accuracy randomized method, at most q + 1 per block of basis,
         plus one. Then one per iteration of the spectral error estimate."""
         return self._svd_passes + self.spectral_iters
+
+    @property
+    def most_passes(self) -> int:
+        """``passes``, with gram's switch to the exact method where 'auto' allows it."""
+        return self.passes + self.exact_fallback
 
     @property
     def _svd_passes(self) -> int:
@@ -369,6 +377,7 @@ class _Layouts:
             block_bytes=_bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
             nnz=nnz, scatter_copies=copies, spectral_iters=self.spectral_iters,
             read_factor=self.read_factor,
+            exact_fallback=self.requested == "auto" and method == "gram",
         )
         if not self.cacheable or plan.passes < 2:
             return _with_spill_in_memory(plan)

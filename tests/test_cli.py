@@ -598,6 +598,7 @@ def test_run_with_tolerance_writes_factors(store, tmp_path):
                                       "--json").stdout)
     assert info["method"] == summary["method"] == "gram"
     assert info["passes"] == summary["passes"] and info["spectral_iters"] == 2
+    assert info["most_passes"] == info["passes"] + 1  # should gram switch to exact
     group = zarr.open_group(str(out), mode="r")
     attrs = group.attrs["ooc_svd"]
     # gram takes no basis and no power iterations: none is recorded as used

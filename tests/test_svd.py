@@ -241,9 +241,10 @@ def test_auto_falls_back_from_gram_to_exact_on_ill_conditioned_float64():
     result = ooc_svd.svd(A, 8)
     assert result.plan.method == "gram" and "takes over after its pass" in result.plan.reason
     assert result.method == "exact" and "switched to the exact method" in result.note
-    assert result.passes == 3
+    assert result.passes == 3 == result.plan.most_passes == result.plan.passes + 1
     requested = ooc_svd.svd_plan(A, 8, method="gram")  # no fallback, so no pass more
     assert "takes over" not in requested.describe()
+    assert requested.most_passes == requested.passes == 2
     np.testing.assert_allclose(result.S, spectrum[:8], rtol=1e-6)
     # float32 data is held to its own rounding unit, relative to sigma_k (see the next test)
     result = ooc_svd.svd(A.astype(np.float32), 8)
