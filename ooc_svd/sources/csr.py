@@ -530,9 +530,13 @@ class CSRWriter:
         integers it rounds."""
         with np.errstate(over="ignore"):
             values = data.astype(self.dtype, copy=False)
+        # One pass over the values; where all are finite, none overflowed either.
+        finite = np.isfinite(values)
+        all_finite = bool(finite.all())
         # Integers of up to 64 bits fit float32's range: only a float can overflow.
-        if data.dtype.kind == "f" and data.dtype.itemsize > values.dtype.itemsize:
-            overflowed = np.flatnonzero(np.isinf(values) & np.isfinite(data))
+        if not all_finite and data.dtype.kind == "f" and \
+                data.dtype.itemsize > values.dtype.itemsize:
+            overflowed = np.flatnonzero(~finite & np.isfinite(data))
             if overflowed.size:
                 position = int(overflowed[0])
                 raise InputError(f"the value {data[position]} of row "
@@ -541,15 +545,17 @@ class CSRWriter:
                                  "float64)")
         if data.dtype.kind in "iu" or self.integers:
             self._warn_of_rounded_integers(data, values, indptr)
-        self._warn_of_non_finite(values, indptr)
+        if not all_finite:
+            self._warn_of_non_finite(values, finite, indptr)
         return values
 
-    def _warn_of_non_finite(self, values: np.ndarray, indptr: np.ndarray) -> None:
+    def _warn_of_non_finite(self, values: np.ndarray, finite: np.ndarray,
+                            indptr: np.ndarray) -> None:
         """Warn, once, of a NaN or Inf stored (as the input holds it): a run refuses it."""
-        if self.warned_of_non_finite or np.isfinite(values).all():
+        if self.warned_of_non_finite:
             return
         self.warned_of_non_finite = True
-        position = int(np.flatnonzero(~np.isfinite(values))[0])
+        position = int(np.flatnonzero(~finite)[0])
         warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
                       f"{values[position]} in row {self._row_of(position, indptr)}): a run "
                       "on the store refuses it", RuntimeWarning, stacklevel=2)
