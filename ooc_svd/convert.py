@@ -153,7 +153,16 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
 
 def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:
     """The stored value dtype: ``requested`` if given (float32 or float64), else float64 for
-    float64 input and float32 for everything else (``source`` None: a pattern matrix)."""
+    float64 input and float32 for everything else (``source`` None: a pattern matrix).
+    Complex or non-numeric values are refused, whatever is requested: a cast would drop
+    their imaginary parts."""
+    if source is not None:
+        source = np.dtype(source)
+        if source.kind == "c":
+            raise InputError(f"complex values ({source}) are not supported: ooc_svd computes "
+                             "real SVDs")
+        if source.kind not in "fiub":
+            raise InputError(f"values of dtype {source} are not numbers")
     if requested is not None:
         try:
             chosen = np.dtype(requested)
@@ -164,12 +173,6 @@ def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:
         return chosen
     if source is None:
         return np.dtype(np.float32)
-    source = np.dtype(source)
-    if source.kind == "c":
-        raise InputError(f"complex values ({source}) are not supported: ooc_svd computes real "
-                         "SVDs")
-    if source.kind not in "fiub":
-        raise InputError(f"values of dtype {source} are not numbers")
     return np.dtype(np.float64 if source.kind == "f" and source.itemsize >= 8 else np.float32)
 
 

@@ -897,3 +897,14 @@ def test_a_nan_or_inf_in_the_input_is_stored_with_a_warning(tmp_path):
     assert stored[1, 1] == np.inf and np.isnan(stored[2, 0])
     with pytest.raises(ooc_svd.errors.NonFiniteError, match="row 1"):
         ooc_svd.svd(str(tmp_path / "A.zarr"), 1)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "float64"])
+def test_complex_values_are_refused_whatever_dtype_is_asked(tmp_path, dtype):
+    """A cast to the dtype asked for would drop the imaginary parts."""
+    A = with_gaps(m=5, n=4, seed=2).astype(np.complex128)
+    sp.save_npz(tmp_path / "A.npz", A)
+    for source in (A, tmp_path / "A.npz"):
+        with pytest.raises(InputError, match=r"complex values \(complex128\) are not supported"):
+            convert(source, tmp_path / "B.zarr", dtype=dtype)
+    assert sorted(os.listdir(tmp_path)) == ["A.npz"]
