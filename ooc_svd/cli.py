@@ -197,7 +197,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--scratch-dir", default=None, help="Where Q factors are spilled.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True,
+              help="No plan, summary or progress bars (the run's note, if any, still shows, "
+                   "on stderr).")
 @click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--factors", is_flag=True,
@@ -257,7 +259,10 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
     }
     if as_json:
         click.echo(json.dumps(summary))
-    elif not quiet:
+    elif quiet:
+        if result.note:  # what the run has to say of its result: a warning
+            click.echo(f"Note: {result.note}", err=True)
+    else:
         click.echo(result.plan.describe())
         if result.note:
             click.echo(f"Note: {result.note}")

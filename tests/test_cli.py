@@ -424,6 +424,13 @@ def test_progress_bar_only_when_asked(store, tmp_path):
     assert states and all("100%" in state for state in states.values()), states
     quiet = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "q.zarr", "--quiet")
     assert quiet.stdout == "" and quiet.stderr == ""
+    # A note still shows: here, that of a store whose chunks were never written
+    zarr.create_array(tmp_path / "unwritten.zarr", shape=(100, 10), chunks=(50, 10),
+                      dtype="f8")
+    quiet = ooc_svd_command("run", tmp_path / "unwritten.zarr", "--k", 3, "--out",
+                            tmp_path / "u.zarr", "--quiet")
+    assert quiet.stdout == ""
+    assert quiet.stderr.startswith("Note: every value of A read as zero")
 
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT])
