@@ -1493,6 +1493,16 @@ def test_missing_and_unreadable_stores(tmp_path):
     (tmp_path / "junk.npy").write_bytes(bytes(range(256)))
     with pytest.raises(StoreNotFoundError, match="is not a .npy file"):
         ooc_svd.svd(str(tmp_path / "junk.npy"), 2)
+    # Files that convert reads are named as such, others as no input at all
+    for name, kind in (("A.mtx", "a Matrix Market file"), ("A.mtx.gz", "a Matrix Market file"),
+                       ("A.h5ad", "an HDF5 file")):
+        (tmp_path / name).write_text("%%MatrixMarket")
+        with pytest.raises(StoreNotFoundError, match=f"is {kind}, which is read through a CSR "
+                                                     r"store: convert it first \(ooc-svd"):
+            ooc_svd.svd(str(tmp_path / name), 2)
+    (tmp_path / "A.csv").write_text("1,2\n3,4\n")
+    with pytest.raises(StoreNotFoundError, match="is a file that is neither .npy nor .npz"):
+        ooc_svd.svd(str(tmp_path / "A.csv"), 2)
 
 
 def test_a_group_is_not_a_matrix(tmp_path):

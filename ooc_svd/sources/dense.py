@@ -207,6 +207,24 @@ def _has_npy_header(path: str) -> bool:
         return False
 
 
+# Files that ``ooc-svd convert`` (``ooc_svd.convert``) writes as CSR stores, by their names.
+CONVERTIBLE_FILES = {".mtx": "a Matrix Market file", ".mtx.gz": "a Matrix Market file",
+                     ".h5ad": "an HDF5 file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file"}
+
+
+def _unreadable_file(path: str) -> str:
+    """Why a file that is no .npy or .npz is not read, and what to do with it."""
+    name = path.lower()
+    kind = next((kind for suffix, kind in CONVERTIBLE_FILES.items() if name.endswith(suffix)),
+                None)
+    if kind is not None:
+        return (f"{path!r} is {kind}, which is read through a CSR store: convert it first "
+                f"(ooc-svd convert {path} OUT.zarr, or ooc_svd.convert)")
+    return (f"{path!r} is a file that is neither .npy nor .npz: A is a zarr store (a "
+            "directory), a .npy or .npz file, or an array in memory; ooc-svd convert writes "
+            "Matrix Market and HDF5 sparse matrices as CSR stores")
+
+
 def _open_path(path: str) -> DenseSource:
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
@@ -223,6 +241,8 @@ def _open_path(path: str) -> DenseSource:
         return DenseSource(
             array, in_memory_boundaries(array.shape, array.itemsize), path, decodes=False
         )
+    if not is_url and os.path.isfile(path):  # zarr stores are directories
+        raise StoreNotFoundError(_unreadable_file(path))
     import zarr
 
     node = open_zarr_node(path)
