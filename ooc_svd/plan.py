@@ -404,12 +404,15 @@ class _Layouts:
         (m, n), limit = self.shape, format_bytes(self.memory_limit)
         overhead = self.read_overhead_bytes
         if len(blocks) == 0:
-            decoded, hint = "", ""
+            decoded, hint = "", "; raise memory_limit"
             if overhead:
                 decoded = f", and {format_bytes(overhead)} of partly decoded storage chunks " \
                           "per read"
-                hint = "; raise memory_limit or write the store with fewer non-zeros per " \
-                       "chunk (ooc-svd convert --chunk-nnz)"
+            if overhead and peak - overhead <= self.memory_limit:  # smaller chunks would fit
+                hint += " or write the store with fewer non-zeros per chunk (ooc-svd convert " \
+                        "--chunk-nnz)"
+            if m < n:  # the n x l arrays would shrink: those of A^T have m rows
+                hint += f" or factor A^T ({n} x {m}) instead, whose U and V are V and U here"
             arrays = f"n x l float64 arrays with l={width}"
             if method in ("exact", "gram") and \
                     _fixed_bytes(n, width, method) > _fixed_bytes(n, width, "randomized"):

@@ -526,8 +526,11 @@ def test_wide_sparse_matrices_work():
 def test_plan_counts_the_n_by_l_arrays_and_refuses_with_numbers(monkeypatch):
     A = scipy.sparse.random(100, 2_000_000, density=1e-5, format="csr", random_state=0)
     refusal = r"working set .* and the smallest block it can read need [0-9.]+ [kMG]B"
-    with pytest.raises(PlanError, match=refusal):
+    with pytest.raises(PlanError, match=refusal) as refused:
         ooc_svd.svd_plan(A, k=50, memory_limit="100MB")
+    # the n x l arrays are what does not fit, not the chunks: A^T's are m x l
+    assert str(refused.value).endswith("; raise memory_limit or factor A^T (2000000 x 100) "
+                                       "instead, whose U and V are V and U here")
     A = A[:, :20_000].tocsr()
     plan = ooc_svd.svd_plan(A, k=5, memory_limit="1GB")
     assert plan.sparse and "sparse matrix" in plan.describe()
