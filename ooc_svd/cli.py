@@ -136,7 +136,8 @@ def plan_options(command):
         click.option("--memory-limit", default="1GB", show_default=True,
                      help="Bound on the working set, e.g. 512MB, 4GB."),
         click.option("--spectral-iters", type=int, default=0, show_default=True,
-                     help="Estimate ||A - U S V^T||_2 with this many extra reads of A."),
+                     help="Estimate ||A - U S V^T||_2 (from below) with this many extra "
+                          "reads of A."),
         click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
                      help="A setting of the cuda backend, repeatable: accumulate=float32, "
                           "csr_transposed=columns, streams=N (see svd's cuda_options)."),

@@ -74,7 +74,8 @@ class SVDResult:
     store : zarr.Group or None
         The output group when ``out`` was given.
     spectral_error : float or None
-        Estimate of ||A - 1 mu^T - U diag(S) V^T||_2, when ``spectral_iters`` was given.
+        Estimate of ||A - 1 mu^T - U diag(S) V^T||_2 from below (power iterations), when
+        ``spectral_iters`` was given.
     """
 
     U: Any
