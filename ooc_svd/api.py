@@ -900,8 +900,8 @@ def _zero_note(result: SVDResult, centering: Centering) -> str:
     value is zero."""
     if result.frobenius_norm > 0 or (result.S.size and result.S[0] > 0):
         return ""  # (a norm of sparse rows centered algebraically may round to zero)
-    if centering.mode == "none":
-        return "every value of A read as zero (a zarr store's chunks never written do)"
+    if centering.mode == "none":  # (a store's absent chunks, if any, have their own note)
+        return "every value of A read as zero"
     subtracted = "the mean" if centering.mode == "mean" else "the row subtracted"
     return f"every row of A read as {subtracted}: A - 1 mu^T is zero"
 
