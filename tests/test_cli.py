@@ -669,9 +669,12 @@ def test_info_plans_a_cluster_run_without_contacting_it(store):
     assert cluster["backend"] == "cuda on the workers"
 
 
-def test_info_without_a_rank_describes_the_input_alone(store):
+def test_info_without_a_rank_describes_the_input_alone(store, tmp_path):
     report = json.loads(ooc_svd_command("info", store, "--json").stdout)
     assert report["shape"] == [30000, 40] and "method" not in report
+    np.save(tmp_path / "A.npy", np.ones((10, 3)))
+    report = json.loads(ooc_svd_command("info", tmp_path / "A.npy", "--json").stdout)
+    assert report["bytes_stored"] == os.path.getsize(tmp_path / "A.npy")  # the file's
     assert "Give --k or --tol" in ooc_svd_command("info", store).stdout
     done = ooc_svd_command("info", store, "--memory-limit", "5MB", "--niter", "3", check=False)
     assert done.returncode == 2

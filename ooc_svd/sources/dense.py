@@ -238,9 +238,8 @@ def _open_path(path: str) -> DenseSource:
             array = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise StoreNotFoundError(f"cannot open {path!r} as a .npy file: {exc}") from exc
-        return DenseSource(
-            array, in_memory_boundaries(array.shape, array.itemsize), path, decodes=False
-        )
+        return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
+                           stored_bytes=os.path.getsize(path), decodes=False)
     if not is_url and os.path.isfile(path):  # zarr stores are directories
         raise StoreNotFoundError(_unreadable_file(path))
     import zarr
