@@ -136,6 +136,10 @@ UNFINISHED = "ooc_svd_unfinished"
 STAGED_FOR = "ooc_svd_staged_for"
 
 
+# Names of files that an output, a zarr store (a directory), would be mistaken for.
+FILE_SUFFIXES = (".npy", ".npz", ".mtx", ".mtx.gz", ".h5ad", ".h5", ".hdf5", ".csv", ".txt")
+
+
 def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "result",
                       inputs: tuple[str, ...] = ()) -> str:
     """Validate ``out`` before any long work and return it without a trailing separator.
@@ -153,6 +157,11 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
+    file_suffix = next((suffix for suffix in FILE_SUFFIXES if path.lower().endswith(suffix)),
+                       None)
+    if file_suffix is not None:
+        raise InputError(f"output {path!r} is named as a {file_suffix} file, but it is written "
+                         "as a zarr store (a directory): name it ending in .zarr, say")
     check_apart_from_inputs("output", path, inputs)
     check_apart_from_inputs("output", f"{path}.partial", inputs, where_written=True)
     if os.path.lexists(path):
