@@ -323,6 +323,10 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
                            "input alone")
     options = parse_cuda_options(cuda_options)
     check_cuda_options(options)
+    result = result_report(input_path) if k is None and tol is None else None
+    if result is not None:
+        click.echo(json.dumps(result) if as_json else describe_result(result))
+        return
     if scheduler is None:
         check_backend(backend)
     source, _, _ = open_matrix(input_path)  # opened once: a sparse .npz is loaded whole
@@ -354,6 +358,46 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
                f"{source.dtype}, {layout}, {format_bytes(source.nbytes)} raw, {stored} stored")
     click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")
+
+
+# What info reports of a result store, from its attributes
+RESULT_KEYS = ("input", "shape", "k", "tol", "rank", "numerical_rank", "method", "backend",
+               "centered", "residual", "frobenius_norm", "spectral_error", "passes", "note")
+
+
+def result_report(path: str) -> dict | None:
+    """What ``info`` says of an ooc_svd result store at ``path`` (the attributes its run
+    wrote, and S), or None where ``path`` is no such store."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+        attributes = group.attrs.get("ooc_svd")
+        S = group["S"][:] if isinstance(attributes, dict) else None
+    except Exception:  # noqa: BLE001 - anything else is an input, opened as one
+        return None
+    if S is None:
+        return None
+    return {"result": path, **{key: attributes.get(key) for key in RESULT_KEYS},
+            "S": [float(s) for s in S]}
+
+
+def describe_result(report: dict) -> str:
+    m, n = report["shape"] or ("?", "?")
+    centered = ", centered" if report["centered"] else ""
+    residual = report["residual"]
+    residual = f"{residual:.3e}" if isinstance(residual, (int, float)) else "not recorded"
+    shown = ", ".join(f"{s:.6g}" for s in report["S"][:10])
+    more = f", ... ({len(report['S'])} in all)" if len(report["S"]) > 10 else ""
+    lines = [f"{report['result']}: an ooc_svd result, rank {report['rank']} of the "
+             f"{m} x {n} matrix {report['input']}{centered}, by the {report['method']} "
+             f"method on the {report['backend']} backend in {report['passes']} passes; "
+             f"relative residual {residual}",
+             f"S: {shown}{more}"]
+    if report["note"]:
+        lines.append(f"Note: {report['note']}")
+    lines.append(f"ooc-svd check {report['result']} INPUT verifies it against its input.")
+    return "\n".join(lines)
 
 
 # info's options that only a plan uses.

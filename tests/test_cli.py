@@ -681,6 +681,21 @@ def test_info_without_a_rank_describes_the_input_alone(store, tmp_path):
     assert "niter, memory_limit shape the plan of a run: give --k or --tol" in done.stderr
 
 
+def test_info_of_a_result_describes_it(store, tmp_path):
+    out = tmp_path / "r.zarr"
+    done = json.loads(ooc_svd_command("run", store, "--k", 4, "--center", "--out", out,
+                                      "--json").stdout)
+    report = json.loads(ooc_svd_command("info", out, "--json").stdout)
+    assert report["result"] == str(out) and report["shape"] == [30000, 40]
+    assert report["rank"] == 4 and report["centered"] and report["S"] == done["S"]
+    assert report["residual"] == done["residual"] and report["method"] == done["method"]
+    text = ooc_svd_command("info", out).stdout
+    assert text.startswith(f"{out}: an ooc_svd result, rank 4 of the 30000 x 40 matrix ")
+    assert f"ooc-svd check {out} INPUT verifies it" in text
+    # a plan is of an input: a result is none
+    assert ooc_svd_command("info", out, "--k", 2, check=False).returncode == 2
+
+
 def test_json_failures_are_json_on_stdout(store, tmp_path):
     done = ooc_svd_command("run", store, "--k", 3, "--out", tmp_path / "r.zarr",
                            "--memory-limit", "1kB", "--json", check=False)
