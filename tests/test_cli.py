@@ -568,7 +568,7 @@ def bad_inputs(tmp_path, store):
         ("k too large", store, ["--k", 41], "k=41 must be at most min(m, n) = 40"),
         ("NaN", nan_store, ["--memory-limit", "6MB"], "NaN or Inf, first at row"),
         ("corrupt chunk", corrupt, ["--memory-limit", "6MB"], "chunk of rows [100, 200)"),
-        ("wrong format", text, [], "cannot open"),
+        ("wrong format", text, [], "is a file that is neither .npy nor .npz"),
         ("unknown cuda option", store, ["--cuda-option", "tiles=4"],
          "unknown cuda option 'tiles'"),
         ("cuda option without a value", store, ["--cuda-option", "accumulate"],
