@@ -354,7 +354,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
                      oversample, niter, method, limit, spectral_iters=spectral_iters,
-                     tol=tol, cacheable=cache_blocks and source.decodes,
+                     tol=tol, cacheable=cache_blocks and source.cache_pays,
                      chunk_bytes=source.chunk_bytes if sparse else None,
                      nnz=source.nnz if sparse else None,
                      row_pairs=source.row_pairs if sparse else 0.0,

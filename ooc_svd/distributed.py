@@ -938,9 +938,10 @@ def _shipped_subtrahend(difference: Difference) -> Any:
 
 
 def _opened_npy_file(source: DenseSource) -> bool:
-    """Whether the source is an .npy file that ooc_svd memory-mapped from its path (its
-    description), which the workers can open too. A memmap passed as an array is
-    described as 'memmap', and may map a raw file at an offset: its rows are scattered."""
+    """Whether the source is an .npy file (or an uncompressed .npz) that ooc_svd
+    memory-mapped from its path (its description), which the workers can open too. A memmap
+    passed as an array is described as 'memmap', and may map a raw file at an offset: its
+    rows are scattered."""
     filename = getattr(source.array, "filename", None)
     return isinstance(source.array, np.memmap) and filename is not None and \
         os.path.exists(source.description) and os.path.samefile(source.description, filename)

@@ -47,6 +47,8 @@ def tree_digest(path):
     [
         "numpy",
         "npy_path",  # np.load(mmap_mode="r") inside
+        "npz_path",  # np.savez: its member mapped
+        "npz_compressed_path",  # np.savez_compressed: loaded whole
         "memmap",
         "zarr_v3_path",
         "zarr_v2_path",
@@ -68,6 +70,9 @@ def test_every_input_kind_gives_the_same_result(tmp_path, zarr_matrix, block_row
         A = str(tmp_path / "A.npy")
         if kind == "memmap":
             A = np.load(A, mmap_mode="r")
+    elif kind.startswith("npz"):
+        A = str(tmp_path / "A.npz")
+        (np.savez if kind == "npz_path" else np.savez_compressed)(A, A=matrix)
     elif kind.startswith("zarr"):
         path = zarr_matrix(matrix, chunk_rows=50, zarr_format=2 if kind == "zarr_v2_path" else 3)
         A = {"zarr_file_url": "file://" + path, "zarr_array": zarr.open_array(path, mode="r")}.get(
@@ -81,11 +86,28 @@ def test_every_input_kind_gives_the_same_result(tmp_path, zarr_matrix, block_row
     assert len(reference.plan.blocks) == 1
     # Stores and dask arrays are read in blocks of whole chunks; arrays in memory in 1 MB
     # nominal chunks, which this 96 KB matrix fits in.
-    in_memory = kind in ("numpy", "npy_path", "memmap")
+    in_memory = kind in ("numpy", "npy_path", "npz_path", "npz_compressed_path", "memmap")
     assert (len(result.plan.blocks) == 1) == in_memory
     np.testing.assert_allclose(result.S, reference.S, rtol=1e-12)
     np.testing.assert_allclose(result.V, reference.V, atol=1e-10)
     np.testing.assert_allclose(result.U, reference.U, atol=1e-10)
+
+
+@pytest.mark.parametrize("save", [np.save, np.savez])
+def test_an_npy_or_npz_file_is_read_by_rows_not_through_its_mapping(tmp_path, save):
+    """Rows read through the mapping stay mapped, and the process's RSS grew to the whole
+    file; read from the file, they are in a new array, equal to the rows."""
+    from ooc_svd.sources import open_dense_source
+
+    A = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
+    path = str(tmp_path / ("A.npy" if save is np.save else "A.npz"))
+    save(path, A) if save is np.save else save(path, member=A)
+    source = open_dense_source(path)
+    assert isinstance(source.array, np.memmap) and source.kind == path[-3:]
+    rows = source.read(2, 6)
+    assert not np.shares_memory(rows, source.array)
+    np.testing.assert_array_equal(rows, A[2:6])
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous
 
 
 def test_integer_input(matrix):

@@ -179,6 +179,11 @@ class CSRSource:
         return self.format_kind
 
     @property
+    def cache_pays(self) -> bool:
+        """Whether keeping blocks in memory saves later passes work (decoding chunks)."""
+        return self.decodes
+
+    @property
     def chunks(self) -> None:
         return None
 

@@ -7,6 +7,7 @@ Sources never write to their input: zarr stores and .npy files are opened read-o
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +42,21 @@ class DenseSource:
     decodes: bool = True  # reading costs CPU (decompression), competing with the kernels
 
     @property
+    def cache_pays(self) -> bool:
+        """Whether keeping blocks in memory saves later passes work: decoding a store's
+        chunks, or copying an .npy file's rows from the page cache (``rows_from_file``)."""
+        return self.decodes or read_from_file(self.array)
+
+    @property
     def kind(self) -> str:
-        """The input's format, for reports: 'zarr v3', 'zarr v2', 'npy', 'numpy', 'dask', or
+        """The input's format, for reports: 'zarr v3', 'zarr v2', 'npy', 'npz', 'numpy', 'dask', or
         what an array made by ooc_svd says it is (``difference.Difference``)."""
         if isinstance(getattr(self.array, "kind", None), str):
             return self.array.kind
         if self.compute_slice:
             return "dask"
+        if self.description.lower().endswith(".npz"):
+            return "npz"
         if isinstance(self.array, np.memmap) or self.description.lower().endswith(".npy"):
             return "npy"
         if isinstance(self.array, np.ndarray):
@@ -117,6 +126,9 @@ class DenseSource:
             ) from exc
 
     def _slice(self, start: int, stop: int) -> Any:
+        rows = rows_from_file(self.array, start, stop)
+        if rows is not None:
+            return rows
         block = self.array[start:stop]
         if self.compute_slice:
             # A local run needs no scheduler: each slice is a small graph of whole chunks,
@@ -254,6 +266,35 @@ def _open_path(path: str) -> DenseSource:
     return zarr_array_source(node, path)
 
 
+def read_from_file(array: Any) -> bool:
+    """Whether ``rows_from_file`` reads ``array``'s rows from its file."""
+    return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and \
+        array.flags.c_contiguous and array.ndim == 2 and array.filename is not None
+
+
+def rows_from_file(array: Any, start: int, stop: int) -> np.ndarray | None:
+    """Rows [start, stop) of a C-ordered memmap that maps its file itself (as ``np.load``'s
+    of an .npy does), read from the file into a new array; None for anything else.
+
+    A slice of the memmap would be read through the mapping, whose pages stay mapped, so
+    the process's RSS grew to the whole file (2.1 GB for a 2 GB .npy at a 300 MB limit):
+    clean pages that the kernel may take back, but that RSS limits count. Read this way,
+    the file's pages stay in the page cache, outside the process."""
+    if not read_from_file(array):
+        return None
+    rows = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+    view = memoryview(rows.reshape(-1).view(np.uint8))
+    done = 0
+    with open(array.filename, "rb", buffering=0) as file:
+        file.seek(array.offset + start * array.strides[0])
+        while done < view.nbytes:
+            read = file.readinto(view[done:])
+            if not read:
+                raise OSError(f"{array.filename!r} ended before row {stop} of the matrix")
+            done += read
+    return rows
+
+
 def open_zarr_node(path: str) -> Any:
     """The zarr array or group at a path or URL, read-only; StoreNotFoundError otherwise."""
     import zarr
@@ -267,8 +308,9 @@ def open_zarr_node(path: str) -> Any:
 
 
 def _open_npz(path: str) -> DenseSource:
-    """A .npz holding one dense array (``np.savez``), loaded into memory: npz members
-    cannot be memory-mapped. (scipy.sparse .npz files are opened by ``open_source``.)"""
+    """A .npz holding one dense array: mapped where ``np.savez`` stored it uncompressed
+    (and read by rows, as an .npy), loaded into memory where ``np.savez_compressed``
+    compressed it. (scipy.sparse .npz files are opened by ``open_source``.)"""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -277,10 +319,38 @@ def _open_npz(path: str) -> DenseSource:
         names = list(archive.files)
         if len(names) != 1:
             raise InputError(f"{path!r} holds {len(names)} arrays ({names}); one is needed")
-        array = archive[names[0]]
-    return DenseSource(
-        array, in_memory_boundaries(array.shape, array.itemsize), path, decodes=False
-    )
+        array = _stored_member(path, archive.zip, f"{names[0]}.npy")
+        if array is None:
+            array = archive[names[0]]
+    return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
+                       stored_bytes=os.path.getsize(path), decodes=False)
+
+
+def _stored_member(path: str, archive: Any, name: str) -> np.memmap | None:
+    """The .npy member ``name`` of a zip file, mapped, where it is stored uncompressed
+    and unencrypted; else None (it is then read whole)."""
+    import zipfile
+
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as file:
+        # The member's data follows its local header: 30 bytes, its name and extra field.
+        file.seek(info.header_offset + 26)
+        name_length, extra_length = np.frombuffer(file.read(4), dtype="<u2")
+        start = info.header_offset + 30 + int(name_length) + int(extra_length)
+        file.seek(start)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(
+                           np.lib.format.read_magic(file))
+        if read_header is None:  # (3.0, of utf-8 field names, has no public reader)
+            return None
+        shape, fortran_order, dtype = read_header(file)
+        if dtype.hasobject:
+            return None
+        offset = file.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran_order else "C")
 
 
 def not_a_matrix(what: str, ndim: int) -> InputError:
