@@ -364,6 +364,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      read_factor=source.read_factor,
                      # (sources that decode read a store's chunks; the others have none)
                      storage_chunks=source.decodes,
+                     loaded_bytes=source.loaded_bytes,
                      # Host copies of a block beside the plan's: a pinned staging buffer
                      # per stream, and a block being moved into the page-locked cache;
                      # per stream, pinned copies of the final pass's Y_i and Q_i.

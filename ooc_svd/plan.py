@@ -74,6 +74,13 @@ RESIDUAL_ROUNDING = 16
 DIFFERENCE_ROUNDING = 1 << 18
 
 
+# How an input file that a run loads whole would be read by blocks instead
+LOADED_HINT = {
+    "dense": " or save the array uncompressed (np.save, or np.savez), which is read by blocks",
+    "sparse": " or convert the .npz to a CSR store (ooc-svd convert), which is read by blocks",
+}
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run will do, decided before reading any data."""
@@ -110,6 +117,7 @@ class Plan:
     # 'auto' took gram, which switches to exact, one pass more, where G does not resolve
     # sigma_k (engine.gram_svd)
     exact_fallback: bool = False
+    loaded_bytes: int = 0  # an input file loaded whole, counted in the predicted peak
 
     @property
     def sparse(self) -> bool:
@@ -162,6 +170,11 @@ class Plan:
         return (f" (the first read keeps {self.cached_blocks} of {len(self.blocks)} blocks, "
                 f"{fraction:.0%} of A, for the later passes)")
 
+    def _loaded_note(self) -> str:
+        if not self.loaded_bytes:
+            return ""
+        return f" (the input, loaded whole, {format_bytes(self.loaded_bytes)} of it)"
+
     def _cached_peak_note(self) -> str:
         """The peak counts the working set; the cached blocks, held beside it once read, fill
         the rest of the limit."""
@@ -192,7 +205,8 @@ class Plan:
             f"{format_bytes(self.bytes_to_read)}{self._cache_note()}; "
             f"{len(self.blocks)} block(s) of up to {self.block_rows} rows, read "
             f"{self.prefetch_depth} ahead; predicted peak {format_bytes(self.predicted_peak_bytes)}"
-            f"{self._cached_peak_note()} of {format_bytes(self.memory_limit)}. Why: "
+            f"{self._loaded_note()}{self._cached_peak_note()} of "
+            f"{format_bytes(self.memory_limit)}. Why: "
             f"{self.reason}.{self._backend_note()}"
         )
 
@@ -225,6 +239,7 @@ def make_plan(
     spectral_iters: int = 0,
     read_factor: float = 1.0,
     storage_chunks: bool = True,
+    loaded_bytes: int = 0,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -247,6 +262,8 @@ def make_plan(
     block costs ``read_factor`` bytes read (more than one for A - M: A's and M's bytes).
     ``storage_chunks``: the units between ``chunk_boundaries`` are a store's chunks, which a
     refusal may advise to rewrite (not those of an array in memory or an .npy file).
+    ``loaded_bytes``: an input file that the run loads whole (a compressed .npz), held
+    beside the working set.
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -265,7 +282,7 @@ def make_plan(
         (m, n), itemsize, np.asarray(chunk_boundaries), np.asarray(chunk_bytes), k, l, niter,
         krylov_width, method, memory_limit, tol is not None, cacheable, nnz, scatter_copies,
         read_overhead_bytes, read_row_overhead, staging_blocks, staging_matrices,
-        spectral_iters, read_factor, storage_chunks,
+        spectral_iters, read_factor, storage_chunks, loaded_bytes,
     )
     choices = _method_choices(method, n, costs, tol)
     refusals: list[PlanError] = []
@@ -323,6 +340,7 @@ class _Layouts:
     spectral_iters: int
     read_factor: float
     storage_chunks: bool
+    loaded_bytes: int
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
@@ -351,9 +369,10 @@ class _Layouts:
         # for exact and gram the k columns of V_k that their final pass takes.
         width = {"krylov": self.krylov_width, "exact": min(self.k, m, n),
                  "gram": min(self.k, m, n)}.get(method, l)
-        fixed = _fixed_bytes(n, width, method)
+        fixed = _fixed_bytes(n, width, method) + self.loaded_bytes
         if self.requested == "auto" and method == "gram":
-            fixed = max(fixed, _fixed_bytes(n, width, "exact"))  # room for the fallback
+            # room for the fallback
+            fixed = max(fixed, _fixed_bytes(n, width, "exact") + self.loaded_bytes)
             reason += ("; should G not resolve sigma_k, the exact method takes over after "
                        "its pass (one pass more)")
         # The sparse power kernel's private accumulators may take a quarter of the limit at
@@ -378,6 +397,7 @@ class _Layouts:
             nnz=nnz, scatter_copies=copies, spectral_iters=self.spectral_iters,
             read_factor=self.read_factor,
             exact_fallback=self.requested == "auto" and method == "gram",
+            loaded_bytes=self.loaded_bytes,
         )
         if not self.cacheable or plan.passes < 2:
             return _with_spill_in_memory(plan)
@@ -408,6 +428,9 @@ class _Layouts:
             if overhead:
                 decoded = f", and {format_bytes(overhead)} of partly decoded storage chunks " \
                           "per read"
+            if self.loaded_bytes:
+                decoded += f", and the input, loaded whole ({format_bytes(self.loaded_bytes)})"
+                hint += LOADED_HINT["sparse" if self.nnz is not None else "dense"]
             if overhead and peak - overhead <= self.memory_limit:  # smaller chunks would fit
                 hint += " or write the store with fewer non-zeros per chunk (ooc-svd convert " \
                         "--chunk-nnz)"

@@ -110,6 +110,31 @@ def test_an_npy_or_npz_file_is_read_by_rows_not_through_its_mapping(tmp_path, sa
     assert rows.dtype == np.float32 and rows.flags.c_contiguous
 
 
+def test_a_file_loaded_whole_counts_in_the_plan(tmp_path):
+    """A compressed .npz (or a scipy.sparse one) is loaded whole: the plan counts it
+    beside the working set, and refuses where it does not fit, saying how it would be
+    read by blocks; an uncompressed one is read by blocks and is not counted."""
+    A = np.random.default_rng(0).standard_normal((20000, 50))  # 8 MB
+    np.savez_compressed(tmp_path / "c.npz", A=A)
+    np.savez(tmp_path / "u.npz", A=A)
+    compressed = ooc_svd.svd_plan(str(tmp_path / "c.npz"), 5, method="randomized")
+    uncompressed = ooc_svd.svd_plan(str(tmp_path / "u.npz"), 5, method="randomized")
+    assert compressed.loaded_bytes == A.nbytes and uncompressed.loaded_bytes == 0
+    assert compressed.predicted_peak_bytes >= uncompressed.predicted_peak_bytes + A.nbytes
+    assert "(the input, loaded whole, 8 MB of it)" in compressed.describe()
+    with pytest.raises(PlanError, match=r"the input, loaded whole \(8 MB\)\) .* save the "
+                                        r"array uncompressed \(np.save, or np.savez\)"):
+        ooc_svd.svd_plan(str(tmp_path / "c.npz"), 5, method="randomized", memory_limit="7MB")
+    ooc_svd.svd_plan(str(tmp_path / "u.npz"), 5, method="randomized", memory_limit="7MB")
+    sparse = scipy.sparse.random(20000, 50, density=0.5, format="csr", random_state=0)
+    scipy.sparse.save_npz(tmp_path / "s.npz", sparse)
+    plan = ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized")
+    assert plan.loaded_bytes == sum(part.nbytes for part in (sparse.data, sparse.indices,
+                                                             sparse.indptr))
+    with pytest.raises(PlanError, match=r"convert the .npz to a CSR store"):
+        ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized", memory_limit="4MB")
+
+
 def test_integer_input(matrix):
     A = np.round(matrix * 1000).astype(np.int32)
     result = ooc_svd.svd(A, 4, method="exact")

@@ -167,6 +167,7 @@ class CSRSource:
     nnz: int
     stored_bytes: int | None = None
     decodes: bool = True
+    loaded_bytes: int = 0  # a file loaded whole (a scipy .npz): see DenseSource
     format_kind: str = "csr"
     canonical: bool = False  # every row's columns known to increase: ``read`` checks none
     row_pairs: float = 0.0  # pairs of non-zeros in a row, summed over the rows

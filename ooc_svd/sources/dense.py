@@ -32,6 +32,10 @@ class DenseSource:
         What the source is, for messages (a path, "numpy array", ...).
     stored_bytes : int or None
         Bytes on storage (compressed), when known.
+    loaded_bytes : int
+        Memory that opening the input took: a file loaded whole (a compressed .npz), which
+        the run holds beside its working set; 0 for everything read by blocks, and for an
+        array the caller holds.
     """
 
     array: Any
@@ -40,6 +44,7 @@ class DenseSource:
     stored_bytes: int | None = None
     compute_slice: bool = False  # dask: a slice is lazy and must be computed
     decodes: bool = True  # reading costs CPU (decompression), competing with the kernels
+    loaded_bytes: int = 0
 
     @property
     def cache_pays(self) -> bool:
@@ -320,10 +325,12 @@ def _open_npz(path: str) -> DenseSource:
         if len(names) != 1:
             raise InputError(f"{path!r} holds {len(names)} arrays ({names}); one is needed")
         array = _stored_member(path, archive.zip, f"{names[0]}.npy")
+        loaded = 0
         if array is None:
             array = archive[names[0]]
+            loaded = array.nbytes
     return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
-                       stored_bytes=os.path.getsize(path), decodes=False)
+                       stored_bytes=os.path.getsize(path), decodes=False, loaded_bytes=loaded)
 
 
 def _stored_member(path: str, archive: Any, name: str) -> np.memmap | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,9 @@ def open_source(A: Any) -> DenseSource | CSRSource:
         if path.lower().endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
-            return csr_source_from_scipy(load_npz(path), path)
+            source = csr_source_from_scipy(load_npz(path), path)
+            loaded = sum(part.nbytes for part in (source.data, source.indices, source.indptr))
+            return replace(source, loaded_bytes=loaded)
         node = _zarr_node_at(path)
         if node is not None:
             return _open_group(node, path) if hasattr(node, "array_keys") else \
