@@ -506,18 +506,23 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
 @click.option("--quiet", is_flag=True,
               help="No summary and no progress bars (warnings still show).")
 @click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
+@click.option("--transpose", is_flag=True,
+              help="Write A^T instead: for a wide A, whose n x l arrays may not fit, run on "
+                   "A^T, whose U and V are A's V and U.")
 @user_errors
 def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir, overwrite,
-            quiet, progress) -> None:
+            quiet, progress, transpose) -> None:
     """Convert a sparse matrix to the CSR layout on zarr at OUT, with bounded memory.
 
     INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz), an HDF5
     file (.h5ad, .h5, .hdf5) holding an AnnData-style CSR or CSC group, or such a group on
-    zarr (to rechunk a CSR store with --chunk-nnz, or turn CSC into CSR).
+    zarr (to rechunk a CSR store with --chunk-nnz, or turn CSC into CSR). With --transpose,
+    A^T is written.
     """
     from .convert import convert as convert_matrix
 
-    given = {"chunk_nnz": chunk_nnz, "group": group, "scratch_dir": scratch_dir}
+    given = {"chunk_nnz": chunk_nnz, "group": group, "scratch_dir": scratch_dir,
+             "transpose": transpose or None}
     options = {name: value for name, value in given.items() if value is not None}
     started = time.perf_counter()
     written = convert_matrix(input_path, out, dtype=dtype, memory_limit=memory_limit,
@@ -528,8 +533,9 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
         buckets = source.get("buckets")
         how = "one pass" if source.get("row_sorted") else \
             f"{buckets} bucket{'' if buckets == 1 else 's'} of rows"
+        transposed = ", transposed" if source.get("transposed") else ""
         click.echo(f"{describe_csr_store(out, written, time.perf_counter() - started)} "
-                   f"({source.get('format')}, {how})")
+                   f"({source.get('format')}{transposed}, {how})")
 
 
 @main.command()

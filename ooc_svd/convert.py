@@ -215,7 +215,8 @@ def _write_coordinates(target: _Target, entries: Callable[[], Iterator[EntryChun
 
 def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
                chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
-               overwrite: bool = False, progress: bool | None = None) -> Any:
+               overwrite: bool = False, progress: bool | None = None,
+               transpose: bool = False) -> Any:
     """Write a scipy.sparse matrix or array to the CSR layout at ``out``.
 
     Parameters
@@ -234,6 +235,9 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
         Replace an existing ``out`` (else ``OutputExistsError``).
     progress : bool, optional
         A progress bar of the rows written, on stderr; default: when stderr is a terminal.
+    transpose : bool, default=False
+        Write A^T (n x m) instead: a wide A's SVD is read from a tall A^T, whose U and V
+        are A's V and U.
 
     Returns
     -------
@@ -242,17 +246,19 @@ def from_scipy(matrix: Any, out: str | os.PathLike, *, dtype: Any = None,
     kind = type(matrix).__name__
     return _from_scipy(matrix, out, {"input": f"scipy.sparse {kind}", "format": kind},
                        dtype=dtype, chunk_nnz=chunk_nnz, overwrite=overwrite,
-                       memory_limit=memory_limit, progress=progress)
+                       memory_limit=memory_limit, progress=progress, transpose=transpose)
 
 
 def _from_scipy(matrix: Any, out: str | os.PathLike, provenance: dict[str, Any],
-                source_path: str | None = None, **options) -> Any:
+                source_path: str | None = None, transpose: bool = False, **options) -> Any:
     """``from_scipy``, of a matrix read from the file ``source_path`` (if any), which
     ``out`` may not touch."""
     import scipy.sparse
 
     if not scipy.sparse.issparse(matrix) or matrix.ndim != 2:
         raise InputError(f"expected a 2-D scipy.sparse matrix, not {type(matrix).__name__}")
+    if transpose:  # (of CSR, CSC of the same arrays: converted below as any CSC)
+        matrix, provenance = matrix.T, {**provenance, "transposed": True}
     target = _target(out, matrix.shape, matrix.dtype, source_path=source_path, **options)
     csr = matrix if matrix.format == "csr" else matrix.tocsr()
     readers = (SlicedReader(csr.indptr, "indptr"), SlicedReader(csr.indices, "indices"),
@@ -284,7 +290,7 @@ def _names_damaged_files(converter: Callable[..., Any]) -> Callable[..., Any]:
 def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
-             progress: bool | None = None) -> Any:
+             progress: bool | None = None, transpose: bool = False) -> Any:
     """Write a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) to the CSR layout at ``out``.
 
     CSR arrays are read from the archive front to back, decompressed as they are read; COO
@@ -315,10 +321,13 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
             # (BSR, DIA, COO of coords: loaded whole by scipy)
-            return _from_scipy(load_npz(path), out, provenance, source_path=path, **options)
+            return _from_scipy(load_npz(path), out, provenance, source_path=path,
+                               transpose=transpose, **options)
         if layout in ("csr", "csc") and not {"indptr", "indices"} <= names:
             raise InputError(f"{path!r} is a {layout} .npz without indptr and indices (it "
                              f"holds {sorted(names)})")
+        coordinates = ("col", "row") if transpose else ("row", "col")
+        layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
         data = NpyMemberReader(archive, "data", path)
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
                          **options)
@@ -326,8 +335,12 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
             readers = (NpyMemberReader(archive, "indptr", path),
                        NpyMemberReader(archive, "indices", path), data)
             return _write_csr(target, readers, provenance)
-        return _write_coordinates(target, _npz_entries(path, layout, shape, target),
+        return _write_coordinates(target, _npz_entries(path, layout, coordinates, shape, target),
                                   data.size, True, provenance)
+
+
+# A's compressed layout read as A^T's: the same arrays, rows and columns exchanged
+TRANSPOSED_LAYOUT = {"csr": "csc", "csc": "csr"}
 
 
 def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -341,14 +354,14 @@ def _small_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
 
 
 
-def _npz_entries(path: str, layout: str, shape: tuple[int, int],
+def _npz_entries(path: str, layout: str, coordinates: tuple[str, str], shape: tuple[int, int],
                  target: _Target) -> Callable[[], Iterator[EntryChunk]]:
-    """Opens the archive afresh on each call, so the entries can be read a second time."""
+    """Opens the archive afresh on each call, so the entries can be read a second time;
+    ``coordinates``: the members of a COO's rows and columns, in that order."""
 
     def entries() -> Iterator[EntryChunk]:
         with zipfile.ZipFile(path) as archive:
-            first = "indptr" if layout == "csc" else "row"
-            second = "indices" if layout == "csc" else "col"
+            first, second = ("indptr", "indices") if layout == "csc" else coordinates
             readers = [NpyMemberReader(archive, name, path) for name in (first, second, "data")]
             chunks = csc_entry_chunks if layout == "csc" else coo_entry_chunks
             yield from chunks(*readers, shape, target.chunk_entries)
@@ -360,7 +373,7 @@ def _npz_entries(path: str, layout: str, shape: tuple[int, int],
 def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
              chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
              scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
-             progress: bool | None = None) -> Any:
+             progress: bool | None = None, transpose: bool = False) -> Any:
     """Write a Matrix Market coordinate file (``.mtx``, or gzipped ``.mtx.gz``) to the CSR
     layout at ``out``.
 
@@ -386,6 +399,9 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     progress : bool, optional
         Progress bars on stderr, of the rows written and of the entries put into buckets;
         default: when stderr is a terminal.
+    transpose : bool, default=False
+        Write A^T (n x m) instead: a wide A's SVD is read from a tall A^T, whose U and V
+        are A's V and U. A file in column order then takes the one pass.
 
     Returns
     -------
@@ -403,14 +419,26 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     with open_binary(path) as file:
         header = read_header(file, path)
     source = {"real": np.float64, "integer": np.int64}.get(header.field)
-    target = _target(out, header.shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
+    shape, provenance = header.shape, {"input": path, "format": header.describe()}
+    if transpose:
+        shape, provenance = shape[::-1], {**provenance, "transposed": True}
+    target = _target(out, shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                      source_path=path, progress=progress)
-    return _write_coordinates(
-        target, lambda: read_entry_chunks(path, target.text_bytes), header.expanded_entries,
-        header.has_values, {"input": path, "format": header.describe()},
-        try_row_sorted=header.symmetry == "general",
-    )
+
+    def entries() -> Iterator[EntryChunk]:
+        chunks = read_entry_chunks(path, target.text_bytes)
+        return _transposed(chunks) if transpose else chunks
+
+    return _write_coordinates(target, entries, header.expanded_entries, header.has_values,
+                              provenance, try_row_sorted=header.symmetry == "general")
+
+
+def _transposed(chunks: Iterator[EntryChunk]) -> Iterator[EntryChunk]:
+    """The entries of A^T: each one's row and column exchanged (in an order unknown)."""
+    with closing(chunks):
+        for chunk in chunks:
+            yield EntryChunk(chunk.cols, chunk.rows, chunk.values)
 
 
 @_names_damaged_files
@@ -418,14 +446,15 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
               dtype: Any = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
               memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
               scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
-              progress: bool | None = None) -> Any:
+              progress: bool | None = None, transpose: bool = False) -> Any:
     """Write a sparse matrix stored in an HDF5 file (AnnData ``.h5ad``) to the CSR layout.
 
     ``group`` names an HDF5 group in AnnData's sparse layout: datasets ``data``, ``indices``,
     ``indptr`` and attributes ``encoding-type`` (``csr_matrix`` or ``csc_matrix``) and
     ``shape``, or the older ``h5sparse_format`` and ``h5sparse_shape``. CSR is read a block
-    of rows at a time; CSC goes through buckets of rows (``scratch_dir``). Needs h5py (the
-    ``hdf5`` extra). Other parameters as ``from_mtx``.
+    of rows at a time; CSC goes through buckets of rows (``scratch_dir``), and with
+    ``transpose`` the other way round. Needs h5py (the ``hdf5`` extra). Other parameters as
+    ``from_mtx``.
     """
     h5py = _import_h5py()
     path = os.fspath(path)
@@ -438,22 +467,35 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
     with file:
         layout, shape = _h5_sparse_group(file, group, path, h5py)
         readers = _sparse_group_readers(file[group], f"{path}:{group}")
+        provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
+        layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
         target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                          source_path=path, progress=progress)
-        provenance = {"input": path, "format": f"hdf5 {layout} group {group!r}"}
         return _write_sparse_group(readers, layout, shape, target, provenance)
+
+
+def _oriented(layout: str, shape: tuple[int, int], provenance: dict[str, Any],
+              transpose: bool) -> tuple[str, tuple[int, int], dict[str, Any]]:
+    """The layout and shape to read a sparse matrix's arrays as, for A or (``transpose``)
+    A^T: A's CSR arrays are A^T's CSC, and the other way round (a COO's rows and columns
+    are exchanged by its reader)."""
+    if not transpose:
+        return layout, shape, provenance
+    return (TRANSPOSED_LAYOUT.get(layout, layout), shape[::-1],
+            {**provenance, "transposed": True})
 
 
 def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
               chunk_nnz: int = DEFAULT_CHUNK_NNZ, memory_limit: int | str = DEFAULT_MEMORY_LIMIT,
               scratch_dir: str | os.PathLike | None = None, overwrite: bool = False,
-              progress: bool | None = None) -> Any:
+              progress: bool | None = None, transpose: bool = False) -> Any:
     """Rewrite a sparse zarr group (AnnData's layout, ``csr_matrix`` or ``csc_matrix``,
     zarr format 2 or 3) in the CSR layout: to rechunk a CSR store (``chunk_nnz``: smaller
     storage chunks make smaller blocks, for a lower memory limit), to change its value dtype,
-    to put its rows in canonical order once, or to turn CSC into CSR. Other parameters as
-    ``from_mtx``; ``out`` may not be ``path``, nor inside or around it."""
+    to put its rows in canonical order once, to turn CSC into CSR, or (``transpose``) to
+    write A^T, for the SVD of a wide A. Other parameters as ``from_mtx``; ``out`` may not be
+    ``path``, nor inside or around it."""
     from .sources.dense import open_zarr_node
 
     path = os.fspath(path)
@@ -469,10 +511,11 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
                          f" shape {group.attrs.get('shape')}, missing arrays {missing})")
     shape = stored_shape(group.attrs["shape"], repr(path))
     readers = _sparse_group_readers(group, path)
+    provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
+    layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
     target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                      source_path=path, progress=progress)
-    provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
     return _write_sparse_group(readers, layout, shape, target, provenance)
 
 

@@ -436,6 +436,8 @@ class _Layouts:
                         "--chunk-nnz)"
             if m < n:  # the n x l arrays would shrink: those of A^T have m rows
                 hint += f" or factor A^T ({n} x {m}) instead, whose U and V are V and U here"
+                if self.nnz is not None:
+                    hint += " (ooc-svd convert --transpose writes it)"
             arrays = f"n x l float64 arrays with l={width}"
             if method in ("exact", "gram") and \
                     _fixed_bytes(n, width, method) > _fixed_bytes(n, width, "randomized"):

@@ -131,8 +131,10 @@ def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
     assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), B)
     mtx = tmp_path / "A.mtx"
     scipy.io.mmwrite(mtx, A)
-    with pytest.raises(InputError, match="overlaps the input"):
+    with pytest.raises(InputError, match="is named as a .mtx file"):  # before it overlaps
         convert(mtx, mtx, overwrite=True)
+    with pytest.raises(InputError, match="overlaps the input"):
+        convert(theirs, theirs, overwrite=True)
     assert scipy.io.mmread(mtx).nnz == A.nnz
 
 
@@ -908,3 +910,65 @@ def test_complex_values_are_refused_whatever_dtype_is_asked(tmp_path, dtype):
         with pytest.raises(InputError, match=r"complex values \(complex128\) are not supported"):
             convert(source, tmp_path / "B.zarr", dtype=dtype)
     assert sorted(os.listdir(tmp_path)) == ["A.npz"]
+
+
+TRANSPOSABLE = {
+    "scipy csr": lambda path, A: A,
+    "scipy coo": lambda path, A: A.tocoo(),
+    "npz csr": lambda path, A: sp.save_npz(path.with_suffix(".npz"), A) or
+    path.with_suffix(".npz"),
+    "npz csc": lambda path, A: sp.save_npz(path.with_suffix(".npz"), A.tocsc()) or
+    path.with_suffix(".npz"),
+    "npz coo": lambda path, A: sp.save_npz(path.with_suffix(".npz"), A.tocoo()) or
+    path.with_suffix(".npz"),
+    "npz bsr": lambda path, A: sp.save_npz(path.with_suffix(".npz"), A.tobsr()) or
+    path.with_suffix(".npz"),
+    "mtx in row order": lambda path, A: scipy.io.mmwrite(path.with_suffix(".mtx"), A) or
+    path.with_suffix(".mtx"),
+    "mtx in column order": lambda path, A: scipy.io.mmwrite(path.with_suffix(".mtx"),
+                                                            A.tocsc().tocoo()) or
+    path.with_suffix(".mtx"),
+    "h5ad csr": lambda path, A: write_h5_sparse(path.with_suffix(".h5ad"), A),
+    "h5ad csc": lambda path, A: write_h5_sparse(path.with_suffix(".h5ad"), A, layout="csc"),
+    "zarr csr": lambda path, A: write_zarr_sparse(path.with_suffix(".zarr"), A, chunk=500),
+    "zarr csc": lambda path, A: write_zarr_sparse(path.with_suffix(".zarr"), A, layout="csc",
+                                                  chunk=500),
+}
+
+
+@pytest.mark.parametrize("kind", TRANSPOSABLE)
+def test_transpose_writes_a_transposed(tmp_path, kind):
+    """A^T exactly, from every input, in one pass where its entries come in A^T's row
+    order (a CSC, a file in column order) or scipy converts it in memory (the scipy
+    objects, BSR), else through buckets."""
+    A = with_gaps(m=300, n=1200, density=0.01, seed=3)  # wide: A^T is 1200 x 300
+    source = TRANSPOSABLE[kind](tmp_path / "A", A)
+    group = convert(source, tmp_path / "At.zarr", transpose=True, **SMALL)
+    assert_same_csr(read_back(group), A.T, np.float64)
+    provenance = group.attrs["ooc_svd_source"]
+    assert provenance["transposed"] is True
+    in_order = kind in ("npz csc", "mtx in column order", "h5ad csc", "zarr csc", "scipy csr",
+                        "scipy coo", "npz bsr")
+    assert provenance["row_sorted"] is in_order
+    assert convert(source, tmp_path / "plain.zarr").attrs["ooc_svd_source"].get(
+        "transposed") is None
+
+
+def test_transpose_of_symmetric_and_skew_symmetric_files(tmp_path):
+    """A symmetric file's A^T is A; a skew-symmetric one's is -A."""
+    lines = ["2 1 3.5", "3 1 -2", "3 2 7"]
+    for symmetry, sign in (("symmetric", 1), ("skew-symmetric", -1)):
+        path = write_mtx(tmp_path / f"{symmetry}.mtx", lines, f"real {symmetry}", (3, 3))
+        out = tmp_path / f"{symmetry}.zarr"
+        stored = read_back(convert(path, out, transpose=True)).toarray()
+        np.testing.assert_array_equal(stored, sign * scipy.io.mmread(path).toarray())
+
+
+def test_convert_command_transposes(tmp_path):
+    A = with_gaps(m=50, n=400, density=0.05, seed=4)
+    sp.save_npz(tmp_path / "A.npz", A)
+    done = subprocess.run([sys.executable, "-m", "ooc_svd", "convert", str(tmp_path / "A.npz"),
+                           str(tmp_path / "At.zarr"), "--transpose"],
+                          capture_output=True, text=True, check=True)
+    assert "400 x 50" in done.stdout and "transposed" in done.stdout
+    assert_same_csr(read_back(zarr.open_group(tmp_path / "At.zarr", mode="r")), A.T)
