@@ -498,7 +498,7 @@ def _wide_as_tall(source: DenseSource | CSRSource, M: Any, client: Any) -> tuple
     (or on a cluster, whatever its columns): A^T - M^T would be densified, where A - M keeps
     A's sparsity. The sparse A^T is converted to CSR by the run, a copy of A."""
     m, n = source.shape
-    on_disk = isinstance(source, DenseSource) and source.kind == "npy"
+    on_disk = isinstance(source, DenseSource) and isinstance(source.array, np.memmap)
     if m >= n or on_disk:
         return None
     M_T = None

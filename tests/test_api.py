@@ -110,6 +110,40 @@ def test_an_npy_or_npz_file_is_read_by_rows_not_through_its_mapping(tmp_path, sa
     assert rows.dtype == np.float32 and rows.flags.c_contiguous
 
 
+def test_a_memmap_the_caller_passes_is_read_as_it_is_in_memory(tmp_path):
+    """Its file may hold other values than the mapping (copy-on-write, edited), or be gone:
+    only files ooc_svd opens itself are read from the file."""
+    A = np.random.default_rng(0).standard_normal((300, 20)) + 100.0
+    np.save(tmp_path / "A.npy", A)
+    edited = np.load(tmp_path / "A.npy", mmap_mode="c")
+    edited -= edited.mean(axis=0)  # in memory only
+    centered = A - A.mean(axis=0)
+    np.testing.assert_allclose(ooc_svd.svd(edited, 3, method="exact").S,
+                               np.linalg.svd(centered, compute_uv=False)[:3], rtol=1e-10)
+    mapped = np.load(tmp_path / "A.npy", mmap_mode="r")
+    os.remove(tmp_path / "A.npy")  # the mapping still reads it
+    np.testing.assert_allclose(ooc_svd.svd(mapped, 3, method="exact").S,
+                               np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-10)
+
+
+def test_an_npz_member_named_without_npy_is_read(tmp_path):
+    """numpy reads a member 'a' as the array 'a', as it does 'a.npy'."""
+    import io
+    import zipfile
+
+    from ooc_svd.sources import open_dense_source
+
+    A = np.arange(12.0).reshape(4, 3)
+    member = io.BytesIO()
+    np.save(member, A)
+    path = str(tmp_path / "A.npz")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("a", member.getvalue())
+    source = open_dense_source(path)
+    assert source.reads_file
+    np.testing.assert_array_equal(source.read(1, 4), A[1:4])
+
+
 def test_a_file_loaded_whole_counts_in_the_plan(tmp_path):
     """A compressed .npz (or a scipy.sparse one) is loaded whole: the plan counts it
     beside the working set, and refuses where it does not fit, saying how it would be
@@ -824,7 +858,8 @@ def test_a_wide_npy_file_is_read_by_rows_not_transposed(tmp_path):
     A = np.random.default_rng(1).standard_normal((50, 5000))
     path = str(tmp_path / "wide.npy")
     np.save(path, A)
-    for stored in (path, np.load(path, mmap_mode="r")):
+    np.savez(tmp_path / "wide.npz", A=A)  # uncompressed: mapped, as the .npy
+    for stored in (path, np.load(path, mmap_mode="r"), str(tmp_path / "wide.npz")):
         with pytest.raises(InputError, match="needs an n x n factor"):
             ooc_svd.svd_lowrank(stored, q=3, method="exact")
     S = ooc_svd.svd_lowrank(np.load(path), q=3, method="exact")[1]

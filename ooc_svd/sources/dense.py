@@ -36,6 +36,10 @@ class DenseSource:
         Memory that opening the input took: a file loaded whole (a compressed .npz), which
         the run holds beside its working set; 0 for everything read by blocks, and for an
         array the caller holds.
+    reads_file : bool
+        The array is a memmap of an .npy (or uncompressed .npz) that ooc_svd opened from
+        its path, whose rows are read from the file (``rows_from_file``). Not for a memmap
+        the caller passes, which may be copy-on-write and edited, or of a removed file.
     """
 
     array: Any
@@ -45,12 +49,13 @@ class DenseSource:
     compute_slice: bool = False  # dask: a slice is lazy and must be computed
     decodes: bool = True  # reading costs CPU (decompression), competing with the kernels
     loaded_bytes: int = 0
+    reads_file: bool = False
 
     @property
     def cache_pays(self) -> bool:
         """Whether keeping blocks in memory saves later passes work: decoding a store's
         chunks, or copying an .npy file's rows from the page cache (``rows_from_file``)."""
-        return self.decodes or read_from_file(self.array)
+        return self.decodes or self.reads_file
 
     @property
     def kind(self) -> str:
@@ -131,9 +136,8 @@ class DenseSource:
             ) from exc
 
     def _slice(self, start: int, stop: int) -> Any:
-        rows = rows_from_file(self.array, start, stop)
-        if rows is not None:
-            return rows
+        if self.reads_file:
+            return rows_from_file(self.array, start, stop)
         block = self.array[start:stop]
         if self.compute_slice:
             # A local run needs no scheduler: each slice is a small graph of whole chunks,
@@ -256,7 +260,8 @@ def _open_path(path: str) -> DenseSource:
         except (OSError, ValueError) as exc:
             raise StoreNotFoundError(f"cannot open {path!r} as a .npy file: {exc}") from exc
         return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
-                           stored_bytes=os.path.getsize(path), decodes=False)
+                           stored_bytes=os.path.getsize(path), decodes=False,
+                           reads_file=read_from_file(array))
     if not is_url and os.path.isfile(path):  # zarr stores are directories
         raise StoreNotFoundError(_unreadable_file(path))
     import zarr
@@ -272,21 +277,21 @@ def _open_path(path: str) -> DenseSource:
 
 
 def read_from_file(array: Any) -> bool:
-    """Whether ``rows_from_file`` reads ``array``'s rows from its file."""
+    """Whether ``rows_from_file`` can read ``array``'s rows from its file: a read-only,
+    C-ordered 2-D memmap that maps the file itself (not a view of another memmap)."""
     return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and \
-        array.flags.c_contiguous and array.ndim == 2 and array.filename is not None
+        array.mode == "r" and array.flags.c_contiguous and array.ndim == 2 and \
+        array.filename is not None
 
 
-def rows_from_file(array: Any, start: int, stop: int) -> np.ndarray | None:
-    """Rows [start, stop) of a C-ordered memmap that maps its file itself (as ``np.load``'s
-    of an .npy does), read from the file into a new array; None for anything else.
+def rows_from_file(array: np.memmap, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a memmap that ``read_from_file`` accepts, read from its file
+    into a new array.
 
     A slice of the memmap would be read through the mapping, whose pages stay mapped, so
     the process's RSS grew to the whole file (2.1 GB for a 2 GB .npy at a 300 MB limit):
     clean pages that the kernel may take back, but that RSS limits count. Read this way,
     the file's pages stay in the page cache, outside the process."""
-    if not read_from_file(array):
-        return None
     rows = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
     view = memoryview(rows.reshape(-1).view(np.uint8))
     done = 0
@@ -324,23 +329,35 @@ def _open_npz(path: str) -> DenseSource:
         names = list(archive.files)
         if len(names) != 1:
             raise InputError(f"{path!r} holds {len(names)} arrays ({names}); one is needed")
-        array = _stored_member(path, archive.zip, f"{names[0]}.npy")
+        array = _stored_member(path, archive.zip, names[0])
         loaded = 0
         if array is None:
             array = archive[names[0]]
             loaded = array.nbytes
     return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
-                       stored_bytes=os.path.getsize(path), decodes=False, loaded_bytes=loaded)
+                       stored_bytes=os.path.getsize(path), decodes=False, loaded_bytes=loaded,
+                       reads_file=read_from_file(array))
 
 
 def _stored_member(path: str, archive: Any, name: str) -> np.memmap | None:
-    """The .npy member ``name`` of a zip file, mapped, where it is stored uncompressed
-    and unencrypted; else None (it is then read whole)."""
+    """The array ``name`` of an .npz (its member ``name.npy``, or ``name`` as numpy also
+    reads it), mapped, where it is stored uncompressed and unencrypted; else None (it is
+    then read whole)."""
     import zipfile
 
-    info = archive.getinfo(name)
+    members = archive.namelist()
+    member = f"{name}.npy" if f"{name}.npy" in members else name
+    info = archive.getinfo(member)
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
         return None
+    try:
+        return _mapped_member(path, info)
+    except ValueError:  # not what numpy writes: read whole, numpy says what is wrong
+        return None
+
+
+def _mapped_member(path: str, info: Any) -> np.memmap | None:
+    """The stored member ``info`` of the zip file ``path`` (an .npy's bytes), mapped."""
     with open(path, "rb") as file:
         # The member's data follows its local header: 30 bytes, its name and extra field.
         file.seek(info.header_offset + 26)
