@@ -44,14 +44,16 @@ def raise_if_lost() -> None:
 def signals_as_interrupts():
     """SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` while the command runs, in
     the main thread (where Python runs signal handlers), and both are recorded for
-    ``raise_if_lost``."""
+    ``raise_if_lost``. A signal ignored when the command began (SIGINT of a job started in
+    the background by a shell, ``trap '' INT``) stays ignored."""
     global _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _received = None
     handlers = {signal.SIGINT: _raiser(KeyboardInterrupt), signal.SIGTERM: _raiser(Terminated)}
-    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -755,6 +755,10 @@ def test_a_signal_whose_exception_a_finalizer_dropped_still_stops_the_run(
     first pass (exit 143 or 130), and does not go on to its end."""
     from click.testing import CliRunner
 
+    handler = signal.getsignal(signal_number)
+    if handler is signal.SIG_IGN:
+        pytest.skip("the signal is ignored in this process, and so by the command")
+
     from ooc_svd.cli import main
     from ooc_svd.interrupts import Terminated
     from ooc_svd.passes import PassContext
@@ -777,7 +781,25 @@ def test_a_signal_whose_exception_a_finalizer_dropped_still_stops_the_run(
     assert done.exit_code == 128 + signal_number, done.output
     assert "before a pass was complete; nothing was kept to resume from" in done.output
     assert os.listdir(tmp_path) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    assert signal.getsignal(signal_number) is handler  # given back
+
+
+def test_a_signal_ignored_when_a_command_begins_stays_ignored():
+    """A shell starts a background job with SIGINT ignored: a Ctrl-C meant for the
+    foreground must not stop it."""
+    from ooc_svd import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.signals_as_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (a handler would raise here)
+            interrupts.raise_if_lost()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_lost_signal_is_raised_again_only_while_a_command_runs():
