@@ -434,9 +434,11 @@ class _Layouts:
             if overhead and peak - overhead <= self.memory_limit:  # smaller chunks would fit
                 hint += " or write the store with fewer non-zeros per chunk (ooc-svd convert " \
                         "--chunk-nnz)"
-            if m < n:  # the n x l arrays would shrink: those of A^T have m rows
+            # The n x l arrays would shrink, those of A^T having m rows, where A^T can be had:
+            # in memory, or a sparse store's from ooc-svd convert
+            if m < n and (self.nnz is not None or not self.storage_chunks):
                 hint += f" or factor A^T ({n} x {m}) instead, whose U and V are V and U here"
-                if self.nnz is not None:
+                if self.nnz is not None and self.storage_chunks:
                     hint += " (ooc-svd convert --transpose writes it)"
             arrays = f"n x l float64 arrays with l={width}"
             if method in ("exact", "gram") and \

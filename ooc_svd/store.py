@@ -136,8 +136,16 @@ UNFINISHED = "ooc_svd_unfinished"
 STAGED_FOR = "ooc_svd_staged_for"
 
 
-# Names of files that an output, a zarr store (a directory), would be mistaken for.
-FILE_SUFFIXES = (".npy", ".npz", ".mtx", ".mtx.gz", ".h5ad", ".h5", ".hdf5", ".csv", ".txt")
+# The files ooc_svd reads (never zarr stores, which are directories), by their names' ends
+FILE_KINDS = {".npy": "an .npy file", ".npz": "an .npz file",
+              ".mtx": "a Matrix Market file", ".mtx.gz": "a Matrix Market file",
+              ".h5ad": "an HDF5 file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file"}
+
+
+def file_kind(path: str) -> str | None:
+    """What kind of file ``path``'s name says it is (``FILE_KINDS``), or None."""
+    name = path.lower()
+    return next((kind for suffix, kind in FILE_KINDS.items() if name.endswith(suffix)), None)
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "result",
@@ -157,11 +165,10 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, replaces: str = "
     if "://" in path:
         raise InputError(f"out must be a local path (an atomic rename needs one), not {path!r}")
     path = os.path.normpath(path)  # 'result.zarr/' names result.zarr
-    file_suffix = next((suffix for suffix in FILE_SUFFIXES if path.lower().endswith(suffix)),
-                       None)
-    if file_suffix is not None:
-        raise InputError(f"output {path!r} is named as a {file_suffix} file, but it is written "
-                         "as a zarr store (a directory): name it ending in .zarr, say")
+    kind = file_kind(path)
+    if kind is not None and not os.path.isdir(path):  # (a store written so before is kept)
+        raise InputError(f"output {path!r} is named as {kind}, but it is written as a zarr "
+                         "store (a directory): name it ending in .zarr, say")
     check_apart_from_inputs("output", path, inputs)
     check_apart_from_inputs("output", f"{path}.partial", inputs, where_written=True)
     if os.path.lexists(path):

@@ -945,15 +945,20 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, matrix):
 
 @pytest.mark.parametrize("name", ["result.npy", "result.NPZ", "A.mtx.gz", "A.h5ad"])
 def test_an_output_named_as_a_file_is_refused(tmp_path, matrix, name):
-    """Outputs are zarr stores, directories: a result.npy would be one."""
+    """Outputs are zarr stores, directories: a result.npy would be one. A store that is
+    there already, so named before, is replaced as any other."""
     from ooc_svd.convert import from_scipy
 
-    for write in (lambda out: ooc_svd.svd(matrix, 3, out=out),
+    for write in (lambda out: ooc_svd.svd(matrix, 3, out=out, overwrite=True),
                   lambda out: from_scipy(scipy.sparse.csr_matrix(np.eye(3)), out)):
-        with pytest.raises(InputError, match=f"output '.*{name}' is named as a "
-                                             r".* file, but it is written as a zarr store"):
+        with pytest.raises(InputError, match=f"output '.*{name}' is named as an? .* file, but "
+                                             "it is written as a zarr store"):
             write(str(tmp_path / name))
     assert os.listdir(tmp_path) == []
+    ooc_svd.svd(matrix, 3, out=str(tmp_path / "result.zarr"))
+    os.rename(tmp_path / "result.zarr", tmp_path / name)
+    ooc_svd.svd(matrix, 2, out=str(tmp_path / name), overwrite=True)
+    assert os.listdir(tmp_path) == [name]
 
 
 def test_a_relative_path_through_a_link_names_what_the_filesystem_finds(tmp_path, monkeypatch):

@@ -693,7 +693,8 @@ def test_info_of_a_result_describes_it(store, tmp_path):
     assert text.startswith(f"{out}: an ooc_svd result, rank 4 of the 30000 x 40 matrix ")
     assert f"ooc-svd check {out} INPUT verifies it" in text
     # a plan is of an input: a result is none
-    assert ooc_svd_command("info", out, "--k", 2, check=False).returncode == 2
+    done = ooc_svd_command("info", out, "--k", 2, check=False)
+    assert done.returncode == 2 and "is an ooc_svd result, not a matrix to factor" in done.stderr
 
 
 def test_json_failures_are_json_on_stdout(store, tmp_path):

@@ -131,7 +131,7 @@ def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
     assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), B)
     mtx = tmp_path / "A.mtx"
     scipy.io.mmwrite(mtx, A)
-    with pytest.raises(InputError, match="is named as a .mtx file"):  # before it overlaps
+    with pytest.raises(InputError, match="is named as a Matrix Market file"):  # or overlaps
         convert(mtx, mtx, overwrite=True)
     with pytest.raises(InputError, match="overlaps the input"):
         convert(theirs, theirs, overwrite=True)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, NonFiniteError, ReadError, StoreNotFoundError
+from ..store import file_kind
 from .dtypes import block_dtype
 
 
@@ -228,16 +229,10 @@ def _has_npy_header(path: str) -> bool:
         return False
 
 
-# Files that ``ooc-svd convert`` (``ooc_svd.convert``) writes as CSR stores, by their names.
-CONVERTIBLE_FILES = {".mtx": "a Matrix Market file", ".mtx.gz": "a Matrix Market file",
-                     ".h5ad": "an HDF5 file", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file"}
-
-
 def _unreadable_file(path: str) -> str:
-    """Why a file that is no .npy or .npz is not read, and what to do with it."""
-    name = path.lower()
-    kind = next((kind for suffix, kind in CONVERTIBLE_FILES.items() if name.endswith(suffix)),
-                None)
+    """Why a file that is no .npy or .npz is not read, and what to do with it: those
+    ``ooc-svd convert`` (``ooc_svd.convert``) writes as CSR stores are named."""
+    kind = file_kind(path)
     if kind is not None:
         return (f"{path!r} is {kind}, which is read through a CSR store: convert it first "
                 f"(ooc-svd convert {path} OUT.zarr, or ooc_svd.convert)")

@@ -102,6 +102,9 @@ def _open_group(group: Any, description: str) -> CSRSource:
             f"{description} is a CSC matrix; ooc_svd streams rows: write it as CSR "
             "(ooc-svd convert), or pass its transpose stored as CSR and swap U and V"
         )
+    if "ooc_svd" in group.attrs:
+        raise InputError(f"{description} is an ooc_svd result, not a matrix to factor "
+                         "(ooc-svd info without --k describes it)")
     arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
     raise InputError(
         f"{description} is a zarr group, not an array or a CSR matrix (its arrays: {arrays}; "
