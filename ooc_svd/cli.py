@@ -508,7 +508,8 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
 @click.option("--progress", is_flag=True, help="Progress bars even when stderr is no terminal.")
 @click.option("--transpose", is_flag=True,
               help="Write A^T instead: for a wide A, whose n x l arrays may not fit, run on "
-                   "A^T, whose U and V are A's V and U.")
+                   "A^T, whose U and V are A's V and U (A's PCA is not --center on A^T: see "
+                   "README).")
 @user_errors
 def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir, overwrite,
             quiet, progress, transpose) -> None:

@@ -85,12 +85,14 @@ class _Target:
     scratch_dir: str | None = None
     progress: bool | None = None  # bars on stderr; None: when it is a terminal
     integers: bool = False  # the source's values are integers
+    transposed: bool = False  # A^T is written: its rows are the input's columns
 
     def writer(self) -> CSRWriter:
         bars = progress_bars(self.progress)
         return CSRWriter(self.out, self.shape[1], self.dtype, chunk_nnz=self.chunk_nnz,
                          overwrite=self.overwrite, integers=self.integers,
-                         progress=lambda: bars("rows", self.shape[0], unit=" rows"))
+                         progress=lambda: bars("rows", self.shape[0], unit=" rows"),
+                         row_label="column {} of the input" if self.transposed else "row {}")
 
     def counted(self, chunks: Iterator[EntryChunk], expected: int) -> Iterator[EntryChunk]:
         """``chunks``, with a bar of the entries that went by (``expected`` of them)."""
@@ -124,9 +126,9 @@ class _Target:
 def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *, dtype: Any,
             chunk_nnz: int, overwrite: bool, memory_limit: int | str,
             scratch_dir: str | os.PathLike | None = None, source_path: str | None = None,
-            progress: bool | None = None) -> _Target:
+            progress: bool | None = None, transposed: bool = False) -> _Target:
     """Validate the options before any long work (``source_path``: the input's file or
-    store, which ``out`` may not touch)."""
+    store, which ``out`` may not touch; ``transposed``: ``shape`` is A^T's, written)."""
     inputs = () if source_path is None else (source_path,)
     path = check_output_path(out, overwrite, replaces="csr", inputs=inputs)
     if chunk_nnz < 1:
@@ -148,7 +150,8 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
         )
     integers = source_dtype is not None and np.dtype(source_dtype).kind in "iub"
     return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,
-                   None if scratch_dir is None else os.fspath(scratch_dir), progress, integers)
+                   None if scratch_dir is None else os.fspath(scratch_dir), progress, integers,
+                   transposed)
 
 
 def output_dtype(source: np.dtype | None, requested: Any = None) -> np.dtype:
@@ -259,7 +262,8 @@ def _from_scipy(matrix: Any, out: str | os.PathLike, provenance: dict[str, Any],
         raise InputError(f"expected a 2-D scipy.sparse matrix, not {type(matrix).__name__}")
     if transpose:  # (of CSR, CSC of the same arrays: converted below as any CSC)
         matrix, provenance = matrix.T, {**provenance, "transposed": True}
-    target = _target(out, matrix.shape, matrix.dtype, source_path=source_path, **options)
+    target = _target(out, matrix.shape, matrix.dtype, source_path=source_path,
+                     transposed=transpose, **options)
     csr = matrix if matrix.format == "csr" else matrix.tocsr()
     readers = (SlicedReader(csr.indptr, "indptr"), SlicedReader(csr.indices, "indices"),
                SlicedReader(csr.data, "data"))
@@ -330,7 +334,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
         data = NpyMemberReader(archive, "data", path)
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
-                         **options)
+                         transposed=transpose, **options)
         if layout == "csr":
             readers = (NpyMemberReader(archive, "indptr", path),
                        NpyMemberReader(archive, "indices", path), data)
@@ -424,7 +428,7 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         shape, provenance = shape[::-1], {**provenance, "transposed": True}
     target = _target(out, shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                     source_path=path, progress=progress)
+                     source_path=path, progress=progress, transposed=transpose)
 
     def entries() -> Iterator[EntryChunk]:
         chunks = read_entry_chunks(path, target.text_bytes)
@@ -471,7 +475,7 @@ def from_h5ad(path: str | os.PathLike, out: str | os.PathLike, *, group: str = "
         layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
         target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                          overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                         source_path=path, progress=progress)
+                         source_path=path, progress=progress, transposed=transpose)
         return _write_sparse_group(readers, layout, shape, target, provenance)
 
 
@@ -515,7 +519,7 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
     target = _target(out, shape, readers[2].dtype, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                     source_path=path, progress=progress)
+                     source_path=path, progress=progress, transposed=transpose)
     return _write_sparse_group(readers, layout, shape, target, provenance)
 
 

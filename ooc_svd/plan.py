@@ -76,8 +76,8 @@ DIFFERENCE_ROUNDING = 1 << 18
 
 # How an input file that a run loads whole would be read by blocks instead
 LOADED_HINT = {
-    "dense": " or save the array uncompressed (np.save, or np.savez), which is read by blocks",
-    "sparse": " or convert the .npz to a CSR store (ooc-svd convert), which is read by blocks",
+    "dense": "save the array uncompressed (np.save, or np.savez), which is read by blocks",
+    "sparse": "convert the .npz to a CSR store (ooc-svd convert), which is read by blocks",
 }
 
 
@@ -419,27 +419,34 @@ class _Layouts:
                 break
         return blocks, peak, depth
 
+    def _transpose_hint(self) -> list[str]:
+        """How to factor A^T instead, where A^T can be had (its n x l arrays would have m
+        rows): a sparse file or store through ooc-svd convert, a matrix held in memory by
+        passing its transpose. None for a dense store or file."""
+        m, n = self.shape
+        hint = f"factor A^T ({n} x {m}) instead, whose U and V are V and U here"
+        if self.nnz is not None and (self.storage_chunks or self.loaded_bytes):
+            return [f"{hint} (ooc-svd convert --transpose writes it)"]
+        return [hint] if not self.storage_chunks and not self.loaded_bytes else []
+
     def _refusal(self, method: str, width: int, blocks, peak: int) -> PlanError:
         """Why no layout of ``method`` fits the limit, with the numbers and the way out."""
         (m, n), limit = self.shape, format_bytes(self.memory_limit)
         overhead = self.read_overhead_bytes
         if len(blocks) == 0:
-            decoded, hint = "", "; raise memory_limit"
+            decoded, ways_out = "", ["raise memory_limit"]
             if overhead:
                 decoded = f", and {format_bytes(overhead)} of partly decoded storage chunks " \
                           "per read"
             if self.loaded_bytes:
                 decoded += f", and the input, loaded whole ({format_bytes(self.loaded_bytes)})"
-                hint += LOADED_HINT["sparse" if self.nnz is not None else "dense"]
+                ways_out.append(LOADED_HINT["sparse" if self.nnz is not None else "dense"])
             if overhead and peak - overhead <= self.memory_limit:  # smaller chunks would fit
-                hint += " or write the store with fewer non-zeros per chunk (ooc-svd convert " \
-                        "--chunk-nnz)"
-            # The n x l arrays would shrink, those of A^T having m rows, where A^T can be had:
-            # in memory, or a sparse store's from ooc-svd convert
-            if m < n and (self.nnz is not None or not self.storage_chunks):
-                hint += f" or factor A^T ({n} x {m}) instead, whose U and V are V and U here"
-                if self.nnz is not None and self.storage_chunks:
-                    hint += " (ooc-svd convert --transpose writes it)"
+                ways_out.append("write the store with fewer non-zeros per chunk (ooc-svd "
+                                "convert --chunk-nnz)")
+            if m < n:
+                ways_out += self._transpose_hint()
+            hint = "; " + "; or ".join(ways_out)
             arrays = f"n x l float64 arrays with l={width}"
             if method in ("exact", "gram") and \
                     _fixed_bytes(n, width, method) > _fixed_bytes(n, width, "randomized"):

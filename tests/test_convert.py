@@ -954,6 +954,15 @@ def test_transpose_writes_a_transposed(tmp_path, kind):
         "transposed") is None
 
 
+def test_a_transposed_value_is_named_by_its_column_of_the_input(tmp_path):
+    """A^T's row r is the input's column r: messages say so."""
+    path = write_mtx(tmp_path / "A.mtx", ["1 5 1e300", "2 2 1"], shape=(3, 5))
+    with pytest.raises(InputError, match=r"the value 1e\+300 of column 4 of the input lies"):
+        convert(path, tmp_path / "At.zarr", transpose=True, dtype="float32")
+    with pytest.raises(InputError, match=r"the value 1e\+300 of row 0 lies"):
+        convert(path, tmp_path / "A.zarr", dtype="float32")
+
+
 def test_transpose_of_symmetric_and_skew_symmetric_files(tmp_path):
     """A symmetric file's A^T is A; a skew-symmetric one's is -A."""
     lines = ["2 1 3.5", "3 1 -2", "3 2 7"]

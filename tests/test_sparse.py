@@ -529,7 +529,7 @@ def test_plan_counts_the_n_by_l_arrays_and_refuses_with_numbers(monkeypatch):
     with pytest.raises(PlanError, match=refusal) as refused:
         ooc_svd.svd_plan(A, k=50, memory_limit="100MB")
     # the n x l arrays are what does not fit, not the chunks: A^T's are m x l
-    assert str(refused.value).endswith("; raise memory_limit or factor A^T (2000000 x 100) "
+    assert str(refused.value).endswith("; raise memory_limit; or factor A^T (2000000 x 100) "
                                        "instead, whose U and V are V and U here")
     A = A[:, :20_000].tocsr()
     plan = ooc_svd.svd_plan(A, k=5, memory_limit="1GB")

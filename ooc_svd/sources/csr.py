@@ -458,7 +458,8 @@ class CSRWriter:
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
                  chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
                  compression_level: int = 3, replaces: str = "csr",
-                 progress: Callable[[], Any] | None = None, integers: bool = False):
+                 progress: Callable[[], Any] | None = None, integers: bool = False,
+                 row_label: str = "row {}"):
         import zarr
         from zarr.codecs import ZstdCodec
 
@@ -467,6 +468,7 @@ class CSRWriter:
         # What overwrite may replace (``store.REPLACEABLE``): a generator replaces only
         # what it generated
         self.path = check_output_path(path, overwrite, replaces=replaces)
+        self.row_label = row_label  # how messages name a row (of A^T: a column of A)
         self.n_cols = int(n_cols)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
@@ -545,8 +547,8 @@ class CSRWriter:
             overflowed = np.flatnonzero(~finite & np.isfinite(data))
             if overflowed.size:
                 position = int(overflowed[0])
-                raise InputError(f"the value {data[position]} of row "
-                                 f"{self._row_of(position, indptr)} lies beyond the range of "
+                row = self.row_label.format(self._row_of(position, indptr))
+                raise InputError(f"the value {data[position]} of {row} lies beyond the range of "
                                  f"{self.dtype}: store float64 values (convert --dtype "
                                  "float64)")
         if data.dtype.kind in "iu" or self.integers:
@@ -562,9 +564,10 @@ class CSRWriter:
             return
         self.warned_of_non_finite = True
         position = int(np.flatnonzero(~finite)[0])
+        row = self._row_of(position, indptr)
         warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
-                      f"{values[position]} in row {self._row_of(position, indptr)}): a run "
-                      "on the store refuses it", RuntimeWarning, stacklevel=2)
+                      f"{values[position]} in {self.row_label.format(row)}): a run on the store "
+                      "refuses it", RuntimeWarning, stacklevel=2)
 
     def _row_of(self, position: int, indptr: np.ndarray) -> int:
         """The row of the store that the appended value at ``position`` lies in."""
@@ -585,12 +588,12 @@ class CSRWriter:
             return
         self.warned_of_rounding = True
         position = int(changed[0])
-        row = self._row_of(position, indptr)
+        row = self.row_label.format(self._row_of(position, indptr))
         hint = ": store float64 values (convert --dtype float64)" if self.dtype == np.float32 \
             else ""
         given = int(data[position]) if data.dtype.kind in "iu" else f"{data[position]:.17g}"
         warnings.warn(f"integer values beyond 2**{exact.bit_length() - 1} are rounded in "
-                      f"{self.dtype} (the first, {given} of row {row}, is stored as "
+                      f"{self.dtype} (the first, {given} of {row}, is stored as "
                       f"{values[position]:.17g}){hint}", RuntimeWarning, stacklevel=2)
 
     def close(self) -> Any:
