@@ -423,9 +423,8 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     with open_binary(path) as file:
         header = read_header(file, path)
     source = {"real": np.float64, "integer": np.int64}.get(header.field)
-    shape, provenance = header.shape, {"input": path, "format": header.describe()}
-    if transpose:
-        shape, provenance = shape[::-1], {**provenance, "transposed": True}
+    _, shape, provenance = _oriented("coo", header.shape,
+                                     {"input": path, "format": header.describe()}, transpose)
     target = _target(out, shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
                      source_path=path, progress=progress, transposed=transpose)
