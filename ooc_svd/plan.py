@@ -369,12 +369,13 @@ class _Layouts:
         # for exact and gram the k columns of V_k that their final pass takes.
         width = {"krylov": self.krylov_width, "exact": min(self.k, m, n),
                  "gram": min(self.k, m, n)}.get(method, l)
-        fixed = _fixed_bytes(n, width, method) + self.loaded_bytes
-        if self.requested == "auto" and method == "gram":
-            # room for the fallback
-            fixed = max(fixed, _fixed_bytes(n, width, "exact") + self.loaded_bytes)
+        fixed = _fixed_bytes(n, width, method)
+        exact_fallback = self.requested == "auto" and method == "gram"
+        if exact_fallback:
+            fixed = max(fixed, _fixed_bytes(n, width, "exact"))  # room for the fallback
             reason += ("; should G not resolve sigma_k, the exact method takes over after "
                        "its pass (one pass more)")
+        fixed += self.loaded_bytes  # an input file loaded whole, beside the working set
         # The sparse power kernel's private accumulators may take a quarter of the limit at
         # most, and are halved where the blocks do not fit beside them, down to one.
         copies = 0
@@ -396,7 +397,7 @@ class _Layouts:
             block_bytes=_bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
             nnz=nnz, scatter_copies=copies, spectral_iters=self.spectral_iters,
             read_factor=self.read_factor,
-            exact_fallback=self.requested == "auto" and method == "gram",
+            exact_fallback=exact_fallback,
             loaded_bytes=self.loaded_bytes,
         )
         if not self.cacheable or plan.passes < 2:
