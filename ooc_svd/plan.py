@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import InputError, PlanError
-from .kernels.cpu import SUB_BLOCK_BYTES, stacked_rows
+from .kernels.cpu import stacked_rows, sub_block_bytes
 from .units import format_bytes
 
 # Throughputs of the cost model, measured on a two-core node (benchmarks/RESULTS.md). They
@@ -588,7 +588,7 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     # X, Z (or B^T), the block's C^T, the merge and orthogonalization temporaries; and the
     # merge's l x l factors: the stacked pair [R; R_i], its copy, Q_stack, R and R_i, and
     # the backward sweep's products.
-    final_pass = 8 * (6 * n * (l + 1) + 8 * (l + 1) ** 2) + SUB_BLOCK_BYTES
+    final_pass = 8 * (6 * n * (l + 1) + 8 * (l + 1) ** 2) + sub_block_bytes(n)
     if method == "exact":
         # R, its SVD factors (or the previous R), the rows stacked under R for the next
         # QR (factored in place) and the R it returns.
@@ -599,7 +599,7 @@ def _fixed_bytes(n: int, l: int, method: str) -> int:
     else:
         return final_pass
     # The n x n factor and its SVD (or eigenvectors) are let go before the final pass.
-    return max(factoring + SUB_BLOCK_BYTES, final_pass)
+    return max(factoring + sub_block_bytes(n), final_pass)
 
 
 def gram_seconds(rows: int, n: int, row_pairs: float | None) -> float:

@@ -33,6 +33,7 @@ def test_widen_accepts_non_contiguous_rows():
 def test_power_block_matches_dense_product(n, monkeypatch):
     # A tiny sub-block size forces several sub-blocks per block.
     monkeypatch.setattr(cpu, "SUB_BLOCK_BYTES", 8 * n * 5)
+    monkeypatch.setattr(cpu, "MIN_SUB_BLOCK_ROWS", 5)
     rng = np.random.default_rng(n)
     block = rng.standard_normal((23, n)).astype(np.float32)
     X = np.asfortranarray(rng.standard_normal((n, 4)))
@@ -45,6 +46,21 @@ def test_power_block_matches_dense_product(n, monkeypatch):
     np.testing.assert_allclose(Z, expected, rtol=1e-12, atol=1e-12)
     assert stats.rows == 23
     np.testing.assert_allclose(stats.colsum, (block - shift).sum(axis=0), rtol=1e-10)
+
+
+def test_sub_blocks_of_a_wide_matrix_keep_enough_rows(monkeypatch):
+    """A sub-block of SUB_BLOCK_BYTES would hold a single row of a wide A; it keeps
+    MIN_SUB_BLOCK_ROWS, and the plan counts its bytes."""
+    from ooc_svd.plan import _fixed_bytes
+
+    n = 1_000_000
+    assert cpu.sub_block_rows(n) == cpu.MIN_SUB_BLOCK_ROWS
+    assert cpu.sub_block_rows(100) == cpu.SUB_BLOCK_BYTES // 800  # a tall A's: 1 MB of rows
+    assert cpu.SubBlocks(100_000).buffer.nbytes == cpu.sub_block_bytes(100_000)
+    fixed = {method: _fixed_bytes(n, 20, method) for method in ("randomized", "krylov")}
+    monkeypatch.setattr(cpu, "MIN_SUB_BLOCK_ROWS", 2 * cpu.MIN_SUB_BLOCK_ROWS)
+    for method, before in fixed.items():
+        assert _fixed_bytes(n, 20, method) - before == 8 * n * cpu.MIN_SUB_BLOCK_ROWS // 2
 
 
 def test_block_times_and_transposed_products():
