@@ -365,11 +365,25 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      # (sources that decode read a store's chunks; the others have none)
                      storage_chunks=source.decodes,
                      loaded_bytes=source.loaded_bytes,
+                     transposed_by=_transposed_by(source),
                      # Host copies of a block beside the plan's: a pinned staging buffer
                      # per stream, and a block being moved into the page-locked cache;
                      # per stream, pinned copies of the final pass's Y_i and Q_i.
                      staging_blocks=gpu_streams + 1 if gpu_streams else 0,
                      staging_matrices=2 * gpu_streams)
+
+
+def _transposed_by(source: DenseSource | CSRSource) -> str | None:
+    """How A^T can be had (``make_plan``'s ``transposed_by``): 'memory' for a matrix held in
+    memory, 'convert' for a store or file that ooc-svd convert --transpose reads (a sparse
+    one loaded whole too), else None (a dask array, A - M)."""
+    if isinstance(source, CSRSource):
+        held = isinstance(source.data, np.ndarray) and not source.loaded_bytes
+        return "memory" if held else "convert"
+    if source.kind == "numpy":
+        return "memory"
+    return "convert" if source.kind.startswith("zarr") or source.kind in ("npy", "npz") \
+        else None
 
 
 def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None, *,

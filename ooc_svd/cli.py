@@ -493,7 +493,8 @@ def describe_csr_store(out: str, group, seconds: float) -> str:
 @click.argument("input_path", metavar="INPUT")
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
-              help="Stored values [default: float64 for float64 input, else float32].")
+              help="Stored values [default: float64 for float64 input, else float32; a "
+                   "dense input's own].")
 @click.option("--chunk-nnz", type=int, default=None,
               help="Non-zeros per storage chunk of indices and data [default: 1048576].")
 @click.option("--memory-limit", default="1GB", show_default=True,
@@ -518,7 +519,8 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
     INPUT is a scipy.sparse .npz, a Matrix Market coordinate file (.mtx, .mtx.gz), an HDF5
     file (.h5ad, .h5, .hdf5) holding an AnnData-style CSR or CSC group, or such a group on
     zarr (to rechunk a CSR store with --chunk-nnz, or turn CSC into CSR). With --transpose,
-    A^T is written.
+    A^T is written; a dense INPUT (a zarr array, an .npy, a dense .npz) only so, as a dense
+    zarr array (its values' dtype kept unless --dtype is given).
     """
     from .convert import convert as convert_matrix
 
@@ -529,7 +531,12 @@ def convert(input_path, out, dtype, chunk_nnz, memory_limit, group, scratch_dir,
     written = convert_matrix(input_path, out, dtype=dtype, memory_limit=memory_limit,
                              overwrite=overwrite,
                              progress=False if quiet else (True if progress else None), **options)
-    if not quiet:
+    if not quiet and not hasattr(written, "array_keys"):  # a dense transpose
+        from .dense_transpose import describe
+
+        click.echo(f"{describe(out, written, time.perf_counter() - started)} (A^T of "
+                   f"{input_path}, {written.attrs['ooc_svd_source']['format']})")
+    elif not quiet:
         source = written.attrs.get("ooc_svd_source", {})
         buckets = source.get("buckets")
         how = "one pass" if source.get("row_sorted") else \

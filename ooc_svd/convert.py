@@ -130,7 +130,7 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
     """Validate the options before any long work (``source_path``: the input's file or
     store, which ``out`` may not touch; ``transposed``: ``shape`` is A^T's, written)."""
     inputs = () if source_path is None else (source_path,)
-    path = check_output_path(out, overwrite, replaces="csr", inputs=inputs)
+    path = check_output_path(out, overwrite, replaces="converted", inputs=inputs)
     if chunk_nnz < 1:
         raise InputError(f"chunk_nnz must be >= 1, not {chunk_nnz}")
     if scratch_dir is not None:
@@ -505,7 +505,8 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     group = open_zarr_node(path)
     if not hasattr(group, "array_keys"):
         raise InputError(f"{path!r} is a zarr array, not a sparse group; a dense array is "
-                         "read as it is (ooc_svd.svd takes it directly)")
+                         "read as it is (ooc_svd.svd takes it directly), and its transpose "
+                         "written by ooc_svd.dense_transpose.transpose_dense")
     encoding = group.attrs.get("encoding-type")
     layout = {"csr_matrix": "csr", "csc_matrix": "csc"}.get(encoding)
     missing = [name for name in ("data", "indices", "indptr") if name not in group]
@@ -593,9 +594,14 @@ def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
     name ends in .npz, .mtx, .mtx.gz, .h5ad, .h5 or .hdf5, or a sparse zarr group (a
     directory, whatever its name, or a path ending in .zarr). ``options`` go to the
     converter (``from_scipy``, ``from_npz``, ``from_mtx``, ``from_h5ad``, ``from_zarr``);
-    one it does not take is an error. Returns the written group, opened read-only."""
+    one it does not take is an error. A dense matrix on disk (a zarr array, an .npy, a
+    dense .npz) is written only transposed (``transpose=True``), as a dense zarr array
+    (``dense_transpose.transpose_dense``). Returns the written group or array, opened
+    read-only."""
     import scipy.sparse
 
+    if _is_dense_on_disk(input):
+        return _dense_transposed(input, out, **options)
     if scipy.sparse.issparse(input):
         converter = from_scipy
     elif not isinstance(input, (str, os.PathLike)):
@@ -612,9 +618,44 @@ def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
         if converter is None:
             raise InputError(f"cannot tell the format of {os.fspath(input)!r} from its name: "
                              f"use {', '.join(suffix for suffix, _ in _BY_SUFFIX)}")
+    _check_options(converter, options)
+    return converter(input, out, **options)
+
+
+def _check_options(converter: Callable[..., Any], options: dict[str, Any]) -> None:
     taken = inspect.signature(converter).parameters
     unknown = sorted(set(options) - set(taken))
     if unknown:
         raise InputError(f"option {', '.join(unknown)} does not apply to this input "
                          f"({converter.__name__} reads it)")
-    return converter(input, out, **options)
+
+
+def _is_dense_on_disk(input: Any) -> bool:
+    """Whether ``input`` names a dense matrix on disk: a zarr array, an .npy, or an .npz
+    that is not scipy.sparse's."""
+    from .sources.dense import open_zarr_node
+    from .sources.open import _is_sparse_npz
+
+    if not isinstance(input, (str, os.PathLike)):
+        return False
+    path = os.fspath(input)
+    name = path.lower().rstrip("/")
+    if name.endswith(".npy"):
+        return True
+    if name.endswith(".npz"):
+        return os.path.isfile(path) and not _is_sparse_npz(path)
+    return os.path.isdir(path) and not hasattr(open_zarr_node(path), "array_keys")
+
+
+def _dense_transposed(input: str | os.PathLike, out: str | os.PathLike, *,
+                      transpose: bool = False, **options: Any) -> Any:
+    """A^T of a dense matrix on disk (``transpose_dense``), refused without ``transpose``:
+    ooc_svd reads a dense matrix as it is stored."""
+    from .dense_transpose import transpose_dense
+
+    if not transpose:
+        raise InputError(f"{os.fspath(input)!r} is a dense matrix, which svd reads as it is; "
+                         "convert writes a dense matrix only transposed (--transpose, "
+                         "transpose=True), for the SVD of a wide A through A^T")
+    _check_options(transpose_dense, options)
+    return transpose_dense(input, out, **options)

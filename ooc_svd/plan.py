@@ -240,6 +240,7 @@ def make_plan(
     read_factor: float = 1.0,
     storage_chunks: bool = True,
     loaded_bytes: int = 0,
+    transposed_by: str | None = None,
 ) -> Plan:
     """Choose the method and the row blocks for a run; raise PlanError if it cannot fit.
 
@@ -263,7 +264,9 @@ def make_plan(
     ``storage_chunks``: the units between ``chunk_boundaries`` are a store's chunks, which a
     refusal may advise to rewrite (not those of an array in memory or an .npy file).
     ``loaded_bytes``: an input file that the run loads whole (a compressed .npz), held
-    beside the working set.
+    beside the working set. ``transposed_by``: how A^T can be had, which a refusal for a
+    wide A advises: 'convert' (a file or store: ooc-svd convert --transpose), 'memory' (A
+    is in memory: pass A.T), or None.
     """
     m, n = shape
     l = min(k + oversample, m, n)
@@ -282,7 +285,7 @@ def make_plan(
         (m, n), itemsize, np.asarray(chunk_boundaries), np.asarray(chunk_bytes), k, l, niter,
         krylov_width, method, memory_limit, tol is not None, cacheable, nnz, scatter_copies,
         read_overhead_bytes, read_row_overhead, staging_blocks, staging_matrices,
-        spectral_iters, read_factor, storage_chunks, loaded_bytes,
+        spectral_iters, read_factor, storage_chunks, loaded_bytes, transposed_by,
     )
     choices = _method_choices(method, n, costs, tol)
     refusals: list[PlanError] = []
@@ -341,6 +344,7 @@ class _Layouts:
     read_factor: float
     storage_chunks: bool
     loaded_bytes: int
+    transposed_by: str | None
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
@@ -421,14 +425,13 @@ class _Layouts:
         return blocks, peak, depth
 
     def _transpose_hint(self) -> list[str]:
-        """How to factor A^T instead, where A^T can be had (its n x l arrays would have m
-        rows): a sparse file or store through ooc-svd convert, a matrix held in memory by
-        passing its transpose. None for a dense store or file."""
+        """How to factor A^T instead, where A^T can be had (``transposed_by``), whose n x l
+        arrays would have m rows."""
         m, n = self.shape
         hint = f"factor A^T ({n} x {m}) instead, whose U and V are V and U here"
-        if self.nnz is not None and (self.storage_chunks or self.loaded_bytes):
+        if self.transposed_by == "convert":
             return [f"{hint} (ooc-svd convert --transpose writes it)"]
-        return [hint] if not self.storage_chunks and not self.loaded_bytes else []
+        return [hint] if self.transposed_by == "memory" else []
 
     def _refusal(self, method: str, width: int, blocks, peak: int) -> PlanError:
         """Why no layout of ``method`` fits the limit, with the numbers and the way out."""

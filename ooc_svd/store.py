@@ -121,10 +121,16 @@ def _ooc_svd_csr(attributes: dict) -> bool:
         "ooc_svd_source" in attributes or "ooc_svd_synthetic" in attributes)
 
 
+def _ooc_svd_converted(attributes: dict) -> bool:
+    """What ``ooc-svd convert`` writes: a CSR store, or (``dense_transpose``) the dense
+    transpose of a matrix, which records its input as CSR stores do."""
+    return _ooc_svd_csr(attributes) or "ooc_svd_source" in attributes
+
+
 # What an existing output may be for ``overwrite`` to replace it: what ooc_svd writes there.
 REPLACEABLE = {
     "result": ("an ooc_svd result", lambda attributes: "ooc_svd" in attributes),
-    "csr": ("a CSR store ooc_svd wrote", _ooc_svd_csr),
+    "converted": ("a CSR store or a transposed matrix ooc_svd wrote", _ooc_svd_converted),
     "synthetic": ("a matrix ooc_svd generated",
                   lambda attributes: "ooc_svd_synthetic" in attributes),
 }

@@ -119,7 +119,8 @@ def test_store_opens_as_a_csr_source_with_anndata_attributes(tmp_path):
 def test_overwrite_replaces_only_a_csr_store_written_here(tmp_path):
     A, B = with_gaps(seed=4), with_gaps(seed=5)
     theirs = write_zarr_sparse(tmp_path / "theirs.zarr", A)  # AnnData's layout, not ours
-    with pytest.raises(OutputExistsError, match="is not a CSR store ooc_svd wrote"):
+    with pytest.raises(OutputExistsError,
+                       match="is not a CSR store or a transposed matrix ooc_svd wrote"):
         from_scipy(B, theirs, overwrite=True)
     assert_same_csr(read_back(zarr.open_group(theirs, mode="r")), A)
     # Written before the ooc_svd_csr mark: known by the provenance convert recorded
@@ -729,6 +730,8 @@ def test_zarr_refusals(tmp_path):
         convert(path, tmp_path / "out.zarr")
     dense = zarr.create_array(str(tmp_path / "D.zarr"), shape=(4, 4), dtype="f4")
     with pytest.raises(InputError, match="not a sparse group"):
+        from_zarr(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
+    with pytest.raises(InputError, match="is a dense matrix, which svd reads as it is"):
         convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
     zarr.open_group(str(tmp_path / "G.zarr"), mode="w").attrs["encoding-type"] = "other"
     with pytest.raises(InputError, match="is not a sparse matrix group"):

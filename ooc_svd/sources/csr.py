@@ -457,7 +457,7 @@ class CSRWriter:
 
     def __init__(self, path: str | os.PathLike, n_cols: int, dtype: Any = "float32", *,
                  chunk_nnz: int = DEFAULT_CHUNK_NNZ, overwrite: bool = False,
-                 compression_level: int = 3, replaces: str = "csr",
+                 compression_level: int = 3, replaces: str = "converted",
                  progress: Callable[[], Any] | None = None, integers: bool = False,
                  row_label: str = "row {}"):
         import zarr

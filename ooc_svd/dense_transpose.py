@@ -1,0 +1,285 @@
+"""A^T of a dense matrix on disk, written as a zarr array with bounded memory.
+
+A wide dense A (m << n) holds n x l arrays in every pass; its transpose, factored instead,
+holds m x l, and its U and V are A's V and U. Reading A^T by rows means reading A by
+columns, which a store chunked by rows cannot do, so A^T is written once, as a zarr v3
+array (zstd) chunked in two dimensions:
+
+- ``chunk_rows`` rows of A^T per chunk (columns of A): a row block of A^T spans all m of
+  its columns, so about BLOCK_TARGET_BYTES of it, the least a run reads at a time, or a
+  BLOCK_SHARE of the memory limit where that is less (a run under the same limit holds a
+  few blocks at once);
+- ``band_rows`` columns of A^T per chunk (rows of A), a whole number of A's row chunks:
+  A is read in bands of that many rows, each band once, and each band gives one column of
+  A^T's chunks, every chunk written whole, once.
+
+A band is read in strips of whole storage chunks of A's columns where A has column chunks
+(else whole), as wide as the memory limit allows. A is read once, A^T written once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ReadError
+from .interrupts import raise_if_lost
+from .plan import DEFAULT_MEMORY_LIMIT
+from .progress import progress_bars
+from .sources.dense import DenseSource, open_dense_source, rows_from_file
+from .store import StagedOutput, check_output_path
+from .units import format_bytes, parse_bytes
+
+# A row block of A^T, all of its columns: about what a run reads at a time from it
+BLOCK_TARGET_BYTES = 64 << 20
+# The most of the memory limit a row block of A^T takes
+BLOCK_SHARE = 1 / 16
+# A storage chunk of A^T
+CHUNK_TARGET_BYTES = 8 << 20
+# zstd's level for A^T, as ooc-svd generate writes
+COMPRESSION_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How A (m x n) is read and A^T (n x m) chunked."""
+
+    chunk_rows: int  # rows of A^T per storage chunk: columns of A
+    band_rows: int  # rows of A read at a time: columns of A^T per storage chunk
+    strip_columns: int  # columns of A read at a time (all n where A has no column chunks)
+    peak_bytes: int  # the working set predicted: a strip, and the chunks in flight
+
+
+def transpose_dense(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+                    memory_limit: int | str = DEFAULT_MEMORY_LIMIT, overwrite: bool = False,
+                    progress: bool | None = None) -> Any:
+    """Write A^T of the dense matrix at ``path`` (a zarr array, an .npy, or a one-array
+    .npz) to a zarr array at ``out``, reading A once, with about ``memory_limit`` of memory.
+
+    Parameters
+    ----------
+    dtype : {None, 'float32', 'float64'}
+        The values stored; by default the input's (integers stay integers: the run reads
+        them exactly).
+    memory_limit : bytes or str such as '2GB'
+        The working set: a strip of A's rows read at a time, and zarr's chunks in flight.
+        The least it can be is the bytes of one of A's storage chunks, a few times over (a
+        band of an .npy file's rows: one row).
+    overwrite : bool
+        Replace an ``out`` that ooc_svd wrote (never another directory or file).
+    progress : bool or None
+        A bar of the bytes of A read, on stderr (None: where stderr is a terminal).
+
+    Returns
+    -------
+    zarr.Array of A^T, opened read-only. Its attribute ``ooc_svd_source`` records the input
+    and its format, with ``transposed: True``.
+
+    The run on A^T gives A's left singular vectors as its V, and A's right ones as its U.
+    Centering A^T subtracts A's row means, not its column means (see ``svd_lowrank``'s M for
+    A's PCA from A^T).
+    """
+    source = _dense_input(path)
+    m, n = source.shape
+    stored = _stored_dtype(source.dtype, dtype)
+    path = os.fspath(path)
+    out = check_output_path(out, overwrite, replaces="converted", inputs=(path,))
+    layout = plan_layout(source, stored.itemsize, parse_bytes(memory_limit))
+    output = StagedOutput(out, overwrite, "converted")
+    try:
+        transposed = _create(output, (n, m), layout, stored)
+        _write_bands(source, transposed, output, layout, progress)
+        output.commit(transposed, {"ooc_svd_source": {
+            "input": path, "format": source.kind, "transposed": True}})
+    except BaseException:
+        output.abort()  # keeps an output whose rename was refused
+        raise
+    import zarr
+
+    return zarr.open_array(out, mode="r")
+
+
+def _dense_input(path: str | os.PathLike) -> DenseSource:
+    """The dense matrix at ``path``, which must be a file or store read by rows."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"transpose_dense takes the path of a zarr array, an .npy or an .npz, "
+                         f"not {type(path).__name__} (in memory, A.T is free)")
+    source = open_dense_source(path)
+    if source.array.ndim != 2:
+        raise InputError(f"{os.fspath(path)!r} has {source.array.ndim} dimensions; a matrix "
+                         "needs 2")
+    if min(source.shape) == 0:
+        raise InputError(f"{os.fspath(path)!r} is empty: shape {source.shape}")
+    return source
+
+
+def _stored_dtype(source: np.dtype, requested: Any) -> np.dtype:
+    """The dtype A^T is stored in: ``requested`` (float32 or float64), else A's own in
+    native byte order (extended precision as float64, which zarr stores)."""
+    from .convert import output_dtype
+
+    chosen = output_dtype(source, requested)  # refuses complex and non-numeric values
+    if requested is not None:
+        return chosen
+    if source.kind == "f" and source.itemsize > 8:
+        return np.dtype(np.float64)
+    return source.newbyteorder("=")
+
+
+def plan_layout(source: DenseSource, itemsize: int, memory_limit: int) -> Layout:
+    """The chunks of A^T and the strips of A read, within ``memory_limit`` (InputError
+    where one chunk of A, the least that can be read, does not fit)."""
+    m, n = source.shape
+    row_chunk, column_chunk = _input_chunks(source)
+    block = min(BLOCK_TARGET_BYTES, int(memory_limit * BLOCK_SHARE))
+    chunk_rows = _aligned(max(1, block // (m * itemsize)), column_chunk, n)
+    band_rows = _band_rows(CHUNK_TARGET_BYTES // (chunk_rows * itemsize), row_chunk, m)
+    unit = n if column_chunk >= n else max(column_chunk, chunk_rows)
+    while True:
+        layout = _widest_strip(source, itemsize, memory_limit, chunk_rows, band_rows, unit)
+        if layout is not None:
+            return layout
+        if band_rows > row_chunk:  # fewer rows at a time, each strip narrower in memory
+            band_rows = _band_rows(band_rows // 2, row_chunk, m)
+        elif unit > column_chunk:  # chunks of A^T as tall as A's column chunks are wide
+            chunk_rows = unit = column_chunk
+        else:
+            break
+    least = _strip_bytes(source, itemsize, chunk_rows, band_rows, unit)
+    raise InputError(
+        f"memory_limit {format_bytes(memory_limit)} cannot hold the least of "
+        f"{source.description} read at a time, {band_rows} rows x {unit} columns (a storage "
+        f"chunk), with zarr's chunks in flight (needs {format_bytes(least, round_up=True)}): "
+        "raise memory_limit")
+
+
+def _input_chunks(source: DenseSource) -> tuple[int, int]:
+    """(rows, columns) of A's storage chunks: an .npy file's rows can be read any number at
+    a time, but only whole."""
+    m, n = source.shape
+    if source.chunks is None:
+        return 1, n
+    return min(source.chunks[0], m), min(source.chunks[1], n)
+
+
+def _aligned(target: int, column_chunk: int, n: int) -> int:
+    """About ``target`` rows of A^T per chunk, at most n, and where A has column chunks,
+    a multiple or a divisor of their width: a strip of whole column chunks of A is then
+    whole chunks of A^T, each written once."""
+    target = min(target, n)
+    if column_chunk >= n:
+        return target
+    if target >= column_chunk:
+        return target // column_chunk * column_chunk
+    return max(d for d in _divisors(column_chunk) if d <= target)
+
+
+def _divisors(value: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(value) + 1) if value % d == 0]
+    return small + [value // d for d in small]
+
+
+def _band_rows(target: int, row_chunk: int, m: int) -> int:
+    """About ``target`` rows, a whole number of A's row chunks, at least one, at most all
+    of A's rows."""
+    return min(max(1, target // row_chunk) * row_chunk, m)
+
+
+def _strip_bytes(source: DenseSource, itemsize: int, chunk_rows: int, band_rows: int,
+                 columns: int) -> int:
+    """The working set of a strip of ``band_rows`` x ``columns`` of A: the strip read, its
+    values as stored in A^T where the dtype changes, and the chunks in flight (zarr decodes
+    and encodes up to its ``async.concurrency`` at once, each held raw and compressed)."""
+    import zarr
+
+    in_flight = int(zarr.config.get("async.concurrency") or 10)
+    strip = band_rows * columns * source.dtype.itemsize
+    if itemsize != source.dtype.itemsize:
+        strip += band_rows * columns * itemsize
+    row_chunk, column_chunk = _input_chunks(source)
+    read = 0
+    if source.chunks is not None:
+        chunks_read = math.ceil(band_rows / row_chunk) * math.ceil(columns / column_chunk)
+        read = min(in_flight, chunks_read) * 2 * row_chunk * column_chunk * \
+            source.dtype.itemsize
+    written = min(in_flight, math.ceil(columns / chunk_rows)) * 2 * chunk_rows * band_rows * \
+        itemsize
+    return strip + read + written
+
+
+def _widest_strip(source: DenseSource, itemsize: int, memory_limit: int, chunk_rows: int,
+                  band_rows: int, unit: int) -> Layout | None:
+    """The layout that reads the widest strips of ``unit`` columns that fit, or None."""
+    n = source.shape[1]
+    available = memory_limit - source.loaded_bytes  # a compressed .npz is held whole
+    if _strip_bytes(source, itemsize, chunk_rows, band_rows, unit) > available:
+        return None
+    units, top = 1, math.ceil(n / unit)
+    while units < top:  # the most units that fit, by bisection
+        middle = (units + top + 1) // 2
+        if _strip_bytes(source, itemsize, chunk_rows, band_rows, middle * unit) <= available:
+            units = middle
+        else:
+            top = middle - 1
+    columns = min(units * unit, n)
+    return Layout(chunk_rows, band_rows, columns,
+                  source.loaded_bytes + _strip_bytes(source, itemsize, chunk_rows, band_rows,
+                                                     columns))
+
+
+def _create(output: StagedOutput, shape: tuple[int, int], layout: Layout,
+            dtype: np.dtype) -> Any:
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    with output.writing():
+        return zarr.create_array(output.partial, shape=shape,
+                                 chunks=(layout.chunk_rows, layout.band_rows), dtype=dtype,
+                                 compressors=ZstdCodec(level=COMPRESSION_LEVEL),
+                                 attributes=output.mark)
+
+
+def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, layout: Layout,
+                 progress: bool | None) -> None:
+    """A^T[j0:j1, r0:r1] = A[r0:r1, j0:j1]^T for every strip of every band, in order."""
+    m, n = source.shape
+    with progress_bars(progress)("A read", m * n * source.dtype.itemsize) as bar:
+        for start in range(0, m, layout.band_rows):
+            stop = min(start + layout.band_rows, m)
+            band = _read_band(source, start, stop) if layout.strip_columns >= n else None
+            for first in range(0, n, layout.strip_columns):
+                last = min(first + layout.strip_columns, n)
+                strip = band[:, first:last] if band is not None else \
+                    _read_strip(source, start, stop, first, last)
+                with output.writing():
+                    transposed[first:last, start:stop] = strip.T.astype(transposed.dtype,
+                                                                         copy=False)
+                bar.update(strip.nbytes)
+                raise_if_lost()
+
+
+def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of A, all columns, as stored (an .npy file's from the file)."""
+    if source.reads_file:
+        return rows_from_file(source.array, start, stop)
+    return _read_strip(source, start, stop, 0, source.shape[1])
+
+
+def _read_strip(source: DenseSource, start: int, stop: int, first: int,
+                last: int) -> np.ndarray:
+    try:
+        return np.asarray(source.array[start:stop, first:last])
+    except Exception as exc:  # noqa: BLE001 - re-raised naming what failed
+        raise ReadError(f"cannot read rows [{start}, {stop}), columns [{first}, {last}) of "
+                        f"{source.description}: {type(exc).__name__}: {exc}") from exc
+
+
+def describe(out: str, array: Any, seconds: float) -> str:
+    """One line: the shape, dtype, chunks and stored bytes of A^T just written."""
+    m, n = array.shape
+    return (f"wrote {out}: {m} x {n} {array.dtype} dense, chunks {tuple(array.chunks)}, "
+            f"{format_bytes(int(array.nbytes_stored()))} stored, {seconds:.1f} s")
