@@ -61,8 +61,9 @@ from concurrent.futures import CancelledError  # a lost dependency's, in distrib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numba
 import numpy as np
-from distributed import WorkerPlugin
+from distributed import Client, WorkerPlugin
 
 from .centering import Centering
 from .errors import ClusterError, InputError
@@ -90,6 +91,13 @@ from .store import LeftVectors, naming_write_failures, spilling
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
 from .units import format_bytes
 
+# How long the removal of the scratch directory by a worker is waited for before the client
+# removes it: a task submitted while the scheduler restarts is never run, and the run's
+# error waited a minute behind it.
+CLEANUP_TIMEOUT_S = 15
+# How long a client that ooc_svd made waits for its connection to close (dask's default
+# is a minute, which a connection cut short by Ctrl-C spent in the client's finalizer).
+CLOSE_TIMEOUT_S = 5
 # Groups per worker thread: more groups than threads balance the load and make a retried
 # task cheap; each group adds one n x l partial to the reduction.
 GROUPS_PER_THREAD = 4
@@ -129,17 +137,56 @@ def worker_kernels(n: int, backend: str = "auto", scatter_copies: int | None = N
 _GPU_TURN = threading.Lock()
 
 
+# One task at a time in a process whose numba threading layer is workqueue (no OpenMP or
+# TBB found): it aborts the process when parallel kernels run from two threads at once,
+# as the tasks on a worker's threads would.
+_WORKQUEUE_TURN = threading.Lock()
+_LAYER_FOUND = threading.Lock()
+_threading_layers: list[str] = []  # the process's, once found
+
+
+@numba.njit(parallel=True, cache=True)
+def _parallel_probe(values):
+    total = 0.0
+    for i in numba.prange(values.size):
+        total += values[i]
+    return total
+
+
+def threading_layer() -> str:
+    """The threading layer numba's parallel kernels run on in this process ('omp', 'tbb',
+    'workqueue'), found by running a tiny one (numba chooses it at the first)."""
+    with _LAYER_FOUND:
+        if not _threading_layers:
+            _parallel_probe(np.zeros(1))
+            _threading_layers.append(numba.threading_layer())
+        return _threading_layers[0]
+
+
 @contextlib.contextmanager
 def _task_kernels(n: int, spec: tuple) -> Iterator[Kernels]:
     """``worker_kernels(n, *spec)`` for one task (``ClusterPasses.kernel_spec``), released
     when it ends (a GPU's buffers); a task on the GPU waits for the process's other GPU
-    tasks to end (``_GPU_TURN``). numba's parallel kernels get the worker's threads, not
-    every core of the node."""
-    import numba
+    tasks to end (``_GPU_TURN``), and every task for the others where numba's threading
+    layer is workqueue (``_WORKQUEUE_TURN``). numba's parallel kernels get the worker's
+    threads, not every core of the node."""
     from distributed import get_worker
 
     with contextlib.suppress(ValueError):  # not on a worker: keep numba's threads
         numba.set_num_threads(min(get_worker().state.nthreads, numba.config.NUMBA_NUM_THREADS))
+    with _parallel_turn(), _kernels_for_task(n, spec) as kernels:
+        yield kernels
+
+
+def _parallel_turn() -> Any:
+    """The process's turn to run numba's parallel kernels: ``_WORKQUEUE_TURN`` where its
+    threading layer is workqueue, else no wait."""
+    return _WORKQUEUE_TURN if threading_layer() == "workqueue" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _kernels_for_task(n: int, spec: tuple) -> Iterator[Kernels]:
+    """``_task_kernels`` past the threading layer's turn: the kernels, and the GPU's turn."""
     backend = spec[0]
     turn = _GPU_TURN if backend != "cpu" else None
     if turn is not None:
@@ -410,7 +457,7 @@ class ClusterPasses:
         ``_cluster_failures_named`` tells it."""
         from distributed import as_completed
 
-        with _cluster_failures_named():
+        with _cluster_failures_named(self.client):
             for _ in self._watched(as_completed([future], loop=self.client.loop)):
                 pass
             return future.result()
@@ -452,7 +499,7 @@ class ClusterPasses:
         said."""
         root = self._reduce(name, leaves, combine, **reduce_options)
         try:
-            with _cluster_failures_named():  # before the in-memory input's own message
+            with _cluster_failures_named(self.client):  # before the in-memory input's own message
                 self._wait(context, f"{name} pass", leaves)
                 result = self._result(root)
         except BaseException as error:
@@ -568,20 +615,36 @@ class ClusterPasses:
         shift, shift_bytes = self._pass_shift(context.centering, "residual")
         operands = [self._put(value, name) for name, value in
                     (("X", X), ("shift", shift), ("S", S), ("V", V))]
+        total = None
         if self._reached_by_workers(U):
-            total = self._residual_groups(context, [(U, 0)] * len(self.groups), operands)
-        else:
-            for attempt in range(SCATTERED_RETRIES + 1):
-                pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False),
-                           g.rows[0]) for g in self.groups]
-                try:
-                    total = self._residual_groups(context, pieces, operands)
-                    break
-                except CancelledError:  # a worker holding a piece of U was lost
-                    if attempt == SCATTERED_RETRIES:
-                        raise
+            root = os.fspath(U.store.root)
+            marker = os.path.join(root, f".ooc-svd-u-{self.token}")
+            try:
+                with open(marker, "w"):
+                    pass
+                rows = _SharedRows(U, marker)
+                total = self._residual_groups(context, [(rows, 0)] * len(self.groups), operands)
+            except UnseenOutput:  # a worker that joined since the check: U's rows are sent
+                self._reachable[root] = False
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(marker)
+        if total is None:
+            total = self._scattered_residual(context, U, operands)
         self._record(context, "residual pass", began, total.nbytes + shift_bytes)
         return total.value
+
+    def _scattered_residual(self, context: PassContext, U: Any, operands: list[Any]) -> _Partial:
+        """The residual pass with each group's rows of U scattered to the cluster."""
+        for attempt in itertools.count():
+            pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False),
+                       g.rows[0]) for g in self.groups]
+            try:
+                return self._residual_groups(context, pieces, operands)
+            except CancelledError:  # a worker holding a piece of U was lost
+                if attempt == SCATTERED_RETRIES:
+                    raise
+        return None  # (never: itertools.count does not end)
 
     def _residual_groups(self, context: PassContext, pieces: list[tuple[Any, int]],
                          operands: list[Any]) -> _Partial:
@@ -643,7 +706,7 @@ class ClusterPasses:
         unfinished = {future.key: future for future in futures}
         futures.clear()
         try:
-            with _cluster_failures_named():
+            with _cluster_failures_named(self.client):
                 for future, outcome in self._watched(completed):
                     if isinstance(outcome, BaseException):  # cancelled: as_completed gives it
                         raise outcome
@@ -662,14 +725,14 @@ class ClusterPasses:
 
     def _remove_scratch(self) -> None:
         """Remove the scratch directory by a worker; where none can run it (they all died,
-        left or are paused for memory: ``_stall``) or none did it within a minute, by the
+        left or are paused for memory: ``_stall``) or none did it within CLEANUP_TIMEOUT_S, by the
         client where it sees the directory, or else name it in a warning."""
         try:
             stall = _stall(_workers_info(self.client))
             if stall is None:
                 self.client.submit(_remove_tree, self.scratch, key=self._key("cleanup"),
                                    workers=self.scratch_workers,
-                                   allow_other_workers=True).result(timeout=60)
+                                   allow_other_workers=True).result(timeout=CLEANUP_TIMEOUT_S)
                 return
             why = f"the cluster has {stall}"
         except Exception as error:  # noqa: BLE001 - any failure: the client tries
@@ -711,7 +774,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     except BaseException:
         if scratch is not None:
             with contextlib.suppress(Exception):
-                client.submit(_remove_tree, scratch, pure=False).result(timeout=60)
+                client.submit(_remove_tree, scratch, pure=False).result(timeout=CLEANUP_TIMEOUT_S)
         close_opened(owned)
         raise
 
@@ -773,6 +836,9 @@ def _wait_for_a_worker(client: Any) -> None:
     try:
         client.wait_for_workers(1, timeout=seconds)
     except TimeoutError:
+        if _stall(_workers_info(client)) == ALL_PAUSED:  # there, but dask counts them out
+            raise ClusterError(f"every worker of the cluster has been paused for memory for "
+                               f"{seconds:g} s: {STALL_ADVICE[ALL_PAUSED]}") from None
         address = getattr(client.scheduler, "address", None) or "the scheduler"
         raise InputError(f"no worker joined the scheduler at {address} within "
                          f"{seconds:g} s: start workers for it (dask worker {address}), "
@@ -824,9 +890,21 @@ def close_opened(resources: list[Any]) -> None:
             resource.close()
 
 
+class PromptlyClosedClient(Client):
+    """A Client that waits CLOSE_TIMEOUT_S for its connection to close, not dask's minute,
+    and says nothing when it times out: one whose connection Ctrl-C or SIGTERM cut short is
+    closed by its finalizer, which held the interrupted command a minute and then printed a
+    traceback."""
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> Any:
+        with contextlib.suppress(TimeoutError):
+            return super().close(timeout=timeout)
+        return None
+
+
 def client_from(client: Any) -> tuple[Any, list[Any]]:
     """(a Client for ``client``, what was opened for it, to close last to first)."""
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     if isinstance(client, Client):
         return client, []
@@ -859,7 +937,7 @@ def client_from(client: Any) -> tuple[Any, list[Any]]:
         # The wait for the scheduler is dask's configured one
         # (distributed.comm.timeouts.connect), which a job whose scheduler starts slowly
         # can raise.
-        made = Client(client, set_as_default=False)
+        made = PromptlyClosedClient(client, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as error:
         raise InputError(f"cannot connect to the scheduler at {client!r}: {error}") from error
     return made, [made]
@@ -890,22 +968,30 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
     directory = os.path.join(base, f"ooc-svd-cluster-{uuid.uuid4().hex[:12]}")
     try:
         marker = client.submit(_make_scratch, directory, pure=False).result()
+        seen = client.run(os.path.exists, marker)
     except OSError as error:
         raise InputError(f"a worker cannot make a scratch directory in {base!r}: "
                          f"{error}") from None
-    seen = client.run(os.path.exists, marker)
+    except BaseException:  # an interrupt, or a lost cluster: a worker may have made it
+        _remove_scratch_made(client, directory, None)
+        raise
     if not all(seen.values()):
-        # By a worker that sees it (any other would leave it: it made the marker), and by
-        # this process where it sees it.
-        seeing = [address for address, ok in seen.items() if ok]
-        if seeing:  # else the worker that made it has left
-            with contextlib.suppress(Exception):
-                client.submit(_remove_tree, directory, pure=False,
-                              workers=seeing).result(timeout=60)
-        shutil.rmtree(directory, ignore_errors=True)
+        # By a worker that sees it (any other would leave it: it made the marker)
+        _remove_scratch_made(client, directory, [address for address, ok in seen.items()
+                                                 if ok])
         missing = sorted(address for address, ok in seen.items() if not ok)
         raise InputError(_unshared_scratch(base, f"{missing} do"))
     return directory
+
+
+def _remove_scratch_made(client: Any, directory: str, workers: list[str] | None) -> None:
+    """Remove a scratch directory that the run will not use: by one of ``workers`` (None:
+    any), and by this process where it sees it."""
+    if workers != []:  # [] : the worker that made it has left
+        with contextlib.suppress(Exception):
+            client.submit(_remove_tree, directory, pure=False,
+                          workers=workers).result(timeout=CLEANUP_TIMEOUT_S)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def shippable_source(source: DenseSource | CSRSource) -> Any:
@@ -1057,6 +1143,28 @@ def _check_output_kept(array: Any) -> None:
         raise CancelledError(f"the run writing {root!r} has ended")
 
 
+class UnseenOutput(Exception):
+    """A worker does not see the output store that the client found every worker to see
+    (it joined since): the pass is run again with U's rows sent to the workers."""
+
+
+@dataclass
+class _SharedRows:
+    """U's zarr array as the residual pass's tasks read it, each read first checking that
+    the task's worker sees ``marker``, which the client made in U's store for the pass: a
+    worker that joined after ``_workers_reach`` may not see the store, and would read U's
+    rows as zeros (zarr's fill value), and the spectral error would be wrong."""
+
+    array: Any
+    marker: str
+
+    def __getitem__(self, rows: slice) -> Any:
+        if not os.path.exists(self.marker):
+            raise UnseenOutput(f"a worker on {socket.gethostname()} does not see "
+                               f"{os.path.dirname(self.marker)!r}")
+        return self.array[rows]
+
+
 @dataclass
 class _CheckedSource:
     """A shipped source whose first read in each worker process checks that the input's
@@ -1183,9 +1291,10 @@ def _gram_group(source, blocks, first, shift, depth) -> _Partial:
     stats = BlockStats.zeros(n)
     subs = SubBlocks(n)
     nbytes = 0
-    for start, _, block in _blocks(source, blocks, depth):
-        gram_block(block, start, shift, G, stats, subs)
-        nbytes += block.nbytes
+    with _parallel_turn():  # a CSR block's pairs kernel
+        for start, _, block in _blocks(source, blocks, depth):
+            gram_block(block, start, shift, G, stats, subs)
+            nbytes += block.nbytes
     return _Partial(G, stats, nbytes, backends=frozenset(["cpu"]))
 
 
@@ -1356,20 +1465,21 @@ def _let_go(completed: Any, unfinished: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _cluster_failures_named() -> Iterator[None]:
+def _cluster_failures_named(client: Any = None) -> Iterator[None]:
     """Raise what ``_cluster_failure`` makes of an error of the block, or the error itself."""
     try:
         yield
     except Exception as error:
-        failure = _cluster_failure(error)
+        failure = _cluster_failure(error, client)
         if failure is None:
             raise
         raise failure from error
 
 
-def _cluster_failure(error: BaseException) -> ClusterError | None:
-    """A task whose workers all died running it, or the scheduler lost, as the run reports
-    it, in one line; None for any other ``error``."""
+def _cluster_failure(error: BaseException, client: Any = None) -> ClusterError | None:
+    """A task whose workers all died running it, the scheduler lost or restarted, or the
+    run's ``client`` closed, as the run reports it, in one line; None for any other
+    ``error``."""
     from distributed.scheduler import KilledWorker
 
     if isinstance(error, KilledWorker):
@@ -1378,8 +1488,15 @@ def _cluster_failure(error: BaseException) -> ClusterError | None:
             "run's memory_limit, and a worker's tasks together must fit in its own memory "
             "limit (start workers with fewer threads or more memory, or pass a lower "
             "memory_limit)")
-    if isinstance(error, CancelledError) and "scheduler-connection-lost" in str(error):
+    if not isinstance(error, CancelledError):
+        return None
+    if "scheduler-connection-lost" in str(error):
         return ClusterError("the connection to the dask scheduler was lost during the run")
+    if "scheduler-restart" in str(error):
+        return ClusterError("the dask scheduler was restarted during the run (client.restart"
+                            "()), which cancels every task")
+    if client is not None and client.status in ("closing", "closed"):
+        return ClusterError("the run's dask client was closed during the run")
     return None
 
 

@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import dask
@@ -340,6 +341,27 @@ def test_the_spectral_estimate_reads_u_from_its_store_on_the_workers(cluster, de
     assert all(piece.dtype == reference.U.dtype for piece in scattered)
     for result in (stored, held):
         assert result.spectral_error == pytest.approx(reference.spectral_error, rel=1e-10)
+
+
+def test_a_worker_that_does_not_see_the_store_of_u_is_sent_its_rows(cluster, dense_store,
+                                                                   tmp_path, monkeypatch):
+    """A worker that joined after the check that every worker sees U's store may not see
+    it, and would read U's rows as zeros (the spectral error was wrong, without a word):
+    each read checks the pass's marker there, and the pass is run again with U's rows
+    sent, as they are in the later passes."""
+    reference = ooc_svd.svd(dense_store, 4, spectral_iters=2)
+    shared = ooc_svd.distributed._SharedRows
+    monkeypatch.setattr(ooc_svd.distributed, "_SharedRows",  # a marker no worker sees
+                        lambda array, marker: shared(array, marker + ".elsewhere"))
+    client, scattered = cluster[1], []
+    scatter = client.scatter
+    monkeypatch.setattr(client, "scatter", lambda data, **options: scattered.append(data) or
+                        scatter(data, **options))
+    result = ooc_svd.svd(dense_store, 4, spectral_iters=2, out=str(tmp_path / "result.zarr"),
+                         client=client)
+    assert sum(piece.shape[0] for piece in scattered) == 2 * M
+    assert result.spectral_error == pytest.approx(reference.spectral_error, rel=1e-10)
+    assert not [name for name in os.listdir(tmp_path / "result.zarr") if "ooc-svd-u" in name]
 
 
 def test_an_m_in_memory_too_large_to_ship_is_named(cluster, dense_store, monkeypatch):
@@ -885,11 +907,15 @@ def test_workers_without_the_package_are_named(cluster, monkeypatch):
         ooc_svd.distributed._check_worker_package(client)
 
 
+@pytest.mark.parametrize(("reason", "said"), [
+    ("scheduler-connection-lost", "the connection to the dask scheduler was lost"),
+    ("scheduler-restart", "the dask scheduler was restarted during the run"),
+])
 @pytest.mark.parametrize("wait", ["reduced", "rows", "result"])
-def test_a_lost_scheduler_is_named_whatever_the_run_waits_on(cluster, wait):
-    """A future cancelled for a lost scheduler (as the client cancels them all then) ends
-    the run with one line, whether it is a pass's leaf, a group of U's rows (whose
-    as_completed hands the cancellation over as a result) or a single task."""
+def test_a_lost_scheduler_is_named_whatever_the_run_waits_on(cluster, wait, reason, said):
+    """A future cancelled for a lost or restarted scheduler (as the client cancels them all
+    then) ends the run with one line, whether it is a pass's leaf, a group of U's rows
+    (whose as_completed hands the cancellation over as a result) or a single task."""
     from ooc_svd.distributed import ClusterPasses, _add_partials
 
     client = cluster[1]
@@ -898,9 +924,9 @@ def test_a_lost_scheduler_is_named_whatever_the_run_waits_on(cluster, wait):
     passes.total_bytes, passes.group_bytes, passes.count = 1, [1], 0
     passes.token = "test"
     future = client.submit(time.sleep, 30, pure=False)
-    future.cancel(reason="scheduler-connection-lost")
+    future.cancel(reason=reason)
     context = type("Context", (), {"progress": lambda self, name, total: disabled_bar()})()
-    with pytest.raises(ClusterError, match="the connection to the dask scheduler was lost"):
+    with pytest.raises(ClusterError, match=said):
         if wait == "reduced":  # the in-memory input's own message must not take it
             passes._reduced(context, "power", [future], _add_partials)
         elif wait == "rows":
@@ -913,6 +939,70 @@ def disabled_bar():
     from ooc_svd.progress import progress_bars
 
     return progress_bars(False)("pass", 1)
+
+
+def test_a_client_closed_during_the_run_is_named(dense_store, block_rows):
+    """Closing the client cancels the run's tasks for no reason dask names: the run says
+    what happened, in one line."""
+    block_rows(BLOCK_ROWS, N)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster:
+        client = Client(cluster)
+        plugin = AfterFirstGroup(cluster, lambda worker: threading.Thread(
+            target=client.close).start())
+        cluster.scheduler.add_plugin(plugin)
+        with pytest.raises(ClusterError, match="the run's dask client was closed during the "
+                                               "run"):
+            ooc_svd.svd(dense_store, 3, method="randomized", client=client)
+        assert plugin.done
+
+
+def test_workers_paused_before_the_run_are_named(dense_store, monkeypatch):
+    """dask waits for a running worker, and counts paused ones out: a cluster whose
+    workers are all paused for memory is not said to have none."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, memory_limit=0,
+                      dashboard_address=":0") as cluster, Client(cluster) as client, \
+            dask.config.set({"ooc-svd.worker-timeout": "1s"}):
+        for worker in cluster.workers.values():
+            pause(worker)
+        with pytest.raises(ClusterError, match="every worker of the cluster has been paused "
+                                               "for memory for 1 s: a worker pauses above"):
+            ooc_svd.svd(dense_store, 3, method="randomized", client=client)
+
+
+def test_parallel_kernels_take_turns_on_workqueue(csr_store, small_units, monkeypatch):
+    """numba's workqueue threading layer (where neither OpenMP nor TBB is found) aborts a
+    process whose threads run parallel kernels at once, as the tasks of a worker with two
+    threads did: there they take turns, and the result is the local run's."""
+    reference = ooc_svd.svd(csr_store, 5, method="randomized", seed=4, center=True)
+    monkeypatch.setenv("NUMBA_THREADING_LAYER", "workqueue")  # for the worker processes
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        assert set(client.run(ooc_svd.distributed.threading_layer).values()) == {"workqueue"}
+        result = ooc_svd.svd(csr_store, 5, method="randomized", seed=4, center=True,
+                             client=client)
+    assert len(result.plan.blocks) > 4
+    assert_same_result(result, reference)
+
+
+def test_a_command_interrupted_while_it_connects_exits_at_once(dense_store, tmp_path):
+    """A Client whose connection SIGTERM (or Ctrl-C) cut short closed itself in its
+    finalizer for dask's minute, then printed a traceback."""
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{unused.getsockname()[1]}"
+    script = os.path.join(os.path.dirname(sys.executable), "ooc-svd")
+    command = subprocess.Popen([script, "run", dense_store, "--k", "3", "--out",
+                                str(tmp_path / "out.zarr"), "--scheduler", address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # the imports, then the attempts to connect
+    command.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 143 and "terminated (SIGTERM)" in stderr
+    assert time.monotonic() - began < 20 and "Traceback" not in stderr
 
 
 def test_a_closed_client_is_named():
