@@ -134,7 +134,8 @@ def plan_options(command):
         click.option("--backend", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where the kernels run."),
         click.option("--memory-limit", default="1GB", show_default=True,
-                     help="Bound on the working set, e.g. 512MB, 4GB."),
+                     help="Bound on the working set, e.g. 512MB, 4GB; with --scheduler, of "
+                          "each task (a worker holds one per thread)."),
         click.option("--spectral-iters", type=int, default=0, show_default=True,
                      help="Estimate ||A - U S V^T||_2 (from below) with this many extra "
                           "reads of A."),
