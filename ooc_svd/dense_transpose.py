@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +248,7 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
                  progress: bool | None) -> None:
     """A^T[j0:j1, r0:r1] = A[r0:r1, j0:j1]^T for every strip of every band, in order."""
     m, n = source.shape
+    narrowing = _Narrowing(np.dtype(transposed.dtype))
     with progress_bars(progress)("A read", m * n * source.dtype.itemsize) as bar:
         for start in range(0, m, layout.band_rows):
             stop = min(start + layout.band_rows, m)
@@ -255,11 +257,42 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
                 last = min(first + layout.strip_columns, n)
                 strip = band[:, first:last] if band is not None else \
                     _read_strip(source, start, stop, first, last)
+                values = narrowing.of(strip, start, first)
                 with output.writing():
-                    transposed[first:last, start:stop] = strip.T.astype(transposed.dtype,
-                                                                         copy=False)
+                    transposed[first:last, start:stop] = values.T
                 bar.update(strip.nbytes)
                 raise_if_lost()
+
+
+@dataclass
+class _Narrowing:
+    """Values cast to the dtype A^T is stored in: a float beyond its range (float32's
+    3.4e38, which would be stored as Inf) is refused, naming its place; a warning, once,
+    says that values too small for it are stored as zero."""
+
+    dtype: np.dtype
+    warned: bool = False
+
+    def of(self, strip: np.ndarray, start: int, first: int) -> np.ndarray:
+        """``strip`` (A[start:, first:]) in ``dtype``."""
+        with np.errstate(over="ignore"):
+            values = strip.astype(self.dtype, copy=False)
+        if strip.dtype.kind != "f" or strip.dtype.itemsize <= self.dtype.itemsize:
+            return values
+        overflowed = np.argwhere(np.isinf(values) & np.isfinite(strip))
+        if overflowed.size:
+            row, column = overflowed[0]
+            raise InputError(f"the value {strip[row, column]} of A[{start + row}, "
+                             f"{first + column}] lies beyond the range of {self.dtype}: "
+                             "store float64 values")
+        lost = np.argwhere((values == 0) & (strip != 0)) if not self.warned else ()
+        if len(lost):
+            self.warned = True
+            row, column = lost[0]
+            warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
+                          f"{float(strip[row, column])} of A[{start + row}, {first + column}]): "
+                          "store float64 values", RuntimeWarning, stacklevel=2)
+        return values
 
 
 def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:

@@ -288,6 +288,15 @@ def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: flo
             f"confirmed{remedy}")
 
 
+def _singular_values_in(S: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, str]:
+    """S in U's dtype, and '' as its note; float64 where that dtype cannot hold them
+    (float32 beyond 3.4e38, which A's entries of 1e37 reach), with a note saying so."""
+    if dtype.kind == "f" and float(np.max(S, initial=0.0)) > float(np.finfo(dtype).max):
+        return S.astype(np.float64), (f"S is float64, as U and V are {dtype.name}: its "
+                                      f"values exceed {dtype.name}'s range")
+    return S.astype(dtype), ""
+
+
 def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed: int,
                     records: list[PassRecord], tol: float | None = None) -> SVDResult:
     """The result in U's dtype, with the exact Frobenius residual ||A||^2 - sum S^2 (or the
@@ -302,9 +311,10 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
     residual = float(np.sqrt(residual2 / fro2)) if fro2 > 0 else 0.0
     rounding = factors.residual_rounding or 0.0
     rounding = float(np.sqrt(rounding / fro2)) if fro2 > 0 else 0.0
+    S, S_note = _singular_values_in(factors.S, dtype)
     return SVDResult(
         U=U,
-        S=factors.S.astype(dtype),
+        S=S,
         V=factors.V.astype(dtype),
         mean=None if centering.mode == "none" else centering.mean.astype(np.float64),
         residual=residual,
@@ -315,7 +325,7 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
         numerical_rank=factors.numerical_rank,
         method=factors.method,
         note="; ".join(filter(None, [
-            factors.note, _cancellation_note(centering, plan, factors, fro2),
+            factors.note, S_note, _cancellation_note(centering, plan, factors, fro2),
             _tolerance_note(tol, residual, factors.S.size, rounding, factors.method,
                             plan.k, plan.shape[1]),
             _power_floor_note(factors.S[:factors.numerical_rank], plan, factors.method),

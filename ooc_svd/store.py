@@ -580,8 +580,10 @@ class ResultWriter:
                                            dtype=dtype)
 
     def write_scaled_rows(self, name: str, U: Any, S: np.ndarray) -> None:
-        """name = U diag(S), written chunk by chunk (U may be larger than memory)."""
-        target = self.create_rows_array(name, U.shape, U.dtype, U.chunks[0])
+        """name = U diag(S), written chunk by chunk (U may be larger than memory), in the
+        dtype of both (float64 where S had to be: ``result._singular_values_in``)."""
+        target = self.create_rows_array(name, U.shape, np.result_type(U.dtype, S.dtype),
+                                        U.chunks[0])
         for start in range(0, U.shape[0], U.chunks[0]):
             rows = U[start : start + U.chunks[0]] * S
             with self.output.writing():

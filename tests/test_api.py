@@ -9,8 +9,10 @@ import naive
 import numpy as np
 import pytest
 import scipy.sparse
+import zarr
 
 import ooc_svd
+import ooc_svd.verify
 from ooc_svd import (
     InputError,
     NonFiniteError,
@@ -635,6 +637,33 @@ class TensorStandIn:
         if self.requires_grad or self.dtype == "torch.bfloat16":
             raise RuntimeError("numpy() refused")
         return self.values
+
+
+def test_float32_singular_values_beyond_its_range_are_kept_in_float64(tmp_path):
+    """Entries of 1e38 in float32 give singular values above float32's 3.4e38: S (and
+    B = U diag(S)) are float64, and the note says why, where they were Inf."""
+    rng = np.random.default_rng(13)
+    A = (np.clip(rng.standard_normal((400, 30)), -3, 3) * 1e38).astype(np.float32)
+    expected = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:3]
+    out = str(tmp_path / "result.zarr")
+    result = ooc_svd.svd(A, 3, out=out, write_factors=True)
+    assert result.S.dtype == np.float64 and result.U.dtype == np.float32
+    np.testing.assert_allclose(result.S, expected, rtol=1e-5)
+    assert "S is float64, as U and V are float32: its values exceed float32's range" in \
+        result.note
+    np.testing.assert_allclose(ooc_svd.svd_lowrank(A, 3)[1], expected, rtol=1e-5)
+    stored = zarr.open_group(out, mode="r")
+    assert stored["B"].dtype == np.float64 and np.isfinite(stored["B"][:]).all()
+    assert ooc_svd.verify.verify_result(out)["ok"]
+    small = ooc_svd.svd(A / 1e30, 3)
+    assert small.S.dtype == np.float32 and "S is float64" not in small.note
+
+
+def test_a_masked_array_is_refused():
+    A = np.ma.masked_equal(np.arange(12.0).reshape(4, 3), 5.0)
+    for factor in (lambda: ooc_svd.svd(A, 1), lambda: ooc_svd.svd_lowrank(A, 1)):
+        with pytest.raises(InputError, match="A is a masked array: .* fill them first"):
+            factor()
 
 
 def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):

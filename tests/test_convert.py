@@ -502,6 +502,17 @@ def test_a_value_beyond_float32_is_refused_not_stored_as_inf(tmp_path, source):
     assert wide.data.dtype == np.float64 and wide[2, 1] == 1e39
 
 
+def test_values_float32_holds_as_zero_are_warned_of(tmp_path):
+    """float64 values below float32's smallest become zeros with --dtype float32, which a
+    warning names with the first one's row (overflow is refused)."""
+    A = sp.csr_matrix(np.array([[1.0, 2.0], [3e-50, 4.0], [5.0, 1e-60]]))
+    with pytest.warns(RuntimeWarning, match=r"values too small for float32 are stored as "
+                                            r"zero \(the first, 3e-50 of "
+                                            r"row 1\): store float64 values"):
+        narrowed = read_back(from_scipy(A, tmp_path / "A.zarr", dtype="float32"))
+    assert narrowed[1, 0] == 0 and narrowed[2, 1] == 0 and narrowed[1, 1] == 4
+
+
 @pytest.mark.parametrize("source", ["mtx", "npz"])
 def test_integers_that_float32_rounds_are_warned_of(tmp_path, source):
     """Integer data becomes float32 by default, exact up to 2**24: a larger value is

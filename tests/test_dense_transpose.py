@@ -112,6 +112,23 @@ def test_the_layout_writes_whole_chunks_within_the_limit(tmp_path, shape, chunks
         chunks[1] >= shape[1]
 
 
+def test_values_float32_cannot_hold_are_refused_or_warned_of(tmp_path):
+    A = np.ones((6, 9))
+    A[2, 7] = 1e-50
+    path = write_input(tmp_path, A, "npy")
+    with pytest.warns(RuntimeWarning, match=r"values too small for float32 are stored as "
+                                            r"zero \(the first, 1e-50 of "
+                                            r"A\[2, 7\]\)"):
+        out = transpose_dense(path, tmp_path / "At.zarr", dtype="float32")
+    assert out[7, 2] == 0 and out[:].sum() == 53
+    A[4, 1] = -1e39
+    path = write_input(tmp_path, A, "zarr", (2, 9))
+    with pytest.raises(InputError, match=r"the value -1e\+39 of A\[4, 1\] lies beyond the "
+                                         r"range of float32"):
+        transpose_dense(path, tmp_path / "At2.zarr", dtype="float32")
+    assert not os.path.exists(tmp_path / "At2.zarr")
+
+
 def test_a_chunk_over_the_limit_is_refused_with_the_numbers(tmp_path):
     path = write_input(tmp_path, matrix(100, 5000, "float32"), "zarr", (50, 5000))
     with pytest.raises(InputError, match=r"memory_limit 1 MB cannot hold .* 50 rows x 5000 "

@@ -502,6 +502,7 @@ class CSRWriter:
         self.make_bar, self.bar = progress, None
         self.integers = integers  # the values are integers, whatever their dtype
         self.warned_of_rounding = False
+        self.warned_of_underflow = False
         self.warned_of_non_finite = False
 
     def append(self, block: Any) -> None:
@@ -535,7 +536,7 @@ class CSRWriter:
     def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
         """``data`` as the store's dtype; InputError, naming the row, for a finite value
         beyond its range (float32's 3.4e38), which would be stored as Inf; a warning for
-        integers it rounds."""
+        integers it rounds, and for values so small that they are stored as zero."""
         with np.errstate(over="ignore"):
             values = data.astype(self.dtype, copy=False)
         # One pass over the values; where all are finite, none overflowed either.
@@ -553,6 +554,8 @@ class CSRWriter:
                                  "float64)")
         if data.dtype.kind in "iu" or self.integers:
             self._warn_of_rounded_integers(data, values, indptr)
+        if data.dtype.kind == "f" and data.dtype.itemsize > values.dtype.itemsize:
+            self._warn_of_underflow(data, values, indptr)
         if not all_finite:
             self._warn_of_non_finite(values, finite, indptr)
         return values
@@ -568,6 +571,22 @@ class CSRWriter:
         warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
                       f"{values[position]} in {self.row_label.format(row)}): a run on the store "
                       "refuses it", RuntimeWarning, stacklevel=2)
+
+    def _warn_of_underflow(self, data: np.ndarray, values: np.ndarray,
+                           indptr: np.ndarray) -> None:
+        """Warn, once, of the first non-zero value that the store's dtype holds as zero
+        (below float32's 1.4e-45)."""
+        if self.warned_of_underflow:
+            return
+        lost = np.flatnonzero((values == 0) & (data != 0))
+        if not lost.size:
+            return
+        self.warned_of_underflow = True
+        position = int(lost[0])
+        row = self.row_label.format(self._row_of(position, indptr))
+        warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
+                      f"{float(data[position])} of {row}): store float64 values (convert "
+                      "--dtype float64)", RuntimeWarning, stacklevel=2)
 
     def _row_of(self, position: int, indptr: np.ndarray) -> int:
         """The row of the store that the appended value at ``position`` lies in."""

@@ -188,6 +188,10 @@ def open_dense_source(A: Any) -> DenseSource:
     """
     if isinstance(A, (str, os.PathLike)):
         return _open_path(os.fspath(A))
+    if isinstance(A, np.ma.MaskedArray):
+        raise InputError("A is a masked array: its masked entries would be read as the "
+                         "values stored under the mask; fill them first (A.filled(value)), "
+                         "or pass A.data where those values are meant")
     if isinstance(A, np.ndarray):
         description = "memmap" if isinstance(A, np.memmap) else "numpy array"
         return DenseSource(
