@@ -767,6 +767,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
     try:
         _wait_for_a_worker(client)
         _check_worker_package(client)
+        _warn_of_small_workers(_workers_info(client), plan.predicted_peak_bytes)
         if backend == "cuda":
             _check_worker_gpus(client)
         scratch = _shared_scratch(client, scratch_dir)
@@ -825,6 +826,24 @@ def _stall(workers: dict[str, dict]) -> str | None:
         if worker.get("status") != "paused" or running_tasks:
             return None
     return ALL_PAUSED
+
+
+def _warn_of_small_workers(workers: dict[str, dict], task_bytes: int) -> None:
+    """Warn of the workers whose memory limit cannot hold a task's working set
+    (``task_bytes``) on each of their threads: dask's nanny kills a worker near its limit,
+    and the run ends once a task has killed a few."""
+    small = {address: worker for address, worker in workers.items()
+             if 0 < worker.get("memory_limit", 0) < task_bytes * worker.get("nthreads", 1)}
+    if not small:
+        return
+    address, worker = next(iter(small.items()))
+    warnings.warn(
+        f"{len(small)} of the cluster's workers (as {address}: a memory limit of "
+        f"{format_bytes(worker['memory_limit'])} for {worker.get('nthreads', 1)} threads) "
+        f"cannot hold a task of this run on each thread, {format_bytes(task_bytes)} each "
+        "(memory_limit is each task's): dask kills a worker near its limit; lower "
+        "memory_limit, or start workers with fewer threads or more memory",
+        RuntimeWarning, stacklevel=3)
 
 
 def _wait_for_a_worker(client: Any) -> None:

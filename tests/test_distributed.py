@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import dask
 import naive
@@ -1003,6 +1004,23 @@ def test_a_command_interrupted_while_it_connects_exits_at_once(dense_store, tmp_
     _, stderr = command.communicate(timeout=60)
     assert command.returncode == 143 and "terminated (SIGTERM)" in stderr
     assert time.monotonic() - began < 20 and "Traceback" not in stderr
+
+
+def test_workers_too_small_for_a_task_on_each_thread_are_warned_of():
+    """memory_limit is each task's, and a worker runs one per thread: a worker whose own
+    limit is less would be killed by its nanny, which a warning says before the run."""
+    from ooc_svd.distributed import _warn_of_small_workers
+
+    workers = {"tcp://a:1": {"memory_limit": 300 * 10**6, "nthreads": 2},
+               "tcp://b:1": {"memory_limit": 4 * 10**9, "nthreads": 2},
+               "tcp://c:1": {"memory_limit": 0, "nthreads": 8}}  # 0: no limit
+    with pytest.warns(RuntimeWarning, match=r"1 of the cluster's workers \(as tcp://a:1: a "
+                                            r"memory limit of 300 MB for 2 threads\) cannot "
+                                            r"hold a task of this run on each thread, 200 MB"):
+        _warn_of_small_workers(workers, 200 * 10**6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_of_small_workers(workers, 150 * 10**6)
 
 
 def test_a_closed_client_is_named():
