@@ -363,7 +363,8 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
 
 # What info reports of a result store, from its attributes
 RESULT_KEYS = ("input", "shape", "k", "tol", "rank", "numerical_rank", "method", "backend",
-               "centered", "residual", "frobenius_norm", "spectral_error", "passes", "note")
+               "centered", "residual", "basis_residual", "frobenius_norm", "spectral_error",
+               "passes", "note")
 
 
 def result_report(path: str) -> dict | None:

@@ -83,6 +83,10 @@ class Factors:
     # How far the squared residual (in ||A||_F^2's units) may be off by rounding; every
     # method sets it (that of ||A||_F^2 - sum S^2, or of the trailing energy).
     residual_rounding: float | None = None
+    # ||A||_F^2 - ||Q^T A||_F^2 (with its rounding) for the final pass's basis Q: the energy
+    # the basis missed, of which a_i V - U_i S holds part (``verify.rows_agree``); at most
+    # the residual's, less where the basis is wider than the rank.
+    basis_missed_energy: float | None = None
     # gram: a shift was taken off G after its sums (a mean found in the pass, or a sparse
     # block's shift summed by pairs of non-zeros), so that S, U and V carry the rounding
     # of the uncentered A's (``result._cancellation_note``).
@@ -388,7 +392,8 @@ def _final_pass(context, plan, X, allocate_u, scratch_dir, rank_rule, method) ->
     numerical = numerical_rank(S_all[:rank], context.source.shape,
                                rounding_unit(context.source.dtype),
                                unshifted_norm(final.stats, final.shift))
-    factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding)
+    factors = Factors(S_all[:rank], V, fro2, numerical, method, residual_rounding=rounding,
+                      basis_missed_energy=max(fro2 - float(np.sum(S_all**2)), 0.0) + rounding)
     if rank == min(context.source.shape):
         # All of A's singular values: the residual is zero to the factorization's rounding,
         # where ||A||^2 - sum S^2 would leave its own.

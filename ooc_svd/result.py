@@ -76,6 +76,12 @@ class SVDResult:
     spectral_error : float or None
         Estimate of ||A - 1 mu^T - U diag(S) V^T||_2 from below (power iterations), when
         ``spectral_iters`` was given.
+    basis_residual : float or None
+        ||A_c - Q Q^T A_c||_F / ||A_c||_F (A_c = A - 1 mu^T) for the orthonormal basis Q of
+        the final pass, whose span holds U: the part of A_c that the basis missed, with the
+        rounding of that difference; at most ``residual``, and less where the basis was
+        wider than the rank. a_i V - U_i S lies in what Q missed, so ``ooc-svd check``
+        bounds it by this over the rows it samples.
     """
 
     U: Any
@@ -95,6 +101,7 @@ class SVDResult:
     store: Any = None
     spectral_error: float | None = None
     backend: str = "cpu"
+    basis_residual: float | None = None
     records: list[PassRecord] = field(default_factory=list, repr=False)
 
     def __iter__(self):
@@ -242,15 +249,20 @@ def _fallback_note(plan: Plan, method: str, rank: int) -> str:
             "may run it and give another result; fix method= to compare runs")
 
 
-def _residual_floor_note(residual: float, rounding: float, applies: bool) -> str:
-    """A residual found as ||A||^2 - sum S^2 below that difference's rounding: 0.0 is no
-    exact factorization. ``applies`` in fixed-rank mode (fixed-accuracy mode's note says it
-    otherwise) when every singular value found is above the data's rounding (else the
-    factors hold all of A that is not rounding, and the residual is that small)."""
+def _residual_floor_note(residual: float, rounding: float, applies: bool,
+                         difference: bool) -> str:
+    """A residual below its rounding, found as ||A||^2 - sum S^2 (``difference``) or as
+    the sum of the squares of the singular values past the rank (exact, gram): 0.0 is no
+    exact factorization, nor is gram's 2e-8 on a matrix of rank k. ``applies`` in
+    fixed-rank mode (fixed-accuracy mode's note says it otherwise) when every singular
+    value found is above the data's rounding (else the factors hold all of A that is not
+    rounding, and the residual is that small)."""
     if not applies or residual >= rounding:
         return ""
-    return (f"the residual {residual:.2g} lies within the rounding of ||A||_F^2 - sum S^2 "
-            f"(about {rounding:.1g} of ||A||_F): it is at most about that")
+    found = "||A||_F^2 - sum S^2" if difference else \
+        "the squares of the singular values past the rank"
+    return (f"the residual {residual:.2g} lies within the rounding of {found} (about "
+            f"{rounding:.1g} of ||A||_F): it is at most about that")
 
 
 def _tolerance_note(tol: float | None, residual: float, rank: int, rounding: float,
@@ -330,11 +342,13 @@ def assemble_result(U, factors: Factors, centering: Centering, plan: Plan, seed:
                             plan.k, plan.shape[1]),
             _power_floor_note(factors.S[:factors.numerical_rank], plan, factors.method),
             _fallback_note(plan, factors.method, factors.S.size),
-            _residual_floor_note(residual, rounding, difference and tol is None
-                                 and factors.numerical_rank == factors.S.size)])),
+            _residual_floor_note(residual, rounding, tol is None
+                                 and factors.numerical_rank == factors.S.size, difference)])),
         plan=plan,
         seed=seed,
         records=records,
+        basis_residual=None if factors.basis_missed_energy is None or fro2 <= 0 else
+        min(float(np.sqrt(factors.basis_missed_energy / fro2)), 1.0),
     )
 
 
@@ -377,6 +391,7 @@ def provenance(
             "numerical_rank": result.numerical_rank,
             "rank": result.rank,
             "spectral_error": result.spectral_error,
+            "basis_residual": result.basis_residual,
             "memory_limit": plan.memory_limit,
             "versions": {
                 "ooc_svd": __version__,

@@ -35,8 +35,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
     not, a result of the exact or gram method that leaves these rows a relative residual
     above ``PLAUSIBLE_RESIDUAL`` is no SVD of them (reported as ``residual_plausible``),
     and ``ok`` is False; so is a result whose rows a_i V - U_i S exceed, on the rows
-    sampled, the rounding (exact and gram) or the stored residual (the others) that they
-    may reach (``rows_agree``, with ``rows_error`` relative to ||A_c||_F; see ROWS_SLACK).
+    sampled, the rounding (exact and gram) or the residual of the final pass's basis (the
+    others: the stored ``basis_residual``, else the stored residual) that they may reach
+    (``rows_agree``, with ``rows_error`` relative to ||A_c||_F; see ROWS_SLACK).
 
     Arrays that do not fit together (U (m, k), S (k,), V (n, k), the mean (n,)) are an
     InputError. Without the input, ``ok`` is also False for S not descending or negative
@@ -83,6 +84,7 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         "k": k,
         "method": attributes.get("method"),
         "stored_residual": attributes.get("residual"),
+        "basis_residual": attributes.get("basis_residual"),
         "u_orthonormality_error": u_error,
         "v_orthonormality_error": v_error,
         "tolerance": tolerance,
@@ -107,9 +109,10 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         return report
     stored, norm = report["stored_residual"], attributes.get("frobenius_norm")
     spans = _spans_a_v(report["method"], attributes)
+    missed = _missed(attributes, stored)
     enough = None  # the captured energy that the sampled rows must hold, if any
-    if norm and stored is not None and not spans:
-        enough = TELLING_FACTOR * (stored * norm) ** 2
+    if norm and missed is not None and not spans:
+        enough = TELLING_FACTOR * (missed * norm) ** 2
     # All rows hold (1 - residual^2) ||A_c||^2 of it: past a residual of about 0.58 no
     # sample holds enough, and only all of them (the exact residual) can tell.
     reachable = enough is not None and enough < (1.0 - stored**2) * norm**2
@@ -123,9 +126,9 @@ def verify_result(result_path: str, input_path: str | None = None, samples: int 
         report["ok"] = report["ok"] and report["residual_plausible"]
     if norm and stored is not None:
         report["rows_error"] = float(np.sqrt(sums.projection2)) / norm
-        allowed = rows_slack(U.dtype, k, norm)
-        if not _spans_a_v(report["method"], attributes):
-            allowed = float(np.hypot(allowed, stored * norm))
+        allowed = rows_slack(U.dtype, k, norm, attributes.get("backend"))
+        if not spans:
+            allowed = float(np.hypot(allowed, missed * norm))
         report["rows_agree"] = bool(sums.projection2 <= allowed**2)
         report["ok"] = report["ok"] and report["rows_agree"]
         # Whether another input would have failed the rows sampled (or the residual of all)
@@ -235,16 +238,18 @@ def orthonormality_tolerance(rows: int, dtype: np.dtype) -> float:
     return float(10 * np.sqrt(rows) * eps64 + 100 * eps64 + 4 * np.finfo(dtype).eps)
 
 
-# Over the rows sampled, a_i V - U_i S may reach the stored residual (below); another input,
-# whose rows a_i V are unrelated to U_i S, leaves about |U_i S|^2 there, which the stored
-# residual hides unless those rows hold more of the result's energy: the check samples chunks
-# until their sum |U_i S|^2 is this many times residual^2 ||A_c||^2, or it has all of them.
+# Over the rows sampled, a_i V - U_i S may reach the basis residual (below; the stored
+# residual for a result that does not record it); another input, whose rows a_i V are
+# unrelated to U_i S, leaves about |U_i S|^2 there, which that allowance hides unless those
+# rows hold more of the result's energy: the check samples chunks until their sum
+# |U_i S|^2 is this many times basis_residual^2 ||A_c||^2, or it has all of them.
 TELLING_FACTOR = 2.0
 
 
 # Row i of U S is q_i Q^T A_c V for the basis Q of the final pass (U = Q W, and B = Q^T A_c =
 # W S V^T), so a_i V - U_i S = e_i V with e_i the part of a_i that Q misses: over all rows,
-# sum |e_i|^2 = ||A_c||^2 - ||Q^T A_c||^2, at most residual^2 ||A_c||^2. The exact and gram
+# sum |e_i|^2 = ||A_c||^2 - ||Q^T A_c||^2, the run's basis_residual^2 ||A_c||^2 (at most
+# residual^2 ||A_c||^2, less where Q is wider than the rank). The exact and gram
 # methods' Q spans A_c V, e_i V = 0 to rounding: ROWS_SLACK of ||A_c|| (the gram method's
 # error, up to engine.GRAM_TOLERANCE on sigma_k, with room) and the rounding of the stored
 # U and V. A row of U that lost its sign, rows swapped, V's columns swapped, another mean
@@ -266,11 +271,21 @@ def _ran_on_gpu(backend: str | None) -> bool:
     return "cuda" in str(backend or "")
 
 
-def rows_slack(dtype: np.dtype, k: int, norm: float) -> float:
+def rows_slack(dtype: np.dtype, k: int, norm: float, backend: str | None = None) -> float:
     """What sqrt(sum |a_i V - U_i S|^2) over the sampled rows of an exact or gram result
     may reach: ROWS_SLACK ||A_c||, and the rounding of U S and of V stored as ``dtype``
-    (sqrt(k) eps ||A_c|| at most), 100 times."""
-    return (ROWS_SLACK + 100 * np.sqrt(k) * float(np.finfo(dtype).eps)) * norm
+    (sqrt(k) eps ||A_c|| at most), 100 times; for a GPU's run, the products' float32
+    accumulation (GPU_PROJECTION_SLACK) too."""
+    gpu = GPU_PROJECTION_SLACK if _ran_on_gpu(backend) else 0.0
+    return (ROWS_SLACK + 100 * np.sqrt(k) * float(np.finfo(dtype).eps) + gpu) * norm
+
+
+def _missed(attributes: dict, stored: float | None) -> float | None:
+    """The relative residual of the final pass's basis (``basis_residual``: a_i V - U_i S
+    lies in what it missed), or the stored residual, which bounds it, for a result written
+    before runs recorded it."""
+    basis = attributes.get("basis_residual")
+    return float(basis) if isinstance(basis, (int, float)) and basis >= 0 else stored
 
 
 # The slack of ``residual_agrees`` on squared relative residuals: a share of the stored

@@ -288,20 +288,22 @@ def test_a_sampled_check_finds_damaged_factors(tmp_path, method, damage):
     assert not report["ok"], report
 
 
-@pytest.mark.parametrize("method", ["randomized", "krylov"])
+@pytest.mark.parametrize(("method", "decays"), [("randomized", (0.93, 0.97)),
+                                               ("krylov", (0.95, 0.97))])
 def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(tmp_path,
-                                                                              method):
-    """a_i V - U_i S may reach the stored residual over the rows sampled: where a few
-    chunks hold less of the result's energy than that, another input of the same
-    spectrum passed. The check samples chunks until they hold twice the residual's
-    energy; past a residual of 0.58 none can, and the report says the rows sampled are
-    not conclusive, until they are all of them (then the residual is exact)."""
+                                                                              method, decays):
+    """a_i V - U_i S may reach the energy the final basis missed (``basis_residual``,
+    less than the residual where the basis is wider than k) over the rows sampled: where a
+    few chunks hold less of the result's energy than that, another input of the same
+    spectrum passed. The check samples chunks until they hold twice that energy; past a
+    basis residual of about 0.58 none can, and the report says the rows sampled are not
+    conclusive, until they are all of them (then the residual is exact)."""
     import naive
     import zarr
 
     from ooc_svd.verify import verify_result
 
-    for decay, residual in ((0.85, (0.3, 0.55)), (0.97, (0.6, 0.95))):
+    for decay, residual in zip(decays, ((0.6, 0.8), (0.8, 0.95)), strict=True):
         paths = []
         for seed in (4, 5):
             A = naive.matrix_with_spectrum(8000, 60, decay ** np.arange(60), seed=seed)
@@ -310,10 +312,12 @@ def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(t
         out = str(tmp_path / f"result-{decay}.zarr")
         result = ooc_svd.svd(paths[0], 5, method=method, niter=1, out=out)
         assert residual[0] < result.residual < residual[1]
+        assert result.basis_residual < 0.85 * result.residual  # a basis of 15 columns, or 30
         own = verify_result(out, paths[0], samples=2, seed=1)
         other = verify_result(out, paths[1], samples=2, seed=1)
         assert own["ok"], own
-        if decay == 0.85:  # more than the 2 chunks asked for, fewer than all 16
+        assert own["basis_residual"] == pytest.approx(result.basis_residual)
+        if decay == decays[0]:  # more than the 2 chunks asked for, fewer than all 16
             assert 1000 < own["sampled_rows"] < 8000 and own["rows_conclusive"], own
             assert not other["ok"], other
         else:
@@ -324,6 +328,33 @@ def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(t
                    "--samples 16 checks every chunk" in done.stderr
             every = verify_result(out, paths[1], samples=other["input_chunks"])
             assert not every["ok"] and every["rows_conclusive"], every
+
+
+def test_a_check_holds_the_rows_to_what_the_basis_missed(tmp_path):
+    """A Krylov basis misses far less of A than the residual says (its width is (q + 1) l):
+    held to the residual, the rows of A scaled by 1.02 passed a sample; held to the basis
+    residual, they fail it, as A's own pass. A result written before runs recorded the
+    basis residual is held to the residual."""
+    import zarr
+
+    from ooc_svd.synthetic import write_dense_matrix
+    from ooc_svd.verify import verify_result
+
+    A = write_dense_matrix(str(tmp_path / "A.zarr"), (20_000, 50), decay=0.1,
+                           chunk_rows=1000)
+    scaled = zarr.create_array(str(tmp_path / "scaled.zarr"), shape=A.shape, chunks=A.chunks,
+                               dtype=A.dtype)
+    scaled[:] = 1.02 * A[:]
+    out = str(tmp_path / "result.zarr")
+    result = ooc_svd.svd(str(tmp_path / "A.zarr"), 10, method="krylov", out=out)
+    assert result.basis_residual < 0.1 * result.residual
+    assert verify_result(out, str(tmp_path / "A.zarr"))["ok"]
+    report = verify_result(out, str(tmp_path / "scaled.zarr"))
+    assert report["sampled_rows"] < 20_000 and not report["rows_agree"] and not report["ok"]
+    attributes = zarr.open_group(out, mode="r+").attrs["ooc_svd"]
+    del attributes["basis_residual"]
+    zarr.open_group(out, mode="r+").attrs["ooc_svd"] = attributes
+    assert verify_result(out, str(tmp_path / "scaled.zarr"))["ok"]
 
 
 @pytest.mark.parametrize("method", ["exact", "gram", "randomized"])

@@ -156,6 +156,12 @@ def test_notes_say_what_the_power_passes_and_the_residual_cannot_resolve():
             np.linalg.norm(A - (exact.U * exact.S) @ exact.V.T) / np.linalg.norm(A), rel=1e-3)
     low_rank = rng.standard_normal((500, 5)) @ rng.standard_normal((5, 40))
     assert ooc_svd.svd(low_rank, 8, method="randomized").note == ""
+    # gram's tail sums G's eigenvalues, to about sqrt(n eps) sigma_1: a rank-3 matrix's
+    # residual of 1e-8 is rounding, and said to be.
+    rank_three = (U[:, :3] * [3.0, 2.0, 1.0]) @ V[:3]
+    gram = ooc_svd.svd(rank_three, 3, method="gram")
+    assert gram.residual > 1e-12 and "lies within the rounding of the squares of the " \
+        "singular values past the rank" in gram.note
     # Where the exact method is out of reach (n > 4096), the note does not offer it.
     wide = np.outer(rng.standard_normal(300), rng.standard_normal(5000))
     wide += 1e-10 * np.abs(wide).max() * rng.standard_normal(wide.shape)
