@@ -17,16 +17,14 @@ The files are generated when they do not exist (with scipy.io.mmwrite and save_n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
-from harness import parse_or_answer_child, peak_rss_bytes
+from harness import parse_or_answer_child, peak_rss_bytes, publish, run_child
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -122,21 +120,15 @@ def main() -> None:
     print(f"files ready in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     results = {}
     for name in args.only or CONTENDERS:
-        print(f"running {name} ...", file=sys.stderr)
-        command = [sys.executable, __file__, "--child", name, "--dir", args.dir,
-                   "--memory-limit", args.memory_limit]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        outcome = run_child(__file__, name, ["--dir", args.dir,
+                                             "--memory-limit", args.memory_limit])
+        if outcome is None:
             continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name] = outcome
         if name.startswith("ooc_convert_"):
             results[name]["correct"] = check_conversion(args, name)
     shutil.rmtree(os.path.join(args.dir, "out.zarr"), ignore_errors=True)
-    print(report(args, results))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=1)
+    publish(args, report(args, results), results)
 
 
 def report(args: argparse.Namespace, results: dict) -> str:

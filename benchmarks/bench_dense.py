@@ -15,14 +15,13 @@ The store is generated (ooc_svd.synthetic, float32, zstd) when it does not exist
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
-from harness import parse_or_answer_child, peak_rss_bytes, run_contenders
+from harness import parse_or_answer_child, peak_rss_bytes, publish, run_contenders
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -170,10 +169,7 @@ def main() -> None:
             S = np.asarray(r["S"])[: args.k]
             r["max_rel_error"] = float(np.max(np.abs(S - reference) / reference))
 
-    print(report(args, results, matrix_bytes, stored))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=1)
+    publish(args, report(args, results, matrix_bytes, stored), results)
 
 
 def report(args, results: dict, matrix_bytes: int, stored: int) -> str:

@@ -17,14 +17,13 @@ frequencies, float32) when it does not exist.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
-from harness import parse_or_answer_child, peak_rss_bytes, run_contenders
+from harness import parse_or_answer_child, peak_rss_bytes, publish, run_contenders
 
 CONTENDERS = [
     "baseline",  # python with the imports only: the RSS floor of every contender
@@ -187,10 +186,7 @@ def main() -> None:
         if reference is not None and "S" in r:
             S, exact = np.asarray(r["S"])[: args.k], np.asarray(reference)
             r["max_rel_error"] = float(np.max(np.abs(S - exact) / exact))
-    print(report(args, results))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=1)
+    publish(args, report(args, results), results)
 
 
 def report(args, results: dict) -> str:

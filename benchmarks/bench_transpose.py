@@ -18,16 +18,14 @@ singular values decaying by exp(-0.2 j), plus Gaussian noise of 0.01.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
-from harness import parse_or_answer_child, peak_rss_bytes
+from harness import parse_or_answer_child, peak_rss_bytes, publish, run_child
 
 CONTENDERS = ["baseline", "read_A", "convert_transpose", "read_At", "svd_A", "svd_At"]
 # Rows of A generated at a time
@@ -102,23 +100,13 @@ def main() -> None:
     began = time.perf_counter()
     generate(os.path.join(args.dir, "A.zarr"), tuple(args.shape), tuple(args.chunks), args.seed)
     print(f"A.zarr ready in {time.perf_counter() - began:.0f} s", file=sys.stderr)
-    results = {}
-    for name in CONTENDERS:
-        print(f"running {name} ...", file=sys.stderr)
-        command = [sys.executable, __file__, "--child", name, "--dir", args.dir,
-                   "--k", str(args.k), "--oversample", str(args.oversample),
-                   "--niter", str(args.niter), "--memory-limit", args.memory_limit,
-                   "--memory-limit-a", args.memory_limit_a]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--dir", args.dir, "--k", str(args.k), "--oversample", str(args.oversample),
+                 "--niter", str(args.niter), "--memory-limit", args.memory_limit,
+                 "--memory-limit-a", args.memory_limit_a]
+    results = {name: outcome for name in CONTENDERS
+               if (outcome := run_child(__file__, name, arguments)) is not None}
     shutil.rmtree(os.path.join(args.dir, "At.zarr"), ignore_errors=True)
-    print(report(args, results))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=1)
+    publish(args, report(args, results), results)
 
 
 def report(args: argparse.Namespace, results: dict) -> str:

@@ -30,16 +30,33 @@ def run_contenders(script: str, names, args, available) -> dict[str, dict]:
         if not available(name):
             print(f"{name}: not installed, skipped", file=sys.stderr)
             continue
-        command = [sys.executable, script, "--child", name, "--store", args.store,
-                   "--k", str(args.k), "--oversample", str(args.oversample),
-                   "--niter", str(args.niter), "--memory-limit", str(args.memory_limit)]
-        print(f"running {name} ...", file=sys.stderr)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        outcome = run_child(script, name, ["--store", args.store, "--k", str(args.k),
+                                           "--oversample", str(args.oversample),
+                                           "--niter", str(args.niter),
+                                           "--memory-limit", str(args.memory_limit)])
+        if outcome is not None:
+            results[name] = outcome
     return results
+
+
+def run_child(script: str, name: str, arguments: list[str]) -> dict | None:
+    """The results of ``script --child NAME ARGUMENTS`` (the last line of its stdout, JSON),
+    or None, said on stderr, when it fails."""
+    print(f"running {name} ...", file=sys.stderr)
+    done = subprocess.run([sys.executable, script, "--child", name, *arguments],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def publish(args, table: str, results: dict) -> None:
+    """Print the report, and write the arguments and results to ``--json`` where given."""
+    print(table)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"args": vars(args), "results": results}, file, indent=1)
 
 
 def peak_rss_bytes() -> int:

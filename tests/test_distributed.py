@@ -325,15 +325,22 @@ def test_dask_array_input_and_torch_signatures(cluster, dense_store, block_rows)
         np.testing.assert_allclose(remote[1], local[1], rtol=1e-11, atol=1e-12 * local[1][0])
 
 
+def scatters_of(client, monkeypatch) -> list:
+    """What ``client`` scatters from now on, as it scatters it."""
+    scattered = []
+    scatter = client.scatter
+    monkeypatch.setattr(client, "scatter", lambda data, **options: scattered.append(data) or
+                        scatter(data, **options))
+    return scattered
+
+
 def test_the_spectral_estimate_reads_u_from_its_store_on_the_workers(cluster, dense_store,
                                                                     tmp_path, monkeypatch):
     """U in a store every worker reaches is read there; only U held by the client is
     scattered to the workers, a group's rows each."""
     reference = ooc_svd.svd(dense_store, 4, spectral_iters=2)
-    client, scattered = cluster[1], []
-    scatter = client.scatter
-    monkeypatch.setattr(client, "scatter", lambda data, **options: scattered.append(data) or
-                        scatter(data, **options))
+    client = cluster[1]
+    scattered = scatters_of(client, monkeypatch)
     stored = ooc_svd.svd(dense_store, 4, spectral_iters=2, out=str(tmp_path / "result.zarr"),
                          client=client)
     assert scattered == []
@@ -354,10 +361,8 @@ def test_a_worker_that_does_not_see_the_store_of_u_is_sent_its_rows(cluster, den
     shared = ooc_svd.distributed._SharedRows
     monkeypatch.setattr(ooc_svd.distributed, "_SharedRows",  # a marker no worker sees
                         lambda array, marker: shared(array, marker + ".elsewhere"))
-    client, scattered = cluster[1], []
-    scatter = client.scatter
-    monkeypatch.setattr(client, "scatter", lambda data, **options: scattered.append(data) or
-                        scatter(data, **options))
+    client = cluster[1]
+    scattered = scatters_of(client, monkeypatch)
     result = ooc_svd.svd(dense_store, 4, spectral_iters=2, out=str(tmp_path / "result.zarr"),
                          client=client)
     assert sum(piece.shape[0] for piece in scattered) == 2 * M
