@@ -644,6 +644,11 @@ def _is_dense_on_disk(input: Any) -> bool:
         return True
     if name.endswith(".npz"):
         return os.path.isfile(path) and not _is_sparse_npz(path)
+    if "://" in path:  # a store by URL, a zarr array there
+        try:
+            return not hasattr(open_zarr_node(path), "array_keys")
+        except StoreNotFoundError:
+            return False
     return os.path.isdir(path) and not hasattr(open_zarr_node(path), "array_keys")
 
 

@@ -89,7 +89,7 @@ def transpose_dense(path: str | os.PathLike, out: str | os.PathLike, *, dtype: A
     stored = _stored_dtype(source.dtype, dtype)
     path = os.fspath(path)
     out = check_output_path(out, overwrite, replaces="converted", inputs=(path,))
-    layout = plan_layout(source, stored.itemsize, parse_bytes(memory_limit))
+    layout = plan_layout(source, stored, parse_bytes(memory_limit))
     output = StagedOutput(out, overwrite, "converted")
     try:
         transposed = _create(output, (n, m), layout, stored)
@@ -131,17 +131,19 @@ def _stored_dtype(source: np.dtype, requested: Any) -> np.dtype:
     return source.newbyteorder("=")
 
 
-def plan_layout(source: DenseSource, itemsize: int, memory_limit: int) -> Layout:
-    """The chunks of A^T and the strips of A read, within ``memory_limit`` (InputError
-    where one chunk of A, the least that can be read, does not fit)."""
+def plan_layout(source: DenseSource, stored: np.dtype, memory_limit: int) -> Layout:
+    """The chunks of A^T (of ``stored`` values) and the strips of A read, within
+    ``memory_limit`` (InputError where one chunk of A, the least that can be read, does
+    not fit)."""
     m, n = source.shape
+    itemsize = np.dtype(stored).itemsize
     row_chunk, column_chunk = _input_chunks(source)
     block = min(BLOCK_TARGET_BYTES, int(memory_limit * BLOCK_SHARE))
     chunk_rows = _aligned(max(1, block // (m * itemsize)), column_chunk, n)
     band_rows = _band_rows(CHUNK_TARGET_BYTES // (chunk_rows * itemsize), row_chunk, m)
     unit = n if column_chunk >= n else max(column_chunk, chunk_rows)
     while True:
-        layout = _widest_strip(source, itemsize, memory_limit, chunk_rows, band_rows, unit)
+        layout = _widest_strip(source, stored, memory_limit, chunk_rows, band_rows, unit)
         if layout is not None:
             return layout
         if band_rows > row_chunk:  # fewer rows at a time, each strip narrower in memory
@@ -150,7 +152,7 @@ def plan_layout(source: DenseSource, itemsize: int, memory_limit: int) -> Layout
             chunk_rows = unit = column_chunk
         else:
             break
-    least = _strip_bytes(source, itemsize, chunk_rows, band_rows, unit)
+    least = _strip_bytes(source, stored, chunk_rows, band_rows, unit)
     raise InputError(
         f"memory_limit {format_bytes(memory_limit)} cannot hold the least of "
         f"{source.description} read at a time, {band_rows} rows x {unit} columns (a storage "
@@ -190,16 +192,20 @@ def _band_rows(target: int, row_chunk: int, m: int) -> int:
     return min(max(1, target // row_chunk) * row_chunk, m)
 
 
-def _strip_bytes(source: DenseSource, itemsize: int, chunk_rows: int, band_rows: int,
+def _strip_bytes(source: DenseSource, stored: np.dtype, chunk_rows: int, band_rows: int,
                  columns: int) -> int:
     """The working set of a strip of ``band_rows`` x ``columns`` of A: the strip read, its
-    values as stored in A^T where the dtype changes, and the chunks in flight (zarr decodes
-    and encodes up to its ``async.concurrency`` at once, each held raw and compressed)."""
+    values as stored in A^T where the dtype (or byte order) changes, zarr's copy of what it
+    writes, and the chunks in flight (zarr decodes and encodes up to its
+    ``async.concurrency`` at once, each held raw and compressed)."""
     import zarr
 
     in_flight = int(zarr.config.get("async.concurrency") or 10)
+    itemsize = np.dtype(stored).itemsize
     strip = band_rows * columns * source.dtype.itemsize
-    if itemsize != source.dtype.itemsize:
+    # zarr copies the transposed strip it writes (measured: a strip more than predicted)
+    strip += band_rows * columns * itemsize
+    if np.dtype(stored) != source.dtype:  # another type, or byte order: a copy
         strip += band_rows * columns * itemsize
     row_chunk, column_chunk = _input_chunks(source)
     read = 0
@@ -212,23 +218,23 @@ def _strip_bytes(source: DenseSource, itemsize: int, chunk_rows: int, band_rows:
     return strip + read + written
 
 
-def _widest_strip(source: DenseSource, itemsize: int, memory_limit: int, chunk_rows: int,
+def _widest_strip(source: DenseSource, stored: np.dtype, memory_limit: int, chunk_rows: int,
                   band_rows: int, unit: int) -> Layout | None:
     """The layout that reads the widest strips of ``unit`` columns that fit, or None."""
     n = source.shape[1]
     available = memory_limit - source.loaded_bytes  # a compressed .npz is held whole
-    if _strip_bytes(source, itemsize, chunk_rows, band_rows, unit) > available:
+    if _strip_bytes(source, stored, chunk_rows, band_rows, unit) > available:
         return None
     units, top = 1, math.ceil(n / unit)
     while units < top:  # the most units that fit, by bisection
         middle = (units + top + 1) // 2
-        if _strip_bytes(source, itemsize, chunk_rows, band_rows, middle * unit) <= available:
+        if _strip_bytes(source, stored, chunk_rows, band_rows, middle * unit) <= available:
             units = middle
         else:
             top = middle - 1
     columns = min(units * unit, n)
     return Layout(chunk_rows, band_rows, columns,
-                  source.loaded_bytes + _strip_bytes(source, itemsize, chunk_rows, band_rows,
+                  source.loaded_bytes + _strip_bytes(source, stored, chunk_rows, band_rows,
                                                      columns))
 
 
@@ -261,7 +267,9 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
                 with output.writing():
                     transposed[first:last, start:stop] = values.T
                 bar.update(strip.nbytes)
+                strip = values = None  # let go before the next strip is read
                 raise_if_lost()
+            band = None
 
 
 @dataclass

@@ -986,11 +986,12 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
     base = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
     directory = os.path.join(base, f"ooc-svd-cluster-{uuid.uuid4().hex[:12]}")
     try:
-        marker = client.submit(_make_scratch, directory, pure=False).result()
+        try:
+            marker = client.submit(_make_scratch, directory, pure=False).result()
+        except OSError as error:  # raised by _make_scratch on the worker
+            raise InputError(f"a worker cannot make a scratch directory in {base!r}: "
+                             f"{error}") from None
         seen = client.run(os.path.exists, marker)
-    except OSError as error:
-        raise InputError(f"a worker cannot make a scratch directory in {base!r}: "
-                         f"{error}") from None
     except BaseException:  # an interrupt, or a lost cluster: a worker may have made it
         _remove_scratch_made(client, directory, None)
         raise

@@ -295,9 +295,9 @@ def test_a_check_of_a_large_residual_samples_enough_rows_to_tell_another_input(t
     """a_i V - U_i S may reach the energy the final basis missed (``basis_residual``,
     less than the residual where the basis is wider than k) over the rows sampled: where a
     few chunks hold less of the result's energy than that, another input of the same
-    spectrum passed. The check samples chunks until they hold twice that energy; past a
-    basis residual of about 0.58 none can, and the report says the rows sampled are not
-    conclusive, until they are all of them (then the residual is exact)."""
+    spectrum passed. The check samples chunks until they hold twice that energy; where
+    that is more than the result captured none can, and the report says the rows sampled
+    are not conclusive, until they are all of them (then the residual is exact)."""
     import naive
     import zarr
 
