@@ -31,7 +31,8 @@ from .errors import InputError, ReadError
 from .interrupts import raise_if_lost
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
-from .sources.dense import DenseSource, open_dense_source, rows_from_file
+from .sources.dense import DenseSource, not_a_matrix, open_dense_source, rows_from_file
+from .sources.dtypes import first_overflowed, first_underflowed, narrows_floats
 from .store import StagedOutput, check_output_path
 from .units import format_bytes, parse_bytes
 
@@ -111,8 +112,7 @@ def _dense_input(path: str | os.PathLike) -> DenseSource:
                          f"not {type(path).__name__} (in memory, A.T is free)")
     source = open_dense_source(path)
     if source.array.ndim != 2:
-        raise InputError(f"{os.fspath(path)!r} has {source.array.ndim} dimensions; a matrix "
-                         "needs 2")
+        raise not_a_matrix(repr(os.fspath(path)), source.array.ndim)
     if min(source.shape) == 0:
         raise InputError(f"{os.fspath(path)!r} is empty: shape {source.shape}")
     return source
@@ -285,18 +285,18 @@ class _Narrowing:
         """``strip`` (A[start:, first:]) in ``dtype``."""
         with np.errstate(over="ignore"):
             values = strip.astype(self.dtype, copy=False)
-        if strip.dtype.kind != "f" or strip.dtype.itemsize <= self.dtype.itemsize:
+        if not narrows_floats(strip.dtype, self.dtype):
             return values
-        overflowed = np.argwhere(np.isinf(values) & np.isfinite(strip))
-        if overflowed.size:
-            row, column = overflowed[0]
+        overflowed = first_overflowed(strip, values)
+        if overflowed is not None:
+            row, column = np.unravel_index(overflowed, strip.shape)
             raise InputError(f"the value {strip[row, column]} of A[{start + row}, "
                              f"{first + column}] lies beyond the range of {self.dtype}: "
                              "store float64 values")
-        lost = np.argwhere((values == 0) & (strip != 0)) if not self.warned else ()
-        if len(lost):
+        lost = None if self.warned else first_underflowed(strip, values)
+        if lost is not None:
             self.warned = True
-            row, column = lost[0]
+            row, column = np.unravel_index(lost, strip.shape)
             warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
                           f"{float(strip[row, column])} of A[{start + row}, {first + column}]): "
                           "store float64 values", RuntimeWarning, stacklevel=2)

@@ -635,16 +635,17 @@ class ClusterPasses:
         return total.value
 
     def _scattered_residual(self, context: PassContext, U: Any, operands: list[Any]) -> _Partial:
-        """The residual pass with each group's rows of U scattered to the cluster."""
-        for attempt in itertools.count():
-            pieces = [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False),
-                       g.rows[0]) for g in self.groups]
-            try:
-                return self._residual_groups(context, pieces, operands)
-            except CancelledError:  # a worker holding a piece of U was lost
-                if attempt == SCATTERED_RETRIES:
-                    raise
-        return None  # (never: itertools.count does not end)
+        """The residual pass with each group's rows of U scattered to the cluster, run again
+        (up to SCATTERED_RETRIES times) when a worker holding a piece of them is lost."""
+        for _ in range(SCATTERED_RETRIES):
+            with contextlib.suppress(CancelledError):
+                return self._residual_groups(context, self._scattered_rows(U), operands)
+        return self._residual_groups(context, self._scattered_rows(U), operands)
+
+    def _scattered_rows(self, U: Any) -> list[tuple[Any, int]]:
+        """Each group's rows of U, scattered, with the first row's index."""
+        return [(self.client.scatter(np.asarray(U[slice(*g.rows)]), hash=False), g.rows[0])
+                for g in self.groups]
 
     def _residual_groups(self, context: PassContext, pieces: list[tuple[Any, int]],
                          operands: list[Any]) -> _Partial:
@@ -774,8 +775,7 @@ def connect(client: Any, source: DenseSource | CSRSource, plan: Plan,
         return ClusterPasses(client, source, plan, scratch, owned, backend, cuda_options)
     except BaseException:
         if scratch is not None:
-            with contextlib.suppress(Exception):
-                client.submit(_remove_tree, scratch, pure=False).result(timeout=CLEANUP_TIMEOUT_S)
+            _remove_scratch_made(client, scratch, None)
         close_opened(owned)
         raise
 

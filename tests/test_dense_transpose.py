@@ -3,26 +3,19 @@ every input kind and chunking, chunks written whole within the memory limit, ref
 the SVD of a wide A through its transpose."""
 
 import os
-import subprocess
-import sys
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
 from naive import truncated_svd
+from test_convert import ooc_svd_command
 
 import ooc_svd
 from ooc_svd.convert import convert
 from ooc_svd.dense_transpose import plan_layout, transpose_dense
 from ooc_svd.errors import InputError, OutputExistsError, PlanError
 from ooc_svd.sources.dense import open_dense_source
-
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "ooc-svd")
-
-
-def ooc_svd_command(*args):
-    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def matrix(m, n, dtype="float64", seed=0):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..interrupts import raise_if_lost
-from .dtypes import block_dtype
+from .dtypes import block_dtype, first_overflowed, first_underflowed, narrows_floats
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 # Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
@@ -543,18 +543,17 @@ class CSRWriter:
         finite = np.isfinite(values)
         all_finite = bool(finite.all())
         # Integers of up to 64 bits fit float32's range: only a float can overflow.
-        if not all_finite and data.dtype.kind == "f" and \
-                data.dtype.itemsize > values.dtype.itemsize:
-            overflowed = np.flatnonzero(~finite & np.isfinite(data))
-            if overflowed.size:
-                position = int(overflowed[0])
+        narrowed = narrows_floats(data.dtype, values.dtype)
+        if not all_finite and narrowed:
+            position = first_overflowed(data, values, finite)
+            if position is not None:
                 row = self.row_label.format(self._row_of(position, indptr))
                 raise InputError(f"the value {data[position]} of {row} lies beyond the range of "
                                  f"{self.dtype}: store float64 values (convert --dtype "
                                  "float64)")
         if data.dtype.kind in "iu" or self.integers:
             self._warn_of_rounded_integers(data, values, indptr)
-        if data.dtype.kind == "f" and data.dtype.itemsize > values.dtype.itemsize:
+        if narrowed:
             self._warn_of_underflow(data, values, indptr)
         if not all_finite:
             self._warn_of_non_finite(values, finite, indptr)
@@ -578,11 +577,10 @@ class CSRWriter:
         (below float32's 1.4e-45)."""
         if self.warned_of_underflow:
             return
-        lost = np.flatnonzero((values == 0) & (data != 0))
-        if not lost.size:
+        position = first_underflowed(data, values)
+        if position is None:
             return
         self.warned_of_underflow = True
-        position = int(lost[0])
         row = self.row_label.format(self._row_of(position, indptr))
         warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
                       f"{float(data[position])} of {row}): store float64 values (convert "

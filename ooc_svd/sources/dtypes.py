@@ -22,3 +22,25 @@ def block_dtype(stored: Any) -> np.dtype:
     if dtype.kind == "f" and dtype.itemsize > 8:
         return np.dtype(np.float64)
     return dtype.newbyteorder("=")
+
+
+def narrows_floats(source: np.dtype, target: np.dtype) -> bool:
+    """Whether a cast of ``source`` values to ``target`` may overflow to Inf or underflow to
+    zero: floats cast to narrower floats (integers of up to 64 bits fit float32's range)."""
+    return source.kind == "f" and source.itemsize > target.itemsize
+
+
+def first_overflowed(data: np.ndarray, values: np.ndarray,
+                     finite: np.ndarray | None = None) -> int | None:
+    """The flat index of the first finite value of ``data`` that ``values`` (``data``
+    narrowed) holds as Inf, or None (``finite``: ``np.isfinite(values)``, where known)."""
+    finite = np.isfinite(values) if finite is None else finite
+    overflowed = np.flatnonzero(~finite & np.isfinite(data))
+    return int(overflowed[0]) if overflowed.size else None
+
+
+def first_underflowed(data: np.ndarray, values: np.ndarray) -> int | None:
+    """The flat index of the first non-zero value of ``data`` that ``values`` (``data``
+    narrowed) holds as zero, or None."""
+    lost = np.flatnonzero((values == 0) & (data != 0))
+    return int(lost[0]) if lost.size else None
