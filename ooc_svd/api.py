@@ -62,7 +62,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .progress import progress_bars
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, is_sparse_block, open_source
-from .sources.dense import not_a_matrix
+from .sources.dense import not_a_matrix, refuse_masked
 from .sources.difference import check_subtrahend, sparse_column, subtract, transposed
 from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths, stored_chunk_files
@@ -1246,6 +1246,7 @@ def _make_centering(n: int, center: bool, mean: Any) -> Centering:
     if center:
         raise InputError("give center=True (subtract the computed column mean) or mean (a "
                          "given one), not both")
+    refuse_masked(mean, "mean")
     mean = np.asarray(mean)
     if mean.shape not in ((n,), (1, n)):
         raise InputError(

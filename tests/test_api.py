@@ -666,6 +666,19 @@ def test_a_masked_array_is_refused():
             factor()
 
 
+@pytest.mark.parametrize("shape", [(6, 3), (3, 6)])  # a wide A's M is transposed first
+def test_a_masked_mean_or_subtrahend_is_refused(shape):
+    """numpy reads a masked array's masked entries as whatever lies under the mask."""
+    A = np.arange(18.0).reshape(shape)
+    masked_row = np.ma.masked_equal(np.arange(float(shape[1])), 1.0)
+    with pytest.raises(InputError, match="mean is a masked array: .* fill them first"):
+        ooc_svd.svd(A, 1, mean=masked_row)
+    with pytest.raises(InputError, match="M is a masked array: .* fill them first"):
+        ooc_svd.svd_lowrank(A, 1, M=masked_row)
+    with pytest.raises(InputError, match="M is a masked array"):
+        ooc_svd.svd_lowrank(A, 1, M=np.ma.masked_equal(np.zeros(shape), 1.0))  # nothing masked
+
+
 def test_torch_tensors_are_read_detached_and_bfloat16_as_float32(matrix):
     U, S, V = ooc_svd.svd_lowrank(TensorStandIn(matrix), q=4)
     np.testing.assert_allclose(S, naive.truncated_svd(matrix.astype(np.float32), 4)[1],

@@ -180,6 +180,16 @@ def in_memory_boundaries(shape: tuple[int, ...], itemsize: int) -> np.ndarray:
     return regular_boundaries(shape[0], max(1, (1 << 20) // row_bytes))
 
 
+def refuse_masked(value: Any, name: str) -> None:
+    """Refuse a numpy masked array: numpy's own conversions read its masked entries as the
+    values stored under the mask, silently."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise InputError(f"{name} is a masked array: its masked entries would be read as the "
+                         f"values stored under the mask; fill them first "
+                         f"({name}.filled(value)), or pass {name}.data where those values "
+                         "are meant")
+
+
 def open_dense_source(A: Any) -> DenseSource:
     """Wrap a supported dense input as a ``DenseSource``.
 
@@ -188,10 +198,7 @@ def open_dense_source(A: Any) -> DenseSource:
     """
     if isinstance(A, (str, os.PathLike)):
         return _open_path(os.fspath(A))
-    if isinstance(A, np.ma.MaskedArray):
-        raise InputError("A is a masked array: its masked entries would be read as the "
-                         "values stored under the mask; fill them first (A.filled(value)), "
-                         "or pass A.data where those values are meant")
+    refuse_masked(A, "A")
     if isinstance(A, np.ndarray):
         description = "memmap" if isinstance(A, np.memmap) else "numpy array"
         return DenseSource(

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError, NonFiniteError
 from ..kernels.cpu import first_non_finite_row
 from .csr import CSRSource, is_sparse_block
-from .dense import DenseSource, in_memory_boundaries, open_dense_source
+from .dense import DenseSource, in_memory_boundaries, open_dense_source, refuse_masked
 from .open import is_torch_sparse
 
 
@@ -66,12 +66,12 @@ def sparse_column(source: DenseSource | CSRSource, M: Any) -> DenseSource | None
 def transposed(M: Any, shape: tuple[int, int]) -> np.ndarray | None:
     """(M broadcast to ``shape``)^T as a numpy view, for an M held in memory (numpy, torch,
     a number or a sequence): what A^T - M^T subtracts. None for M in a store or a dask
-    array, or one that is not a finite real array broadcasting to ``shape`` (which the run
-    on A itself then refuses by name, and names the rows of a NaN)."""
+    array, a masked array, or one that is not a finite real array broadcasting to ``shape``
+    (which the run on A itself then refuses by name, and names the rows of a NaN)."""
     module = type(M).__module__
     in_memory = isinstance(M, (np.ndarray, int, float, np.number, list, tuple)) or \
         (module.startswith("torch") and not is_torch_sparse(M))
-    if not in_memory:
+    if not in_memory or isinstance(M, np.ma.MaskedArray):
         return None
     try:
         array = np.asarray(_as_array(M) if hasattr(M, "shape") else M)
@@ -200,9 +200,11 @@ def _as_array(M: Any) -> Any:
 
 
 def _refuse_non_arrays(M: Any) -> None:
-    """Refuse a sparse M, and a path (which numpy would take for an array of one string)."""
+    """Refuse a sparse M, a masked one, and a path (which numpy would take for an array of
+    one string)."""
     import scipy.sparse
 
+    refuse_masked(M, "M")
     if scipy.sparse.issparse(M) or is_torch_sparse(M):
         raise InputError("M must be dense: a mean, broadcast to A's shape")
     if isinstance(M, (str, bytes, os.PathLike)):
