@@ -780,12 +780,30 @@ def test_a_lost_worker_holding_scattered_rows_is_named(dense_store, block_rows, 
                         lambda shape, itemsize: np.arange(0, shape[0] + 1, CHUNK_ROWS))
     A = zarr.open_array(dense_store, mode="r")[:]
     with local_cluster() as cluster, Client(cluster) as client:
-        plugin = KillAfterFirstGroup(cluster.scheduler, client.run(os.getpid), "power")
+        plugin = KillSoleHolderOfScatteredRows(cluster.scheduler, client.run(os.getpid),
+                                               "power")
         cluster.scheduler.add_plugin(plugin)
         with pytest.raises(InputError, match="a worker holding rows of the in-memory input "
                                              "was lost.*write the matrix to a store"):
             ooc_svd.svd(A, 5, method="randomized", client=client)
         assert plugin.killed is not None
+
+
+class KillSoleHolderOfScatteredRows(KillAfterFirstGroup):
+    """As the first group of the pass ``pass_name`` starts, SIGKILL a worker that alone
+    holds rows scattered from the client (data without a task to make it). Not later: a
+    group run away from its rows copies them, and by the end of a pass every group's rows
+    may be held by both workers."""
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if self.killed or finish != "processing" or \
+                f"-{self.pass_name}-group-" not in str(key):
+            return
+        scattered = [task for task in self.scheduler.tasks.values() if task.run_spec is None]
+        sole_holders = [task.who_has for task in scattered if len(task.who_has) == 1]
+        assert sole_holders, "every scattered piece is held by two workers"
+        self.killed = next(iter(sole_holders[0])).address
+        os.kill(self.pids[self.killed], signal.SIGKILL)
 
 
 def test_a_lost_worker_holding_scattered_rows_of_u_is_recomputed(dense_store, block_rows,
