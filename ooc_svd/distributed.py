@@ -986,11 +986,9 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
     base = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
     directory = os.path.join(base, f"ooc-svd-cluster-{uuid.uuid4().hex[:12]}")
     try:
-        try:
-            marker = client.submit(_make_scratch, directory, pure=False).result()
-        except OSError as error:  # raised by _make_scratch on the worker
-            raise InputError(f"a worker cannot make a scratch directory in {base!r}: "
-                             f"{error}") from None
+        marker, why_not = client.submit(_make_scratch, directory, pure=False).result()
+        if why_not:
+            raise InputError(f"a worker cannot make a scratch directory in {base!r}: {why_not}")
         seen = client.run(os.path.exists, marker)
     except BaseException:  # an interrupt, or a lost cluster: a worker may have made it
         _remove_scratch_made(client, directory, None)
@@ -1439,15 +1437,25 @@ def _load(directory: str, name: str, index: int) -> np.ndarray:
 SCRATCH_MARKER = "shared"
 
 
-def _make_scratch(directory: str) -> str:
-    # Not makedirs: a mistyped scratch_dir is refused, not created. The directory's name is
-    # the run's own, so one that exists was made by this task before a retry.
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory)
-    marker = os.path.join(directory, SCRATCH_MARKER)
-    with open(marker, "w") as file:
-        file.write("ooc-svd scratch\n")
-    return marker
+def _make_scratch(directory: str) -> tuple[str, str]:
+    """On a worker: make the run's scratch directory and the marker the others look for.
+    (marker, '') or ('', why not), said rather than raised, which dask would log as a
+    failed task with its traceback."""
+    try:
+        # Not makedirs: a mistyped scratch_dir is refused, not created. The directory's name
+        # is the run's own, so one that exists was made by this task before a retry.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory)
+        marker = os.path.join(directory, SCRATCH_MARKER)
+        with open(marker, "w") as file:
+            file.write("ooc-svd scratch\n")
+    except FileNotFoundError:
+        return "", "it is not a directory there"
+    except PermissionError:
+        return "", "it is not writable there"
+    except OSError as error:
+        return "", f"{error.strerror or error}"
+    return marker, ""
 
 
 def _make_spill_directory(directory: str) -> None:
