@@ -49,6 +49,29 @@ def on_device(test):
     return pytest.mark.gpu(pytest.mark.skipif(not USABLE, reason=f"no CUDA: {WHY_NOT}")(test))
 
 
+@pytest.fixture(params=["device's grids", "3 x 16 threads"])
+def grids(request, monkeypatch):
+    """The device as it reports itself (the simulator: one thread block at a time), or 3
+    multiprocessors of 16 threads: under the simulator's tiny geometry, grid-stride loops,
+    split-K products and block sums then launch several thread blocks, as on a GPU. The
+    second asserts that some launch did."""
+    from ooc_svd.kernels import cuda as device_kernels
+
+    if request.param == "device's grids":
+        yield
+        return
+    monkeypatch.setattr(device_kernels, "device_capacity", lambda: (3, 16))
+    launched, launch = [], device_kernels.BlockKernels._launch
+
+    def counted(self, name, grid, *rest):
+        launched.append((name, int(np.prod(grid))))
+        return launch(self, name, grid, *rest)
+
+    monkeypatch.setattr(device_kernels.BlockKernels, "_launch", counted)
+    yield
+    assert max(blocks for _, blocks in launched) > 1, launched
+
+
 # (rows, n, l): several tiles of the simulator's 4 x 4 blocks in every dimension, with
 # ragged edges; natively also more than one 32-column tile of l and many thread blocks.
 SHAPES = [(11, 9, 5), (1, 1, 1)] + ([] if SIMULATED else [(700, 300, 40)])
@@ -248,7 +271,7 @@ def test_resident_threads_are_read_under_either_name(monkeypatch):
 
 @on_device
 @pytest.mark.parametrize("ones", [0, 1])
-def test_gram_and_solve_rows_match_reference(ones):
+def test_gram_and_solve_rows_match_reference(ones, grids):
     """The final pass's QR kernels on W = Y with a column of ones appended or not: G +=
     W^T W (upper triangle) and Q = W R^-1, into another matrix and in place."""
     from numba import cuda
@@ -452,7 +475,7 @@ def split_blocks(kind, dtype, index_dtype, rows, n, sizes):
 
 @on_device
 @pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
-def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned):
+def test_power_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned, grids):
     rows, n, l = (26, 9, 5) if SIMULATED else (3000, 257, 30)
     sizes = [7, 0, 9, 3, rows - 19] if SIMULATED else [1000, 0, 999, 1, rows - 2000]
     whole, blocks = split_blocks(kind, dtype, index_dtype, rows, n, sizes)
@@ -506,7 +529,7 @@ def run_final_sweep(kernels, X, blocks, shift, append_ones):
 @pytest.mark.parametrize("append_ones", [False, True])
 @pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
 def test_final_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned,
-                                         append_ones):
+                                         append_ones, grids):
     check_final_sweep(kind, dtype, index_dtype, centered, pinned, append_ones, streams=2)
 
 

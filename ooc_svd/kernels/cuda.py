@@ -7,7 +7,10 @@ to be simple and to never be the bottleneck, not to reach peak flops:
 
 - Dense blocks: shared-memory tiled products, each thread holding a small register tile.
   Y = A_s X runs one thread block per tile of rows; Z += A_s^T Y one per tile of columns and
-  chunk of rows (split-K), adding its partial tile to Z with one atomic per entry. The block
+  chunk of rows (split-K), adding its partial tile to Z with one atomic per entry. Y is
+  split over chunks of columns the same way when its tiles of rows alone would leave most
+  of the device idle: a wide block has few rows (a 64 MiB float32 block of 10^5 columns
+  has 167, two tiles, against the hundreds of thread blocks an H100 holds). The block
   stays resident on the device between the two products, so a second read of it costs
   device bandwidth (~3 TB/s), about 1/50 of the copy that brought it. A single kernel that
   reuses one shared-memory tile for both products would need whole rows resident (Y needs
@@ -198,11 +201,18 @@ class BlockKernels:
         self.no_totals = (cuda.device_array(0), cuda.to_device(np.zeros(2)))
 
     def dense_times(self, stream, A, shift, X, Y):
-        """Y = (A - 1 shift^T) X."""
+        """Y = (A - 1 shift^T) X, A's columns split into chunks (split-K, into a zeroed Y)
+        when the tiles of Y alone would not fill the device. ``Y`` is C-contiguous."""
         g = self.geometry
-        grid = (_blocks(A.shape[0], g.tile), _blocks(X.shape[1], g.out_cols), 1)
+        n = A.shape[1]
+        tiles = (_blocks(A.shape[0], g.tile), _blocks(X.shape[1], g.out_cols))
+        resident = self._resident(g.threads_x * g.threads_y)
+        chunk = _chunk_rows(n, resident // (tiles[0] * tiles[1]), g.depth)
+        if chunk < n:
+            self.zero(stream, Y.reshape(-1))
+        grid = (*tiles, _blocks(n, chunk))
         self._launch("dense_times", grid, (g.threads_x, g.threads_y), stream,
-                     A, shift, X, A.shape[1], Y)
+                     A, shift, X, chunk, Y)
 
     def dense_transposed(self, stream, A, shift, Y, Z):
         """Z += (A - 1 shift^T)^T Y, the rows split into chunks that fill the device."""
@@ -417,8 +427,9 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
             one chunk of the summed dimension (A's columns for Y, A's rows for Z).
 
             The A tile is stored as a[output row, summed index] in both cases, padded by
-            one column so that the transposed staging writes hit distinct banks. Z is
-            summed over chunks with one atomic per entry per chunk.
+            one column so that the transposed staging writes hit distinct banks. Z, and Y
+            when A's columns are split, is summed over chunks with one atomic per entry per
+            chunk.
             """
             a = cuda.shared.array((tile, padded_depth), acc)
             b = cuda.shared.array((depth, out_cols), acc)
@@ -458,7 +469,7 @@ def _compile(acc, g: Geometry) -> SimpleNamespace:
                 for j in range(cols_per_thread):
                     r, c = t0 + ty + i * threads_y, j0 + tx + j * threads_x
                     if r < C.shape[0] and c < C.shape[1]:
-                        if transposed:
+                        if transposed or chunk < B.shape[0]:
                             cuda.atomic.add(C, (r, c), np.float64(out[i, j]))
                         else:
                             C[r, c] = out[i, j]
