@@ -54,6 +54,7 @@ from .kernels.cuda_backend import (
     check_cuda_options,
     cuda_available,
     gpu_choice,
+    out_of_memory_named,
     require_cuda,
 )
 from .kernels.row_shift import RowShiftKernels
@@ -868,12 +869,21 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
         cluster = None
         try:
             cluster = _connect_cluster(request, source, plan, cuda_options)
-            return _run_passes(source, request, plan, centering, seed, out_path, checkpoint,
-                               inputs, kernels, cluster)
+            with _gpu_memory_named(kernels, plan, cuda_options):
+                return _run_passes(source, request, plan, centering, seed, out_path,
+                                   checkpoint, inputs, kernels, cluster)
         finally:
             if cluster is not None:
                 cluster.close()
             kernels.close()
+
+
+def _gpu_memory_named(kernels: Any, plan: Plan, cuda_options: dict) -> Any:
+    """For local kernels on the GPU, its out-of-memory error during the passes as a
+    PlanError that says what to change (a cluster's tasks name their own)."""
+    if kernels.name != "cuda":
+        return contextlib.nullcontext()
+    return out_of_memory_named(DeviceNeed.of_plan(plan.shape[1], plan, cuda_options))
 
 
 def _check_row_shift(request: _Request, plan: Plan) -> None:

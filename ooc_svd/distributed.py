@@ -75,6 +75,7 @@ from .kernels.cuda_backend import (
     DeviceNeed,
     cuda_available,
     gpu_kernels,
+    out_of_memory_named,
 )
 from .passes import (
     FinalPassResult,
@@ -200,8 +201,10 @@ def _kernels_for_task(n: int, spec: tuple) -> Iterator[Kernels]:
     if turn is not None and kernels.name != "cuda":  # 'auto' left the task to the CPU
         turn.release()
         turn = None
+    named = out_of_memory_named(spec[3]) if kernels.name == "cuda" else contextlib.nullcontext()
     try:
-        yield kernels
+        with named:
+            yield kernels
     finally:
         try:
             kernels.close()

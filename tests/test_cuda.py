@@ -743,6 +743,28 @@ def test_a_run_names_the_row_of_a_nan_as_the_cpu_backend_does(kind, tmp_path):
                         memory_limit="1.2MB")
 
 
+@on_device
+def test_running_out_of_device_memory_mid_run_is_named(monkeypatch):
+    """Memory free when the run was planned, taken by the time a pass allocates it (by
+    another process on the GPU): the driver's error becomes a PlanError that says what
+    to change; any other driver error passes unchanged."""
+    from numba.cuda.cudadrv import driver
+
+    import ooc_svd
+    from ooc_svd.errors import PlanError
+
+    A = np.random.default_rng(2).standard_normal((23, 5))
+    for code, expected, match in [(2, PlanError, "the GPU ran out of memory during the run "
+                                   r"\(the passes hold .*B there\): another process"),
+                                  (700, driver.CudaAPIError, "illegal address")]:
+        def taken(*args, code=code, **kwargs):
+            raise driver.CudaAPIError(code, "CUDA_ERROR: an illegal address or no memory")
+
+        monkeypatch.setattr(CUDAKernels, "power_sweep", taken)
+        with pytest.raises(expected, match=match):
+            ooc_svd.svd(A, 2, method="randomized", niter=1, backend="cuda")
+
+
 def test_free_deferred_flushes_the_memory_managers_queue_and_the_contexts():
     """numba queues frees of device and page-locked memory with the context's memory
     manager, and of streams, events and modules with the context itself."""

@@ -323,6 +323,34 @@ class DeviceNeed:
                 f"{format_bytes(self.bytes)} there")
 
 
+# The driver's CUresult for memory that cannot be had, on the device or page-locked host.
+CUDA_ERROR_OUT_OF_MEMORY = 2
+
+
+@contextmanager
+def out_of_memory_named(need: DeviceNeed | None = None):
+    """The driver's out-of-memory error, raised mid-run, as a PlanError that says why and
+    what to change. The plan checks the GPU's free memory before the first pass but holds
+    none of it until blocks arrive, so another process that starts on the same GPU (a
+    second run, a dask worker of its own) can take it in between; page-locked host buffers
+    fail with the same error when the host's locked memory runs out."""
+    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    try:
+        yield
+    except CudaAPIError as error:
+        code = getattr(error, "code", error.args[0])  # the simulator's keeps it in args
+        if getattr(code, "value", code) != CUDA_ERROR_OUT_OF_MEMORY:
+            raise
+        planned = f" (the passes hold {format_bytes(need.bytes)} there)" if need else ""
+        raise PlanError(
+            f"the GPU ran out of memory during the run{planned}: another process on the "
+            "same GPU may have taken what was free when the run began, or the host ran out "
+            "of page-locked memory; run one process per GPU, lower the memory limit "
+            "(smaller blocks), or use the cpu backend"
+        ) from error
+
+
 def device_memory() -> tuple[int, int]:
     """(free, total) bytes of the current device's memory."""
     from numba import cuda
