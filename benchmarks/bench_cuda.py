@@ -1,7 +1,7 @@
 """CUDA backend: power and final sweep throughput against the pinned host-to-device bandwidth.
 
-    python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096] [--basis 30]
-                                    [--block-mb 256] [--csr-cols 100000 ...] [--csr-row-nnz 64]
+    python benchmarks/bench_cuda.py [--gb 4] [--cols 256 1024 4096 100000] [--basis 30]
+                                    [--block-mib 64] [--csr-cols 100000 ...] [--csr-row-nnz 64]
                                     [--csr-column-exponents 0 1] [--profile-final]
 
 A power pass is bound by the copy of A to the device (about 4l flops per element), so its
@@ -29,7 +29,8 @@ one run on one GPU:
   alone (slower beside a copy: the two contend for memory or the L2 cache; not
   overlapped: something serializes them);
 - the fixed cost of a pass, apart from its blocks: a power and a final sweep over a
-  single one-row block, split into set-up (the sweep's construction: X to the device, Z
+  single block of 4 (l + 1) rows (a block of fewer than l + 1 rows takes the host's QR,
+  not the device's), split into set-up (the sweep's construction: X to the device, Z
   allocated and zeroed, or B^T's buffers allocated) and result (Z or B^T copied home,
   F-ordered; for the final sweep also the work on its last block: its QR, B^T's update
   and its Q_i's delivery), best of --repeats, for each n: at large n this is what keeps a
@@ -52,9 +53,12 @@ import numpy as np
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=4.0, help="data per sweep, in GB")
-    parser.add_argument("--cols", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--cols", type=int, nargs="+", default=[256, 1024, 4096, 100_000],
+                        help="n of the dense blocks; a wide n gives blocks of few rows")
     parser.add_argument("--basis", type=int, default=30, help="l = k + p")
-    parser.add_argument("--block-mb", type=float, default=256)
+    parser.add_argument("--block-mib", type=float, default=64,
+                        help="block size in MiB; runs read blocks of at most 64 MiB "
+                             "(plan.MAX_BLOCK_BYTES)")
     parser.add_argument("--csr-cols", type=int, nargs="+", default=[100_000],
                         help="n of the CSR blocks; a small n keeps X and Z in the L2 cache")
     parser.add_argument("--csr-row-nnz", type=int, default=64)
@@ -282,7 +286,7 @@ def sweep_rate(backend, blocks, X) -> float:
 
 
 def fixed_costs(backend, block, X, repeats: int) -> dict[str, float]:
-    """Milliseconds of a power and a final sweep's set-up and result around one tiny
+    """Milliseconds of a power and a final sweep's set-up and result around one small
     ``block``, best of ``repeats`` after a warm-up."""
     from ooc_svd.kernels.cpu import BlockStats
 
@@ -310,7 +314,7 @@ def fixed_costs(backend, block, X, repeats: int) -> dict[str, float]:
 
 
 def print_fixed_costs(costs: list[tuple[str, dict[str, float]]]) -> None:
-    print("\nFixed cost of a pass (one one-row block), ms, best of the repeats:\n")
+    print("\nFixed cost of a pass (one block of 4 (l + 1) rows), ms, best of the repeats:\n")
     print("| blocks | power: set-up | power: result | final: set-up | final: result |")
     print("| --- | --- | --- | --- | --- |")
     for name, cost in costs:
@@ -420,7 +424,8 @@ def main() -> None:
 
     from ooc_svd.kernels.cuda_backend import CUDAKernels
 
-    block_bytes, total = int(args.block_mb * 2**20), int(args.gb * 1e9)
+    block_bytes, total = int(args.block_mib * 2**20), int(args.gb * 1e9)
+    few_rows = 4 * (args.basis + 1)  # the fixed costs' block
     device = cuda.get_current_device()
     name = getattr(device, "name", "the CUDA simulator")
     print(f"device: {name.decode() if isinstance(name, bytes) else name}")
@@ -440,18 +445,19 @@ def main() -> None:
         rates = sweep_rates(backend, blocks, X, args.profile_final)
         kernels = dense_kernel_rates(cuda, backend, blocks[0], X, args.repeats)
         rows.append((f"dense float32, n={n}", sum(b.nbytes for b in blocks), rates, kernels))
-        costs.append((f"dense, n={n}", fixed_costs(backend, blocks[0][:1], X, args.repeats)))
+        costs.append((f"dense, n={n}", fixed_costs(backend, blocks[0][:few_rows], X,
+                                                   args.repeats)))
         backend.close()
         del blocks
     for n in args.csr_cols:
         rows += csr_rows(cuda, args, n, total, block_bytes, rng)
         backend = CUDAKernels(n, streams=args.streams, copy_threads=args.copy_threads)
-        one_row = csr_blocks(0, 1, n, args.csr_row_nnz, 0.0)[0]
+        few = csr_blocks(0, few_rows * (8 * args.csr_row_nnz + 8), n, args.csr_row_nnz, 0.0)[0]
         X = np.asfortranarray(rng.standard_normal((n, args.basis)))
-        costs.append((f"CSR, n={n}", fixed_costs(backend, one_row, X, args.repeats)))
+        costs.append((f"CSR, n={n}", fixed_costs(backend, few, X, args.repeats)))
         backend.close()
 
-    print(f"\nl = {args.basis}, blocks of {args.block_mb:g} MB, {args.streams} streams; "
+    print(f"\nl = {args.basis}, blocks of {args.block_mib:g} MiB, {args.streams} streams; "
           f"pinned H2D {pinned:.1f} GB/s\n")
     print("| blocks | GB | sweep GB/s, pageable | % of pinned H2D | sweep GB/s, page-locked "
           "| % of pinned H2D | final sweep GB/s, page-locked | % of pinned H2D "
