@@ -399,8 +399,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
         time (each with the same seed)
     q : int, default=6
         Size of the subspace and number of triplets returned: min(q, m, n), as torch's.
-        At least 1: torch returns empty factors for q=0, which is refused here as a
-        likely mistake. An empty A (m or n zero) gives empty factors, as torch's.
+        q=0 and an empty A (m or n zero) give empty factors, as torch's, without a pass.
     niter : int, default=2
         Subspace iterations, at least 0 (torch runs none for a negative niter; it is
         refused here), of the randomized and Krylov methods; None is 2, as in torch.
@@ -476,7 +475,7 @@ def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: 
     m, n = source.shape
     # As torch's: q beyond min(m, n) gives min(m, n) triplets (its QR of A's sketch is
     # no wider).
-    q = min(check_int("q", 6 if q is None else q, minimum=1), m, n)
+    q = min(check_int("q", 6 if q is None else q, minimum=0), m, n)
     if q == 0:
         if M is not None:  # torch's A - M refuses it too
             check_subtrahend(M, (m, n))
@@ -552,7 +551,7 @@ def _non_finite_row_error(source: DenseSource | CSRSource) -> NonFiniteError | N
 
 
 def _empty_factors(source: DenseSource | CSRSource) -> tuple[np.ndarray, ...]:
-    """U (m, 0), S (0,), V (n, 0) of an empty A, as torch gives them."""
+    """U (m, 0), S (0,), V (n, 0), as torch gives them for an empty A or q=0."""
     m, n = source.shape
     dtype = _result_dtype(source.dtype)
     return np.zeros((m, 0), dtype), np.zeros(0, dtype), np.zeros((n, 0), dtype)
@@ -563,9 +562,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
                 client: Any = None):
     """torch.pca_lowrank's semantics out of core: ``U, S, V`` of the column-centered A.
 
-    q defaults to min(6, m, n) (empty factors for an empty A, as torch gives); q=0, which
-    torch takes, is refused, as by :func:`svd_lowrank`. Centering is
-    implicit: huge inputs are never densified or copied. The principal directions are the
+    q defaults to min(6, m, n); q=0 and an empty A give empty factors, as torch's. Centering
+    is implicit: huge inputs are never densified or copied. The principal directions are the
     columns of V, and the explained variances are S**2 / (m - 1). ``method``, ``seed`` and
     ``memory_limit`` (keyword only, beyond torch's signature) are as in :func:`svd`;
     'krylov' is the accurate choice for flat spectra at the same reads. ``client`` runs it
@@ -579,6 +577,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
         if q is None and min(m, n) == 0:
             return _empty_factors(source)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
+        if rank == 0:
+            return _empty_factors(source)
         run = replace(options, client=client)
         # A wide A in memory is factored as A^T less the column of A's means, as torch
         # factors it; whether it is, a row stands in for the means to tell, before they are
@@ -613,7 +613,7 @@ def _torch_keywords(q: Any, niter: Any, method: str, seed: int, memory_limit: An
     against its shape)."""
     niter = 2 if niter is None else niter
     if q is not None:
-        check_int("q", q, minimum=1)
+        check_int("q", q, minimum=0)
     check_int("niter", niter, minimum=0)
     return niter, _TorchOptions(method, seed, memory_limit, client)
 
@@ -1220,8 +1220,8 @@ def open_matrix(A: Any, allow_empty: bool = False) -> tuple[DenseSource | CSRSou
 
 
 def _check_q(q: Any, m: int, n: int) -> int:
-    """torch's q: the subspace size, 1 <= q <= min(m, n)."""
-    q = check_int("q", q, minimum=1)
+    """torch's q: the subspace size, 0 <= q <= min(m, n)."""
+    q = check_int("q", q, minimum=0)
     if q > min(m, n):
         raise InputError(f"q={q} must be at most min(m, n) = {min(m, n)} for shape {(m, n)}")
     return q

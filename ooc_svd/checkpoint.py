@@ -28,6 +28,8 @@ from .errors import NPZ_READ_ERRORS, CheckpointError, InputError
 from .store import naming_write_failures, remove_scratch_directory
 
 SCRATCH_LIST = "scratch.txt"
+# The first bytes of a zip archive, which an .npz is
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class Checkpoint:
@@ -88,10 +90,18 @@ class Checkpoint:
             return None
         path = self._path(name)
         try:  # the file opened here, so that it is closed whatever np.load raises
-            with open(path, "rb") as file, np.load(file, allow_pickle=False) as saved:
-                arrays = {key: saved[key] for key in saved.files}
+            with open(path, "rb") as file:
+                # Not a zip: np.load would take it for a pickle, refuse that, and advise
+                # allow_pickle.
+                is_zip = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+                file.seek(0)
+                if is_zip:
+                    with np.load(file, allow_pickle=False) as saved:
+                        arrays = {key: saved[key] for key in saved.files}
         except NPZ_READ_ERRORS as error:
             raise self._unreadable(path, error) from None
+        if not is_zip:
+            raise self._unreadable(path, "not an .npz file")
         problem = _manifest_problem(arrays)
         if problem:
             raise self._unreadable(path, problem)

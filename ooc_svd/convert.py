@@ -657,8 +657,10 @@ def _dense_transposed(input: str | os.PathLike, out: str | os.PathLike, *,
     """A^T of a dense matrix on disk (``transpose_dense``), refused without ``transpose``:
     ooc_svd reads a dense matrix as it is stored."""
     from .dense_transpose import transpose_dense
+    from .sources.dense import open_dense_source
 
     if not transpose:
+        open_dense_source(input)  # a file that only has the name is refused as what it is
         raise InputError(f"{os.fspath(input)!r} is a dense matrix, which svd reads as it is; "
                          "convert writes a dense matrix only transposed (--transpose, "
                          "transpose=True), for the SVD of a wide A through A^T")

@@ -369,7 +369,8 @@ def _gram_shortfall(eigenvalues: np.ndarray, rank: int, subtracted: float) -> st
     """Why G cannot resolve sigma_k: how small it is next to ||A||_2."""
     if eigenvalues[rank - 1] > 0:
         ratio = np.sqrt(eigenvalues[rank - 1] / (eigenvalues[0] + subtracted))
-        size = f"sigma_k / ||A||_2 ~ {ratio:.1e} (before centering) is"
+        before = " (before centering)" if subtracted > 0 else ""
+        size = f"sigma_k / ||A||_2 ~ {ratio:.1e}{before} is"
     else:  # lost in G's rounding altogether
         size = "sigma_k is"
     return f"{size} {GRAM_SHORTFALL}"

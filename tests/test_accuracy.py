@@ -165,7 +165,10 @@ def test_a_requested_gram_says_when_the_spectrum_is_beyond_it():
     result = ooc_svd.svd(A, 8, method="gram")
     assert result.method == "gram" and result.passes == 2
     assert "too small for the gram method's accuracy: the trailing singular" in result.note
+    assert "before centering" not in result.note  # nothing was
     assert ooc_svd.svd(A, 3, method="gram").note == ""
+    centered = ooc_svd.svd(A + 5.0, 8, method="gram", center=True)
+    assert "(before centering) is too small for the gram method's" in centered.note
 
 
 def test_a_capped_rank_is_oversampled_like_a_fixed_one():

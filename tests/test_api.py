@@ -826,8 +826,11 @@ def test_svd_lowrank_q_beyond_the_smaller_dimension_gives_all_triplets_as_torch(
         U, S, V = ooc_svd.svd_lowrank(A, q=q)
         assert U.shape == V.shape == (3, 3)
         np.testing.assert_allclose(S, [3.0, 2.0, 1.0], rtol=1e-12)
-    with pytest.raises(InputError, match="q=0 must be >= 1"):
-        ooc_svd.svd_lowrank(A, q=0)
+    for lowrank in (ooc_svd.svd_lowrank, ooc_svd.pca_lowrank):  # empty factors, as torch's
+        U, S, V = lowrank(A, q=0)
+        assert (U.shape, S.shape, V.shape) == ((3, 0), (0,), (3, 0))
+        with pytest.raises(InputError, match="q=-1 must be >= 0"):
+            lowrank(A, q=-1)
     with pytest.raises(InputError, match="q=4 must be at most"):  # torch's pca_lowrank too
         ooc_svd.pca_lowrank(A, q=4)
 

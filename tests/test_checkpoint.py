@@ -150,6 +150,7 @@ def test_resume_after_the_input_store_changed_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("name", "content"), [("power1.npz", b""), ("power1.npz", b"PK\3\4"),
+                                               ("power1.npz", b"junk\n"),
                                                ("state.json", b'{"k": 3'),
                                                ("state.json", b"[1]")])
 def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, name, content):
@@ -166,6 +167,7 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, monkeypatch, na
     from ooc_svd.cli import failure_message
 
     assert failure_message(refused.value) == str(refused.value)  # no advice to resume
+    assert "pickle" not in str(refused.value)  # numpy's word for a file that is not a zip
     assert sorted(path.name for path in corrupt.parent.iterdir()) == saved  # nothing lost
     result = ooc_svd.svd(A, 3, method="randomized", out=out)  # without resume: a new start
     assert not any(r.name.endswith("(resumed)") for r in result.records)

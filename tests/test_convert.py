@@ -744,6 +744,9 @@ def test_zarr_refusals(tmp_path):
         from_zarr(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
     with pytest.raises(InputError, match="is a dense matrix, which svd reads as it is"):
         convert(str(tmp_path / "D.zarr"), tmp_path / "out.zarr")
+    (tmp_path / "text.npy").write_text("hello\n")  # a .npy by name only
+    with pytest.raises(StoreNotFoundError, match="is not a .npy file"):
+        convert(str(tmp_path / "text.npy"), tmp_path / "out.zarr")
     zarr.open_group(str(tmp_path / "G.zarr"), mode="w").attrs["encoding-type"] = "other"
     with pytest.raises(InputError, match="is not a sparse matrix group"):
         convert(str(tmp_path / "G.zarr"), tmp_path / "out.zarr")
