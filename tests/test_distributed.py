@@ -414,7 +414,7 @@ def test_a_stack_of_matrices_runs_on_one_local_cluster(monkeypatch):
         for got, want in zip(remote, function(A, 3), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-10)
     assert len(started) == 2  # one per call
-    for bad in ({"q": 0}, {"niter": -1}, {"M": np.ones((2, 1, 20))}):  # refused first
+    for bad in ({"q": -1}, {"niter": -1}, {"M": np.ones((2, 1, 20))}):  # refused first
         with pytest.raises(InputError):
             ooc_svd.svd_lowrank(A, **{"q": 3, **bad}, client="local:2")
     assert len(started) == 2
