@@ -37,7 +37,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,7 +309,7 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise InputError(f"{path!r} is not an .npz archive") from None
-    with archive:
+    with archive, ExitStack() as members:
         names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
         if not {"format", "shape", "data"} <= names:
             raise InputError(f"{path!r} is not a scipy.sparse .npz (it holds {sorted(names)}, "
@@ -332,12 +332,12 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                              f"holds {sorted(names)})")
         coordinates = ("col", "row") if transpose else ("row", "col")
         layout, shape, provenance = _oriented(layout, shape, provenance, transpose)
-        data = NpyMemberReader(archive, "data", path)
+        data = members.enter_context(NpyMemberReader(archive, "data", path))
         target = _target(out, shape, data.dtype, scratch_dir=scratch_dir, source_path=path,
                          transposed=transpose, **options)
         if layout == "csr":
-            readers = (NpyMemberReader(archive, "indptr", path),
-                       NpyMemberReader(archive, "indices", path), data)
+            readers = (members.enter_context(NpyMemberReader(archive, "indptr", path)),
+                       members.enter_context(NpyMemberReader(archive, "indices", path)), data)
             return _write_csr(target, readers, provenance)
         return _write_coordinates(target, _npz_entries(path, layout, coordinates, shape, target),
                                   data.size, True, provenance)
@@ -364,9 +364,10 @@ def _npz_entries(path: str, layout: str, coordinates: tuple[str, str], shape: tu
     ``coordinates``: the members of a COO's rows and columns, in that order."""
 
     def entries() -> Iterator[EntryChunk]:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(path) as archive, ExitStack() as members:
             first, second = ("indptr", "indices") if layout == "csc" else coordinates
-            readers = [NpyMemberReader(archive, name, path) for name in (first, second, "data")]
+            readers = [members.enter_context(NpyMemberReader(archive, name, path))
+                       for name in (first, second, "data")]
             chunks = csc_entry_chunks if layout == "csc" else coo_entry_chunks
             yield from chunks(*readers, shape, target.chunk_entries)
 

@@ -47,10 +47,25 @@ class SlicedReader:
 
 class NpyMemberReader:
     """Reads a 1-D array stored as a ``.npy`` member of a zip archive, decompressing as it
-    goes, so a compressed ``.npz`` is never held whole."""
+    goes, so a compressed ``.npz`` is never held whole. A context manager: the archive's
+    file stays open while any of its members is (a ``ZipFile`` closed before them leaves
+    it to the garbage collector)."""
 
     def __init__(self, archive: zipfile.ZipFile, name: str, description: str):
         self.file = archive.open(f"{name}.npy")
+        try:
+            self._read_header(name, description)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __enter__(self) -> NpyMemberReader:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.file.close()
+
+    def _read_header(self, name: str, description: str) -> None:
         version = np.lib.format.read_magic(self.file)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)

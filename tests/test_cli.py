@@ -1,12 +1,14 @@
 """The ooc-svd command, run in subprocesses on generated stores."""
 
 import contextlib
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -961,7 +963,11 @@ def test_a_full_disk_names_the_output_it_could_not_write(command, store, tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(zarr.Array, "__setitem__", disk_full)
-    done = CliRunner().invoke(main, args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        done = CliRunner().invoke(main, args)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # files closed
     assert done.exit_code == 1, done.output
     assert done.output.startswith(f"Error: OSError: cannot write {out} (written first as "
                                   f"{out}.partial): [Errno 28] No space left on device"), \
