@@ -526,7 +526,10 @@ def run_final_sweep(kernels, X, blocks, shift, append_ones):
 
 
 @on_device
-@pytest.mark.parametrize("append_ones", [False, True])
+@pytest.mark.parametrize(("append_ones", "grids"), [(False, "device's grids"),
+                                                    (True, "device's grids"),
+                                                    (True, "3 x 16 threads")],
+                         indirect=["grids"])
 @pytest.mark.parametrize(("kind", "dtype", "index_dtype", "centered", "pinned"), SWEEPS)
 def test_final_sweep_matches_cpu_backend(kind, dtype, index_dtype, centered, pinned,
                                          append_ones, grids):
