@@ -32,7 +32,13 @@ from .interrupts import raise_if_lost
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.dense import DenseSource, not_a_matrix, open_dense_source, rows_from_file
-from .sources.dtypes import first_overflowed, first_underflowed, narrows_floats
+from .sources.dtypes import (
+    exact_integer_bound,
+    first_overflowed,
+    first_rounded_integer,
+    first_underflowed,
+    narrows_floats,
+)
 from .store import StagedOutput, check_output_path
 from .units import format_bytes, parse_bytes
 
@@ -275,16 +281,20 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
 @dataclass
 class _Narrowing:
     """Values cast to the dtype A^T is stored in: a float beyond its range (float32's
-    3.4e38, which would be stored as Inf) is refused, naming its place; a warning, once,
-    says that values too small for it are stored as zero."""
+    3.4e38, which would be stored as Inf) is refused, naming its place; a warning, once
+    each, says that values too small for it are stored as zero, and that integers it cannot
+    hold exactly are rounded."""
 
     dtype: np.dtype
     warned: bool = False
+    warned_of_rounding: bool = False
 
     def of(self, strip: np.ndarray, start: int, first: int) -> np.ndarray:
         """``strip`` (A[start:, first:]) in ``dtype``."""
         with np.errstate(over="ignore"):
             values = strip.astype(self.dtype, copy=False)
+        if strip.dtype.kind in "iu" and self.dtype.kind == "f":
+            self._warn_of_rounded_integers(strip, values, start, first)
         if not narrows_floats(strip.dtype, self.dtype):
             return values
         overflowed = first_overflowed(strip, values)
@@ -301,6 +311,22 @@ class _Narrowing:
                           f"{float(strip[row, column])} of A[{start + row}, {first + column}]): "
                           "store float64 values", RuntimeWarning, stacklevel=2)
         return values
+
+
+    def _warn_of_rounded_integers(self, strip: np.ndarray, values: np.ndarray, start: int,
+                                  first: int) -> None:
+        if self.warned_of_rounding:
+            return
+        rounded = first_rounded_integer(strip, values)
+        if rounded is None:
+            return
+        self.warned_of_rounding = True
+        row, column = np.unravel_index(rounded, strip.shape)
+        hint = ": store float64 values" if self.dtype == np.float32 else ""
+        warnings.warn(f"integer values beyond 2**{exact_integer_bound(self.dtype).bit_length() - 1}"
+                      f" are rounded in {self.dtype} (the first, {int(strip[row, column])} of "
+                      f"A[{start + row}, {first + column}], is stored as "
+                      f"{values[row, column]:.17g}){hint}", RuntimeWarning, stacklevel=3)
 
 
 def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:

@@ -3,6 +3,7 @@ every input kind and chunking, chunks written whole within the memory limit, ref
 the SVD of a wide A through its transpose."""
 
 import os
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -102,6 +103,26 @@ def test_the_layout_writes_whole_chunks_within_the_limit(tmp_path, shape, chunks
     assert layout.strip_columns % layout.chunk_rows == 0 or layout.strip_columns == shape[1]
     assert layout.chunk_rows % chunks[1] == 0 or chunks[1] % layout.chunk_rows == 0 or \
         chunks[1] >= shape[1]
+
+
+@pytest.mark.parametrize(("dtype", "big"), [("float32", 2**24 + 1), ("float64", 2**53 + 1)])
+def test_integers_a_float_dtype_rounds_are_warned_of(tmp_path, dtype, big):
+    """As the CSR writer warns: integers beyond 2**24 (float32) or 2**53 (float64) are
+    stored rounded."""
+    A = np.arange(12, dtype=np.int64).reshape(3, 4)
+    A[2, 1] = big
+    path = write_input(tmp_path, A, "npy")
+    bits = 24 if dtype == "float32" else 53
+    with pytest.warns(RuntimeWarning, match=rf"integer values beyond 2\*\*{bits} are rounded in "
+                                            rf"{dtype} \(the first, {big} of A\[2, 1\], is "
+                                            rf"stored as {big - 1}\)"):
+        out = transpose_dense(path, tmp_path / "At.zarr", dtype=dtype)
+    assert out[1, 2] == big - 1
+    A[2, 1] = 2**bits  # exactly held: no warning
+    path = write_input(tmp_path, A, "zarr", (2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transpose_dense(path, tmp_path / "At2.zarr", dtype=dtype)
 
 
 def test_values_float32_cannot_hold_are_refused_or_warned_of(tmp_path):

@@ -29,7 +29,14 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..interrupts import raise_if_lost
-from .dtypes import block_dtype, first_overflowed, first_underflowed, narrows_floats
+from .dtypes import (
+    block_dtype,
+    exact_integer_bound,
+    first_overflowed,
+    first_rounded_integer,
+    first_underflowed,
+    narrows_floats,
+)
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 # Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
@@ -594,17 +601,13 @@ class CSRWriter:
                                   indptr: np.ndarray) -> None:
         """Warn, once, of the first integer that the store's dtype cannot hold exactly
         (beyond 2**24 in float32, 2**53 in float64)."""
-        if self.warned_of_rounding or not data.size:
+        if self.warned_of_rounding:
             return
-        exact = 1 << (np.finfo(self.dtype).nmant + 1)
-        if -exact <= data.min() and data.max() <= exact:  # numpy's comparisons: ints and Inf
-            return
-        with np.errstate(invalid="ignore"):  # a uint64 near 2**64, rounded up beyond it
-            changed = np.flatnonzero(values.astype(data.dtype) != data)
-        if not changed.size:
+        position = first_rounded_integer(data, values)
+        if position is None:
             return
         self.warned_of_rounding = True
-        position = int(changed[0])
+        exact = exact_integer_bound(self.dtype)
         row = self.row_label.format(self._row_of(position, indptr))
         hint = ": store float64 values (convert --dtype float64)" if self.dtype == np.float32 \
             else ""

@@ -39,6 +39,25 @@ def first_overflowed(data: np.ndarray, values: np.ndarray,
     return int(overflowed[0]) if overflowed.size else None
 
 
+def first_rounded_integer(data: np.ndarray, values: np.ndarray) -> int | None:
+    """The flat index of the first integer of ``data`` (integers, or floats holding them)
+    that ``values`` (``data`` cast to floats) does not hold exactly, or None: beyond 2**24
+    in float32, 2**53 in float64."""
+    if not data.size:
+        return None
+    exact = exact_integer_bound(values.dtype)
+    if -exact <= data.min() and data.max() <= exact:  # numpy's comparisons: ints and Inf
+        return None
+    with np.errstate(invalid="ignore"):  # a uint64 near 2**64, rounded up beyond it
+        changed = np.flatnonzero(values.astype(data.dtype) != data)
+    return int(changed[0]) if changed.size else None
+
+
+def exact_integer_bound(dtype: np.dtype) -> int:
+    """The largest power of two up to which floats of ``dtype`` hold every integer."""
+    return 1 << (np.finfo(dtype).nmant + 1)
+
+
 def first_underflowed(data: np.ndarray, values: np.ndarray) -> int | None:
     """The flat index of the first non-zero value of ``data`` that ``values`` (``data``
     narrowed) holds as zero, or None."""
