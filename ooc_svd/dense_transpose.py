@@ -33,6 +33,7 @@ from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.dense import DenseSource, not_a_matrix, open_dense_source, rows_from_file
 from .sources.dtypes import (
+    beyond_range,
     exact_integer_bound,
     first_overflowed,
     first_rounded_integer,
@@ -300,9 +301,8 @@ class _Narrowing:
         overflowed = first_overflowed(strip, values)
         if overflowed is not None:
             row, column = np.unravel_index(overflowed, strip.shape)
-            raise InputError(f"the value {strip[row, column]} of A[{start + row}, "
-                             f"{first + column}] lies beyond the range of {self.dtype}: "
-                             "store float64 values")
+            raise InputError(beyond_range(strip[row, column],
+                                          f"A[{start + row}, {first + column}]", self.dtype))
         lost = None if self.warned else first_underflowed(strip, values)
         if lost is not None:
             self.warned = True

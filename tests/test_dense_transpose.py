@@ -137,8 +137,18 @@ def test_values_float32_cannot_hold_are_refused_or_warned_of(tmp_path):
     A[4, 1] = -1e39
     path = write_input(tmp_path, A, "zarr", (2, 9))
     with pytest.raises(InputError, match=r"the value -1e\+39 of A\[4, 1\] lies beyond the "
-                                         r"range of float32"):
+                                         r"range of float32: store float64 values"):
         transpose_dense(path, tmp_path / "At2.zarr", dtype="float32")
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
+                    reason="longdouble is float64 on this platform")
+def test_extended_precision_beyond_float64_is_named_as_it_is(tmp_path):
+    A = np.ones((3, 4), dtype=np.longdouble)
+    A[1, 3] = np.longdouble("1e4000")
+    with pytest.raises(InputError, match=r"the value 1e\+4000 of A\[1, 3\] lies beyond the "
+                                         r"range of float64: rescale the matrix"):
+        transpose_dense(write_input(tmp_path, A, "npy"), tmp_path / "At.zarr")
     assert not os.path.exists(tmp_path / "At2.zarr")
 
 

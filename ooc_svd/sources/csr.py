@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError, ReadError
 from ..interrupts import raise_if_lost
 from .dtypes import (
+    beyond_range,
     block_dtype,
     exact_integer_bound,
     first_overflowed,
@@ -555,9 +556,8 @@ class CSRWriter:
             position = first_overflowed(data, values, finite)
             if position is not None:
                 row = self.row_label.format(self._row_of(position, indptr))
-                raise InputError(f"the value {data[position]} of {row} lies beyond the range of "
-                                 f"{self.dtype}: store float64 values (convert --dtype "
-                                 "float64)")
+                raise InputError(beyond_range(data[position], row, self.dtype,
+                                              " (convert --dtype float64)"))
         if data.dtype.kind in "iu" or self.integers:
             self._warn_of_rounded_integers(data, values, indptr)
         if narrowed:

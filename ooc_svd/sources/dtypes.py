@@ -58,6 +58,15 @@ def exact_integer_bound(dtype: np.dtype) -> int:
     return 1 << (np.finfo(dtype).nmant + 1)
 
 
+def beyond_range(value: Any, place: str, dtype: np.dtype, hint: str = "") -> str:
+    """Why a value cannot be stored in ``dtype``, and what to do: store float64 values
+    (``hint`` says how), or, for float64 itself, rescale. The value as str gives it
+    (extended precision's 1e4000 would be formatted as a float64, inf)."""
+    fix = f"store float64 values{hint}" if np.dtype(dtype) != np.float64 else \
+        "rescale the matrix"
+    return f"the value {value!s} of {place} lies beyond the range of {dtype}: {fix}"
+
+
 def first_underflowed(data: np.ndarray, values: np.ndarray) -> int | None:
     """The flat index of the first non-zero value of ``data`` that ``values`` (``data``
     narrowed) holds as zero, or None."""
