@@ -31,7 +31,14 @@ from .errors import InputError, ReadError
 from .interrupts import raise_if_lost
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
-from .sources.dense import DenseSource, not_a_matrix, open_dense_source, rows_from_file
+from .sources.dense import (
+    DenseSource,
+    columns_from_file,
+    fortran_file,
+    not_a_matrix,
+    open_dense_source,
+    rows_from_file,
+)
 from .sources.dtypes import (
     beyond_range,
     exact_integer_bound,
@@ -339,6 +346,8 @@ def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:
 def _read_strip(source: DenseSource, start: int, stop: int, first: int,
                 last: int) -> np.ndarray:
     try:
+        if fortran_file(source.array):  # an .npy of A^T's rows, in effect
+            return columns_from_file(source.array, start, stop, first, last)
         return np.asarray(source.array[start:stop, first:last])
     except Exception as exc:  # noqa: BLE001 - re-raised naming what failed
         raise ReadError(f"cannot read rows [{start}, {stop}), columns [{first}, {last}) of "

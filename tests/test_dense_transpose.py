@@ -68,6 +68,30 @@ def test_many_bands_and_strips_are_exact(tmp_path):
     assert out.chunks == (layout.chunk_rows, layout.band_rows)
 
 
+@pytest.mark.parametrize("kind", ["fortran", "npz"])
+@pytest.mark.parametrize("limit", [1 << 30, 150_000])  # all rows at once, or bands of them
+def test_a_column_ordered_file_is_read_from_the_file_not_its_mapping(tmp_path, monkeypatch,
+                                                                    kind, limit):
+    """Pages read through the mapping stay in the process: RSS grew to the whole file
+    (924 MB for an 800 MB .npy at a 100 MB limit). A^T's rows are the file's runs."""
+    A = np.asfortranarray(matrix(45, 1001, seed=5))
+    path = write_input(tmp_path, A, kind)
+    if kind == "npz":
+        np.savez(path, A=A)  # an uncompressed member, mapped, column-ordered
+    source = open_dense_source(path)
+    assert isinstance(source.array, np.memmap) and source.array.flags.f_contiguous
+    bands = plan_layout(source, np.dtype("f8"), limit).band_rows
+    assert (bands == 45) == (limit == 1 << 30)
+
+    def through_the_mapping(*args):
+        raise AssertionError("read through the mapping")
+
+    monkeypatch.setattr(np.memmap, "__getitem__", through_the_mapping)
+    out = transpose_dense(path, tmp_path / "At.zarr", memory_limit=limit)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out[:], A.T)
+
+
 @pytest.mark.parametrize(("stored", "requested", "expected"), [
     (">f8", None, "<f8"),  # native byte order, the values unchanged
     ("int16", None, "int16"),  # integers stay integers

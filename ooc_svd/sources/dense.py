@@ -290,6 +290,45 @@ def read_from_file(array: Any) -> bool:
         array.filename is not None
 
 
+def fortran_file(array: Any) -> bool:
+    """Whether ``columns_from_file`` can read ``array``'s values from its file: a read-only,
+    Fortran-ordered (and not also C-ordered) 2-D memmap that maps the file itself."""
+    return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and \
+        array.mode == "r" and array.flags.f_contiguous and not array.flags.c_contiguous and \
+        array.ndim == 2 and array.filename is not None
+
+
+def columns_from_file(array: np.memmap, start: int, stop: int, first: int,
+                      last: int) -> np.ndarray:
+    """A[start:stop, first:last] of a memmap that ``fortran_file`` accepts, read from its
+    file into a new Fortran-ordered array: one read of each column's rows, or one in all
+    when the rows are all of them. Through the mapping, RSS would grow to the whole file,
+    as ``rows_from_file`` says."""
+    values = np.empty((stop - start, last - first), dtype=array.dtype, order="F")
+    column_bytes, row_bytes = array.strides[1], array.strides[0]
+    with open(array.filename, "rb", buffering=0) as file:
+        if start == 0 and stop == array.shape[0]:
+            _read_into(file, array.offset + first * column_bytes, values.T.reshape(-1),
+                       array.filename)
+        else:
+            for column in range(first, last):
+                _read_into(file, array.offset + column * column_bytes + start * row_bytes,
+                           values[:, column - first], array.filename)
+    return values
+
+
+def _read_into(file: Any, offset: int, values: np.ndarray, name: str) -> None:
+    """Fill the contiguous 1-D ``values`` with the file's bytes from ``offset`` on."""
+    view = memoryview(values.view(np.uint8))
+    file.seek(offset)
+    done = 0
+    while done < view.nbytes:
+        read = file.readinto(view[done:])
+        if not read:
+            raise OSError(f"{name!r} ended before the matrix did")
+        done += read
+
+
 def rows_from_file(array: np.memmap, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a memmap that ``read_from_file`` accepts, read from its file
     into a new array.
@@ -299,15 +338,9 @@ def rows_from_file(array: np.memmap, start: int, stop: int) -> np.ndarray:
     clean pages that the kernel may take back, but that RSS limits count. Read this way,
     the file's pages stay in the page cache, outside the process."""
     rows = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
-    view = memoryview(rows.reshape(-1).view(np.uint8))
-    done = 0
     with open(array.filename, "rb", buffering=0) as file:
-        file.seek(array.offset + start * array.strides[0])
-        while done < view.nbytes:
-            read = file.readinto(view[done:])
-            if not read:
-                raise OSError(f"{array.filename!r} ended before row {stop} of the matrix")
-            done += read
+        _read_into(file, array.offset + start * array.strides[0], rows.reshape(-1),
+                   array.filename)
     return rows
 
 
