@@ -319,9 +319,9 @@ class _Narrowing:
                           "store float64 values", RuntimeWarning, stacklevel=2)
         return values
 
-
     def _warn_of_rounded_integers(self, strip: np.ndarray, values: np.ndarray, start: int,
                                   first: int) -> None:
+        """Warn, once, of the first integer that ``dtype`` cannot hold exactly."""
         if self.warned_of_rounding:
             return
         rounded = first_rounded_integer(strip, values)
@@ -329,11 +329,12 @@ class _Narrowing:
             return
         self.warned_of_rounding = True
         row, column = np.unravel_index(rounded, strip.shape)
+        bits = exact_integer_bound(self.dtype).bit_length() - 1
         hint = ": store float64 values" if self.dtype == np.float32 else ""
-        warnings.warn(f"integer values beyond 2**{exact_integer_bound(self.dtype).bit_length() - 1}"
-                      f" are rounded in {self.dtype} (the first, {int(strip[row, column])} of "
-                      f"A[{start + row}, {first + column}], is stored as "
-                      f"{values[row, column]:.17g}){hint}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"integer values beyond 2**{bits} are rounded in {self.dtype} (the "
+                      f"first, {int(strip[row, column])} of A[{start + row}, "
+                      f"{first + column}], is stored as {values[row, column]:.17g}){hint}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:

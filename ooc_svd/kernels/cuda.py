@@ -10,7 +10,7 @@ to be simple and to never be the bottleneck, not to reach peak flops:
   chunk of rows (split-K), adding its partial tile to Z with one atomic per entry. Y is
   split over chunks of columns the same way when its tiles of rows alone would leave most
   of the device idle: a wide block has few rows (a 64 MiB float32 block of 10^5 columns
-  has 167, two tiles, against the hundreds of thread blocks an H100 holds). The block
+  has 167, three tiles, against the hundreds of thread blocks an H100 holds). The block
   stays resident on the device between the two products, so a second read of it costs
   device bandwidth (~3 TB/s), about 1/50 of the copy that brought it. A single kernel that
   reuses one shared-memory tile for both products would need whole rows resident (Y needs
