@@ -75,9 +75,7 @@ def test_a_column_ordered_file_is_read_from_the_file_not_its_mapping(tmp_path, m
     """Pages read through the mapping stay in the process: RSS grew to the whole file
     (924 MB for an 800 MB .npy at a 100 MB limit). A^T's rows are the file's runs."""
     A = np.asfortranarray(matrix(45, 1001, seed=5))
-    path = write_input(tmp_path, A, kind)
-    if kind == "npz":
-        np.savez(path, A=A)  # an uncompressed member, mapped, column-ordered
+    path = write_input(tmp_path, A, kind)  # an .npz's member is stored, and mapped
     source = open_dense_source(path)
     assert isinstance(source.array, np.memmap) and source.array.flags.f_contiguous
     bands = plan_layout(source, np.dtype("f8"), limit).band_rows
