@@ -41,11 +41,11 @@ from .sources.dense import (
 )
 from .sources.dtypes import (
     beyond_range,
-    exact_integer_bound,
     first_overflowed,
     first_rounded_integer,
     first_underflowed,
     narrows_floats,
+    rounded_integers,
 )
 from .store import StagedOutput, check_output_path
 from .units import format_bytes, parse_bytes
@@ -329,11 +329,9 @@ class _Narrowing:
             return
         self.warned_of_rounding = True
         row, column = np.unravel_index(rounded, strip.shape)
-        bits = exact_integer_bound(self.dtype).bit_length() - 1
-        hint = ": store float64 values" if self.dtype == np.float32 else ""
-        warnings.warn(f"integer values beyond 2**{bits} are rounded in {self.dtype} (the "
-                      f"first, {int(strip[row, column])} of A[{start + row}, "
-                      f"{first + column}], is stored as {values[row, column]:.17g}){hint}",
+        warnings.warn(rounded_integers(int(strip[row, column]),
+                                       f"A[{start + row}, {first + column}]",
+                                       values[row, column], self.dtype),
                       RuntimeWarning, stacklevel=3)
 
 

@@ -32,11 +32,11 @@ from ..interrupts import raise_if_lost
 from .dtypes import (
     beyond_range,
     block_dtype,
-    exact_integer_bound,
     first_overflowed,
     first_rounded_integer,
     first_underflowed,
     narrows_floats,
+    rounded_integers,
 )
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
@@ -607,14 +607,11 @@ class CSRWriter:
         if position is None:
             return
         self.warned_of_rounding = True
-        exact = exact_integer_bound(self.dtype)
         row = self.row_label.format(self._row_of(position, indptr))
-        hint = ": store float64 values (convert --dtype float64)" if self.dtype == np.float32 \
-            else ""
         given = int(data[position]) if data.dtype.kind in "iu" else f"{data[position]:.17g}"
-        warnings.warn(f"integer values beyond 2**{exact.bit_length() - 1} are rounded in "
-                      f"{self.dtype} (the first, {given} of {row}, is stored as "
-                      f"{values[position]:.17g}){hint}", RuntimeWarning, stacklevel=2)
+        warnings.warn(rounded_integers(given, row, values[position], self.dtype,
+                                       " (convert --dtype float64)"),
+                      RuntimeWarning, stacklevel=2)
 
     def close(self) -> Any:
         """Flush, write the attributes, rename into place; return the group opened read-only."""

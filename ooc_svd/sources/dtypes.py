@@ -53,6 +53,16 @@ def first_rounded_integer(data: np.ndarray, values: np.ndarray) -> int | None:
     return int(changed[0]) if changed.size else None
 
 
+def rounded_integers(given: Any, place: str, stored: Any, dtype: np.dtype,
+                     hint: str = "") -> str:
+    """The warning that integers are rounded in ``dtype``: the first, ``given`` at
+    ``place``, ``stored`` as it is; for float32, store float64 values (``hint``: how)."""
+    bits = exact_integer_bound(dtype).bit_length() - 1
+    fix = f": store float64 values{hint}" if np.dtype(dtype) == np.float32 else ""
+    return (f"integer values beyond 2**{bits} are rounded in {dtype} (the first, {given} of "
+            f"{place}, is stored as {stored:.17g}){fix}")
+
+
 def exact_integer_bound(dtype: np.dtype) -> int:
     """The largest power of two up to which floats of ``dtype`` hold every integer."""
     return 1 << (np.finfo(dtype).nmant + 1)
