@@ -747,25 +747,36 @@ def test_a_run_names_the_row_of_a_nan_as_the_cpu_backend_does(kind, tmp_path):
 
 
 @on_device
-def test_running_out_of_device_memory_mid_run_is_named(monkeypatch):
+def test_running_out_of_device_memory_mid_run_is_named(monkeypatch, tmp_path):
     """Memory free when the run was planned, taken by the time a pass allocates it (by
     another process on the GPU): the driver's error becomes a PlanError that says what
-    to change; any other driver error passes unchanged."""
+    to change, and where the completed passes are kept; any other driver error passes
+    unchanged."""
     from numba.cuda.cudadrv import driver
 
     import ooc_svd
+    from ooc_svd.cli import failure_message
     from ooc_svd.errors import PlanError
 
     A = np.random.default_rng(2).standard_normal((23, 5))
+    sweeps = CUDAKernels.power_sweep
     for code, expected, match in [(2, PlanError, "the GPU ran out of memory during the run "
                                    r"\(the passes hold .*B there\): another process"),
                                   (700, driver.CudaAPIError, "illegal address")]:
-        def taken(*args, code=code, **kwargs):
-            raise driver.CudaAPIError(code, "CUDA_ERROR: an illegal address or no memory")
+        calls = []
 
-        monkeypatch.setattr(CUDAKernels, "power_sweep", taken)
-        with pytest.raises(expected, match=match):
-            ooc_svd.svd(A, 2, method="randomized", niter=1, backend="cuda")
+        def taken_in_the_second(self, *args, code=code, calls=calls, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise driver.CudaAPIError(code, "CUDA_ERROR: an illegal address or no memory")
+            return sweeps(self, *args, **kwargs)
+
+        monkeypatch.setattr(CUDAKernels, "power_sweep", taken_in_the_second)
+        out = tmp_path / f"result-{code}.zarr"
+        with pytest.raises(expected, match=match) as failed:
+            ooc_svd.svd(A, 2, method="randomized", niter=2, backend="cuda", out=out)
+        assert failure_message(failed.value).endswith(
+            "the same command with --resume continues from there")
 
 
 def test_free_deferred_flushes_the_memory_managers_queue_and_the_contexts():

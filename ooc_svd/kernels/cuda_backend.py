@@ -343,12 +343,14 @@ def out_of_memory_named(need: DeviceNeed | None = None):
         if getattr(code, "value", code) != CUDA_ERROR_OUT_OF_MEMORY:
             raise
         planned = f" (the passes hold {format_bytes(need.bytes)} there)" if need else ""
-        raise PlanError(
+        named = PlanError(
             f"the GPU ran out of memory during the run{planned}: another process on the "
             "same GPU may have taken what was free when the run began, or the host ran out "
             "of page-locked memory; run one process per GPU, lower the memory limit "
-            "(smaller blocks), or use the cpu backend"
-        ) from error
+            "(smaller blocks), or use the cpu backend")
+        # Where the run kept its completed passes (api's failure handler marked the error)
+        named.kept_checkpoint = getattr(error, "kept_checkpoint", None)
+        raise named from error
 
 
 def device_memory() -> tuple[int, int]:
