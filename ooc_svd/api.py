@@ -448,7 +448,7 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     """
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(
-        A, M, client,
+        A, M, _unless_empty(q, client),
         lambda A_i, M_i, client: _svd_lowrank(open_matrix(A_i, allow_empty=True)[0], q, niter,
                                               M_i, replace(options, client=client)),
         lambda m, n: min(6 if q is None else q, m, n)))
@@ -593,7 +593,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
 
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(
-        A, None, client, factor, lambda m, n: min(6, m, n) if q is None else _check_q(q, m, n)))
+        A, None, _unless_empty(q, client), factor,
+        lambda m, n: min(6, m, n) if q is None else _check_q(q, m, n)))
 
 
 def _column_means(source: DenseSource | CSRSource) -> np.ndarray:
@@ -604,6 +605,12 @@ def _column_means(source: DenseSource | CSRSource) -> np.ndarray:
         raise _non_finite_row_error(source) or NonFiniteError(
             "the column means of the matrix overflow float64; rescale the matrix")
     return means
+
+
+def _unless_empty(q: int | None, client: Any) -> Any:
+    """The client for the runs of the torch functions: none for q=0, whose factors are
+    empty (a stack's runs would connect to it, or start a local cluster, for nothing)."""
+    return None if q == 0 else client
 
 
 def _torch_keywords(q: Any, niter: Any, method: str, seed: int, memory_limit: Any,

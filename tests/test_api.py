@@ -831,6 +831,9 @@ def test_svd_lowrank_q_beyond_the_smaller_dimension_gives_all_triplets_as_torch(
         assert (U.shape, S.shape, V.shape) == ((3, 0), (0,), (3, 0))
         with pytest.raises(InputError, match="q=-1 must be >= 0"):
             lowrank(A, q=-1)
+        # a stack's runs, all empty, connect to no cluster (there is no scheduler there)
+        U, S, V = lowrank(np.stack([A, A]), q=0, client="tcp://127.0.0.1:1")
+        assert (U.shape, S.shape, V.shape) == ((2, 3, 0), (2, 0), (2, 3, 0))
     with pytest.raises(InputError, match="q=4 must be at most"):  # torch's pca_lowrank too
         ooc_svd.pca_lowrank(A, q=4)
 

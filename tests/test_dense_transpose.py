@@ -17,6 +17,7 @@ from ooc_svd.convert import convert
 from ooc_svd.dense_transpose import plan_layout, transpose_dense
 from ooc_svd.errors import InputError, OutputExistsError, PlanError
 from ooc_svd.sources.dense import open_dense_source
+from ooc_svd.sources.dtypes import first_rounded_integer
 
 
 def matrix(m, n, dtype="float64", seed=0):
@@ -127,6 +128,11 @@ def test_the_layout_writes_whole_chunks_within_the_limit(tmp_path, shape, chunks
         chunks[1] >= shape[1]
 
 
+def test_a_nan_among_integers_held_as_floats_is_not_a_rounded_integer():
+    data = np.array([3.0, np.nan, np.inf, 2.0**25 + 1, 5.0])
+    assert first_rounded_integer(data, data.astype(np.float32)) == 3
+
+
 @pytest.mark.parametrize(("dtype", "big"), [("float32", 2**24 + 1), ("float64", 2**53 + 1)])
 def test_integers_a_float_dtype_rounds_are_warned_of(tmp_path, dtype, big):
     """As the CSR writer warns: integers beyond 2**24 (float32) or 2**53 (float64) are
@@ -161,6 +167,7 @@ def test_values_float32_cannot_hold_are_refused_or_warned_of(tmp_path):
     with pytest.raises(InputError, match=r"the value -1e\+39 of A\[4, 1\] lies beyond the "
                                          r"range of float32: store float64 values"):
         transpose_dense(path, tmp_path / "At2.zarr", dtype="float32")
+    assert not os.path.exists(tmp_path / "At2.zarr")
 
 
 @pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
@@ -171,7 +178,7 @@ def test_extended_precision_beyond_float64_is_named_as_it_is(tmp_path):
     with pytest.raises(InputError, match=r"the value 1e\+4000 of A\[1, 3\] lies beyond the "
                                          r"range of float64: rescale the matrix"):
         transpose_dense(write_input(tmp_path, A, "npy"), tmp_path / "At.zarr")
-    assert not os.path.exists(tmp_path / "At2.zarr")
+    assert not os.path.exists(tmp_path / "At.zarr")
 
 
 def test_a_chunk_over_the_limit_is_refused_with_the_numbers(tmp_path):

@@ -42,14 +42,14 @@ def first_overflowed(data: np.ndarray, values: np.ndarray,
 def first_rounded_integer(data: np.ndarray, values: np.ndarray) -> int | None:
     """The flat index of the first integer of ``data`` (integers, or floats holding them)
     that ``values`` (``data`` cast to floats) does not hold exactly, or None: beyond 2**24
-    in float32, 2**53 in float64."""
+    in float32, 2**53 in float64. NaN and Inf are not integers."""
     if not data.size:
         return None
     exact = exact_integer_bound(values.dtype)
     if -exact <= data.min() and data.max() <= exact:  # numpy's comparisons: ints and Inf
         return None
     with np.errstate(invalid="ignore"):  # a uint64 near 2**64, rounded up beyond it
-        changed = np.flatnonzero(values.astype(data.dtype) != data)
+        changed = np.flatnonzero((values.astype(data.dtype) != data) & np.isfinite(data))
     return int(changed[0]) if changed.size else None
 
 
