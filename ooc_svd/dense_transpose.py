@@ -46,6 +46,7 @@ from .sources.dtypes import (
     first_underflowed,
     narrows_floats,
     rounded_integers,
+    stored_as_zero,
 )
 from .store import StagedOutput, check_output_path
 from .units import format_bytes, parse_bytes
@@ -294,7 +295,7 @@ class _Narrowing:
     hold exactly are rounded."""
 
     dtype: np.dtype
-    warned: bool = False
+    warned_of_underflow: bool = False
     warned_of_rounding: bool = False
 
     def of(self, strip: np.ndarray, start: int, first: int) -> np.ndarray:
@@ -310,13 +311,13 @@ class _Narrowing:
             row, column = np.unravel_index(overflowed, strip.shape)
             raise InputError(beyond_range(strip[row, column],
                                           f"A[{start + row}, {first + column}]", self.dtype))
-        lost = None if self.warned else first_underflowed(strip, values)
+        lost = None if self.warned_of_underflow else first_underflowed(strip, values)
         if lost is not None:
-            self.warned = True
+            self.warned_of_underflow = True
             row, column = np.unravel_index(lost, strip.shape)
-            warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
-                          f"{float(strip[row, column])} of A[{start + row}, {first + column}]): "
-                          "store float64 values", RuntimeWarning, stacklevel=2)
+            warnings.warn(stored_as_zero(strip[row, column],
+                                         f"A[{start + row}, {first + column}]", self.dtype),
+                          RuntimeWarning, stacklevel=2)
         return values
 
     def _warn_of_rounded_integers(self, strip: np.ndarray, values: np.ndarray, start: int,

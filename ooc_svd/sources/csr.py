@@ -37,6 +37,7 @@ from .dtypes import (
     first_underflowed,
     narrows_floats,
     rounded_integers,
+    stored_as_zero,
 )
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
@@ -589,9 +590,9 @@ class CSRWriter:
             return
         self.warned_of_underflow = True
         row = self.row_label.format(self._row_of(position, indptr))
-        warnings.warn(f"values too small for {self.dtype} are stored as zero (the first, "
-                      f"{float(data[position])} of {row}): store float64 values (convert "
-                      "--dtype float64)", RuntimeWarning, stacklevel=2)
+        warnings.warn(stored_as_zero(data[position], row, self.dtype,
+                                     " (convert --dtype float64)"),
+                      RuntimeWarning, stacklevel=2)
 
     def _row_of(self, position: int, indptr: np.ndarray) -> int:
         """The row of the store that the appended value at ``position`` lies in."""

@@ -77,6 +77,13 @@ def beyond_range(value: Any, place: str, dtype: np.dtype, hint: str = "") -> str
     return f"the value {value!s} of {place} lies beyond the range of {dtype}: {fix}"
 
 
+def stored_as_zero(value: Any, place: str, dtype: np.dtype, hint: str = "") -> str:
+    """The warning that values too small for ``dtype`` are stored as zero: the first,
+    ``value`` at ``place``; store float64 values (``hint``: how)."""
+    return (f"values too small for {dtype} are stored as zero (the first, {float(value)} of "
+            f"{place}): store float64 values{hint}")
+
+
 def first_underflowed(data: np.ndarray, values: np.ndarray) -> int | None:
     """The flat index of the first non-zero value of ``data`` that ``values`` (``data``
     narrowed) holds as zero, or None."""
