@@ -13,8 +13,12 @@ array (zstd) chunked in two dimensions:
   A is read in bands of that many rows, each band once, and each band gives one column of
   A^T's chunks, every chunk written whole, once.
 
-A band is read in strips of whole storage chunks of A's columns where A has column chunks
-(else whole), as wide as the memory limit allows. A is read once, A^T written once.
+A band is read in strips as wide as the memory limit allows: of whole storage chunks of A's
+columns where A has column chunks (else whole, as a zarr chunk is decoded whole); of an
+.npy's, or a stored .npz member's, of as few columns as make whole chunks of A^T, and at
+least RUN_TARGET_BYTES of each row of a row-ordered file, so that at a small limit bands
+stay tall and A^T's chunks large: read whole rows at a time, their size shrank with the
+square of the limit. A is read once, A^T written once.
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ import numpy as np
 
 from .errors import InputError, ReadError
 from .interrupts import raise_if_lost
-from .plan import DEFAULT_MEMORY_LIMIT
+from .plan import DEFAULT_MEMORY_LIMIT, LOADED_HINT
 from .progress import progress_bars
 from .sources.dense import (
     DenseSource,
-    columns_from_file,
+    block_from_file,
     fortran_file,
     not_a_matrix,
     open_dense_source,
-    rows_from_file,
+    read_from_file,
 )
 from .sources.dtypes import (
     beyond_range,
@@ -57,6 +61,9 @@ BLOCK_TARGET_BYTES = 64 << 20
 BLOCK_SHARE = 1 / 16
 # A storage chunk of A^T
 CHUNK_TARGET_BYTES = 8 << 20
+# The least of a row of a C-ordered file read at a time, where a strip is narrower than A:
+# each run is a read
+RUN_TARGET_BYTES = 4 << 10
 # zstd's level for A^T, as ooc-svd generate writes
 COMPRESSION_LEVEL = 3
 
@@ -156,7 +163,7 @@ def plan_layout(source: DenseSource, stored: np.dtype, memory_limit: int) -> Lay
     block = min(BLOCK_TARGET_BYTES, int(memory_limit * BLOCK_SHARE))
     chunk_rows = _aligned(max(1, block // (m * itemsize)), column_chunk, n)
     band_rows = _band_rows(CHUNK_TARGET_BYTES // (chunk_rows * itemsize), row_chunk, m)
-    unit = n if column_chunk >= n else max(column_chunk, chunk_rows)
+    unit = _strip_unit(source, chunk_rows, column_chunk)
     while True:
         layout = _widest_strip(source, stored, memory_limit, chunk_rows, band_rows, unit)
         if layout is not None:
@@ -168,11 +175,17 @@ def plan_layout(source: DenseSource, stored: np.dtype, memory_limit: int) -> Lay
         else:
             break
     least = _strip_bytes(source, stored, chunk_rows, band_rows, unit)
+    loaded, way_out = "", "raise memory_limit"
+    if source.loaded_bytes:  # a compressed .npz
+        loaded = f", and the input, loaded whole ({format_bytes(source.loaded_bytes)})"
+        way_out += f"; or {LOADED_HINT['dense']}"
+    what = f"{band_rows} row{'s' if band_rows > 1 else ''} x {unit} columns" + \
+        (" (a storage chunk)" if source.chunks is not None else "")
     raise InputError(
         f"memory_limit {format_bytes(memory_limit)} cannot hold the least of "
-        f"{source.description} read at a time, {band_rows} rows x {unit} columns (a storage "
-        f"chunk), with zarr's chunks in flight (needs {format_bytes(least, round_up=True)}): "
-        "raise memory_limit")
+        f"{source.description} read at a time, {what}, with zarr's chunks in flight{loaded} "
+        "(needs "
+        f"{format_bytes(least + source.loaded_bytes, round_up=True)}): {way_out}")
 
 
 def _input_chunks(source: DenseSource) -> tuple[int, int]:
@@ -182,6 +195,21 @@ def _input_chunks(source: DenseSource) -> tuple[int, int]:
     if source.chunks is None:
         return 1, n
     return min(source.chunks[0], m), min(source.chunks[1], n)
+
+
+def _strip_unit(source: DenseSource, chunk_rows: int, column_chunk: int) -> int:
+    """The columns of A a strip is a whole number of: of a zarr array, its column chunks
+    (all n where it has none: a chunk is decoded whole, however little of it is read); of
+    a file or a matrix in memory, as few as make whole chunks of A^T, so that its chunks
+    are as tall as the limit allows whatever n, and of a C-ordered file, enough that each
+    row's run read is at least RUN_TARGET_BYTES."""
+    n = source.shape[1]
+    if _in_file(source.array) or isinstance(source.array, np.ndarray):
+        least = 1
+        if read_from_file(source.array):
+            least = math.ceil(RUN_TARGET_BYTES / source.dtype.itemsize)
+        return min(n, math.ceil(least / chunk_rows) * chunk_rows)
+    return n if column_chunk >= n else max(column_chunk, chunk_rows)
 
 
 def _aligned(target: int, column_chunk: int, n: int) -> int:
@@ -273,18 +301,15 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
     with progress_bars(progress)("A read", m * n * source.dtype.itemsize) as bar:
         for start in range(0, m, layout.band_rows):
             stop = min(start + layout.band_rows, m)
-            band = _read_band(source, start, stop) if layout.strip_columns >= n else None
             for first in range(0, n, layout.strip_columns):
                 last = min(first + layout.strip_columns, n)
-                strip = band[:, first:last] if band is not None else \
-                    _read_strip(source, start, stop, first, last)
+                strip = _read_strip(source, start, stop, first, last)
                 values = narrowing.of(strip, start, first)
                 with output.writing():
                     transposed[first:last, start:stop] = values.T
                 bar.update(strip.nbytes)
                 strip = values = None  # let go before the next strip is read
                 raise_if_lost()
-            band = None
 
 
 @dataclass
@@ -336,18 +361,18 @@ class _Narrowing:
                       RuntimeWarning, stacklevel=3)
 
 
-def _read_band(source: DenseSource, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of A, all columns, as stored (an .npy file's from the file)."""
-    if source.reads_file:
-        return rows_from_file(source.array, start, stop)
-    return _read_strip(source, start, stop, 0, source.shape[1])
+def _in_file(array: Any) -> bool:
+    """Whether ``array`` is an .npy's (or a stored .npz member's) values, read from the
+    file by offsets, in either order."""
+    return read_from_file(array) or fortran_file(array)
 
 
 def _read_strip(source: DenseSource, start: int, stop: int, first: int,
                 last: int) -> np.ndarray:
+    """A[start:stop, first:last] as stored."""
     try:
-        if fortran_file(source.array):  # an .npy of A^T's rows, in effect
-            return columns_from_file(source.array, start, stop, first, last)
+        if _in_file(source.array):
+            return block_from_file(source.array, start, stop, first, last)
         return np.asarray(source.array[start:stop, first:last])
     except Exception as exc:  # noqa: BLE001 - re-raised naming what failed
         raise ReadError(f"cannot read rows [{start}, {stop}), columns [{first}, {last}) of "

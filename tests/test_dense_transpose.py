@@ -14,7 +14,7 @@ from test_convert import ooc_svd_command
 
 import ooc_svd
 from ooc_svd.convert import convert
-from ooc_svd.dense_transpose import plan_layout, transpose_dense
+from ooc_svd.dense_transpose import RUN_TARGET_BYTES, plan_layout, transpose_dense
 from ooc_svd.errors import InputError, OutputExistsError, PlanError
 from ooc_svd.sources.dense import open_dense_source
 from ooc_svd.sources.dtypes import first_rounded_integer
@@ -69,18 +69,20 @@ def test_many_bands_and_strips_are_exact(tmp_path):
     assert out.chunks == (layout.chunk_rows, layout.band_rows)
 
 
-@pytest.mark.parametrize("kind", ["fortran", "npz"])
-@pytest.mark.parametrize("limit", [1 << 30, 150_000])  # all rows at once, or bands of them
-def test_a_column_ordered_file_is_read_from_the_file_not_its_mapping(tmp_path, monkeypatch,
-                                                                    kind, limit):
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("kind", ["npy", "npz"])
+@pytest.mark.parametrize("limit", [1 << 30, 150_000])  # all of A at once, or strips of it
+def test_a_file_is_read_from_the_file_not_its_mapping(tmp_path, monkeypatch, order, kind,
+                                                      limit):
     """Pages read through the mapping stay in the process: RSS grew to the whole file
-    (924 MB for an 800 MB .npy at a 100 MB limit). A^T's rows are the file's runs."""
-    A = np.asfortranarray(matrix(45, 1001, seed=5))
+    (924 MB for an 800 MB column-ordered .npy at a 100 MB limit). Strips are read a run of
+    the file (a row's columns, or a column's rows) at a time."""
+    A = np.asarray(matrix(45, 1001, seed=5), order=order)
     path = write_input(tmp_path, A, kind)  # an .npz's member is stored, and mapped
     source = open_dense_source(path)
-    assert isinstance(source.array, np.memmap) and source.array.flags.f_contiguous
-    bands = plan_layout(source, np.dtype("f8"), limit).band_rows
-    assert (bands == 45) == (limit == 1 << 30)
+    assert isinstance(source.array, np.memmap) and source.array.flags[f"{order}_CONTIGUOUS"]
+    layout = plan_layout(source, np.dtype("f8"), limit)
+    assert (layout.strip_columns == 1001) == (limit == 1 << 30)
 
     def through_the_mapping(*args):
         raise AssertionError("read through the mapping")
@@ -105,6 +107,23 @@ def test_values_keep_their_dtype_unless_one_is_asked_for(tmp_path, stored, reque
                           memory_limit="100kB")
     assert out.dtype == np.dtype(expected)
     np.testing.assert_array_equal(out[:], A.T.astype(expected))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_file_is_read_in_strips_that_keep_its_chunks_tall(tmp_path, order):
+    """A^T's chunks are as tall (A's rows) as the limit holds a strip of the least width:
+    read whole rows at a time, they shrank with the square of the limit (4.7 kB chunks, a
+    15-fold longer convert, for a 1.6 GB .npy at 20 MB). A row-ordered file's strip holds
+    runs of at least RUN_TARGET_BYTES of each row, each a read."""
+    shape, limit = (400, 50_000), 2_000_000
+    np.lib.format.open_memmap(tmp_path / "A.npy", mode="w+", dtype="f4", shape=shape,
+                              fortran_order=order == "F").flush()  # its values unread
+    layout = plan_layout(open_dense_source(str(tmp_path / "A.npy")), np.dtype("f4"), limit)
+    assert layout.peak_bytes <= limit
+    assert layout.band_rows * shape[1] * 4 > limit  # taller than a band of whole rows
+    assert layout.strip_columns % layout.chunk_rows == 0
+    least = RUN_TARGET_BYTES // 4 if order == "C" else 1
+    assert least <= layout.strip_columns < shape[1]
 
 
 @pytest.mark.parametrize(("shape", "chunks", "limit"), [
@@ -187,6 +206,13 @@ def test_a_chunk_over_the_limit_is_refused_with_the_numbers(tmp_path):
                                          r"columns .*needs [0-9.]+ MB\): raise memory_limit"):
         transpose_dense(path, tmp_path / "At.zarr", memory_limit="1MB")
     assert not os.path.exists(tmp_path / "At.zarr")
+    # A compressed .npz is loaded whole: that is what the limit cannot hold
+    compressed = write_input(tmp_path, matrix(100, 5000, "float32"), "npz-compressed")
+    with pytest.raises(InputError, match=r"1 MB cannot hold .* 1 row x [0-9]+ columns, with "
+                                         r"zarr's chunks in flight, and the input, loaded whole "
+                                         r"\(2 MB\) \(needs 2\.[0-9]+ MB\): raise memory_limit; or "
+                                         r"save the array uncompressed"):
+        transpose_dense(compressed, tmp_path / "At.zarr", memory_limit="1MB")
 
 
 def test_outputs_are_refused_as_other_conversions_are(tmp_path):

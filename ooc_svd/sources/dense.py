@@ -291,29 +291,40 @@ def read_from_file(array: Any) -> bool:
 
 
 def fortran_file(array: Any) -> bool:
-    """Whether ``columns_from_file`` can read ``array``'s values from its file: a read-only,
+    """Whether ``block_from_file`` can read ``array``'s values from its file: a read-only,
     Fortran-ordered (and not also C-ordered) 2-D memmap that maps the file itself."""
     return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and \
         array.mode == "r" and array.flags.f_contiguous and not array.flags.c_contiguous and \
         array.ndim == 2 and array.filename is not None
 
 
-def columns_from_file(array: np.memmap, start: int, stop: int, first: int,
-                      last: int) -> np.ndarray:
-    """A[start:stop, first:last] of a memmap that ``fortran_file`` accepts, read from its
-    file into a new Fortran-ordered array: one read of each column's rows, or one in all
-    when the rows are all of them. Through the mapping, RSS would grow to the whole file,
-    as ``rows_from_file`` says."""
-    values = np.empty((stop - start, last - first), dtype=array.dtype, order="F")
-    column_bytes, row_bytes = array.strides[1], array.strides[0]
+def block_from_file(array: np.memmap, start: int, stop: int, first: int,
+                    last: int) -> np.ndarray:
+    """A[start:stop, first:last] of a memmap that ``read_from_file`` or ``fortran_file``
+    accepts, read from its file into a new array of the file's order: one read where the
+    block is one run of the file (whole rows of a C-ordered file, whole columns of a
+    Fortran-ordered one), else one read per row (per column).
+
+    A slice of the memmap would be read through the mapping, whose pages stay mapped, so
+    the process's RSS grew to the whole file (2.1 GB for a 2 GB .npy at a 300 MB limit):
+    clean pages that the kernel may take back, but that RSS limits count. Read this way,
+    the file's pages stay in the page cache, outside the process."""
+    fortran = fortran_file(array)
+    values = np.empty((stop - start, last - first), dtype=array.dtype,
+                      order="F" if fortran else "C")
+    # The block in the file's order: runs (its rows, or columns) of values side by side
+    runs = values.T if fortran else values
+    (run_first, run_last), (within, whole) = ((first, last), (start, array.shape[0])) \
+        if fortran else ((start, stop), (first, array.shape[1]))
+    run_bytes = array.strides[1] if fortran else array.strides[0]
+    offset = array.offset + within * array.itemsize
     with open(array.filename, "rb", buffering=0) as file:
-        if start == 0 and stop == array.shape[0]:
-            _read_into(file, array.offset + first * column_bytes, values.T.reshape(-1),
-                       array.filename)
+        if runs.shape[1] == whole:
+            _read_into(file, offset + run_first * run_bytes, runs.reshape(-1), array.filename)
         else:
-            for column in range(first, last):
-                _read_into(file, array.offset + column * column_bytes + start * row_bytes,
-                           values[:, column - first], array.filename)
+            for run in range(run_first, run_last):
+                _read_into(file, offset + run * run_bytes, runs[run - run_first],
+                           array.filename)
     return values
 
 
@@ -331,17 +342,8 @@ def _read_into(file: Any, offset: int, values: np.ndarray, name: str) -> None:
 
 def rows_from_file(array: np.memmap, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a memmap that ``read_from_file`` accepts, read from its file
-    into a new array.
-
-    A slice of the memmap would be read through the mapping, whose pages stay mapped, so
-    the process's RSS grew to the whole file (2.1 GB for a 2 GB .npy at a 300 MB limit):
-    clean pages that the kernel may take back, but that RSS limits count. Read this way,
-    the file's pages stay in the page cache, outside the process."""
-    rows = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
-    with open(array.filename, "rb", buffering=0) as file:
-        _read_into(file, array.offset + start * array.strides[0], rows.reshape(-1),
-                   array.filename)
-    return rows
+    (not through its mapping: see ``block_from_file``)."""
+    return block_from_file(array, start, stop, 0, array.shape[1])
 
 
 def open_zarr_node(path: str) -> Any:
