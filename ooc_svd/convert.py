@@ -25,7 +25,8 @@ rest. A single row must fit in it.
 
 Value dtype: float64 input stays float64; float32 (and float16), integer, boolean and
 pattern input becomes float32, exact for integers up to 2**24 (counts); pass
-``dtype="float64"`` to keep larger integers exact.
+``dtype="float64"`` to keep larger integers exact (up to 2**53: integers are read, and their
+duplicates summed, in float64; a warning names the first it rounds).
 """
 
 from __future__ import annotations

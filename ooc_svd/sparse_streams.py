@@ -8,6 +8,7 @@ out as coordinate chunks for ``ooc_svd.coordinates``.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from .coordinates import EntryChunk
 from .errors import InputError
 from .sources.csr import CSRWriter, canonical_rows
+from .sources.dtypes import first_rounded_integer, rounded_integers
 
 # indptr values read at a time: 512 KiB of int64.
 POINTER_PIECE = 1 << 16
@@ -95,6 +97,29 @@ def native_order(values: np.ndarray) -> np.ndarray:
 Reader = SlicedReader | NpyMemberReader
 
 
+class Float64Values:
+    """The values of ``data`` taken as float64, in which the coordinate layouts' duplicates
+    are summed. A warning, once, names the first integer that float64 rounds (beyond
+    2**53): the writer, given float64 values, can no longer see it."""
+
+    def __init__(self, data: Reader):
+        self.data, self.warned = data, False
+
+    def take(self, count: int) -> np.ndarray:
+        first = self.data.position
+        raw = self.data.take(count)
+        values = raw.astype(np.float64)
+        if raw.dtype.kind in "iu" and not self.warned:
+            rounded = first_rounded_integer(raw, values)
+            if rounded is not None:
+                self.warned = True
+                warnings.warn(rounded_integers(int(raw[rounded]),
+                                               f"value {first + rounded} of {self.data.name}",
+                                               values[rounded], np.dtype(np.float64)),
+                              RuntimeWarning, stacklevel=2)
+        return values
+
+
 def _pointer_pieces(indptr: Reader, count: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first index, pointers) covering ``count`` rows (or columns), each piece starting with
     the last pointer of the previous one; checks that pointers start at 0 and never fall."""
@@ -133,12 +158,15 @@ def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
     the input is never modified); canonical ones are appended as read.
     """
     _check_lengths(indices, data)
+    # Integers as float64 (what their repeated columns are summed in), warned of where it
+    # rounds them; the writer cannot tell a rounded float64 from an exact one.
+    values = Float64Values(data) if data.dtype.kind in "iu" else data
     for _, pointers in _pointer_pieces(indptr, shape[0]):
         for a, b in row_windows(pointers, block_entries):
             count = int(pointers[b] - pointers[a])
             local = pointers[a : b + 1] - pointers[a]
-            writer.append_arrays(*_canonical_csr(local, indices.take(count), data.take(count),
-                                                 shape[1]))
+            writer.append_arrays(*_canonical_csr(local, indices.take(count),
+                                                 values.take(count), shape[1]))
     _check_all_read(indices)
 
 
@@ -158,10 +186,11 @@ def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader,
     if not rows.size == cols.size == data.size:
         raise InputError(f"COO arrays of different lengths: {rows.name} {rows.size}, "
                          f"{cols.name} {cols.size}, {data.name} {data.size}")
+    values = Float64Values(data)
     for start in range(0, rows.size, chunk_entries):
         count = min(chunk_entries, rows.size - start)
         chunk = EntryChunk(rows.take(count).astype(np.int64), cols.take(count).astype(np.int64),
-                           data.take(count).astype(np.float64))
+                           values.take(count))
         check_entries(chunk, shape)
         yield chunk
 
@@ -171,13 +200,14 @@ def csc_entry_chunks(indptr: Reader, indices: Reader, data: Reader,
     """The entries of a CSC matrix column after column, in chunks of ``chunk_entries``
     (a long column spans several chunks)."""
     _check_lengths(indices, data)
+    values = Float64Values(data)
     for first, pointers in _pointer_pieces(indptr, shape[1]):
         for start in range(int(pointers[0]), int(pointers[-1]), chunk_entries):
             stop = min(start + chunk_entries, int(pointers[-1]))
             positions = np.arange(start, stop, dtype=np.int64)
             cols = first + np.searchsorted(pointers, positions, side="right") - 1
             chunk = EntryChunk(indices.take(stop - start).astype(np.int64), cols,
-                               data.take(stop - start).astype(np.float64))
+                               values.take(stop - start))
             check_entries(chunk, shape)
             yield chunk
     _check_all_read(indices)

@@ -553,6 +553,28 @@ def test_matrix_market_integers_beyond_float64s_exact_range_are_warned_of(tmp_pa
     assert stored[2, 0] == 2**53 and stored[2, 1] == -2**60
 
 
+@pytest.mark.parametrize("layout", ["coo", "csc", "csr with repeated columns", "csr"])
+def test_integers_float64_rounds_are_warned_of_in_every_layout(tmp_path, layout):
+    """COO and CSC entries, and CSR rows with repeated columns, are summed in float64: the
+    writer, given float64, could not see that 2**53 + 1 had become 2**53."""
+    values = np.array([5, 2**53 + 1, -2**60, 0], dtype=np.int64)
+    rows, cols = np.array([0, 2, 2, 2]), np.array([0, 0, 1, 1])
+    matrix = sp.coo_matrix((values, (rows, cols)), shape=(3, 2))
+    if layout.startswith("csr"):
+        parts = (values[:3], cols[:3], [0, 1, 1, 3]) if layout == "csr" else \
+            (values, cols, [0, 1, 1, 4])  # column 1 of row 2 twice: summed
+        matrix = sp.csr_matrix(parts, shape=(3, 2))
+    else:
+        matrix = matrix.asformat(layout)
+    sp.save_npz(tmp_path / "A.npz", matrix, compressed=False)
+    with pytest.warns(RuntimeWarning, match=r"integer values beyond 2\*\*53 are rounded in "
+                                            r"float64 \(the first, 9007199254740993 of "
+                                            r".*is stored as 9007199254740992\)") as caught:
+        stored = read_back(convert(tmp_path / "A.npz", tmp_path / "out.zarr", dtype="float64"))
+    assert len([w for w in caught if "2**53" in str(w.message)]) == 1
+    np.testing.assert_array_equal(stored.toarray(), [[5, 0], [0, 0], [2**53, -2**60]])
+
+
 def malformed_npz(path, **arrays):
     """An archive as scipy.sparse.save_npz writes one, with ``arrays`` replaced."""
     members = {"format": np.array(b"csr"), "shape": np.array([3, 4]),
