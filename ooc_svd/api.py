@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -63,7 +64,7 @@ from .plan import DEFAULT_MEMORY_LIMIT, MAX_EXACT_COLUMNS, Plan, make_plan
 from .progress import progress_bars
 from .result import SVDResult, assemble_result, provenance
 from .sources import CSRSource, DenseSource, is_sparse_block, open_source
-from .sources.dense import not_a_matrix, refuse_masked
+from .sources.dense import is_torch_tensor, not_a_matrix, refuse_masked
 from .sources.difference import check_subtrahend, sparse_column, subtract, transposed
 from .sources.open import is_torch_sparse
 from .sources.paths import files_state, local_paths, stored_chunk_files
@@ -433,7 +434,8 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     S : ndarray of shape (*, q)
     V : ndarray of shape (*, n, q)
         torch tensors on A's device when A is a torch tensor, as torch returns them (not
-        attached to autograd); float32 for float32 and half-precision data.
+        attached to autograd); float32 for float32 and half-precision data (S too: a
+        singular value beyond float32's range is inf, with a warning).
 
     Notes
     -----
@@ -499,8 +501,22 @@ def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: 
             column = sparse_column(source, M)
         if column is None:
             source, mean = subtract(source, M)
-    result = _run(source, options.request(q, niter, mean=mean, row_shift=column))
-    return result.U, result.S, result.V
+    return _torch_factors(_run(source, options.request(q, niter, mean=mean,
+                                                      row_shift=column)))
+
+
+def _torch_factors(result: SVDResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """U, S, V of a run, S in U's dtype as torch returns it. A float32 run's S beyond
+    float32's range, which svd keeps as float64 with a note, is inf, with a warning."""
+    S = result.S
+    if S.dtype != result.U.dtype:
+        warnings.warn(f"S holds values beyond {result.U.dtype.name}'s range (the largest "
+                      f"{float(S.max()):.4g}), returned as inf in the dtype of U and V, as "
+                      "torch's functions return S; pass A as float64 to have them",
+                      RuntimeWarning, stacklevel=2)
+        with np.errstate(over="ignore"):
+            S = S.astype(result.U.dtype)
+    return result.U, S, result.V
 
 
 def _wide_as_tall(source: DenseSource | CSRSource, M: Any, client: Any) -> tuple | None:
@@ -588,8 +604,7 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
             return _svd_lowrank(source, rank, niter, _column_means(source), run)
         if m < n and not center:
             return _svd_lowrank(source, rank, niter, None, run)  # flipped where it can be
-        result = _run(source, run.request(rank, niter, center=center))
-        return result.U, result.S, result.V
+        return _torch_factors(_run(source, run.request(rank, niter, center=center)))
 
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(
@@ -647,9 +662,8 @@ def _stack_of_matrices(A: Any) -> tuple[int, ...]:
     view or stays lazy. () for anything else, which the opener takes as one matrix (and
     refuses if it is not one)."""
     shape = getattr(A, "shape", ())
-    module = type(A).__module__
-    stackable = isinstance(A, np.ndarray) or module.startswith("dask") or \
-        (module.startswith("torch") and not is_torch_sparse(A))
+    stackable = isinstance(A, np.ndarray) or type(A).__module__.startswith("dask") or \
+        (is_torch_tensor(A) and not is_torch_sparse(A))
     if len(shape) <= 2 or not stackable:
         return ()
     try:
@@ -698,7 +712,9 @@ def _empty_stack_factors(A: Any, stack: tuple[int, ...], width) -> tuple[np.ndar
     of no matrix, in the dtype its matrices' factors would have."""
     m, n = (int(size) for size in A.shape[-2:])
     q = width(m, n)
-    dtype = _result_dtype(open_matrix(A.reshape(0, n), allow_empty=True)[0].dtype)
+    # A matrix of none of A's rows, made anew: dask cannot reshape some empty stacks
+    no_rows = A.new_empty((0, n)) if is_torch_tensor(A) else np.empty((0, n), A.dtype)
+    dtype = _result_dtype(open_matrix(no_rows, allow_empty=True)[0].dtype)
     return (np.zeros(stack + (m, q), dtype), np.zeros(stack + (q,), dtype),
             np.zeros(stack + (n, q), dtype))
 
@@ -706,9 +722,9 @@ def _empty_stack_factors(A: Any, stack: tuple[int, ...], width) -> tuple[np.ndar
 def _like_input(A: Any, arrays: tuple[np.ndarray, ...]) -> tuple:
     """``arrays`` as torch returns them for a torch tensor A (tensors on A's device), else
     as they are. A tensor's module is loaded already, so torch is never imported here."""
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(A, torch.Tensor):
+    if not is_torch_tensor(A):
         return arrays
+    torch = sys.modules["torch"]
     return tuple(torch.from_numpy(array).to(A.device) for array in arrays)
 
 

@@ -57,6 +57,7 @@ from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter, stored_shape
+from .sources.dense import is_torch_tensor
 from .sources.open import load_npz, npz_format
 from .sparse_streams import (
     NpyMemberReader,
@@ -501,10 +502,11 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     to put its rows in canonical order once, to turn CSC into CSR, or (``transpose``) to
     write A^T, for the SVD of a wide A. Other parameters as ``from_mtx``; ``out`` may not be
     ``path``, nor inside or around it."""
-    from .sources.dense import open_zarr_node
+    from .sources.dense import members_of, open_zarr_node, refuse_unfinished
 
     path = os.fspath(path)
     group = open_zarr_node(path)
+    refuse_unfinished(group, repr(path))
     if not hasattr(group, "array_keys"):
         raise InputError(f"{path!r} is a zarr array, not a sparse group; a dense array is "
                          "read as it is (ooc_svd.svd takes it directly), and its transpose "
@@ -513,8 +515,10 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     layout = {"csr_matrix": "csr", "csc_matrix": "csc"}.get(encoding)
     missing = [name for name in ("data", "indices", "indptr") if name not in group]
     if layout is None or "shape" not in group.attrs or missing:
+        wanted = "the sparse group in it, or (with transpose=True, --transpose) the dense array"
         raise InputError(f"{path!r} is not a sparse matrix group (encoding-type {encoding!r},"
-                         f" shape {group.attrs.get('shape')}, missing arrays {missing})")
+                         f" shape {group.attrs.get('shape')}, missing arrays {missing}) "
+                         f"{members_of(group, path, wanted)}")
     shape = stored_shape(group.attrs["shape"], repr(path))
     readers = _sparse_group_readers(group, path)
     provenance = {"input": path, "format": f"zarr v{group.metadata.zarr_format} {layout}"}
@@ -607,7 +611,7 @@ def convert(input: Any, out: str | os.PathLike, **options: Any) -> Any:
     if scipy.sparse.issparse(input):
         converter = from_scipy
     elif not isinstance(input, (str, os.PathLike)):
-        dense = isinstance(input, np.ndarray) or type(input).__module__.startswith("torch")
+        dense = isinstance(input, np.ndarray) or is_torch_tensor(input)
         raise InputError(f"convert takes a scipy.sparse matrix or a file or store path, not "
                          f"{type(input).__name__}" + (" (a dense array needs no conversion: svd "
                                                       "reads numpy and torch arrays)"

@@ -309,7 +309,8 @@ def test_a_stack_of_no_matrix_gives_empty_factors_as_torch(function):
     import dask.array as da
 
     factor = getattr(ooc_svd, function)
-    for A in (np.zeros((0, 60, 12), np.float32), da.zeros((2, 0, 60, 12))):
+    for A in (np.zeros((0, 60, 12), np.float32), da.zeros((2, 0, 60, 12)),
+              da.zeros((0, 60, 12), chunks=2)):  # one that dask cannot reshape
         U, S, V = factor(A, q=3)
         stack = A.shape[:-2]
         assert (U.shape, S.shape, V.shape) == (stack + (60, 3), stack + (3,), stack + (12, 3))
@@ -603,30 +604,43 @@ def test_svd_lowrank_refuses_an_m_torch_would_not_broadcast(matrix, M, message):
         ooc_svd.svd_lowrank(matrix, q=3, M=M)
 
 
-class TensorStandIn:
+class StandInTensor:
+    """torch.Tensor, in the stand-in for torch (``torch_stand_in``): torch itself is not a
+    test dependency."""
+
+    device = "cpu"
+
+
+class TensorStandIn(StandInTensor):
     """What ooc_svd uses of a torch tensor, refusing numpy conversion as torch does for a
-    tensor that requires grad (torch itself is not a test dependency)."""
+    tensor that requires grad, that has its negative bit set (as ``x.conj().imag`` has), or
+    whose dtype numpy lacks."""
 
-    __module__ = "torch"
-
-    def __init__(self, values, requires_grad=True, dtype="torch.bfloat16"):
-        self.values, self.requires_grad = values, requires_grad
+    def __init__(self, values, requires_grad=True, dtype="torch.bfloat16", negated=False):
+        self.values, self.requires_grad, self.negated = values, requires_grad, negated
         self.shape, self.dtype = values.shape, dtype
 
     def __array__(self, dtype=None, copy=None):
         raise RuntimeError("Can't call numpy() on Tensor that requires grad.")
 
     def detach(self):
-        return TensorStandIn(self.values, requires_grad=False, dtype=self.dtype)
+        return TensorStandIn(self.values, False, self.dtype, self.negated)
 
     def stride(self, dim):
         return self.values.strides[dim] // self.values.itemsize
 
     def __getitem__(self, rows):
-        return TensorStandIn(self.values[rows], self.requires_grad, self.dtype)
+        return TensorStandIn(self.values[rows], self.requires_grad, self.dtype, self.negated)
 
     def cpu(self):
         return self
+
+    def resolve_conj(self):
+        return self  # real values
+
+    def resolve_neg(self):
+        return TensorStandIn(-self.values if self.negated else self.values,
+                             self.requires_grad, self.dtype)
 
     def float(self):
         detached = TensorStandIn(self.values.astype(np.float32), self.requires_grad)
@@ -634,7 +648,9 @@ class TensorStandIn:
         return detached
 
     def numpy(self):
-        if self.requires_grad or self.dtype == "torch.bfloat16":
+        if self.dtype == "torch.float8_e4m3fn":
+            raise TypeError("Got unsupported ScalarType Float8_e4m3fn")
+        if self.requires_grad or self.negated or self.dtype == "torch.bfloat16":
             raise RuntimeError("numpy() refused")
         return self.values
 
@@ -651,7 +667,10 @@ def test_float32_singular_values_beyond_its_range_are_kept_in_float64(tmp_path):
     np.testing.assert_allclose(result.S, expected, rtol=1e-5)
     assert "S is float64, as U and V are float32: its values exceed float32's range" in \
         result.note
-    np.testing.assert_allclose(ooc_svd.svd_lowrank(A, 3)[1], expected, rtol=1e-5)
+    with pytest.warns(RuntimeWarning, match="S holds values beyond float32's range .* "
+                                            "returned as inf"):
+        U, S, V = ooc_svd.svd_lowrank(A, 3)  # as torch returns S: in U's dtype
+    assert U.dtype == S.dtype == V.dtype == np.float32 and np.isinf(S).all()
     stored = zarr.open_group(out, mode="r")
     assert stored["B"].dtype == np.float64 and np.isfinite(stored["B"][:]).all()
     assert ooc_svd.verify.verify_result(out)["ok"]
@@ -691,21 +710,43 @@ class PlacedTensor:
 
     def __init__(self, array, device="cpu"):
         self.array, self.device = array, device
+        self.dtype = array.dtype
 
     def to(self, device):
         return PlacedTensor(self.array, device)
 
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
 
 class TorchStandIn:
-    """What ooc_svd uses of the torch module to return tensors."""
+    """What ooc_svd uses of the torch module: its Tensor class, to tell tensors (of any
+    subclass) by, and from_numpy, to return tensors."""
 
-    Tensor = TensorStandIn
+    Tensor = StandInTensor
     from_numpy = PlacedTensor
 
 
-@pytest.fixture
-def torch_stand_in(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", TorchStandIn)
+@pytest.fixture(autouse=True)
+def torch_stand_in():
+    """The stand-in as torch, in every test here (its own patch: a test's
+    ``monkeypatch.undo()`` keeps it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torch", TorchStandIn)
+        yield
+
+
+def test_tensors_torch_would_not_convert_to_numpy_are_read_or_refused_by_name(matrix):
+    """A lazily negated tensor (``x.conj().imag``) is read as its values; one of a dtype
+    numpy lacks is refused by name, not by numpy()'s TypeError."""
+    negated = TensorStandIn(-matrix, requires_grad=False, dtype="torch.float64", negated=True)
+    U, S, V = ooc_svd.svd_lowrank(negated, q=matrix.shape[1])
+    np.testing.assert_allclose(np.asarray(U) * np.asarray(S) @ np.asarray(V).T, matrix,
+                               atol=1e-10)
+    float8 = TensorStandIn(matrix, requires_grad=False, dtype="torch.float8_e4m3fn")
+    with pytest.raises(InputError, match="a torch tensor of torch.float8_e4m3fn has no numpy "
+                                         "dtype"):
+        ooc_svd.svd_lowrank(float8, q=2)
 
 
 def test_torch_inputs_give_torch_tensors_on_their_device(matrix, torch_stand_in):
@@ -721,11 +762,9 @@ def test_torch_inputs_give_torch_tensors_on_their_device(matrix, torch_stand_in)
             np.testing.assert_allclose(got.array, want, atol=1e-12)
 
 
-class SparseTensorStandIn:
+class SparseTensorStandIn(StandInTensor):
     """What ooc_svd uses of a torch sparse tensor of layout COO, CSR, CSC or BSR (its parts
     as ``TensorStandIn``), from a scipy matrix; uncoalesced COO keeps duplicate entries."""
-
-    __module__ = "torch"
 
     def __init__(self, matrix, layout, dtype=np.float64):
         self.matrix, self.layout, self.dtype = matrix, f"torch.sparse_{layout}", dtype
@@ -780,8 +819,6 @@ def test_torch_sparse_tensors_are_read_as_csr(matrix):
         ooc_svd.svd_lowrank(A, q=3, M=SparseTensorStandIn(A, "csr"))
 
     class Hybrid(SparseTensorStandIn):  # one sparse dimension, values of 40 numbers each
-        __module__ = "torch"
-
         def coalesce(self):
             return self
 
@@ -1653,6 +1690,29 @@ def test_missing_and_unreadable_stores(tmp_path):
         ooc_svd.svd(str(tmp_path / "A.csv"), 2)
 
 
+def test_a_store_an_ooc_svd_command_left_unfinished_is_refused(tmp_path):
+    """What a command that stopped left under PATH.partial lacks the chunks it had not
+    written, which would read as zeros."""
+    import zarr
+
+    from ooc_svd.convert import convert, from_scipy
+    from ooc_svd.store import UNFINISHED
+
+    A = scipy.sparse.random(50, 8, density=0.3, random_state=0, format="csr")
+    from_scipy(A, tmp_path / "sparse.zarr")
+    zarr.create_array(str(tmp_path / "dense.zarr"), data=np.ones((50, 8)))
+    for name in ("sparse.zarr", "dense.zarr"):
+        path = str(tmp_path / name)
+        assert ooc_svd.svd(path, 2).S.shape == (2,)  # finished, it is read
+        zarr.open(path, mode="r+").attrs[UNFINISHED] = "converted"
+        message = "is unfinished: an ooc_svd command stopped while it wrote it"
+        for opened in (path, zarr.open(path, mode="r")):
+            with pytest.raises(InputError, match=message):
+                ooc_svd.svd(opened, 2)
+        with pytest.raises(InputError, match=message):
+            convert(path, tmp_path / "out.zarr", transpose=True)
+
+
 def test_a_group_is_not_a_matrix(tmp_path):
     import zarr
 
@@ -1660,7 +1720,8 @@ def test_a_group_is_not_a_matrix(tmp_path):
     group.create_array("X", shape=(10, 4), dtype="f8")
     group.create_group("layers")
     with pytest.raises(InputError, match=r"not an array or a CSR matrix \(its arrays: \[.X.\]; "
-                                         r"its groups: \[.layers.\]\)"):
+                                         r"its groups: \[.layers.\]\); pass the path of the "
+                                         r"array or CSR group, e.g. .*g.zarr/X$"):
         ooc_svd.svd(str(tmp_path / "g.zarr"), 2)
 
 

@@ -769,9 +769,15 @@ def test_zarr_refusals(tmp_path):
     (tmp_path / "text.npy").write_text("hello\n")  # a .npy by name only
     with pytest.raises(StoreNotFoundError, match="is not a .npy file"):
         convert(str(tmp_path / "text.npy"), tmp_path / "out.zarr")
-    zarr.open_group(str(tmp_path / "G.zarr"), mode="w").attrs["encoding-type"] = "other"
-    with pytest.raises(InputError, match="is not a sparse matrix group"):
-        convert(str(tmp_path / "G.zarr"), tmp_path / "out.zarr")
+    group = zarr.open_group(str(tmp_path / "G.zarr"), mode="w")
+    group.attrs["encoding-type"] = "other"
+    group.create_array("X", shape=(4, 4), dtype="f4")  # as an AnnData store holds it
+    for transpose in (False, True):
+        with pytest.raises(InputError, match=r"is not a sparse matrix group .* \(its arrays: "
+                                             r"\['X'\]; its groups: \[\]\); pass the path of the "
+                                             r"sparse group in it, or \(with transpose=True, "
+                                             r"--transpose\) the dense array, e.g. .*G.zarr/X$"):
+            convert(str(tmp_path / "G.zarr"), tmp_path / "out.zarr", transpose=transpose)
     assert dense.shape == (4, 4)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,7 +211,7 @@ def open_dense_source(A: Any) -> DenseSource:
     if module.startswith("dask"):
         return _dask_source(A)
     if hasattr(A, "__array__") and hasattr(A, "shape"):
-        array = _torch_array(A) if module.startswith("torch") else np.asarray(A)
+        array = _torch_array(A) if is_torch_tensor(A) else np.asarray(A)
         return DenseSource(
             array, in_memory_boundaries(array.shape, array.itemsize), type(A).__name__,
             decodes=False,
@@ -221,13 +222,25 @@ def open_dense_source(A: Any) -> DenseSource:
     )
 
 
+def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, of a subclass too. A tensor's module is loaded
+    already, so torch is never imported here."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _torch_array(tensor: Any) -> np.ndarray:
     """A torch tensor's values as numpy: without its autograd graph (numpy() refuses a
-    tensor that requires grad), in host memory, bfloat16 (which numpy lacks) as float32."""
-    tensor = tensor.detach().cpu()
+    tensor that requires grad), in host memory, with its lazy negation or conjugation
+    applied (numpy() refuses those too), bfloat16 (which numpy lacks) as float32."""
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     if str(tensor.dtype) == "torch.bfloat16":
         tensor = tensor.float()
-    return tensor.numpy()
+    try:
+        return tensor.numpy()
+    except TypeError as exc:  # a dtype numpy lacks: float8, ...
+        raise InputError(f"a torch tensor of {tensor.dtype} has no numpy dtype to be read "
+                         "as; convert it first (e.g. tensor.float())") from exc
 
 
 def _has_npy_header(path: str) -> bool:
@@ -274,12 +287,19 @@ def _open_path(path: str) -> DenseSource:
 
     node = open_zarr_node(path)
     if not isinstance(node, zarr.Array):
-        arrays, groups = sorted(node.array_keys()), sorted(node.group_keys())
-        raise InputError(
-            f"{path!r} is a zarr group, not an array (its arrays: {arrays}; its groups: "
-            f"{groups}); pass the array's path, e.g. store.zarr/X"
-        )
+        raise InputError(f"{path!r} is a zarr group, not an array "
+                         f"{members_of(node, path, 'the array')}")
     return zarr_array_source(node, path)
+
+
+def members_of(group: Any, path: str, wanted: str) -> str:
+    """The end of a refusal of the zarr group at ``path``, which names what it holds and
+    asks for the path of ``wanted`` in it, its first member's for example."""
+    arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
+    first = (arrays + groups)[:1]
+    example = f"{path.rstrip('/')}/{first[0]}" if first else "store.zarr/X"
+    return (f"(its arrays: {arrays}; its groups: {groups}); pass the path of {wanted}, "
+            f"e.g. {example}")
 
 
 def read_from_file(array: Any) -> bool:
@@ -427,7 +447,19 @@ def not_a_matrix(what: str, ndim: int) -> InputError:
     return InputError(f"{what} has {ndim} dimensions; a matrix needs 2{hint}")
 
 
+def refuse_unfinished(node: Any, description: str) -> None:
+    """Refuse a zarr array or group that an ooc_svd command was writing when it stopped (a
+    ``PATH.partial`` it marked unfinished): the chunks it had not written read as zeros."""
+    from ..store import UNFINISHED
+
+    if UNFINISHED in node.attrs:
+        raise InputError(f"{description} is unfinished: an ooc_svd command stopped while it "
+                         "wrote it, and the chunks it had not written would read as zeros; "
+                         "run the command again (it replaces what is left)")
+
+
 def zarr_array_source(array: Any, description: str) -> DenseSource:
+    refuse_unfinished(array, str(description))
     if array.ndim != 2:
         raise not_a_matrix(description, array.ndim)
     try:

@@ -20,7 +20,13 @@ import numpy as np
 from ..errors import InputError, NonFiniteError
 from ..kernels.cpu import first_non_finite_row
 from .csr import CSRSource, is_sparse_block
-from .dense import DenseSource, in_memory_boundaries, open_dense_source, refuse_masked
+from .dense import (
+    DenseSource,
+    in_memory_boundaries,
+    is_torch_tensor,
+    open_dense_source,
+    refuse_masked,
+)
 from .open import is_torch_sparse
 
 
@@ -68,9 +74,8 @@ def transposed(M: Any, shape: tuple[int, int]) -> np.ndarray | None:
     a number or a sequence): what A^T - M^T subtracts. None for M in a store or a dask
     array, a masked array, or one that is not a finite real array broadcasting to ``shape``
     (which the run on A itself then refuses by name, and names the rows of a NaN)."""
-    module = type(M).__module__
     in_memory = isinstance(M, (np.ndarray, int, float, np.number, list, tuple)) or \
-        (module.startswith("torch") and not is_torch_sparse(M))
+        (is_torch_tensor(M) and not is_torch_sparse(M))
     if not in_memory or isinstance(M, np.ma.MaskedArray):
         return None
     try:
@@ -190,7 +195,7 @@ def _as_array(M: Any) -> Any:
     torch tensors become numpy arrays, an expanded row or column narrowed to it first (a
     move to the host or another dtype would copy all m x n values); numpy, zarr and dask
     arrays stay as they are."""
-    if type(M).__module__.startswith("torch"):
+    if is_torch_tensor(M):
         from .dense import _torch_array
 
         if len(M.shape) == 2 and M.shape[0] > 1 and M.stride(0) == 0:
@@ -221,7 +226,7 @@ def _repeated_column(M: Any) -> Any:
         return M
     if isinstance(M, np.ndarray):
         strides = M.strides
-    elif type(M).__module__.startswith("torch"):
+    elif is_torch_tensor(M):
         strides = (M.stride(0), M.stride(1))
     else:
         return M

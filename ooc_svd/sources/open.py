@@ -13,8 +13,11 @@ from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
 from .dense import (
     DenseSource,
     _torch_array,
+    is_torch_tensor,
+    members_of,
     open_dense_source,
     open_zarr_node,
+    refuse_unfinished,
     zarr_array_source,
 )
 
@@ -56,7 +59,7 @@ def open_source(A: Any) -> DenseSource | CSRSource:
 
 def is_torch_sparse(A: Any) -> bool:
     """Whether A is a torch tensor of a sparse layout (COO, CSR, CSC, ...)."""
-    return type(A).__module__.startswith("torch") and \
+    return is_torch_tensor(A) and \
         str(getattr(A, "layout", "torch.strided")) != "torch.strided"
 
 
@@ -94,6 +97,7 @@ def _sparse_values(tensor: Any) -> np.ndarray:
 
 
 def _open_group(group: Any, description: str) -> CSRSource:
+    refuse_unfinished(group, str(description))
     if is_csr_group(group):
         return open_csr_group(group, description)
     encoding = group.attrs.get("encoding-type")
@@ -105,11 +109,8 @@ def _open_group(group: Any, description: str) -> CSRSource:
     if "ooc_svd" in group.attrs:
         raise InputError(f"{description} is an ooc_svd result, not a matrix to factor "
                          "(ooc-svd info without --k describes it)")
-    arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
-    raise InputError(
-        f"{description} is a zarr group, not an array or a CSR matrix (its arrays: {arrays}; "
-        f"its groups: {groups}); pass the path of the array or CSR group, e.g. store.zarr/X"
-    )
+    raise InputError(f"{description} is a zarr group, not an array or a CSR matrix "
+                     f"{members_of(group, str(description), 'the array or CSR group')}")
 
 
 def _zarr_node_at(path: str) -> Any:
