@@ -269,6 +269,40 @@ def test_resident_threads_are_read_under_either_name(monkeypatch):
         assert device_kernels.device_capacity() == (132, 2048)
 
 
+def test_launches_from_several_threads_leave_the_warning_filters_as_they_were():
+    """Each launch swaps the process's warning filters to silence numba's small-grid
+    warning. Two at once, unguarded, restored each other's: the second restored the
+    first's swapped set, and the filter stayed."""
+    import threading
+    import warnings
+    from types import SimpleNamespace
+
+    from ooc_svd.kernels import cuda as device_kernels
+
+    inside = threading.Event()
+
+    class SlowToConfigure:  # a kernel whose launch configuration takes a while
+        def __getitem__(self, configuration):
+            inside.set()
+            time.sleep(0.05)
+            return lambda *args: None
+
+    kernels = SimpleNamespace(kernels=SimpleNamespace(sweep=SlowToConfigure()))
+    before = list(warnings.filters)
+
+    def launch():
+        device_kernels.BlockKernels._launch(kernels, "sweep", 1, 32, 0)
+
+    first = threading.Thread(target=launch)
+    first.start()
+    inside.wait()
+    second = threading.Thread(target=launch)  # while the first holds its swapped filters
+    second.start()
+    first.join()
+    second.join()
+    assert warnings.filters == before
+
+
 @on_device
 @pytest.mark.parametrize("ones", [0, 1])
 def test_gram_and_solve_rows_match_reference(ones, grids):

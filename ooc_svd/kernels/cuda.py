@@ -83,6 +83,7 @@ geometry keeps the simulator (``NUMBA_ENABLE_CUDASIM=1``) fast in tests.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -342,11 +343,17 @@ class BlockKernels:
 
     def _launch(self, name, grid, block, stream, *args):
         # numba warns about grids under 128 blocks; here a small grid means a small input,
-        # not a mistake, and the warning would repeat for every small block of a pass.
-        with warnings.catch_warnings():
+        # not a mistake, and the warning would repeat for every small block of a pass. The
+        # filters are the process's: swapped under a lock, so that threads launching at
+        # once (a cluster worker's tasks) do not restore each other's, leaving one set.
+        with _FILTERS_SWAPPED, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*under-utilization")
             launch = getattr(self.kernels, name)[grid, block, stream]
         launch(*args)
+
+
+# Held while ``_launch`` swaps the process's warning filters
+_FILTERS_SWAPPED = threading.Lock()
 
 
 def _blocks(count: int, size: int) -> int:
