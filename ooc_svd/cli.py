@@ -423,7 +423,9 @@ def plan_report(plan) -> dict:
         "spectral_iters": plan.spectral_iters,
         "bytes_to_read": plan.bytes_to_read,
         "cached_blocks": plan.cached_blocks,
-        "cached_bytes": plan.cached_bytes,  # beside predicted_peak_bytes, the working set's
+        "cached_bytes": plan.cached_bytes,
+        # what of them is held beside predicted_peak_bytes, the working set's
+        "cached_beside_bytes": plan.cached_beside_bytes,
         "backend": plan.backend,
         "backend_reason": plan.backend_reason,
         "block_rows": plan.block_rows,

@@ -53,11 +53,11 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
-# With a block cache, dense blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit
-# are tried, each half taken only if it cuts the bytes read to CACHE_GAIN or less: smaller
+# With a block cache, blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit are
+# tried, each half taken only if it cuts what the reads decode to CACHE_GAIN or less: smaller
 # blocks lower the peak and so cache more, but each block has a fixed cost (the final pass
-# merges an n x l factor per block). Sparse blocks keep their size: their reads also decode
-# partial storage chunks at both ends, which smaller blocks multiply.
+# merges an n x l factor per block), and each read of a sparse block decodes the partial
+# storage chunks at both of its ends, which smaller blocks multiply.
 SMALLER_BLOCK_TRIES = 3
 CACHE_GAIN = 0.8
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
@@ -128,6 +128,15 @@ class Plan:
         return sum(self.block_bytes[: self.cached_blocks])
 
     @property
+    def cached_beside_bytes(self) -> int:
+        """The cached blocks held beside the working set at most: all of them, but where
+        every block is cached, the last, which is then the block the working set computes
+        (the first pass's last; the later passes hold no read in flight)."""
+        if self.cached_blocks and self.cached_blocks == len(self.blocks):
+            return self.cached_bytes - self.block_bytes[-1]
+        return self.cached_bytes
+
+    @property
     def bytes_to_read(self) -> int:
         """Bytes read over the run (of A, or of A and M for A - M): every pass, less what
         the cache serves. A centered dense run on a cluster reads its first block once more,
@@ -180,8 +189,8 @@ class Plan:
         the rest of the limit."""
         if not self.cached_blocks:
             return ""
-        return f", {format_bytes(self.predicted_peak_bytes + self.cached_bytes)} with the " \
-               "cached blocks,"
+        return f", {format_bytes(self.predicted_peak_bytes + self.cached_beside_bytes)} with " \
+               "the cached blocks,"
 
     def _spectral_note(self) -> str:
         if not self.spectral_iters:
@@ -348,10 +357,10 @@ class _Layouts:
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
-        later passes may be served from the block cache, smaller dense blocks are tried too:
-        they lower the peak, which leaves the cache more room."""
+        later passes may be served from the block cache, smaller blocks are tried too: they
+        lower the peak, which leaves the cache more room."""
         plan = self.layout(method, reason, MAX_BLOCK_BYTES)
-        if not self.cacheable or self.nnz is not None or plan.passes < 2:
+        if not self.cacheable or plan.passes < 2:
             return plan
         cap = max(plan.block_bytes)
         for _ in range(SMALLER_BLOCK_TRIES):
@@ -359,9 +368,16 @@ class _Layouts:
                 break
             cap //= 2
             smaller = self.layout(method, reason, cap)
-            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
+            if self._bytes_decoded(smaller) <= CACHE_GAIN * self._bytes_decoded(plan):
                 plan = smaller
         return plan
+
+    def _bytes_decoded(self, plan: Plan) -> int:
+        """What the run's reads decode: the bytes it reads, and for each block read the
+        partial storage chunks at its ends (a sparse block's), at most."""
+        uncached = len(plan.blocks) - plan.cached_blocks
+        reads = len(plan.blocks) + (plan.passes - 1) * uncached
+        return plan.bytes_to_read + reads * self.read_overhead_bytes
 
     def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes; a
@@ -407,6 +423,10 @@ class _Layouts:
         if not self.cacheable or plan.passes < 2:
             return _with_spill_in_memory(plan)
         cached = _blocks_that_fit(plan.block_bytes, limit - peak)
+        if sum(plan.block_bytes[:-1]) <= limit - peak:
+            # All of them: the last is then held as the working set's computed block (a
+            # matrix of one block is cached at no cost), and later passes read nothing.
+            cached = len(blocks)
         return _with_spill_in_memory(replace(plan, cached_blocks=cached))
 
     def _blocks_under(self, fixed: int, width: int, max_block_bytes: int):
@@ -490,7 +510,7 @@ class _Layouts:
 
 def _with_spill_in_memory(plan: Plan) -> Plan:
     """Keep the TSQR spill in memory when it fits beside the working set and the cache."""
-    room = plan.memory_limit - plan.predicted_peak_bytes - plan.cached_bytes
+    room = plan.memory_limit - plan.predicted_peak_bytes - plan.cached_beside_bytes
     return replace(plan, spill_in_memory=0 < plan.spill_bytes <= room)
 
 

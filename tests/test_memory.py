@@ -95,6 +95,48 @@ def test_block_cache_serves_later_passes_and_changes_nothing(zarr_matrix, monkey
     np.testing.assert_allclose(roomy.U, small.U, atol=1e-12)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_cache_of_every_block_holds_the_last_as_the_working_sets(tmp_path, zarr_matrix,
+                                                                  monkeypatch, sparse):
+    """At the least limit that takes A as one block, the block is kept for the later
+    passes (read once for four), and the run stays under the limit."""
+    import scipy.sparse
+
+    from ooc_svd.convert import from_scipy
+    from ooc_svd.sources import CSRSource, DenseSource
+
+    rng = np.random.default_rng(3)
+    if sparse:
+        A = scipy.sparse.random(40_000, 300, density=0.05, format="csr", random_state=3)
+        path = str(tmp_path / "A.zarr")
+        from_scipy(A, path, dtype="float64", chunk_nnz=50_000)
+    else:
+        path = zarr_matrix(rng.standard_normal((40_000, 50)), chunk_rows=2000)  # 16 MB
+    limit = ooc_svd.svd_plan(path, 4, niter=3, method="randomized").predicted_peak_bytes
+    plan = ooc_svd.svd_plan(path, 4, niter=3, method="randomized", memory_limit=limit)
+    assert len(plan.blocks) == 1 == plan.cached_blocks and plan.cached_beside_bytes == 0
+    reads = []
+    source = CSRSource if sparse else DenseSource
+    original = source.read
+
+    def counting_read(self, start, stop):
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(source, "read", counting_read)
+    ooc_svd.svd(path, 4, niter=3, method="randomized", memory_limit=limit)  # compiles
+    reads.clear()
+    tracemalloc.start()
+    try:
+        result = ooc_svd.svd(path, 4, niter=3, method="randomized", memory_limit=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(reads) == 1 and result.passes == 4  # read once for four passes
+    assert result.bytes_read == result.plan.bytes_to_read == plan.bytes_per_pass
+    assert peak < limit, f"peak {peak / 1e6:.1f} MB over the {limit / 1e6:.1f} MB limit"
+
+
 @pytest.mark.parametrize(("method", "limit"), [("randomized", 6_000_000), ("krylov", 8_000_000)])
 def test_sparse_store_peak_allocation_stays_under_the_limit(tmp_path, monkeypatch, method, limit):
     import scipy.sparse

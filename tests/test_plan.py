@@ -107,10 +107,38 @@ def test_with_a_block_cache_smaller_blocks_are_taken_when_they_save_reads():
         cached = randomized(limit, cacheable=True)
         assert cached.cached_blocks == len(cached.blocks)
         assert cached.bytes_to_read == m * n * 4
-        assert cached.predicted_peak_bytes + cached.cached_bytes <= limit
+        assert cached.predicted_peak_bytes + cached.cached_beside_bytes <= limit
         uncached = randomized(limit, cacheable=False)  # blocks as large as fit
         assert len(uncached.blocks) < len(cached.blocks)
         assert uncached.bytes_to_read == 4 * m * n * 4
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_where_every_block_is_cached_the_last_is_the_working_sets(sparse):
+    """A cache of every block holds, beside the working set, all but the last: that one is
+    the block the working set computes, and the later passes read nothing. A matrix read as
+    one block is cached at no cost, where the rule for a cache beside every block's working
+    set read it q + 1 times (a 34 MB sparse store at 400 MB: 3 reads for 3 passes)."""
+    m, n = 200_000, 52
+    boundaries = regular_boundaries(m, 5000)
+    chunk_bytes = np.full(len(boundaries) - 1, 5000 * n * 4) if sparse else None
+    nnz = m * n if sparse else None
+
+    def randomized(limit, cacheable=True):
+        return make_plan((m, n), 4, boundaries, 10, 10, 3, "randomized", limit,
+                         cacheable=cacheable, chunk_bytes=chunk_bytes, nnz=nnz)
+
+    uncached = randomized(10**9, cacheable=False)
+    assert len(uncached.blocks) == 1  # all of A, 41.6 MB, one block
+    for limit in (uncached.predicted_peak_bytes, 10**9):
+        whole = randomized(limit)
+        assert len(whole.blocks) == 1 and whole.cached_blocks == 1
+        assert whole.cached_beside_bytes == 0 and whole.bytes_to_read == m * n * 4
+    several = randomized(uncached.predicted_peak_bytes // 2)
+    assert 1 < len(several.blocks) == several.cached_blocks
+    assert several.cached_beside_bytes == several.cached_bytes - several.block_bytes[-1]
+    assert several.predicted_peak_bytes + several.cached_beside_bytes <= several.memory_limit
+    assert several.bytes_to_read == m * n * 4
 
 
 def test_peak_fits_the_limit_and_read_ahead_shrinks_before_failing():
