@@ -471,6 +471,16 @@ class _TorchOptions:
                         **fields)
 
 
+def _outside_the_package() -> int:
+    """The stacklevel of a warning issued by the caller that points at the first frame
+    outside ooc_svd: the user's call, however deep the package's own calls go."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1  # the warning's issuer, level 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _svd_lowrank(source: DenseSource | CSRSource, q: int | None, niter: int, M: Any,
                  options: _TorchOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """svd_lowrank of one matrix, as numpy arrays."""
@@ -513,7 +523,7 @@ def _torch_factors(result: SVDResult) -> tuple[np.ndarray, np.ndarray, np.ndarra
         warnings.warn(f"S holds values beyond {result.U.dtype.name}'s range (the largest "
                       f"{float(S.max()):.4g}), returned as inf in the dtype of U and V, as "
                       "torch's functions return S; pass A as float64 to have them",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=_outside_the_package())
         with np.errstate(over="ignore"):
             S = S.astype(result.U.dtype)
     return result.U, S, result.V

@@ -26,7 +26,8 @@ rest. A single row must fit in it.
 Value dtype: float64 input stays float64; float32 (and float16), integer, boolean and
 pattern input becomes float32, exact for integers up to 2**24 (counts); pass
 ``dtype="float64"`` to keep larger integers exact (up to 2**53: integers are read, and their
-duplicates summed, in float64; a warning names the first it rounds).
+duplicates summed, in float64). A warning names the first integer value that the store
+rounds, as given and as stored (not a sum of repeated entries).
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ class _Target:
     memory_limit: int  # what the conversion may use besides the writer's chunks
     scratch_dir: str | None = None
     progress: bool | None = None  # bars on stderr; None: when it is a terminal
-    integers: bool = False  # the source's values are integers
+    # The values are integers parsed as floats (a Matrix Market integer file's), which the
+    # writer checks for rounding. (Integer arrays come as float64 with their own check,
+    # sparse_streams.Float64Values, or are checked by the writer as integers.)
+    integers: bool = False
     transposed: bool = False  # A^T is written: its rows are the input's columns
 
     def writer(self) -> CSRWriter:
@@ -128,9 +132,11 @@ class _Target:
 def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *, dtype: Any,
             chunk_nnz: int, overwrite: bool, memory_limit: int | str,
             scratch_dir: str | os.PathLike | None = None, source_path: str | None = None,
-            progress: bool | None = None, transposed: bool = False) -> _Target:
+            progress: bool | None = None, transposed: bool = False,
+            integers: bool = False) -> _Target:
     """Validate the options before any long work (``source_path``: the input's file or
-    store, which ``out`` may not touch; ``transposed``: ``shape`` is A^T's, written)."""
+    store, which ``out`` may not touch; ``transposed``: ``shape`` is A^T's, written;
+    ``integers``: the values are integers parsed as floats)."""
     inputs = () if source_path is None else (source_path,)
     path = check_output_path(out, overwrite, replaces="converted", inputs=inputs)
     if chunk_nnz < 1:
@@ -150,7 +156,6 @@ def _target(out: str | os.PathLike, shape: tuple[int, int], source_dtype: Any, *
             f"{format_bytes(writer_bytes)} ({WRITER_CHUNKS} storage chunks of chunk_nnz="
             f"{chunk_nnz}): raise the limit or lower chunk_nnz"
         )
-    integers = source_dtype is not None and np.dtype(source_dtype).kind in "iub"
     return _Target(path, (m, n), value_dtype, int(chunk_nnz), overwrite, limit - writer_bytes,
                    None if scratch_dir is None else os.fspath(scratch_dir), progress, integers,
                    transposed)
@@ -371,7 +376,7 @@ def _npz_entries(path: str, layout: str, coordinates: tuple[str, str], shape: tu
             readers = [members.enter_context(NpyMemberReader(archive, name, path))
                        for name in (first, second, "data")]
             chunks = csc_entry_chunks if layout == "csc" else coo_entry_chunks
-            yield from chunks(*readers, shape, target.chunk_entries)
+            yield from chunks(*readers, shape, target.chunk_entries, target.dtype)
 
     return entries
 
@@ -430,7 +435,8 @@ def from_mtx(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
                                      {"input": path, "format": header.describe()}, transpose)
     target = _target(out, shape, source, dtype=dtype, chunk_nnz=chunk_nnz,
                      overwrite=overwrite, memory_limit=memory_limit, scratch_dir=scratch_dir,
-                     source_path=path, progress=progress, transposed=transpose)
+                     source_path=path, progress=progress, transposed=transpose,
+                     integers=header.field == "integer")
 
     def entries() -> Iterator[EntryChunk]:
         chunks = read_entry_chunks(path, target.text_bytes)
@@ -506,7 +512,7 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
 
     path = os.fspath(path)
     group = open_zarr_node(path)
-    refuse_unfinished(group, repr(path))
+    refuse_unfinished(group, path)
     if not hasattr(group, "array_keys"):
         raise InputError(f"{path!r} is a zarr array, not a sparse group; a dense array is "
                          "read as it is (ooc_svd.svd takes it directly), and its transpose "
@@ -515,7 +521,8 @@ def from_zarr(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     layout = {"csr_matrix": "csr", "csc_matrix": "csc"}.get(encoding)
     missing = [name for name in ("data", "indices", "indptr") if name not in group]
     if layout is None or "shape" not in group.attrs or missing:
-        wanted = "the sparse group in it, or (with transpose=True, --transpose) the dense array"
+        wanted = "the sparse group or the dense array in it" if transpose else \
+            "the sparse group in it, or (with transpose=True, --transpose) the dense array"
         raise InputError(f"{path!r} is not a sparse matrix group (encoding-type {encoding!r},"
                          f" shape {group.attrs.get('shape')}, missing arrays {missing}) "
                          f"{members_of(group, path, wanted)}")
@@ -546,7 +553,7 @@ def _write_sparse_group(readers: tuple[SlicedReader, ...], layout: str,
 
     def entries() -> Iterator[EntryChunk]:
         fresh = [SlicedReader(r.array, r.name) for r in readers]
-        return csc_entry_chunks(*fresh, shape, target.chunk_entries)
+        return csc_entry_chunks(*fresh, shape, target.chunk_entries, target.dtype)
 
     return _write_coordinates(target, entries, readers[2].size, True, provenance,
                               try_row_sorted=shape[1] <= 1)

@@ -13,12 +13,14 @@ array (zstd) chunked in two dimensions:
   A is read in bands of that many rows, each band once, and each band gives one column of
   A^T's chunks, every chunk written whole, once.
 
-A band is read in strips as wide as the memory limit allows: of whole storage chunks of A's
-columns where A has column chunks (else whole, as a zarr chunk is decoded whole); of an
-.npy's, or a stored .npz member's, of as few columns as make whole chunks of A^T, and at
-least RUN_TARGET_BYTES of each row of a row-ordered file, so that at a small limit bands
-stay tall and A^T's chunks large: read whole rows at a time, their size shrank with the
-square of the limit. A is read once, A^T written once.
+A band is read in strips as wide as the memory limit allows, made of units: of a zarr
+array, its column chunks (all n where it has none, as a zarr chunk is decoded whole); of an
+.npy, or a stored .npz member, as few columns as make whole chunks of A^T, and for a file in
+row order at least RUN_TARGET_BYTES of each row (each row's part of a strip is a read; of a
+file in column order, each column's). A band can then be as tall as the limit holds a strip
+of one unit, which keeps A^T's chunks large at small limits (a band of whole rows, as short
+as the limit made it, gave chunks that shrank with the square of the limit). A is read
+once, A^T written once.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Layout:
 
     chunk_rows: int  # rows of A^T per storage chunk: columns of A
     band_rows: int  # rows of A read at a time: columns of A^T per storage chunk
-    strip_columns: int  # columns of A read at a time (all n where A has no column chunks)
+    strip_columns: int  # columns of A read at a time (a multiple of chunk_rows, or all n)
     peak_bytes: int  # the working set predicted: a strip, and the chunks in flight
 
 

@@ -98,24 +98,28 @@ Reader = SlicedReader | NpyMemberReader
 
 
 class Float64Values:
-    """The values of ``data`` taken as float64, in which the coordinate layouts' duplicates
-    are summed. A warning, once, names the first integer that float64 rounds (beyond
-    2**53): the writer, given float64 values, can no longer see it."""
+    """The values of ``data`` taken as float64, in which repeated entries are summed, for
+    a store of ``stored`` values. Of integers, a warning, once, names the first that the
+    store rounds (beyond 2**24 in float32, 2**53 in float64), as given and as stored: the
+    writer, given float64 values, would name what float64 made of it. (A sum of repeated
+    entries is not checked.)"""
 
-    def __init__(self, data: Reader):
-        self.data, self.warned = data, False
+    def __init__(self, data: Reader, stored: np.dtype):
+        self.data, self.stored, self.warned = data, np.dtype(stored), False
 
     def take(self, count: int) -> np.ndarray:
         first = self.data.position
         raw = self.data.take(count)
         values = raw.astype(np.float64)
         if raw.dtype.kind in "iu" and not self.warned:
-            rounded = first_rounded_integer(raw, values)
+            stored = values.astype(self.stored, copy=False)
+            rounded = first_rounded_integer(raw, stored)
             if rounded is not None:
                 self.warned = True
                 warnings.warn(rounded_integers(int(raw[rounded]),
                                                f"value {first + rounded} of {self.data.name}",
-                                               values[rounded], np.dtype(np.float64)),
+                                               stored[rounded], self.stored,
+                                               " (convert --dtype float64)"),
                               RuntimeWarning, stacklevel=2)
         return values
 
@@ -158,9 +162,9 @@ def write_csr_stream(indptr: Reader, indices: Reader, data: Reader,
     the input is never modified); canonical ones are appended as read.
     """
     _check_lengths(indices, data)
-    # Integers as float64 (what their repeated columns are summed in), warned of where it
-    # rounds them; the writer cannot tell a rounded float64 from an exact one.
-    values = Float64Values(data) if data.dtype.kind in "iu" else data
+    # Integers as float64 (what their repeated columns are summed in), warned of where the
+    # store rounds them (``Float64Values``).
+    values = Float64Values(data, writer.dtype) if data.dtype.kind in "iu" else data
     for _, pointers in _pointer_pieces(indptr, shape[0]):
         for a, b in row_windows(pointers, block_entries):
             count = int(pointers[b] - pointers[a])
@@ -180,13 +184,14 @@ def _canonical_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_
     return indptr, indices, data
 
 
-def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader,
-                     shape: tuple[int, int], chunk_entries: int) -> Iterator[EntryChunk]:
-    """COO entries in chunks, values as float64 (duplicates are summed in float64)."""
+def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader, shape: tuple[int, int],
+                     chunk_entries: int, stored: np.dtype) -> Iterator[EntryChunk]:
+    """COO entries in chunks, values as float64 (duplicates are summed in float64; integers
+    that a store of ``stored`` values rounds are warned of)."""
     if not rows.size == cols.size == data.size:
         raise InputError(f"COO arrays of different lengths: {rows.name} {rows.size}, "
                          f"{cols.name} {cols.size}, {data.name} {data.size}")
-    values = Float64Values(data)
+    values = Float64Values(data, stored)
     for start in range(0, rows.size, chunk_entries):
         count = min(chunk_entries, rows.size - start)
         chunk = EntryChunk(rows.take(count).astype(np.int64), cols.take(count).astype(np.int64),
@@ -195,12 +200,12 @@ def coo_entry_chunks(rows: Reader, cols: Reader, data: Reader,
         yield chunk
 
 
-def csc_entry_chunks(indptr: Reader, indices: Reader, data: Reader,
-                     shape: tuple[int, int], chunk_entries: int) -> Iterator[EntryChunk]:
+def csc_entry_chunks(indptr: Reader, indices: Reader, data: Reader, shape: tuple[int, int],
+                     chunk_entries: int, stored: np.dtype) -> Iterator[EntryChunk]:
     """The entries of a CSC matrix column after column, in chunks of ``chunk_entries``
-    (a long column spans several chunks)."""
+    (a long column spans several chunks), values as ``coo_entry_chunks`` gives them."""
     _check_lengths(indices, data)
-    values = Float64Values(data)
+    values = Float64Values(data, stored)
     for first, pointers in _pointer_pieces(indptr, shape[1]):
         for start in range(int(pointers[0]), int(pointers[-1]), chunk_entries):
             stop = min(start + chunk_entries, int(pointers[-1]))

@@ -647,9 +647,12 @@ class TensorStandIn(StandInTensor):
         detached.dtype = "torch.float32"
         return detached
 
+    def is_complex(self):
+        return self.dtype.startswith("torch.complex")
+
     def numpy(self):
-        if self.dtype == "torch.float8_e4m3fn":
-            raise TypeError("Got unsupported ScalarType Float8_e4m3fn")
+        if self.dtype in ("torch.float8_e4m3fn", "torch.complex32"):
+            raise TypeError(f"Got unsupported ScalarType {self.dtype}")
         if self.requires_grad or self.negated or self.dtype == "torch.bfloat16":
             raise RuntimeError("numpy() refused")
         return self.values
@@ -668,8 +671,9 @@ def test_float32_singular_values_beyond_its_range_are_kept_in_float64(tmp_path):
     assert "S is float64, as U and V are float32: its values exceed float32's range" in \
         result.note
     with pytest.warns(RuntimeWarning, match="S holds values beyond float32's range .* "
-                                            "returned as inf"):
+                                            "returned as inf") as caught:
         U, S, V = ooc_svd.svd_lowrank(A, 3)  # as torch returns S: in U's dtype
+    assert caught[0].filename == __file__  # the call, not the package's code
     assert U.dtype == S.dtype == V.dtype == np.float32 and np.isinf(S).all()
     stored = zarr.open_group(out, mode="r")
     assert stored["B"].dtype == np.float64 and np.isfinite(stored["B"][:]).all()
@@ -745,8 +749,12 @@ def test_tensors_torch_would_not_convert_to_numpy_are_read_or_refused_by_name(ma
                                atol=1e-10)
     float8 = TensorStandIn(matrix, requires_grad=False, dtype="torch.float8_e4m3fn")
     with pytest.raises(InputError, match="a torch tensor of torch.float8_e4m3fn has no numpy "
-                                         "dtype"):
+                                         r"dtype .*; convert it first \(e.g. tensor.float"):
         ooc_svd.svd_lowrank(float8, q=2)
+    half_complex = TensorStandIn(matrix, requires_grad=False, dtype="torch.complex32")
+    with pytest.raises(InputError, match="torch.complex32 has no numpy dtype .*; pass real "
+                                         "data$"):  # .float() would drop the imaginary part
+        ooc_svd.svd_lowrank(half_complex, q=2)
 
 
 def test_torch_inputs_give_torch_tensors_on_their_device(matrix, torch_stand_in):
@@ -1705,7 +1713,8 @@ def test_a_store_an_ooc_svd_command_left_unfinished_is_refused(tmp_path):
         path = str(tmp_path / name)
         assert ooc_svd.svd(path, 2).S.shape == (2,)  # finished, it is read
         zarr.open(path, mode="r+").attrs[UNFINISHED] = "converted"
-        message = "is unfinished: an ooc_svd command stopped while it wrote it"
+        message = "is unfinished: ooc-svd convert stopped while it wrote it, .* run " \
+                  "ooc-svd convert again"
         for opened in (path, zarr.open(path, mode="r")):
             with pytest.raises(InputError, match=message):
                 ooc_svd.svd(opened, 2)
@@ -1717,11 +1726,13 @@ def test_a_group_is_not_a_matrix(tmp_path):
     import zarr
 
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("A_index", shape=(10,), dtype="i8")  # listed first, not a matrix
     group.create_array("X", shape=(10, 4), dtype="f8")
     group.create_group("layers")
-    with pytest.raises(InputError, match=r"not an array or a CSR matrix \(its arrays: \[.X.\]; "
-                                         r"its groups: \[.layers.\]\); pass the path of the "
-                                         r"array or CSR group, e.g. .*g.zarr/X$"):
+    with pytest.raises(InputError, match=r"not an array or a CSR matrix \(its arrays: "
+                                         r"\[.A_index., .X.\]; its groups: \[.layers.\]\); "
+                                         r"pass the path of the array or CSR group, e.g. "
+                                         r".*g.zarr/X$"):
         ooc_svd.svd(str(tmp_path / "g.zarr"), 2)
 
 

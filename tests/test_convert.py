@@ -516,7 +516,7 @@ def test_values_float32_holds_as_zero_are_warned_of(tmp_path):
 @pytest.mark.parametrize("source", ["mtx", "npz"])
 def test_integers_that_float32_rounds_are_warned_of(tmp_path, source):
     """Integer data becomes float32 by default, exact up to 2**24: a larger value is
-    rounded, which a warning names with its row (float64 keeps it)."""
+    rounded, which one warning names with its place (float64 keeps it)."""
     import scipy.sparse
 
     from ooc_svd.convert import convert
@@ -529,10 +529,13 @@ def test_integers_that_float32_rounds_are_warned_of(tmp_path, source):
         path = tmp_path / "A.npz"
         scipy.sparse.save_npz(path, scipy.sparse.csr_matrix(
             np.array([[5, 0], [0, 0], [16777216, 123456789]], dtype=np.int64)))
+    place = "row 2" if source == "mtx" else "value 2 of data in .*A.npz"  # as the file has it
     with pytest.warns(RuntimeWarning, match=r"integer values beyond 2\*\*24 are rounded in "
-                                            r"float32 \(the first, 123456789 of row 2, is "
-                                            r"stored as 123456792\): store float64 values"):
+                                            rf"float32 \(the first, 123456789 of {place}, is "
+                                            r"stored as 123456792\): store float64 values \("
+                                            r"convert --dtype float64\)") as caught:
         rounded = read_back(convert(path, tmp_path / "out.zarr"))
+    assert len([w for w in caught if "rounded" in str(w.message)]) == 1
     assert rounded[2, 1] == 123456792
     exact = read_back(convert(path, tmp_path / "exact.zarr", dtype="float64"))
     assert exact[2, 1] == 123456789 and exact[2, 0] == 16777216
@@ -554,9 +557,12 @@ def test_matrix_market_integers_beyond_float64s_exact_range_are_warned_of(tmp_pa
 
 
 @pytest.mark.parametrize("layout", ["coo", "csc", "csr with repeated columns", "csr"])
-def test_integers_float64_rounds_are_warned_of_in_every_layout(tmp_path, layout):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_integers_the_store_rounds_are_warned_of_once_in_every_layout(tmp_path, layout, dtype):
     """COO and CSC entries, and CSR rows with repeated columns, are summed in float64: the
-    writer, given float64, could not see that 2**53 + 1 had become 2**53."""
+    writer, given float64, could not see that 2**53 + 1 had become 2**53, and named 2**53
+    where float32 rounded it further. One warning names the value given and the one
+    stored."""
     values = np.array([5, 2**53 + 1, -2**60, 0], dtype=np.int64)
     rows, cols = np.array([0, 2, 2, 2]), np.array([0, 0, 1, 1])
     matrix = sp.coo_matrix((values, (rows, cols)), shape=(3, 2))
@@ -567,11 +573,13 @@ def test_integers_float64_rounds_are_warned_of_in_every_layout(tmp_path, layout)
     else:
         matrix = matrix.asformat(layout)
     sp.save_npz(tmp_path / "A.npz", matrix, compressed=False)
-    with pytest.warns(RuntimeWarning, match=r"integer values beyond 2\*\*53 are rounded in "
-                                            r"float64 \(the first, 9007199254740993 of "
-                                            r".*is stored as 9007199254740992\)") as caught:
-        stored = read_back(convert(tmp_path / "A.npz", tmp_path / "out.zarr", dtype="float64"))
-    assert len([w for w in caught if "2**53" in str(w.message)]) == 1
+    bits = 53 if dtype == "float64" else 24
+    with pytest.warns(RuntimeWarning, match=rf"integer values beyond 2\*\*{bits} are rounded "
+                                            rf"in {dtype} \(the first, 9007199254740993 of "
+                                            r"value 1 of data in .*, is stored as "
+                                            r"9007199254740992\)") as caught:
+        stored = read_back(convert(tmp_path / "A.npz", tmp_path / "out.zarr", dtype=dtype))
+    assert len([w for w in caught if "rounded" in str(w.message)]) == 1
     np.testing.assert_array_equal(stored.toarray(), [[5, 0], [0, 0], [2**53, -2**60]])
 
 
@@ -772,11 +780,13 @@ def test_zarr_refusals(tmp_path):
     group = zarr.open_group(str(tmp_path / "G.zarr"), mode="w")
     group.attrs["encoding-type"] = "other"
     group.create_array("X", shape=(4, 4), dtype="f4")  # as an AnnData store holds it
+    wanted = {False: r"the sparse group in it, or \(with transpose=True, --transpose\) the "
+                     r"dense array",
+              True: "the sparse group or the dense array in it"}
     for transpose in (False, True):
         with pytest.raises(InputError, match=r"is not a sparse matrix group .* \(its arrays: "
-                                             r"\['X'\]; its groups: \[\]\); pass the path of the "
-                                             r"sparse group in it, or \(with transpose=True, "
-                                             r"--transpose\) the dense array, e.g. .*G.zarr/X$"):
+                                             r"\['X'\]; its groups: \[\]\); pass the path of "
+                                             rf"{wanted[transpose]}, e.g. .*G.zarr/X$"):
             convert(str(tmp_path / "G.zarr"), tmp_path / "out.zarr", transpose=transpose)
     assert dense.shape == (4, 4)
 

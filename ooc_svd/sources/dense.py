@@ -238,9 +238,11 @@ def _torch_array(tensor: Any) -> np.ndarray:
         tensor = tensor.float()
     try:
         return tensor.numpy()
-    except TypeError as exc:  # a dtype numpy lacks: float8, ...
+    except TypeError as exc:  # a dtype numpy lacks: float8, complex32, ...
+        remedy = "pass real data" if tensor.is_complex() else \
+            "convert it first (e.g. tensor.float())"
         raise InputError(f"a torch tensor of {tensor.dtype} has no numpy dtype to be read "
-                         "as; convert it first (e.g. tensor.float())") from exc
+                         f"as; {remedy}") from exc
 
 
 def _has_npy_header(path: str) -> bool:
@@ -294,9 +296,12 @@ def _open_path(path: str) -> DenseSource:
 
 def members_of(group: Any, path: str, wanted: str) -> str:
     """The end of a refusal of the zarr group at ``path``, which names what it holds and
-    asks for the path of ``wanted`` in it, its first member's for example."""
+    asks for the path of ``wanted`` in it: for example a 2-D array's, or a group's that
+    holds an indptr (a sparse matrix), else the first member's."""
     arrays, groups = sorted(group.array_keys()), sorted(group.group_keys())
-    first = (arrays + groups)[:1]
+    matrices = [name for name in arrays if len(group[name].shape) == 2] + \
+        [name for name in groups if "indptr" in group[name]]
+    first = (matrices or arrays + groups)[:1]
     example = f"{path.rstrip('/')}/{first[0]}" if first else "store.zarr/X"
     return (f"(its arrays: {arrays}; its groups: {groups}); pass the path of {wanted}, "
             f"e.g. {example}")
@@ -447,15 +452,21 @@ def not_a_matrix(what: str, ndim: int) -> InputError:
     return InputError(f"{what} has {ndim} dimensions; a matrix needs 2{hint}")
 
 
+# The command that writes each kind of output that ooc_svd marks unfinished while it does
+WRITTEN_BY = {"converted": "ooc-svd convert", "synthetic": "ooc-svd generate",
+              "result": "ooc-svd run"}
+
+
 def refuse_unfinished(node: Any, description: str) -> None:
     """Refuse a zarr array or group that an ooc_svd command was writing when it stopped (a
     ``PATH.partial`` it marked unfinished): the chunks it had not written read as zeros."""
     from ..store import UNFINISHED
 
     if UNFINISHED in node.attrs:
-        raise InputError(f"{description} is unfinished: an ooc_svd command stopped while it "
-                         "wrote it, and the chunks it had not written would read as zeros; "
-                         "run the command again (it replaces what is left)")
+        command = WRITTEN_BY.get(node.attrs[UNFINISHED], "the ooc_svd command")
+        raise InputError(f"{description} is unfinished: {command} stopped while it wrote it, "
+                         "and the chunks it had not written would read as zeros; run "
+                         f"{command} again (it replaces what is left)")
 
 
 def zarr_array_source(array: Any, description: str) -> DenseSource:
