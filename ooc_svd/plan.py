@@ -53,11 +53,12 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
-# With a block cache, blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit are
-# tried, each half taken only if it cuts what the reads decode to CACHE_GAIN or less: smaller
+# With a block cache, dense blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit
+# are tried, each half taken only if it cuts the bytes read to CACHE_GAIN or less: smaller
 # blocks lower the peak and so cache more, but each block has a fixed cost (the final pass
-# merges an n x l factor per block), and each read of a sparse block decodes the partial
-# storage chunks at both of its ends, which smaller blocks multiply.
+# merges an n x l factor per block). Sparse blocks keep their size: their final pass costs
+# more per block (17 ms at n = 2,000, 95 ms at n = 10^5, measured in benchmarks/RESULTS.md),
+# which outweighed the reads saved.
 SMALLER_BLOCK_TRIES = 3
 CACHE_GAIN = 0.8
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
@@ -357,10 +358,10 @@ class _Layouts:
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
-        later passes may be served from the block cache, smaller blocks are tried too: they
-        lower the peak, which leaves the cache more room."""
+        later passes may be served from the block cache, smaller dense blocks are tried too:
+        they lower the peak, which leaves the cache more room."""
         plan = self.layout(method, reason, MAX_BLOCK_BYTES)
-        if not self.cacheable or plan.passes < 2:
+        if not self.cacheable or self.nnz is not None or plan.passes < 2:
             return plan
         cap = max(plan.block_bytes)
         for _ in range(SMALLER_BLOCK_TRIES):
@@ -368,16 +369,9 @@ class _Layouts:
                 break
             cap //= 2
             smaller = self.layout(method, reason, cap)
-            if self._bytes_decoded(smaller) <= CACHE_GAIN * self._bytes_decoded(plan):
+            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
                 plan = smaller
         return plan
-
-    def _bytes_decoded(self, plan: Plan) -> int:
-        """What the run's reads decode: the bytes it reads, and for each block read the
-        partial storage chunks at its ends (a sparse block's), at most."""
-        uncached = len(plan.blocks) - plan.cached_blocks
-        reads = len(plan.blocks) + (plan.passes - 1) * uncached
-        return plan.bytes_to_read + reads * self.read_overhead_bytes
 
     def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes; a
