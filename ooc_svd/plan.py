@@ -187,8 +187,8 @@ class Plan:
 
     def _cached_peak_note(self) -> str:
         """The peak counts the working set; the cached blocks, held beside it once read, fill
-        the rest of the limit."""
-        if not self.cached_blocks:
+        the rest of the limit (none where the one cached block is the working set's)."""
+        if not self.cached_beside_bytes:
             return ""
         return f", {format_bytes(self.predicted_peak_bytes + self.cached_beside_bytes)} with " \
                "the cached blocks,"
