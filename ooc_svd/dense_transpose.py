@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,15 +44,7 @@ from .sources.dense import (
     open_dense_source,
     read_from_file,
 )
-from .sources.dtypes import (
-    beyond_range,
-    first_overflowed,
-    first_rounded_integer,
-    first_underflowed,
-    narrows_floats,
-    rounded_integers,
-    stored_as_zero,
-)
+from .sources.dtypes import Narrowing
 from .store import StagedOutput, check_output_path
 from .units import format_bytes, parse_bytes
 
@@ -299,14 +290,16 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
                  progress: bool | None) -> None:
     """A^T[j0:j1, r0:r1] = A[r0:r1, j0:j1]^T for every strip of every band, in order."""
     m, n = source.shape
-    narrowing = _Narrowing(np.dtype(transposed.dtype))
+    # Values cast to A^T's dtype: a float beyond its range is refused, and a warning, once
+    # each, says that integers are rounded or values too small are stored as zero
+    narrowing = Narrowing(np.dtype(transposed.dtype))
     with progress_bars(progress)("A read", m * n * source.dtype.itemsize) as bar:
         for start in range(0, m, layout.band_rows):
             stop = min(start + layout.band_rows, m)
             for first in range(0, n, layout.strip_columns):
                 last = min(first + layout.strip_columns, n)
                 strip = _read_strip(source, start, stop, first, last)
-                values = narrowing.of(strip, start, first)
+                values = narrowing.of(strip, _place_in(strip.shape, start, first))
                 with output.writing():
                     transposed[first:last, start:stop] = values.T
                 bar.update(strip.nbytes)
@@ -314,53 +307,14 @@ def _write_bands(source: DenseSource, transposed: Any, output: StagedOutput, lay
                 raise_if_lost()
 
 
-@dataclass
-class _Narrowing:
-    """Values cast to the dtype A^T is stored in: a float beyond its range (float32's
-    3.4e38, which would be stored as Inf) is refused, naming its place; a warning, once
-    each, says that values too small for it are stored as zero, and that integers it cannot
-    hold exactly are rounded."""
+def _place_in(shape: tuple[int, int], start: int, first: int):
+    """How messages name the value at a flat index of a strip of ``shape``, A[start:,
+    first:]: by its place in A."""
+    def place(position: int) -> str:
+        row, column = np.unravel_index(position, shape)
+        return f"A[{start + row}, {first + column}]"
 
-    dtype: np.dtype
-    warned_of_underflow: bool = False
-    warned_of_rounding: bool = False
-
-    def of(self, strip: np.ndarray, start: int, first: int) -> np.ndarray:
-        """``strip`` (A[start:, first:]) in ``dtype``."""
-        with np.errstate(over="ignore"):
-            values = strip.astype(self.dtype, copy=False)
-        if strip.dtype.kind in "iu" and self.dtype.kind == "f":
-            self._warn_of_rounded_integers(strip, values, start, first)
-        if not narrows_floats(strip.dtype, self.dtype):
-            return values
-        overflowed = first_overflowed(strip, values)
-        if overflowed is not None:
-            row, column = np.unravel_index(overflowed, strip.shape)
-            raise InputError(beyond_range(strip[row, column],
-                                          f"A[{start + row}, {first + column}]", self.dtype))
-        lost = None if self.warned_of_underflow else first_underflowed(strip, values)
-        if lost is not None:
-            self.warned_of_underflow = True
-            row, column = np.unravel_index(lost, strip.shape)
-            warnings.warn(stored_as_zero(strip[row, column],
-                                         f"A[{start + row}, {first + column}]", self.dtype),
-                          RuntimeWarning, stacklevel=2)
-        return values
-
-    def _warn_of_rounded_integers(self, strip: np.ndarray, values: np.ndarray, start: int,
-                                  first: int) -> None:
-        """Warn, once, of the first integer that ``dtype`` cannot hold exactly."""
-        if self.warned_of_rounding:
-            return
-        rounded = first_rounded_integer(strip, values)
-        if rounded is None:
-            return
-        self.warned_of_rounding = True
-        row, column = np.unravel_index(rounded, strip.shape)
-        warnings.warn(rounded_integers(int(strip[row, column]),
-                                       f"A[{start + row}, {first + column}]",
-                                       values[row, column], self.dtype),
-                      RuntimeWarning, stacklevel=3)
+    return place
 
 
 def _in_file(array: Any) -> bool:

@@ -8,7 +8,6 @@ out as coordinate chunks for ``ooc_svd.coordinates``.
 
 from __future__ import annotations
 
-import warnings
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from .coordinates import EntryChunk
 from .errors import InputError
 from .sources.csr import CSRWriter, canonical_rows
-from .sources.dtypes import first_rounded_integer, rounded_integers
+from .sources.dtypes import Narrowing
 
 # indptr values read at a time: 512 KiB of int64.
 POINTER_PIECE = 1 << 16
@@ -105,22 +104,17 @@ class Float64Values:
     entries is not checked.)"""
 
     def __init__(self, data: Reader, stored: np.dtype):
-        self.data, self.stored, self.warned = data, np.dtype(stored), False
+        self.data = data
+        self.rounding = Narrowing(np.dtype(stored), " (convert --dtype float64)")
 
     def take(self, count: int) -> np.ndarray:
         first = self.data.position
         raw = self.data.take(count)
         values = raw.astype(np.float64)
-        if raw.dtype.kind in "iu" and not self.warned:
-            stored = values.astype(self.stored, copy=False)
-            rounded = first_rounded_integer(raw, stored)
-            if rounded is not None:
-                self.warned = True
-                warnings.warn(rounded_integers(int(raw[rounded]),
-                                               f"value {first + rounded} of {self.data.name}",
-                                               stored[rounded], self.stored,
-                                               " (convert --dtype float64)"),
-                              RuntimeWarning, stacklevel=2)
+        if raw.dtype.kind in "iu" and not self.rounding.warned_of_rounding:
+            self.rounding.warn_of_rounding(
+                raw, values.astype(self.rounding.dtype, copy=False),
+                lambda position: f"value {first + position} of {self.data.name}")
         return values
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,16 +28,7 @@ import numpy as np
 
 from ..errors import InputError, ReadError
 from ..interrupts import raise_if_lost
-from .dtypes import (
-    beyond_range,
-    block_dtype,
-    first_overflowed,
-    first_rounded_integer,
-    first_underflowed,
-    narrows_floats,
-    rounded_integers,
-    stored_as_zero,
-)
+from .dtypes import Narrowing, block_dtype
 
 ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 # Non-zeros per storage chunk of ``indices`` and ``data`` written by ``CSRWriter``.
@@ -509,10 +499,8 @@ class CSRWriter:
         self.rows = 0
         self.nnz = 0
         self.make_bar, self.bar = progress, None
-        self.integers = integers  # the values are integers, whatever their dtype
-        self.warned_of_rounding = False
-        self.warned_of_underflow = False
-        self.warned_of_non_finite = False
+        self.narrowing = Narrowing(self.dtype, " (convert --dtype float64)", integers,
+                                   note_non_finite=True)
 
     def append(self, block: Any) -> None:
         """Append rows: a ``CSRBlock`` or a scipy.sparse matrix with n_cols columns."""
@@ -543,76 +531,14 @@ class CSRWriter:
         raise_if_lost()
 
     def _narrowed(self, data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-        """``data`` as the store's dtype; InputError, naming the row, for a finite value
-        beyond its range (float32's 3.4e38), which would be stored as Inf; a warning for
-        integers it rounds, and for values so small that they are stored as zero."""
-        with np.errstate(over="ignore"):
-            values = data.astype(self.dtype, copy=False)
-        # One pass over the values; where all are finite, none overflowed either.
-        finite = np.isfinite(values)
-        all_finite = bool(finite.all())
-        # Integers of up to 64 bits fit float32's range: only a float can overflow.
-        narrowed = narrows_floats(data.dtype, values.dtype)
-        if not all_finite and narrowed:
-            position = first_overflowed(data, values, finite)
-            if position is not None:
-                row = self.row_label.format(self._row_of(position, indptr))
-                raise InputError(beyond_range(data[position], row, self.dtype,
-                                              " (convert --dtype float64)"))
-        if data.dtype.kind in "iu" or self.integers:
-            self._warn_of_rounded_integers(data, values, indptr)
-        if narrowed:
-            self._warn_of_underflow(data, values, indptr)
-        if not all_finite:
-            self._warn_of_non_finite(values, finite, indptr)
-        return values
-
-    def _warn_of_non_finite(self, values: np.ndarray, finite: np.ndarray,
-                            indptr: np.ndarray) -> None:
-        """Warn, once, of a NaN or Inf stored (as the input holds it): a run refuses it."""
-        if self.warned_of_non_finite:
-            return
-        self.warned_of_non_finite = True
-        position = int(np.flatnonzero(~finite)[0])
-        row = self._row_of(position, indptr)
-        warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
-                      f"{values[position]} in {self.row_label.format(row)}): a run on the store "
-                      "refuses it", RuntimeWarning, stacklevel=2)
-
-    def _warn_of_underflow(self, data: np.ndarray, values: np.ndarray,
-                           indptr: np.ndarray) -> None:
-        """Warn, once, of the first non-zero value that the store's dtype holds as zero
-        (below float32's 1.4e-45)."""
-        if self.warned_of_underflow:
-            return
-        position = first_underflowed(data, values)
-        if position is None:
-            return
-        self.warned_of_underflow = True
-        row = self.row_label.format(self._row_of(position, indptr))
-        warnings.warn(stored_as_zero(data[position], row, self.dtype,
-                                     " (convert --dtype float64)"),
-                      RuntimeWarning, stacklevel=2)
+        """``data`` as the store's dtype, its losses said naming the row
+        (``dtypes.Narrowing``)."""
+        return self.narrowing.of(
+            data, lambda position: self.row_label.format(self._row_of(position, indptr)))
 
     def _row_of(self, position: int, indptr: np.ndarray) -> int:
         """The row of the store that the appended value at ``position`` lies in."""
         return self.rows + int(np.searchsorted(indptr - indptr[0], position, side="right")) - 1
-
-    def _warn_of_rounded_integers(self, data: np.ndarray, values: np.ndarray,
-                                  indptr: np.ndarray) -> None:
-        """Warn, once, of the first integer that the store's dtype cannot hold exactly
-        (beyond 2**24 in float32, 2**53 in float64)."""
-        if self.warned_of_rounding:
-            return
-        position = first_rounded_integer(data, values)
-        if position is None:
-            return
-        self.warned_of_rounding = True
-        row = self.row_label.format(self._row_of(position, indptr))
-        given = int(data[position]) if data.dtype.kind in "iu" else f"{data[position]:.17g}"
-        warnings.warn(rounded_integers(given, row, values[position], self.dtype,
-                                       " (convert --dtype float64)"),
-                      RuntimeWarning, stacklevel=2)
 
     def close(self) -> Any:
         """Flush, write the attributes, rename into place; return the group opened read-only."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..errors import InputError
 
 
 def block_dtype(stored: Any) -> np.dtype:
@@ -89,3 +94,85 @@ def first_underflowed(data: np.ndarray, values: np.ndarray) -> int | None:
     narrowed) holds as zero, or None."""
     lost = np.flatnonzero((values == 0) & (data != 0))
     return int(lost[0]) if lost.size else None
+
+
+@dataclass
+class Narrowing:
+    """Values cast to a store's ``dtype``, with what the cast loses said: a finite float
+    beyond its range (float32's 3.4e38, which would be stored as Inf) is refused; a warning,
+    once each, says that integers it cannot hold exactly are rounded (``integers``: the
+    values are integers whatever their dtype, as a Matrix Market integer file's, read as
+    floats), that values too small for it are stored as zero, and (``note_non_finite``)
+    that a NaN or Inf is stored as it is. ``hint``: how to store float64 values instead.
+    Each message names its value's place as the caller's ``place(flat index)`` says it."""
+
+    dtype: np.dtype
+    hint: str = ""
+    integers: bool = False
+    note_non_finite: bool = False
+    warned_of_rounding: bool = False
+    warned_of_underflow: bool = False
+    warned_of_non_finite: bool = False
+
+    def of(self, data: np.ndarray, place: Callable[[int], str]) -> np.ndarray:
+        """``data`` in ``dtype``."""
+        with np.errstate(over="ignore"):
+            values = data.astype(self.dtype, copy=False)
+        # Integers of up to 64 bits fit float32's range: only a float can overflow.
+        narrowed = narrows_floats(data.dtype, values.dtype)
+        # One pass over the values; where all are finite, none overflowed either.
+        finite = np.isfinite(values) if narrowed or self.note_non_finite else None
+        all_finite = finite is None or bool(finite.all())
+        if narrowed and not all_finite:
+            position = first_overflowed(data, values, finite)
+            if position is not None:
+                raise InputError(beyond_range(data.flat[position], place(position),
+                                              self.dtype, self.hint))
+        if self.dtype.kind == "f" and (data.dtype.kind in "iu" or self.integers):
+            self.warn_of_rounding(data, values, place)
+        if narrowed:
+            self._warn_of_underflow(data, values, place)
+        if not all_finite and self.note_non_finite:
+            self._warn_of_non_finite(values, finite, place)
+        return values
+
+    def warn_of_rounding(self, data: np.ndarray, values: np.ndarray,
+                         place: Callable[[int], str]) -> None:
+        """Warn, once, of the first integer of ``data`` that ``values`` (``data`` in
+        ``dtype``) does not hold exactly (beyond 2**24 in float32, 2**53 in float64)."""
+        if self.warned_of_rounding:
+            return
+        position = first_rounded_integer(data, values)
+        if position is None:
+            return
+        self.warned_of_rounding = True
+        given = data.flat[position]
+        given = int(given) if data.dtype.kind in "iu" else f"{given:.17g}"
+        warnings.warn(rounded_integers(given, place(position), values.flat[position],
+                                       self.dtype, self.hint),
+                      RuntimeWarning, stacklevel=3)
+
+    def _warn_of_underflow(self, data: np.ndarray, values: np.ndarray,
+                           place: Callable[[int], str]) -> None:
+        """Warn, once, of the first non-zero value that ``dtype`` holds as zero (below
+        float32's 1.4e-45)."""
+        if self.warned_of_underflow:
+            return
+        position = first_underflowed(data, values)
+        if position is None:
+            return
+        self.warned_of_underflow = True
+        warnings.warn(stored_as_zero(data.flat[position], place(position), self.dtype,
+                                     self.hint),
+                      RuntimeWarning, stacklevel=3)
+
+    def _warn_of_non_finite(self, values: np.ndarray, finite: np.ndarray,
+                            place: Callable[[int], str]) -> None:
+        """Warn, once, of a NaN or Inf stored (as the input holds it): a run refuses it."""
+        if self.warned_of_non_finite:
+            return
+        self.warned_of_non_finite = True
+        position = int(np.flatnonzero(~finite)[0])
+        warnings.warn(f"the input holds NaN or Inf, stored as it is (the first, "
+                      f"{values.flat[position]} in {place(position)}): a run on the store "
+                      "refuses it", RuntimeWarning, stacklevel=3)
