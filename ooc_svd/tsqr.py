@@ -102,18 +102,46 @@ class StreamingTSQR:
         self.BT = merged_bt(self.BT, CT_i, factors)
         return factors
 
+    def add_local_qr(self, Q_i: np.ndarray, R_i: np.ndarray,
+                     transposed_times: Callable[[np.ndarray], np.ndarray]
+                     ) -> MergeFactors | None:
+        """Merge block i given its local QR Y_i = Q_i R_i and ``transposed_times(W)`` =
+        A_i^T W (n x w, either memory order), which is called once.
+
+        S^T C_i = (Q_i S)^T A_i: for a block of fewer rows than A has columns, S is applied
+        to Q_i (b r^2 flops) rather than to C_i^T (n r^2), and T^T B is added into the
+        block's product, so the merge is one n x r x r product instead of two. R and B^T
+        change only once ``transposed_times`` has returned (it raises for a block holding
+        NaN or Inf). Returns the merge factors, as ``add_block``.
+        """
+        factors, R = self._merged_r(R_i)
+        if factors is None:
+            BT = transposed_times(Q_i)
+        elif Q_i.shape[0] < self.BT.shape[0]:
+            BT = _product(self.BT, factors.T, add_to=transposed_times(_product(Q_i, factors.S)))
+        else:
+            BT = merged_bt(self.BT, transposed_times(Q_i), factors)
+        self.R, self.BT = R, BT
+        self.blocks += 1
+        return factors
+
     def add_r(self, R_i: np.ndarray) -> MergeFactors | None:
         """Merge R_i into R only, for a caller that keeps B^T elsewhere (on a GPU) and
         updates it with the returned factors as ``merged_bt`` does."""
+        factors, self.R = self._merged_r(R_i)
         self.blocks += 1
+        return factors
+
+    def _merged_r(self, R_i: np.ndarray) -> tuple[MergeFactors | None, np.ndarray]:
+        """The factors and R of merging R_i into R (None and R_i for the first block),
+        leaving R as it is."""
         if self.R is None:
-            self.R = R_i
-            return None
+            return None, R_i
         r_acc = self.R.shape[0]
-        Q_stack, self.R = scipy.linalg.qr(
+        Q_stack, R = scipy.linalg.qr(
             np.vstack([self.R, R_i]), mode="economic", check_finite=False
         )
-        return MergeFactors(Q_stack[:r_acc], Q_stack[r_acc:])
+        return MergeFactors(Q_stack[:r_acc], Q_stack[r_acc:]), R
 
 
 def merged_bt(BT: np.ndarray | None, CT_i: np.ndarray, factors: MergeFactors | None
@@ -132,8 +160,9 @@ def merged_bt(BT: np.ndarray | None, CT_i: np.ndarray, factors: MergeFactors | N
 
 
 def _product(A: np.ndarray, B: np.ndarray, add_to: np.ndarray | None = None) -> np.ndarray:
-    """A @ B (+ add_to, overwritten) F-ordered, by dgemm on A as it lies: a C-ordered A is
-    an F-ordered A^T, transposed back by BLAS."""
+    """A @ B, F-ordered, or add_to + A @ B in add_to's own memory order (overwriting it),
+    by dgemm on A as it lies: a C-ordered A is an F-ordered A^T, transposed back by BLAS.
+    A C-ordered add_to is an F-ordered add_to^T, to which B^T A^T is added."""
     if add_to is None:
         add_to, beta = np.empty((A.shape[0], B.shape[1]), order="F"), 0.0
     else:
@@ -142,6 +171,10 @@ def _product(A: np.ndarray, B: np.ndarray, add_to: np.ndarray | None = None) -> 
         return add_to if beta else np.zeros_like(add_to, order="F")
     A_fortran, transposed = (A, False) if A.flags.f_contiguous else (A.T, True)
     B = np.asfortranarray(B)
+    if not add_to.flags.f_contiguous:
+        return scipy.linalg.blas.dgemm(1.0, B, A_fortran, beta=beta, c=add_to.T,
+                                       trans_a=True, trans_b=not transposed,
+                                       overwrite_c=True).T
     return scipy.linalg.blas.dgemm(1.0, A_fortran, B, beta=beta, c=add_to,
                                    trans_a=transposed, overwrite_c=True)
 

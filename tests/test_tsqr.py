@@ -80,6 +80,50 @@ def test_merged_bt_is_the_merge_whatever_the_order_of_its_operands(order, rows_a
                                atol=1e-13)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("boundaries", [[0, 30, 60, 90], [0, 3, 6, 9, 12], [0, 2, 30, 31]])
+def test_add_local_qr_is_add_block(order, boundaries):
+    """Blocks merged from their local QR and A_i^T W give add_block's R, B^T and factors,
+    whether S goes into the block's product (blocks of fewer rows than the n = 8 columns)
+    or onto C_i^T, with A_i^T W in either memory order."""
+    rng = np.random.default_rng(6)
+    m, n, l = boundaries[-1], 8, 5
+    A, Y = rng.standard_normal((m, n)), rng.standard_normal((m, l))
+    by_block, by_local_qr = StreamingTSQR(), StreamingTSQR()
+    for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
+        Q_i, R_i = local_qr(Y[start:stop].copy(order="F"))
+        expected = by_block.add_block(R_i, A[start:stop].T @ Q_i)
+        factors = by_local_qr.add_local_qr(
+            Q_i, R_i, lambda W, rows=A[start:stop]: np.asarray(rows.T @ W, order=order))
+        assert (factors is None) == (expected is None)
+        if factors is not None:
+            np.testing.assert_array_equal(factors.T, expected.T)
+            np.testing.assert_array_equal(factors.S, expected.S)
+    assert by_local_qr.blocks == by_block.blocks
+    np.testing.assert_array_equal(by_local_qr.R, by_block.R)
+    np.testing.assert_allclose(by_local_qr.BT, by_block.BT, rtol=1e-13, atol=1e-13)
+
+
+def test_add_local_qr_changes_nothing_when_the_product_raises():
+    """A block whose product raises (NaN or Inf in it) leaves R, B^T and the count as they
+    were, so its factors reach neither."""
+    rng = np.random.default_rng(7)
+    tsqr = StreamingTSQR()
+    A = rng.standard_normal((6, 10))
+    Q_0, R_0 = local_qr(rng.standard_normal((6, 3)))
+    tsqr.add_local_qr(Q_0, R_0, lambda W: A.T @ W)
+    R, BT = tsqr.R.copy(), tsqr.BT.copy()
+
+    def raising(W):
+        raise ValueError("a NaN")
+
+    with pytest.raises(ValueError, match="a NaN"):
+        tsqr.add_local_qr(*local_qr(rng.standard_normal((6, 3))), raising)
+    assert tsqr.blocks == 1
+    np.testing.assert_array_equal(tsqr.R, R)
+    np.testing.assert_array_equal(tsqr.BT, BT)
+
+
 @pytest.mark.parametrize("shape", [(300, 40), (40, 40), (25, 40), (0, 5), (70, 1)])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_householder_r_is_lapacks_r(shape, order):

@@ -159,7 +159,8 @@ class _CPUPowerSweep:
 class HostFinalSweep:
     """The final pass's streaming TSQR from a backend's ``times`` and ``transposed_times``,
     one block at a time: Y_i = A_s,i X, Y_i = Q_i R_i (LAPACK), C_i^T = A_s,i^T Q_i, and
-    the merge of (R_i, C_i^T) into R and B^T on the host.
+    the merge of (R_i, C_i^T) into R and B^T on the host (``StreamingTSQR.add_local_qr``,
+    which may ask for A_s,i^T (Q_i S_i) instead).
 
     The block's totals come from ``transposed_times``, which runs after the QR: a block
     holding NaN or Inf is reported there, before its factors reach R or the spill.
@@ -178,8 +179,9 @@ class HostFinalSweep:
         if self.append_ones:
             Y[:, l] = 1.0
         Q_i, R_i = local_qr(Y)
-        CT_i = self.kernels.transposed_times(block, first_row, Q_i, shift, self.stats)
-        merge = self.tsqr.add_block(R_i, CT_i)
+        merge = self.tsqr.add_local_qr(
+            Q_i, R_i,
+            lambda W: self.kernels.transposed_times(block, first_row, W, shift, self.stats))
         self.spill(self.tsqr.blocks - 1, Q_i, merge)
 
     def result(self) -> StreamingTSQR:
