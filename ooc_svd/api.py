@@ -250,7 +250,7 @@ dask.array.Array} of shape (m, n)
     N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
     SIAM Review 53(2), 2011.
     """
-    source, m, n = open_matrix(A)
+    source, m, n = open_matrix(A, load_limit=limit_bytes(memory_limit))
     k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(
         k, rule, tol, oversample, niter, center, mean, method, seed, memory_limit, out,
@@ -284,7 +284,7 @@ def svd_plan(
     kernels would run. With ``client``, the plan of a run on that cluster, which is not
     contacted: its workers keep no block cache and choose their own kernels.
     """
-    source, m, n = open_matrix(A)
+    source, m, n = open_matrix(A, load_limit=limit_bytes(memory_limit))
     k, rule, tol = _rank_request(k, tol, max_rank, m, n)
     request = _Request(k, rule, tol, oversample, niter, method=method,
                        memory_limit=memory_limit,
@@ -352,7 +352,7 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
     keep leading blocks for the later passes, where reading them costs decoding."""
     oversample = check_int("oversample", oversample, minimum=0)
     niter = check_int("niter", niter, minimum=0)
-    limit = parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
+    limit = limit_bytes(memory_limit)
     sparse = isinstance(source, CSRSource)
     return make_plan(source.shape, source.block_dtype.itemsize, source.chunk_rows, k,
                      oversample, niter, method, limit, spectral_iters=spectral_iters,
@@ -373,6 +373,11 @@ def _plan(source: DenseSource | CSRSource, k, oversample, niter, method, memory_
                      # per stream, pinned copies of the final pass's Y_i and Q_i.
                      staging_blocks=gpu_streams + 1 if gpu_streams else 0,
                      staging_matrices=2 * gpu_streams)
+
+
+def limit_bytes(memory_limit: Any) -> int:
+    """The memory limit in bytes: ``memory_limit`` parsed, DEFAULT_MEMORY_LIMIT for None."""
+    return parse_bytes(DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit)
 
 
 def _transposed_by(source: DenseSource | CSRSource) -> str | None:
@@ -451,8 +456,9 @@ def svd_lowrank(A: Any, q: int | None = 6, niter: int | None = 2, M: Any = None,
     niter, options = _torch_keywords(q, niter, method, seed, memory_limit, client)
     return _like_input(A, _per_matrix(
         A, M, _unless_empty(q, client),
-        lambda A_i, M_i, client: _svd_lowrank(open_matrix(A_i, allow_empty=True)[0], q, niter,
-                                              M_i, replace(options, client=client)),
+        lambda A_i, M_i, client: _svd_lowrank(
+            open_matrix(A_i, allow_empty=True, load_limit=limit_bytes(memory_limit))[0],
+            q, niter, M_i, replace(options, client=client)),
         lambda m, n: min(6 if q is None else q, m, n)))
 
 
@@ -599,7 +605,8 @@ def pca_lowrank(A: Any, q: int | None = None, center: bool = True, niter: int | 
     factored (centered A^T less the column of means), and what niter=None means.
     """
     def factor(A_i: Any, _: None, client: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        source, m, n = open_matrix(A_i, allow_empty=True)
+        source, m, n = open_matrix(A_i, allow_empty=True,
+                                   load_limit=limit_bytes(memory_limit))
         if q is None and min(m, n) == 0:
             return _empty_factors(source)
         rank = _check_q(min(6, m, n) if q is None else q, m, n)
@@ -810,7 +817,7 @@ def low_rank_factors(
         B, A, the rank, the parameter counts before (m n) and after (r (m + n)), and the
         relative Frobenius error ||W - B A||_F / ||W||_F. Unpacks as ``B, A``.
     """
-    source, m, n = open_matrix(W)
+    source, m, n = open_matrix(W, load_limit=limit_bytes(memory_limit))
     if n > MAX_EXACT_COLUMNS:
         # In memory the transpose is free: W^T = B' A' gives W = A'^T B'^T.
         transposed = _in_memory_transpose(source) if m <= MAX_EXACT_COLUMNS else None
@@ -1244,10 +1251,12 @@ def _rank_request(k, tol, max_rank, m: int, n: int) -> tuple[int, RankRule, floa
     return max_rank, rank_for_tolerance(float(tol), max_rank), float(tol)
 
 
-def open_matrix(A: Any, allow_empty: bool = False) -> tuple[DenseSource | CSRSource, int, int]:
+def open_matrix(A: Any, allow_empty: bool = False, load_limit: int | None = None
+                ) -> tuple[DenseSource | CSRSource, int, int]:
     """The source of A and its shape, after checking that it is a usable matrix (and not
-    empty, unless ``allow_empty``)."""
-    source = open_source(A)
+    empty, unless ``allow_empty``). ``load_limit``: a run's memory limit in bytes, which a
+    file loaded whole may not exceed by itself."""
+    source = open_source(A, load_limit)
     m, n = _check_matrix(source, allow_empty)
     return source, m, n
 

@@ -311,7 +311,7 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     """Describe INPUT and the plan of a run on it here, without reading its data: the
     method, passes, blocks, memory and where the kernels would run (with --backend auto,
     the GPU when one is usable with the memory free), from the same options as ``run``."""
-    from .api import open_matrix, svd_plan
+    from .api import limit_bytes, open_matrix, svd_plan
     from .kernels.cuda_backend import check_cuda_options
 
     planning = [name for name in PLANNING if given(name)]
@@ -330,7 +330,11 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         return
     if scheduler is None:
         check_backend(backend)
-    source, _, _ = open_matrix(input_path)  # opened once: a sparse .npz is loaded whole
+    # Opened once: an .npz that is sparse or compressed is loaded whole, which a plan's
+    # memory limit must hold
+    planned = k is not None or tol is not None
+    source, _, _ = open_matrix(input_path,
+                               load_limit=limit_bytes(memory_limit) if planned else None)
     report = {
         "input": input_path,
         "format": source.kind,

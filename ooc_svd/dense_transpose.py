@@ -34,9 +34,10 @@ import numpy as np
 
 from .errors import InputError, ReadError
 from .interrupts import raise_if_lost
-from .plan import DEFAULT_MEMORY_LIMIT, LOADED_HINT
+from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.dense import (
+    LOADED_HINT,
     DenseSource,
     block_from_file,
     fortran_file,
@@ -100,12 +101,13 @@ def transpose_dense(path: str | os.PathLike, out: str | os.PathLike, *, dtype: A
     Centering A^T subtracts A's row means, not its column means (see ``svd_lowrank``'s M for
     A's PCA from A^T).
     """
-    source = _dense_input(path)
+    limit = parse_bytes(memory_limit)
+    source = _dense_input(path, limit)
     m, n = source.shape
     stored = _stored_dtype(source.dtype, dtype)
     path = os.fspath(path)
     out = check_output_path(out, overwrite, replaces="converted", inputs=(path,))
-    layout = plan_layout(source, stored, parse_bytes(memory_limit))
+    layout = plan_layout(source, stored, limit)
     output = StagedOutput(out, overwrite, "converted")
     try:
         transposed = _create(output, (n, m), layout, stored)
@@ -120,12 +122,13 @@ def transpose_dense(path: str | os.PathLike, out: str | os.PathLike, *, dtype: A
     return zarr.open_array(out, mode="r")
 
 
-def _dense_input(path: str | os.PathLike) -> DenseSource:
-    """The dense matrix at ``path``, which must be a file or store read by rows."""
+def _dense_input(path: str | os.PathLike, load_limit: int) -> DenseSource:
+    """The dense matrix at ``path``, which must be a file or store read by rows (or a
+    compressed .npz, loaded whole where that alone fits ``load_limit``)."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"transpose_dense takes the path of a zarr array, an .npy or an .npz, "
                          f"not {type(path).__name__} (in memory, A.T is free)")
-    source = open_dense_source(path)
+    source = open_dense_source(path, load_limit)
     if source.array.ndim != 2:
         raise not_a_matrix(repr(os.fspath(path)), source.array.ndim)
     if min(source.shape) == 0:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import InputError, PlanError
 from .kernels.cpu import stacked_rows, sub_block_bytes
+from .sources.dense import LOADED_HINT
 from .units import format_bytes
 
 # Throughputs of the cost model, measured on a two-core node (benchmarks/RESULTS.md). They
@@ -73,13 +74,6 @@ RESIDUAL_ROUNDING = 16
 # 4.7e3 eps on dense rows of one value, 1.9e5 on sparse rows of repeated values). A
 # relative residual below about 1.5e-5 is not told.
 DIFFERENCE_ROUNDING = 1 << 18
-
-
-# How an input file that a run loads whole would be read by blocks instead
-LOADED_HINT = {
-    "dense": "save the array uncompressed (np.save, or np.savez), which is read by blocks",
-    "sparse": "convert the .npz to a CSR store (ooc-svd convert), which is read by blocks",
-}
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,11 @@ def test_an_npz_member_named_without_npy_is_read(tmp_path):
     np.testing.assert_array_equal(source.read(1, 4), A[1:4])
 
 
-def test_a_file_loaded_whole_counts_in_the_plan(tmp_path):
+def test_a_file_loaded_whole_counts_in_the_plan(tmp_path, monkeypatch):
     """A compressed .npz (or a scipy.sparse one) is loaded whole: the plan counts it
     beside the working set, and refuses where it does not fit, saying how it would be
-    read by blocks; an uncompressed one is read by blocks and is not counted."""
+    read by blocks; an uncompressed one is read by blocks and is not counted. Where its
+    arrays alone exceed the limit, it is refused before it is loaded."""
     A = np.random.default_rng(0).standard_normal((20000, 50))  # 8 MB
     np.savez_compressed(tmp_path / "c.npz", A=A)
     np.savez(tmp_path / "u.npz", A=A)
@@ -160,15 +161,29 @@ def test_a_file_loaded_whole_counts_in_the_plan(tmp_path):
     assert "(the input, loaded whole, 8 MB of it)" in compressed.describe()
     with pytest.raises(PlanError, match=r"the input, loaded whole \(8 MB\)\) .* save the "
                                         r"array uncompressed \(np.save, or np.savez\)"):
-        ooc_svd.svd_plan(str(tmp_path / "c.npz"), 5, method="randomized", memory_limit="7MB")
+        ooc_svd.svd_plan(str(tmp_path / "c.npz"), 5, method="randomized", memory_limit="9MB")
     ooc_svd.svd_plan(str(tmp_path / "u.npz"), 5, method="randomized", memory_limit="7MB")
     sparse = scipy.sparse.random(20000, 50, density=0.5, format="csr", random_state=0)
     scipy.sparse.save_npz(tmp_path / "s.npz", sparse)
     plan = ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized")
-    assert plan.loaded_bytes == sum(part.nbytes for part in (sparse.data, sparse.indices,
-                                                             sparse.indptr))
-    with pytest.raises(PlanError, match=r"convert the .npz to a CSR store"):
-        ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized", memory_limit="4MB")
+    sparse_bytes = sum(part.nbytes for part in (sparse.data, sparse.indices, sparse.indptr))
+    assert plan.loaded_bytes == sparse_bytes  # 6.1 MB
+    with pytest.raises(PlanError, match=r"the input, loaded whole .* convert the .npz to a "
+                                        r"CSR store"):
+        ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized", memory_limit="7MB")
+
+    def not_loaded(*args):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", not_loaded)
+    monkeypatch.setattr(scipy.sparse, "load_npz", not_loaded)
+    for path, limit, way_out in [("c.npz", "7MB", "save the array uncompressed"),
+                                 ("s.npz", "6MB", "convert the .npz to a CSR store")]:
+        for call in (ooc_svd.svd_plan, ooc_svd.svd):
+            with pytest.raises(PlanError, match=rf"{path}' is a .* loaded whole, and its "
+                                                rf"arrays alone take [678](\.[0-9]+)? MB, more "
+                                                rf"than memory_limit {limit[0]} MB: {way_out}"):
+                call(str(tmp_path / path), 5, method="randomized", memory_limit=limit)
 
 
 def test_integer_input(matrix):

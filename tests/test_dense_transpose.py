@@ -206,12 +206,17 @@ def test_a_chunk_over_the_limit_is_refused_with_the_numbers(tmp_path):
                                          r"columns .*needs [0-9.]+ MB\): raise memory_limit"):
         transpose_dense(path, tmp_path / "At.zarr", memory_limit="1MB")
     assert not os.path.exists(tmp_path / "At.zarr")
-    # A compressed .npz is loaded whole: that is what the limit cannot hold
+    # A compressed .npz is loaded whole: that is what the limit cannot hold, and where it
+    # alone exceeds the limit, it is not loaded
     compressed = write_input(tmp_path, matrix(100, 5000, "float32"), "npz-compressed")
-    with pytest.raises(InputError, match=r"1 MB cannot hold .* 1 row x [0-9]+ columns, with "
+    with pytest.raises(InputError, match=r"2 MB cannot hold .* 1 row x [0-9]+ columns, with "
                                          r"zarr's chunks in flight, and the input, loaded whole "
                                          r"\(2 MB\) \(needs 2\.[0-9]+ MB\): raise memory_limit; or "
                                          r"save the array uncompressed"):
+        transpose_dense(compressed, tmp_path / "At.zarr", memory_limit="2.0001MB")
+    with pytest.raises(PlanError, match=r"is a compressed .npz, which is loaded whole, and its "
+                                        r"arrays alone take 2 MB, more than memory_limit 1 MB: "
+                                        r"save the array uncompressed"):
         transpose_dense(compressed, tmp_path / "At.zarr", memory_limit="1MB")
 
 

@@ -7,6 +7,7 @@ Sources never write to their input: zarr stores and .npy files are opened read-o
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, NonFiniteError, ReadError, StoreNotFoundError
+from ..errors import InputError, NonFiniteError, PlanError, ReadError, StoreNotFoundError
 from ..store import file_kind
+from ..units import format_bytes
 from .dtypes import block_dtype
 
 
@@ -191,14 +193,15 @@ def refuse_masked(value: Any, name: str) -> None:
                          "are meant")
 
 
-def open_dense_source(A: Any) -> DenseSource:
+def open_dense_source(A: Any, load_limit: int | None = None) -> DenseSource:
     """Wrap a supported dense input as a ``DenseSource``.
 
     Accepts numpy arrays and memmaps, paths of ``.npy`` files, zarr arrays, paths or URLs of
-    zarr stores (formats 2 and 3), and dask arrays.
+    zarr stores (formats 2 and 3), and dask arrays. ``load_limit``: the run's memory limit,
+    which a file loaded whole (a compressed .npz) may not exceed (``refuse_load``).
     """
     if isinstance(A, (str, os.PathLike)):
-        return _open_path(os.fspath(A))
+        return _open_path(os.fspath(A), load_limit)
     refuse_masked(A, "A")
     if isinstance(A, np.ndarray):
         description = "memmap" if isinstance(A, np.memmap) else "numpy array"
@@ -267,12 +270,12 @@ def _unreadable_file(path: str) -> str:
             "Matrix Market and HDF5 sparse matrices as CSR stores")
 
 
-def _open_path(path: str) -> DenseSource:
+def _open_path(path: str, load_limit: int | None) -> DenseSource:
     is_url = "://" in path
     if not is_url and not os.path.exists(path):
         raise StoreNotFoundError(f"no such file or store: {path!r}")
     if path.lower().endswith(".npz"):
-        return _open_npz(path)
+        return _open_npz(path, load_limit)
     if path.lower().endswith(".npy"):
         if not _has_npy_header(path):
             raise StoreNotFoundError(f"{path!r} is not a .npy file (it lacks the NumPy header)")
@@ -383,10 +386,11 @@ def open_zarr_node(path: str) -> Any:
         ) from exc
 
 
-def _open_npz(path: str) -> DenseSource:
+def _open_npz(path: str, load_limit: int | None) -> DenseSource:
     """A .npz holding one dense array: mapped where ``np.savez`` stored it uncompressed
     (and read by rows, as an .npy), loaded into memory where ``np.savez_compressed``
-    compressed it. (scipy.sparse .npz files are opened by ``open_source``.)"""
+    compressed it, unless its header says it exceeds ``load_limit``. (scipy.sparse .npz
+    files are opened by ``open_source``.)"""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -398,6 +402,8 @@ def _open_npz(path: str) -> DenseSource:
         array = _stored_member(path, archive.zip, names[0])
         loaded = 0
         if array is None:
+            refuse_load(path, "a compressed .npz", [npz_member_bytes(archive.zip, names[0])],
+                        load_limit, LOADED_HINT["dense"])
             array = archive[names[0]]
             loaded = array.nbytes
     return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
@@ -405,15 +411,65 @@ def _open_npz(path: str) -> DenseSource:
                        reads_file=read_from_file(array))
 
 
+# How an input file that a run loads whole would be read by blocks instead
+LOADED_HINT = {
+    "dense": "save the array uncompressed (np.save, or np.savez), which is read by blocks",
+    "sparse": "convert the .npz to a CSR store (ooc-svd convert), which is read by blocks",
+}
+
+
+def refuse_load(path: str, what: str, member_bytes: list[int | None], load_limit: int | None,
+                hint: str) -> None:
+    """PlanError where the arrays of a file that would be loaded whole (their sizes from
+    their headers, None where unknown) exceed ``load_limit`` by themselves: refused before
+    they are loaded, where the plan, which counts them beside the working set, would refuse
+    them only after."""
+    known = [size for size in member_bytes if size is not None]
+    if load_limit is None or not known or sum(known) <= load_limit:
+        return
+    total = sum(known)
+    raise PlanError(
+        f"{path!r} is {what}, which is loaded whole, and its arrays alone take "
+        f"{format_bytes(total, round_up=True)}, more than memory_limit "
+        f"{format_bytes(load_limit)}: {hint}", total)
+
+
+def npz_member_bytes(archive: Any, name: str) -> int | None:
+    """The bytes of the array ``name`` of an .npz (a ``zipfile.ZipFile``), from its .npy
+    header, which is all that is decompressed; None if the header cannot be read (loading
+    the member then says what is wrong)."""
+    try:
+        with archive.open(_member(archive, name)) as member:
+            header = _npy_header(member)
+    except Exception:  # noqa: BLE001 - reported by the load that follows
+        return None
+    if header is None:
+        return None
+    shape, _, dtype = header
+    return math.prod(shape) * dtype.itemsize
+
+
+def _member(archive: Any, name: str) -> str:
+    """The zip member of the array ``name`` of an .npz: ``name.npy``, or ``name`` as numpy
+    also reads it."""
+    return f"{name}.npy" if f"{name}.npy" in archive.namelist() else name
+
+
+def _npy_header(file: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) of the .npy that ``file`` is at the start of; None for
+    a format version without a public reader (3.0, of utf-8 field names)."""
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(
+                       np.lib.format.read_magic(file))
+    return None if read_header is None else read_header(file)
+
+
 def _stored_member(path: str, archive: Any, name: str) -> np.memmap | None:
-    """The array ``name`` of an .npz (its member ``name.npy``, or ``name`` as numpy also
-    reads it), mapped, where it is stored uncompressed and unencrypted; else None (it is
-    then read whole)."""
+    """The array ``name`` of an .npz (``_member``), mapped, where it is stored uncompressed
+    and unencrypted; else None (it is then read whole)."""
     import zipfile
 
-    members = archive.namelist()
-    member = f"{name}.npy" if f"{name}.npy" in members else name
-    info = archive.getinfo(member)
+    info = archive.getinfo(_member(archive, name))
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
         return None
     try:
@@ -430,12 +486,10 @@ def _mapped_member(path: str, info: Any) -> np.memmap | None:
         name_length, extra_length = np.frombuffer(file.read(4), dtype="<u2")
         start = info.header_offset + 30 + int(name_length) + int(extra_length)
         file.seek(start)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(
-                           np.lib.format.read_magic(file))
-        if read_header is None:  # (3.0, of utf-8 field names, has no public reader)
+        header = _npy_header(file)
+        if header is None:
             return None
-        shape, fortran_order, dtype = read_header(file)
+        shape, fortran_order, dtype = header
         if dtype.hasobject:
             return None
         offset = file.tell()

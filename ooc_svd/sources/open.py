@@ -11,21 +11,26 @@ import numpy as np
 from ..errors import NPZ_READ_ERRORS, InputError, StoreNotFoundError
 from .csr import CSRSource, csr_source_from_scipy, is_csr_group, open_csr_group
 from .dense import (
+    LOADED_HINT,
     DenseSource,
     _torch_array,
     is_torch_tensor,
     members_of,
+    npz_member_bytes,
     open_dense_source,
     open_zarr_node,
+    refuse_load,
     refuse_unfinished,
     zarr_array_source,
 )
 
 
-def open_source(A: Any) -> DenseSource | CSRSource:
+def open_source(A: Any, load_limit: int | None = None) -> DenseSource | CSRSource:
     """A source for A: scipy.sparse matrices, torch sparse tensors and CSR zarr groups
     (paths, URLs or opened groups) and scipy.sparse .npz files give a ``CSRSource``;
-    everything else is dense."""
+    everything else is dense. ``load_limit``: the run's memory limit, which a file loaded
+    whole (an .npz that is sparse or compressed) may not exceed by itself (``refuse_load``).
+    """
     import scipy.sparse
 
     if isinstance(A, (DenseSource, CSRSource)):  # opened already
@@ -47,6 +52,8 @@ def open_source(A: Any) -> DenseSource | CSRSource:
         if path.lower().endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
+            refuse_load(path, "a scipy.sparse .npz", _sparse_member_bytes(path), load_limit,
+                        LOADED_HINT["sparse"])
             source = csr_source_from_scipy(load_npz(path), path)
             loaded = sum(part.nbytes for part in (source.data, source.indices, source.indptr))
             return replace(source, loaded_bytes=loaded)
@@ -54,7 +61,7 @@ def open_source(A: Any) -> DenseSource | CSRSource:
         if node is not None:
             return _open_group(node, path) if hasattr(node, "array_keys") else \
                 zarr_array_source(node, path)
-    return open_dense_source(A)
+    return open_dense_source(A, load_limit)
 
 
 def is_torch_sparse(A: Any) -> bool:
@@ -119,6 +126,14 @@ def _zarr_node_at(path: str) -> Any:
     if "://" not in path and not os.path.isdir(path):
         return None
     return open_zarr_node(path)
+
+
+def _sparse_member_bytes(path: str) -> list[int | None]:
+    """The bytes of the arrays of a scipy.sparse .npz (its values and indices), from their
+    headers."""
+    with np.load(path, allow_pickle=False) as archive:
+        return [npz_member_bytes(archive.zip, name) for name in archive.files
+                if name not in ("format", "shape")]
 
 
 def _is_sparse_npz(path: str) -> bool:
