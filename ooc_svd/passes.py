@@ -131,9 +131,9 @@ class PassContext:
         bytes_read = 0
         uncached = [block for i, block in enumerate(self.blocks) if i not in self.cache]
         # BLAS leaves a core to each decompressing reader; a pass served from the cache
-        # (or from memory) gives BLAS every core.
+        # (or from memory) gives BLAS every core, unless the blocks are sparse.
         readers = self.prefetch_depth if uncached and self.source.decodes else 0
-        threads = blas_threads(readers)
+        threads = blas_threads(readers, sparse=isinstance(self.source, CSRSource))
         threads.__enter__()
         stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
         try:

@@ -670,3 +670,28 @@ def test_absent_chunks_of_a_csr_store_are_noted(tmp_path):
     note = ooc_svd.svd(path, 3).note
     assert f"chunks of {path} are absent (1 of the {len(chunks)} storage chunks of data)" \
         in note
+
+
+def test_blas_keeps_one_thread_beside_the_sparse_kernels(monkeypatch):
+    """numba's CSR kernels take every core, and OpenBLAS's threads spin after each product:
+    while a pass reads sparse blocks, BLAS has one thread; over dense blocks held in memory
+    it keeps every thread it had."""
+    from threadpoolctl import threadpool_info
+
+    import ooc_svd.kernels.backend as backend
+
+    def blas_threads_now() -> int:
+        return max(pool["num_threads"] for pool in threadpool_info()
+                   if pool["user_api"] == "blas")
+
+    seen, factor = [], backend.local_qr
+    monkeypatch.setattr(backend, "local_qr", lambda Y: (seen.append(blas_threads_now()),
+                                                        factor(Y))[1])
+    threads = blas_threads_now()
+    sparse = scipy.sparse.random(300, 40, density=0.2, format="csr", random_state=0)
+    ooc_svd.svd(sparse, k=3, method="randomized")
+    assert seen and set(seen) == {1}
+    seen.clear()
+    ooc_svd.svd(sparse.toarray(), k=3, method="randomized")
+    assert seen and set(seen) == {threads}
+    assert blas_threads_now() == threads

@@ -61,18 +61,23 @@ def widen_shift_rows(src, shift, out, colsum):
 
 
 @contextmanager
-def blas_threads(reader_threads: int):
-    """Leave one core per reader thread that decompresses, and give BLAS the rest.
+def blas_threads(reader_threads: int, sparse: bool = False):
+    """Leave one core per reader thread that decompresses, and give BLAS the rest; for
+    sparse blocks, one thread.
 
     On two cores, two BLAS threads beside two decoding threads oversubscribe the CPU:
-    measured, a fused pass took 1.7x longer than with one BLAS thread.
+    measured, a fused pass took 1.7x longer than with one BLAS thread. Sparse blocks go
+    through numba's kernels, parallel over every core, between BLAS's small products (the
+    final pass's local QR and merge); OpenBLAS's threads spin for a while after each
+    product, on the cores numba's threads then need.
     """
-    if reader_threads == 0:
+    if reader_threads == 0 and not sparse:
         yield
         return
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(max(1, (os.cpu_count() or 1) - reader_threads), user_api="blas"):
+    threads = 1 if sparse else max(1, (os.cpu_count() or 1) - reader_threads)
+    with threadpool_limits(threads, user_api="blas"):
         yield
 
 
