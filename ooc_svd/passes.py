@@ -118,9 +118,11 @@ class PassContext:
                 raise
             raise NonFiniteError(f"the matrix holds NaN or Inf, first at row {row}") from error
 
-    def read(self, name: str):
+    def read(self, name: str, by_blas: bool = False):
         """Yield (index, start, block, shift) over all blocks in order, timing the pass and
         showing progress. The shift is the pass's centering shift, fixed by its first block.
+        ``by_blas``: the pass's products are LAPACK's and BLAS's (the exact and gram
+        passes), which then keep BLAS's threads whatever the blocks.
 
         The first ``cached_blocks`` blocks are kept after their first read (DESIGN.md section
         6, block cache), so later passes read only the rest.
@@ -131,9 +133,10 @@ class PassContext:
         bytes_read = 0
         uncached = [block for i, block in enumerate(self.blocks) if i not in self.cache]
         # BLAS leaves a core to each decompressing reader; a pass served from the cache
-        # (or from memory) gives BLAS every core, unless the blocks are sparse.
+        # (or from memory) gives BLAS every core, unless numba's kernels take the sparse
+        # blocks.
         readers = self.prefetch_depth if uncached and self.source.decodes else 0
-        threads = blas_threads(readers, sparse=isinstance(self.source, CSRSource))
+        threads = blas_threads(readers, sparse=isinstance(self.source, CSRSource) and not by_blas)
         threads.__enter__()
         stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
         try:
@@ -265,7 +268,7 @@ def tsqr_r_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarra
     rows_per_stack = stacked_rows(n)
     stats = BlockStats.zeros(n)
     R = np.zeros((0, n + append_ones))
-    for _, start, block, shift in context.read("exact TSQR pass"):
+    for _, start, block, shift in context.read("exact TSQR pass", by_blas=True):
         R = add_rows_to_r(R, block, start, shift, rows_per_stack, stats, append_ones)
     d = context.centering.offset(shift, stats)
     if append_ones:
@@ -305,7 +308,7 @@ def gram_pass(context: PassContext) -> tuple[np.ndarray, BlockStats, np.ndarray]
     G = np.zeros((n, n), order="F")
     stats = BlockStats.zeros(n)
     subs = SubBlocks(n)
-    for _, start, block, shift in context.read("gram pass"):
+    for _, start, block, shift in context.read("gram pass", by_blas=True):
         gram_block(block, start, shift, G, stats, subs)
     G = np.triu(G) + np.triu(G, 1).T
     context.centering.correct_gram(G, None, shift, stats)

@@ -674,11 +674,12 @@ def test_absent_chunks_of_a_csr_store_are_noted(tmp_path):
 
 def test_blas_keeps_one_thread_beside_the_sparse_kernels(monkeypatch):
     """numba's CSR kernels take every core, and OpenBLAS's threads spin after each product:
-    while a pass reads sparse blocks, BLAS has one thread; over dense blocks held in memory
-    it keeps every thread it had."""
+    while a pass reads sparse blocks, BLAS has one thread; over dense blocks held in memory,
+    or in the exact method's QR of sparse ones, it keeps every thread it had."""
     from threadpoolctl import threadpool_info
 
     import ooc_svd.kernels.backend as backend
+    import ooc_svd.passes as passes
 
     def blas_threads_now() -> int:
         return max(pool["num_threads"] for pool in threadpool_info()
@@ -694,4 +695,9 @@ def test_blas_keeps_one_thread_beside_the_sparse_kernels(monkeypatch):
     seen.clear()
     ooc_svd.svd(sparse.toarray(), k=3, method="randomized")
     assert seen and set(seen) == {threads}
+    in_exact_pass, factor_r = [], passes._stack_and_factor  # the exact method's TSQR pass
+    monkeypatch.setattr(passes, "_stack_and_factor", lambda *args: (
+        in_exact_pass.append(blas_threads_now()), factor_r(*args))[1])
+    ooc_svd.svd(sparse, k=3, method="exact")
+    assert in_exact_pass and set(in_exact_pass) == {threads}
     assert blas_threads_now() == threads

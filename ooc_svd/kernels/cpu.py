@@ -62,8 +62,8 @@ def widen_shift_rows(src, shift, out, colsum):
 
 @contextmanager
 def blas_threads(reader_threads: int, sparse: bool = False):
-    """Leave one core per reader thread that decompresses, and give BLAS the rest; for
-    sparse blocks, one thread.
+    """Leave one core per reader thread that decompresses, and give BLAS the rest; beside
+    the kernels of sparse blocks (``sparse``), one thread.
 
     On two cores, two BLAS threads beside two decoding threads oversubscribe the CPU:
     measured, a fused pass took 1.7x longer than with one BLAS thread. Sparse blocks go
