@@ -109,7 +109,7 @@ class StreamingTSQR:
         A_i^T W (n x w, either memory order), which is called once.
 
         S^T C_i = (Q_i S)^T A_i: for a block of fewer rows than A has columns, S is applied
-        to Q_i (b r^2 flops) rather than to C_i^T (n r^2), and T^T B is added into the
+        to Q_i (b r^2 flops) rather than to C_i^T (n r^2), and B^T T is added into the
         block's product, so the merge is one n x r x r product instead of two. R and B^T
         change only once ``transposed_times`` has returned (it raises for a block holding
         NaN or Inf). Returns the merge factors, as ``add_block``.
@@ -160,9 +160,10 @@ def merged_bt(BT: np.ndarray | None, CT_i: np.ndarray, factors: MergeFactors | N
 
 
 def _product(A: np.ndarray, B: np.ndarray, add_to: np.ndarray | None = None) -> np.ndarray:
-    """A @ B, F-ordered, or add_to + A @ B in add_to's own memory order (overwriting it),
-    by dgemm on A as it lies: a C-ordered A is an F-ordered A^T, transposed back by BLAS.
-    A C-ordered add_to is an F-ordered add_to^T, to which B^T A^T is added."""
+    """A @ B, F-ordered, or add_to + A @ B in add_to's own memory order (overwriting a
+    contiguous float64 add_to; BLAS copies another), by dgemm on A as it lies: a C-ordered
+    A is an F-ordered A^T, transposed back by BLAS. A C-ordered add_to is an F-ordered
+    add_to^T, to which B^T A^T is added."""
     if add_to is None:
         add_to, beta = np.empty((A.shape[0], B.shape[1]), order="F"), 0.0
     else:

@@ -84,8 +84,9 @@ def test_merged_bt_is_the_merge_whatever_the_order_of_its_operands(order, rows_a
 @pytest.mark.parametrize("boundaries", [[0, 30, 60, 90], [0, 3, 6, 9, 12], [0, 2, 30, 31]])
 def test_add_local_qr_is_add_block(order, boundaries):
     """Blocks merged from their local QR and A_i^T W give add_block's R, B^T and factors,
-    whether S goes into the block's product (blocks of fewer rows than the n = 8 columns)
-    or onto C_i^T, with A_i^T W in either memory order."""
+    whether S goes into the block's product (blocks of fewer rows than the n = 8 columns:
+    W = Q_i S, and B^T T is added into the product where it lies) or onto C_i^T (W = Q_i),
+    with A_i^T W in either memory order."""
     rng = np.random.default_rng(6)
     m, n, l = boundaries[-1], 8, 5
     A, Y = rng.standard_normal((m, n)), rng.standard_normal((m, l))
@@ -93,12 +94,23 @@ def test_add_local_qr_is_add_block(order, boundaries):
     for start, stop in zip(boundaries[:-1], boundaries[1:], strict=True):
         Q_i, R_i = local_qr(Y[start:stop].copy(order="F"))
         expected = by_block.add_block(R_i, A[start:stop].T @ Q_i)
-        factors = by_local_qr.add_local_qr(
-            Q_i, R_i, lambda W, rows=A[start:stop]: np.asarray(rows.T @ W, order=order))
+        asked, products = [], []
+
+        def transposed_times(W, rows=A[start:stop], asked=asked, products=products):
+            asked.append(W)
+            products.append(np.asarray(rows.T @ W, order=order))
+            return products[-1]
+
+        factors = by_local_qr.add_local_qr(Q_i, R_i, transposed_times)
         assert (factors is None) == (expected is None)
         if factors is not None:
             np.testing.assert_array_equal(factors.T, expected.T)
             np.testing.assert_array_equal(factors.S, expected.S)
+        folded = factors is not None and stop - start < n
+        np.testing.assert_allclose(asked[0], Q_i @ factors.S if folded else Q_i,
+                                   rtol=1e-14, atol=1e-14)
+        in_place = np.shares_memory(by_local_qr.BT, products[0])
+        assert in_place == (factors is None or folded)
     assert by_local_qr.blocks == by_block.blocks
     np.testing.assert_array_equal(by_local_qr.R, by_block.R)
     np.testing.assert_allclose(by_local_qr.BT, by_block.BT, rtol=1e-13, atol=1e-13)
