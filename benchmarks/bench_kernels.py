@@ -1,11 +1,15 @@
 """Kernel throughputs on one in-memory row block: what the planner's cost model assumes.
 
     python benchmarks/bench_kernels.py [--rows 50000] [--cols 256] [--basis 30] [--threads 1]
+        [--factor-sizes 500 1000 2000]
 
 Measures, with BLAS limited to --threads threads (1 is what a pass gives BLAS on two cores
 beside a decompressing reader): the float32 -> float64 widening kernel, the fused power
 products (Y = A X, Z += A^T Y), dsyrk (G += A^T A) and Householder QR of the block, as
-seconds per block and flop/s, next to the constants in ooc_svd/plan.py.
+seconds per block and flop/s, next to the constants in ooc_svd/plan.py. Then, with BLAS's
+every thread (the engine factors between passes), the n x n factorizations of the exact
+and gram methods (SVD of R, eigendecomposition of G) at each --factor-sizes n, in n^3 per
+second.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=256)
     parser.add_argument("--basis", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--factor-sizes", type=int, nargs="*", default=[500, 1000, 2000])
     args = parser.parse_args()
     b, n, l = args.rows, args.cols, args.basis
     rng = np.random.default_rng(0)
@@ -87,6 +92,31 @@ def main() -> None:
         rate = f"{flops / seconds / 1e9:.1f}" if flops else "-"
         model = f"{assumed / 1e9:.0f}" if assumed else "-"
         print(f"| {name} | {seconds:.4f} | {nbytes / seconds / 1e9:.2f} | {rate} | {model} |")
+    print_factorizations(args.factor_sizes)
+
+
+def print_factorizations(sizes: list[int]) -> None:
+    """Seconds of the exact and gram methods' n x n factorizations, as the engine calls
+    them, against the cost model's n^3 per second."""
+    import scipy.linalg
+
+    if not sizes:
+        return
+    print("\n| factorization | n | seconds | n^3 per s | cost model n^3 per s |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(1)
+    for n in sizes:
+        R = np.triu(rng.standard_normal((n, n)))
+        G = R.T @ R
+        rows = [
+            ("SVD of R (exact)", plan.SVD_CUBES_PER_S, lambda R=R: scipy.linalg.svd(
+                R.copy(), full_matrices=False, overwrite_a=True, check_finite=False)),
+            ("eigh of G (gram)", plan.EIGH_CUBES_PER_S, lambda G=G: scipy.linalg.eigh(
+                G.copy(), overwrite_a=True, check_finite=False)),
+        ]
+        for name, assumed, factor in rows:
+            seconds = best_of(factor, repeats=3)
+            print(f"| {name} | {n} | {seconds:.3f} | {n**3 / seconds:.2g} | {assumed:.2g} |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ SPARSE_GRAM_ROWS_PER_S = 3e7
 # LAPACK dgeqrt (compact WY) on the exact method's 4n x n stacks; the final pass's narrow
 # blocks (b x l, l ~ 30) factor about 3x slower, which the model leaves out.
 QR_FLOPS_PER_S = 15e9
+# The exact and gram methods' n x n factorizations between their passes, SVD of R (gesdd)
+# and eigenvectors of G (eigh), in n^3 per second: measured on two cores, 0.32 and 2.2 s
+# for the SVD at n = 1000 and 2000, 0.19 and 0.74-0.95 s for eigh
+# (benchmarks/bench_kernels.py). They are what makes those methods dear for wide n and few
+# rows.
+SVD_CUBES_PER_S = 3.5e9
+EIGH_CUBES_PER_S = 8e9
 
 # Columns added per step by the fixed-accuracy randomized method.
 GROWTH_BLOCK = 32
@@ -46,6 +53,9 @@ KRYLOV_PREMIUM = 1.25
 # ... and the exact and gram methods, whose singular values and vectors are exact to
 # rounding, when they cost at most this much more than the cheapest approximate method.
 EXACT_PREMIUM = 2.0
+# ... or at most this many seconds more (by the model): on a small matrix an exact result
+# is worth a second, where twice a cheap run is still little time.
+EXACT_ALLOWANCE_S = 1.0
 # The exact and gram methods keep n x n factors: beyond this width the randomized method
 # is always cheaper.
 MAX_EXACT_COLUMNS = 4096
@@ -280,8 +290,9 @@ def make_plan(
     work = _Work(m, n, int(np.sum(chunk_bytes)), nnz)
     gram = gram_seconds(m, n, None if nnz is None else row_pairs)
     costs = {
-        "exact": work.two_pass_seconds(k, 2.5 * m * n * n / QR_FLOPS_PER_S, densify=True),
-        "gram": work.two_pass_seconds(k, gram, densify=False),
+        "exact": work.two_pass_seconds(
+            k, 2.5 * m * n * n / QR_FLOPS_PER_S + n**3 / SVD_CUBES_PER_S, densify=True),
+        "gram": work.two_pass_seconds(k, gram + n**3 / EIGH_CUBES_PER_S, densify=False),
         "randomized": work.randomized_seconds(l, l, niter),
         "krylov": work.randomized_seconds(l, krylov_width, niter),
     }
@@ -753,11 +764,13 @@ def _choose_method(
         why = (f"{best} is the cheapest by the cost model of the methods that resolve "
                f"tol={tol:g} ({predicted})")
     exact = min(("exact", "gram"), key=costs.__getitem__)
-    if best == "randomized" and n <= MAX_EXACT_COLUMNS and \
-            costs[exact] <= EXACT_PREMIUM * costs["randomized"]:
+    affordable = max(EXACT_PREMIUM * costs["randomized"],
+                     costs["randomized"] + EXACT_ALLOWANCE_S)
+    if best == "randomized" and n <= MAX_EXACT_COLUMNS and costs[exact] <= affordable:
         ratio = costs[exact] / costs["randomized"]
         return exact, (f"{exact} is exact to rounding at {ratio:.2g}x the cost of the cheapest "
-                       f"(up to {EXACT_PREMIUM:g}x is taken for that) ({predicted})")
+                       f"(up to {EXACT_PREMIUM:g}x, or {EXACT_ALLOWANCE_S:g} s more, is taken "
+                       f"for that) ({predicted})")
     if best == "randomized" and _krylov_affordable(costs, tol):
         best = "krylov"
         why = (

@@ -74,6 +74,37 @@ def test_auto_explains_its_choice():
     assert "3 passes" in plan(method="randomized").describe()
 
 
+def predicted(reason: str) -> dict[str, float]:
+    """The cost model's seconds per method, as a plan's reason gives them."""
+    return {name: float(value) for name, value in re.findall(r"(\w+) ~([0-9.e+-]+) s", reason)}
+
+
+def test_auto_counts_the_n_by_n_factorizations():
+    """Sparse rows of 3000 columns: the sparse Gram kernel makes G's pass cheap, but the
+    eigendecomposition of G after it, O(n^3), takes seconds (and the SVD of R more), where
+    the randomized method's passes take a fraction of one."""
+    import scipy.sparse
+
+    import ooc_svd
+
+    A = scipy.sparse.random(15_000, 3000, density=0.01, random_state=0, format="csr")
+    planned = ooc_svd.svd_plan(A, 10)
+    seconds = predicted(planned.reason)
+    assert seconds["gram"] > 3000**3 / 8e9 and seconds["exact"] > 3000**3 / 3.5e9
+    assert planned.method in ("randomized", "krylov")
+    narrow = ooc_svd.svd_plan(A[:, :500], 10)  # its eigendecomposition: 0.02 s
+    assert narrow.method in ("exact", "gram")
+
+
+def test_auto_takes_an_exact_method_within_a_second_of_the_cheapest():
+    """More than twice the cost of the cheapest, but under a second more by the model:
+    exact to rounding is worth that."""
+    tall = plan(shape=(5_000, 1500), chunk=1_000, k=10)
+    seconds = predicted(tall.reason)
+    assert tall.method in ("exact", "gram") and "or 1 s more" in tall.reason
+    assert 2 * seconds["randomized"] < seconds[tall.method] <= seconds["randomized"] + 1
+
+
 def test_auto_falls_back_to_a_method_that_fits_the_limit():
     """gram is the cheapest here but needs n x n arrays (auto's, room for the fallback to
     exact too); under a tighter limit, auto takes randomized rather than refusing, and

@@ -573,7 +573,7 @@ def test_open_csr_group_validates_the_layout(tmp_path):
         open_csr_group(group, "bad.zarr")
 
 
-def test_auto_takes_an_exact_method_that_costs_at_most_twice_the_cheapest():
+def test_auto_takes_an_exact_method_that_costs_at_most_twice_the_cheapest_or_1_s_more():
     """A tall sparse matrix of 600 columns: randomized is a little cheaper by the cost model,
     gram exact."""
     A = scipy.sparse.random(1000, 600, density=0.05, random_state=0, format="csr")
@@ -583,7 +583,8 @@ def test_auto_takes_an_exact_method_that_costs_at_most_twice_the_cheapest():
                                rtol=1e-10)
     costs = re.findall(r"(\w+) ~([0-9.e-]+) s", result.plan.reason)
     seconds = {name: float(value) for name, value in costs}
-    assert seconds["randomized"] < seconds[result.method] <= 2 * seconds["randomized"]
+    assert seconds["randomized"] < seconds[result.method] <= max(
+        2 * seconds["randomized"], seconds["randomized"] + 1)
 
 
 def test_a_norm_lost_to_cancellation_is_not_called_a_zero_matrix():
