@@ -6,6 +6,7 @@ They validate their arguments, plan the run, and hand trusted arguments to the e
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -78,6 +79,8 @@ from .store import (
     paths_overlap,
 )
 from .units import parse_bytes
+
+log = logging.getLogger(__name__)
 
 
 def svd(
@@ -882,6 +885,7 @@ def _run(source: DenseSource | CSRSource, request: _Request) -> SVDResult:
     plan = _plan_run(source, request, cuda_options)
     if request.row_shift is not None:
         _check_row_shift(request, plan)
+    log.info("%s", plan.describe())  # before the first pass: what a job's log says it does
     # The local paths A is read from, kept apart from the paths the run writes, and
     # fingerprinted by its checkpoint: looked for (a walk of a dask graph) only where the
     # run writes to a path.

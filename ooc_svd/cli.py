@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -227,13 +230,14 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         check_backend(backend)
     before = path_identity(out)
     try:
-        result = svd(
-            input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
-            center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
-            overwrite=overwrite, progress=False if quiet else (True if progress else None),
-            scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
-            write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
-        )
+        with messages_on_stderr(shown=not quiet and not as_json):
+            result = svd(
+                input_path, k, tol=tol, max_rank=max_rank, oversample=oversample, niter=niter,
+                center=center, method=method, seed=seed, memory_limit=memory_limit, out=out,
+                overwrite=overwrite, progress=False if quiet else (True if progress else None),
+                scratch_dir=scratch_dir, resume=resume, spectral_iters=spectral_iters,
+                write_factors=factors, client=scheduler, backend=backend, cuda_options=options,
+            )
         raise_if_lost()
     except KeyboardInterrupt as interrupt:
         what, number = interrupted_signal(interrupt)
@@ -273,6 +277,30 @@ def run(input_path, k, tol, max_rank, niter, oversample, method, backend, memory
         click.echo(f"rank {result.rank}, {result.passes} passes on the {result.backend} backend "
                    f"({summary['resumed_passes']} resumed), residual {result.residual:.3e} "
                    f"(relative, Frobenius){spectral}; wrote {out}")
+
+
+@contextmanager
+def messages_on_stderr(shown: bool) -> Iterator[None]:
+    """The library's INFO messages (the plan as the run starts, each pass as it ends) as
+    lines on stderr, written through tqdm so that they leave its bars whole: a job's log
+    then says what a run does while it runs, not only when it is done."""
+    if not shown:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("ooc_svd")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def failure_message(error: Exception) -> str:

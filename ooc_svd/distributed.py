@@ -80,8 +80,8 @@ from .kernels.cuda_backend import (
 from .passes import (
     FinalPassResult,
     PassContext,
-    PassRecord,
     add_rows_to_r,
+    record_pass,
 )
 from .plan import Plan
 from .sources import CSRSource, DenseSource, prefetch_blocks
@@ -484,7 +484,7 @@ class ClusterPasses:
         """A pass's record; ``nbytes``, of its blocks and its shift's, counted as read
         (A - M: of A and M)."""
         read = round(nbytes * context.source.read_factor)
-        context.records.append(PassRecord(name, time.perf_counter() - began, read))
+        record_pass(context.records, name, time.perf_counter() - began, read)
 
     def _run_reduction(self, context: PassContext, name: str, task: Callable, combine: Callable,
                        *args: Any, **reduce_options: Any) -> _Partial:

@@ -14,6 +14,7 @@ which returns the same values.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -41,6 +42,9 @@ from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.dense import chunk_edges
 from .store import QSpill
 from .tsqr import MergeFactors, StreamingTSQR, assemble_left_vectors, householder_r
+from .units import format_bytes
+
+log = logging.getLogger(__name__)
 
 
 class ProgressBar(Protocol):
@@ -61,6 +65,14 @@ class PassRecord:
     name: str
     seconds: float
     bytes_read: int
+
+
+def record_pass(records: list[PassRecord], name: str, seconds: float, bytes_read: int
+                ) -> None:
+    """Add a finished pass's record, and say so (logging, INFO: ``ooc-svd run`` shows it on
+    stderr, so that a job's log follows the run)."""
+    records.append(PassRecord(name, seconds, bytes_read))
+    log.info("%s took %.3g s and read %s", name, seconds, format_bytes(bytes_read))
 
 
 @dataclass
@@ -158,7 +170,7 @@ class PassContext:
             threads.__exit__(None, None, None)
         # The blocks' bytes, counted as read (A - M: A's and M's)
         read = round(bytes_read * self.source.read_factor)
-        self.records.append(PassRecord(name, time.perf_counter() - began, read))
+        record_pass(self.records, name, time.perf_counter() - began, read)
 
 
 def first_non_finite_row_in(source: DenseSource | CSRSource, start: int, stop: int

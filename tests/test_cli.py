@@ -4,6 +4,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -464,6 +465,19 @@ def test_progress_bar_only_when_asked(store, tmp_path):
                             tmp_path / "u.zarr", "--quiet")
     assert quiet.stdout == ""
     assert quiet.stderr.startswith("Note: every value of A read as zero")
+
+
+def test_a_run_says_its_plan_and_each_pass_on_stderr_as_it_goes(store, tmp_path):
+    """No bars (stderr is a log, not a terminal), but the plan before the first pass and a
+    line as each pass ends, so that a job's log follows the run; --json and --quiet keep
+    stderr clear."""
+    done = ooc_svd_command("run", store, "--k", 3, "--method", "randomized", "--niter", 1,
+                           "--out", tmp_path / "r.zarr")
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("randomized SVD of a 30000 x 40 matrix") and len(lines) == 3
+    assert re.fullmatch(r"power pass took [0-9.e-]+ s and read 4\.8 MB", lines[1])
+    assert re.fullmatch(r"final pass took [0-9.e-]+ s and read [0-9.]+ k?B", lines[2])
+    assert done.stdout.startswith(lines[0])  # and in the summary, as before
 
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT])
