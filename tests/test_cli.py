@@ -813,8 +813,8 @@ def test_a_signal_whose_exception_a_finalizer_dropped_still_stops_the_run(
 
     reading = PassContext.read
 
-    def signalled_after_the_first_block(context, name):
-        blocks = reading(context, name)
+    def signalled_after_the_first_block(context, name, **options):
+        blocks = reading(context, name, **options)
         yield next(blocks)
         SignalledInFinalizer(signal_number)  # dropped at once: its finalizer runs
         yield from blocks
