@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from .kernels.cpu import (
     widen_into,
 )
 from .kernels.csr import first_non_finite_row as first_non_finite_csr_row
+from .plan import CSR_FLOPS_PER_S, QR_FLOPS_PER_S
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.dense import chunk_edges
 from .store import QSpill
@@ -133,8 +134,9 @@ class PassContext:
     def read(self, name: str, by_blas: bool = False):
         """Yield (index, start, block, shift) over all blocks in order, timing the pass and
         showing progress. The shift is the pass's centering shift, fixed by its first block.
-        ``by_blas``: the pass's products are LAPACK's and BLAS's (the exact and gram
-        passes), which then keep BLAS's threads whatever the blocks.
+        ``by_blas``: the pass's work is mostly LAPACK's and BLAS's (the exact and gram
+        passes, a final pass of a wide basis: ``qr_outweighs_products``), which then keep
+        BLAS's threads whatever the blocks.
 
         The first ``cached_blocks`` blocks are kept after their first read (DESIGN.md section
         6, block cache), so later passes read only the rest.
@@ -148,26 +150,24 @@ class PassContext:
         # (or from memory) gives BLAS every core, unless numba's kernels take the sparse
         # blocks.
         readers = self.prefetch_depth if uncached and self.source.decodes else 0
-        threads = blas_threads(readers, sparse=isinstance(self.source, CSRSource) and not by_blas)
-        threads.__enter__()
-        stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
-        try:
-            for index, (start, _) in enumerate(self.blocks):
-                block = self.cache.get(index)
-                if block is None:
-                    _, _, block = next(stream)
-                    bytes_read += block.nbytes
-                    if index < self.cached_blocks:
-                        block = self.cache[index] = self.kernels.keep(block)
-                if shift is None:
-                    shift = self.centering.shift_for(block)
-                yield index, start, block, shift
-                bar.update(block.nbytes)
-                raise_if_lost()
-        finally:
-            stream.close()
-            bar.close()
-            threads.__exit__(None, None, None)
+        sparse_kernels = isinstance(self.source, CSRSource) and not by_blas
+        with blas_threads(readers, sparse=sparse_kernels), closing(bar):
+            stream = prefetch_blocks(self.source, uncached, self.prefetch_depth)
+            try:
+                for index, (start, _) in enumerate(self.blocks):
+                    block = self.cache.get(index)
+                    if block is None:
+                        _, _, block = next(stream)
+                        bytes_read += block.nbytes
+                        if index < self.cached_blocks:
+                            block = self.cache[index] = self.kernels.keep(block)
+                    if shift is None:
+                        shift = self.centering.shift_for(block)
+                    yield index, start, block, shift
+                    bar.update(block.nbytes)
+                    raise_if_lost()
+            finally:
+                stream.close()
         # The blocks' bytes, counted as read (A - M: A's and M's)
         read = round(bytes_read * self.source.read_factor)
         record_pass(self.records, name, time.perf_counter() - began, read)
@@ -237,7 +237,8 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill | None
     with context.naming_the_row(), \
             aborted_on_error(context.kernels.final_sweep(X, stats, append_ones,
                                                          spill.write_block)) as sweep:
-        for _, start, block, shift in context.read("final pass"):
+        by_blas = qr_outweighs_products(context.source, l + append_ones)
+        for _, start, block, shift in context.read("final pass", by_blas=by_blas):
             sweep.add(block, start, shift)
         tsqr = sweep.result()
     BT = tsqr.BT
@@ -246,6 +247,18 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill | None
         BT = BT - np.outer(d, tsqr.R[:, l])
     context.centering.finish_pass(shift, stats)
     return FinalPassResult(tsqr, BT, stats, shift)
+
+
+def qr_outweighs_products(source: DenseSource | CSRSource, width: int) -> bool:
+    """Whether the local QRs of a sparse matrix's final pass (4 m width^2 flops, LAPACK's)
+    cost more than its products with A (2 width multiply-adds a non-zero, numba's kernels)
+    at the cost model's rates: a wide basis (block Krylov, a large k) over rows of few
+    non-zeros. BLAS then keeps its threads for that pass."""
+    nnz = getattr(source, "nnz", None)
+    if nnz is None:
+        return False
+    qr = 4 * source.shape[0] * width**2 / QR_FLOPS_PER_S
+    return qr > 2 * nnz * width / CSR_FLOPS_PER_S
 
 
 def left_vectors_sweep(

@@ -676,7 +676,9 @@ def test_absent_chunks_of_a_csr_store_are_noted(tmp_path):
 def test_blas_keeps_one_thread_beside_the_sparse_kernels(monkeypatch):
     """numba's CSR kernels take every core, and OpenBLAS's threads spin after each product:
     while a pass reads sparse blocks, BLAS has one thread; over dense blocks held in memory,
-    or in the exact method's QR of sparse ones, it keeps every thread it had."""
+    in the exact method's QR of sparse ones, and in a final pass whose local QRs outweigh
+    its sparse products (a wide basis on rows of few non-zeros), it keeps every thread it
+    had, and has them back after a pass that fails as it starts."""
     from threadpoolctl import threadpool_info
 
     import ooc_svd.kernels.backend as backend
@@ -701,4 +703,15 @@ def test_blas_keeps_one_thread_beside_the_sparse_kernels(monkeypatch):
         in_exact_pass.append(blas_threads_now()), factor_r(*args))[1])
     ooc_svd.svd(sparse, k=3, method="exact")
     assert in_exact_pass and set(in_exact_pass) == {threads}
+    seen.clear()
+    few_per_row = scipy.sparse.random(2000, 600, density=0.002, format="csr", random_state=0)
+    ooc_svd.svd(few_per_row, k=100, method="randomized")
+    assert seen and set(seen) == {threads}
+
+    def failing(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(passes, "prefetch_blocks", failing)
+    with pytest.raises(KeyboardInterrupt):
+        ooc_svd.svd(sparse, k=3, method="randomized")
     assert blas_threads_now() == threads
