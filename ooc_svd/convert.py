@@ -39,7 +39,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +52,14 @@ from .coordinates import (
     write_bucketed,
     write_row_sorted,
 )
-from .errors import InputError, MissingDependencyError, StoreNotFoundError
+from .errors import InputError, MissingDependencyError, PlanError, StoreNotFoundError
 from .interrupts import raise_if_lost
 from .matrix_market import open_binary, read_entry_chunks, read_header
 from .plan import DEFAULT_MEMORY_LIMIT
 from .progress import progress_bars
 from .sources.csr import DEFAULT_CHUNK_NNZ, CSRWriter, stored_shape
-from .sources.dense import is_torch_tensor
-from .sources.open import load_npz, npz_format
+from .sources.dense import is_torch_tensor, refuse_load
+from .sources.open import load_npz, npz_format, sparse_npz_member_bytes
 from .sparse_streams import (
     NpyMemberReader,
     SlicedReader,
@@ -317,6 +317,8 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
     except zipfile.BadZipFile:
         raise InputError(f"{path!r} is not an .npz archive") from None
     with archive, ExitStack() as members:
+        if any(info.flag_bits & 0x1 for info in archive.infolist()):
+            raise InputError(f"{path!r} holds encrypted members, which cannot be read")
         names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
         if not {"format", "shape", "data"} <= names:
             raise InputError(f"{path!r} is not a scipy.sparse .npz (it holds {sorted(names)}, "
@@ -332,6 +334,10 @@ def from_npz(path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = No
         provenance = {"input": path, "format": f"scipy.sparse npz ({layout})"}
         if layout not in ("csr", "csc") and not (layout == "coo" and {"row", "col"} <= names):
             # (BSR, DIA, COO of coords: loaded whole by scipy)
+            refuse_load(path, f"a scipy.sparse .npz of the {layout} layout",
+                        sparse_npz_member_bytes(path), parse_bytes(memory_limit),
+                        "save it as CSR, CSC or COO (scipy.sparse's tocsr() or tocoo(), then "
+                        "save_npz), which convert reads a piece at a time")
             return _from_scipy(load_npz(path), out, provenance, source_path=path,
                                transpose=transpose, **options)
         if layout in ("csr", "csc") and not {"indptr", "indices"} <= names:
@@ -673,7 +679,10 @@ def _dense_transposed(input: str | os.PathLike, out: str | os.PathLike, *,
     from .sources.dense import open_dense_source
 
     if not transpose:
-        open_dense_source(input)  # a file that only has the name is refused as what it is
+        # A file that only has the name is refused as what it is; a compressed .npz is
+        # known dense from its header (refused, not loaded, below any size).
+        with suppress(PlanError):
+            open_dense_source(input, load_limit=0)
         raise InputError(f"{os.fspath(input)!r} is a dense matrix, which svd reads as it is; "
                          "convert writes a dense matrix only transposed (--transpose, "
                          "transpose=True), for the SVD of a wide A through A^T")

@@ -5,12 +5,17 @@ caller would expect (``ValueError`` for bad arguments, ``FileNotFoundError`` for
 store), so ``except ValueError`` keeps working.
 """
 
+import tokenize
 import zipfile
+import zlib
 from typing import Any
 
 # What np.load raises for an .npz it cannot read: EOFError for an empty file, BadZipFile
-# for a truncated archive, ValueError for a member that is no array, OSError for the rest.
-NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+# for a truncated archive, ValueError for a member that is no array (or shorter than its
+# header says), zlib.error for damaged compressed data, TokenError for a damaged header,
+# RuntimeError for an encrypted member, OSError for the rest.
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
+                   tokenize.TokenError, RuntimeError)
 
 
 class OOCSVDError(Exception):

@@ -186,6 +186,32 @@ def test_a_file_loaded_whole_counts_in_the_plan(tmp_path, monkeypatch):
                 call(str(tmp_path / path), 5, method="randomized", memory_limit=limit)
 
 
+def test_a_dense_npz_numpy_cannot_read_is_refused_naming_it(tmp_path):
+    """An object array, a damaged member, an encrypted one, data shorter than its header
+    says: an InputError naming the file and numpy's reason, not a traceback."""
+    import io
+    import zipfile
+
+    np.savez_compressed(tmp_path / "object.npz", A=np.array([[1, "x"], [2, "y"]], dtype=object))
+    np.savez_compressed(tmp_path / "good.npz", A=np.arange(6000.0).reshape(300, 20))
+    damaged = bytearray((tmp_path / "good.npz").read_bytes())
+    damaged[60:120] = bytes(60)  # the member's first compressed bytes: its header
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    locked = bytearray((tmp_path / "good.npz").read_bytes())
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        locked[locked.find(signature) + flags] |= 1
+    (tmp_path / "locked.npz").write_bytes(bytes(locked))
+    saved = io.BytesIO()
+    np.save(saved, np.zeros((300, 20)))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("A.npy", saved.getvalue()[:3000])
+    for name, reason in [("object", "Object arrays cannot be loaded"), ("damaged", ""),
+                         ("locked", "encrypted"), ("short", "EOF")]:
+        with pytest.raises(InputError, match=rf"cannot read the array 'A' of '.*{name}.npz': "
+                                             rf".*{reason}"):
+            ooc_svd.svd(str(tmp_path / f"{name}.npz"), 3)
+
+
 def test_integer_input(matrix):
     A = np.round(matrix * 1000).astype(np.int32)
     result = ooc_svd.svd(A, 4, method="exact")

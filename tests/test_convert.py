@@ -609,6 +609,43 @@ def test_npz_refusals_name_the_file_and_the_problem(tmp_path, arrays, message):
     assert not any(p.name.startswith("out.zarr") for p in tmp_path.iterdir())
 
 
+def encrypted(path):
+    """The zip archive at ``path`` with every member flagged encrypted, as zipfile sees it."""
+    content = bytearray(path.read_bytes())
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = content.find(signature)
+        while at >= 0:
+            content[at + flags] |= 1
+            at = content.find(signature, at + 4)
+    path.write_bytes(bytes(content))
+    return str(path)
+
+
+def test_npz_files_loaded_whole_are_refused_before_they_load(tmp_path, monkeypatch):
+    """A DIA .npz, which scipy loads whole, whose arrays alone exceed the limit; a dense
+    compressed .npz, which convert refuses without --transpose, however large; an archive of
+    encrypted members: each refused without loading anything."""
+    sp.save_npz(tmp_path / "dia.npz", sp.diags([np.ones(500_000)] * 2, [0, 1], format="dia"))
+    np.savez_compressed(tmp_path / "dense.npz", A=np.ones((1000, 500)))
+    sp.save_npz(tmp_path / "locked.npz", sp.random(30, 20, density=0.3, format="csr"))
+
+    def not_loaded(*args):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", not_loaded)
+    monkeypatch.setattr(sp, "load_npz", not_loaded)
+    with pytest.raises(InputError, match=r"dia.npz' is a scipy.sparse .npz of the dia layout, "
+                                         r"which is loaded whole, and its arrays alone take "
+                                         r"8.0[0-9]* MB, more than memory_limit 5 MB: save it "
+                                         r"as CSR, CSC or COO"):
+        convert(tmp_path / "dia.npz", tmp_path / "out.zarr", memory_limit="5MB")
+    with pytest.raises(InputError, match="is a dense matrix, which svd reads as it is"):
+        convert(tmp_path / "dense.npz", tmp_path / "out.zarr")
+    with pytest.raises(InputError, match="locked.npz' holds encrypted members"):
+        convert(encrypted(tmp_path / "locked.npz"), tmp_path / "out.zarr")
+    assert not os.path.exists(tmp_path / "out.zarr")
+
+
 def test_missing_input_and_unknown_format(tmp_path):
     with pytest.raises(StoreNotFoundError):
         from_mtx(tmp_path / "absent.mtx", tmp_path / "out.zarr")

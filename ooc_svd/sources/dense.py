@@ -404,7 +404,7 @@ def _open_npz(path: str, load_limit: int | None) -> DenseSource:
         if array is None:
             refuse_load(path, "a compressed .npz", [npz_member_bytes(archive.zip, names[0])],
                         load_limit, LOADED_HINT["dense"])
-            array = archive[names[0]]
+            array = _loaded_member(archive, names[0], path)
             loaded = array.nbytes
     return DenseSource(array, in_memory_boundaries(array.shape, array.itemsize), path,
                        stored_bytes=os.path.getsize(path), decodes=False, loaded_bytes=loaded,
@@ -428,10 +428,11 @@ def refuse_load(path: str, what: str, member_bytes: list[int | None], load_limit
     if load_limit is None or not known or sum(known) <= load_limit:
         return
     total = sum(known)
-    raise PlanError(
-        f"{path!r} is {what}, which is loaded whole, and its arrays alone take "
-        f"{format_bytes(total, round_up=True)}, more than memory_limit "
-        f"{format_bytes(load_limit)}: {hint}", total)
+    taken, limit = format_bytes(total, round_up=True), format_bytes(load_limit)
+    if taken == limit:  # too close to tell apart in three digits
+        taken, limit = f"{total:,} bytes", f"{load_limit:,} bytes"
+    raise PlanError(f"{path!r} is {what}, which is loaded whole, and its arrays alone take "
+                    f"{taken}, more than memory_limit {limit}: {hint}", total)
 
 
 def npz_member_bytes(archive: Any, name: str) -> int | None:
@@ -462,6 +463,17 @@ def _npy_header(file: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
                    (2, 0): np.lib.format.read_array_header_2_0}.get(
                        np.lib.format.read_magic(file))
     return None if read_header is None else read_header(file)
+
+
+def _loaded_member(archive: Any, name: str, path: str) -> np.ndarray:
+    """The array ``name`` of an .npz (numpy's ``NpzFile``), read whole; InputError naming
+    the file where numpy cannot read it (an object array, a damaged or encrypted member,
+    data shorter than its header says)."""
+    try:
+        return archive[name]
+    except Exception as exc:  # noqa: BLE001 - zlib, zipfile, numpy's parsers: many types
+        raise InputError(f"cannot read the array {name!r} of {path!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def _stored_member(path: str, archive: Any, name: str) -> np.memmap | None:

@@ -52,7 +52,7 @@ def open_source(A: Any, load_limit: int | None = None) -> DenseSource | CSRSourc
         if path.lower().endswith(".npz") and os.path.exists(path) and _is_sparse_npz(path):
             # An .npz member cannot be read in row ranges: the matrix is loaded once.
             # ``ooc-svd convert`` writes it as a CSR store for out-of-core runs.
-            refuse_load(path, "a scipy.sparse .npz", _sparse_member_bytes(path), load_limit,
+            refuse_load(path, "a scipy.sparse .npz", sparse_npz_member_bytes(path), load_limit,
                         LOADED_HINT["sparse"])
             source = csr_source_from_scipy(load_npz(path), path)
             loaded = sum(part.nbytes for part in (source.data, source.indices, source.indptr))
@@ -128,9 +128,9 @@ def _zarr_node_at(path: str) -> Any:
     return open_zarr_node(path)
 
 
-def _sparse_member_bytes(path: str) -> list[int | None]:
+def sparse_npz_member_bytes(path: str) -> list[int | None]:
     """The bytes of the arrays of a scipy.sparse .npz (its values and indices), from their
-    headers."""
+    headers (``refuse_load``'s ``member_bytes``)."""
     with np.load(path, allow_pickle=False) as archive:
         return [npz_member_bytes(archive.zip, name) for name in archive.files
                 if name not in ("format", "shape")]
