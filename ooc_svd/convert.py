@@ -679,8 +679,8 @@ def _dense_transposed(input: str | os.PathLike, out: str | os.PathLike, *,
     from .sources.dense import open_dense_source
 
     if not transpose:
-        # A file that only has the name is refused as what it is; a compressed .npz is
-        # known dense from its header (refused, not loaded, below any size).
+        # A file that only has the name is refused as what it is. A compressed .npz is
+        # known to be dense from its header: a load limit of 0 stops it before its load.
         with suppress(PlanError):
             open_dense_source(input, load_limit=0)
         raise InputError(f"{os.fspath(input)!r} is a dense matrix, which svd reads as it is; "
