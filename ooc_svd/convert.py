@@ -680,7 +680,8 @@ def _dense_transposed(input: str | os.PathLike, out: str | os.PathLike, *,
 
     if not transpose:
         # A file that only has the name is refused as what it is. A compressed .npz is
-        # known to be dense from its header: a load limit of 0 stops it before its load.
+        # known to be dense from its header: a load limit of 0 stops it before its load
+        # (but for an empty array, whose load costs nothing).
         with suppress(PlanError):
             open_dense_source(input, load_limit=0)
         raise InputError(f"{os.fspath(input)!r} is a dense matrix, which svd reads as it is; "

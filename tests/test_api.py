@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import zipfile
 
 import naive
 import numpy as np
@@ -172,12 +173,19 @@ def test_a_file_loaded_whole_counts_in_the_plan(tmp_path, monkeypatch):
                                         r"CSR store"):
         ooc_svd.svd_plan(str(tmp_path / "s.npz"), 5, method="randomized", memory_limit="7MB")
 
+    # The same array, its .npy header of version 3.0 (utf-8), which numpy writes for field
+    # names outside latin-1
+    with zipfile.ZipFile(tmp_path / "v3.npz", "w", zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("A.npy", "w") as member:
+        np.lib.format.write_array(member, A, version=(3, 0))
+
     def not_loaded(*args):
         raise AssertionError("loaded")
 
     monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", not_loaded)
     monkeypatch.setattr(scipy.sparse, "load_npz", not_loaded)
     for path, limit, way_out in [("c.npz", "7MB", "save the array uncompressed"),
+                                 ("v3.npz", "7MB", "save the array uncompressed"),
                                  ("s.npz", "6MB", "convert the .npz to a CSR store")]:
         for call in (ooc_svd.svd_plan, ooc_svd.svd):
             with pytest.raises(PlanError, match=rf"{path}' is a .* loaded whole, and its "

@@ -441,7 +441,7 @@ def npz_member_bytes(archive: Any, name: str) -> int | None:
     the member then says what is wrong)."""
     try:
         with archive.open(_member(archive, name)) as member:
-            header = _npy_header(member)
+            header = _npy_header(member, sizes_only=True)
     except Exception:  # noqa: BLE001 - reported by the load that follows
         return None
     if header is None:
@@ -456,12 +456,17 @@ def _member(archive: Any, name: str) -> str:
     return f"{name}.npy" if f"{name}.npy" in archive.namelist() else name
 
 
-def _npy_header(file: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+def _npy_header(file: Any, sizes_only: bool = False
+                ) -> tuple[tuple[int, ...], bool, np.dtype] | None:
     """(shape, fortran_order, dtype) of the .npy that ``file`` is at the start of; None for
-    a format version without a public reader (3.0, of utf-8 field names)."""
+    a format version without a public reader (3.0, of utf-8 field names), unless only the
+    sizes are wanted: 3.0's header is 2.0's in utf-8, which read as 2.0's latin-1 can change
+    a field's name, never its size."""
+    version = np.lib.format.read_magic(file)
+    if version == (3, 0) and sizes_only:
+        version = (2, 0)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(
-                       np.lib.format.read_magic(file))
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     return None if read_header is None else read_header(file)
 
 
@@ -471,6 +476,8 @@ def _loaded_member(archive: Any, name: str, path: str) -> np.ndarray:
     data shorter than its header says)."""
     try:
         return archive[name]
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - zlib, zipfile, numpy's parsers: many types
         raise InputError(f"cannot read the array {name!r} of {path!r}: "
                          f"{type(exc).__name__}: {exc}") from exc
