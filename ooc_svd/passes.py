@@ -38,7 +38,7 @@ from .kernels.cpu import (
     widen_into,
 )
 from .kernels.csr import first_non_finite_row as first_non_finite_csr_row
-from .plan import CSR_FLOPS_PER_S, QR_FLOPS_PER_S
+from .plan import qr_outweighs_products
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.dense import chunk_edges
 from .store import QSpill
@@ -135,8 +135,8 @@ class PassContext:
         """Yield (index, start, block, shift) over all blocks in order, timing the pass and
         showing progress. The shift is the pass's centering shift, fixed by its first block.
         ``by_blas``: the pass's work is mostly LAPACK's and BLAS's (the exact and gram
-        passes, a final pass of a wide basis: ``qr_outweighs_products``), which then keep
-        BLAS's threads whatever the blocks.
+        passes, a final pass of a wide basis: ``plan.qr_outweighs_products``), which then
+        keep BLAS's threads whatever the blocks.
 
         The first ``cached_blocks`` blocks are kept after their first read (DESIGN.md section
         6, block cache), so later passes read only the rest.
@@ -237,7 +237,10 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill | None
     with context.naming_the_row(), \
             aborted_on_error(context.kernels.final_sweep(X, stats, append_ones,
                                                          spill.write_block)) as sweep:
-        by_blas = qr_outweighs_products(context.source, l + append_ones)
+        nnz = getattr(context.source, "nnz", None)
+        # LAPACK's QRs outweighing numba's sparse products keep BLAS's threads
+        by_blas = nnz is not None and qr_outweighs_products(context.source.shape[0], nnz,
+                                                            l + append_ones)
         for _, start, block, shift in context.read("final pass", by_blas=by_blas):
             sweep.add(block, start, shift)
         tsqr = sweep.result()
@@ -247,18 +250,6 @@ def tsqr_final_pass(context: PassContext, X: np.ndarray, spill: QSpill | None
         BT = BT - np.outer(d, tsqr.R[:, l])
     context.centering.finish_pass(shift, stats)
     return FinalPassResult(tsqr, BT, stats, shift)
-
-
-def qr_outweighs_products(source: DenseSource | CSRSource, width: int) -> bool:
-    """Whether the local QRs of a sparse matrix's final pass (4 m width^2 flops, LAPACK's)
-    cost more than its products with A (2 width multiply-adds a non-zero, numba's kernels)
-    at the cost model's rates: a wide basis (block Krylov, a large k) over rows of few
-    non-zeros. BLAS then keeps its threads for that pass."""
-    nnz = getattr(source, "nnz", None)
-    if nnz is None:
-        return False
-    qr = 4 * source.shape[0] * width**2 / QR_FLOPS_PER_S
-    return qr > 2 * nnz * width / CSR_FLOPS_PER_S
 
 
 def left_vectors_sweep(

@@ -657,6 +657,10 @@ class _Work:
     pass_bytes: int
     nnz: int | None  # None for dense
 
+    def qr_seconds(self, width: int) -> float:
+        """The final pass's local QRs of Y (m x width) and the backward sweep."""
+        return 4 * self.m * width**2 / QR_FLOPS_PER_S
+
     def product_seconds(self, columns: float) -> float:
         """Seconds for products of A (or A^T) with ``columns`` columns."""
         if self.nnz is None:
@@ -679,9 +683,17 @@ class _Work:
     def final_pass_seconds(self, width: int) -> float:
         """Compute of the final pass (reading aside): A X and B = Q^T A, the streaming TSQR
         and the backward sweep, and writing and reading the spilled Q."""
-        qr_and_sweep = 4 * self.m * width**2 / QR_FLOPS_PER_S
+        qr_and_sweep = self.qr_seconds(width)
         spill = 2 * self.m * width * 8 / READ_BYTES_PER_S
         return self.product_seconds(2 * width) + qr_and_sweep + spill
+
+
+def qr_outweighs_products(m: int, nnz: int, width: int) -> bool:
+    """Whether the local QRs of a sparse matrix's final pass (m rows, ``nnz`` non-zeros, a
+    basis of ``width``) cost more than its products with A, at the cost model's rates: a
+    wide basis (block Krylov, a large k) over rows of few non-zeros."""
+    work = _Work(m, 0, 0, nnz)
+    return work.qr_seconds(width) > work.product_seconds(2 * width)
 
 
 def smallest_tol(method: str, n: int) -> float:
