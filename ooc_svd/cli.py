@@ -341,6 +341,7 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     the GPU when one is usable with the memory free), from the same options as ``run``."""
     from .api import limit_bytes, open_matrix, svd_plan
     from .kernels.cuda_backend import check_cuda_options
+    from .sources.open import loaded_npz_summary
 
     planning = [name for name in PLANNING if given(name)]
     if k is None and tol is None and planning:
@@ -358,23 +359,25 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
         return
     if scheduler is None:
         check_backend(backend)
-    # Opened once: an .npz that is sparse or compressed is loaded whole, which a plan's
-    # memory limit must hold
     planned = k is not None or tol is not None
-    source, _, _ = open_matrix(input_path,
-                               load_limit=limit_bytes(memory_limit) if planned else None)
-    report = {
-        "input": input_path,
-        "format": source.kind,
-        "shape": list(source.shape),
-        "dtype": str(source.dtype),
-        "chunks": source.chunks,
-        "nnz": getattr(source, "nnz", None),
-        "bytes_raw": source.nbytes,
-        "bytes_stored": source.stored_bytes,
-    }
+    # An .npz that a run loads whole (sparse, or compressed) is described from its headers
+    summary = None if planned else loaded_npz_summary(input_path)
+    if summary is None:
+        # Opened once: a file loaded whole here must fit the plan's memory limit
+        source, _, _ = open_matrix(input_path,
+                                   load_limit=limit_bytes(memory_limit) if planned else None)
+        summary = {
+            "format": source.kind,
+            "shape": list(source.shape),
+            "dtype": str(source.dtype),
+            "chunks": source.chunks,
+            "nnz": getattr(source, "nnz", None),
+            "bytes_raw": source.nbytes,
+            "bytes_stored": source.stored_bytes,
+        }
+    report = {"input": input_path, **summary}
     plan = None
-    if k is not None or tol is not None:  # else the input alone
+    if planned:  # else the input alone
         plan = svd_plan(source, k, tol=tol, max_rank=max_rank, oversample=oversample,
                         niter=niter, method=method, memory_limit=memory_limit,
                         spectral_iters=spectral_iters, backend=backend, cuda_options=options,
@@ -383,13 +386,16 @@ def info(input_path, k, tol, max_rank, niter, oversample, method, backend, memor
     if as_json:
         click.echo(json.dumps(report))
         return
-    stored = "unknown" if source.stored_bytes is None else format_bytes(source.stored_bytes)
+    stored = report["bytes_stored"]
+    stored = "unknown" if stored is None else format_bytes(stored)
     if report["nnz"] is not None:
         layout = f"{report['nnz']} non-zeros"
     else:
-        layout = "no storage chunks" if source.chunks is None else f"chunks {source.chunks}"
-    click.echo(f"{input_path}: {source.kind}, {source.shape[0]} x {source.shape[1]} "
-               f"{source.dtype}, {layout}, {format_bytes(source.nbytes)} raw, {stored} stored")
+        layout = "no storage chunks" if report["chunks"] is None else \
+            f"chunks {report['chunks']}"
+    (m, n), raw = report["shape"], format_bytes(report["bytes_raw"])
+    click.echo(f"{input_path}: {report['format']}, {m} x {n} {report['dtype']}, {layout}, "
+               f"{raw} raw, {stored} stored")
     click.echo(plan.describe() if plan else "Give --k or --tol for the plan of a run on it.")
 
 

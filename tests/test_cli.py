@@ -705,6 +705,45 @@ def test_info_opens_its_input_once(tmp_path, monkeypatch):
     assert loads == [path]
 
 
+def test_info_describes_a_file_a_run_loads_from_its_headers(tmp_path, monkeypatch):
+    """A sparse .npz, or a compressed dense one, is loaded whole by a run: info without a
+    rank describes it from its arrays' headers, as the opened input would, loading nothing."""
+    import scipy.sparse
+    from click.testing import CliRunner
+
+    from ooc_svd.cli import main
+    from ooc_svd.sources import dense
+    from ooc_svd.sources.open import open_source
+
+    A = scipy.sparse.random(200, 30, density=0.1, format="csr", dtype=np.float32,
+                            random_state=1)
+    paths = []
+    for layout in ("csr", "coo", "bsr", "csc"):
+        paths.append(str(tmp_path / f"{layout}.npz"))
+        scipy.sparse.save_npz(paths[-1], A.asformat(layout), compressed=layout != "csc")
+    paths.append(str(tmp_path / "dense.npz"))
+    np.savez_compressed(paths[-1], np.ones((40, 6), np.float16))  # read as float32
+    expected = {}
+    for path in paths:
+        source = open_source(path)
+        expected[path] = {"format": source.kind, "shape": list(source.shape),
+                          "dtype": str(source.dtype), "nnz": getattr(source, "nnz", None),
+                          "bytes_raw": source.nbytes, "bytes_stored": os.path.getsize(path)}
+
+    def no_loading(*args):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(scipy.sparse, "load_npz", no_loading)
+    monkeypatch.setattr(dense, "_loaded_member", no_loading)
+    for path in paths:
+        done = CliRunner().invoke(main, ["info", path, "--json"])
+        assert done.exit_code == 0, done.output
+        report = json.loads(done.output)
+        assert {key: report[key] for key in expected[path]} == expected[path], path
+    assert "40 x 6 float16, no storage chunks, 960 B raw" in \
+        CliRunner().invoke(main, ["info", paths[-1]]).output
+
+
 def test_info_plans_a_cluster_run_without_contacting_it(store):
     """Workers keep no block cache and choose their kernels; --backend cuda is for them."""
     local = json.loads(ooc_svd_command("info", store, "--k", 5, "--method", "randomized",

@@ -439,15 +439,44 @@ def npz_member_bytes(archive: Any, name: str) -> int | None:
     """The bytes of the array ``name`` of an .npz (a ``zipfile.ZipFile``), from its .npy
     header, which is all that is decompressed; None if the header cannot be read (loading
     the member then says what is wrong)."""
+    header = npz_member_header(archive, name, sizes_only=True)
+    if header is None:
+        return None
+    shape, dtype = header
+    return math.prod(shape) * dtype.itemsize
+
+
+def npz_member_header(archive: Any, name: str, sizes_only: bool = False
+                      ) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of the array ``name`` of an .npz (a ``zipfile.ZipFile``) from its
+    .npy header alone (``_npy_header``); None where the header cannot be read."""
     try:
         with archive.open(_member(archive, name)) as member:
-            header = _npy_header(member, sizes_only=True)
-    except Exception:  # noqa: BLE001 - reported by the load that follows
+            header = _npy_header(member, sizes_only)
+    except Exception:  # noqa: BLE001 - reported by the load that would follow
         return None
     if header is None:
         return None
     shape, _, dtype = header
-    return math.prod(shape) * dtype.itemsize
+    return shape, dtype
+
+
+def compressed_npz_summary(path: str) -> dict | None:
+    """The format, shape, dtype and bytes (raw, as ``DenseSource.nbytes``, and stored) of
+    the one array of an .npz that opening would load whole (compressed or encrypted:
+    ``_open_npz``), from its header; None for one that opening maps, or that its header
+    does not describe as a matrix (opening says why)."""
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+        if len(names) != 1 or _stored_member(path, archive.zip, names[0]) is not None:
+            return None
+        header = npz_member_header(archive.zip, names[0])
+    if header is None or len(header[0]) != 2 or header[1].hasobject:
+        return None
+    shape, dtype = header
+    return {"format": "npz", "shape": list(shape), "dtype": str(dtype), "chunks": None,
+            "nnz": None, "bytes_raw": math.prod(shape) * block_dtype(dtype).itemsize,
+            "bytes_stored": os.path.getsize(path)}
 
 
 def _member(archive: Any, name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from typing import Any
@@ -14,15 +15,18 @@ from .dense import (
     LOADED_HINT,
     DenseSource,
     _torch_array,
+    compressed_npz_summary,
     is_torch_tensor,
     members_of,
     npz_member_bytes,
+    npz_member_header,
     open_dense_source,
     open_zarr_node,
     refuse_load,
     refuse_unfinished,
     zarr_array_source,
 )
+from .dtypes import block_dtype
 
 
 def open_source(A: Any, load_limit: int | None = None) -> DenseSource | CSRSource:
@@ -56,7 +60,7 @@ def open_source(A: Any, load_limit: int | None = None) -> DenseSource | CSRSourc
                         LOADED_HINT["sparse"])
             source = csr_source_from_scipy(load_npz(path), path)
             loaded = sum(part.nbytes for part in (source.data, source.indices, source.indptr))
-            return replace(source, loaded_bytes=loaded)
+            return replace(source, loaded_bytes=loaded, stored_bytes=os.path.getsize(path))
         node = _zarr_node_at(path)
         if node is not None:
             return _open_group(node, path) if hasattr(node, "array_keys") else \
@@ -134,6 +138,43 @@ def sparse_npz_member_bytes(path: str) -> list[int | None]:
     with np.load(path, allow_pickle=False) as archive:
         return [npz_member_bytes(archive.zip, name) for name in archive.files
                 if name not in ("format", "shape")]
+
+
+def loaded_npz_summary(path: str) -> dict | None:
+    """What ``ooc-svd info`` reports of an input file that opening loads whole (a
+    scipy.sparse .npz, a compressed dense one), from the headers of its arrays, so that
+    describing it loads nothing: its format, shape, dtype, chunks (None), nnz (the stored
+    entries) and bytes, raw (as a run holds them) and stored. None for any other input, for
+    a DIA matrix (whose entries its headers do not give) and for a file whose headers do
+    not describe a matrix (opening it says what is wrong)."""
+    if not path.lower().endswith(".npz") or not os.path.isfile(path):
+        return None
+    try:
+        if _is_sparse_npz(path):
+            return _sparse_npz_summary(path)
+        return compressed_npz_summary(path)
+    except (*NPZ_READ_ERRORS, InputError, StoreNotFoundError, KeyError):
+        return None
+
+
+def _sparse_npz_summary(path: str) -> dict | None:
+    """``loaded_npz_summary`` of a scipy.sparse .npz: its values' header gives the dtype
+    and the stored entries; the bytes are those of the CSR matrix a run holds (values,
+    indices and an indptr entry per row, as ``CSRSource.nbytes``)."""
+    with np.load(path, allow_pickle=False) as archive:
+        layout = npz_format(archive["format"], path)
+        if layout == "dia":
+            return None
+        shape = tuple(int(size) for size in np.ravel(archive["shape"]))
+        data = npz_member_header(archive.zip, "data")
+        index = npz_member_header(archive.zip, "col" if layout == "coo" else "indices")
+    if data is None or index is None or len(shape) != 2:
+        return None
+    values, entries = block_dtype(data[1]), math.prod(data[0])
+    return {"format": "scipy.sparse", "shape": list(shape), "dtype": str(values),
+            "chunks": None, "nnz": entries,
+            "bytes_raw": entries * (values.itemsize + index[1].itemsize) + 8 * shape[0],
+            "bytes_stored": os.path.getsize(path)}
 
 
 def _is_sparse_npz(path: str) -> bool:
