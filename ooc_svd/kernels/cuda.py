@@ -57,7 +57,9 @@ atomics are the rest), about the copy's rate; 7 when column j is drawn with prob
 Products are accumulated in float64 by default. ``accumulate='float32'`` keeps a thread's
 running sums in float32: Y_i = A_i X over a row's n columns (dense tiles and CSR rows
 alike), and Z over a split-K chunk of rows (thousands; a whole block once n passes about
-67k), whose partial sums are added to Z in float64. A sum of N float32 terms rounds to
+67k), whose partial sums are added to Z in float64. The entries of X and Y they multiply
+are rounded to float32 too (the staged tiles, a CSR row's gathers, Y before Z += A_s^T Y):
+about eps32 each, below what the sums lose. A sum of N float32 terms rounds to
 about sqrt(N) eps32 of its size, so it loses directions below about sqrt(eps32) ~ 3e-4 of
 sigma_1 (Z = A^T A X squares the spectrum), and more as those sums grow (about 2e-3 at
 N = 4000). It is meant for GPUs with a small float64 rate (1/32 or 1/64 of float32 on most
