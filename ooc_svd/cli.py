@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import click
 
 from . import __version__
-from .errors import OOCSVDError
+from .errors import ClusterError, OOCSVDError
 from .interrupts import Terminated, raise_if_lost, signals_as_interrupts
 from .units import format_bytes
 
@@ -45,7 +45,7 @@ class Interrupted(click.ClickException):
 
 class SystemFailure(click.ClickException):
     """An OSError that is not one of the library's (a full disk, a file that cannot be
-    written): exit code 1, one line naming it."""
+    written), or a cluster that could not finish the run: exit code 1, one line naming it."""
 
     exit_code = 1
 
@@ -81,10 +81,10 @@ def interrupted_signal(interrupt: KeyboardInterrupt) -> tuple[str, int]:
 
 def user_errors(command):
     """Turn the library's own errors into exit code 2 with their one-line message, other
-    OSErrors into exit code 1 with theirs, and Ctrl-C and SIGTERM into exit codes 130 and
-    143 (an output being written is removed; a run keeps its checkpoint). With --json such
-    a failure is also printed as JSON on stdout (click's own usage errors, before the
-    command runs, are not)."""
+    OSErrors and a cluster's failures into exit code 1 with theirs, and Ctrl-C and SIGTERM
+    into exit codes 130 and 143 (an output being written is removed; a run keeps its
+    checkpoint). With --json such a failure is also printed as JSON on stdout (click's own
+    usage errors, before the command runs, are not)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -95,6 +95,8 @@ def user_errors(command):
                 done = command(*args, **kwargs)
                 raise_if_lost()  # one a finalizer dropped after the last block
                 return done
+        except ClusterError as error:  # the cluster's failure, not the input's: retry
+            failure = SystemFailure(failure_message(error))
         except OOCSVDError as error:
             failure = InputFailure(failure_message(error))
         except click.ClickException as error:  # the commands' own failures

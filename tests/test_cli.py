@@ -960,27 +960,33 @@ def test_an_interrupted_convert_or_generate_says_whether_its_output_was_written(
 
 def test_a_failure_of_the_system_is_one_line_that_keeps_the_passes(store, tmp_path,
                                                                  monkeypatch):
-    """A full disk is no bug: exit code 1 with one line (JSON with --json), and the
-    checkpoint kept for --resume."""
+    """A full disk, or a cluster that lost its workers, is no bug: exit code 1 with one
+    line (JSON with --json), and the checkpoint kept for --resume."""
     from click.testing import CliRunner
 
     import ooc_svd.engine
     from ooc_svd.cli import main
+    from ooc_svd.errors import ClusterError
 
     out = str(tmp_path / "r.zarr")
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(ooc_svd.engine, "tsqr_final_pass", disk_full)
-        done = CliRunner().invoke(main, ["run", store, "--k", "3", "--method", "randomized",
-                                         "--out", out, "--json"])
-    assert done.exit_code == 1, done.output
-    failure = json.loads(done.output.splitlines()[0])
-    assert failure == {"error": f"OSError: [Errno 28] No space left on device; the completed "
-                                f"passes are kept in {out}.checkpoint: the same command with "
-                                "--resume continues from there", "exit_code": 1}
+    def cluster_lost(*args, **kwargs):  # not the input's fault: a batch job may retry
+        raise ClusterError("the cluster has had no worker for 10 s")
+
+    for failing, said in ((disk_full, "OSError: [Errno 28] No space left on device"),
+                          (cluster_lost, "the cluster has had no worker for 10 s")):
+        with monkeypatch.context() as patch:
+            patch.setattr(ooc_svd.engine, "tsqr_final_pass", failing)
+            done = CliRunner().invoke(main, ["run", store, "--k", "3", "--method",
+                                             "randomized", "--out", out, "--json"])
+        assert done.exit_code == 1, done.output
+        failure = json.loads(done.output.splitlines()[0])
+        assert failure == {"error": f"{said}; the completed passes are kept in "
+                                    f"{out}.checkpoint: the same command with --resume "
+                                    "continues from there", "exit_code": 1}
 
 
 def test_a_failed_spill_names_the_scratch_directory(tmp_path, monkeypatch):
