@@ -597,12 +597,14 @@ class ClusterPasses:
         P = group_products(spill.steps, spill.factors, W, len(spill.groups))
         sink = self._row_sink(store_rows)
         self.count += 1
-        futures = [
-            self.client.submit(_left_vectors_group, spill.directory, g.blocks, g.first,
-                               P[g.index], sink, key=self._key("U", "group", self.count, g.index))
-            for g in spill.groups
-        ]
-        self._store_returned_rows(futures, store_rows)
+        with self._sweep_marker(sink) as sink:
+            futures = [
+                self.client.submit(_left_vectors_group, spill.directory, g.blocks, g.first,
+                                   P[g.index], sink,
+                                   key=self._key("U", "group", self.count, g.index))
+                for g in spill.groups
+            ]
+            self._store_returned_rows(futures, store_rows)
         self._result(self.client.submit(_remove_tree, spill.directory,
                                         key=self._key("U", "cleanup", self.count)))
 
@@ -673,6 +675,27 @@ class ClusterPasses:
         if not self._reached_by_workers(owner.array):
             return RowSink(None, owner.dtype, owner.m)
         return RowSink(owner.array, owner.dtype, owner.m)
+
+    @contextlib.contextmanager
+    def _sweep_marker(self, sink: RowSink) -> Iterator[RowSink]:
+        """``sink`` with a marker file in its array's store while the sweep runs (removed
+        after, so that it never stays in the output)."""
+        if sink.array is None:
+            yield sink
+            return
+        marker = os.path.join(os.fspath(sink.array.store.root),
+                              f".ooc-svd-rows-{self.token}-{self.count}")
+        try:
+            with open(marker, "w"):
+                pass
+        except OSError:  # the rows come back to the client, which writes them
+            yield replace(sink, array=None)
+            return
+        try:
+            yield replace(sink, marker=marker)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
 
     def _reached_by_workers(self, array: Any) -> bool:
         """Whether ``array`` is a zarr array in a local store that every worker reaches."""
@@ -1000,8 +1023,12 @@ def _shared_scratch(client: Any, scratch_dir: str | None) -> str:
         # By a worker that sees it (any other would leave it: it made the marker)
         _remove_scratch_made(client, directory, [address for address, ok in seen.items()
                                                  if ok])
+        # Named with those that see it: the worker that made it is one of them, and the
+        # odd one out may be on either side
         missing = sorted(address for address, ok in seen.items() if not ok)
-        raise InputError(_unshared_scratch(base, f"{missing} do"))
+        sharing = sorted(address for address, ok in seen.items() if ok)
+        raise InputError(_unshared_scratch(base, f"{missing} do not see the one that "
+                                                 f"{sharing} see"))
     return directory
 
 
@@ -1115,16 +1142,21 @@ class _NpyFile:
 @dataclass(frozen=True)
 class RowSink:
     """Where a task puts U's rows: ``array`` (a zarr array the workers write into) or None
-    (back to the client), as ``dtype``; ``m`` is U's number of rows."""
+    (back to the client), as ``dtype``; ``m`` is U's number of rows. ``marker``: a file
+    the client made in the array's store for the sweep; a worker that does not see it (one
+    that joined after ``_workers_reach``, with another view of the path) sends its rows
+    back instead of writing them where the client would never see them."""
 
     array: Any
     dtype: np.dtype
     m: int
+    marker: str | None = None
 
     def owned_rows(self, start: int, stop: int) -> tuple[int, int]:
         """The rows of [start, stop) that lie in chunks of ``array`` wholly inside it: the
-        task writes those; the rows of chunks shared with a neighbour go to the client."""
-        if self.array is None:
+        task writes those; the rows of chunks shared with a neighbour go to the client, as
+        do all of them where this worker does not see ``marker``."""
+        if self.array is None or (self.marker is not None and not os.path.exists(self.marker)):
             return start, start
         chunk = int(self.array.chunks[0])
         first = -(-start // chunk) * chunk
@@ -1474,12 +1506,13 @@ def _check_scratch_seen(scratch: str) -> None:
     """Refuse to spill to, or read from, a scratch directory this worker does not see."""
     if not os.path.exists(os.path.join(scratch, SCRATCH_MARKER)):
         raise InputError(_unshared_scratch(os.path.dirname(scratch),
-                                           f"a worker on {socket.gethostname()} does"))
+                                           f"a worker on {socket.gethostname()} does not "
+                                           "see it"))
 
 
-def _unshared_scratch(base: str, workers_do: str) -> str:
-    return (f"the scratch directory {base!r} is not shared by all workers ({workers_do} not "
-            "see it); pass scratch_dir on a filesystem every worker mounts")
+def _unshared_scratch(base: str, who_sees_what: str) -> str:
+    return (f"the scratch directory {base!r} is not shared by all workers ({who_sees_what});"
+            " pass scratch_dir on a filesystem every worker mounts")
 
 
 def _let_go(completed: Any, unfinished: dict[str, Any]) -> None:

@@ -210,6 +210,28 @@ def test_rows_written_after_the_run_ended_are_removed_with_its_output(tmp_path):
     assert check_output_path(out, overwrite=False) == os.path.abspath(out)
 
 
+def test_a_worker_that_does_not_see_the_sweeps_marker_sends_its_rows_back(tmp_path):
+    """A worker that joined after the check that every worker sees the output, with
+    another view of its path, wrote U's rows where the client never saw them, and the run
+    failed as if it had ended. The sweep's marker tells it: it sends its rows back."""
+    from ooc_svd.distributed import _GroupRows
+    from ooc_svd.store import LeftVectors, ResultWriter
+
+    writer = ResultWriter(str(tmp_path / "result.zarr"), overwrite=False)
+    left = LeftVectors(writer, 1000, np.dtype(np.float64), 100)
+    left.allocate(3)
+    marker = os.path.join(writer.output.partial, ".marker")
+    for seen in (False, True):
+        if seen:
+            open(marker, "w").close()
+        rows = _GroupRows(RowSink(left.array, np.dtype(np.float64), 1000, marker), 0, 200)
+        rows.add(0, np.full((200, 3), 7.0))
+        written = left.array[:200]
+        assert np.all(written == 7.0) if seen else not np.any(written)
+        assert [start for start, _ in rows.returned] == ([] if seen else [0])
+    writer.abort()
+
+
 # ---- on a LocalCluster ----------------------------------------------------------------------
 
 
@@ -1074,7 +1096,8 @@ def test_an_unshared_scratch_directory_is_removed_by_a_worker_that_sees_it(tmp_p
             return {"tcp://a:1": True, "tcp://b:2": False}
 
     client = Client()
-    with pytest.raises(InputError, match=r"\['tcp://b:2'\] do not see it"):
+    with pytest.raises(InputError, match=r"\['tcp://b:2'\] do not see the one that "
+                                         r"\['tcp://a:1'\] see\)"):
         ooc_svd.distributed._shared_scratch(client, str(tmp_path))
     assert client.removed_on == ["tcp://a:1"] and list(tmp_path.iterdir()) == []
 
