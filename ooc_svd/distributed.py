@@ -83,7 +83,7 @@ from .passes import (
     add_rows_to_r,
     record_pass,
 )
-from .plan import Plan
+from .plan import Plan, bytes_of_blocks, group_units
 from .sources import CSRSource, DenseSource, prefetch_blocks
 from .sources.csr import CSRBlock
 from .sources.difference import Difference
@@ -102,6 +102,10 @@ CLOSE_TIMEOUT_S = 5
 # Groups per worker thread: more groups than threads balance the load and make a retried
 # task cheap; each group adds one n x l partial to the reduction.
 GROUPS_PER_THREAD = 4
+# A plan of fewer blocks than that (a large memory limit, a small matrix) has its blocks
+# cut at storage chunks into pieces of about A's bytes over the groups wanted, but not
+# below this: a smaller task costs more in the scheduler's overhead than it shares.
+MIN_TASK_BYTES = 16 << 20
 # A source is shipped to the workers pickled; past this size it holds data, not a reference
 # to a store (e.g. a dask array built from an in-memory numpy array).
 MAX_SOURCE_BYTES = 8 << 20
@@ -229,6 +233,22 @@ class RowGroup:
         return self.blocks[0][0], self.blocks[-1][1]
 
 
+def split_blocks(blocks: tuple[tuple[int, int], ...], boundaries: np.ndarray,
+                 unit_bytes: np.ndarray, count: int) -> tuple[tuple[int, int], ...]:
+    """``blocks`` (whole units: storage chunks, or a CSR store's units, ``boundaries`` and
+    their ``unit_bytes``) cut into pieces of whole units of at most A's bytes over
+    ``count`` (MIN_TASK_BYTES at least), so that few large blocks still give every thread
+    of a cluster its tasks. A unit larger than that is a piece of its own."""
+    target = max(int(np.sum(unit_bytes)) // max(count, 1), MIN_TASK_BYTES)
+    pieces: list[tuple[int, int]] = []
+    for start, stop in blocks:
+        first, last = np.searchsorted(boundaries, [start, stop])
+        units = np.asarray(unit_bytes[first:last])
+        cut, _ = group_units(boundaries[first : last + 1], units, units, target, target)
+        pieces.extend(cut)
+    return tuple(pieces)
+
+
 def row_groups(blocks: tuple[tuple[int, int], ...], count: int) -> list[RowGroup]:
     """Split the blocks into ``count`` groups of consecutive blocks, as even as possible."""
     count = max(1, min(count, len(blocks)))
@@ -277,17 +297,27 @@ class ClusterPasses:
         self.count = 0  # maps so far: each map's keys carry its number
         self.operands = itertools.count()
         self.depth = plan.prefetch_depth
-        self.blocks = plan.blocks
-        self.block_bytes = np.asarray(plan.block_bytes or [0] * len(plan.blocks),
-                                      dtype=np.int64)
+        self.plan_blocks = plan.blocks
+        self.units = np.asarray(source.chunk_rows)  # where blocks may be cut, and their bytes
+        self.unit_bytes = np.asarray(source.chunk_bytes) if self.sparse else \
+            np.diff(self.units) * self.n * source.block_dtype.itemsize
         self._group_for(sum(client.nthreads().values()))
         self.total_bytes = source.nbytes
         self.sources = self._place_source(source)
         self._reachable: dict[str, bool] = {}
 
     def _group_for(self, threads: int) -> None:
-        """Cut the blocks into GROUPS_PER_THREAD groups per thread."""
-        self.groups = row_groups(self.blocks, GROUPS_PER_THREAD * max(threads, 1))
+        """Cut the blocks into GROUPS_PER_THREAD groups per thread, the plan's blocks first
+        cut smaller where they are fewer (``split_blocks``): smaller blocks only lower a
+        task's memory. Each pass's groups are its own (the final pass's spill keeps
+        those its sweep of U's rows takes)."""
+        wanted = GROUPS_PER_THREAD * max(threads, 1)
+        self.blocks = self.plan_blocks
+        if len(self.blocks) < wanted:
+            self.blocks = split_blocks(self.blocks, self.units, self.unit_bytes, wanted)
+        self.block_bytes = np.asarray(bytes_of_blocks(self.blocks, self.units,
+                                                      self.unit_bytes), dtype=np.int64)
+        self.groups = row_groups(self.blocks, wanted)
         self.group_bytes = [int(self.block_bytes[g.first : g.first + len(g.blocks)].sum())
                             for g in self.groups]
 

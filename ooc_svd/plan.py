@@ -429,7 +429,7 @@ class _Layouts:
         plan = Plan(
             (m, n), self.itemsize, self.k, l, self.niter, method, reason, blocks, depth, limit,
             peak, spill, growth, self.krylov_width if method == "krylov" else 0,
-            block_bytes=_bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
+            block_bytes=bytes_of_blocks(blocks, self.chunk_boundaries, self.chunk_bytes),
             nnz=nnz, scatter_copies=copies, spectral_iters=self.spectral_iters,
             read_factor=self.read_factor,
             exact_fallback=exact_fallback,
@@ -581,7 +581,7 @@ def group_units(boundaries, costs, raw_bytes, budget, max_raw=MAX_BLOCK_BYTES
     return tuple(blocks), max(largest, cost)
 
 
-def _bytes_of_blocks(blocks, boundaries, chunk_bytes) -> tuple[int, ...]:
+def bytes_of_blocks(blocks, boundaries, chunk_bytes) -> tuple[int, ...]:
     """Raw bytes of each block, from the bytes of the units it is made of."""
     if not blocks:
         return ()

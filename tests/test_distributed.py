@@ -270,6 +270,41 @@ def test_csr_store_matches_the_local_run(cluster, csr_store, small_units, option
     assert_same_result(result, reference)
 
 
+def test_blocks_are_cut_at_units_into_pieces_for_the_groups_wanted():
+    from ooc_svd.distributed import split_blocks
+
+    MB = 1 << 20
+    boundaries = np.arange(0, 1001, 100)  # ten units of 100 rows
+    unit_bytes = np.full(10, 5 * MB)
+    whole = ((0, 1000),)
+    # 50 MB over 4 groups: pieces of at most 16 MB (MIN_TASK_BYTES, more than 12.5 MB)
+    assert split_blocks(whole, boundaries, unit_bytes, 4) == \
+        ((0, 300), (300, 600), (600, 900), (900, 1000))
+    # Each of several blocks is cut on its own; none below a unit
+    assert split_blocks(((0, 200), (200, 1000)), boundaries, unit_bytes, 100) == \
+        ((0, 200), (200, 500), (500, 800), (800, 1000))
+    big = np.array([40 * MB] + [MB] * 9)  # a unit past the target is a piece of its own
+    assert split_blocks(whole, boundaries, big, 8) == ((0, 100), (100, 1000))
+
+
+def test_a_plan_of_few_blocks_is_cut_for_the_clusters_threads(cluster, dense_store,
+                                                              monkeypatch):
+    """A plan of one block (A fits the limit) gave one task a pass, whatever the workers:
+    its block is cut at chunks so that each thread has GROUPS_PER_THREAD tasks."""
+    monkeypatch.setattr(ooc_svd.distributed, "MIN_TASK_BYTES", 1)
+    mapped, row_groups = [], ooc_svd.distributed.row_groups
+    monkeypatch.setattr(ooc_svd.distributed, "row_groups",
+                        lambda blocks, count: mapped.append(len(blocks)) or
+                        row_groups(blocks, count))
+    reference = ooc_svd.svd(dense_store, 6, method="randomized", center=True)
+    result = ooc_svd.svd(dense_store, 6, method="randomized", center=True, client=cluster[1])
+    assert len(result.plan.blocks) == 1
+    threads = sum(cluster[1].nthreads().values())
+    assert set(mapped) == {ooc_svd.distributed.GROUPS_PER_THREAD * threads}
+    assert result.bytes_read == result.plan.bytes_to_read + M // 8 * N * 8  # shift's block
+    assert_same_result(result, reference)
+
+
 def test_the_backend_reaches_the_workers(cluster, csr_store):
     from ooc_svd.kernels.cuda_backend import cuda_available
 
