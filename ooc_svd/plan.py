@@ -42,9 +42,6 @@ QR_FLOPS_PER_S = 15e9
 # rows.
 SVD_CUBES_PER_S = 3.5e9
 EIGH_CUBES_PER_S = 8e9
-# Bytes a second of sweeping n x l float64 arrays through memory (zeroing, adding): what a
-# block's product with A costs beyond its rows' work.
-MEMORY_BYTES_PER_S = 10e9
 
 # Columns added per step by the fixed-accuracy randomized method.
 GROWTH_BLOCK = 32
@@ -67,10 +64,12 @@ MAX_EXACT_COLUMNS = 4096
 PREFETCH_DEPTH = 2
 # Past this size a larger block does not read faster, it only delays the overlap.
 MAX_BLOCK_BYTES = 64 << 20
-# With a block cache, blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit are
-# tried, each half taken only if it cuts the bytes read to CACHE_GAIN or less and the reads
-# saved outweigh what its blocks add (``_Work.block_seconds``): smaller blocks lower the
-# peak and so cache more, but each block has a fixed cost in the final pass.
+# With a block cache, dense blocks down to 1/2**SMALLER_BLOCK_TRIES of the largest that fit
+# are tried, each half taken only if it cuts the bytes read to CACHE_GAIN or less: smaller
+# blocks lower the peak and so cache more, but each block has a fixed cost (the final pass
+# merges an n x l factor per block). Sparse blocks keep their size: their final pass costs
+# more per block (17 ms at n = 2,000, 95 ms at n = 10^5, measured in benchmarks/RESULTS.md),
+# which outweighed the reads saved.
 SMALLER_BLOCK_TRIES = 3
 CACHE_GAIN = 0.8
 DEFAULT_MEMORY_LIMIT = "1GB"  # as the CLI says; parse_bytes reads it as 10**9
@@ -364,10 +363,10 @@ class _Layouts:
 
     def fit(self, method: str, reason: str) -> Plan:
         """The plan of ``method``, or PlanError if it cannot fit ``memory_limit``. Where the
-        later passes may be served from the block cache, smaller blocks are tried too: they
-        lower the peak, which leaves the cache more room."""
+        later passes may be served from the block cache, smaller dense blocks are tried too:
+        they lower the peak, which leaves the cache more room."""
         plan = self.layout(method, reason, MAX_BLOCK_BYTES)
-        if not self.cacheable or plan.passes < 2:
+        if not self.cacheable or self.nnz is not None or plan.passes < 2:
             return plan
         cap = max(plan.block_bytes)
         for _ in range(SMALLER_BLOCK_TRIES):
@@ -375,27 +374,9 @@ class _Layouts:
                 break
             cap //= 2
             smaller = self.layout(method, reason, cap)
-            if self._smaller_pays(plan, smaller):
+            if smaller.bytes_to_read <= CACHE_GAIN * plan.bytes_to_read:
                 plan = smaller
         return plan
-
-    def _smaller_pays(self, plan: Plan, smaller: Plan) -> bool:
-        """Whether the smaller blocks of ``smaller`` cut the bytes read to CACHE_GAIN or
-        less, and save more time in reads than their blocks add to the final pass, at the
-        cost model's rates."""
-        if smaller.bytes_to_read > CACHE_GAIN * plan.bytes_to_read:
-            return False
-        work = _Work(*self.shape, plan.bytes_per_pass, self.nnz)
-        saved = (plan.bytes_to_read - smaller.bytes_to_read) / READ_BYTES_PER_S
-        added = len(smaller.blocks) - len(plan.blocks)
-        return saved > added * work.block_seconds(self.final_width(plan.method))
-
-    def final_width(self, method: str) -> int:
-        """The columns of ``method``'s final basis: l, (q + 1) l for block Krylov, and for
-        exact and gram the k columns of V_k that their final pass takes."""
-        m, n = self.shape
-        return {"krylov": self.krylov_width, "exact": min(self.k, m, n),
-                "gram": min(self.k, m, n)}.get(method, self.l)
 
     def layout(self, method: str, reason: str, max_block_bytes: int) -> Plan:
         """The plan of ``method`` with blocks of at most ``max_block_bytes`` raw bytes; a
@@ -403,7 +384,10 @@ class _Layouts:
         private accumulator, which any larger limit also takes, since the accumulators it
         would allow are halved down to one where they do not fit."""
         (m, n), l, nnz, limit = self.shape, self.l, self.nnz, self.memory_limit
-        width = self.final_width(method)  # the widest basis the method holds
+        # Memory follows the widest basis the method holds: (q + 1) l for block Krylov, and
+        # for exact and gram the k columns of V_k that their final pass takes.
+        width = {"krylov": self.krylov_width, "exact": min(self.k, m, n),
+                 "gram": min(self.k, m, n)}.get(method, l)
         fixed = _fixed_bytes(n, width, method)
         exact_fallback = self.requested == "auto" and method == "gram"
         if exact_fallback:
@@ -695,14 +679,6 @@ class _Work:
         densified = self.m * self.n / CSR_FLOPS_PER_S if densify and self.nnz is not None else 0
         read = 2 * self.pass_bytes / READ_BYTES_PER_S
         return read + densified + factor_seconds + self.final_pass_seconds(k)
-
-    def block_seconds(self, width: int) -> float:
-        """What one more block adds to the final pass beyond its rows' work: the merge
-        folded into its product (an n x width x width product), and the n x width array of
-        its product with A, zeroed and added (two sweeps of memory). Measured on one core:
-        5-7 ms a block at n = 10^5, width 20, where this gives 10 ms; 0.1 ms at n = 500."""
-        merge = 2 * self.n * width**2 / GEMM_FLOPS_PER_S
-        return merge + 2 * 8 * self.n * width / MEMORY_BYTES_PER_S
 
     def final_pass_seconds(self, width: int) -> float:
         """Compute of the final pass (reading aside): A X and B = Q^T A, the streaming TSQR
