@@ -718,9 +718,12 @@ def test_info_describes_a_file_a_run_loads_from_its_headers(tmp_path, monkeypatc
     A = scipy.sparse.random(200, 30, density=0.1, format="csr", dtype=np.float32,
                             random_state=1)
     paths = []
-    for layout in ("csr", "coo", "bsr", "csc"):
+    for layout in ("csr", "coo", "csc"):
         paths.append(str(tmp_path / f"{layout}.npz"))
         scipy.sparse.save_npz(paths[-1], A.asformat(layout), compressed=layout != "csc")
+    paths.append(str(tmp_path / "int64.npz"))  # indices that scipy loads as int32
+    np.savez(paths[-1], format=b"csr", shape=np.array(A.shape), data=A.data,
+             indices=A.indices.astype(np.int64), indptr=A.indptr.astype(np.int64))
     paths.append(str(tmp_path / "dense.npz"))
     np.savez_compressed(paths[-1], np.ones((40, 6), np.float16))  # read as float32
     expected = {}
@@ -742,6 +745,18 @@ def test_info_describes_a_file_a_run_loads_from_its_headers(tmp_path, monkeypatc
         assert {key: report[key] for key in expected[path]} == expected[path], path
     assert "40 x 6 float16, no storage chunks, 960 B raw" in \
         CliRunner().invoke(main, ["info", paths[-1]]).output
+    monkeypatch.undo()
+    # What a run refuses, info refuses as before: it opens what its headers do not
+    # describe as a usable matrix
+    np.savez_compressed(tmp_path / "complex.npz", np.ones((4, 3), np.complex64))
+    np.savez_compressed(tmp_path / "empty.npz", np.ones((0, 3)))
+    np.savez(tmp_path / "short.npz", format=b"csr", shape=np.array(A.shape), data=A.data,
+             indices=A.indices, indptr=A.indptr[:-5])
+    for name, said in (("complex", "complex dtype complex64 is not supported"),
+                       ("empty", "A is empty: shape (0, 3)"),
+                       ("short", "index pointer size 196 should be 201")):
+        done = CliRunner().invoke(main, ["info", str(tmp_path / f"{name}.npz")])
+        assert done.exit_code == 2 and said in done.output, done.output
 
 
 def test_info_plans_a_cluster_run_without_contacting_it(store):

@@ -465,13 +465,15 @@ def compressed_npz_summary(path: str) -> dict | None:
     """The format, shape, dtype and bytes (raw, as ``DenseSource.nbytes``, and stored) of
     the one array of an .npz that opening would load whole (compressed or encrypted:
     ``_open_npz``), from its header; None for one that opening maps, or that its header
-    does not describe as a matrix (opening says why)."""
+    does not describe as a usable matrix (opening says why)."""
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         if len(names) != 1 or _stored_member(path, archive.zip, names[0]) is not None:
             return None
         header = npz_member_header(archive.zip, names[0])
-    if header is None or len(header[0]) != 2 or header[1].hasobject:
+    # Not a real numeric matrix with rows and columns: opening says why
+    if header is None or len(header[0]) != 2 or header[1].kind not in "biuf" or \
+            0 in header[0]:
         return None
     shape, dtype = header
     return {"format": "npz", "shape": list(shape), "dtype": str(dtype), "chunks": None,

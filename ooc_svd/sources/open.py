@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import replace
 from typing import Any
@@ -144,9 +143,10 @@ def loaded_npz_summary(path: str) -> dict | None:
     """What ``ooc-svd info`` reports of an input file that opening loads whole (a
     scipy.sparse .npz, a compressed dense one), from the headers of its arrays, so that
     describing it loads nothing: its format, shape, dtype, chunks (None), nnz (the stored
-    entries) and bytes, raw (as a run holds them) and stored. None for any other input, for
-    a DIA matrix (whose entries its headers do not give) and for a file whose headers do
-    not describe a matrix (opening it says what is wrong)."""
+    entries) and bytes, raw (as a run holds them) and stored. The headers are checked, not
+    the data (as info reads no chunk of a zarr store). None for any other input, for a
+    sparse format other than CSR, CSC and COO, and for a file whose headers do not describe
+    a usable matrix (opening it says what is wrong)."""
     if not path.lower().endswith(".npz") or not os.path.isfile(path):
         return None
     try:
@@ -157,23 +157,45 @@ def loaded_npz_summary(path: str) -> dict | None:
         return None
 
 
+# The index arrays of each format a summary is made for, and the length of the pointers
+# (indptr) it has, from the shape (m, n): None for COO, whose rows and columns are as long
+# as its values
+SUMMARIZED_FORMATS = {
+    "csr": (("indices", "indptr"), lambda m, n: m + 1),
+    "csc": (("indices", "indptr"), lambda m, n: n + 1),
+    "coo": (("row", "col"), None),
+}
+
+
 def _sparse_npz_summary(path: str) -> dict | None:
-    """``loaded_npz_summary`` of a scipy.sparse .npz: its values' header gives the dtype
-    and the stored entries; the bytes are those of the CSR matrix a run holds (values,
-    indices and an indptr entry per row, as ``CSRSource.nbytes``)."""
+    """``loaded_npz_summary`` of a scipy.sparse .npz of CSR, CSC or COO whose headers agree
+    with its shape: its values' header gives the dtype and the stored entries; the bytes
+    are those of the CSR matrix a run holds of them (values, indices and an indptr entry
+    per row, as ``CSRSource.nbytes``; scipy loads indices as int32 where they fit)."""
     with np.load(path, allow_pickle=False) as archive:
         layout = npz_format(archive["format"], path)
-        if layout == "dia":
+        if layout not in SUMMARIZED_FORMATS:
             return None
         shape = tuple(int(size) for size in np.ravel(archive["shape"]))
+        names, pointers = SUMMARIZED_FORMATS[layout]
         data = npz_member_header(archive.zip, "data")
-        index = npz_member_header(archive.zip, "col" if layout == "coo" else "indices")
-    if data is None or index is None or len(shape) != 2:
+        indices = [npz_member_header(archive.zip, name) for name in names]
+    if data is None or None in indices or len(shape) != 2 or min(shape) < 0 or \
+            len(data[0]) != 1:
         return None
-    values, entries = block_dtype(data[1]), math.prod(data[0])
+    entries = data[0][0]
+    lengths = [header[0] for header in indices]
+    expected = [(entries,), (entries,)] if pointers is None else \
+        [(entries,), (pointers(*shape),)]
+    if lengths != expected:  # a damaged file: loading it says what is wrong
+        return None
+    values = block_dtype(data[1])
+    if values.kind not in "biuf" or 0 in shape:  # refused by the opening that follows
+        return None
+    index_bytes = 4 if max(*shape, entries) < 2**31 else 8
     return {"format": "scipy.sparse", "shape": list(shape), "dtype": str(values),
             "chunks": None, "nnz": entries,
-            "bytes_raw": entries * (values.itemsize + index[1].itemsize) + 8 * shape[0],
+            "bytes_raw": entries * (values.itemsize + index_bytes) + 8 * shape[0],
             "bytes_stored": os.path.getsize(path)}
 
 
