@@ -653,17 +653,14 @@ class ClusterPasses:
         total = None
         if self._reached_by_workers(U):
             root = os.fspath(U.store.root)
-            marker = os.path.join(root, f".ooc-svd-u-{self.token}")
-            try:
-                with open(marker, "w"):
-                    pass
-                rows = _SharedRows(U, marker)
-                total = self._residual_groups(context, [(rows, 0)] * len(self.groups), operands)
-            except UnseenOutput:  # a worker that joined since the check: U's rows are sent
-                self._reachable[root] = False
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(marker)
+            with _marker_file(os.path.join(root, f".ooc-svd-u-{self.token}")) as marker:
+                try:
+                    if marker is not None:  # else U's rows are sent, as below
+                        rows = _SharedRows(U, marker)
+                        total = self._residual_groups(
+                            context, [(rows, 0)] * len(self.groups), operands)
+                except UnseenOutput:  # a worker that joined since the check: rows are sent
+                    self._reachable[root] = False
         if total is None:
             total = self._scattered_residual(context, U, operands)
         self._record(context, "residual pass", began, total.nbytes + shift_bytes)
@@ -713,19 +710,11 @@ class ClusterPasses:
         if sink.array is None:
             yield sink
             return
-        marker = os.path.join(os.fspath(sink.array.store.root),
-                              f".ooc-svd-rows-{self.token}-{self.count}")
-        try:
-            with open(marker, "w"):
-                pass
-        except OSError:  # the rows come back to the client, which writes them
-            yield replace(sink, array=None)
-            return
-        try:
-            yield replace(sink, marker=marker)
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(marker)
+        root = os.fspath(sink.array.store.root)
+        with _marker_file(os.path.join(root, f".ooc-svd-rows-{self.token}-{self.count}")
+                          ) as marker:
+            # Without a marker the rows come back to the client, which writes them
+            yield replace(sink, array=None) if marker is None else replace(sink, marker=marker)
 
     def _reached_by_workers(self, array: Any) -> bool:
         """Whether ``array`` is a zarr array in a local store that every worker reaches."""
@@ -738,18 +727,10 @@ class ClusterPasses:
         marker file made here: a directory of the same name on a worker's own disk, or in
         its working directory for a relative path, is not it)."""
         if path not in self._reachable:
-            marker = os.path.join(path, f".ooc-svd-reach-{self.token}")
-            try:
-                with open(marker, "w"):
-                    pass
-            except OSError:  # then the rows come back to the client, which writes them
-                self._reachable[path] = False
-                return False
-            try:
-                self._reachable[path] = all(self.client.run(os.path.exists, marker).values())
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(marker)
+            # Without a marker the rows come back to the client, which writes them
+            with _marker_file(os.path.join(path, f".ooc-svd-reach-{self.token}")) as marker:
+                self._reachable[path] = marker is not None and \
+                    all(self.client.run(os.path.exists, marker).values())
         return self._reachable[path]
 
     def _store_returned_rows(self, futures: list[Any],
@@ -1213,6 +1194,24 @@ class _GroupRows:
         for lo, hi in ((start, min(stop, self.first)), (max(start, self.last), stop)):
             if lo < hi:
                 self.returned.append((lo, rows[lo - start : hi - start]))
+
+
+@contextlib.contextmanager
+def _marker_file(path: str) -> Iterator[str | None]:
+    """A file made at ``path`` while the ``with`` runs and removed after (so that none
+    stays in an output), by which a worker tells that it sees the directory as this
+    process does; None where it cannot be made."""
+    try:
+        with open(path, "w"):
+            pass
+    except OSError:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _check_output_kept(array: Any) -> None:
